@@ -1,0 +1,69 @@
+// Shared helpers for the lfm_kernels CPU ops: dtype conversion, runtime ISA selection, threading.
+//
+// Every op is one translation unit. Its portable path is plain C++ compiled for the baseline ISA;
+// its fast path sits between LFMK_AVX2_BEGIN / LFMK_AVX2_END, which compiles just those functions
+// for AVX2+FMA+F16C, and is only called when cpu_has_avx2() says the CPU (and OS) support it.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+
+#if defined(__clang__)
+#define LFMK_AVX2_BEGIN \
+  _Pragma("clang attribute push (__attribute__((target(\"avx2,fma,f16c\"))), apply_to = function)")
+#define LFMK_AVX2_END _Pragma("clang attribute pop")
+#elif defined(__GNUC__)
+#define LFMK_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
+#define LFMK_AVX2_END _Pragma("GCC pop_options")
+#else
+#error "lfm_kernels needs GCC or clang"
+#endif
+
+namespace lfmk {
+
+// True when the AVX2+FMA+F16C kernels may run: the CPU has them, the OS saves YMM state, and the
+// portable path has not been forced (tests force it to check both paths give the same answers).
+bool cpu_has_avx2();
+// Name of the path the next call will take: "avx2" or "portable".
+const char* cpu_isa();
+void set_force_portable(bool force);
+
+// ---- scalar conversions (portable; also used for vector tails) ----
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T from_f32(float v) { return static_cast<T>(v); }  // c10 rounds to nearest even
+
+// Raw pointer for a tensor's data in its own scalar type.
+template <typename T>
+inline const T* cptr(const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); }
+template <typename T>
+inline T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); }
+
+// Splits [0, n) into chunks of at least `grain` for at::parallel_for (OpenMP in torch's CPU builds).
+template <typename F>
+inline void parallel_for(int64_t n, int64_t grain, const F& f) {
+  at::parallel_for(0, n, grain, f);
+}
+
+}  // namespace lfmk
+
+// Dispatch over the three float dtypes the kernels accept, naming the C++ type `scalar_t`.
+#define LFMK_DISPATCH_FLOAT(dtype, name, ...)                                              \
+  [&] {                                                                                    \
+    switch (dtype) {                                                                       \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                   \
+      case at::kBFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); }        \
+      case at::kHalf: { using scalar_t = c10::Half; return __VA_ARGS__(); }                \
+      default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);                    \
+    }                                                                                      \
+  }()

@@ -1,0 +1,41 @@
+// The Python module lfm_kernels._C: CPU feature detection and the switch tests use to force the
+// portable path. The ops themselves register into the `lfm_kernels_cpu` torch.library namespace
+// from their own translation units.
+#include <atomic>
+
+#include <torch/extension.h>
+
+#include "common.h"
+
+namespace lfmk {
+
+static std::atomic<bool> g_force_portable{false};
+
+static bool detect_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  // libgcc's checks include the OS's XSAVE support of the YMM registers.
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+static const bool g_has_avx2 = detect_avx2();
+
+bool cpu_has_avx2() { return g_has_avx2 && !g_force_portable.load(std::memory_order_relaxed); }
+const char* cpu_isa() { return cpu_has_avx2() ? "avx2" : "portable"; }
+void set_force_portable(bool force) { g_force_portable.store(force); }
+
+}  // namespace lfmk
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lfm_kernels CPU extension";
+  m.def("cpu_supports_avx2", [] { return lfmk::g_has_avx2; },
+        "whether this CPU and OS support the AVX2+FMA+F16C kernels");
+  m.def("cpu_isa", [] { return std::string(lfmk::cpu_isa()); }, "the path the kernels take now");
+  m.def("set_force_portable", &lfmk::set_force_portable,
+        "force the portable (non-AVX2) kernels; for tests comparing both paths");
+  m.def("num_threads", [] { return at::get_num_threads(); });
+}

@@ -1,0 +1,228 @@
+// Fused double-gated short convolution: y = C * causal_depthwise_conv(B * x), width L in 2..4.
+//
+// bcx [B, T, 3D] (channel stride 1) is read once and y [B, T, D] written once. Work is split over
+// (batch row, block of kChunk channels). Inside a block the time loop is outermost so each step
+// reads three contiguous channel runs of bcx; the last L values of u = B*x per channel live in a
+// small L1-resident history (rows = time, columns = channels) that starts from conv_state and is
+// written back to it at the end. u is rounded to the input dtype before it enters the conv and the
+// state, exactly as transformers stores B*x, so chunked prefill is bit-identical to one prefill.
+#include "common.h"
+
+namespace lfmk {
+namespace {
+
+constexpr int64_t kChunk = 256;  // channels per task: 3 history rows x 1 KiB stay in L1
+
+struct ShortConvArgs {
+  const void* bcx;
+  int64_t bcx_sb, bcx_st;  // strides (elements) of bcx's batch and time dims
+  const float* wt;         // weight transposed to [L, wd], fp32, zero-padded to wd = D rounded up to 8
+  int64_t wd;
+  const float* bias;       // [D] fp32 or null
+  void* state;             // conv_state or null
+  int64_t st_sb, st_sd, st_sl;
+  const bool* mask;        // [B, T] contiguous or null
+  void* y;                 // [B, T, D] contiguous
+  int64_t T, D;
+};
+
+template <typename T>
+inline float round_to(float v) { return to_f32(from_f32<T>(v)); }
+template <>
+inline float round_to<float>(float v) { return v; }
+
+template <typename T, int L>
+void short_conv_block_portable(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t cn) {
+  float hist[L][kChunk] = {};
+  const T* st = static_cast<const T*>(a.state);
+  for (int64_t c = 0; c < cn; ++c)
+    for (int j = 0; j < L; ++j)
+      hist[j][c] = st ? to_f32(st[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl]) : 0.f;
+  const T* base = static_cast<const T*>(a.bcx) + b * a.bcx_sb;
+  T* yb = static_cast<T*>(a.y) + b * a.T * a.D;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const T* row = base + t * a.bcx_st;
+    const bool keep = !a.mask || a.mask[b * a.T + t];
+    for (int64_t c = 0; c < cn; ++c) {
+      const int64_t ch = c0 + c;
+      const float u = keep ? round_to<T>(to_f32(row[ch]) * to_f32(row[2 * a.D + ch])) : 0.f;
+      const float cg = keep ? to_f32(row[a.D + ch]) : 0.f;
+      float acc = a.bias ? a.bias[ch] : 0.f;
+      for (int j = 0; j < L - 1; ++j) acc += a.wt[j * a.wd + ch] * hist[j + 1][c];
+      acc += a.wt[(L - 1) * a.wd + ch] * u;
+      for (int j = 0; j < L - 1; ++j) hist[j][c] = hist[j + 1][c];
+      hist[L - 1][c] = u;
+      yb[t * a.D + ch] = from_f32<T>(cg * acc);
+    }
+  }
+  if (st) {
+    T* so = static_cast<T*>(a.state);
+    for (int64_t c = 0; c < cn; ++c)
+      for (int j = 0; j < L; ++j) so[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl] = from_f32<T>(hist[j][c]);
+  }
+}
+
+}  // namespace
+}  // namespace lfmk
+
+LFMK_AVX2_BEGIN
+#include "simd_avx2.h"
+namespace lfmk {
+namespace {
+
+template <typename T, int L>
+void short_conv_block_avx2(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t cn) {
+  alignas(32) float hist[L][kChunk] = {};
+  const T* st = static_cast<const T*>(a.state);
+  for (int64_t c = 0; c < cn; ++c)
+    for (int j = 0; j < L; ++j)
+      hist[j][c] = st ? to_f32(st[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl]) : 0.f;
+  const T* base = static_cast<const T*>(a.bcx) + b * a.bcx_sb;
+  T* yb = static_cast<T*>(a.y) + b * a.T * a.D;
+  const int64_t cv = cn & ~int64_t(7);
+  for (int64_t t = 0; t < a.T; ++t) {
+    const T* row = base + t * a.bcx_st;
+    const bool keep = !a.mask || a.mask[b * a.T + t];
+    T* yrow = yb + t * a.D;
+    int64_t c = 0;
+    for (; c < cn; c += 8) {
+      const int64_t ch = c0 + c;
+      const int n = c < cv ? 8 : static_cast<int>(cn - c);
+      __m256 u, cg;
+      if (!keep) {
+        u = _mm256_setzero_ps();
+        cg = _mm256_setzero_ps();
+      } else if (n == 8) {
+        u = avx2::round_as<T>(_mm256_mul_ps(avx2::load8(row + ch), avx2::load8(row + 2 * a.D + ch)));
+        cg = avx2::load8(row + a.D + ch);
+      } else {
+        u = avx2::round_as<T>(
+            _mm256_mul_ps(avx2::load_partial(row + ch, n), avx2::load_partial(row + 2 * a.D + ch, n)));
+        cg = avx2::load_partial(row + a.D + ch, n);
+      }
+      // weights and bias may be read as full vectors: the Python side pads them to a multiple of 8
+      __m256 acc = a.bias ? _mm256_loadu_ps(a.bias + ch) : _mm256_setzero_ps();
+      __m256 h[L];
+      for (int j = 1; j < L; ++j) h[j] = _mm256_load_ps(&hist[j][c]);
+      for (int j = 0; j < L - 1; ++j) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.wt + j * a.wd + ch), h[j + 1], acc);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.wt + (L - 1) * a.wd + ch), u, acc);
+      for (int j = 0; j < L - 1; ++j) _mm256_store_ps(&hist[j][c], h[j + 1]);
+      _mm256_store_ps(&hist[L - 1][c], u);
+      const __m256 y = _mm256_mul_ps(cg, acc);
+      if (n == 8)
+        avx2::store8(yrow + ch, y);
+      else
+        avx2::store_partial(yrow + ch, y, n);
+    }
+  }
+  if (st) {
+    T* so = static_cast<T*>(a.state);
+    for (int64_t c = 0; c < cn; ++c)
+      for (int j = 0; j < L; ++j) so[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl] = from_f32<T>(hist[j][c]);
+  }
+}
+
+template <typename T, int L>
+void run_avx2(const ShortConvArgs& a, int64_t batch) {
+  const int64_t chunks = (a.D + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kChunk * std::max<int64_t>(a.T, 1)));
+  parallel_for(batch * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / chunks, c0 = (i % chunks) * kChunk;
+      short_conv_block_avx2<T, L>(a, b, c0, std::min(kChunk, a.D - c0));
+    }
+  });
+}
+
+}  // namespace
+}  // namespace lfmk
+LFMK_AVX2_END
+
+namespace lfmk {
+namespace {
+
+template <typename T, int L>
+void run_portable(const ShortConvArgs& a, int64_t batch) {
+  const int64_t chunks = (a.D + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kChunk * std::max<int64_t>(a.T, 1)));
+  parallel_for(batch * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / chunks, c0 = (i % chunks) * kChunk;
+      short_conv_block_portable<T, L>(a, b, c0, std::min(kChunk, a.D - c0));
+    }
+  });
+}
+
+template <typename T, int L>
+void run(const ShortConvArgs& a, int64_t batch) {
+  if (cpu_has_avx2())
+    run_avx2<T, L>(a, batch);
+  else
+    run_portable<T, L>(a, batch);
+}
+
+// Shapes, dtypes and devices were validated in Python (lfm_kernels/ops/short_conv.py); the checks
+// here only guard the memory safety of this function if it is called directly.
+at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& conv_state, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(bcx_in.dim() == 3 && bcx_in.size(2) % 3 == 0, "bcx must be [B, T, 3D]");
+  const int64_t batch = bcx_in.size(0), T = bcx_in.size(1), D = bcx_in.size(2) / 3;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == D, "weight must be [D, L]");
+  const int64_t L = weight.size(1);
+  TORCH_CHECK(L >= 2 && L <= 4, "conv width must be 2..4");
+  const at::Tensor bcx = bcx_in.stride(2) == 1 ? bcx_in : bcx_in.contiguous();
+  auto y = at::empty({batch, T, D}, bcx.options().memory_format(at::MemoryFormat::Contiguous));
+  // fp32 weights transposed to [L, D] and padded to a multiple of 8 channels for whole-vector loads
+  const int64_t Dp = (D + 7) & ~int64_t(7);
+  auto wt = at::zeros({L, Dp}, bcx.options().dtype(at::kFloat));
+  wt.narrow(1, 0, D).copy_(weight.t());
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == D, "bias must be [D]");
+    bias_f = at::zeros({Dp}, wt.options());
+    bias_f.narrow(0, 0, D).copy_(bias->reshape({D}));
+  }
+  at::Tensor mask_b;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == batch && mask->size(1) == T, "mask must be [B, T]");
+    mask_b = mask->to(at::kBool).contiguous();
+  }
+  ShortConvArgs a{};
+  a.bcx = bcx.const_data_ptr();
+  a.bcx_sb = bcx.stride(0);
+  a.bcx_st = bcx.stride(1);
+  a.wt = wt.const_data_ptr<float>();
+  a.wd = Dp;
+  a.bias = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  if (conv_state.has_value()) {
+    const auto& s = *conv_state;
+    TORCH_CHECK(s.dim() == 3 && s.size(0) == batch && s.size(1) == D && s.size(2) == L &&
+                    s.scalar_type() == bcx.scalar_type(),
+                "conv_state must be [B, D, L] in bcx's dtype");
+    a.state = s.data_ptr();
+    a.st_sb = s.stride(0);
+    a.st_sd = s.stride(1);
+    a.st_sl = s.stride(2);
+  }
+  a.mask = mask_b.defined() ? mask_b.const_data_ptr<bool>() : nullptr;
+  a.y = y.mutable_data_ptr();
+  a.T = T;
+  a.D = D;
+  if (batch == 0 || D == 0) return y;
+  LFMK_DISPATCH_FLOAT(bcx.scalar_type(), "short_conv", [&] {
+    switch (L) {
+      case 2: run<scalar_t, 2>(a, batch); break;
+      case 3: run<scalar_t, 3>(a, batch); break;
+      default: run<scalar_t, 4>(a, batch); break;
+    }
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace lfmk
+
+TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
+  m.def("short_conv(Tensor bcx, Tensor weight, Tensor? bias, Tensor(a!)? conv_state, Tensor? mask) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) { m.impl("short_conv", &lfmk::short_conv_cpu); }

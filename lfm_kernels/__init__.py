@@ -1,0 +1,40 @@
+"""lfm-kernels: fused CPU (C++/AVX2) and GPU (Triton) kernels for LFM2 / LFM2.5 MoE hybrid models.
+
+Public ops (torch.library custom ops in the `lfm_kernels` namespace):
+    short_conv, moe_route, moe_experts, moe, decode_attention, linear
+Integration: patch(model=None) / unpatch() for transformers; lfm_kernels.model for our own wrapper.
+"""
+
+from ._backend import backend_info
+from .ops.decode_attention import decode_attention
+from .ops.linear import linear
+from .ops.moe import moe, moe_experts, moe_route
+from .ops.short_conv import short_conv
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend_info",
+    "decode_attention",
+    "linear",
+    "moe",
+    "moe_experts",
+    "moe_route",
+    "patch",
+    "short_conv",
+    "unpatch",
+]
+
+
+def patch(model=None):
+    """Route transformers' LFM2 / LFM2-MoE models through lfm_kernels (see integrations)."""
+    from .integrations.transformers import patch as _patch
+
+    return _patch(model)
+
+
+def unpatch():
+    """Restore transformers exactly as it was before patch()."""
+    from .integrations.transformers import unpatch as _unpatch
+
+    return _unpatch()

@@ -1,0 +1,111 @@
+"""Which backend runs an op: the compiled CPU extension, Triton on CUDA, or the eager reference."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loads the extension and registers torch.ops.lfm_kernels_cpu)
+
+    _EXT_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001 - any load failure (missing, bad ABI) means fall back
+    _C = None
+    _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001
+    triton = None
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def cpu_extension_available() -> bool:
+    """True when the compiled CPU kernels can run; warns once (per process) when they can't."""
+    if _C is None:
+        _warn_once(
+            "cpu",
+            f"lfm_kernels: the compiled CPU extension is not available ({_EXT_ERROR}); "
+            "CPU ops run the eager PyTorch references instead (correct, but slow). "
+            "Reinstall with `pip install --no-build-isolation .` and a C++ compiler to get the kernels.",
+        )
+        return False
+    return True
+
+
+def triton_available() -> bool:
+    """True when Triton kernels can run on CUDA tensors; warns once when they can't."""
+    if triton is None:
+        _warn_once(
+            "triton",
+            f"lfm_kernels: Triton is not available ({_TRITON_ERROR}); CUDA ops run the eager "
+            "PyTorch references instead.",
+        )
+        return False
+    return True
+
+
+def cpu_isa() -> str:
+    """The CPU path the next call takes: 'avx2', 'portable' or 'reference'."""
+    return _C.cpu_isa() if _C is not None else "reference"
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """Label of the backend an op takes for tensors on t's device (for benchmarks and info)."""
+    if t.device.type == "cuda":
+        return "triton" if triton is not None else "reference"
+    return cpu_isa()
+
+
+@contextlib.contextmanager
+def force_portable_cpu():
+    """Run the portable (non-AVX2) C++ kernels inside the block; for tests comparing both paths."""
+    if _C is None:
+        raise RuntimeError(f"the CPU extension is not loaded: {_EXT_ERROR}")
+    _C.set_force_portable(True)
+    try:
+        yield
+    finally:
+        _C.set_force_portable(False)
+
+
+def backend_info() -> dict:
+    """What this installation will run: extension status, CPU features, versions, CUDA device."""
+    info = {
+        "extension_loaded": _C is not None,
+        "extension_error": _EXT_ERROR,
+        "cpu_isa": cpu_isa(),
+        "cpu_supports_avx2_fma": bool(_C.cpu_supports_avx2()) if _C is not None else None,
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": getattr(triton, "__version__", None),
+        "triton_error": _TRITON_ERROR,
+        "python": platform.python_version(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

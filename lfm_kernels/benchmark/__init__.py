@@ -1,0 +1,1 @@
+"""Benchmark cases shared by `lfm-kernels bench` and bench/ (one module per op)."""

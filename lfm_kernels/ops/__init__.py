@@ -1,0 +1,1 @@
+"""One module per op: the public function, its input checks, and dispatch to C++ / Triton / reference."""
