@@ -6,6 +6,8 @@
 // small L1-resident history (rows = time, columns = channels) that starts from conv_state and is
 // written back to it at the end. u is rounded to the input dtype before it enters the conv and the
 // state, exactly as transformers stores B*x, so chunked prefill is bit-identical to one prefill.
+#include <vector>
+
 #include "common.h"
 
 namespace lfmk {
@@ -181,15 +183,25 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
   } else {
     y = at::empty({batch, T, D}, bcx.options().memory_format(at::MemoryFormat::Contiguous));
   }
-  // fp32 weights transposed to [L, D] and padded to a multiple of 8 channels for whole-vector loads
+  // fp32 weights transposed to [L, D] and padded to a multiple of 8 channels for whole-vector loads.
+  // Built with plain loops: at the decode step (T = 1) tensor ops here would cost more than the conv.
   const int64_t Dp = (D + 7) & ~int64_t(7);
-  auto wt = at::zeros({L, Dp}, bcx.options().dtype(at::kFloat));
-  wt.narrow(1, 0, D).copy_(weight.t());
-  at::Tensor bias_f;
+  std::vector<float> wt(static_cast<size_t>(L * Dp), 0.f);
+  const at::Tensor w = weight.contiguous();
+  LFMK_DISPATCH_FLOAT(w.scalar_type(), "short_conv weight", [&] {
+    const scalar_t* src = w.const_data_ptr<scalar_t>();
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = 0; j < L; ++j) wt[j * Dp + d] = to_f32(src[d * L + j]);
+  });
+  std::vector<float> bias_f;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == D, "bias must be [D]");
-    bias_f = at::zeros({Dp}, wt.options());
-    bias_f.narrow(0, 0, D).copy_(bias->reshape({D}));
+    bias_f.assign(static_cast<size_t>(Dp), 0.f);
+    const at::Tensor bc = bias->contiguous();
+    LFMK_DISPATCH_FLOAT(bc.scalar_type(), "short_conv bias", [&] {
+      const scalar_t* src = bc.const_data_ptr<scalar_t>();
+      for (int64_t d = 0; d < D; ++d) bias_f[d] = to_f32(src[d]);
+    });
   }
   at::Tensor mask_b;
   if (mask.has_value()) {
@@ -200,9 +212,9 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
   a.bcx = bcx.const_data_ptr();
   a.bcx_sb = bcx.stride(0);
   a.bcx_st = bcx.stride(1);
-  a.wt = wt.const_data_ptr<float>();
+  a.wt = wt.data();
   a.wd = Dp;
-  a.bias = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  a.bias = bias_f.empty() ? nullptr : bias_f.data();
   if (conv_state.has_value()) {
     const auto& s = *conv_state;
     TORCH_CHECK(s.dim() == 3 && s.size(0) == batch && s.size(1) == D && s.size(2) == L &&
