@@ -74,6 +74,11 @@ def machine():
 _checked: set[int] = set()
 
 
+def _finite(**figures) -> dict:
+    """None for a figure a case cannot give (NaN: no byte or FLOP count), so the JSON stays standard."""
+    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in figures.items()}
+
+
 @pytest.fixture
 def run_bench(benchmark, machine):
     def run(case: core.Case, impl: str):
@@ -101,16 +106,18 @@ def run_bench(benchmark, machine):
             bytes_moved=case.bytes_moved, flops=case.flops, compute_bound=case.compute_bound,
         )
         benchmark(call)
+        if benchmark.disabled or benchmark.stats is None:  # --benchmark-disable: ran once, no figures
+            return
         median = benchmark.stats.stats.median
         bandwidth, peak = machine.limits(case.device)
         floor = core.floor_seconds(case, bandwidth, peak)
-        benchmark.extra_info.update(
+        benchmark.extra_info.update(_finite(
             median_s=median,
             GBps=core.gbps(case, median),
             GFLOPs=core.gflops(case, median),
             bandwidth_GBps=bandwidth / 1e9,
             compute_peak_GFLOPs=peak / 1e9,
             share_of_floor=floor / median,
-        )
+        ))
 
     return run

@@ -431,12 +431,23 @@ def _bench(args) -> int:
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+            json.dump(_json_safe(out), f, indent=2, default=str)
         _log(f"wrote {args.json}")
     if args.plot:
         _plot(good, args.plot)
         _log(f"wrote {args.plot}")
     return 1 if bad or any("failed" in r for r in rows) else 0
+
+
+def _json_safe(obj):
+    """Standard JSON: non-finite floats (an infinite error of a NaN output) become strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 # ------------------------------------------------------------------------------------------ main
