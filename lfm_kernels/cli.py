@@ -164,9 +164,10 @@ def _bench_case(case, machine: dict, min_time: float) -> dict:
     candidates = [("kernel", case.kernel)] + list(case.baselines.items())
     others = [n for n in case.baselines if n not in _SLOW_BASELINES]
     for name, fn in candidates:
-        budget = min_time / 5 if (name in _SLOW_BASELINES and others) else min_time
+        cheap = name in _SLOW_BASELINES and others  # a slow oracle: a few runs are enough
         try:
-            t, n = time_adaptive(lambda fn=fn: fn(inputs), case.device, min_time=budget)
+            t, n = time_adaptive(lambda fn=fn: fn(inputs), case.device, min_time=min_time / 5 if cheap else min_time,
+                                 min_repeats=1 if cheap else 3)
         except Exception as exc:  # noqa: BLE001 - e.g. a baseline torch lacks on this device
             row["errors"][name] = f"{type(exc).__name__}: {exc}"
             continue
@@ -349,7 +350,7 @@ def _bench(args) -> int:
         out["load_average"] = None
     cores = os.cpu_count() or 1
     if out["load_average"] and out["load_average"][0] > 1.5 * cores:
-        _log(f"note: this machine is busy (load {out['load_average'][0]:.1f} on {cores} cores): CPU timings will be noisy")
+        _log(f"note: this machine is busy (load {out['load_average'][0]:.1f} on {cores} cores): CPU timings will be noisy (--threads 1 is steadier on a shared machine)")
     if not info["extension_loaded"]:
         _log(f"note: the CPU extension is not loaded ({info['extension_error']}); CPU rows run the references")
     min_time = 0.02 if args.quick else args.min_time

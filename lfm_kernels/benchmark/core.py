@@ -200,16 +200,24 @@ def time_adaptive(
 ) -> tuple[float, int]:
     """(median seconds, timed runs) of fn(), with as many runs as fit in about `min_time`.
 
-    One untimed warm-up run estimates the cost; a function slower than `slow` seconds is timed
-    once more and left there (slow references would otherwise dominate the whole benchmark).
+    One untimed warm-up run estimates the cost; a function slower than `slow` seconds (on a second
+    try) is timed that once and left there (slow references would otherwise dominate the run).
     On CUDA, fast functions go through triton.testing.do_bench (CUDA events, median; it flushes
     the L2 cache between runs); slow ones are timed with synchronised wall clock.
     """
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - t0
+
+    def once() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    first = once()
+    if first >= slow:
+        # The first call may pay one-off costs (Triton compilation, oneDNN primitive creation, page
+        # faults of fresh buffers): estimate from a second call before calling the function slow.
+        first = once()
     if device.startswith("cuda") and first < slow:
         try:
             import triton.testing
@@ -220,19 +228,11 @@ def time_adaptive(
                                          return_mode="median")
             return ms / 1e3, -1  # do_bench picks its own count
     if first >= slow:
-        repeats = 1
-    else:
-        if first < min_time / 20:  # a second warm-up for cheap functions (allocator, caches)
-            fn()
-        repeats = int(min(max_repeats, max(min_repeats, math.ceil(min_time / max(first, 1e-7)))))
-    samples = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
+        return first, 1
+    if first < min_time / 20:  # a second warm-up for cheap functions (allocator, caches)
         fn()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples), repeats
+    repeats = int(min(max_repeats, max(min_repeats, math.ceil(min_time / max(first, 1e-7)))))
+    return statistics.median(once() for _ in range(repeats)), repeats
 
 
 def measure_compute_peak(device: str = "cpu", quick: bool = False) -> tuple[float, str]:
