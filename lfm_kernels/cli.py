@@ -302,6 +302,9 @@ def _plot(rows: list[dict], path: str) -> None:
     ax1.set_title("lfm-kernels: speedup (solid: vs eager, hatched: vs best plain-PyTorch baseline)")
     ax2.bar(list(x), [100 * (r.get("share_of_floor") or 0) for r in rows], color=[colors[r["op"]] for r in rows])
     ax2.axhline(100, color="k", lw=0.8, ls="--")
+    from matplotlib.patches import Patch
+
+    ax2.legend(handles=[Patch(color=colors[op], label=op) for op in ops], loc="upper left")
     ax2.set_ylabel("% of hardware floor")
     ax2.set_title("share of the floor (bytes / measured bandwidth, or FLOPs / measured GEMM peak)")
     ax2.set_xticks(list(x))
