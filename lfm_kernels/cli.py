@@ -116,7 +116,8 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozense
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
 
     out = [line(headers), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in rows]
@@ -137,7 +138,8 @@ def _measure_machine(device: str, quick: bool) -> dict:
         m["bandwidth_what"] = "CUDA device-to-device copy bandwidth (bytes read + written)"
     _log("measuring the compute ceiling (torch GEMM) ...")
     m["compute_peak"], m["compute_peak_what"] = measure_compute_peak(device, quick=quick)
-    _log(f"  {device}: {m['bandwidth'] / 1e9:.1f} GB/s, {m['compute_peak'] / 1e9:.0f} GFLOP/s ({m['compute_peak_what']})")
+    _log(f"  {device}: {m['bandwidth'] / 1e9:.1f} GB/s, "
+         f"{m['compute_peak'] / 1e9:.0f} GFLOP/s ({m['compute_peak_what']})")
     return m
 
 
@@ -194,7 +196,9 @@ def _row_cells(r: dict) -> list[str]:
     if r["check"]["ok"]:
         check = "ok"
     else:
-        check = f"MISMATCH {_fmt_num(r['check']['rel_err'], '.1e')}" + (f" ({r['check']['detail']})" if r["check"]["detail"] else "")
+        check = f"MISMATCH {_fmt_num(r['check']['rel_err'], '.1e')}"
+        if r["check"]["detail"]:
+            check += f" ({r['check']['detail']})"
     if "kernel" in r["errors"]:
         check = "KERNEL FAILED"
     if r.get("compute_bound"):
@@ -330,7 +334,10 @@ def _bench(args) -> int:
     from . import _backend
     from .benchmark.core import OPS, discover_cases
 
-    ops = OPS if args.ops is None else tuple(o.strip() for o in args.ops.split(",") if o.strip() and o.strip() != "none")
+    if args.ops is None:
+        ops = OPS
+    else:
+        ops = tuple(o.strip() for o in args.ops.split(",") if o.strip() and o.strip() != "none")
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         _log(f"error: unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
@@ -353,10 +360,11 @@ def _bench(args) -> int:
         out["load_average"] = None
     cores = os.cpu_count() or 1
     if out["load_average"] and out["load_average"][0] > 1.5 * cores:
-        _log(f"note: this machine is busy (load {out['load_average'][0]:.1f} on {cores} cores): CPU timings will be noisy (--threads 1 is steadier on a shared machine)")
+        _log(f"note: this machine is busy (load {out['load_average'][0]:.1f} on {cores} cores): CPU timings "
+             "will be noisy (--threads 1 is steadier on a shared machine)")
     if not info["extension_loaded"]:
         _log(f"note: the CPU extension is not loaded ({info['extension_error']}); CPU rows run the references")
-    min_time = 0.02 if args.quick else args.min_time
+    min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.25)
     rows: list[dict] = []
     portable = _backend.force_portable_cpu() if args.portable else nullcontext()
     with portable:
@@ -377,7 +385,8 @@ def _bench(args) -> int:
                     row = _bench_case(case, machine, min_time)
                 except Exception as exc:  # noqa: BLE001 - report and go on with the other cases
                     _log(f"  FAILED: {type(exc).__name__}: {exc}")
-                    rows.append({"op": case.op, "case": case.name, "device": device, "failed": f"{type(exc).__name__}: {exc}"})
+                    rows.append({"op": case.op, "case": case.name, "device": device,
+                                 "failed": f"{type(exc).__name__}: {exc}"})
                     continue
                 finally:
                     gc.collect()
@@ -403,7 +412,8 @@ def _bench(args) -> int:
     print(f"lfm-kernels bench  ({info['cpu']}, {info['threads']} threads, torch {info['torch']}"
           + (f", {info['cuda_device']}" if info.get("cuda_device") and "cuda" in devices else "") + ")")
     if out["load_average"] and out["load_average"][0] > 1.5 * (os.cpu_count() or 1):
-        print(f"  note: load average {out['load_average'][0]:.1f} on {os.cpu_count()} cores while measuring: CPU figures are noisy")
+        print(f"  note: load average {out['load_average'][0]:.1f} on {os.cpu_count()} cores while measuring: "
+              "CPU figures are noisy")
     for device, m in out["devices"].items():
         print(f"  {device}: floor = bytes / {m['bandwidth'] / 1e9:.1f} GB/s ({m['bandwidth_what']}); "
               f"compute ceiling {m['compute_peak'] / 1e9:.0f} GFLOP/s ({m['compute_peak_what']}, measured)")
@@ -411,9 +421,9 @@ def _bench(args) -> int:
     if good:
         print()
         print(_table(_HEADERS, [_row_cells(r) for r in good], right={4, 6, 7, 8, 9, 10}))
-        print("\nvs eager / vs best: eager time / kernel time, best baseline time / kernel time (medians). "
-              "floor: the hardware lower bound (bytes / bandwidth or FLOPs / GEMM peak)\nas a share of the kernel time; "
-              "over 100% means the data stayed in cache between runs.")
+        print("\nvs eager / vs best: eager time / kernel time, best baseline time / kernel time (medians).\n"
+              "floor: the hardware lower bound (bytes / bandwidth, or FLOPs / GEMM peak) as a share of the kernel "
+              "time;\nover 100% means the data stayed in cache between runs.")
     for r in rows:
         if "failed" in r:
             print(f"FAILED {r['op']} {r['case']} on {r['device']}: {r['failed']}")
@@ -428,7 +438,8 @@ def _bench(args) -> int:
         print("!" * 78)
         print(f"!! {len(bad)} kernel(s) DISAGREE with their baseline (or failed): their timings are meaningless:")
         for r in bad:
-            why = r["errors"].get("kernel") or f"rel err {r['check']['rel_err']:.3g} > {r['check']['tol']:g} vs {r['check']['against']}"
+            c = r["check"]
+            why = r["errors"].get("kernel") or f"rel err {c['rel_err']:.3g} > {c['tol']:g} vs {c['against']}"
             print(f"!!   {r['op']} {r['case']} {r['dtype']} {r['device']} ({r['backend']}): {why}")
         print("!" * 78)
     _log(f"done in {out['elapsed_s']:.0f} s")
@@ -473,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--device", choices=("cpu", "cuda"), help="only this device (default: cpu, and cuda when present)")
     pb.add_argument("--quick", action="store_true", help="small shapes and short timings (plumbing checks)")
     pb.add_argument("--threads", type=int, help="torch / kernel threads (default: torch's default)")
-    pb.add_argument("--min-time", type=float, default=0.25,
-                    help="seconds of runs per measurement (default 0.25; repeats adapt to it)")
+    pb.add_argument("--min-time", type=float,
+                    help="seconds of runs per measurement (default 0.25, 0.02 with --quick; repeats adapt to it)")
     pb.add_argument("--portable", action="store_true", help="run the portable C++ path instead of AVX2")
     pb.add_argument("--json", metavar="FILE", help="write every figure and the machine description as JSON")
     pb.add_argument("--plot", metavar="FILE.png", help="draw speedups and share of the floor (needs matplotlib)")

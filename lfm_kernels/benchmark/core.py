@@ -1,7 +1,13 @@
 """Benchmark plumbing shared by `lfm-kernels bench` and the pytest-benchmark suites in bench/.
 
-Each op contributes a module lfm_kernels/benchmark/<op>.py with `cases(device, quick) -> list[Case]`;
-the command and bench/ both time exactly those cases, so their figures agree.
+Each op contributes a module lfm_kernels/benchmark/<op>.py with `cases(device, quick) -> list[Case]`
+and is listed in OPS; the command and bench/ both time exactly those cases, so their figures agree.
+
+A case's kernel and baselines take the dict from make_inputs() and return comparable outputs (a
+tensor or a tuple of tensors, same order): `check_case` compares the kernel with the "eager"
+baseline (else the first one) before anything is timed, including every input the baseline
+updates in place (states, caches). Name the eager transformers-equivalent path "eager", our slow
+parity oracle "reference" (timed with fewer runs), others by what they are ("sdpa", "grouped_mm").
 """
 
 from __future__ import annotations
@@ -175,7 +181,8 @@ def check_case(case: Case) -> CheckResult:
     pairs = [(f"output {i}", o, r) for i, (o, r) in enumerate(zip(out, ref))]
     for key, original in inputs.items():
         # An input the baseline changed is state the kernel must update the same way.
-        if isinstance(original, torch.Tensor) and theirs[key] is not original and not torch.equal(theirs[key], original):
+        changed = isinstance(original, torch.Tensor) and theirs[key] is not original
+        if changed and not torch.equal(theirs[key], original):
             pairs.append((f"in-place {key}", mine[key], theirs[key]))
     for what, o, r in pairs:
         err = _difference(o, r)
