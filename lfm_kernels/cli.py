@@ -130,12 +130,13 @@ def _measure_machine(device: str, quick: bool) -> dict:
     m = {}
     if device == "cpu":
         _log("measuring CPU memory read bandwidth ...")
-        m["bandwidth"] = measure_read_bandwidth("cpu", nbytes=(256 << 20) if quick else (1 << 30))
-        m["bandwidth_what"] = "CPU read bandwidth (sum over a buffer far larger than the caches, all threads)"
+        nbytes = (256 << 20) if quick else (1 << 30)
+        m["bandwidth"] = measure_read_bandwidth("cpu", nbytes=nbytes)
+        m["bandwidth_what"] = f"measured CPU read bandwidth: sum of a {nbytes >> 20} MiB buffer, all threads"
     else:
         _log("measuring CUDA device-to-device copy bandwidth ...")
         m["bandwidth"] = measure_read_bandwidth(device, nbytes=(256 << 20) if quick else (1 << 30))
-        m["bandwidth_what"] = "CUDA device-to-device copy bandwidth (bytes read + written)"
+        m["bandwidth_what"] = "measured CUDA device-to-device copy, bytes read + written"
     _log("measuring the compute ceiling (torch GEMM) ...")
     m["compute_peak"], m["compute_peak_what"] = measure_compute_peak(device, quick=quick)
     _log(f"  {device}: {m['bandwidth'] / 1e9:.1f} GB/s, "
@@ -409,14 +410,15 @@ def _bench(args) -> int:
     out["elapsed_s"] = time.perf_counter() - start
 
     # ---- the table (stdout)
-    print(f"lfm-kernels bench  ({info['cpu']}, {info['threads']} threads, torch {info['torch']}"
+    nthreads = f"{info['threads']} thread" + ("s" if info["threads"] != 1 else "")
+    print(f"lfm-kernels bench  ({info['cpu']}, {nthreads}, torch {info['torch']}"
           + (f", {info['cuda_device']}" if info.get("cuda_device") and "cuda" in devices else "") + ")")
     if out["load_average"] and out["load_average"][0] > 1.5 * (os.cpu_count() or 1):
         print(f"  note: load average {out['load_average'][0]:.1f} on {os.cpu_count()} cores while measuring: "
               "CPU figures are noisy")
     for device, m in out["devices"].items():
-        print(f"  {device}: floor = bytes / {m['bandwidth'] / 1e9:.1f} GB/s ({m['bandwidth_what']}); "
-              f"compute ceiling {m['compute_peak'] / 1e9:.0f} GFLOP/s ({m['compute_peak_what']}, measured)")
+        print(f"  {device}: floor = bytes / {m['bandwidth'] / 1e9:.1f} GB/s ({m['bandwidth_what']})")
+        print(f"  {device}: compute ceiling {m['compute_peak'] / 1e9:.0f} GFLOP/s (measured {m['compute_peak_what']})")
     good = [r for r in rows if "failed" not in r]
     if good:
         print()

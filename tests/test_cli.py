@@ -175,3 +175,50 @@ def test_info_runs(capsys):
     assert cli.main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cpu_isa"] == _backend.cpu_isa() and "short_conv" in info["benchmark_ops"]
+
+
+def test_bench_suites_collect_the_same_cases():
+    """bench/ (pytest-benchmark, not part of this suite) parametrizes over the command's cases."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "--lfm-quick",
+                          "-p", "no:cacheprovider"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "test_bench_short_conv.py::test_short_conv[decode-B1-T1-D2048-bf16-kernel]" in res.stdout
+    assert "test_bench_short_conv.py::test_short_conv[decode-B1-T1-D2048-fp32-eager]" in res.stdout
+
+
+def test_moe_tune_writes_the_config_table(tmp_path):
+    """The block-size search's plumbing, with the reference standing in for the Triton kernel."""
+    import importlib.util
+    import pathlib
+
+    from lfm_kernels import reference
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "moe_tune.py"
+    spec = importlib.util.spec_from_file_location("moe_tune", path)
+    moe_tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(moe_tune)
+
+    seen = []
+
+    def run(inp, config):
+        seen.append(config)
+        out = reference.moe_experts(inp["hidden"], inp["gate_up_proj"], inp["down_proj"], inp["topk_ids"],
+                                    inp["topk_weights"])
+        return out * 1.5 if config and config["num_stages"] == 3 else out  # one "buggy" config
+
+    out = tmp_path / "moe_configs.json"
+    out.write_text(json.dumps({"E=8,N=1,H=1,dtype=bf16": {"1": {"BLOCK_M": 16}}}))  # another shape: kept
+    rows = moe_tune.tune([2, 8], shape=(4, 32, 64), device="cpu", out=str(out), max_configs=3, run=run,
+                         log=lambda *a: None)
+    table = json.loads(out.read_text())
+    assert set(table) == {"E=8,N=1,H=1,dtype=bf16", "E=4,N=32,H=64,dtype=bf16"}
+    entry = table["E=4,N=32,H=64,dtype=bf16"]
+    assert set(entry) == {"2", "8"} and [r["M"] for r in rows] == [2, 8]
+    assert all(c["num_stages"] != 3 for c in entry.values())  # the wrong config is never chosen
+    assert None in seen and len(seen) > 3
+    assert len(moe_tune.candidate_configs(1, 32)) >= 12 and len(moe_tune.candidate_configs(4096, 32)) <= 48
