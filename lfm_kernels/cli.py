@@ -239,7 +239,11 @@ def _e2e_table(rows: list[dict]) -> str:
             return f"{v:.4g}"
         return "-" if v is None else str(v)
 
-    return _table(keys, [[cell(r.get(k)) for k in keys] for r in rows])
+    if len(keys) <= 8:
+        return _table(keys, [[cell(r.get(k)) for k in keys] for r in rows])
+    # Many figures per row (tokens/s, floor, bandwidth, ...): one line per figure reads better.
+    return _table(["", *[f"[{i}]" for i in range(len(rows))]], [[k, *[cell(r.get(k)) for r in rows]] for k in keys],
+                  right=set(range(1, len(rows) + 1)))
 
 
 def _run_e2e(args, out: dict) -> list[str]:
