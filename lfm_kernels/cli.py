@@ -358,7 +358,7 @@ def _bench(args) -> int:
 
     start = time.perf_counter()
     info = _backend.backend_info()
-    out = {"machine": info, "args": vars(args), "devices": {}, "rows": [], "skipped_ops": {}}
+    out = {"machine": info, "args": vars(args), "devices": {}, "rows": [], "skipped_ops": {}, "complete": False}
     try:
         out["load_average"] = os.getloadavg()
     except OSError:
@@ -396,6 +396,9 @@ def _bench(args) -> int:
                 finally:
                     gc.collect()
                 rows.append(row)
+                if args.json:  # kept current, so a run cut short (a time limit) still leaves its figures
+                    out["rows"] = rows
+                    _write_json(args.json, out)
                 t = row["times_s"]
                 msg = f"  kernel {_fmt_time(t.get('kernel'))}, " + ", ".join(
                     f"{k} {_fmt_time(v)}" for k, v in t.items() if k != "kernel")
@@ -451,13 +454,20 @@ def _bench(args) -> int:
     _log(f"done in {out['elapsed_s']:.0f} s")
 
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(_json_safe(out), f, indent=2, default=str)
+        out["complete"] = True
+        _write_json(args.json, out)
         _log(f"wrote {args.json}")
     if args.plot:
         _plot(good, args.plot)
         _log(f"wrote {args.plot}")
     return 1 if bad or any("failed" in r for r in rows) else 0
+
+
+def _write_json(path: str, out: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(out), f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 def _json_safe(obj):
