@@ -123,6 +123,8 @@ dev = data["devices"].get(device, {})
 bw = dev.get("bandwidth")
 print(f"GPU check, {datetime.date.today().isoformat()}, {gpu}, torch {data['machine']['torch']}, "
       f"triton {data['machine']['triton']}; measured copy bandwidth {bw / 1e9:.0f} GB/s" if bw else "")
+if not data.get("complete", True):
+    print("(partial: the bench was cut short; these are the cases it finished)")
 print()
 print("| op | shape | dtype | backend | kernel | GB/s | share of copy bw | vs eager | vs best | check |")
 print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")

@@ -161,8 +161,8 @@ def _bench_case(case, machine: dict, min_time: float) -> dict:
         "errors": {},
     }
     check = check_case(case)
-    row["check"] = {"ok": check.ok, "rel_err": check.error, "tol": check.tol, "against": check.against,
-                    "detail": check.detail}
+    row["check"] = {"ok": check.ok, "checked": check.checked, "rel_err": check.error, "tol": check.tol,
+                    "against": check.against, "detail": check.detail}
     inputs = case.make_inputs()
     candidates = [("kernel", case.kernel)] + list(case.baselines.items())
     others = [n for n in case.baselines if n not in _SLOW_BASELINES]
@@ -194,8 +194,10 @@ def _bench_case(case, machine: dict, min_time: float) -> dict:
 
 def _row_cells(r: dict) -> list[str]:
     t = r["times_s"]
-    if r["check"]["ok"]:
-        check = "ok"
+    if not r["check"].get("checked", True):
+        check = "UNCHECKED"
+    elif r["check"]["ok"]:
+        check = "ok" if r["check"]["against"] == "eager" else f"ok vs {r['check']['against']}"
     else:
         check = f"MISMATCH {_fmt_num(r['check']['rel_err'], '.1e')}"
         if r["check"]["detail"]:

@@ -222,3 +222,16 @@ def test_moe_tune_writes_the_config_table(tmp_path):
     assert all(c["num_stages"] != 3 for c in entry.values())  # the wrong config is never chosen
     assert None in seen and len(seen) > 3
     assert len(moe_tune.candidate_configs(1, 32)) >= 12 and len(moe_tune.candidate_configs(4096, 32)) <= 48
+
+
+def test_check_case_falls_back_when_eager_cannot_run():
+    def eager(inp):
+        raise RuntimeError("not on this device")
+
+    case = Case("toy", "toy", torch.float32, "cpu", lambda: {"x": torch.randn(5)}, lambda i: i["x"] * 2,
+                {"eager": eager, "other": lambda i: i["x"] * 2})
+    res = core.check_case(case)
+    assert res.ok and res.checked and res.against == "other"
+    case.baselines = {"eager": eager}
+    res = core.check_case(case)
+    assert res.ok and not res.checked and "not on this device" in res.detail
