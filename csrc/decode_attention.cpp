@@ -14,6 +14,7 @@
 // 8/NG chunks of D) over the block, so each V row is converted once per chunk and reused by NG
 // heads. Everything after the load is fp32; bf16 is widened with a shift.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -25,6 +26,7 @@ namespace {
 
 constexpr int kBlock = 64;          // positions per online-softmax update (scores stay in L1)
 constexpr int64_t kMinSplit = 256;  // shortest split worth its partial write and merge
+constexpr int64_t kItemsPerThread = 16;
 
 struct AttnArgs {
   const void* q;
@@ -355,11 +357,14 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   a.D = D;
   a.out = out.mutable_data_ptr();
 
-  // Split length: about 4 items per thread over all (sequence, KV head) pairs, so one long
-  // sequence (batch 1) still spreads over every thread, but never below kMinSplit positions.
+  // Split length: about kItemsPerThread items per thread over all (sequence, KV head) pairs, so one
+  // long sequence (batch 1) still spreads over every thread, but never below kMinSplit positions.
+  // Threads take items from a shared counter rather than fixed ranges: on a busy machine a thread
+  // that starts late (or runs slower) then simply takes fewer items.
   int64_t total = 0;
   for (int64_t b = 0; b < B; ++b) total += len[b] * Hkv;
-  const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t target = kItemsPerThread * nthreads;
   int64_t chunk = std::max<int64_t>(kMinSplit, (total + target - 1) / target);
   chunk = (chunk + kBlock - 1) / kBlock * kBlock;
   std::vector<Item> items;
@@ -386,9 +391,13 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     pp.l = pp.m + parts * a.G;
   }
   LFMK_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
-    parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    std::atomic<int64_t> next{0};
+    parallel_for(std::min(nthreads, n_items), 1, [&](int64_t, int64_t) {
       std::vector<float> ws;
-      for (int64_t i = begin; i < end; ++i) run_item<scalar_t>(a, items[i], pp, ws);
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n_items;
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        run_item<scalar_t>(a, items[i], pp, ws);
     });
     if (parts > 0) merge<scalar_t>(a, items, first, pp);
   });
