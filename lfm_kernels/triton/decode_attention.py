@@ -83,7 +83,8 @@ def _decode_attn_stage1(
 ):
     i_bh = tl.program_id(0)
     i_s = tl.program_id(1)
-    i_b = i_bh // H_KV
+    # 64-bit: batch x cache stride passes 2^31 elements for large batches of long caches
+    i_b = (i_bh // H_KV).to(tl.int64)
     i_h = i_bh % H_KV
     # clamped so that an unchecked bad length can never read outside the cache
     seqlen = tl.minimum(tl.maximum(tl.load(lens + i_b).to(tl.int32), 0), S)
