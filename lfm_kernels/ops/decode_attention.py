@@ -80,7 +80,7 @@ def decode_attention(
     _, n_kv, max_len, _ = k_cache.shape
     check_shape("k_cache", k_cache, (batch, None, None, head_dim), _KV_SHAPE + " with q's B and D")
     check_shape("v_cache", v_cache, tuple(k_cache.shape), "[B, H_kv, S, D], the shape of k_cache")
-    if n_kv == 0 or n_q % n_kv != 0:
+    if n_kv == 0 or n_q == 0 or n_q % n_kv != 0:
         raise ValueError(
             f"q's head count Hq={n_q} must be a positive multiple of the caches' H_kv={n_kv} (GQA groups)"
         )
