@@ -279,3 +279,16 @@ def test_extension_checks_lengths_itself():
     q, k, v, _ = _good()
     with pytest.raises(RuntimeError, match="seq_lens"):
         torch.ops.lfm_kernels_cpu.decode_attention(q, k, v, torch.tensor([17, 3]), 0.125)
+
+
+def test_benchmark_cases_are_well_formed():
+    """The benchmark module builds its cases (without running them): names, sizes, baselines."""
+    from lfm_kernels.benchmark.decode_attention import cases
+
+    quick = cases("cpu", quick=True)
+    assert [c.name for c in quick] == ["ctx1k-B1-Hq32-Hkv8-D64", "ctx8k-B1-Hq32-Hkv8-D64"] * 2
+    full = cases("cpu")
+    assert len(full) == 12 and {c.dtype for c in full} == {torch.bfloat16, torch.float32}
+    c = next(c for c in full if c.name == "ctx8k-B1-Hq32-Hkv8-D64" and c.dtype == torch.bfloat16)
+    assert c.bytes_moved == 2 * 8 * 8192 * 64 * 2 + 2 * 32 * 64 * 2
+    assert set(c.baselines) == {"sdpa", "hf_eager"}
