@@ -292,3 +292,14 @@ def test_benchmark_cases_are_well_formed():
     c = next(c for c in full if c.name == "ctx8k-B1-Hq32-Hkv8-D64" and c.dtype == torch.bfloat16)
     assert c.bytes_moved == 2 * 8 * 8192 * 64 * 2 + 2 * 32 * 64 * 2
     assert set(c.baselines) == {"sdpa", "hf_eager"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_benchmark_baselines_compute_the_same(dtype):
+    from lfm_kernels.benchmark import decode_attention as bench
+
+    q, k, v, seq_lens = make_inputs(2, 32, 8, 300, 64, dtype, lens=[300, 300], poison=False)
+    inp = {"q": q, "k_cache": k, "v_cache": v, "seq_lens": seq_lens, "length": 300, "scale": 0.125}
+    ref = reference.decode_attention(q, k, v, seq_lens, 0.125)
+    assert_close(bench._sdpa(inp), ref, dtype, "sdpa baseline")
+    assert_close(bench._hf_eager(inp), ref, dtype, "hf_eager baseline")
