@@ -1,6 +1,7 @@
 // Top-k MoE: sigmoid router with selection bias, and the SwiGLU experts reading only the chosen experts.
 //
-// Router: logits = hidden @ gate_weight^T (fp32), s = sigmoid(logits), choose top_k on s + expert_bias
+// Router: logits = hidden @ gate_weight^T (fp32, then rounded to hidden's dtype as transformers computes
+// it), s = sigmoid(logits) (rounded the same way), choose top_k on s + expert_bias
 // (ties to the lower index, output sorted by descending biased score like torch.topk), weights = s of
 // the chosen experts, divided by (sum + 1e-6) when normalising, times the scaling factor.
 //
@@ -200,13 +201,24 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& hidden, const
   float* wo = weights.mutable_data_ptr<float>();
   int64_t* io = ids.mutable_data_ptr<int64_t>();
   const float scale = static_cast<float>(routed_scaling_factor);
+  // transformers runs the router in the model dtype: logits and sigmoid are rounded to hidden's
+  // dtype, and the biased score to the promoted dtype of (sigmoid, expert_bias). Selection is
+  // discrete, so rounding at the same points is what makes bf16 choices agree with transformers.
+  const at::ScalarType hdt = hidden.scalar_type();
+  const at::ScalarType cdt = expert_bias.has_value() ? at::promote_types(hdt, expert_bias->scalar_type()) : hdt;
+  const auto rnd = [](at::ScalarType t, float v) -> float {
+    if (t == at::kBFloat16) return static_cast<float>(c10::BFloat16(v));
+    if (t == at::kHalf) return static_cast<float>(c10::Half(v));
+    return v;
+  };
   parallel_for(N, 256, [&](int64_t n0, int64_t n1) {
     std::vector<float> s(E), c(E);
     std::vector<char> taken(E);
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t e = 0; e < E; ++e) {
-        s[e] = 1.f / (1.f + std::exp(-lg[n * E + e]));
-        c[e] = bp ? s[e] + bp[e] : s[e];
+        const float l = rnd(hdt, lg[n * E + e]);
+        s[e] = rnd(hdt, 1.f / (1.f + std::exp(-l)));
+        c[e] = bp ? rnd(cdt, s[e] + bp[e]) : s[e];
         taken[e] = 0;
       }
       float sum = 0.f;
