@@ -19,8 +19,9 @@
 // The tile kernel is a register-blocked dot product: kR weight rows x kM tokens of fp32 accumulators,
 // weights converted bf16/fp16 -> fp32 in registers, each converted weight vector used for kM tokens.
 // With one token (decode) it is a GEMV streaming kR rows sequentially with two accumulator sets.
-// Tokens are processed in blocks so a block's activations stay in L2 while weight rows stream.
+// A work item's weight rows stay in L2 while token triples (in L1) pass over them.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -32,12 +33,26 @@ namespace {
 
 constexpr int kR = 4;                // weight rows per tile
 constexpr int kM = 3;                // tokens per tile: 12 ymm accumulators + 3 inputs + 1 weight
-constexpr int64_t kTokBlock = 24;    // tokens whose fp32 inputs stay cache-resident while rows stream
 constexpr int64_t kUnits1 = 16;      // intermediate units (gate row + up row) per phase-1 work item
 constexpr int64_t kRows2 = 32;       // down rows per phase-2 work item
 constexpr int64_t kMaxPairs = 4096;  // pairs per pass: bounds the fp32 scratch (act, y) for long prompts
 
 // out[m * R + r] = dot(w[r][0:K], x[m][0:K]) in fp32, R <= kR, M <= kM.
+// Runs body(i) for i in [0, n) with items handed out one at a time from a shared counter: on a
+// busy machine a thread that is descheduled holds up only the item it is on, where a static split
+// (at::parallel_for's) makes everyone wait for its whole share.
+template <typename F>
+void parallel_dynamic(int64_t n, const F& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      body(i);
+  });
+}
+
 template <typename W>
 using TileFn = void (*)(const W* const* w, int R, const float* const* x, int M, int64_t K, float* out);
 
@@ -276,35 +291,34 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
   const TileFn<W> tile = pick_tile<W>();
   const int64_t na = static_cast<int64_t>(pl.active.size());
 
-  // Phase 1: items interleave experts (item i -> unit chunk i / na, expert i % na) so a thread's
-  // contiguous range of items covers every expert, balancing experts with many and few tokens.
+  // Phase 1: items interleave experts (item i -> unit chunk i / na, expert i % na) and are handed
+  // out dynamically, so experts with many and with few tokens spread over all threads.
   const int64_t chunks1 = (I + kUnits1 - 1) / kUnits1;
-  parallel_for(chunks1 * na, 1, [&](int64_t i0, int64_t i1) {
+  parallel_dynamic(chunks1 * na, [&](int64_t i) {
     const float* xp[kM];
     const W* wp[kR];
     float res[kM * kR];
-    for (int64_t i = i0; i < i1; ++i) {
+    {
       const int64_t e = pl.active[i % na];
       const int64_t j0 = (i / na) * kUnits1, j1 = std::min(I, j0 + kUnits1);
       const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
       const W* G = gu + e * 2 * I * H;
       const W* U = G + I * H;
-      for (int64_t tb = 0; tb < me; tb += kTokBlock) {
-        const int64_t tn = std::min(kTokBlock, me - tb);
+      // token triples outside, row tiles inside: the triple's inputs stay in L1 while the item's
+      // rows (kUnits1 * 2 rows, L2-resident after the first triple) stream past them
+      for (int64_t t = 0; t < me; t += kM) {
+        const int M = static_cast<int>(std::min<int64_t>(kM, me - t));
+        for (int m = 0; m < M; ++m) xp[m] = X + pl.tok[q0 + t + m] * H;
         for (int64_t j = j0; j < j1; j += 2) {
           const int nu = static_cast<int>(std::min<int64_t>(2, j1 - j));
           for (int u = 0; u < nu; ++u) {
             wp[u] = G + (j + u) * H;
             wp[nu + u] = U + (j + u) * H;
           }
-          for (int64_t t = 0; t < tn; t += kM) {
-            const int M = static_cast<int>(std::min<int64_t>(kM, tn - t));
-            for (int m = 0; m < M; ++m) xp[m] = X + pl.tok[q0 + tb + t + m] * H;
-            tile(wp, 2 * nu, xp, M, H, res);
-            for (int m = 0; m < M; ++m)
-              for (int u = 0; u < nu; ++u)
-                act[(q0 + tb + t + m) * I + j + u] = silu(res[m * 2 * nu + u]) * res[m * 2 * nu + nu + u];
-          }
+          tile(wp, 2 * nu, xp, M, H, res);
+          for (int m = 0; m < M; ++m)
+            for (int u = 0; u < nu; ++u)
+              act[(q0 + t + m) * I + j + u] = silu(res[m * 2 * nu + u]) * res[m * 2 * nu + nu + u];
         }
       }
     }
@@ -312,27 +326,24 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
 
   // Phase 2: y[q, h] = down[e, h] . act[q]
   const int64_t chunks2 = (H + kRows2 - 1) / kRows2;
-  parallel_for(chunks2 * na, 1, [&](int64_t i0, int64_t i1) {
+  parallel_dynamic(chunks2 * na, [&](int64_t i) {
     const float* xp[kM];
     const W* wp[kR];
     float res[kM * kR];
-    for (int64_t i = i0; i < i1; ++i) {
+    {
       const int64_t e = pl.active[i % na];
       const int64_t h0 = (i / na) * kRows2, h1 = std::min(H, h0 + kRows2);
       const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
       const W* D = dn + e * H * I;
-      for (int64_t tb = 0; tb < me; tb += kTokBlock) {
-        const int64_t tn = std::min(kTokBlock, me - tb);
+      for (int64_t t = 0; t < me; t += kM) {
+        const int M = static_cast<int>(std::min<int64_t>(kM, me - t));
+        for (int m = 0; m < M; ++m) xp[m] = act + (q0 + t + m) * I;
         for (int64_t h = h0; h < h1; h += kR) {
           const int R = static_cast<int>(std::min<int64_t>(kR, h1 - h));
           for (int r = 0; r < R; ++r) wp[r] = D + (h + r) * I;
-          for (int64_t t = 0; t < tn; t += kM) {
-            const int M = static_cast<int>(std::min<int64_t>(kM, tn - t));
-            for (int m = 0; m < M; ++m) xp[m] = act + (q0 + tb + t + m) * I;
-            tile(wp, R, xp, M, I, res);
-            for (int m = 0; m < M; ++m)
-              for (int r = 0; r < R; ++r) y[(q0 + tb + t + m) * H + h + r] = res[m * R + r];
-          }
+          tile(wp, R, xp, M, I, res);
+          for (int m = 0; m < M; ++m)
+            for (int r = 0; r < R; ++r) y[(q0 + t + m) * H + h + r] = res[m * R + r];
         }
       }
     }
