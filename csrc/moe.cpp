@@ -100,6 +100,37 @@ void gemv_avx2(const W* const* w, const float* x, int64_t K, float* out) {
   for (int r = 0; r < R; ++r) out[r] = avx2::hsum(_mm256_add_ps(a0[r], a1[r]));
 }
 
+// One weight row against M tokens, U independent accumulator sets along K: the path for rows
+// streamed from memory. Reading one row at a time keeps the access a single sequential stream,
+// which the hardware prefetcher follows at full bandwidth; several rows in parallel (4 KB apart)
+// measured at about half the bandwidth here.
+template <typename W, int M, int U>
+void row_avx2(const W* w, const float* const* x, int64_t K, float* out) {
+  __m256 acc[U][M];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = avx2::load8(w + k + 8 * u);
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[m] + k + 8 * u), acc[u][m]);
+    }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = avx2::load8(w + k);
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[m] + k), acc[0][m]);
+  }
+  if (k < K) {
+    const int n = static_cast<int>(K - k);
+    const __m256 wv = avx2::load_partial(w + k, n);
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm256_fmadd_ps(wv, avx2::load_partial(x[m] + k, n), acc[0][m]);
+  }
+  for (int m = 0; m < M; ++m) {
+    __m256 t = acc[0][m];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[u][m]);
+    out[m] = avx2::hsum(t);
+  }
+}
+
 template <typename W, int R, int M>
 void tile_avx2_t(const W* const* w, const float* const* x, int64_t K, float* out) {
   if (M == 1) return gemv_avx2<W, R>(w, x[0], K, out);
@@ -130,6 +161,13 @@ void tile_avx2_t(const W* const* w, const float* const* x, int64_t K, float* out
 
 template <typename W, int R>
 void tile_avx2_r(const W* const* w, const float* const* x, int M, int64_t K, float* out) {
+  if (R == 1) {
+    switch (M) {
+      case 1: return row_avx2<W, 1, 4>(w[0], x, K, out);
+      case 2: return row_avx2<W, 2, 2>(w[0], x, K, out);
+      default: return row_avx2<W, 3, 2>(w[0], x, K, out);
+    }
+  }
   switch (M) {
     case 1: return tile_avx2_t<W, R, 1>(w, x, K, out);
     case 2: return tile_avx2_t<W, R, 2>(w, x, K, out);
@@ -161,6 +199,20 @@ TileFn<W> pick_tile() {
 }
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// res[m * R + r] = w[r] . x[m]. When the rows come from memory once (an expert with at most kM
+// tokens: decode), they are read one after another as single streams (see row_avx2); otherwise a
+// register tile of R rows reuses each input vector R times while the rows sit in L2.
+template <typename W>
+inline void run_tile(TileFn<W> tile, const W* const* wp, int R, const float* const* xp, int M, int64_t K,
+                     float* res, bool streamed) {
+  if (!streamed) return tile(wp, R, xp, M, K, res);
+  float one[kM];
+  for (int r = 0; r < R; ++r) {
+    tile(wp + r, 1, xp, M, K, one);
+    for (int m = 0; m < M; ++m) res[m * R + r] = one[m];
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Router
@@ -315,7 +367,7 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
             wp[u] = G + (j + u) * H;
             wp[nu + u] = U + (j + u) * H;
           }
-          tile(wp, 2 * nu, xp, M, H, res);
+          run_tile(tile, wp, 2 * nu, xp, M, H, res, me <= kM);
           for (int m = 0; m < M; ++m)
             for (int u = 0; u < nu; ++u)
               act[(q0 + t + m) * I + j + u] = silu(res[m * 2 * nu + u]) * res[m * 2 * nu + nu + u];
@@ -341,7 +393,7 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
         for (int64_t h = h0; h < h1; h += kR) {
           const int R = static_cast<int>(std::min<int64_t>(kR, h1 - h));
           for (int r = 0; r < R; ++r) wp[r] = D + (h + r) * I;
-          tile(wp, R, xp, M, I, res);
+          run_tile(tile, wp, R, xp, M, I, res, me <= kM);
           for (int m = 0; m < M; ++m)
             for (int r = 0; r < R; ++r) y[(q0 + t + m) * H + h + r] = res[m * R + r];
         }
