@@ -427,3 +427,15 @@ def test_rel_err_guard():
     # the helper itself: NaN never passes
     assert rel_err(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
     assert TOL[torch.float32] == 1e-5
+
+
+def test_benchmark_cases_structure():
+    """The benchmark module builds its cases without allocating the 0.7 GB of weights up front."""
+    from lfm_kernels.benchmark import moe as bench
+
+    cases = bench.cases("cpu", quick=True)
+    names = {(c.name, c.dtype) for c in cases}
+    assert len(names) == len(cases) == 6
+    decode = next(c for c in cases if c.name.startswith("decode") and c.dtype == torch.bfloat16)
+    assert decode.bytes_moved >= 4 * 3 * 2048 * 1792 * 2  # the 4 active experts' weights
+    assert "hf_eager" in decode.baselines or pytest.importorskip("transformers") is None
