@@ -6,6 +6,8 @@
 // small L1-resident history (rows = time, columns = channels) that starts from conv_state and is
 // written back to it at the end. u is rounded to the input dtype before it enters the conv and the
 // state, exactly as transformers stores B*x, so chunked prefill is bit-identical to one prefill.
+#include <vector>
+
 #include "common.h"
 
 namespace lfmk {
@@ -70,56 +72,59 @@ LFMK_AVX2_BEGIN
 namespace lfmk {
 namespace {
 
-template <typename T, int L>
-void short_conv_block_avx2(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t cn) {
-  alignas(32) float hist[L][kChunk] = {};
+// NV vectors (8 * NV channels starting at ch) over every time step, with the last L values of u and
+// the taps held in registers: per step only bcx is loaded and y stored.
+template <typename T, int L, int NV>
+inline void short_conv_column_avx2(const ShortConvArgs& a, int64_t b, int64_t ch) {
   const T* st = static_cast<const T*>(a.state);
-  for (int64_t c = 0; c < cn; ++c)
-    for (int j = 0; j < L; ++j)
-      hist[j][c] = st ? to_f32(st[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl]) : 0.f;
-  const T* base = static_cast<const T*>(a.bcx) + b * a.bcx_sb;
-  T* yb = static_cast<T*>(a.y) + b * a.T * a.D;
-  const int64_t cv = cn & ~int64_t(7);
-  for (int64_t t = 0; t < a.T; ++t) {
-    const T* row = base + t * a.bcx_st;
+  __m256 h[NV][L], w[NV][L], bias[NV];
+  alignas(32) float buf[8];
+  for (int v = 0; v < NV; ++v) {
+    for (int j = 0; j < L; ++j) {
+      for (int i = 0; i < 8; ++i)
+        buf[i] = st ? to_f32(st[b * a.st_sb + (ch + 8 * v + i) * a.st_sd + j * a.st_sl]) : 0.f;
+      h[v][j] = _mm256_load_ps(buf);
+      w[v][j] = _mm256_loadu_ps(a.wt + j * a.wd + ch + 8 * v);
+    }
+    bias[v] = a.bias ? _mm256_loadu_ps(a.bias + ch + 8 * v) : _mm256_setzero_ps();
+  }
+  const T* row = static_cast<const T*>(a.bcx) + b * a.bcx_sb + ch;
+  T* yrow = static_cast<T*>(a.y) + b * a.T * a.D + ch;
+  for (int64_t t = 0; t < a.T; ++t, row += a.bcx_st, yrow += a.D) {
     const bool keep = !a.mask || a.mask[b * a.T + t];
-    T* yrow = yb + t * a.D;
-    int64_t c = 0;
-    for (; c < cn; c += 8) {
-      const int64_t ch = c0 + c;
-      const int n = c < cv ? 8 : static_cast<int>(cn - c);
-      __m256 u, cg;
-      if (!keep) {
-        u = _mm256_setzero_ps();
-        cg = _mm256_setzero_ps();
-      } else if (n == 8) {
-        u = avx2::round_as<T>(_mm256_mul_ps(avx2::load8(row + ch), avx2::load8(row + 2 * a.D + ch)));
-        cg = avx2::load8(row + a.D + ch);
-      } else {
-        u = avx2::round_as<T>(
-            _mm256_mul_ps(avx2::load_partial(row + ch, n), avx2::load_partial(row + 2 * a.D + ch, n)));
-        cg = avx2::load_partial(row + a.D + ch, n);
+    for (int v = 0; v < NV; ++v) {
+      __m256 u = _mm256_setzero_ps(), cg = _mm256_setzero_ps();
+      if (keep) {
+        u = avx2::round_as<T>(_mm256_mul_ps(avx2::load8(row + 8 * v), avx2::load8(row + 2 * a.D + 8 * v)));
+        cg = avx2::load8(row + a.D + 8 * v);
       }
-      // weights and bias may be read as full vectors: the Python side pads them to a multiple of 8
-      __m256 acc = a.bias ? _mm256_loadu_ps(a.bias + ch) : _mm256_setzero_ps();
-      __m256 h[L];
-      for (int j = 1; j < L; ++j) h[j] = _mm256_load_ps(&hist[j][c]);
-      for (int j = 0; j < L - 1; ++j) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.wt + j * a.wd + ch), h[j + 1], acc);
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.wt + (L - 1) * a.wd + ch), u, acc);
-      for (int j = 0; j < L - 1; ++j) _mm256_store_ps(&hist[j][c], h[j + 1]);
-      _mm256_store_ps(&hist[L - 1][c], u);
-      const __m256 y = _mm256_mul_ps(cg, acc);
-      if (n == 8)
-        avx2::store8(yrow + ch, y);
-      else
-        avx2::store_partial(yrow + ch, y, n);
+      __m256 acc = bias[v];
+      for (int j = 0; j < L - 1; ++j) {
+        acc = _mm256_fmadd_ps(w[v][j], h[v][j + 1], acc);
+        h[v][j] = h[v][j + 1];
+      }
+      acc = _mm256_fmadd_ps(w[v][L - 1], u, acc);
+      h[v][L - 1] = u;
+      avx2::store8(yrow + 8 * v, _mm256_mul_ps(cg, acc));
     }
   }
   if (st) {
     T* so = static_cast<T*>(a.state);
-    for (int64_t c = 0; c < cn; ++c)
-      for (int j = 0; j < L; ++j) so[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl] = from_f32<T>(hist[j][c]);
+    for (int v = 0; v < NV; ++v)
+      for (int j = 0; j < L; ++j) {
+        _mm256_store_ps(buf, h[v][j]);
+        for (int i = 0; i < 8; ++i)
+          so[b * a.st_sb + (ch + 8 * v + i) * a.st_sd + j * a.st_sl] = from_f32<T>(buf[i]);
+      }
   }
+}
+
+template <typename T, int L>
+void short_conv_block_avx2(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t cn) {
+  int64_t c = 0;
+  for (; c + 16 <= cn; c += 16) short_conv_column_avx2<T, L, 2>(a, b, c0 + c);
+  for (; c + 8 <= cn; c += 8) short_conv_column_avx2<T, L, 1>(a, b, c0 + c);
+  if (c < cn) short_conv_block_portable<T, L>(a, b, c0 + c, cn - c);  // the last < 8 channels
 }
 
 template <typename T, int L>
@@ -181,15 +186,25 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
   } else {
     y = at::empty({batch, T, D}, bcx.options().memory_format(at::MemoryFormat::Contiguous));
   }
-  // fp32 weights transposed to [L, D] and padded to a multiple of 8 channels for whole-vector loads
+  // fp32 weights transposed to [L, D] and padded to a multiple of 8 channels for whole-vector loads.
+  // Built with plain loops: at the decode step (T = 1) tensor ops here would cost more than the conv.
   const int64_t Dp = (D + 7) & ~int64_t(7);
-  auto wt = at::zeros({L, Dp}, bcx.options().dtype(at::kFloat));
-  wt.narrow(1, 0, D).copy_(weight.t());
-  at::Tensor bias_f;
+  std::vector<float> wt(static_cast<size_t>(L * Dp), 0.f);
+  const at::Tensor w = weight.contiguous();
+  LFMK_DISPATCH_FLOAT(w.scalar_type(), "short_conv weight", [&] {
+    const scalar_t* src = w.const_data_ptr<scalar_t>();
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = 0; j < L; ++j) wt[j * Dp + d] = to_f32(src[d * L + j]);
+  });
+  std::vector<float> bias_f;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == D, "bias must be [D]");
-    bias_f = at::zeros({Dp}, wt.options());
-    bias_f.narrow(0, 0, D).copy_(bias->reshape({D}));
+    bias_f.assign(static_cast<size_t>(Dp), 0.f);
+    const at::Tensor bc = bias->contiguous();
+    LFMK_DISPATCH_FLOAT(bc.scalar_type(), "short_conv bias", [&] {
+      const scalar_t* src = bc.const_data_ptr<scalar_t>();
+      for (int64_t d = 0; d < D; ++d) bias_f[d] = to_f32(src[d]);
+    });
   }
   at::Tensor mask_b;
   if (mask.has_value()) {
@@ -200,9 +215,9 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
   a.bcx = bcx.const_data_ptr();
   a.bcx_sb = bcx.stride(0);
   a.bcx_st = bcx.stride(1);
-  a.wt = wt.const_data_ptr<float>();
+  a.wt = wt.data();
   a.wd = Dp;
-  a.bias = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  a.bias = bias_f.empty() ? nullptr : bias_f.data();
   if (conv_state.has_value()) {
     const auto& s = *conv_state;
     TORCH_CHECK(s.dim() == 3 && s.size(0) == batch && s.size(1) == D && s.size(2) == L &&

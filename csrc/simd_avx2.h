@@ -25,18 +25,22 @@ static inline __m256 load_partial(const T* p, int n) {
   return _mm256_load_ps(buf);
 }
 
-// float -> bf16 with round-to-nearest-even; NaN stays NaN (quiet), like c10::BFloat16.
+// fp32 bits rounded to bf16 precision (round-to-nearest-even) in the high 16 bits of each lane;
+// NaN becomes the canonical quiet NaN 0x7FC0, as c10::BFloat16 does, so stored states match torch.
+static inline __m256i bf16_round_bits(__m256 v) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan);
+}
+
+// float -> 8 packed bf16 (round-to-nearest-even): pick the high half of each lane, then join the lanes.
 static inline __m128i cvt_bf16(__m256 v) {
-  __m256i x = _mm256_castps_si256(v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb);
-  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), nan);
-  __m256i hi = _mm256_srli_epi32(rounded, 16);
-  // pack 8 x u32 (each < 65536) into 8 x u16 keeping order
-  __m128i lo128 = _mm256_castsi256_si128(hi);
-  __m128i hi128 = _mm256_extracti128_si256(hi, 1);
-  return _mm_packus_epi32(lo128, hi128);
+  const __m256i hi = _mm256_shuffle_epi8(
+      bf16_round_bits(v), _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                           2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1));
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(hi, 0x08));
 }
 
 static inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
@@ -57,7 +61,7 @@ static inline void store_partial(T* p, __m256 v, int n) {
 // Rounds each lane to T's precision and back (u = B*x is stored in the input dtype).
 static inline __m256 round_as(__m256 v, const float*) { return v; }
 static inline __m256 round_as(__m256 v, const c10::BFloat16*) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(cvt_bf16(v)), 16));
+  return _mm256_castsi256_ps(_mm256_and_si256(bf16_round_bits(v), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 static inline __m256 round_as(__m256 v, const c10::Half*) {
   return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));

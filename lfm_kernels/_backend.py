@@ -8,13 +8,19 @@ import warnings
 
 import torch
 
-try:
-    from . import _C  # noqa: F401  (loads the extension and registers torch.ops.lfm_kernels_cpu)
+import importlib
+import importlib.util
 
-    _EXT_ERROR: str | None = None
-except Exception as exc:  # noqa: BLE001 - any load failure (missing, bad ABI) means fall back
-    _C = None
-    _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+_EXT_ERROR: str | None = None
+_C = None
+if importlib.util.find_spec(f"{__package__}._C") is None:
+    _EXT_ERROR = "lfm_kernels._C was not built (no compiled extension in the installed package)"
+else:
+    try:
+        # loads the extension, which registers torch.ops.lfm_kernels_cpu
+        _C = importlib.import_module(f"{__package__}._C")
+    except Exception as exc:  # noqa: BLE001 - any load failure (bad ABI, missing symbol) means fall back
+        _EXT_ERROR = f"lfm_kernels._C failed to load: {type(exc).__name__}: {exc}"
 
 try:
     import triton  # noqa: F401

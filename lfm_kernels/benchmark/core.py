@@ -1,7 +1,13 @@
 """Benchmark plumbing shared by `lfm-kernels bench` and the pytest-benchmark suites in bench/.
 
-Each op contributes a module lfm_kernels/benchmark/<op>.py with `cases(device, quick) -> list[Case]`;
-the command and bench/ both time exactly those cases, so their figures agree.
+Each op contributes a module lfm_kernels/benchmark/<op>.py with `cases(device, quick) -> list[Case]`
+and is listed in OPS; the command and bench/ both time exactly those cases, so their figures agree.
+
+A case's kernel and baselines take the dict from make_inputs() and return comparable outputs (a
+tensor or a tuple of tensors, same order): `check_case` compares the kernel with the "eager"
+baseline (else the first one) before anything is timed, including every input the baseline
+updates in place (states, caches). Name the eager transformers-equivalent path "eager", our slow
+parity oracle "reference" (timed with fewer runs), others by what they are ("sdpa", "grouped_mm").
 """
 
 from __future__ import annotations
@@ -66,3 +72,212 @@ def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 30, repeats: 
     buf = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
     t = time_cpu(lambda: buf.sum(), repeats=repeats, warmup=1)
     return nbytes / t
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by the command (lfm_kernels/cli.py) and the pytest-benchmark suites (bench/), so both
+# discover, check and measure the same cases the same way.
+# --------------------------------------------------------------------------------------------
+
+import importlib  # noqa: E402
+import math  # noqa: E402
+
+# Every op with a case module, in the order the table lists them. A module that does not exist yet
+# (its kernel has not landed) is skipped with a note rather than failing the whole run.
+OPS = ("short_conv", "moe", "decode_attention", "linear")
+
+# The kernel is checked once against the eager baseline before it is timed. Both sides round (the
+# eager baseline computes in the model dtype, the kernels in float32), so the bound is the sum of two
+# rounding errors, a little above the tests' bound against the float32/float64 references.
+CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+# Inputs larger than this are not cloned for the check: they are weights, which no op writes.
+_CLONE_LIMIT_BYTES = 256 << 20
+
+
+def load_case_module(op: str):
+    """The module lfm_kernels.benchmark.<op>, or raise ImportError (op unknown or not landed yet)."""
+    if op not in OPS:
+        raise ImportError(f"no benchmark cases for op {op!r} (known: {', '.join(OPS)})")
+    return importlib.import_module(f"lfm_kernels.benchmark.{op}")
+
+
+def discover_cases(ops=OPS, device: str = "cpu", quick: bool = False):
+    """(cases, skipped): every Case of every available op, and {op: reason} for ops without cases."""
+    found, skipped = [], {}
+    for op in ops:
+        try:
+            module = load_case_module(op)
+        except ImportError as exc:
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name == f"lfm_kernels.benchmark.{op}"
+            skipped[op] = "no case module yet (kernel not landed)" if missing else f"import failed: {exc}"
+            continue
+        try:
+            found.extend(module.cases(device, quick=quick))
+        except Exception as exc:  # noqa: BLE001 - one broken case module must not hide the others
+            skipped[op] = f"cases() failed: {type(exc).__name__}: {exc}"
+    return found, skipped
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _clone_small(inputs: dict) -> dict:
+    return {
+        k: v.clone() if isinstance(v, torch.Tensor) and v.numel() * v.element_size() <= _CLONE_LIMIT_BYTES else v
+        for k, v in inputs.items()
+    }
+
+
+def _flatten(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    return []
+
+
+def _difference(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error ||out - ref|| / ||ref|| for floats (inf on NaN/Inf or a shape mismatch);
+    the fraction of differing elements for integer/bool tensors (routing ids)."""
+    if out.shape != ref.shape:
+        return math.inf
+    if not (out.is_floating_point() or out.is_complex()):
+        return (out != ref).double().mean().item() if out.numel() else 0.0
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return math.inf
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    error: float  # worst relative error over outputs and in-place updated inputs
+    tol: float
+    against: str  # the baseline compared with
+    detail: str = ""  # which output disagreed, or why the check could not run
+    checked: bool = True  # False: nothing to compare with (the kernel ran, but is unverified)
+
+
+def check_case(case: Case) -> CheckResult:
+    """Run the kernel and its eager baseline once on copies of the same fresh inputs and compare
+    every output, and every input the eager baseline updates in place (states, caches)."""
+    tol = CHECK_TOL.get(case.dtype, 1e-2)
+    if not case.baselines:
+        return CheckResult(True, 0.0, tol, "", "no baseline to check against", checked=False)
+    inputs = case.make_inputs()
+    mine = _clone_small(inputs)
+    try:
+        out = _flatten(case.kernel(mine))
+    except Exception as exc:  # noqa: BLE001
+        return CheckResult(False, math.inf, tol, "", f"kernel raised {type(exc).__name__}: {exc}")
+    # The eager baseline first; another one if it cannot run here (e.g. an op torch lacks on this device).
+    order = sorted(case.baselines, key=lambda name: name != "eager")
+    failures = []
+    for against in order:
+        theirs = _clone_small(inputs)
+        try:
+            ref = _flatten(case.baselines[against](theirs))
+            break
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{against}: {type(exc).__name__}: {exc}")
+    else:
+        return CheckResult(True, 0.0, tol, "", "no baseline could run: " + "; ".join(failures), checked=False)
+    if len(out) != len(ref):
+        return CheckResult(False, math.inf, tol, against, f"{len(out)} outputs vs {len(ref)}")
+    worst, detail = 0.0, ""
+    pairs = [(f"output {i}", o, r) for i, (o, r) in enumerate(zip(out, ref))]
+    for key, original in inputs.items():
+        # An input the baseline changed is state the kernel must update the same way.
+        changed = isinstance(original, torch.Tensor) and theirs[key] is not original
+        if changed and not torch.equal(theirs[key], original):
+            pairs.append((f"in-place {key}", mine[key], theirs[key]))
+    for what, o, r in pairs:
+        err = _difference(o, r)
+        if not err <= worst:
+            worst, detail = err, what
+    return CheckResult(worst <= tol, worst, tol, against, detail if worst > tol else "")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_adaptive(
+    fn: Callable[[], Any],
+    device: str = "cpu",
+    *,
+    min_time: float = 0.25,
+    min_repeats: int = 3,
+    max_repeats: int = 500,
+    slow: float = 0.5,
+) -> tuple[float, int]:
+    """(median seconds, timed runs) of fn(), with as many runs as fit in about `min_time`.
+
+    One untimed warm-up run estimates the cost; a function slower than `slow` seconds (on a second
+    try) is timed that once and left there (slow references would otherwise dominate the run).
+    On CUDA, fast functions go through triton.testing.do_bench (CUDA events, median; it flushes
+    the L2 cache between runs); slow ones are timed with synchronised wall clock.
+    """
+
+    def once() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    first = once()
+    if first >= slow:
+        # The first call may pay one-off costs (Triton compilation, oneDNN primitive creation, page
+        # faults of fresh buffers): estimate from a second call before calling the function slow.
+        first = once()
+    if device.startswith("cuda") and first < slow:
+        try:
+            import triton.testing
+        except ImportError:
+            pass
+        else:
+            ms = triton.testing.do_bench(fn, warmup=max(5.0, min_time * 100), rep=max(20.0, min_time * 400),
+                                         return_mode="median")
+            return ms / 1e3, -1  # do_bench picks its own count
+    if first >= slow:
+        return first, 1
+    if first < min_time / 20:  # a second warm-up for cheap functions (allocator, caches)
+        fn()
+    repeats = int(min(max_repeats, max(min_repeats, math.ceil(min_time / max(first, 1e-7)))))
+    return statistics.median(once() for _ in range(repeats)), repeats
+
+
+def measure_compute_peak(device: str = "cpu", quick: bool = False) -> tuple[float, str]:
+    """(FLOP/s, what) of a large torch GEMM on this machine: the ceiling for compute-bound cases.
+    CPU: fp32 GEMM (torch's BLAS, all threads). CUDA: bf16 GEMM, the dtype the GPU cases run."""
+    if device.startswith("cuda"):
+        n, dtype, what = 8192, torch.bfloat16, "torch bf16 GEMM 8192^3"
+    else:
+        n = 512 if quick else 1536
+        dtype, what = torch.float32, f"torch fp32 GEMM {n}^3"
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    t, _ = time_adaptive(lambda: a @ b, device, min_time=0.1 if quick else 0.5)
+    return 2 * n**3 / t, what
+
+
+def gbps(case: Case, seconds: float) -> float:
+    return case.bytes_moved / seconds / 1e9 if case.bytes_moved and seconds > 0 else float("nan")
+
+
+def gflops(case: Case, seconds: float) -> float:
+    return case.flops / seconds / 1e9 if case.flops and seconds > 0 else float("nan")
+
+
+def floor_seconds(case: Case, bandwidth: float, compute_peak: float | None = None) -> float:
+    """The hardware lower bound for one call: bytes_moved / bandwidth, or flops / compute_peak for
+    compute-bound cases. NaN when the case does not count what it needs."""
+    if case.compute_bound:
+        return case.flops / compute_peak if case.flops and compute_peak else float("nan")
+    return case.bytes_moved / bandwidth if case.bytes_moved and bandwidth else float("nan")

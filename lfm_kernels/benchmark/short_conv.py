@@ -39,7 +39,13 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                 return {
                     "bcx": torch.randn(batch, seqlen, 3 * DIM, dtype=dtype, device=device),
                     "weight": torch.randn(DIM, WIDTH, dtype=dtype, device=device) * 0.5,
-                    "conv_state": torch.randn(batch, DIM, WIDTH, device=device).to(dtype),
+                    # A prefill starts a sequence: transformers' prefill ignores any earlier history,
+                    # so the state going in is empty (it is an output there); a decode step reads it.
+                    "conv_state": (
+                        torch.randn(batch, DIM, WIDTH, device=device).to(dtype)
+                        if seqlen == 1
+                        else torch.zeros(batch, DIM, WIDTH, dtype=dtype, device=device)
+                    ),
                 }
 
             size = torch.finfo(dtype).bits // 8

@@ -28,7 +28,7 @@ def _short_conv_op(
 
         return short_conv_triton(bcx, weight, bias, conv_state, attention_mask)
     if bcx.device.type == "cpu" and _backend.cpu_extension_available():
-        return torch.ops.lfm_kernels_cpu.short_conv(bcx, weight, bias, conv_state, attention_mask)
+        return torch.ops.lfm_kernels_cpu.short_conv.default(bcx, weight, bias, conv_state, attention_mask, None)
     return reference.short_conv(bcx, weight, bias, conv_state, attention_mask)
 
 
@@ -80,4 +80,8 @@ def short_conv(
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             attention_mask = attention_mask != 0
     check_same_device("bcx", bcx, weight=weight, bias=bias, conv_state=conv_state, attention_mask=attention_mask)
+    if bcx.device.type == "cpu" and _backend._C is not None and not torch.compiler.is_compiling():
+        # Eager fast path straight into the C++ op: the custom-op wrapper costs more than a decode step.
+        # Under torch.compile the custom op below is what gets traced.
+        return torch.ops.lfm_kernels_cpu.short_conv.default(bcx, weight, bias, conv_state, attention_mask, None)
     return _short_conv_op(bcx, weight, bias, conv_state, attention_mask)

@@ -1,0 +1,51 @@
+"""Backend selection: info, the reference fallback when the extension is missing, the portable switch."""
+
+import warnings
+
+import pytest
+import torch
+
+import lfm_kernels
+from lfm_kernels import _backend, reference
+from conftest import assert_close
+
+
+def test_backend_info_fields():
+    info = lfm_kernels.backend_info()
+    for key in ("extension_loaded", "extension_error", "cpu_isa", "cpu_supports_avx2_fma", "torch", "triton", "cuda_device"):
+        assert key in info
+    assert info["extension_loaded"], f"the CPU extension should be built for the tests: {info['extension_error']}"
+    assert info["cpu_isa"] in ("avx2", "portable")
+
+
+def test_force_portable_switch():
+    before = _backend.cpu_isa()
+    with _backend.force_portable_cpu():
+        assert _backend.cpu_isa() == "portable"
+    assert _backend.cpu_isa() == before
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_backend, "_C", None)
+    monkeypatch.setattr(_backend, "_EXT_ERROR", "simulated: not built")
+    monkeypatch.setattr(_backend, "_warned", set())
+    bcx, weight = torch.randn(2, 5, 48), torch.randn(16, 3)
+    state, ref_state = torch.randn(2, 16, 3), None
+    ref_state = state.clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = lfm_kernels.short_conv(bcx, weight, None, state)
+        lfm_kernels.short_conv(bcx, weight, None, state.clone())
+    messages = [str(w.message) for w in caught if "extension is not available" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "simulated: not built" in messages[0]
+    assert_close(out, reference.short_conv(bcx, weight, None, ref_state))
+    assert torch.equal(state, ref_state)
+    assert lfm_kernels.backend_info()["cpu_isa"] == "reference"
+
+
+def test_force_portable_without_extension_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_backend, "_C", None)
+    with pytest.raises(RuntimeError, match="not loaded"):
+        with _backend.force_portable_cpu():
+            pass
