@@ -290,7 +290,7 @@ def moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, 
     y = torch.empty(n_pairs, hidden_size, dtype=torch.float32, device=hidden.device)
 
     def launch_opts(c):
-        return {} if _interpreted() else dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
+        return {} if _interpreted() else dict(num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 3))
 
     grid1 = (num_blocks, triton.cdiv(inter, cfg["BLOCK_N"]))
     _moe_gate_up_kernel[grid1](
