@@ -1,21 +1,194 @@
-"""Top-k MoE routing and expert dispatch (placeholder: runs the reference until the kernels land)."""
+"""Top-k MoE routing and expert dispatch, reading only the experts the tokens chose.
+
+`moe_route` is LFM2-MoE's sigmoid router with a selection bias; `moe_experts` runs the chosen
+SwiGLU experts on transformers' fused weight layout and sums them with the routing weights;
+`moe` is the whole sparse block (what `Lfm2MoeSparseMoeBlock` computes on [N, H] tokens).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import _backend, reference
+from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+
+_ID_DTYPES = (torch.int64, torch.int32)
 
 
-def moe_route(hidden, gate_weight, expert_bias, top_k, norm_topk_prob=True, routed_scaling_factor=1.0):
-    return reference.moe_route(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor)
+@torch.library.custom_op("lfm_kernels::moe_route", mutates_args=())
+def _moe_route_op(
+    hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    top_k: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if hidden.device.type == "cuda" and _backend.triton_available():
+        from ..triton.moe import moe_route_triton
+
+        return moe_route_triton(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor)
+    if hidden.device.type == "cpu" and _backend.cpu_extension_available():
+        return torch.ops.lfm_kernels_cpu.moe_route(
+            hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor
+        )
+    weights, ids = reference.moe_route(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor)
+    return weights.contiguous(), ids.contiguous()
 
 
-def moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+@_moe_route_op.register_fake
+def _(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, top_k, dtype=torch.float32), hidden.new_empty(n, top_k, dtype=torch.int64)
+
+
+@torch.library.custom_op("lfm_kernels::moe_experts", mutates_args=())
+def _moe_experts_op(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    if hidden.device.type == "cuda" and _backend.triton_available():
+        from ..triton.moe import moe_experts_triton
+
+        return moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
+    if hidden.device.type == "cpu" and _backend.cpu_extension_available():
+        return torch.ops.lfm_kernels_cpu.moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     return reference.moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
 
 
-def moe(hidden, gate_weight, expert_bias, gate_up_proj, down_proj, top_k, norm_topk_prob=True,
-        routed_scaling_factor=1.0) -> torch.Tensor:
-    weights, ids = moe_route(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor)
-    return moe_experts(hidden, gate_up_proj, down_proj, ids, weights)
+@_moe_experts_op.register_fake
+def _(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+    return hidden.new_empty(hidden.shape).contiguous()
+
+
+def _check_route_args(hidden, gate_weight, expert_bias, top_k):
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, H]")
+    check_tensor("gate_weight", gate_weight, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[E, H]")
+    n_experts, hidden_size = gate_weight.shape
+    if hidden_size != hidden.shape[1]:
+        raise ValueError(
+            f"gate_weight must have shape [E, H={hidden.shape[1]}] (H from hidden), got {tuple(gate_weight.shape)}"
+        )
+    if n_experts == 0:
+        raise ValueError("gate_weight must have at least one expert row [E >= 1, H]")
+    if expert_bias is not None:
+        check_tensor("expert_bias", expert_bias, ndim=1, dtypes=FLOAT_DTYPES, shape_hint="[E]")
+        if expert_bias.shape[0] != n_experts:
+            raise ValueError(f"expert_bias must have shape [E={n_experts}], got {tuple(expert_bias.shape)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be in [1, E={n_experts}], got {top_k}")
+    check_same_device("hidden", hidden, gate_weight=gate_weight, expert_bias=expert_bias)
+    return n_experts
+
+
+def _check_expert_weights(hidden, gate_up_proj, down_proj):
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, H]")
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3, dtypes=FLOAT_DTYPES, shape_hint="[E, 2I, H]")
+    check_tensor("down_proj", down_proj, ndim=3, dtypes=FLOAT_DTYPES, shape_hint="[E, H, I]")
+    n_experts, two_inter, hidden_size = gate_up_proj.shape
+    if hidden_size != hidden.shape[1] or two_inter % 2 != 0 or two_inter == 0:
+        raise ValueError(
+            f"gate_up_proj must have shape [E, 2I, H={hidden.shape[1]}] with gate rows then up rows, "
+            f"got {tuple(gate_up_proj.shape)}"
+        )
+    inter = two_inter // 2
+    if tuple(down_proj.shape) != (n_experts, hidden_size, inter):
+        raise ValueError(
+            f"down_proj must have shape [E={n_experts}, H={hidden_size}, I={inter}] (from gate_up_proj), "
+            f"got {tuple(down_proj.shape)}"
+        )
+    check_same_dtype("gate_up_proj", gate_up_proj, down_proj=down_proj)
+    check_same_device("hidden", hidden, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    return n_experts
+
+
+def moe_route(
+    hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    top_k: int,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LFM2-MoE's router: returns (topk_weights float32 [N, k], topk_ids int64 [N, k]).
+
+    Args:
+        hidden: [N, H] float32 / bfloat16 / float16 tokens.
+        gate_weight: [E, H] router weight.
+        expert_bias: optional [E] selection bias (float32 in transformers): experts are chosen on
+            sigmoid(logits) + expert_bias, sorted by that score, largest first (ties: lower index).
+        top_k: experts per token, 1..E.
+        norm_topk_prob: divide the chosen (unbiased) sigmoids by their sum + 1e-6.
+        routed_scaling_factor: multiplies the weights at the end.
+    Logits, sigmoid and weights are computed in float32.
+    """
+    _check_route_args(hidden, gate_weight, expert_bias, top_k)
+    return _moe_route_op(hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor))
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """sum_s topk_weights[n, s] * expert_{topk_ids[n, s]}(hidden[n]) as [N, H] in hidden's dtype.
+
+    Args:
+        hidden: [N, H] float32 / bfloat16 / float16.
+        gate_up_proj: [E, 2I, H] (gate rows first, then up rows), transformers' fused layout.
+        down_proj: [E, H, I], same dtype as gate_up_proj.
+        topk_ids: [N, k] int64 / int32 expert ids in [0, E).
+        topk_weights: [N, k] float routing weights.
+    Each expert is down @ (silu(gate @ h) * (up @ h)); everything accumulates in float32. Only the
+    experts that appear in topk_ids are read.
+    """
+    n_experts = _check_expert_weights(hidden, gate_up_proj, down_proj)
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_ID_DTYPES, shape_hint="[N, k]")
+    if topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"topk_ids must have shape [N={hidden.shape[0]}, k], got {tuple(topk_ids.shape)}")
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, k]")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have shape [N, k] = {tuple(topk_ids.shape)} (that of topk_ids), "
+            f"got {tuple(topk_weights.shape)}"
+        )
+    check_same_device("hidden", hidden, topk_ids=topk_ids, topk_weights=topk_weights)
+    if topk_ids.numel() > 0:
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= n_experts:
+            raise ValueError(f"topk_ids must hold expert ids in [0, E={n_experts}), got values in [{lo}, {hi}]")
+    return _moe_experts_op(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
+
+
+def moe(
+    hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> torch.Tensor:
+    """The whole sparse MoE block on hidden [N, H] (router, then experts): [N, H] in hidden's dtype.
+
+    Same arguments as `moe_route` and `moe_experts`; this is what transformers'
+    `Lfm2MoeSparseMoeBlock` computes on its flattened tokens.
+    """
+    n_experts = _check_route_args(hidden, gate_weight, expert_bias, top_k)
+    if _check_expert_weights(hidden, gate_up_proj, down_proj) != n_experts:
+        raise ValueError(
+            f"gate_up_proj has {gate_up_proj.shape[0]} experts but gate_weight has E={n_experts} rows; they must match"
+        )
+    weights, ids = _moe_route_op(
+        hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor)
+    )
+    # ids come from our own router, so they are in range: skip moe_experts' host-side range check
+    return _moe_experts_op(hidden, gate_up_proj, down_proj, ids, weights)

@@ -1,0 +1,492 @@
+// Top-k MoE: sigmoid router with selection bias, and the SwiGLU experts reading only the chosen experts.
+//
+// Router: logits = hidden @ gate_weight^T (fp32, then rounded to hidden's dtype as transformers computes
+// it), s = sigmoid(logits) (rounded the same way), choose top_k on s + expert_bias
+// (ties to the lower index, output sorted by descending biased score like torch.topk), weights = s of
+// the chosen experts, divided by (sum + 1e-6) when normalising, times the scaling factor.
+//
+// Experts: the (token, slot) pairs are counting-sorted by expert, so every active expert's weights
+// are read once per pass however many tokens chose it and unused experts are never touched. Three
+// phases, each spread over all threads across all active experts together (a decode step has just k
+// experts with one token each; splitting only inside one expert at a time would leave a barrier per
+// expert):
+//   1. act[p, j] = silu(gate_j . x) * (up_j . x) for every sorted pair p: a tile reads gate rows j, j+1
+//      and up rows j, j+1 in one pass against up to kM tokens, SwiGLU applied to the tile's output,
+//      so the [P, 2I] intermediate never exists.
+//   2. y[p, h] = down_h . act[p] with the same tile kernel.
+//   3. out[n] = sum over slots s in order of w[n, s] * y[pos(n, s)]: a fixed order, so the result does
+//      not depend on the thread count.
+// The tile kernel is a register-blocked dot product: kR weight rows x kM tokens of fp32 accumulators,
+// weights converted bf16/fp16 -> fp32 in registers, each converted weight vector used for kM tokens.
+// With one token (decode) it is a GEMV streaming kR rows sequentially with two accumulator sets.
+// A work item's weight rows stay in L2 while token triples (in L1) pass over them.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace lfmk {
+namespace {
+
+constexpr int kR = 4;                // weight rows per tile
+constexpr int kM = 3;                // tokens per tile: 12 ymm accumulators + 3 inputs + 1 weight
+constexpr int64_t kUnits1 = 16;      // intermediate units (gate row + up row) per phase-1 work item
+constexpr int64_t kRows2 = 32;       // down rows per phase-2 work item
+constexpr int64_t kMaxPairs = 4096;  // pairs per pass: bounds the fp32 scratch (act, y) for long prompts
+
+// out[m * R + r] = dot(w[r][0:K], x[m][0:K]) in fp32, R <= kR, M <= kM.
+// Runs body(i) for i in [0, n) with items handed out one at a time from a shared counter: on a
+// busy machine a thread that is descheduled holds up only the item it is on, where a static split
+// (at::parallel_for's) makes everyone wait for its whole share.
+template <typename F>
+void parallel_dynamic(int64_t n, const F& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      body(i);
+  });
+}
+
+template <typename W>
+using TileFn = void (*)(const W* const* w, int R, const float* const* x, int M, int64_t K, float* out);
+
+template <typename W>
+void tile_portable(const W* const* w, int R, const float* const* x, int M, int64_t K, float* out) {
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += to_f32(w[r][k]) * x[m][k];
+      out[m * R + r] = acc;
+    }
+}
+
+}  // namespace
+}  // namespace lfmk
+
+LFMK_AVX2_BEGIN
+#include "simd_avx2.h"
+namespace lfmk {
+namespace {
+
+// One token: a GEMV over R rows. Two accumulator sets hide the FMA latency so the loop is limited
+// by how fast the rows stream in, not by the dependency chain.
+template <typename W, int R>
+void gemv_avx2(const W* const* w, const float* x, int64_t K, float* out) {
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_fmadd_ps(avx2::load8(w[r] + k), x0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(avx2::load8(w[r] + k + 8), x1, a1[r]);
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) a0[r] = _mm256_fmadd_ps(avx2::load8(w[r] + k), x0, a0[r]);
+  }
+  if (k < K) {
+    const int n = static_cast<int>(K - k);
+    const __m256 x0 = avx2::load_partial(x + k, n);
+    for (int r = 0; r < R; ++r) a1[r] = _mm256_fmadd_ps(avx2::load_partial(w[r] + k, n), x0, a1[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = avx2::hsum(_mm256_add_ps(a0[r], a1[r]));
+}
+
+// One weight row against M tokens, U independent accumulator sets along K: the path for rows
+// streamed from memory. Reading one row at a time keeps the access a single sequential stream,
+// which the hardware prefetcher follows at full bandwidth; several rows in parallel (4 KB apart)
+// measured at about half the bandwidth here.
+template <typename W, int M, int U>
+void row_avx2(const W* w, const float* const* x, int64_t K, float* out) {
+  __m256 acc[U][M];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = avx2::load8(w + k + 8 * u);
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[m] + k + 8 * u), acc[u][m]);
+    }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = avx2::load8(w + k);
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[m] + k), acc[0][m]);
+  }
+  if (k < K) {
+    const int n = static_cast<int>(K - k);
+    const __m256 wv = avx2::load_partial(w + k, n);
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm256_fmadd_ps(wv, avx2::load_partial(x[m] + k, n), acc[0][m]);
+  }
+  for (int m = 0; m < M; ++m) {
+    __m256 t = acc[0][m];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[u][m]);
+    out[m] = avx2::hsum(t);
+  }
+}
+
+template <typename W, int R, int M>
+void tile_avx2_t(const W* const* w, const float* const* x, int64_t K, float* out) {
+  if (M == 1) return gemv_avx2<W, R>(w, x[0], K, out);
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x[m] + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = avx2::load8(w[r] + k);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  }
+  if (k < K) {
+    const int n = static_cast<int>(K - k);
+    __m256 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = avx2::load_partial(x[m] + k, n);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = avx2::load_partial(w[r] + k, n);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) out[m * R + r] = avx2::hsum(acc[m][r]);
+}
+
+template <typename W, int R>
+void tile_avx2_r(const W* const* w, const float* const* x, int M, int64_t K, float* out) {
+  if (R == 1) {
+    switch (M) {
+      case 1: return row_avx2<W, 1, 4>(w[0], x, K, out);
+      case 2: return row_avx2<W, 2, 2>(w[0], x, K, out);
+      default: return row_avx2<W, 3, 2>(w[0], x, K, out);
+    }
+  }
+  switch (M) {
+    case 1: return tile_avx2_t<W, R, 1>(w, x, K, out);
+    case 2: return tile_avx2_t<W, R, 2>(w, x, K, out);
+    default: return tile_avx2_t<W, R, 3>(w, x, K, out);
+  }
+}
+
+template <typename W>
+void tile_avx2(const W* const* w, int R, const float* const* x, int M, int64_t K, float* out) {
+  static_assert(kM == 3 && kR == 4, "tile_avx2 instantiates R <= 4, M <= 3");
+  switch (R) {
+    case 1: return tile_avx2_r<W, 1>(w, x, M, K, out);
+    case 2: return tile_avx2_r<W, 2>(w, x, M, K, out);
+    case 3: return tile_avx2_r<W, 3>(w, x, M, K, out);
+    default: return tile_avx2_r<W, 4>(w, x, M, K, out);
+  }
+}
+
+}  // namespace
+}  // namespace lfmk
+LFMK_AVX2_END
+
+namespace lfmk {
+namespace {
+
+template <typename W>
+TileFn<W> pick_tile() {
+  return cpu_has_avx2() ? &tile_avx2<W> : &tile_portable<W>;
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// Pulls a contiguous block of weight rows into the cache hierarchy in address order before a
+// register tile reads it as several parallel rows: one sequential sweep runs at the stream
+// bandwidth that the parallel-row pattern only half reaches (see row_avx2). The tile then finds
+// the rows in L2 (a work item's block is at most 256 KB).
+inline void prefetch_block(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+}
+
+// res[m * R + r] = w[r] . x[m]. When the rows come from memory once (an expert with at most kM
+// tokens: decode), they are read one after another as single streams (see row_avx2); otherwise a
+// register tile of R rows reuses each input vector R times while the rows sit in L2.
+template <typename W>
+inline void run_tile(TileFn<W> tile, const W* const* wp, int R, const float* const* xp, int M, int64_t K,
+                     float* res, bool streamed) {
+  if (!streamed) return tile(wp, R, xp, M, K, res);
+  float one[kM];
+  for (int r = 0; r < R; ++r) {
+    tile(wp + r, 1, xp, M, K, one);
+    for (int m = 0; m < M; ++m) res[m * R + r] = one[m];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Router
+
+template <typename W>
+void route_logits(const float* X, const W* gw, int64_t N, int64_t E, int64_t H, float* logits) {
+  const TileFn<W> tile = pick_tile<W>();
+  const int64_t groups = (N + kM - 1) / kM;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, E * H));
+  parallel_for(groups, grain, [&](int64_t g0, int64_t g1) {
+    const float* xp[kM];
+    const W* wp[kR];
+    float res[kM * kR];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = g * kM;
+      const int M = static_cast<int>(std::min<int64_t>(kM, N - n0));
+      for (int m = 0; m < M; ++m) xp[m] = X + (n0 + m) * H;
+      for (int64_t e0 = 0; e0 < E; e0 += kR) {
+        const int R = static_cast<int>(std::min<int64_t>(kR, E - e0));
+        for (int r = 0; r < R; ++r) wp[r] = gw + (e0 + r) * H;
+        tile(wp, R, xp, M, H, res);
+        for (int m = 0; m < M; ++m)
+          for (int r = 0; r < R; ++r) logits[(n0 + m) * E + e0 + r] = res[m * R + r];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& hidden, const at::Tensor& gate_weight,
+                                                 const std::optional<at::Tensor>& expert_bias, int64_t top_k,
+                                                 bool norm_topk_prob, double routed_scaling_factor) {
+  TORCH_CHECK(hidden.dim() == 2, "moe_route: hidden must be [N, H]");
+  TORCH_CHECK(gate_weight.dim() == 2 && gate_weight.size(1) == hidden.size(1), "moe_route: gate_weight must be [E, H]");
+  const int64_t N = hidden.size(0), H = hidden.size(1), E = gate_weight.size(0);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_route: top_k must be in [1, E]");
+  const at::Tensor X = hidden.to(at::kFloat).contiguous();
+  const at::Tensor gw = gate_weight.contiguous();
+  at::Tensor bias;
+  if (expert_bias.has_value()) {
+    TORCH_CHECK(expert_bias->numel() == E, "moe_route: expert_bias must be [E]");
+    bias = expert_bias->to(at::kFloat).contiguous();
+  }
+  auto fopt = hidden.options().dtype(at::kFloat);
+  at::Tensor weights = at::empty({N, top_k}, fopt);
+  at::Tensor ids = at::empty({N, top_k}, hidden.options().dtype(at::kLong));
+  if (N == 0) return {weights, ids};
+  at::Tensor logits = at::empty({N, E}, fopt);
+  float* lg = logits.mutable_data_ptr<float>();
+  LFMK_DISPATCH_FLOAT(gw.scalar_type(), "moe_route", [&] {
+    route_logits<scalar_t>(X.const_data_ptr<float>(), cptr<scalar_t>(gw), N, E, H, lg);
+  });
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* wo = weights.mutable_data_ptr<float>();
+  int64_t* io = ids.mutable_data_ptr<int64_t>();
+  const float scale = static_cast<float>(routed_scaling_factor);
+  // transformers runs the router in the model dtype: logits and sigmoid are rounded to hidden's
+  // dtype, and the biased score to the promoted dtype of (sigmoid, expert_bias). Selection is
+  // discrete, so rounding at the same points is what makes bf16 choices agree with transformers.
+  const at::ScalarType hdt = hidden.scalar_type();
+  const at::ScalarType cdt = expert_bias.has_value() ? at::promote_types(hdt, expert_bias->scalar_type()) : hdt;
+  const auto rnd = [](at::ScalarType t, float v) -> float {
+    if (t == at::kBFloat16) return static_cast<float>(c10::BFloat16(v));
+    if (t == at::kHalf) return static_cast<float>(c10::Half(v));
+    return v;
+  };
+  parallel_for(N, 256, [&](int64_t n0, int64_t n1) {
+    std::vector<float> s(E), c(E);
+    std::vector<char> taken(E);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t e = 0; e < E; ++e) {
+        const float l = rnd(hdt, lg[n * E + e]);
+        s[e] = rnd(hdt, 1.f / (1.f + std::exp(-l)));
+        c[e] = bp ? rnd(cdt, s[e] + bp[e]) : s[e];
+        taken[e] = 0;
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < top_k; ++j) {
+        // strict '>' keeps the lowest index among equal scores
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e)
+          if (!taken[e] && (best < 0 || c[e] > c[best])) best = e;
+        taken[best] = 1;
+        io[n * top_k + j] = best;
+        wo[n * top_k + j] = s[best];
+        sum += s[best];
+      }
+      const float div = norm_topk_prob ? sum + 1e-6f : 1.f;
+      for (int64_t j = 0; j < top_k; ++j) wo[n * top_k + j] = wo[n * top_k + j] / div * scale;
+    }
+  });
+  return {weights, ids};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Experts
+
+struct Plan {
+  std::vector<int64_t> offs;    // [E + 1] start of each expert's pairs in sorted order
+  std::vector<int64_t> tok;     // [P] token (global row of X) of each sorted pair
+  std::vector<int64_t> pos;     // [P] sorted position of pair p = n * k + s (chunk-local)
+  std::vector<int64_t> active;  // experts with at least one pair, ascending
+};
+
+Plan make_plan(const int64_t* ids, int64_t n0, int64_t nt, int64_t k, int64_t E) {
+  Plan pl;
+  const int64_t P = nt * k;
+  pl.offs.assign(E + 1, 0);
+  for (int64_t p = 0; p < P; ++p) pl.offs[ids[n0 * k + p] + 1]++;
+  for (int64_t e = 0; e < E; ++e) {
+    if (pl.offs[e + 1] > 0) pl.active.push_back(e);
+    pl.offs[e + 1] += pl.offs[e];
+  }
+  std::vector<int64_t> fill(pl.offs.begin(), pl.offs.end() - 1);
+  pl.tok.resize(P);
+  pl.pos.resize(P);
+  for (int64_t p = 0; p < P; ++p) {  // ascending p: pairs of one expert keep token order
+    const int64_t q = fill[ids[n0 * k + p]]++;
+    pl.tok[q] = n0 + p / k;
+    pl.pos[p] = q;
+  }
+  return pl;
+}
+
+// Phases 1 and 2 for one chunk of tokens; y [P, H] receives each sorted pair's expert output.
+template <typename W>
+void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I, const Plan& pl, float* act,
+                  float* y) {
+  const TileFn<W> tile = pick_tile<W>();
+  const int64_t na = static_cast<int64_t>(pl.active.size());
+
+  // Phase 1: items interleave experts (item i -> unit chunk i / na, expert i % na) and are handed
+  // out dynamically, so experts with many and with few tokens spread over all threads.
+  const int64_t chunks1 = (I + kUnits1 - 1) / kUnits1;
+  parallel_dynamic(chunks1 * na, [&](int64_t i) {
+    const float* xp[kM];
+    const W* wp[kR];
+    float res[kM * kR];
+    {
+      const int64_t e = pl.active[i % na];
+      const int64_t j0 = (i / na) * kUnits1, j1 = std::min(I, j0 + kUnits1);
+      const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
+      const W* G = gu + e * 2 * I * H;
+      const W* U = G + I * H;
+      if (me > kM) {
+        prefetch_block(G + j0 * H, (j1 - j0) * H * static_cast<int64_t>(sizeof(W)));
+        prefetch_block(U + j0 * H, (j1 - j0) * H * static_cast<int64_t>(sizeof(W)));
+      }
+      // token triples outside, row tiles inside: the triple's inputs stay in L1 while the item's
+      // rows (kUnits1 * 2 rows, L2-resident after the first triple) stream past them
+      for (int64_t t = 0; t < me; t += kM) {
+        const int M = static_cast<int>(std::min<int64_t>(kM, me - t));
+        for (int m = 0; m < M; ++m) xp[m] = X + pl.tok[q0 + t + m] * H;
+        for (int64_t j = j0; j < j1; j += 2) {
+          const int nu = static_cast<int>(std::min<int64_t>(2, j1 - j));
+          for (int u = 0; u < nu; ++u) {
+            wp[u] = G + (j + u) * H;
+            wp[nu + u] = U + (j + u) * H;
+          }
+          run_tile(tile, wp, 2 * nu, xp, M, H, res, me <= kM);
+          for (int m = 0; m < M; ++m)
+            for (int u = 0; u < nu; ++u)
+              act[(q0 + t + m) * I + j + u] = silu(res[m * 2 * nu + u]) * res[m * 2 * nu + nu + u];
+        }
+      }
+    }
+  });
+
+  // Phase 2: y[q, h] = down[e, h] . act[q]
+  const int64_t chunks2 = (H + kRows2 - 1) / kRows2;
+  parallel_dynamic(chunks2 * na, [&](int64_t i) {
+    const float* xp[kM];
+    const W* wp[kR];
+    float res[kM * kR];
+    {
+      const int64_t e = pl.active[i % na];
+      const int64_t h0 = (i / na) * kRows2, h1 = std::min(H, h0 + kRows2);
+      const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
+      const W* D = dn + e * H * I;
+      if (me > kM) prefetch_block(D + h0 * I, (h1 - h0) * I * static_cast<int64_t>(sizeof(W)));
+      for (int64_t t = 0; t < me; t += kM) {
+        const int M = static_cast<int>(std::min<int64_t>(kM, me - t));
+        for (int m = 0; m < M; ++m) xp[m] = act + (q0 + t + m) * I;
+        for (int64_t h = h0; h < h1; h += kR) {
+          const int R = static_cast<int>(std::min<int64_t>(kR, h1 - h));
+          for (int r = 0; r < R; ++r) wp[r] = D + (h + r) * I;
+          run_tile(tile, wp, R, xp, M, I, res, me <= kM);
+          for (int m = 0; m < M; ++m)
+            for (int r = 0; r < R; ++r) y[(q0 + t + m) * H + h + r] = res[m * R + r];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void combine(const float* y, const float* tw, const Plan& pl, int64_t n0, int64_t nt, int64_t k, int64_t H, T* out) {
+  parallel_for(nt, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * k)), [&](int64_t a, int64_t b) {
+    std::vector<float> acc(H);
+    for (int64_t n = a; n < b; ++n) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s = 0; s < k; ++s) {  // slot order: deterministic whatever the threads did
+        const float w = tw[(n0 + n) * k + s];
+        const float* yr = y + pl.pos[n * k + s] * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] += w * yr[h];
+      }
+      T* o = out + (n0 + n) * H;
+      for (int64_t h = 0; h < H; ++h) o[h] = from_f32<T>(acc[h]);
+    }
+  });
+}
+
+// Shapes, dtypes and id ranges were validated in Python (lfm_kernels/ops/moe.py); the checks here
+// guard the memory safety of this function when it is called directly.
+at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
+                           const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
+  TORCH_CHECK(hidden.dim() == 2, "moe_experts: hidden must be [N, H]");
+  const int64_t N = hidden.size(0), H = hidden.size(1);
+  TORCH_CHECK(gate_up_proj.dim() == 3 && gate_up_proj.size(2) == H && gate_up_proj.size(1) % 2 == 0,
+              "moe_experts: gate_up_proj must be [E, 2I, H]");
+  const int64_t E = gate_up_proj.size(0), I = gate_up_proj.size(1) / 2;
+  TORCH_CHECK(down_proj.dim() == 3 && down_proj.size(0) == E && down_proj.size(1) == H && down_proj.size(2) == I,
+              "moe_experts: down_proj must be [E, H, I]");
+  TORCH_CHECK(down_proj.scalar_type() == gate_up_proj.scalar_type(), "moe_experts: weights must share a dtype");
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == N, "moe_experts: topk_ids must be [N, k]");
+  const int64_t k = topk_ids.size(1);
+  TORCH_CHECK(topk_weights.dim() == 2 && topk_weights.size(0) == N && topk_weights.size(1) == k,
+              "moe_experts: topk_weights must be [N, k]");
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const int64_t* idp = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * k; ++i)
+    TORCH_CHECK(idp[i] >= 0 && idp[i] < E, "moe_experts: expert id ", idp[i], " out of range [0, ", E, ")");
+  const at::Tensor tw = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor X = hidden.to(at::kFloat).contiguous();
+  const at::Tensor gu = gate_up_proj.contiguous(), dn = down_proj.contiguous();
+  at::Tensor out = at::empty({N, H}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
+  if (N == 0 || H == 0) return out;
+  if (k == 0 || I == 0) return out.zero_();
+  const int64_t chunk = std::max<int64_t>(1, kMaxPairs / k);
+  const int64_t pmax = std::min(N, chunk) * k;
+  auto fopt = hidden.options().dtype(at::kFloat);
+  at::Tensor act = at::empty({pmax, I}, fopt), y = at::empty({pmax, H}, fopt);
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t nt = std::min(chunk, N - n0);
+    const Plan pl = make_plan(idp, n0, nt, k, E);
+    LFMK_DISPATCH_FLOAT(gu.scalar_type(), "moe_experts", [&] {
+      experts_pass<scalar_t>(X.const_data_ptr<float>(), cptr<scalar_t>(gu), cptr<scalar_t>(dn), H, I, pl,
+                             act.mutable_data_ptr<float>(), y.mutable_data_ptr<float>());
+    });
+    LFMK_DISPATCH_FLOAT(out.scalar_type(), "moe_experts", [&] {
+      combine<scalar_t>(y.const_data_ptr<float>(), tw.const_data_ptr<float>(), pl, n0, nt, k, H, mptr<scalar_t>(out));
+    });
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace lfmk
+
+TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
+  m.def("moe_route(Tensor hidden, Tensor gate_weight, Tensor? expert_bias, int top_k, bool norm_topk_prob, "
+        "float routed_scaling_factor) -> (Tensor, Tensor)");
+  m.def("moe_experts(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor topk_ids, Tensor topk_weights) "
+        "-> Tensor");
+}
+TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) {
+  m.impl("moe_route", &lfmk::moe_route_cpu);
+  m.impl("moe_experts", &lfmk::moe_experts_cpu);
+}

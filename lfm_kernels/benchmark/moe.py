@@ -1,0 +1,131 @@
+"""Benchmark cases for the MoE experts at LFM2.5-8B-A1B's shape (H 2048, I 1792, E 32, top-4).
+
+The kernel (`lfm_kernels.moe_experts`) runs against transformers' own `Lfm2MoeExperts` holding the
+same weight tensors, once with its eager per-expert loop ("hf_eager") and once with its
+`grouped_mm` experts implementation ("hf_grouped_mm", when the installed transformers has it).
+Decode (N = 1) and N = 16 are judged by the bytes of the experts they must read; N = 512 by flops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, reference
+from ..ops.moe import moe_experts
+from .core import Case
+
+HIDDEN, INTER, EXPERTS, TOP_K = 2048, 1792, 32, 4
+
+_weights: dict = {}  # one set of expert weights (per dtype/device), shared by the cases of that dtype
+
+
+def _expert_weights(dtype: torch.dtype, device: str):
+    key = (dtype, device)
+    if key not in _weights:
+        _weights.clear()  # keep one dtype's 0.7-1.4 GB at a time
+        gate_up = torch.empty(EXPERTS, 2 * INTER, HIDDEN, dtype=dtype, device=device)
+        down = torch.empty(EXPERTS, HIDDEN, INTER, dtype=dtype, device=device)
+        for e in range(EXPERTS):  # one expert at a time: no fp32 temporary of the whole tensor
+            gate_up[e].copy_(torch.randn(2 * INTER, HIDDEN, device=device) * 0.02)
+            down[e].copy_(torch.randn(HIDDEN, INTER, device=device) * 0.02)
+        _weights[key] = (gate_up, down)
+    return _weights[key]
+
+
+def _hf_experts(implementation: str, gate_up: torch.Tensor, down: torch.Tensor):
+    """transformers' Lfm2MoeExperts sharing our weight tensors, set to one experts implementation."""
+    from transformers import Lfm2MoeConfig
+    from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeExperts
+
+    cfg = Lfm2MoeConfig(
+        hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=EXPERTS, num_experts_per_tok=TOP_K
+    )
+    cfg._experts_implementation = implementation
+    with torch.device("meta"):  # no 2 GB of placeholder parameters
+        module = Lfm2MoeExperts(cfg)
+    module.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+    module.down_proj = torch.nn.Parameter(down, requires_grad=False)
+    return module.eval()
+
+
+def _has_grouped_mm() -> bool:
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return False
+    return "grouped_mm" in ALL_EXPERTS_FUNCTIONS
+
+
+def _baselines(has_transformers: bool) -> dict:
+    out = {
+        "reference": lambda i: reference.moe_experts(i["hidden"], i["gate_up_proj"], i["down_proj"], i["ids"], i["weights"])
+    }
+    if not has_transformers:
+        return out
+
+    def run(name):
+        def fn(i):
+            with torch.no_grad():
+                return i[name](i["hidden"], i["ids"], i["weights"])
+
+        return fn
+
+    out["hf_eager"] = run("hf_eager")
+    if _has_grouped_mm():
+        out["hf_grouped_mm"] = run("hf_grouped_mm")
+    return out
+
+
+def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
+    try:
+        import transformers  # noqa: F401
+
+        has_transformers = True
+    except ImportError:
+        has_transformers = False
+    dtypes = [torch.bfloat16] if device.startswith("cuda") else [torch.bfloat16, torch.float32]
+    sizes = [("decode", 1), ("prefill", 16), ("prefill", 128 if quick else 512)]
+    out = []
+    for dtype in dtypes:
+        for kind, n in sizes:
+
+            def make(n=n, dtype=dtype):
+                gate_up, down = _expert_weights(dtype, device)
+                # distinct experts per token, as the router gives; fresh choices and weights per call
+                ids = torch.stack([torch.randperm(EXPERTS)[:TOP_K] for _ in range(n)]).to(device)
+                weights = torch.rand(n, TOP_K, device=device) + 0.05
+                weights = weights / weights.sum(-1, keepdim=True)
+                inputs = {
+                    "hidden": torch.randn(n, HIDDEN, device=device).to(dtype),
+                    "gate_up_proj": gate_up,
+                    "down_proj": down,
+                    "ids": ids,
+                    "weights": weights,
+                }
+                if has_transformers:
+                    inputs["hf_eager"] = _hf_experts("eager", gate_up, down)
+                    if _has_grouped_mm():
+                        inputs["hf_grouped_mm"] = _hf_experts("grouped_mm", gate_up, down)
+                return inputs
+
+            size = torch.finfo(dtype).bits // 8
+            expert_bytes = 3 * HIDDEN * INTER * size
+            # expected number of distinct experts among n tokens choosing TOP_K of EXPERTS each
+            active = EXPERTS * (1 - (1 - TOP_K / EXPERTS) ** n)
+            moved = int(round(active * expert_bytes)) + 2 * n * HIDDEN * size
+            out.append(
+                Case(
+                    op="moe",
+                    name=f"{kind}-N{n}-H{HIDDEN}-I{INTER}-E{EXPERTS}-k{TOP_K}",
+                    dtype=dtype,
+                    device=device,
+                    make_inputs=make,
+                    kernel=lambda i: moe_experts(i["hidden"], i["gate_up_proj"], i["down_proj"], i["ids"], i["weights"]),
+                    baselines=_baselines(has_transformers),
+                    bytes_moved=moved,
+                    flops=n * TOP_K * 6 * HIDDEN * INTER,
+                    compute_bound=n >= 128,
+                    backend=_backend.backend_for(torch.empty(0, device=device)),
+                )
+            )
+    return out

@@ -1,0 +1,441 @@
+"""Parity and bad-input tests for lfm_kernels.moe_route / moe_experts / moe on the C++ (AVX2 and portable)
+and Triton paths, and equality of the whole block with transformers' Lfm2MoeSparseMoeBlock."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+import lfm_kernels
+from lfm_kernels import _backend, reference
+from conftest import HAS_TRITON, TOL, assert_close, dtype_id, rel_err
+
+NS = [1, 2, 7, 64, 513]
+SMALL_H, SMALL_I = 76, 36  # neither a multiple of the 8-lane vectors nor of 16: tails everywhere
+
+
+def _cpu_ctx(impl):
+    if _backend._C is None:
+        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
+    if impl == "avx2" and not _backend._C.cpu_supports_avx2():
+        pytest.skip("CPU without AVX2")
+    return _backend.force_portable_cpu() if impl == "portable" else contextlib.nullcontext()
+
+
+def _router_inputs(n, e, h, dtype):
+    """Inputs whose router logits are exact in any summation order (multiples of 1/1024 from small
+    integers), so every implementation rounds the same logits and selections have no near-ties.
+    The bias is a multiple of 1/32, large enough to change the selection."""
+    hidden = (torch.randint(-4, 5, (n, h)) / 16).to(dtype)
+    hidden[:, 0] = 0.25  # never an all-zero row
+    gate_weight = (torch.randint(-8, 9, (e, h)) / 64).to(dtype)
+    bias = torch.randint(-8, 9, (e,)) / 32
+    return hidden, gate_weight, bias.float()
+
+
+def _expert_weights(e, h, i, dtype, scale=0.1):
+    gate_up = (torch.randn(e, 2 * i, h) * scale).to(dtype)
+    down = (torch.randn(e, h, i) * scale).to(dtype)
+    return gate_up, down
+
+
+def _route(impl, *args):
+    if impl == "triton":
+        from lfm_kernels.triton.moe import moe_route_triton
+
+        return moe_route_triton(*args)
+    with _cpu_ctx(impl):
+        assert _backend.cpu_isa() == impl
+        return lfm_kernels.moe_route(*args)
+
+
+def _experts(impl, *args):
+    if impl == "triton":
+        from lfm_kernels.triton.moe import moe_experts_triton
+
+        return moe_experts_triton(*args)
+    with _cpu_ctx(impl):
+        assert _backend.cpu_isa() == impl
+        return lfm_kernels.moe_experts(*args)
+
+
+def _case_id(n, e, k, dtype):
+    return f"N{n}-E{e}-k{k}-{dtype_id(dtype)}"
+
+
+CASES = [(n, e, k, d) for d in (torch.float32, torch.bfloat16) for e in (8, 32) for k in (1, 2, 4) for n in NS]
+
+
+# ---------------------------------------------------------------------------------------------
+# router
+
+
+@pytest.mark.parametrize("n,e,k,dtype", CASES, ids=[_case_id(*c) for c in CASES])
+def test_route_matches_reference(n, e, k, dtype):
+    hidden, gate_weight, bias = _router_inputs(n, e, SMALL_H, dtype)
+    weights, ids = _route("avx2", hidden, gate_weight, bias, k, True, 1.0)
+    ref_w, ref_ids = reference.moe_route(hidden, gate_weight, bias, k)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids, ref_ids)
+    assert_close(weights, ref_w, torch.float32 if dtype == torch.float32 else dtype, "topk_weights")
+
+
+@pytest.mark.parametrize("impl", ["portable", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("n,e,k", [(1, 8, 2), (7, 32, 4), (33, 8, 1)])
+def test_route_other_paths(impl, n, e, k, dtype):
+    if impl == "triton" and not HAS_TRITON:
+        pytest.skip("triton not installed")
+    hidden, gate_weight, bias = _router_inputs(n, e, 64, dtype)
+    weights, ids = _route(impl, hidden, gate_weight, bias, k, True, 1.0)
+    ref_w, ref_ids = reference.moe_route(hidden, gate_weight, bias, k)
+    assert torch.equal(ids, ref_ids)
+    assert_close(weights, ref_w, torch.float32 if dtype == torch.float32 else dtype, "topk_weights")
+
+
+@pytest.mark.parametrize("norm,scale", [(False, 1.0), (True, 2.5), (False, 0.5)])
+def test_route_options(norm, scale):
+    hidden, gate_weight, bias = _router_inputs(9, 8, 40, torch.float32)
+    for b in (bias, None):
+        weights, ids = lfm_kernels.moe_route(hidden, gate_weight, b, 3, norm, scale)
+        ref_w, ref_ids = reference.moe_route(hidden, gate_weight, b, 3, norm, scale)
+        assert torch.equal(ids, ref_ids)
+        assert_close(weights, ref_w)
+
+
+def test_route_bias_changes_selection_and_ties():
+    hidden, gate_weight, _ = _router_inputs(64, 8, 64, torch.float32)
+    unbiased = reference.moe_route(hidden, gate_weight, None, 2)[1]
+    bias = torch.zeros(8)
+    bias[5] = 2.0  # dominates every sigmoid: expert 5 first for all tokens
+    bias[2] = 1.0
+    weights, ids = lfm_kernels.moe_route(hidden, gate_weight, bias, 2)
+    assert not torch.equal(ids, unbiased)
+    assert (ids[:, 0] == 5).all() and (ids[:, 1] == 2).all()
+    # the weights are the unbiased sigmoids of the chosen experts, normalised
+    sig = torch.sigmoid(hidden @ gate_weight.t())[:, [5, 2]]
+    assert_close(weights, sig / (sig.sum(-1, keepdim=True) + 1e-6))
+    # exact ties (identical router rows) go to the lower index, sorted like torch.topk
+    tied = gate_weight.clone()
+    tied[6] = tied[1]
+    ids_t = lfm_kernels.moe_route(hidden, tied, None, 8)[1]
+    pos = {int(e): j for j, e in enumerate(ids_t[0])}
+    assert pos[1] < pos[6]
+    assert torch.equal(ids_t, reference.moe_route(hidden, tied, None, 8)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# experts
+
+
+@pytest.mark.parametrize("n,e,k,dtype", CASES, ids=[_case_id(*c) for c in CASES])
+def test_experts_matches_reference(n, e, k, dtype):
+    hidden = torch.randn(n, SMALL_H).to(dtype)
+    gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, dtype)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k) + 0.1
+    out = _experts("avx2", hidden, gate_up, down, ids, weights)
+    ref = reference.moe_experts(hidden, gate_up, down, ids, weights)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("impl", ["portable", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("n,e,k", [(1, 8, 2), (7, 32, 4), (33, 8, 1)], ids=lambda v: str(v))
+def test_experts_other_paths(impl, n, e, k, dtype):
+    if impl == "triton" and not HAS_TRITON:
+        pytest.skip("triton not installed")
+    h, i = (64, 32) if impl == "triton" else (SMALL_H, SMALL_I)
+    hidden = torch.randn(n, h).to(dtype)
+    gate_up, down = _expert_weights(e, h, i, dtype)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k) + 0.1
+    out = _experts(impl, hidden, gate_up, down, ids, weights)
+    assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), dtype)
+
+
+@pytest.mark.parametrize("impl", ["avx2", "portable", "triton"])
+def test_unused_expert_never_read(impl):
+    """An expert nobody chose may hold NaN: the output stays finite and right."""
+    if impl == "triton" and not HAS_TRITON:
+        pytest.skip("triton not installed")
+    n, e, k = 9, 8, 2
+    hidden = torch.randn(n, 64)
+    gate_up, down = _expert_weights(e, 64, 32, torch.float32)
+    ids = torch.stack([torch.randperm(e - 1)[:k] for _ in range(n)])
+    ids[ids >= 3] += 1  # expert 3 unused
+    gate_up[3] = float("nan")
+    down[3] = float("nan")
+    weights = torch.rand(n, k)
+    out = _experts(impl, hidden, gate_up, down, ids, weights)
+    assert torch.isfinite(out).all()
+    assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights))
+
+
+@pytest.mark.parametrize("impl", ["avx2", "portable", "triton"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_all_tokens_on_one_expert(impl, k):
+    if impl == "triton" and not HAS_TRITON:
+        pytest.skip("triton not installed")
+    n, e = 70 if impl != "triton" else 37, 8
+    hidden = torch.randn(n, 64).to(torch.bfloat16)
+    gate_up, down = _expert_weights(e, 64, 32, torch.bfloat16)
+    ids = torch.full((n, k), 6, dtype=torch.int64)
+    if k == 2:
+        ids[:, 1] = 6  # the same expert in both slots counts twice, as in transformers
+    weights = torch.rand(n, k)
+    out = _experts(impl, hidden, gate_up, down, ids, weights)
+    assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
+
+
+def test_experts_mixed_dtypes_strided_int32():
+    """fp16 weights with a bf16 strided hidden, int32 ids, bf16 routing weights."""
+    n, e, k = 11, 8, 3
+    wide = torch.randn(n, 2 * SMALL_H).to(torch.bfloat16)
+    hidden = wide[:, ::2]
+    assert not hidden.is_contiguous()
+    gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.float16)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).to(torch.int32)
+    weights = torch.rand(n, k).to(torch.bfloat16)
+    out = lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights)
+    assert_close(out, reference.moe_experts(hidden, gate_up, down, ids.long(), weights), torch.bfloat16)
+    # and fp32 hidden with bf16 weights keeps fp32 accuracy on the fp32 path
+    h32 = torch.randn(n, SMALL_H)
+    gu16, dn16 = _expert_weights(e, SMALL_H, SMALL_I, torch.bfloat16)
+    out32 = lfm_kernels.moe_experts(h32, gu16, dn16, ids, weights.float())
+    assert_close(out32, reference.moe_experts(h32, gu16, dn16, ids.long(), weights.float()), torch.float32)
+
+
+def test_experts_deterministic_across_threads():
+    n, e, k = 40, 8, 4
+    hidden = torch.randn(n, SMALL_H)
+    gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.float32)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights)
+        torch.set_num_threads(max(2, threads))
+        many = lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@pytest.fixture(scope="module")
+def full_size_weights():
+    """LFM2.5-8B-A1B's expert shapes in bf16 (704 MB), generated once for the module."""
+    e, h, i = 32, 2048, 1792
+    g = torch.Generator().manual_seed(1234)
+    gate_up = torch.empty(e, 2 * i, h, dtype=torch.bfloat16)
+    down = torch.empty(e, h, i, dtype=torch.bfloat16)
+    for x in range(e):
+        gate_up[x] = torch.randn(2 * i, h, generator=g) * 0.02
+        down[x] = torch.randn(h, i, generator=g) * 0.02
+    gate_weight = (torch.randn(e, h, generator=g) * 0.02).to(torch.bfloat16)
+    return gate_weight, gate_up, down
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 40])
+def test_full_size_block(full_size_weights, n):
+    gate_weight, gate_up, down = full_size_weights
+    hidden = torch.randn(n, 2048).to(torch.bfloat16)
+    bias = torch.randn(32) * 0.01
+    weights, ids = lfm_kernels.moe_route(hidden, gate_weight, bias, 4)
+    ref_w, ref_ids = reference.moe_route(hidden, gate_weight, bias, 4)
+    # random inputs may hold a near-tie; where the choice differs the scores must be (near-)equal
+    if not torch.equal(ids, ref_ids):
+        sig = torch.sigmoid((hidden.float() @ gate_weight.float().t()).bfloat16().float()) + bias
+        gap = (sig.gather(1, ids) - sig.gather(1, ref_ids)).abs().max()
+        assert gap < 1e-2, f"selections differ beyond a near-tie ({gap})"
+    assert_close(weights, ref_w, torch.bfloat16, "topk_weights")
+    out = lfm_kernels.moe_experts(hidden, gate_up, down, ref_ids, ref_w)
+    assert_close(out, reference.moe_experts(hidden, gate_up, down, ref_ids, ref_w), torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole block vs transformers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_block_matches_transformers(n, dtype):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
+
+    cfg = transformers.Lfm2MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, num_dense_layers=0,
+        layer_types=["conv", "full_attention"],
+    )
+    block = hf.Lfm2MoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    block = block.to(dtype)
+    hidden, gate_weight, _ = _router_inputs(n, 8, 64, dtype)
+    with torch.no_grad():
+        block.gate.weight.copy_(gate_weight)
+        block.expert_bias.data = torch.linspace(-0.5, 0.5, 8)  # float32, as transformers keeps it
+        unbiased = reference.moe_route(hidden, gate_weight, None, 2)[1]
+        biased = reference.moe_route(hidden, gate_weight, block.expert_bias, 2)[1]
+        if n > 1:
+            assert not torch.equal(unbiased, biased), "the bias must change the selection"
+        theirs = block(hidden[None])[0]
+        _, their_w, their_ids = block.gate(hidden, block.expert_bias)
+    ours = lfm_kernels.moe(
+        hidden, block.gate.weight, block.expert_bias, block.experts.gate_up_proj, block.experts.down_proj, 2
+    )
+    weights, ids = lfm_kernels.moe_route(hidden, block.gate.weight, block.expert_bias, 2)
+    assert torch.equal(ids, their_ids)
+    assert_close(weights, their_w.float(), dtype, "topk_weights")
+    assert_close(ours, theirs, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton specifics
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_triton_align(block_m):
+    from lfm_kernels.triton.moe import moe_align
+
+    n, e, k = 23, 8, 3
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    ids[ids == 4] = 5  # an unused expert
+    sorted_pairs, block_expert = moe_align(ids, e, block_m)
+    flat = ids.reshape(-1)
+    seen = []
+    for b, ex in enumerate(block_expert.tolist()):
+        rows = sorted_pairs[b * block_m : (b + 1) * block_m]
+        real = rows[rows < flat.numel()]
+        if ex < 0:
+            assert real.numel() == 0
+            continue
+        assert (flat[real.long()] == ex).all()
+        seen += real.tolist()
+    assert sorted(seen) == list(range(flat.numel()))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_config_table(tmp_path, monkeypatch):
+    from lfm_kernels.triton import moe as tmoe
+
+    cfg = {"E=8,N=32,H=64,dtype=fp32": {
+        "4": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 2, "num_stages": 2},
+        "64": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
+               "down": {"BLOCK_N": 16, "BLOCK_K": 16}},
+    }}
+    path = tmp_path / "moe_configs.json"
+    path.write_text(json.dumps(cfg))
+    monkeypatch.setenv("LFM_KERNELS_MOE_CONFIGS", str(path))
+    tmoe._config_table.cache_clear()
+    try:
+        assert tmoe.get_config(8, 32, 64, torch.float32, 3)["BLOCK_N"] == 16
+        assert tmoe.get_config(8, 32, 64, torch.float32, 9)["BLOCK_M"] == 32
+        assert tmoe.get_config(8, 32, 64, torch.float32, 1000)["BLOCK_M"] == 32
+        assert tmoe.get_config(8, 32, 128, torch.float32, 1)["BLOCK_M"] == 16  # default table
+        n, e, k = 9, 8, 2
+        hidden = torch.randn(n, 64)
+        gate_up, down = _expert_weights(e, 64, 32, torch.float32)
+        ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+        weights = torch.rand(n, k)
+        out = tmoe.moe_experts_triton(hidden, gate_up, down, ids, weights)
+        assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights))
+    finally:
+        monkeypatch.delenv("LFM_KERNELS_MOE_CONFIGS")
+        tmoe._config_table.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops and bad input
+
+
+def test_opcheck():
+    hidden, gate_weight, bias = _router_inputs(5, 8, 40, torch.float32)
+    torch.library.opcheck(torch.ops.lfm_kernels.moe_route.default, (hidden, gate_weight, bias, 2, True, 1.0))
+    torch.library.opcheck(torch.ops.lfm_kernels.moe_route.default, (hidden, gate_weight, None, 3, False, 2.0))
+    gate_up, down = _expert_weights(8, 40, 24, torch.float32)
+    weights, ids = reference.moe_route(hidden, gate_weight, bias, 2)
+    torch.library.opcheck(torch.ops.lfm_kernels.moe_experts.default, (hidden, gate_up, down, ids, weights))
+
+
+def test_compiles():
+    hidden, gate_weight, bias = _router_inputs(6, 8, 40, torch.float32)
+    gate_up, down = _expert_weights(8, 40, 24, torch.float32)
+    fn = torch.compile(lfm_kernels.moe, fullgraph=True, backend="eager")
+    out = fn(hidden, gate_weight, bias, gate_up, down, 2)
+    assert_close(out, reference.moe(hidden, gate_weight, bias, gate_up, down, 2))
+
+
+def _bad_cases():
+    h = torch.randn(4, 16)
+    gw = torch.randn(8, 16)
+    b = torch.randn(8)
+    gu = torch.randn(8, 24, 16)
+    dn = torch.randn(8, 16, 12)
+    ids = torch.randint(0, 8, (4, 2))
+    w = torch.rand(4, 2)
+    r = lfm_kernels.moe_route
+    x = lfm_kernels.moe_experts
+    m = lfm_kernels.moe
+    return [
+        ("route-hidden-rank", lambda: r(h[0], gw, b, 2), ValueError, "hidden"),
+        ("route-hidden-type", lambda: r(h.numpy(), gw, b, 2), TypeError, "hidden"),
+        ("route-hidden-int", lambda: r(h.long(), gw, b, 2), TypeError, "hidden"),
+        ("route-gate-H", lambda: r(h, gw[:, :8], b, 2), ValueError, "gate_weight"),
+        ("route-bias-E", lambda: r(h, gw, b[:5], 2), ValueError, "expert_bias"),
+        ("route-topk-big", lambda: r(h, gw, b, 9), ValueError, "top_k"),
+        ("route-topk-zero", lambda: r(h, gw, b, 0), ValueError, "top_k"),
+        ("route-topk-float", lambda: r(h, gw, b, 2.0), TypeError, "top_k"),
+        ("experts-id-high", lambda: x(h, gu, dn, torch.full((4, 2), 8), w), ValueError, "topk_ids"),
+        ("experts-id-neg", lambda: x(h, gu, dn, torch.full((4, 2), -1), w), ValueError, "topk_ids"),
+        ("experts-id-float", lambda: x(h, gu, dn, ids.float(), w), TypeError, "topk_ids"),
+        ("experts-ids-N", lambda: x(h, gu, dn, ids[:3], w[:3]), ValueError, "topk_ids"),
+        ("experts-weights-shape", lambda: x(h, gu, dn, ids, w[:, :1]), ValueError, "topk_weights"),
+        ("experts-gu-H", lambda: x(h, gu[:, :, :8], dn, ids, w), ValueError, "gate_up_proj"),
+        ("experts-gu-odd", lambda: x(h, gu[:, :23], dn, ids, w), ValueError, "gate_up_proj"),
+        ("experts-gu-rank", lambda: x(h, gu[0], dn, ids, w), ValueError, "gate_up_proj"),
+        ("experts-dn-I", lambda: x(h, gu, dn[:, :, :6], ids, w), ValueError, "down_proj"),
+        ("experts-dn-E", lambda: x(h, gu, dn[:4], ids, w), ValueError, "down_proj"),
+        ("experts-dn-dtype", lambda: x(h, gu, dn.bfloat16(), ids, w), TypeError, "down_proj"),
+        ("block-E", lambda: m(h, gw[:4], b[:4], gu, dn, 2), ValueError, "gate_up_proj"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input(case):
+    _, fn, exc, name = case
+    with pytest.raises(exc, match=name):
+        fn()
+
+
+def test_zero_tokens():
+    h = torch.randn(0, 16)
+    w, ids = lfm_kernels.moe_route(h, torch.randn(8, 16), None, 2)
+    assert w.shape == (0, 2) and ids.shape == (0, 2)
+    out = lfm_kernels.moe_experts(h, torch.randn(8, 24, 16), torch.randn(8, 16, 12), ids, w)
+    assert out.shape == (0, 16)
+
+
+def test_rel_err_guard():
+    # the helper itself: NaN never passes
+    assert rel_err(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
+    assert TOL[torch.float32] == 1e-5
+
+
+def test_benchmark_cases_structure():
+    """The benchmark module builds its cases without allocating the 0.7 GB of weights up front."""
+    from lfm_kernels.benchmark import moe as bench
+
+    cases = bench.cases("cpu", quick=True)
+    names = {(c.name, c.dtype) for c in cases}
+    assert len(names) == len(cases) == 6
+    decode = next(c for c in cases if c.name.startswith("decode") and c.dtype == torch.bfloat16)
+    assert decode.bytes_moved >= 4 * 3 * 2048 * 1792 * 2  # the 4 active experts' weights
+    assert "hf_eager" in decode.baselines or pytest.importorskip("transformers") is None
