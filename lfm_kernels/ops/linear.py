@@ -1,9 +1,84 @@
-"""CPU linear (placeholder: torch's linear until the kernel lands)."""
+"""Linear layer for the CPU: out = x @ weight.T (+ bias) with bf16 or fp32 weights.
+
+PyTorch's CPU `linear` streams a one-token bf16 GEMV near the memory bandwidth, but its many-row bf16
+GEMM is several times slower than the same GEMM on fp32 weights, which makes prefill slow. The C++
+kernel (csrc/linear.cpp) streams the weight once for a few rows (decode) and, for many rows
+(prefill), packs fp32 panels of the weight into L2 and reuses them across all rows through a
+register-blocked micro-kernel, so bf16 weights run at fp32-GEMM speed.
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
+from .. import _backend
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
-def linear(x, weight, bias=None):
+_WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's own linear, with weight and bias cast to x's dtype when they differ (F.linear needs one dtype)."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+@torch.library.custom_op("lfm_kernels::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.device.type == "cpu" and _backend.cpu_extension_available():
+        return torch.ops.lfm_kernels_cpu.linear(x, weight, bias)
+    # CUDA: cuBLAS behind F.linear already runs bf16 GEMMs and GEMVs at the hardware's speed, so there
+    # is no Triton kernel for this op. CPU without the extension: the same, after the one warning.
+    return _torch_linear(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out = x @ weight.T (+ bias), like torch.nn.functional.linear, fast on the CPU.
+
+    Args:
+        x: [..., K] float32 / bfloat16 / float16; any leading dimensions (flattened to M rows).
+            Any row stride is used as is; a last dimension that is not contiguous is copied.
+        weight: [N, K] bfloat16 / float32 / float16 (pass it contiguous: a non-contiguous weight is
+            copied on every call). Its dtype may differ from x's (e.g. fp32 activations on bf16 weights).
+        bias: optional [N], any float dtype.
+    Returns:
+        [..., N] in x's dtype. Products and sums are float32 (bf16 weights are widened exactly).
+
+    On the CPU the compiled kernel runs: for M <= 4 rows it streams the weight once near the memory
+    bandwidth; for more rows it is a blocked GEMM that runs bf16 weights as fast as fp32 ones. On CUDA
+    this is torch's F.linear (cuBLAS is already the right kernel there), with weight and bias cast to
+    x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension [..., K], got a 0-d tensor")
+    check_tensor("weight", weight, ndim=2, dtypes=_WEIGHT_DTYPES, shape_hint="[N, K]")
+    k = x.shape[-1]
+    if weight.shape[1] != k:
+        raise ValueError(
+            f"weight must have shape [N, K={k}] (K = x's last dimension), got {tuple(weight.shape)}"
+        )
+    n = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape_hint=f"[N={n}]")
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must have shape [N={n}] (N = weight's first dimension), got {tuple(bias.shape)}")
+    check_same_device("x", x, weight=weight, bias=bias)
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.dim() == 2 and k > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    out = _linear_op(x2, weight, bias)
+    return out.reshape(*lead, n)
