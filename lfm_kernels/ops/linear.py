@@ -75,7 +75,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     check_same_device("x", x, weight=weight, bias=bias)
 
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(lead.numel(), k)
     if x2.dim() == 2 and k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     if not weight.is_contiguous():
