@@ -145,28 +145,28 @@ void pack_x16(const TX* src, float* dst, int64_t K) {
   for (int64_t k = kv; k < K; ++k) dst[k] = to_f32(src[k]);
 }
 
-// R weight rows x M x rows: R*M*... accumulators, 2 per (row, x row) pair (the even / odd halves).
+// R weight rows against M x rows; one accumulator per (weight row, x row). Each step loads 16
+// elements of all R rows first, then streams the x rows past them, so the registers hold R*M
+// accumulators + 2R weight vectors + 2 x vectors (<= 16: nothing is spilled to the stack). No
+// software prefetch: the hardware prefetcher follows these few sequential streams (prefetching
+// 0.5-2 KiB ahead gave no consistent gain here).
 template <typename TW, int M, int R>
 inline void gemv_rows(const TW* w, int64_t K, const float* xf, float* res /* [R][M] */) {
+  static_assert(R * M + 2 * R + 2 <= 16, "gemv_rows would spill registers");
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   const int64_t kv = K & ~int64_t(15);
   for (int64_t k = 0; k < kv; k += 16) {
-    __m256 x0[M], x1[M];
-    for (int m = 0; m < M; ++m) {
-      x0[m] = _mm256_loadu_ps(xf + m * K + k);
-      x1[m] = _mm256_loadu_ps(xf + m * K + k + 8);
-    }
+    __m256 w0[R], w1[R];
     for (int r = 0; r < R; ++r) {
-      // prefetch ~1 KiB ahead in each weight row: R independent streams are more than the
-      // hardware prefetcher tracks comfortably
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + 1024, _MM_HINT_T0);
-      __m256 w0, w1;
-      WLoad<TW>::load16(w + r * K + k, w0, w1);
-      for (int m = 0; m < M; ++m) {
-        acc[r][m] = _mm256_fmadd_ps(w0, x0[m], acc[r][m]);
-        acc[r][m] = _mm256_fmadd_ps(w1, x1[m], acc[r][m]);
+      WLoad<TW>::load16(w + r * K + k, w0[r], w1[r]);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 x0 = _mm256_loadu_ps(xf + m * K + k), x1 = _mm256_loadu_ps(xf + m * K + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[r][m] = _mm256_fmadd_ps(w0[r], x0, acc[r][m]);
+        acc[r][m] = _mm256_fmadd_ps(w1[r], x1, acc[r][m]);
       }
     }
   }
@@ -180,8 +180,8 @@ inline void gemv_rows(const TW* w, int64_t K, const float* xf, float* res /* [R]
 
 template <typename TX, typename TW, int M>
 void gemv_avx2(const LinearArgs& a) {
-  // fewer rows per iteration as M grows: R*M accumulators + M*2 x vectors + 2 weight vectors <= 16
-  constexpr int R = M == 1 ? 6 : M == 2 ? 4 : M == 3 ? 3 : 2;
+  // weight rows per step: as many as the registers allow (see gemv_rows)
+  constexpr int R = M == 1 ? 4 : M == 2 ? 3 : 2;
   const TX* x = static_cast<const TX*>(a.x);
   const TW* w = static_cast<const TW*>(a.w);
   TX* out = static_cast<TX*>(a.out);
