@@ -194,3 +194,16 @@ def test_cuda_uses_torch():
     x = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
     assert_close(linear(x, w), _ref(x, w), torch.bfloat16)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 1000, 777), (4, 37, 100), (13, 129, 263)], ids=_ids)
+def test_fp16_weight(shape):
+    """float16 weights are accepted too (widened with F16C in the fast path)."""
+    m, n, k = shape
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    w = (torch.randn(n, k) / k**0.5).half()
+    b = torch.randn(n, dtype=torch.float16)
+    assert_close(linear(x, w, b), _ref(x, w, b), torch.bfloat16)
+    with _backend.force_portable_cpu():
+        assert_close(linear(x.float(), w), _ref(x.float(), w), torch.float32)
