@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from conftest import TOL, assert_close, dtype_id, rel_err
 from lfm_kernels import _backend
+from lfm_kernels.ops import linear as linear_mod
 from lfm_kernels.ops.linear import linear
 
 HAS_EXT = _backend._C is not None
@@ -29,6 +30,12 @@ SHAPES = [
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 WDTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def _always_kernel(monkeypatch):
+    """These tests check the C++ kernel, so bf16 GEMMs must not be handed to torch's oneDNN."""
+    monkeypatch.setattr(linear_mod, "POLICY", "kernel")
 
 
 def _ref(x, w, b=None):
@@ -207,3 +214,20 @@ def test_fp16_weight(shape):
     assert_close(linear(x, w, b), _ref(x, w, b), torch.bfloat16)
     with _backend.force_portable_cpu():
         assert_close(linear(x.float(), w), _ref(x.float(), w), torch.float32)
+
+
+@pytest.mark.parametrize("m", [4, 16, 40])
+def test_auto_policy(monkeypatch, m):
+    """Default policy: bf16 x bf16 with >= 16 rows goes to torch's GEMM only where the CPU has native bf16
+    dot products; either way the answer is right."""
+    monkeypatch.setattr(linear_mod, "POLICY", "auto")
+    x = torch.randn(m, 200, dtype=torch.bfloat16)
+    w = torch.randn(50, 200, dtype=torch.bfloat16) / 200**0.5
+    b = torch.randn(50)
+    out = linear(x, w, b)
+    assert_close(out, _ref(x, w, b), torch.bfloat16)
+    routed = m >= linear_mod.TORCH_GEMM_MIN_ROWS and linear_mod.cpu_has_native_bf16_gemm()
+    assert linear_mod._use_torch_gemm(x, w) == routed
+    if routed:
+        assert torch.equal(out, F.linear(x, w, b.bfloat16()))
+    assert not linear_mod._use_torch_gemm(x.float(), w)  # fp32 activations always take the kernel

@@ -2,8 +2,10 @@
 
 M = 1 is a decode step (bandwidth bound: bytes_moved is the weight plus x and out); M = 128 / 512 are
 prefill chunks (compute bound: flops = 2*M*N*K). Baselines: torch's F.linear on the same weights
-("torch_bf16" for bf16 weights) and on fp32 copies ("torch_fp32"). CPU only: on CUDA the op is
-torch's own F.linear, so there is nothing to compare.
+("torch_bf16" for bf16 weights) and on fp32 copies ("torch_fp32"), and "cpp_kernel", the C++ kernel
+called directly: `linear` itself hands bf16 GEMMs of >= 16 rows to torch on CPUs with AVX512-BF16 /
+AMX (see ops/linear.py), where "cpp_kernel" still shows what the kernel does. CPU only: on CUDA the op
+is torch's own F.linear, so there is nothing to compare.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from ..ops import linear as linear_mod
 from ..ops.linear import linear
 from .core import Case
 
@@ -49,6 +52,10 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                 baselines = {"torch_fp32": lambda i: F.linear(i["x"].float(), i["weight_fp32"])}
                 if w_dtype == torch.bfloat16:
                     baselines = {"torch_bf16": lambda i: F.linear(i["x"], i["weight"]), **baselines}
+                if _backend._C is not None:
+                    baselines["cpp_kernel"] = lambda i: torch.ops.lfm_kernels_cpu.linear(i["x"], i["weight"], None)
+                x_probe = torch.empty(m, k, dtype=torch.bfloat16)
+                backend = "torch-onednn" if linear_mod._use_torch_gemm(x_probe, torch.empty(0, dtype=w_dtype)) else ""
                 out.append(
                     Case(
                         op="linear",
@@ -61,7 +68,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                         bytes_moved=n * k * wsize + m * (k + n) * 2,
                         flops=2 * m * n * k,
                         compute_bound=m > 1,
-                        backend=_backend.backend_for(torch.empty(0, device=device)),
+                        backend=backend or _backend.backend_for(torch.empty(0, device=device)),
                     )
                 )
     return out

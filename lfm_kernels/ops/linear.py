@@ -5,9 +5,17 @@ GEMM is several times slower than the same GEMM on fp32 weights, which makes pre
 kernel (csrc/linear.cpp) streams the weight once for a few rows (decode) and, for many rows
 (prefill), packs fp32 panels of the weight into L2 and reuses them across all rows through a
 register-blocked micro-kernel, so bf16 weights run at fp32-GEMM speed.
+
+One exception, chosen at run time: on CPUs with native bf16 dot-product instructions (AVX512-BF16 or
+AMX), torch's oneDNN bf16 GEMM does twice the work per instruction that an AVX2 fp32 kernel can, so
+for bf16 x and bf16 weights with at least `TORCH_GEMM_MIN_ROWS` rows `linear` calls F.linear there.
+Set LFM_KERNELS_LINEAR=kernel (or `ops.linear.POLICY = "kernel"`) to always run the C++ kernel.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +24,34 @@ from .. import _backend
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+
+# "auto": hand bf16 x bf16 GEMMs of >= TORCH_GEMM_MIN_ROWS rows to torch where the CPU has native bf16
+# dot products (see the module docstring); "kernel": always the C++ kernel on the CPU.
+POLICY = os.environ.get("LFM_KERNELS_LINEAR", "auto")
+# Below this, both are bound by reading the weight and the C++ kernel is as fast (M = 1..8 measured).
+TORCH_GEMM_MIN_ROWS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16_gemm() -> bool:
+    """True when torch's oneDNN runs bf16 GEMMs with AVX512-BF16 or AMX instructions on this CPU (and
+    ONEDNN_MAX_CPU_ISA does not forbid them). Without them its bf16 GEMM is several times slower than
+    the C++ kernel."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - private APIs: any failure means "don't rely on it"
+        return False
+
+
+def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        POLICY == "auto"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.shape[0] >= TORCH_GEMM_MIN_ROWS
+        and cpu_has_native_bf16_gemm()
+    )
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -29,10 +65,11 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 @torch.library.custom_op("lfm_kernels::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.device.type == "cpu" and _backend.cpu_extension_available():
+    if x.device.type == "cpu" and not _use_torch_gemm(x, weight) and _backend.cpu_extension_available():
         return torch.ops.lfm_kernels_cpu.linear(x, weight, bias)
     # CUDA: cuBLAS behind F.linear already runs bf16 GEMMs and GEMVs at the hardware's speed, so there
-    # is no Triton kernel for this op. CPU without the extension: the same, after the one warning.
+    # is no Triton kernel for this op. CPU with native bf16 GEMM instructions (bf16 x bf16, many rows):
+    # oneDNN's GEMM is the faster one. CPU without the extension: F.linear after the one warning.
     return _torch_linear(x, weight, bias)
 
 
@@ -54,7 +91,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         [..., N] in x's dtype. Products and sums are float32 (bf16 weights are widened exactly).
 
     On the CPU the compiled kernel runs: for M <= 4 rows it streams the weight once near the memory
-    bandwidth; for more rows it is a blocked GEMM that runs bf16 weights as fast as fp32 ones. On CUDA
+    bandwidth; for more rows it is a blocked GEMM that runs bf16 weights as fast as fp32 ones (except
+    bf16 x bf16 with >= 16 rows on CPUs with AVX512-BF16/AMX, where torch's GEMM is faster and runs;
+    see the module docstring). On CUDA
     this is torch's F.linear (cuBLAS is already the right kernel there), with weight and bias cast to
     x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
     """
