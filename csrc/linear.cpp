@@ -209,17 +209,17 @@ inline void gemv_rows(const TW* w, int64_t K, const float* xf, float* res /* [R]
     }
 }
 
-// One weight row read as a single sequential stream, 64 elements per step into 4 independent
-// accumulators per x row (M <= 2): the hardware prefetcher sees one clean stream per thread.
-template <typename TW, int M>
+// One weight row read as a single sequential stream, 16*U elements per step into U independent
+// accumulators per x row: the hardware prefetcher sees one clean stream per thread.
+template <typename TW, int M, int U>
 inline void gemv_row_wide(const TW* w, int64_t K, const float* xf, float* res) {
-  static_assert(M <= 2, "4*M accumulators + 2 weight vectors must fit the 16 registers");
-  __m256 acc[4][M];
-  for (int u = 0; u < 4; ++u)
+  static_assert(U * M + 4 <= 16, "U*M accumulators + 2 weight + 2 x vectors must fit the 16 registers");
+  __m256 acc[U][M];
+  for (int u = 0; u < U; ++u)
     for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
-  const int64_t kv64 = K & ~int64_t(63);
-  for (int64_t k = 0; k < kv64; k += 64) {
-    for (int u = 0; u < 4; ++u) {
+  const int64_t kvu = K - K % (16 * U);
+  for (int64_t k = 0; k < kvu; k += 16 * U) {
+    for (int u = 0; u < U; ++u) {
       __m256 w0, w1;
       WLoad<TW>::load16(w + k + 16 * u, w0, w1);
       for (int m = 0; m < M; ++m) {
@@ -229,7 +229,7 @@ inline void gemv_row_wide(const TW* w, int64_t K, const float* xf, float* res) {
     }
   }
   const int64_t kv = K & ~int64_t(15);
-  for (int64_t k = kv64; k < kv; k += 16) {
+  for (int64_t k = kvu; k < kv; k += 16) {
     __m256 w0, w1;
     WLoad<TW>::load16(w + k, w0, w1);
     for (int m = 0; m < M; ++m) {
@@ -238,7 +238,9 @@ inline void gemv_row_wide(const TW* w, int64_t K, const float* xf, float* res) {
     }
   }
   for (int m = 0; m < M; ++m) {
-    float s = avx2::hsum(_mm256_add_ps(_mm256_add_ps(acc[0][m], acc[1][m]), _mm256_add_ps(acc[2][m], acc[3][m])));
+    __m256 sum = acc[0][m];
+    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][m]);
+    float s = avx2::hsum(sum);
     for (int64_t k = kv; k < K; ++k) s += to_f32(w[k]) * xf[m * K + k];
     res[m] = s;
   }
@@ -247,7 +249,8 @@ inline void gemv_row_wide(const TW* w, int64_t K, const float* xf, float* res) {
 template <typename TX, typename TW, int M>
 void gemv_avx2(const LinearArgs& a) {
   // M <= 2: one sequential stream per row (gemv_row_wide; measured ~1.5x the 4-interleaved-rows
-  // variant for M = 1). M = 3, 4: gemv_rows, R rows at a time, as many as the registers allow.
+  // variant for M = 1). M = 3, 4: gemv_rows with R = 2 rows at a time (measured faster there than a
+  // single stream with 2 accumulators per x row: more independent loads per FMA).
   constexpr bool kWide = M <= 2;
   constexpr int R = kWide ? 1 : 2;
   const TX* x = static_cast<const TX*>(a.x);
@@ -274,7 +277,7 @@ void gemv_avx2(const LinearArgs& a) {
       int64_t n = t * rows_per_task;
       if constexpr (kWide) {
         for (; n < n_end; ++n) {
-          gemv_row_wide<TW, M>(w + n * K, K, xf.p, res);
+          gemv_row_wide<TW, M, 4>(w + n * K, K, xf.p, res);
           finish(n, res, 1);
         }
       } else {
