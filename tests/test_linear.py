@@ -216,9 +216,9 @@ def test_fp16_weight(shape):
         assert_close(linear(x.float(), w), _ref(x.float(), w), torch.float32)
 
 
-@pytest.mark.parametrize("m", [4, 16, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 40])
 def test_auto_policy(monkeypatch, m):
-    """Default policy: bf16 x bf16 with >= 16 rows goes to torch's GEMM only where the CPU has native bf16
+    """Default policy: bf16 x bf16 with >= TORCH_GEMM_MIN_ROWS rows goes to torch's GEMM only where the CPU has native bf16
     dot products; either way the answer is right."""
     monkeypatch.setattr(linear_mod, "POLICY", "auto")
     x = torch.randn(m, 200, dtype=torch.bfloat16)

@@ -3,7 +3,7 @@
 M = 1 is a decode step (bandwidth bound: bytes_moved is the weight plus x and out); M = 128 / 512 are
 prefill chunks (compute bound: flops = 2*M*N*K). Baselines: torch's F.linear on the same weights
 ("torch_bf16" for bf16 weights) and on fp32 copies ("torch_fp32"), and "cpp_kernel", the C++ kernel
-called directly: `linear` itself hands bf16 GEMMs of >= 16 rows to torch on CPUs with AVX512-BF16 /
+called directly: `linear` itself hands bf16 x bf16 products of >= 3 rows to torch on CPUs with AVX512-BF16 /
 AMX (see ops/linear.py), where "cpp_kernel" still shows what the kernel does. CPU only: on CUDA the op
 is torch's own F.linear, so there is nothing to compare.
 """

@@ -28,8 +28,10 @@ _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 # "auto": hand bf16 x bf16 GEMMs of >= TORCH_GEMM_MIN_ROWS rows to torch where the CPU has native bf16
 # dot products (see the module docstring); "kernel": always the C++ kernel on the CPU.
 POLICY = os.environ.get("LFM_KERNELS_LINEAR", "auto")
-# Below this, both are bound by reading the weight and the C++ kernel is as fast (M = 1..8 measured).
-TORCH_GEMM_MIN_ROWS = 16
+# Measured on an AVX512-BF16 CPU (Zen 4, one thread, per CPU-second): for M = 1, 2 the C++ GEMV is as
+# fast or faster (64 vs 48 GFLOP/s at M = 2, N = K = 2048; ~1.4x on the 128k-row lm_head at M = 1);
+# from M = 3 torch's bf16 GEMM is faster (1.2-1.5x at M = 3, 4; ~2x from M = 5 to 512).
+TORCH_GEMM_MIN_ROWS = 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,7 +94,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     On the CPU the compiled kernel runs: for M <= 4 rows it streams the weight once near the memory
     bandwidth; for more rows it is a blocked GEMM that runs bf16 weights as fast as fp32 ones (except
-    bf16 x bf16 with >= 16 rows on CPUs with AVX512-BF16/AMX, where torch's GEMM is faster and runs;
+    bf16 x bf16 with >= 3 rows on CPUs with AVX512-BF16/AMX, where torch's GEMM is faster and runs;
     see the module docstring). On CUDA
     this is torch's F.linear (cuBLAS is already the right kernel there), with weight and bias cast to
     x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
