@@ -25,8 +25,8 @@ namespace {
 constexpr int64_t kGemvMaxRows = 4;
 constexpr int kMr = 6;          // micro-kernel rows of x
 constexpr int kNr = 16;         // micro-kernel output columns (two AVX2 vectors)
-constexpr int64_t kNc = 128;    // weight rows per packed panel: kNc*kKc*4 B = 128 KiB, in L2
-constexpr int64_t kKc = 256;    // K per panel: a 6 x kKc x panel (6 KiB) stays in L1
+constexpr int64_t kNc = 128;    // weight rows per packed panel: kNc*kKc*4 B = 256 KiB, in L2
+constexpr int64_t kKc = 512;    // K per panel: a 6 x kKc x panel (12 KiB) stays in L1
 
 struct LinearArgs {
   const void* x;
