@@ -2,15 +2,16 @@
 //
 // Two regimes, because the bottleneck differs:
 //  * Few rows (decode, M <= kGemvMaxRows): the weight is read once and every element is used only
-//    M times, so the op is a stream over the weight at memory bandwidth. Each iteration loads
-//    several weight rows with independent fp32 accumulators (enough loads in flight to cover the
-//    memory latency), widens bf16 to fp32 with shifts in registers, and applies every x row to each
-//    loaded weight vector. Threads split the output columns N.
+//    M times, so the op is a stream over the weight at memory bandwidth. Weight vectors are widened
+//    from bf16 to fp32 with a shift / mask in registers (x is stored permuted to match) and every x
+//    row is applied to each loaded vector, into several independent fp32 accumulators. Threads
+//    claim blocks of output columns N from a shared counter.
 //  * Many rows (prefill): compute bound. A BLIS-style blocked GEMM: a panel of kNc weight rows x kKc
 //    columns is converted to fp32 and packed (transposed to [k][16]) once into an L2-sized buffer,
 //    then reused by every 6-row block of x through a 6x16 register-blocked micro-kernel (12 fp32
 //    accumulators, 2 weight vectors and one broadcast per k). bf16 weights therefore cost the same
-//    as fp32 ones in the inner loop. Threads split N (and M when N has too few panels).
+//    as fp32 ones in the inner loop. Threads claim (panel of N) x (block of M) tasks; M is split only
+//    when N has too few panels.
 #include "common.h"
 
 #include <algorithm>
