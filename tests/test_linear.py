@@ -218,8 +218,8 @@ def test_fp16_weight(shape):
 
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 40])
 def test_auto_policy(monkeypatch, m):
-    """Default policy: bf16 x bf16 with >= TORCH_GEMM_MIN_ROWS rows goes to torch's GEMM only where the CPU has native bf16
-    dot products; either way the answer is right."""
+    """Default policy: bf16 x bf16 with >= TORCH_GEMM_MIN_ROWS rows goes to torch's GEMM only where the
+    CPU has native bf16 dot products; either way the answer is right."""
     monkeypatch.setattr(linear_mod, "POLICY", "auto")
     x = torch.randn(m, 200, dtype=torch.bfloat16)
     w = torch.randn(50, 200, dtype=torch.bfloat16) / 200**0.5

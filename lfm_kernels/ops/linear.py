@@ -1,7 +1,7 @@
 """Linear layer for the CPU: out = x @ weight.T (+ bias) with bf16 or fp32 weights.
 
-PyTorch's CPU `linear` streams a one-token bf16 GEMV near the memory bandwidth, but its many-row bf16
-GEMM is several times slower than the same GEMM on fp32 weights, which makes prefill slow. The C++
+On CPUs without native bf16 instructions (AVX2-only), PyTorch's many-row bf16 GEMM is several times
+slower than the same GEMM on fp32 weights (~20 GFLOP/s on 2 cores), which makes prefill slow. The C++
 kernel (csrc/linear.cpp) streams the weight once for a few rows (decode) and, for many rows
 (prefill), packs fp32 panels of the weight into L2 and reuses them across all rows through a
 register-blocked micro-kernel, so bf16 weights run at fp32-GEMM speed.
@@ -9,7 +9,8 @@ register-blocked micro-kernel, so bf16 weights run at fp32-GEMM speed.
 One exception, chosen at run time: on CPUs with native bf16 dot-product instructions (AVX512-BF16 or
 AMX), torch's oneDNN bf16 GEMM does twice the work per instruction that an AVX2 fp32 kernel can, so
 for bf16 x and bf16 weights with at least `TORCH_GEMM_MIN_ROWS` rows `linear` calls F.linear there.
-Set LFM_KERNELS_LINEAR=kernel (or `ops.linear.POLICY = "kernel"`) to always run the C++ kernel.
+(A bias then is added in bf16, as F.linear does.) Set LFM_KERNELS_LINEAR=kernel (or
+`lfm_kernels.ops.linear.POLICY = "kernel"`) to always run the C++ kernel.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 # dot products (see the module docstring); "kernel": always the C++ kernel on the CPU.
 POLICY = os.environ.get("LFM_KERNELS_LINEAR", "auto")
 # Measured on an AVX512-BF16 CPU (Zen 4, one thread, per CPU-second): for M = 1, 2 the C++ GEMV is as
-# fast or faster (64 vs 48 GFLOP/s at M = 2, N = K = 2048; ~1.4x on the 128k-row lm_head at M = 1);
+# fast or faster (64 vs 48 GFLOP/s at M = 2, N = K = 2048; ~2x on the 128k-row lm_head at M = 1);
 # from M = 3 torch's bf16 GEMM is faster (1.2-1.5x at M = 3, 4; ~2x from M = 5 to 512).
 TORCH_GEMM_MIN_ROWS = 3
 
@@ -101,7 +102,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
     if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension [..., K], got a 0-d tensor")
+        raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")
     check_tensor("weight", weight, ndim=2, dtypes=_WEIGHT_DTYPES, shape_hint="[N, K]")
     k = x.shape[-1]
     if weight.shape[1] != k:
