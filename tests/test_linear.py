@@ -231,3 +231,17 @@ def test_auto_policy(monkeypatch, m):
     if routed:
         assert torch.equal(out, F.linear(x, w, b.bfloat16()))
     assert not linear_mod._use_torch_gemm(x.float(), w)  # fp32 activations always take the kernel
+
+
+@needs_ext
+@pytest.mark.parametrize("m", [1, 3, 70])
+def test_single_thread(m):
+    """One thread: the workers run inline (no parallel region) and still cover every task."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(m, 333)
+        w = torch.randn(515, 333, dtype=torch.bfloat16) / 333**0.5
+        assert_close(linear(x, w), _ref(x, w), torch.float32)
+    finally:
+        torch.set_num_threads(prev)
