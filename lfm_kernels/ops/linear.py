@@ -1,9 +1,126 @@
-"""CPU linear (placeholder: torch's linear until the kernel lands)."""
+"""Linear layer for the CPU: out = x @ weight.T (+ bias) with bf16 or fp32 weights.
+
+On CPUs without native bf16 instructions (AVX2-only), PyTorch's many-row bf16 GEMM is several times
+slower than the same GEMM on fp32 weights (~20 GFLOP/s on 2 cores), which makes prefill slow. The C++
+kernel (csrc/linear.cpp) streams the weight once for a few rows (decode) and, for many rows
+(prefill), packs fp32 panels of the weight into L2 and reuses them across all rows through a
+register-blocked micro-kernel, so bf16 weights run at fp32-GEMM speed.
+
+One exception, chosen at run time: on CPUs with native bf16 dot-product instructions (AVX512-BF16 or
+AMX), torch's oneDNN bf16 GEMM does twice the work per instruction that an AVX2 fp32 kernel can, so
+for bf16 x and bf16 weights with at least `TORCH_GEMM_MIN_ROWS` rows `linear` calls F.linear there.
+(A bias then is added in bf16, as F.linear does.) Set LFM_KERNELS_LINEAR=kernel (or
+`lfm_kernels.ops.linear.POLICY = "kernel"`) to always run the C++ kernel.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+
+import torch
 import torch.nn.functional as F
 
+from .. import _backend
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
-def linear(x, weight, bias=None):
+_WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+
+# "auto": hand bf16 x bf16 GEMMs of >= TORCH_GEMM_MIN_ROWS rows to torch where the CPU has native bf16
+# dot products (see the module docstring); "kernel": always the C++ kernel on the CPU.
+POLICY = os.environ.get("LFM_KERNELS_LINEAR", "auto")
+# Measured on an AVX512-BF16 CPU (Zen 4, one thread, per CPU-second): for M = 1, 2 the C++ GEMV is as
+# fast or faster (64 vs 48 GFLOP/s at M = 2, N = K = 2048; ~2x on the 128k-row lm_head at M = 1);
+# from M = 3 torch's bf16 GEMM is faster (1.2-1.5x at M = 3, 4; ~2x from M = 5 to 512).
+TORCH_GEMM_MIN_ROWS = 3
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16_gemm() -> bool:
+    """True when torch's oneDNN runs bf16 GEMMs with AVX512-BF16 or AMX instructions on this CPU (and
+    ONEDNN_MAX_CPU_ISA does not forbid them). Without them its bf16 GEMM is several times slower than
+    the C++ kernel."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - private APIs: any failure means "don't rely on it"
+        return False
+
+
+def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        POLICY == "auto"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.shape[0] >= TORCH_GEMM_MIN_ROWS
+        and cpu_has_native_bf16_gemm()
+    )
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's own linear, with weight and bias cast to x's dtype when they differ (F.linear needs one dtype)."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+@torch.library.custom_op("lfm_kernels::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.device.type == "cpu" and not _use_torch_gemm(x, weight) and _backend.cpu_extension_available():
+        return torch.ops.lfm_kernels_cpu.linear(x, weight, bias)
+    # CUDA: cuBLAS behind F.linear already runs bf16 GEMMs and GEMVs at the hardware's speed, so there
+    # is no Triton kernel for this op. CPU with native bf16 GEMM instructions (bf16 x bf16, many rows):
+    # oneDNN's GEMM is the faster one. CPU without the extension: F.linear after the one warning.
+    return _torch_linear(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out = x @ weight.T (+ bias), like torch.nn.functional.linear, fast on the CPU.
+
+    Args:
+        x: [..., K] float32 / bfloat16 / float16; any leading dimensions (flattened to M rows).
+            Any row stride is used as is; a last dimension that is not contiguous is copied.
+        weight: [N, K] bfloat16 / float32 / float16 (pass it contiguous: a non-contiguous weight is
+            copied on every call). Its dtype may differ from x's (e.g. fp32 activations on bf16 weights).
+        bias: optional [N], any float dtype.
+    Returns:
+        [..., N] in x's dtype. Products and sums are float32 (bf16 weights are widened exactly).
+
+    On the CPU the compiled kernel runs: for M <= 4 rows it streams the weight once near the memory
+    bandwidth; for more rows it is a blocked GEMM that runs bf16 weights as fast as fp32 ones (except
+    bf16 x bf16 with >= 3 rows on CPUs with AVX512-BF16/AMX, where torch's GEMM is faster and runs;
+    see the module docstring). On CUDA
+    this is torch's F.linear (cuBLAS is already the right kernel there), with weight and bias cast to
+    x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")
+    check_tensor("weight", weight, ndim=2, dtypes=_WEIGHT_DTYPES, shape_hint="[N, K]")
+    k = x.shape[-1]
+    if weight.shape[1] != k:
+        raise ValueError(
+            f"weight must have shape [N, K={k}] (K = x's last dimension), got {tuple(weight.shape)}"
+        )
+    n = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape_hint=f"[N={n}]")
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must have shape [N={n}] (N = weight's first dimension), got {tuple(bias.shape)}")
+    check_same_device("x", x, weight=weight, bias=bias)
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(lead.numel(), k)
+    if x2.dim() == 2 and k > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    out = _linear_op(x2, weight, bias)
+    return out.reshape(*lead, n)

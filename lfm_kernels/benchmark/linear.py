@@ -1,0 +1,74 @@
+"""Benchmark cases for the CPU linear at LFM2.5-8B-A1B's projection shapes (hidden 2048).
+
+M = 1 is a decode step (bandwidth bound: bytes_moved is the weight plus x and out); M = 128 / 512 are
+prefill chunks (compute bound: flops = 2*M*N*K). Baselines: torch's F.linear on the same weights
+("torch_bf16" for bf16 weights) and on fp32 copies ("torch_fp32"), and "cpp_kernel", the C++ kernel
+called directly: `linear` itself hands bf16 x bf16 products of >= 3 rows to torch on CPUs with AVX512-BF16 /
+AMX (see ops/linear.py), where "cpp_kernel" still shows what the kernel does. CPU only: on CUDA the op
+is torch's own F.linear, so there is nothing to compare.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ..ops import linear as linear_mod
+from ..ops.linear import linear
+from .core import Case
+
+HIDDEN = 2048
+# (name, N, K): the projections a token goes through in LFM2.5-8B-A1B
+SHAPES = [
+    ("in_proj", 3 * HIDDEN, HIDDEN),  # short conv in_proj (B, C, x)
+    ("out_proj", HIDDEN, HIDDEN),  # short conv / attention out_proj
+    ("ffn_up", 7168, HIDDEN),  # dense layers 0-1: w1 / w3
+    ("ffn_down", HIDDEN, 7168),  # dense layers 0-1: w2
+    ("lm_head", 128000, HIDDEN),  # decode only (prefill needs just the last position's logits)
+]
+
+
+def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
+    if not device.startswith("cpu"):
+        return []
+    rows = [1, 128] if quick else [1, 128, 512]
+    shapes = SHAPES[:2] if quick else SHAPES
+    out = []
+    for w_dtype in (torch.bfloat16, torch.float32):
+        for name, n, k in shapes:
+            for m in rows:
+                if name == "lm_head" and m > 1:
+                    continue
+
+                def make(m=m, n=n, k=k, w_dtype=w_dtype):
+                    w = (torch.randn(n, k) / k**0.5).to(w_dtype)
+                    inp = {"x": torch.randn(m, k, dtype=torch.bfloat16), "weight": w}
+                    # the fp32 baseline's weight copy is made here, outside the timed region
+                    inp["weight_fp32"] = w if w_dtype == torch.float32 else w.float()
+                    return inp
+
+                wsize = torch.finfo(w_dtype).bits // 8
+                baselines = {"torch_fp32": lambda i: F.linear(i["x"].float(), i["weight_fp32"])}
+                if w_dtype == torch.bfloat16:
+                    baselines = {"torch_bf16": lambda i: F.linear(i["x"], i["weight"]), **baselines}
+                if _backend._C is not None:
+                    baselines["cpp_kernel"] = lambda i: torch.ops.lfm_kernels_cpu.linear(i["x"], i["weight"], None)
+                x_probe = torch.empty(m, k, dtype=torch.bfloat16)
+                backend = "torch-onednn" if linear_mod._use_torch_gemm(x_probe, torch.empty(0, dtype=w_dtype)) else ""
+                out.append(
+                    Case(
+                        op="linear",
+                        name=f"{name}-M{m}-N{n}-K{k}-w{'bf16' if w_dtype == torch.bfloat16 else 'fp32'}",
+                        dtype=w_dtype,
+                        device=device,
+                        make_inputs=make,
+                        kernel=lambda i: linear(i["x"], i["weight"]),
+                        baselines=baselines,
+                        bytes_moved=n * k * wsize + m * (k + n) * 2,
+                        flops=2 * m * n * k,
+                        compute_bound=m > 1,
+                        backend=backend or _backend.backend_for(torch.empty(0, device=device)),
+                    )
+                )
+    return out
