@@ -457,3 +457,46 @@ def test_mixed_good_and_bad_calls_and_unterminated_block():
     assert r.tool_calls == [ToolCall("good", {"a": 1})] and len(r.errors) == 1 and "'b'" in r.errors[0]
     r = parse_tool_calls('text <|tool_call_start|>[f(a=1)]')
     assert r.tool_calls == [] and "unterminated" in r.errors[0] and r.text == "text"
+
+
+def test_bf16_no_worse_than_transformers_bf16(tmp_path):
+    """bf16 logits (fp32 accumulation in our ops) are at least as close to the fp32 truth as
+    transformers' own bf16 eager logits are."""
+    hf = _hf_model(_moe_config(initializer_range=0.02, hidden_size=128, moe_intermediate_size=64,
+                               intermediate_size=192, vocab_size=300))
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, 300, (2, 21))
+    truth = _hf_logits(hf, ids)
+    hf16 = transformers.Lfm2MoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager",
+                                                            experts_implementation="eager")
+    ours = from_pretrained(tmp_path, dtype="bfloat16", progress=False)
+    assert ours.weights.layers[2].expert_bias.dtype == torch.float32
+    assert rel_err(ours.forward(ids), truth) <= rel_err(_hf_logits(hf16, ids), truth)
+
+
+def _word_tokenizer(path, vocab_size):
+    """A word-level tokenizer.json whose first ids are LFM2's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                "<|tool_call_start|>", "<|tool_call_end|>", "<|tool_list_start|>", "<|tool_list_end|>"]
+    words = specials + [f"w{i}" for i in range(vocab_size - len(specials) - 1)] + ["[UNK]"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(path / "tokenizer.json"))
+
+
+def test_text_prompts_and_chat_with_tokenizer(tiny, tmp_path):
+    hf, _ = tiny
+    hf.save_pretrained(tmp_path)
+    _word_tokenizer(tmp_path, 97)
+    model = from_pretrained(tmp_path, progress=False)
+    assert model.tokenizer is not None
+    assert model.tokenizer.encode("<|im_start|> w3 w4", add_special_tokens=False) == [3, 12, 13]
+    texts = model.generate(["w1 w2 w3", "w7"], 5, temperature=0, eos_token_id=[])
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    ids = [model.tokenizer.encode(s) for s in ("w1 w2 w3", "w7")]
+    assert texts[0] == model.tokenizer.decode(model.generate(ids, 5, temperature=0, eos_token_id=[])[0].tolist())
+    reply = model.chat([{"role": "user", "content": "w5 w6"}], max_new_tokens=6, temperature=0, eos_token_id=[])
+    assert isinstance(reply.text, str) and isinstance(reply.tool_calls, list)
