@@ -26,9 +26,8 @@ from .weights import Weights
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Lfm2MoeRMSNorm exactly: normalise in fp32, round to x's dtype, then scale."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    # F.rms_norm is one fused op for x * rsqrt(mean(x^2) + eps) (fewer per-token dispatches in decode)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
