@@ -500,3 +500,27 @@ def test_text_prompts_and_chat_with_tokenizer(tiny, tmp_path):
     assert texts[0] == model.tokenizer.decode(model.generate(ids, 5, temperature=0, eos_token_id=[])[0].tolist())
     reply = model.chat([{"role": "user", "content": "w5 w6"}], max_new_tokens=6, temperature=0, eos_token_id=[])
     assert isinstance(reply.text, str) and isinstance(reply.tool_calls, list)
+
+
+@pytest.mark.parametrize("shard", [1 << 40, 40 << 10], ids=["one-file", "sharded"])
+def test_save_pretrained_round_trip(tmp_path, shard):
+    from lfm_kernels.model import save_pretrained
+
+    from lfm_kernels.model import LfmModel, allocate, fill_random
+    from lfm_kernels.model.config import lfm25_8b_a1b_config
+
+    cfg = lfm25_8b_a1b_config(4, vocab_size=500)  # the default's layer pattern at a small width
+    cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size, cfg.num_experts = 64, 96, 32, 8
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 16
+    weights, _, _ = allocate(cfg, torch.bfloat16)
+    fill_random(weights, cfg, seed=5, progress=False)
+    model = LfmModel(cfg, weights, torch.bfloat16)
+    save_pretrained(model, tmp_path, max_shard_bytes=shard)
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json") == (shard < 1 << 30)
+    again = from_pretrained(tmp_path, progress=False)
+    assert again.dtype == torch.bfloat16 and again.config.layer_types == model.config.layer_types
+    for (n1, a), (n2, b) in zip(model.weights.tensors(), again.weights.tensors()):
+        assert n1 == n2 and a.dtype == b.dtype and torch.equal(a, b), n1
+    # transformers reads what we wrote
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert torch.equal(hf.model.layers[2].feed_forward.experts.down_proj, model.weights.layers[2].down_proj)

@@ -36,6 +36,7 @@ __all__ = [
     "parse_tool_calls",
     "process_logits",
     "sample_next",
+    "save_pretrained",
     "to_transformers",
 ]
 
@@ -186,3 +187,59 @@ def to_transformers(model: LfmModel, attn_implementation: str = "eager", experts
         raise RuntimeError(f"to_transformers: tensors left on the meta device: {left[:5]}")
     hf.eval()
     return hf
+
+
+def save_pretrained(model: LfmModel, path: str, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json and safetensors shards (with model.safetensors.index.json when there are
+    several) in the original checkpoint layout (per-expert w1/w2/w3), e.g. to keep a default model
+    on disk. Shards are written one at a time, so memory grows by at most one shard."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    os.makedirs(path, exist_ok=True)
+    _, slots, _ = allocate(cfg, model.dtype, "meta")
+    # map every per-tensor checkpoint name to the same view of *our* tensors
+    mine, _, _ = _views_by_name(model)
+    names = [n for n, s in slots.items() if len(s.parts) == 1]
+    shards, cur, size = [], [], 0
+    for n in names:
+        nb = mine[n].numel() * mine[n].element_size()
+        if cur and size + nb > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += nb
+    shards.append(cur)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: mine[n].contiguous() for n in shard}, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    if len(shards) > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    hf_cfg = cfg.to_transformers()
+    d = hf_cfg.to_dict()
+    d["dtype"] = str(model.dtype).replace("torch.", "")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f, indent=1)
+
+
+def _views_by_name(model: LfmModel):
+    """Checkpoint name -> view of our tensor with the checkpoint's shape (the loader's slots, on our storage)."""
+    from .weights import _Slot  # noqa: F401
+
+    cfg = model.config
+    meta_w, slots, required = allocate(cfg, model.dtype, "meta")
+    # pair meta tensors with ours by walking both weight sets in the same order
+    ours = dict(model.weights.tensors())
+    meta_names = {id(t): n for n, t in meta_w.tensors()}
+    out = {}
+    for name, slot in slots.items():
+        base = slot.dest._base if slot.dest._base is not None else slot.dest
+        key = meta_names.get(id(base))
+        if key is None:
+            continue
+        mine = ours[key]
+        out[name] = mine.as_strided(slot.dest.shape, slot.dest.stride(), slot.dest.storage_offset())
+    return out, slots, required
