@@ -524,3 +524,12 @@ def test_save_pretrained_round_trip(tmp_path, shard):
     # transformers reads what we wrote
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert torch.equal(hf.model.layers[2].feed_forward.experts.down_proj, model.weights.layers[2].down_proj)
+
+
+def test_truncated_file_is_an_error(tiny, tmp_path):
+    _, path = tiny
+    data = open(os.path.join(path, "model.safetensors"), "rb").read()
+    open(tmp_path / "model.safetensors", "wb").write(data[: len(data) - 100])
+    open(tmp_path / "config.json", "w").write(open(os.path.join(path, "config.json")).read())
+    with pytest.raises(ValueError, match="file ends early"):
+        from_pretrained(tmp_path, progress=False)

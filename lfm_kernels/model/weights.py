@@ -6,9 +6,10 @@ Every weight lives in one preallocated tensor in the layout the forward pass wan
   - experts fused as transformers does: `gate_up_proj` [E, 2I, H] (w1 rows, then w3), `down_proj` [E, H, I],
   - the conv taps as [H, L].
 Checkpoint tensors are matched by name to a *slot* (a view into one of these tensors with the shape
-the checkpoint must have), so loading is: check every name and shape, then copy tensor by tensor
-(safetensors `safe_open`, one tensor in memory at a time) into its slot. No fp32 copy, no second full
-copy of the model. Experts may come per expert (`experts.E.w1/w2/w3.weight`, the original layout)
+the checkpoint must have), so loading is: check every name and shape (from the safetensors headers,
+no data read), then read tensor by tensor from the file straight into its slot (`readinto` on the
+slot's memory: no mmap, no temporary when the dtypes agree, one tensor-sized buffer when converting).
+No fp32 copy, no second copy of the model: peak memory is the model plus the interpreter. Experts may come per expert (`experts.E.w1/w2/w3.weight`, the original layout)
 or fused (`experts.gate_up_proj` / `experts.down_proj`, transformers' layout).
 """
 
@@ -209,57 +210,90 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def _first_dtype(files: list[str]) -> torch.dtype:
-    from safetensors import safe_open
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if "norm" in name or name.endswith("expert_bias"):
-                    continue  # some exporters keep these in fp32
-                dt = f.get_slice(name).get_dtype()
-                return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dt, torch.float32)
+
+def read_header(file: str) -> tuple[int, dict]:
+    """A safetensors file's header: (byte offset of the data, {name: {dtype, shape, data_offsets}})."""
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{file}: not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        if n > 100 << 20:
+            raise ValueError(f"{file}: not a safetensors file (header length {n})")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _first_dtype(headers: dict) -> torch.dtype:
+    for file, (_, header) in headers.items():
+        for name, info in header.items():
+            if "norm" in name or name.endswith("expert_bias"):
+                continue  # some exporters keep these in fp32
+            return _ST_DTYPES.get(info["dtype"], torch.float32)
     return torch.float32
+
+
+def _read_into(fh, base: int, info: dict, dest: torch.Tensor, name: str) -> None:
+    """Read one tensor straight from the file into dest: no mmap, and no temporary at all when the
+    dtypes agree (only a dtype conversion needs one tensor-sized buffer)."""
+    src_dtype = _ST_DTYPES.get(info["dtype"])
+    if src_dtype is None:
+        raise ValueError(f"tensor {name!r} has dtype {info['dtype']}; expected a float dtype (BF16, F16, F32)")
+    start, end = info["data_offsets"]
+    nbytes = dest.numel() * torch.empty(0, dtype=src_dtype).element_size()
+    if end - start != nbytes:
+        raise ValueError(f"tensor {name!r}: {end - start} bytes in the file, {nbytes} expected (corrupt file?)")
+    direct = dest.dtype == src_dtype and dest.is_contiguous() and dest.device.type == "cpu"
+    buf = dest if direct else torch.empty(dest.shape, dtype=src_dtype)
+    fh.seek(base + start)
+    view = buf.view(-1).view(torch.uint8).numpy()
+    got = 0
+    while got < nbytes:  # readinto may return short counts on large reads
+        n = fh.readinto(view[got:])
+        if not n:
+            raise ValueError(f"tensor {name!r}: file ends early (corrupt or truncated file?)")
+        got += n
+    if not direct:
+        dest.copy_(buf)
 
 
 def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress: bool = True) -> tuple[Weights, torch.dtype]:
     """Check every tensor's name and shape against cfg (errors name the first mismatch), then load."""
-    from safetensors import safe_open
-
     files = checkpoint_files(path)
+    headers = {file: read_header(file) for file in files}
     # None: the dtype the tensors are stored in (config.json's `dtype` can disagree with the files)
-    dtype = resolve_dtype(dtype) or _first_dtype(files)
+    dtype = resolve_dtype(dtype) or _first_dtype(headers)
     weights, slots, required = allocate(cfg, dtype, device)
 
     # Pass 1: names and shapes only (no data read), so a bad checkpoint fails before a long load.
     plan: list[tuple[str, str, _Slot]] = []
     covered: dict[str, str] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue  # tied: transformers ignores a stored copy as well
-                slot = slots.get(name)
-                if slot is None:
-                    raise ValueError(
-                        f"checkpoint {os.path.basename(file)}: unexpected tensor {name!r}, which a "
-                        f"{cfg.model_type} model with this config.json does not have"
-                    )
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(slot.dest.shape):
-                    raise ValueError(
-                        f"checkpoint {os.path.basename(file)}: tensor {name!r} has shape {list(shape)}, "
-                        f"but config.json implies {list(slot.dest.shape)}"
-                    )
-                for part in slot.parts:
-                    if part in covered:
-                        raise ValueError(
-                            f"checkpoint: {part!r} is given twice (by {covered[part]!r} and {name!r})"
-                        )
-                    covered[part] = name
-                plan.append((file, name, slot))
+        for name, info in headers[file][1].items():
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # tied: transformers ignores a stored copy as well
+            slot = slots.get(name)
+            if slot is None:
+                raise ValueError(
+                    f"checkpoint {os.path.basename(file)}: unexpected tensor {name!r}, which a "
+                    f"{cfg.model_type} model with this config.json does not have"
+                )
+            shape = tuple(info["shape"])
+            if shape != tuple(slot.dest.shape):
+                raise ValueError(
+                    f"checkpoint {os.path.basename(file)}: tensor {name!r} has shape {list(shape)}, "
+                    f"but config.json implies {list(slot.dest.shape)}"
+                )
+            for part in slot.parts:
+                if part in covered:
+                    raise ValueError(f"checkpoint: {part!r} is given twice (by {covered[part]!r} and {name!r})")
+                covered[part] = name
+            plan.append((file, name, slot))
     for name in required:
         if name not in covered:
             hint = ""
@@ -267,7 +301,7 @@ def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress
                 hint = " (nor the fused experts.gate_up_proj / experts.down_proj)"
             raise ValueError(f"checkpoint {path!r} is missing tensor {name!r}{hint}")
 
-    # Pass 2: copy tensor by tensor into the slots; only one checkpoint tensor is in memory at a time.
+    # Pass 2: read tensor by tensor straight into the slots, in file order.
     total = sum(s.dest.numel() * s.dest.element_size() for _, _, s in plan)
     bar = _progress(total, f"loading {os.path.basename(os.path.abspath(path))}", progress)
     by_file: dict[str, list[tuple[str, _Slot]]] = {}
@@ -275,9 +309,16 @@ def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress
         by_file.setdefault(file, []).append((name, slot))
     with torch.no_grad():
         for file, items in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            base, header = headers[file]
+            items.sort(key=lambda it: header[it[0]]["data_offsets"][0])
+            with open(file, "rb", buffering=0) as fh:
                 for name, slot in items:
-                    slot.dest.copy_(f.get_tensor(name))
+                    if slot.dest.device.type == "cpu":
+                        _read_into(fh, base, header[name], slot.dest, name)
+                    else:
+                        tmp = torch.empty(slot.dest.shape, dtype=_ST_DTYPES[header[name]["dtype"]])
+                        _read_into(fh, base, header[name], tmp, name)
+                        slot.dest.copy_(tmp)
                     bar.update(slot.dest.numel() * slot.dest.element_size())
     bar.close()
     return weights, dtype
