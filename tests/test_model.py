@@ -533,3 +533,24 @@ def test_truncated_file_is_an_error(tiny, tmp_path):
     open(tmp_path / "config.json", "w").write(open(os.path.join(path, "config.json")).read())
     with pytest.raises(ValueError, match="file ends early"):
         from_pretrained(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_fast_sampling_distribution_equals_full_vocabulary(top_p):
+    """The top-k fast path (penalty on seen ids only, softmax over k) gives the same probabilities as
+    transformers-style processing of the whole vocabulary."""
+    from lfm_kernels.model import process_logits
+    from lfm_kernels.model.generate import candidate_probs
+
+    V = 1000
+    logits = (torch.randn(2, V) * 4).to(torch.bfloat16)
+    hist = torch.randint(0, V, (2, 30))
+    seen = torch.zeros(2, V, dtype=torch.bool)
+    seen[torch.arange(2)[:, None], hist] = True
+    full = process_logits(logits.float(), seen, 0.6, 40, top_p, 1.3).softmax(-1)
+    ids, probs = candidate_probs(logits, hist, 0.6, 40, top_p, 1.3)
+    assert torch.allclose(full.gather(1, ids), probs, atol=1e-6)
+    assert torch.allclose(full.sum(-1), probs.sum(-1), atol=1e-5)  # no mass outside the candidates
+    greedy = sample_next(logits, hist, temperature=0, repetition_penalty=1.3)
+    assert torch.equal(greedy, process_logits(logits.float(), seen, 0, None, 1.0, 1.3).argmax(-1))
+    assert not torch.equal(logits, logits.clone().zero_())  # caller's logits untouched (never zeros)

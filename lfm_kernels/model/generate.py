@@ -44,21 +44,67 @@ def process_logits(
     return logits
 
 
+def _penalise(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> None:
+    """transformers' RepetitionPenaltyLogitsProcessor in place, touching only the tokens in history
+    [B, n] (duplicates are harmless: every copy of an id writes the same value)."""
+    vals = scores.gather(1, history)
+    scores.scatter_(1, history, torch.where(vals < 0, vals * penalty, vals / penalty))
+
+
+def candidate_probs(
+    logits: torch.Tensor,
+    history: torch.Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, k], probs [B, k]): the top-k candidates and their sampling probabilities.
+
+    The same distribution as softmax(process_logits(...)) over the full vocabulary (which is zero
+    outside the top k), but only one full-vocabulary pass (topk) per step instead of half a dozen:
+    the penalty touches only the seen ids and temperature/top-p/softmax run on k values. (A tie at the
+    k-th value keeps exactly k tokens here, all tied tokens in transformers.)"""
+    scores = logits.float()
+    if scores is logits:
+        scores = scores.clone()
+    if repetition_penalty != 1.0 and history is not None and history.numel():
+        _penalise(scores, history, repetition_penalty)
+    vals, ids = torch.topk(scores, top_k, dim=-1)  # descending
+    vals = vals / temperature
+    if top_p < 1.0:
+        asc = vals.flip(-1)
+        remove = asc.softmax(-1).cumsum(-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        vals = vals.masked_fill(remove.flip(-1), float("-inf"))
+    return ids, vals.softmax(-1)
+
+
 def sample_next(
     logits: torch.Tensor,
-    seen: torch.Tensor | None,
+    history: torch.Tensor | None,
     temperature: float = 0.2,
     top_k: int | None = 80,
     top_p: float = 1.0,
     repetition_penalty: float = 1.05,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids [B] (int64) from logits [B, V]."""
-    scores = process_logits(logits.float(), seen, temperature, top_k, top_p, repetition_penalty)
+    """Next token ids [B] (int64) from logits [B, V]; history [B, n] holds the ids seen so far (prompt
+    and generated) for the repetition penalty."""
+    V = logits.shape[-1]
+    if temperature != 0 and top_k is not None and 0 < top_k < V:
+        ids, probs = candidate_probs(logits, history, temperature, top_k, top_p, repetition_penalty)
+        pick = torch.multinomial(probs, 1, generator=generator)
+        return ids.gather(1, pick)[:, 0]
+    scores = logits.float()
+    if scores is logits:
+        scores = scores.clone()
+    if repetition_penalty != 1.0 and history is not None and history.numel():
+        _penalise(scores, history, repetition_penalty)
     if temperature == 0:
         return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    scores = process_logits(scores, None, temperature, top_k, top_p, 1.0)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
@@ -171,15 +217,15 @@ def generate(
     lens = torch.tensor(lengths, dtype=torch.int64, device=dev)
     state = model.new_state(B, T + max_new_tokens)
 
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=dev)
-        for b, r in enumerate(rows):
-            seen[b, torch.tensor(r, device=dev)] = True
+    # token history for the repetition penalty: pads repeat the row's first token (a no-op duplicate)
+    hist = torch.empty(B, T + max_new_tokens, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        hist[b, :T] = r[0]
+        hist[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    hist = hist.to(dev)
     stop_t = torch.tensor(stops, dtype=torch.int64, device=dev)
     out = torch.full((B, max_new_tokens), pad, dtype=torch.int64, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    rows_idx = torch.arange(B, device=dev)
 
     t0 = time.perf_counter()
     logits = model.prefill(ids, lens, state)
@@ -187,7 +233,7 @@ def generate(
     n = 0
     with torch.inference_mode():
         for step in range(max_new_tokens):
-            tok = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
+            tok = sample_next(logits, hist[:, : T + step], temperature, top_k, top_p, repetition_penalty, generator)
             tok = torch.where(finished, torch.full_like(tok, pad), tok)
             out[:, step] = tok
             n = step + 1
@@ -196,8 +242,7 @@ def generate(
                 for b, t in enumerate(tok.tolist()):
                     if not done[b]:
                         callback(b, t)
-            if seen is not None:
-                seen[rows_idx, tok] = True
+            hist[:, T + step] = tok
             if stop_t.numel():
                 finished |= torch.isin(tok, stop_t)
                 if bool(finished.all()):

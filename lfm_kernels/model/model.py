@@ -26,17 +26,15 @@ from .weights import Weights
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Lfm2MoeRMSNorm exactly: normalise in fp32, round to x's dtype, then scale."""
-    # F.rms_norm is one fused op for x * rsqrt(mean(x^2) + eps) (fewer per-token dispatches in decode)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    # F.rms_norm normalises in fp32 and rounds once to x's dtype (bit-identical to transformers'
+    # x.float() ... .to(dtype)), in one op: the decode step dispatches few ops per layer.
+    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) written as
+    roll(x, D/2) * cat(-sin1, sin2): the same products and sum (bit-identical), two ops fewer."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 @dataclass
@@ -97,7 +95,9 @@ class LfmModel:
             freqs = pos[:, None] * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cos = emb.cos().to(device=self.device, dtype=self.dtype)
-            self._sin = emb.sin().to(device=self.device, dtype=self.dtype)
+            sin = emb.sin().to(device=self.device, dtype=self.dtype)
+            sin[:, : D // 2].neg_()  # signed for apply_rope's roll form
+            self._sin = sin
         return self._cos, self._sin
 
     # ------------------------------------------------------------------ building blocks
@@ -121,15 +121,23 @@ class LfmModel:
         return linear(F.silu(g[..., :inter]) * g[..., inter:], lw.w2)
 
     def _qkv(self, lw, h: torch.Tensor):
-        """q [.., Hq, D], k, v [.., Hkv, D] with the per-head RMSNorm applied to q and k."""
+        """qk [.., Hq + Hkv, D] (q heads, then k heads) with the per-head RMSNorm applied, and v
+        [.., Hkv, D]. q and k are normalised in one op with the per-head weights stacked."""
         cfg = self.config
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv = linear(h, lw.qkv)
         lead = qkv.shape[:-1]
-        q = qkv[..., : Hq * D].view(*lead, Hq, D)
-        k = qkv[..., Hq * D : (Hq + Hkv) * D].view(*lead, Hkv, D)
+        qk = qkv[..., : (Hq + Hkv) * D].view(*lead, Hq + Hkv, D)
         v = qkv[..., (Hq + Hkv) * D :].view(*lead, Hkv, D)
-        return rms_norm(q, lw.q_norm, cfg.norm_eps), rms_norm(k, lw.k_norm, cfg.norm_eps), v
+        return rms_norm(qk, self._qk_norm(lw), cfg.norm_eps), v
+
+    def _qk_norm(self, lw) -> torch.Tensor:
+        w = getattr(lw, "_qk_norm", None)
+        if w is None:
+            Hq, Hkv = self.config.num_attention_heads, self.config.num_key_value_heads
+            w = torch.cat([lw.q_norm.expand(Hq, -1), lw.k_norm.expand(Hkv, -1)])
+            lw._qk_norm = w
+        return w
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -147,15 +155,16 @@ class LfmModel:
         if lengths.min().item() < 1 or lengths.max().item() > T:
             raise ValueError(f"lengths must be in 1..{T}, got {lengths.tolist()}")
         ragged = bool((lengths != T).any())
+        Hq = cfg.num_attention_heads
         cos, sin = self._rope_tables(state.max_len)
         cos, sin = cos[:T], sin[:T]
         x = F.embedding(ids, w.embed)
         for i, lw in enumerate(w.layers):
             h = rms_norm(x, lw.operator_norm, cfg.norm_eps)
             if lw.attention:
-                q, k, v = self._qkv(lw, h)  # [B, T, heads, D]
-                q = apply_rope(q.transpose(1, 2), cos, sin)
-                k = apply_rope(k.transpose(1, 2), cos, sin)
+                qk, v = self._qkv(lw, h)  # [B, T, heads, D]
+                qk = apply_rope(qk.transpose(1, 2), cos, sin)
+                q, k = qk[:, :Hq], qk[:, Hq:]
                 v = v.transpose(1, 2)
                 state.k_cache[i][:, :, :T] = k
                 state.v_cache[i][:, :, :T] = v
@@ -200,15 +209,16 @@ class LfmModel:
             raise ValueError(f"the state is full (max_len {state.max_len}); make a longer one")
         rows = torch.arange(B, device=self.device)
         new_lens = pos + 1
+        Hq = cfg.num_attention_heads
         cos_t, sin_t = self._rope_tables(state.max_len)
         cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # [B, 1, D]: broadcast over heads
         x = F.embedding(tokens, w.embed).unsqueeze(1)  # [B, 1, H]
         for i, lw in enumerate(w.layers):
             h = rms_norm(x, lw.operator_norm, cfg.norm_eps)
             if lw.attention:
-                q, k, v = self._qkv(lw, h[:, 0])  # [B, heads, D]
-                q = apply_rope(q, cos, sin)
-                k = apply_rope(k, cos, sin)
+                qk, v = self._qkv(lw, h[:, 0])  # [B, heads, D]
+                qk = apply_rope(qk, cos, sin)
+                q, k = qk[:, :Hq].contiguous(), qk[:, Hq:]
                 state.k_cache[i][rows, :, pos] = k
                 state.v_cache[i][rows, :, pos] = v
                 o = decode_attention(q, state.k_cache[i], state.v_cache[i], new_lens, self._scale)
