@@ -88,7 +88,7 @@ class Weights:
             yield "lm_head", self.lm_head
         for i, layer in enumerate(self.layers):
             for name, value in vars(layer).items():
-                if isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor) and not name.startswith("_"):  # _*: derived caches
                     yield f"layers.{i}.{name}", value
 
     def nbytes(self) -> int:
