@@ -554,3 +554,18 @@ def test_fast_sampling_distribution_equals_full_vocabulary(top_p):
     greedy = sample_next(logits, hist, temperature=0, repetition_penalty=1.3)
     assert torch.equal(greedy, process_logits(logits.float(), seen, 0, None, 1.0, 1.3).argmax(-1))
     assert not torch.equal(logits, logits.clone().zero_())  # caller's logits untouched (never zeros)
+
+
+def test_prefill_and_decode_parity_on_the_portable_cpu_path(tiny):
+    """The same parity with the portable (non-AVX2) C++ kernels the ops dispatch to."""
+    from lfm_kernels import _backend
+
+    if not _backend.cpu_extension_available():
+        pytest.skip("the CPU extension is not built")
+    hf, path = tiny
+    model = from_pretrained(path, progress=False)
+    ids = torch.randint(3, 97, (2, 9))
+    with _backend.force_portable_cpu():
+        assert rel_err(model.forward(ids), _hf_logits(hf, ids)) < LOGIT_TOL
+        ours = model.generate(ids[:1], 8, temperature=0, repetition_penalty=1.0, eos_token_id=[])
+    assert ours.tolist() == _hf_greedy(hf, ids[:1], 8).tolist()
