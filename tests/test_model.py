@@ -112,6 +112,14 @@ def test_batch_of_different_lengths(tiny):
     for b, p in enumerate(prompts):
         ref = _hf_greedy(hf, torch.tensor([p]), 32)
         assert ours[b].tolist() == ref[0].tolist(), f"row {b} (prompt length {len(p)})"
+    # transformers-style left-padded ids with an attention mask give the same rows
+    left = torch.zeros(3, 13, dtype=torch.int64)
+    mask = torch.zeros(3, 13, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        left[b, 13 - len(p):] = torch.tensor(p)
+        mask[b, 13 - len(p):] = 1
+    again = model.generate(left, 32, temperature=0, repetition_penalty=1.0, eos_token_id=[], attention_mask=mask)
+    assert torch.equal(again, ours)
     # the prefill logits of each row's last real token, too
     state = model.new_state(3, 20)
     ids = torch.zeros(3, 13, dtype=torch.int64)

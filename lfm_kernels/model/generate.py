@@ -120,8 +120,16 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalt
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
-def _as_rows(model, inputs) -> tuple[list[list[int]], bool]:
-    """Prompts as lists of token ids, and whether they came as text."""
+def _as_rows(model, inputs, attention_mask=None) -> tuple[list[list[int]], bool]:
+    """Prompts as lists of token ids, and whether they came as text. With an attention_mask [B, T]
+    (transformers-style padded ids, left or right), each row keeps only its positions where it is 1."""
+    if attention_mask is not None:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
+            raise ValueError("attention_mask needs ids as a LongTensor [B, T]")
+        mask = torch.as_tensor(attention_mask)
+        if tuple(mask.shape) != tuple(inputs.shape):
+            raise ValueError(f"attention_mask must have the shape of ids {tuple(inputs.shape)}, got {tuple(mask.shape)}")
+        inputs = [row[m != 0].tolist() for row, m in zip(inputs.cpu(), mask.cpu())]
     if isinstance(inputs, str):
         inputs = [inputs]
     if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, str) for s in inputs):
@@ -180,6 +188,7 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     timings: dict | None = None,
+    attention_mask: torch.Tensor | None = None,
 ):
     """Generate up to max_new_tokens per prompt.
 
@@ -189,6 +198,7 @@ def generate(
     callback(row, token_id): called for every generated token as soon as it is chosen (streaming);
         a row that has finished gets no more calls.
     seed / generator: for reproducible sampling.
+    attention_mask: for transformers-style padded ids [B, T] (left or right padding): 1 = real token.
     timings: a dict to receive {"prefill_s", "decode_s", "prompt_tokens", "decode_steps"}.
 
     Returns, for id inputs, the new ids only as a LongTensor [B, new] where new is the longest row's
@@ -199,7 +209,7 @@ def generate(
     import time
 
     _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    rows, is_text = _as_rows(model, inputs)
+    rows, is_text = _as_rows(model, inputs, attention_mask)
     B = len(rows)
     lengths = [len(r) for r in rows]
     T = max(lengths)
