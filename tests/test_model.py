@@ -387,8 +387,12 @@ def test_default_model_reduced_depth_runs():
     cfg = model.config
     assert cfg.hidden_size == 2048 and cfg.num_experts == 32 and cfg.layer_types == ["conv", "conv", "full_attention"]
     assert model.weights.layers[2].moe and not model.weights.layers[1].moe
-    again = default_model(num_layers=3, vocab_size=1000, progress=False)
-    assert torch.equal(model.weights.layers[2].gate_up_proj[5], again.weights.layers[2].gate_up_proj[5])
+    from lfm_kernels.model import allocate, fill_random
+
+    again, _, _ = allocate(cfg, torch.bfloat16)  # same seed, same weights
+    fill_random(again, cfg, seed=0, progress=False)
+    assert torch.equal(model.weights.layers[2].gate_up_proj[5], again.layers[2].gate_up_proj[5])
+    del again
     ids = torch.randint(0, 1000, (1, 5))
     out = model.generate(ids, 3, eos_token_id=[], seed=0)
     assert out.shape == (1, 3)
