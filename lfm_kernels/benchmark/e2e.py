@@ -1,0 +1,134 @@
+"""End-to-end benchmark: prefill and decode tokens/s of lfm_kernels.model on the LFM2.5-8B-A1B-shaped
+default (seeded random weights, no download), beside this machine's floor and transformers eager on
+the *same* weights.
+
+floor tokens/s = read bandwidth measured in the same run / bytes of weights one decoded token reads
+(all non-expert weights, the top_k of E experts per MoE layer, the tied lm_head; one embedding row).
+transformers runs on our tensors (its parameters are views of ours, built on the meta device): the
+full model is about 17 GB in bf16 and two copies would not fit in 24 GiB.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .core import measure_read_bandwidth
+
+
+def _row(impl, cfg, prompt_len, new_tokens, threads, dtype, prefill_s, decode_s, steps, bw, nbytes):
+    floor = bw / nbytes
+    decode = steps / decode_s if decode_s > 0 and steps > 0 else float("nan")
+    return {
+        "impl": impl,
+        "num_layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": threads,
+        "batch": 1,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_s": prefill_s,
+        "prefill_tok_s": prompt_len / prefill_s,
+        "decode_s": decode_s,
+        "decode_tok_s": decode,
+        "bandwidth_GBs": bw / 1e9,
+        "bytes_per_token": nbytes,
+        "floor_tok_s": floor,
+        "decode_vs_floor": decode / floor,
+    }
+
+
+def _time_transformers(hf, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, int]:
+    """transformers' own cache and forward: one prefill call, then one greedy token per call."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = hf(ids, use_cache=True, logits_to_keep=1)
+        t1 = time.perf_counter()
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = hf(tok, cache=cache, use_cache=True)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        t3 = time.perf_counter()
+    return t1 - t0, t3 - t2, new_tokens - 1
+
+
+def run_e2e(
+    num_layers: int = 24,
+    prompt_len: int = 128,
+    new_tokens: int = 64,
+    threads: int | None = None,
+    compare_transformers: bool = True,
+    progress: Callable[[str], None] | None = print,
+    dtype: torch.dtype = torch.bfloat16,
+    vocab_size: int = 128_000,
+    seed: int = 0,
+    transformers_new_tokens: int | None = None,
+    model=None,
+) -> list[dict]:
+    """Rows (dicts) for lfm_kernels and, if asked, transformers eager: prefill tokens/s of a
+    prompt_len-token prompt, decode tokens/s over new_tokens (batch 1), the floor and the bandwidth.
+    `model` reuses an already built LfmModel instead of making the default."""
+    from ..model import default_model, to_transformers
+
+    say = progress or (lambda s: None)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    threads = torch.get_num_threads()
+    if model is None:
+        say(f"building the LFM2.5-8B-A1B-shaped default: {num_layers} layers, {dtype}, random weights (seed {seed})")
+        model = default_model(num_layers=num_layers, dtype=dtype, seed=seed, vocab_size=vocab_size)
+    cfg = model.config
+    nbytes = model.bytes_per_decoded_token(1)
+    say(f"weights {model.weight_bytes() / 1e9:.2f} GB; one decoded token reads {nbytes / 1e9:.3f} GB")
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen)
+
+    say("warm-up")
+    model.generate(ids[:, :8], 3, eos_token_id=[], seed=seed)
+    bw = measure_read_bandwidth()
+    say(f"read bandwidth {bw / 1e9:.1f} GB/s -> floor {bw / nbytes:.2f} tokens/s")
+
+    t: dict = {}
+    model.generate(ids, new_tokens, eos_token_id=[], seed=seed, timings=t)  # model-card sampling defaults
+    rows = [_row("lfm_kernels", cfg, prompt_len, new_tokens, threads, model.dtype, t["prefill_s"], t["decode_s"],
+                 t["decode_steps"], bw, nbytes)]
+    say(_fmt(rows[-1]))
+
+    if compare_transformers:
+        n = transformers_new_tokens or new_tokens
+        hf = to_transformers(model, attn_implementation="eager", experts_implementation="eager")
+        say("transformers eager (same weights): warm-up")
+        _time_transformers(hf, ids[:, :8], 2)
+        pre, dec, steps = _time_transformers(hf, ids, n)
+        rows.append(_row("transformers-eager", cfg, prompt_len, n, threads, model.dtype, pre, dec, steps, bw, nbytes))
+        say(_fmt(rows[-1]))
+        ours, theirs = rows[0], rows[1]
+        ours["decode_vs_transformers"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
+        ours["prefill_vs_transformers"] = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
+        del hf
+    return rows
+
+
+def _fmt(r: dict) -> str:
+    return (
+        f"{r['impl']:>20}: prefill {r['prompt_len']} tok {r['prefill_tok_s']:7.2f} tok/s | decode "
+        f"{r['decode_tok_s']:6.2f} tok/s = {100 * r['decode_vs_floor']:5.1f}% of floor {r['floor_tok_s']:.2f} tok/s "
+        f"({r['bandwidth_GBs']:.1f} GB/s, {r['bytes_per_token'] / 1e9:.3f} GB/token, {r['num_layers']} layers, "
+        f"{r['threads']} threads)"
+    )
+
+
+def format_rows(rows: list[dict]) -> str:
+    return "\n".join(_fmt(r) for r in rows)
+
+
+if __name__ == "__main__":  # python -m lfm_kernels.benchmark.e2e [num_layers]
+    import sys
+
+    run_e2e(num_layers=int(sys.argv[1]) if len(sys.argv) > 1 else 24)

@@ -1,0 +1,245 @@
+"""lfm_kernels.model: a thin LFM2-MoE / LFM2 inference model built from lfm_kernels ops.
+
+    from lfm_kernels.model import from_pretrained, default_model
+    model = from_pretrained("/path/to/LFM2-8B-A1B")           # config.json + safetensors (+ tokenizer)
+    new_ids = model.generate(ids, max_new_tokens=64)           # LongTensor [B, new]
+    reply = model.chat([{"role": "user", "content": "Hi"}])    # ParsedReply(text, tool_calls, errors)
+    model = default_model(num_layers=6)                        # LFM2.5-8B-A1B shapes, seeded random weights
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .chat import ParsedReply, ToolCall, apply_chat_template, parse_tool_calls
+from .config import ModelConfig, config_from_dict, lfm25_8b_a1b_config, load_config
+from .generate import generate, process_logits, sample_next
+from .model import LfmModel, State
+from .weights import Weights, allocate, fill_random, load_weights, resolve_dtype
+
+__all__ = [
+    "LfmModel",
+    "ModelConfig",
+    "ParsedReply",
+    "State",
+    "ToolCall",
+    "Weights",
+    "apply_chat_template",
+    "config_from_dict",
+    "default_model",
+    "from_pretrained",
+    "generate",
+    "load_config",
+    "parse_tool_calls",
+    "process_logits",
+    "sample_next",
+    "save_pretrained",
+    "to_transformers",
+]
+
+
+class _RawTokenizer:
+    """A `tokenizers.Tokenizer` with the few methods generate/chat use."""
+
+    def __init__(self, tok, eos_token_id=None):
+        self._tok = tok
+        self.eos_token_id = eos_token_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(path: str):
+    """The checkpoint directory's tokenizer (local files only), or None when it has none."""
+    has_json = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    has_cfg = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    if not (has_json or has_cfg):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - fall back to the bare tokenizers library
+        if not has_json:
+            raise RuntimeError(f"could not load the tokenizer in {path!r}: {exc}") from exc
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        return _RawTokenizer(tok, tok.token_to_id("<|im_end|>"))
+
+
+def from_pretrained(path: str, dtype=None, device="cpu", progress: bool = True, tokenizer: bool = True) -> LfmModel:
+    """Load a local LFM2-MoE (or dense LFM2) checkpoint directory.
+
+    Reads config.json and one or several safetensors files (model.safetensors.index.json), experts in
+    the original per-expert layout or transformers' fused one. Every tensor's name and shape is checked
+    against the config before any data is read; a missing, unexpected or mis-shaped tensor is a
+    ValueError naming it. dtype None keeps the checkpoint's dtype. Tensors are copied one at a time into
+    preallocated weights (no fp32 copy, no second full copy).
+    """
+    path = os.fspath(path)
+    cfg = load_config(path)
+    weights, dt = load_weights(path, cfg, dtype=dtype, device=device, progress=progress)
+    model = LfmModel(cfg, weights, dt, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)
+    gen_file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_file):
+        with open(gen_file) as f:
+            gen = json.load(f)
+        eos = gen.get("eos_token_id")
+        if eos is not None:
+            model.generation_defaults["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
+    return model
+
+
+def default_model(
+    num_layers: int | None = None,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    vocab_size: int = 128_000,
+    device="cpu",
+    progress: bool = True,
+) -> LfmModel:
+    """LFM2.5-8B-A1B shapes (hidden 2048, 32 experts top-4, attention at 2, 6, 10, 14, 18, 21, ...) with
+    seeded random weights generated on the fly; num_layers < 24 keeps a prefix of the layer pattern
+    (2 dense layers first, attention at index 2). vocab_size defaults to 128,000 (DESIGN.md: "about
+    128,000"; LFM2-8B-A1B uses 65,536). The full model is about 17 GB in bf16."""
+    cfg = lfm25_8b_a1b_config(num_layers, vocab_size=vocab_size)
+    dt = resolve_dtype(dtype)
+    weights, _, _ = allocate(cfg, dt, device)
+    fill_random(weights, cfg, seed=seed, progress=progress)
+    return LfmModel(cfg, weights, dt)
+
+
+def to_transformers(model: LfmModel, attn_implementation: str = "eager", experts_implementation: str = "eager"):
+    """transformers' Lfm2MoeForCausalLM / Lfm2ForCausalLM whose parameters *are* our tensors (views,
+    no copy): built on the meta device, then every parameter and buffer pointed at our storage. For
+    baselines on the same weights when two copies would not fit in memory."""
+    from torch import nn
+
+    cfg = model.config
+    hf_cfg = cfg.to_transformers()
+    hf_cfg._attn_implementation = attn_implementation
+    if cfg.is_moe:
+        hf_cfg._experts_implementation = experts_implementation
+        from transformers import Lfm2MoeForCausalLM as Cls
+    else:
+        from transformers import Lfm2ForCausalLM as Cls
+    with torch.device("meta"):
+        hf = Cls(hf_cfg)
+    w = model.weights
+    Hq, Hkv, D, H, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size, cfg.conv_L_cache
+
+    def put(module, name, tensor, buffer=False):
+        if buffer:
+            module._buffers[name] = tensor
+        else:
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
+    m = hf.model
+    put(m.embed_tokens, "weight", w.embed)
+    put(m.embedding_norm, "weight", w.final_norm)
+    put(hf.lm_head, "weight", w.lm_head)
+    for i, (layer, lw) in enumerate(zip(m.layers, w.layers)):
+        put(layer.operator_norm, "weight", lw.operator_norm)
+        put(layer.ffn_norm, "weight", lw.ffn_norm)
+        if lw.attention:
+            a = layer.self_attn
+            put(a.q_proj, "weight", lw.qkv[: Hq * D])
+            put(a.k_proj, "weight", lw.qkv[Hq * D : (Hq + Hkv) * D])
+            put(a.v_proj, "weight", lw.qkv[(Hq + Hkv) * D :])
+            put(a.out_proj, "weight", lw.out_proj)
+            put(a.q_layernorm, "weight", lw.q_norm)
+            put(a.k_layernorm, "weight", lw.k_norm)
+        else:
+            c = layer.conv
+            put(c.in_proj, "weight", lw.in_proj)
+            put(c.conv, "weight", lw.conv.view(H, 1, L))
+            put(c.out_proj, "weight", lw.conv_out)
+            if cfg.conv_bias:
+                put(c.in_proj, "bias", lw.in_proj_bias)
+                put(c.conv, "bias", lw.conv_bias)
+                put(c.out_proj, "bias", lw.conv_out_bias)
+        ff = layer.feed_forward
+        if lw.moe:
+            put(ff.gate, "weight", lw.gate)
+            put(ff.experts, "gate_up_proj", lw.gate_up_proj)
+            put(ff.experts, "down_proj", lw.down_proj)
+            if cfg.use_expert_bias:
+                put(ff, "expert_bias", lw.expert_bias, buffer=True)
+        else:
+            inter = lw.w2.shape[1]
+            put(ff.w1, "weight", lw.w13[:inter])
+            put(ff.w3, "weight", lw.w13[inter:])
+            put(ff.w2, "weight", lw.w2)
+    rope = m.pos_emb if hasattr(m, "pos_emb") else m.rotary_emb
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+    rope._buffers["inv_freq"] = inv_freq.to(model.device)
+    if "original_inv_freq" in rope._buffers:
+        rope._buffers["original_inv_freq"] = inv_freq.clone().to(model.device)
+    left = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"to_transformers: tensors left on the meta device: {left[:5]}")
+    hf.eval()
+    return hf
+
+
+def save_pretrained(model: LfmModel, path: str, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json and safetensors shards (with model.safetensors.index.json when there are
+    several) in the original checkpoint layout (per-expert w1/w2/w3), e.g. to keep a default model
+    on disk. Shards are written one at a time, so memory grows by at most one shard."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    os.makedirs(path, exist_ok=True)
+    _, slots, _ = allocate(cfg, model.dtype, "meta")
+    # map every per-tensor checkpoint name to the same view of *our* tensors
+    mine, _, _ = _views_by_name(model)
+    names = [n for n, s in slots.items() if len(s.parts) == 1]
+    shards, cur, size = [], [], 0
+    for n in names:
+        nb = mine[n].numel() * mine[n].element_size()
+        if cur and size + nb > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += nb
+    shards.append(cur)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: mine[n].contiguous() for n in shard}, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    if len(shards) > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    hf_cfg = cfg.to_transformers()
+    d = hf_cfg.to_dict()
+    d["dtype"] = str(model.dtype).replace("torch.", "")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f, indent=1)
+
+
+def _views_by_name(model: LfmModel):
+    """Checkpoint name -> view of our tensor with the checkpoint's shape (the loader's slots, on our storage)."""
+    from .weights import _Slot  # noqa: F401
+
+    cfg = model.config
+    meta_w, slots, required = allocate(cfg, model.dtype, "meta")
+    # pair meta tensors with ours by walking both weight sets in the same order
+    ours = dict(model.weights.tensors())
+    meta_names = {id(t): n for n, t in meta_w.tensors()}
+    out = {}
+    for name, slot in slots.items():
+        base = slot.dest._base if slot.dest._base is not None else slot.dest
+        key = meta_names.get(id(base))
+        if key is None:
+            continue
+        mine = ours[key]
+        out[name] = mine.as_strided(slot.dest.shape, slot.dest.stride(), slot.dest.storage_offset())
+    return out, slots, required

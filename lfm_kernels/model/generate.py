@@ -1,0 +1,292 @@
+"""Token generation: prefill, then one token at a time with greedy or sampled decoding.
+
+Logits processing follows transformers' generate, in its order, on float32 logits:
+repetition penalty (every token already in the row: prompt and generated; a positive logit is
+divided by the penalty, a negative one multiplied), then (sampling only) temperature, top-k, top-p,
+softmax and a multinomial draw. Greedy (temperature=0) takes the argmax *after* the repetition
+penalty, as transformers does; pass repetition_penalty=1.0 for the plain argmax. Unlike transformers
+with left padding, pads never count as seen tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .chat import ParsedReply, apply_chat_template, parse_tool_calls
+
+
+def process_logits(
+    logits: torch.Tensor,
+    seen: torch.Tensor | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    repetition_penalty: float,
+) -> torch.Tensor:
+    """logits [B, V] float32 -> scores ready for argmax (temperature 0) or softmax."""
+    if repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature == 0:
+        return logits
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - top_p)
+        remove[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def _penalise(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> None:
+    """transformers' RepetitionPenaltyLogitsProcessor in place, touching only the tokens in history
+    [B, n] (duplicates are harmless: every copy of an id writes the same value)."""
+    vals = scores.gather(1, history)
+    scores.scatter_(1, history, torch.where(vals < 0, vals * penalty, vals / penalty))
+
+
+def candidate_probs(
+    logits: torch.Tensor,
+    history: torch.Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, k], probs [B, k]): the top-k candidates and their sampling probabilities.
+
+    The same distribution as softmax(process_logits(...)) over the full vocabulary (which is zero
+    outside the top k), but only one full-vocabulary pass (topk) per step instead of half a dozen:
+    the penalty touches only the seen ids and temperature/top-p/softmax run on k values. (A tie at the
+    k-th value keeps exactly k tokens here, all tied tokens in transformers.)"""
+    scores = logits.float()
+    if scores is logits:
+        scores = scores.clone()
+    if repetition_penalty != 1.0 and history is not None and history.numel():
+        _penalise(scores, history, repetition_penalty)
+    vals, ids = torch.topk(scores, top_k, dim=-1)  # descending
+    vals = vals / temperature
+    if top_p < 1.0:
+        asc = vals.flip(-1)
+        remove = asc.softmax(-1).cumsum(-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        vals = vals.masked_fill(remove.flip(-1), float("-inf"))
+    return ids, vals.softmax(-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    history: torch.Tensor | None,
+    temperature: float = 0.2,
+    top_k: int | None = 80,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.05,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids [B] (int64) from logits [B, V]; history [B, n] holds the ids seen so far (prompt
+    and generated) for the repetition penalty."""
+    V = logits.shape[-1]
+    if temperature != 0 and top_k is not None and 0 < top_k < V:
+        ids, probs = candidate_probs(logits, history, temperature, top_k, top_p, repetition_penalty)
+        pick = torch.multinomial(probs, 1, generator=generator)
+        return ids.gather(1, pick)[:, 0]
+    scores = logits.float()
+    if scores is logits:
+        scores = scores.clone()
+    if repetition_penalty != 1.0 and history is not None and history.numel():
+        _penalise(scores, history, repetition_penalty)
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    scores = process_logits(scores, None, temperature, top_k, top_p, 1.0)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 or None (0/None = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def _as_rows(model, inputs, attention_mask=None) -> tuple[list[list[int]], bool]:
+    """Prompts as lists of token ids, and whether they came as text. With an attention_mask [B, T]
+    (transformers-style padded ids, left or right), each row keeps only its positions where it is 1."""
+    if attention_mask is not None:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
+            raise ValueError("attention_mask needs ids as a LongTensor [B, T]")
+        mask = torch.as_tensor(attention_mask)
+        if tuple(mask.shape) != tuple(inputs.shape):
+            raise ValueError(f"attention_mask must have the shape of ids {tuple(inputs.shape)}, got {tuple(mask.shape)}")
+        inputs = [row[m != 0].tolist() for row, m in zip(inputs.cpu(), mask.cpu())]
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, str) for s in inputs):
+        tok = _need_tokenizer(model)
+        return [tok.encode(s) for s in inputs], True
+    if isinstance(inputs, torch.Tensor):
+        if inputs.is_floating_point() or inputs.dim() not in (1, 2):
+            raise ValueError(f"ids must be an integer tensor [T] or [B, T], got {inputs.dtype} {tuple(inputs.shape)}")
+        inputs = inputs.reshape(-1, inputs.shape[-1]).tolist()
+    elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, int) for t in inputs):
+        inputs = [list(inputs)]
+    elif not (isinstance(inputs, (list, tuple)) and inputs and all(isinstance(r, (list, tuple)) for r in inputs)):
+        raise TypeError(
+            "inputs must be a str, a list of str, a LongTensor [B, T] or [T], or a list of token-id lists"
+        )
+    rows = [list(map(int, r)) for r in inputs]
+    V = model.config.vocab_size
+    for b, r in enumerate(rows):
+        if not r:
+            raise ValueError(f"prompt {b} is empty; every prompt needs at least one token")
+        bad = [t for t in r if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt {b} has token ids outside [0, {V}): {bad[:5]}")
+    return rows, False
+
+
+def _need_tokenizer(model):
+    if model.tokenizer is None:
+        raise ValueError(
+            "text prompts need a tokenizer, and this model has none (its directory has no tokenizer files); "
+            "pass token ids instead"
+        )
+    return model.tokenizer
+
+
+def eos_ids(model, eos_token_id=None) -> list[int]:
+    if eos_token_id is not None:
+        return [eos_token_id] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+    ids = list(model.generation_defaults.get("eos_token_id", model.config.eos_token_id))
+    tok = model.tokenizer
+    if tok is not None and getattr(tok, "eos_token_id", None) is not None and tok.eos_token_id not in ids:
+        ids.append(int(tok.eos_token_id))
+    return ids
+
+
+def generate(
+    model,
+    inputs,
+    max_new_tokens: int = 128,
+    temperature: float = 0.2,
+    top_k: int | None = 80,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.05,
+    eos_token_id: int | list[int] | None = None,
+    callback: Callable[[int, int], None] | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    timings: dict | None = None,
+    attention_mask: torch.Tensor | None = None,
+):
+    """Generate up to max_new_tokens per prompt.
+
+    inputs: token ids (LongTensor [B, T] or [T], or a list of id lists of different lengths) or text
+        (a str or list of str; needs the checkpoint's tokenizer).
+    eos_token_id: stop tokens (default: config / generation_config.json / tokenizer); [] never stops.
+    callback(row, token_id): called for every generated token as soon as it is chosen (streaming);
+        a row that has finished gets no more calls.
+    seed / generator: for reproducible sampling.
+    attention_mask: for transformers-style padded ids [B, T] (left or right padding): 1 = real token.
+    timings: a dict to receive {"prefill_s", "decode_s", "prompt_tokens", "decode_steps"}.
+
+    Returns, for id inputs, the new ids only as a LongTensor [B, new] where new is the longest row's
+    count; a row that stopped on an end-of-sequence token keeps that token and is padded after it with
+    pad_token_id (or its eos id when the config has no pad id). For text inputs, a list of str (the
+    decoded new tokens, special tokens kept so tool calls stay visible).
+    """
+    import time
+
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    rows, is_text = _as_rows(model, inputs, attention_mask)
+    B = len(rows)
+    lengths = [len(r) for r in rows]
+    T = max(lengths)
+    dev = model.device
+    stops = eos_ids(model, eos_token_id)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stops[0] if stops else 0)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(seed)
+
+    ids = torch.full((B, T), pad, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    ids = ids.to(dev)
+    lens = torch.tensor(lengths, dtype=torch.int64, device=dev)
+    state = model.new_state(B, T + max_new_tokens)
+
+    # token history for the repetition penalty: pads repeat the row's first token (a no-op duplicate)
+    hist = torch.empty(B, T + max_new_tokens, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        hist[b, :T] = r[0]
+        hist[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    hist = hist.to(dev)
+    stop_t = torch.tensor(stops, dtype=torch.int64, device=dev)
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.int64, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    t0 = time.perf_counter()
+    logits = model.prefill(ids, lens, state)
+    t1 = time.perf_counter()
+    n = 0
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            tok = sample_next(logits, hist[:, : T + step], temperature, top_k, top_p, repetition_penalty, generator)
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            out[:, step] = tok
+            n = step + 1
+            if callback is not None:
+                done = finished.tolist()
+                for b, t in enumerate(tok.tolist()):
+                    if not done[b]:
+                        callback(b, t)
+            hist[:, T + step] = tok
+            if stop_t.numel():
+                finished |= torch.isin(tok, stop_t)
+                if bool(finished.all()):
+                    break
+            if step + 1 == max_new_tokens:
+                break
+            logits = model.decode_step(tok, state)
+    t2 = time.perf_counter()
+    if timings is not None:
+        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prompt_tokens=sum(lengths), decode_steps=n - 1, batch=B)
+    new = out[:, :n].cpu()
+    if not is_text:
+        return new
+    tok = model.tokenizer
+    texts = []
+    for b in range(B):
+        r = new[b].tolist()
+        for i, t in enumerate(r):
+            if t in stops:
+                r = r[:i]
+                break
+        texts.append(tok.decode(r, skip_special_tokens=False))
+    return texts
+
+
+def chat(model, messages, tools=None, max_new_tokens: int = 512, **kwargs) -> ParsedReply:
+    """One assistant turn: template, generate, parse tool calls (never executed here)."""
+    tok = _need_tokenizer(model)
+    prompt = apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+    ids = tok.encode(prompt, add_special_tokens=False)
+    new = generate(model, [ids], max_new_tokens, **kwargs)[0].tolist()
+    stops = eos_ids(model, kwargs.get("eos_token_id"))
+    for i, t in enumerate(new):
+        if t in stops:
+            new = new[:i]
+            break
+    return parse_tool_calls(tok.decode(new, skip_special_tokens=False))

@@ -1,0 +1,281 @@
+"""The LFM2 / LFM2-MoE forward pass built from lfm_kernels ops, with preallocated decode state.
+
+Batching and padding: prompts of different lengths are **right-padded**. Row b's tokens sit at cache
+positions 0 .. len_b - 1, its RoPE positions are 0 .. len_b - 1, and each decode step writes row b's
+new key/value at position seq_lens[b] and attends to [0, seq_lens[b] + 1). That is exactly the
+contract of `lfm_kernels.decode_attention(q, k_cache, v_cache, seq_lens, scale)` (a prefix of the
+cache per row), so decode needs no mask and no gather. In prefill the pads come after every real token,
+so plain causal attention (and the causal conv) never lets a real token see a pad: no padding mask is
+needed. The one thing pads would spoil is the conv state (the last L values of B*x before the next
+token): for rows shorter than the batch it is rebuilt from that row's last real positions after the
+prefill. Left padding (transformers' choice) would put pads inside the [0, seq_len) prefix that
+decode_attention reads, which would need a per-row start offset the op does not have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import decode_attention, moe, short_conv
+from .. import linear as _linear_op
+from .config import ModelConfig
+from .weights import Weights
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """lfm_kernels.linear on x [..., K] (the op's contract is x [M, K]: rows are flattened and restored)."""
+    if x.dim() == 2:
+        return _linear_op(x, weight, bias)
+    return _linear_op(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Lfm2MoeRMSNorm exactly: normalise in fp32, round to x's dtype, then scale."""
+    # F.rms_norm normalises in fp32 and rounds once to x's dtype (bit-identical to transformers'
+    # x.float() ... .to(dtype)), in one op: the decode step dispatches few ops per layer.
+    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) written as
+    roll(x, D/2) * cat(-sin1, sin2): the same products and sum (bit-identical), two ops fewer."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+@dataclass
+class State:
+    """Decode state for a batch: KV caches [B, H_kv, S_max, D] of the attention layers, conv states
+    [B, H, L] of the conv layers, and seq_lens [B] (int64): tokens of each row already in the state,
+    which is also the RoPE position and cache index of that row's next token."""
+
+    batch: int
+    max_len: int
+    k_cache: dict[int, torch.Tensor]
+    v_cache: dict[int, torch.Tensor]
+    conv_state: dict[int, torch.Tensor]
+    seq_lens: torch.Tensor
+
+    def nbytes(self) -> int:
+        ts = [*self.k_cache.values(), *self.v_cache.values(), *self.conv_state.values()]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+class LfmModel:
+    """LFM2-MoE / LFM2 for inference: `prefill`, `decode_step`, `forward` (all logits) and `generate`."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, dtype: torch.dtype, tokenizer=None, path=None):
+        self.config = config
+        self.weights = weights
+        self.dtype = dtype
+        self.device = weights.embed.device
+        self.tokenizer = tokenizer
+        self.path = path
+        self.generation_defaults: dict = {}
+        self._cos = self._sin = None
+        self._scale = config.head_dim**-0.5
+
+    # ------------------------------------------------------------------ state and RoPE
+    def new_state(self, batch: int, max_len: int) -> State:
+        cfg = self.config
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_len {max_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})"
+            )
+        kv_shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        kw = dict(dtype=self.dtype, device=self.device)
+        k = {i: torch.zeros(kv_shape, **kw) for i in cfg.attention_layers}
+        v = {i: torch.zeros(kv_shape, **kw) for i in cfg.attention_layers}
+        conv = {i: torch.zeros(batch, cfg.hidden_size, cfg.conv_L_cache, **kw) for i in cfg.conv_layers}
+        self._rope_tables(max_len)
+        seq_lens = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        return State(batch, max_len, k, v, conv, seq_lens)
+
+    def _rope_tables(self, length: int):
+        """cos/sin [length, D] in the model dtype, computed once (grown when a longer state is made)
+        exactly as transformers' Lfm2MoeRotaryEmbedding computes them."""
+        if self._cos is None or self._cos.shape[0] < length:
+            D = self.config.head_dim
+            inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+            pos = torch.arange(length, dtype=torch.float)
+            freqs = pos[:, None] * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos = emb.cos().to(device=self.device, dtype=self.dtype)
+            sin = emb.sin().to(device=self.device, dtype=self.dtype)
+            sin[:, : D // 2].neg_()  # signed for apply_rope's roll form
+            self._sin = sin
+        return self._cos, self._sin
+
+    # ------------------------------------------------------------------ building blocks
+    def _ffn(self, lw, h: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if lw.moe:
+            shape = h.shape
+            out = moe(
+                h.reshape(-1, shape[-1]),
+                lw.gate,
+                lw.expert_bias,
+                lw.gate_up_proj,
+                lw.down_proj,
+                cfg.num_experts_per_tok,
+                cfg.norm_topk_prob,
+                cfg.routed_scaling_factor,
+            )
+            return out.view(shape)
+        inter = lw.w2.shape[1]
+        g = linear(h, lw.w13)
+        return linear(F.silu(g[..., :inter]) * g[..., inter:], lw.w2)
+
+    def _qkv(self, lw, h: torch.Tensor):
+        """qk [.., Hq + Hkv, D] (q heads, then k heads) with the per-head RMSNorm applied, and v
+        [.., Hkv, D]. q and k are normalised in one op with the per-head weights stacked."""
+        cfg = self.config
+        Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv = linear(h, lw.qkv)
+        lead = qkv.shape[:-1]
+        qk = qkv[..., : (Hq + Hkv) * D].view(*lead, Hq + Hkv, D)
+        v = qkv[..., (Hq + Hkv) * D :].view(*lead, Hkv, D)
+        return rms_norm(qk, self._qk_norm(lw), cfg.norm_eps), v
+
+    def _qk_norm(self, lw) -> torch.Tensor:
+        w = getattr(lw, "_qk_norm", None)
+        if w is None:
+            Hq, Hkv = self.config.num_attention_heads, self.config.num_key_value_heads
+            w = torch.cat([lw.q_norm.expand(Hq, -1), lw.k_norm.expand(Hkv, -1)])
+            lw._qk_norm = w
+        return w
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, state: State, all_logits: bool = False):
+        """Run right-padded prompts ids [B, T] (row b's real tokens are ids[b, :lengths[b]]) from an
+        empty state; fills the caches and returns the logits of each row's last real token [B, V]
+        (or of every position [B, T, V] with all_logits=True)."""
+        cfg, w = self.config, self.weights
+        B, T = ids.shape
+        if B != state.batch:
+            raise ValueError(f"ids has batch {B} but the state was made for {state.batch}")
+        if T > state.max_len:
+            raise ValueError(f"prompt length {T} exceeds the state's max_len {state.max_len}")
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=self.device)
+        if lengths.min().item() < 1 or lengths.max().item() > T:
+            raise ValueError(f"lengths must be in 1..{T}, got {lengths.tolist()}")
+        ragged = bool((lengths != T).any())
+        Hq = cfg.num_attention_heads
+        cos, sin = self._rope_tables(state.max_len)
+        cos, sin = cos[:T], sin[:T]
+        x = F.embedding(ids, w.embed)
+        for i, lw in enumerate(w.layers):
+            h = rms_norm(x, lw.operator_norm, cfg.norm_eps)
+            if lw.attention:
+                qk, v = self._qkv(lw, h)  # [B, T, heads, D]
+                qk = apply_rope(qk.transpose(1, 2), cos, sin)
+                q, k = qk[:, :Hq], qk[:, Hq:]
+                v = v.transpose(1, 2)
+                state.k_cache[i][:, :, :T] = k
+                state.v_cache[i][:, :, :T] = v
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self._scale, enable_gqa=True)
+                out = linear(o.transpose(1, 2).reshape(B, T, -1), lw.out_proj)
+            else:
+                bcx = linear(h, lw.in_proj, lw.in_proj_bias)
+                st = state.conv_state[i]
+                st.zero_()
+                y = short_conv(bcx, lw.conv, lw.conv_bias, st, None)
+                if ragged:
+                    self._fix_conv_state(st, bcx, lengths, T)
+                out = linear(y, lw.conv_out, lw.conv_out_bias)
+            x = x + out
+            x = x + self._ffn(lw, rms_norm(x, lw.ffn_norm, cfg.norm_eps))
+        state.seq_lens.copy_(lengths)
+        if all_logits:
+            return linear(rms_norm(x, w.final_norm, cfg.norm_eps), w.lm_head)
+        last = x[torch.arange(B, device=x.device), lengths - 1]
+        return linear(rms_norm(last, w.final_norm, cfg.norm_eps), w.lm_head)
+
+    def _fix_conv_state(self, st: torch.Tensor, bcx: torch.Tensor, lengths: torch.Tensor, T: int) -> None:
+        """Right padding put pad inputs into the conv state of short rows: rebuild it from each such
+        row's last L real positions (B*x rounded to the model dtype, as the kernel stores it)."""
+        H, L = self.config.hidden_size, self.config.conv_L_cache
+        for b, n in enumerate(lengths.tolist()):
+            if n == T:
+                continue
+            lo = max(n - L, 0)
+            u = (bcx[b, lo:n, :H].float() * bcx[b, lo:n, 2 * H :].float()).to(st.dtype)  # [n - lo, H]
+            st[b].zero_()
+            st[b, :, L - (n - lo) :] = u.t()
+
+    # ------------------------------------------------------------------ decode
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
+        """One new token per row (tokens [B] int64) at position seq_lens[b]; returns logits [B, V]."""
+        cfg, w = self.config, self.weights
+        B = tokens.shape[0]
+        pos = state.seq_lens
+        if int(pos.max()) >= state.max_len:
+            raise ValueError(f"the state is full (max_len {state.max_len}); make a longer one")
+        rows = torch.arange(B, device=self.device)
+        new_lens = pos + 1
+        Hq = cfg.num_attention_heads
+        cos_t, sin_t = self._rope_tables(state.max_len)
+        cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # [B, 1, D]: broadcast over heads
+        x = F.embedding(tokens, w.embed).unsqueeze(1)  # [B, 1, H]
+        for i, lw in enumerate(w.layers):
+            h = rms_norm(x, lw.operator_norm, cfg.norm_eps)
+            if lw.attention:
+                qk, v = self._qkv(lw, h[:, 0])  # [B, heads, D]
+                qk = apply_rope(qk, cos, sin)
+                q, k = qk[:, :Hq].contiguous(), qk[:, Hq:]
+                state.k_cache[i][rows, :, pos] = k
+                state.v_cache[i][rows, :, pos] = v
+                o = decode_attention(q, state.k_cache[i], state.v_cache[i], new_lens, self._scale)
+                out = linear(o.reshape(B, 1, -1), lw.out_proj)
+            else:
+                bcx = linear(h, lw.in_proj, lw.in_proj_bias)
+                y = short_conv(bcx, lw.conv, lw.conv_bias, state.conv_state[i], None)
+                out = linear(y, lw.conv_out, lw.conv_out_bias)
+            x = x + out
+            x = x + self._ffn(lw, rms_norm(x, lw.ffn_norm, cfg.norm_eps))
+        state.seq_lens.copy_(new_lens)
+        return linear(rms_norm(x[:, 0], w.final_norm, cfg.norm_eps), w.lm_head)
+
+    # ------------------------------------------------------------------ conveniences
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of every position [B, T, V] for full-length prompts (no padding), like transformers'
+        forward without a cache."""
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        state = self.new_state(ids.shape[0], ids.shape[1])
+        lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64)
+        return self.prefill(ids, lengths, state, all_logits=True)
+
+    def generate(self, inputs, max_new_tokens: int = 128, **kwargs):
+        from .generate import generate
+
+        return generate(self, inputs, max_new_tokens, **kwargs)
+
+    def chat(self, messages, tools=None, max_new_tokens: int = 512, **kwargs):
+        from .generate import chat
+
+        return chat(self, messages, tools=tools, max_new_tokens=max_new_tokens, **kwargs)
+
+    def weight_bytes(self) -> int:
+        return self.weights.nbytes()
+
+    def bytes_per_decoded_token(self, batch: int = 1) -> int:
+        """Weight bytes one decode step reads: everything but the embedding table (one row per token)
+        and the experts a token does not pick (top_k of E per MoE layer, for batch 1; for larger
+        batches at most min(E, batch * top_k) experts)."""
+        cfg, w = self.config, self.weights
+        total = 0
+        for name, t in w.tensors():
+            nb = t.numel() * t.element_size()
+            if name == "embed":
+                nb = (batch + (cfg.vocab_size if cfg.tie_word_embeddings else 0)) * cfg.hidden_size * t.element_size()
+            elif name.endswith("gate_up_proj") or name.endswith("down_proj"):
+                nb = nb * min(cfg.num_experts, batch * cfg.num_experts_per_tok) // cfg.num_experts
+            total += nb
+        return total

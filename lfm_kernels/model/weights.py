@@ -1,0 +1,361 @@
+"""Weight layout of our model and the checkpoint loader.
+
+Every weight lives in one preallocated tensor in the layout the forward pass wants:
+  - attention q/k/v projections stacked into one `qkv` [(Hq + 2 Hkv) * D, H] (one linear per layer),
+  - dense SwiGLU w1/w3 stacked into `w13` [2I, H] (gate rows first),
+  - experts fused as transformers does: `gate_up_proj` [E, 2I, H] (w1 rows, then w3), `down_proj` [E, H, I],
+  - the conv taps as [H, L].
+Checkpoint tensors are matched by name to a *slot* (a view into one of these tensors with the shape
+the checkpoint must have), so loading is: check every name and shape (from the safetensors headers,
+no data read), then read tensor by tensor from the file straight into its slot (`readinto` on the
+slot's memory: no mmap, no temporary when the dtypes agree, one tensor-sized buffer when converting).
+No fp32 copy, no second copy of the model: peak memory is the model plus the interpreter. Experts may come per expert (`experts.E.w1/w2/w3.weight`, the original layout)
+or fused (`experts.gate_up_proj` / `experts.down_proj`, transformers' layout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+# names that may appear in checkpoints but hold nothing we need (recomputed or unused)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "pos_emb.inv_freq", "pos_emb.original_inv_freq")
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.replace("torch.", "")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise TypeError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+@dataclass
+class LayerWeights:
+    attention: bool
+    moe: bool
+    operator_norm: torch.Tensor = None
+    ffn_norm: torch.Tensor = None
+    # attention
+    qkv: torch.Tensor = None
+    out_proj: torch.Tensor = None
+    q_norm: torch.Tensor = None
+    k_norm: torch.Tensor = None
+    # conv
+    in_proj: torch.Tensor = None
+    in_proj_bias: torch.Tensor | None = None
+    conv: torch.Tensor = None  # [H, L]
+    conv_bias: torch.Tensor | None = None
+    conv_out: torch.Tensor = None
+    conv_out_bias: torch.Tensor | None = None
+    # dense feed-forward
+    w13: torch.Tensor = None
+    w2: torch.Tensor = None
+    # MoE feed-forward
+    gate: torch.Tensor = None
+    expert_bias: torch.Tensor | None = None  # float32, as transformers keeps it
+    gate_up_proj: torch.Tensor = None
+    down_proj: torch.Tensor = None
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor  # the embedding itself when tied
+    layers: list[LayerWeights] = field(default_factory=list)
+
+    def tensors(self):
+        """(name, tensor) for every distinct tensor (a tied lm_head is listed once)."""
+        yield "embed", self.embed
+        yield "final_norm", self.final_norm
+        if self.lm_head is not self.embed:
+            yield "lm_head", self.lm_head
+        for i, layer in enumerate(self.layers):
+            for name, value in vars(layer).items():
+                if isinstance(value, torch.Tensor) and not name.startswith("_"):  # _*: derived caches
+                    yield f"layers.{i}.{name}", value
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.tensors())
+
+
+@dataclass
+class _Slot:
+    dest: torch.Tensor  # view with exactly the checkpoint tensor's expected shape
+    parts: tuple[str, ...]  # the canonical part names this tensor fills
+
+
+def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu") -> tuple[Weights, dict[str, _Slot], list[str]]:
+    """Uninitialised weights (torch.empty: pages are committed only when written), the slot of every
+    accepted checkpoint name, and the ordered list of required part names."""
+    H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    Hq, Hkv, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.conv_L_cache
+
+    def empty(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt, device=device)
+
+    slots: dict[str, _Slot] = {}
+    required: list[str] = []
+
+    def add(name: str, dest: torch.Tensor, parts: tuple[str, ...] | None = None, required_part: bool = True):
+        slots[name] = _Slot(dest, parts or (name,))
+        if parts is None and required_part:
+            required.append(name)
+
+    embed = empty(V, H)
+    add("model.embed_tokens.weight", embed)
+    final_norm = empty(H)
+    add("model.embedding_norm.weight", final_norm)
+    if cfg.tie_word_embeddings:
+        lm_head = embed
+    else:
+        lm_head = empty(V, H)
+        add("lm_head.weight", lm_head)
+    weights = Weights(embed=embed, final_norm=final_norm, lm_head=lm_head)
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        lw = LayerWeights(attention=cfg.is_attention(i), moe=cfg.is_moe_layer(i))
+        lw.operator_norm = empty(H)
+        lw.ffn_norm = empty(H)
+        add(p + "operator_norm.weight", lw.operator_norm)
+        add(p + "ffn_norm.weight", lw.ffn_norm)
+        if lw.attention:
+            lw.qkv = empty((Hq + 2 * Hkv) * D, H)
+            add(p + "self_attn.q_proj.weight", lw.qkv[: Hq * D])
+            add(p + "self_attn.k_proj.weight", lw.qkv[Hq * D : (Hq + Hkv) * D])
+            add(p + "self_attn.v_proj.weight", lw.qkv[(Hq + Hkv) * D :])
+            lw.out_proj = empty(H, Hq * D)
+            add(p + "self_attn.out_proj.weight", lw.out_proj)
+            lw.q_norm, lw.k_norm = empty(D), empty(D)
+            add(p + "self_attn.q_layernorm.weight", lw.q_norm)
+            add(p + "self_attn.k_layernorm.weight", lw.k_norm)
+        else:
+            lw.in_proj = empty(3 * H, H)
+            add(p + "conv.in_proj.weight", lw.in_proj)
+            lw.conv = empty(H, L)
+            add(p + "conv.conv.weight", lw.conv.view(H, 1, L))
+            lw.conv_out = empty(H, H)
+            add(p + "conv.out_proj.weight", lw.conv_out)
+            if cfg.conv_bias:
+                lw.in_proj_bias, lw.conv_bias, lw.conv_out_bias = empty(3 * H), empty(H), empty(H)
+                add(p + "conv.in_proj.bias", lw.in_proj_bias)
+                add(p + "conv.conv.bias", lw.conv_bias)
+                add(p + "conv.out_proj.bias", lw.conv_out_bias)
+        if lw.moe:
+            E, I = cfg.num_experts, cfg.moe_intermediate_size
+            lw.gate = empty(E, H)
+            add(p + "feed_forward.gate.weight", lw.gate)
+            if cfg.use_expert_bias:
+                lw.expert_bias = empty(E, dt=torch.float32)
+                add(p + "feed_forward.expert_bias", lw.expert_bias)
+            lw.gate_up_proj = empty(E, 2 * I, H)
+            lw.down_proj = empty(E, H, I)
+            ex = p + "feed_forward.experts."
+            gu_parts, down_parts = [], []
+            for e in range(E):
+                add(f"{ex}{e}.w1.weight", lw.gate_up_proj[e, :I])
+                add(f"{ex}{e}.w3.weight", lw.gate_up_proj[e, I:])
+                add(f"{ex}{e}.w2.weight", lw.down_proj[e])
+                gu_parts += [f"{ex}{e}.w1.weight", f"{ex}{e}.w3.weight"]
+                down_parts.append(f"{ex}{e}.w2.weight")
+            add(ex + "gate_up_proj", lw.gate_up_proj, tuple(gu_parts))
+            add(ex + "down_proj", lw.down_proj, tuple(down_parts))
+        else:
+            I = cfg.intermediate_size
+            lw.w13 = empty(2 * I, H)
+            add(p + "feed_forward.w1.weight", lw.w13[:I])
+            add(p + "feed_forward.w3.weight", lw.w13[I:])
+            lw.w2 = empty(H, I)
+            add(p + "feed_forward.w2.weight", lw.w2)
+        weights.layers.append(lw)
+    return weights, slots, required
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory (through the index when there is one)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{index} lists shard {name!r}, which is missing from {path!r}")
+        return [os.path.join(path, name) for name in files]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors files in {path!r} (only safetensors checkpoints are supported; "
+            "convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
+        )
+    return [os.path.join(path, f) for f in files]
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_header(file: str) -> tuple[int, dict]:
+    """A safetensors file's header: (byte offset of the data, {name: {dtype, shape, data_offsets}})."""
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{file}: not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        if n > 100 << 20:
+            raise ValueError(f"{file}: not a safetensors file (header length {n})")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _first_dtype(headers: dict) -> torch.dtype:
+    for file, (_, header) in headers.items():
+        for name, info in header.items():
+            if "norm" in name or name.endswith("expert_bias"):
+                continue  # some exporters keep these in fp32
+            return _ST_DTYPES.get(info["dtype"], torch.float32)
+    return torch.float32
+
+
+def _read_into(fh, base: int, info: dict, dest: torch.Tensor, name: str) -> None:
+    """Read one tensor straight from the file into dest: no mmap, and no temporary at all when the
+    dtypes agree (only a dtype conversion needs one tensor-sized buffer)."""
+    src_dtype = _ST_DTYPES.get(info["dtype"])
+    if src_dtype is None:
+        raise ValueError(f"tensor {name!r} has dtype {info['dtype']}; expected a float dtype (BF16, F16, F32)")
+    start, end = info["data_offsets"]
+    nbytes = dest.numel() * torch.empty(0, dtype=src_dtype).element_size()
+    if end - start != nbytes:
+        raise ValueError(f"tensor {name!r}: {end - start} bytes in the file, {nbytes} expected (corrupt file?)")
+    direct = dest.dtype == src_dtype and dest.is_contiguous() and dest.device.type == "cpu"
+    buf = dest if direct else torch.empty(dest.shape, dtype=src_dtype)
+    fh.seek(base + start)
+    view = buf.view(-1).view(torch.uint8).numpy()
+    got = 0
+    while got < nbytes:  # readinto may return short counts on large reads
+        n = fh.readinto(view[got:])
+        if not n:
+            raise ValueError(f"tensor {name!r}: file ends early (corrupt or truncated file?)")
+        got += n
+    if not direct:
+        dest.copy_(buf)
+
+
+def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress: bool = True) -> tuple[Weights, torch.dtype]:
+    """Check every tensor's name and shape against cfg (errors name the first mismatch), then load."""
+    files = checkpoint_files(path)
+    headers = {file: read_header(file) for file in files}
+    # None: the dtype the tensors are stored in (config.json's `dtype` can disagree with the files)
+    dtype = resolve_dtype(dtype) or _first_dtype(headers)
+    weights, slots, required = allocate(cfg, dtype, device)
+
+    # Pass 1: names and shapes only (no data read), so a bad checkpoint fails before a long load.
+    plan: list[tuple[str, str, _Slot]] = []
+    covered: dict[str, str] = {}
+    for file in files:
+        for name, info in headers[file][1].items():
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # tied: transformers ignores a stored copy as well
+            slot = slots.get(name)
+            if slot is None:
+                raise ValueError(
+                    f"checkpoint {os.path.basename(file)}: unexpected tensor {name!r}, which a "
+                    f"{cfg.model_type} model with this config.json does not have"
+                )
+            shape = tuple(info["shape"])
+            if shape != tuple(slot.dest.shape):
+                raise ValueError(
+                    f"checkpoint {os.path.basename(file)}: tensor {name!r} has shape {list(shape)}, "
+                    f"but config.json implies {list(slot.dest.shape)}"
+                )
+            for part in slot.parts:
+                if part in covered:
+                    raise ValueError(f"checkpoint: {part!r} is given twice (by {covered[part]!r} and {name!r})")
+                covered[part] = name
+            plan.append((file, name, slot))
+    for name in required:
+        if name not in covered:
+            hint = ""
+            if ".experts." in name:
+                hint = " (nor the fused experts.gate_up_proj / experts.down_proj)"
+            raise ValueError(f"checkpoint {path!r} is missing tensor {name!r}{hint}")
+
+    # Pass 2: read tensor by tensor straight into the slots, in file order.
+    total = sum(s.dest.numel() * s.dest.element_size() for _, _, s in plan)
+    bar = _progress(total, f"loading {os.path.basename(os.path.abspath(path))}", progress)
+    by_file: dict[str, list[tuple[str, _Slot]]] = {}
+    for file, name, slot in plan:
+        by_file.setdefault(file, []).append((name, slot))
+    with torch.no_grad():
+        for file, items in by_file.items():
+            base, header = headers[file]
+            items.sort(key=lambda it: header[it[0]]["data_offsets"][0])
+            with open(file, "rb", buffering=0) as fh:
+                for name, slot in items:
+                    if slot.dest.device.type == "cpu":
+                        _read_into(fh, base, header[name], slot.dest, name)
+                    else:
+                        tmp = torch.empty(slot.dest.shape, dtype=_ST_DTYPES[header[name]["dtype"]])
+                        _read_into(fh, base, header[name], tmp, name)
+                        slot.dest.copy_(tmp)
+                    bar.update(slot.dest.numel() * slot.dest.element_size())
+    bar.close()
+    return weights, dtype
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
+
+
+def fill_random(weights: Weights, cfg: ModelConfig, seed: int = 0, progress: bool = True, std: float = 0.02) -> None:
+    """Seeded random weights, generated in place chunk by chunk in the weights' own dtype.
+
+    Scales keep activations O(1) through any depth: matrices N(0, std) as transformers initialises
+    them (std = initializer_range = 0.02), RMSNorm weights near 1, conv taps N(0, 0.3) (about what
+    Conv1d's default init gives for width 3), a small random expert_bias so routing is not tied.
+    """
+    gen = torch.Generator(device=weights.embed.device)
+    gen.manual_seed(seed)
+    items = list(weights.tensors())
+    total = sum(t.numel() * t.element_size() for _, t in items)
+    bar = _progress(total, "random weights", progress)
+    chunk = 1 << 24  # elements per normal_ call: keeps the progress bar moving
+    with torch.no_grad():
+        for name, t in items:
+            flat = t.view(-1)
+            if name.endswith("norm"):
+                flat.normal_(1.0, 0.05, generator=gen)
+            elif name.endswith("expert_bias"):
+                flat.normal_(0.0, 0.01, generator=gen)
+            elif name.endswith(".conv") or name.endswith("conv_bias"):
+                flat.normal_(0.0, 0.3, generator=gen)
+            else:
+                for start in range(0, flat.numel(), chunk):
+                    flat[start : start + chunk].normal_(0.0, std, generator=gen)
+                    bar.update(min(chunk, flat.numel() - start) * t.element_size())
+                continue
+            bar.update(t.numel() * t.element_size())
+    bar.close()
