@@ -401,7 +401,11 @@ def test_patch_rejects_non_module():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_path_under_interpreter():
-    """The patched modules calling the Triton kernels (interpreted on CPU tensors) on a tiny model."""
+    """The patched modules calling the Triton kernels (interpreted on CPU tensors) on a tiny model.
+
+    `_force_triton()` makes the patched modules call each op's Triton entry point directly; ops whose
+    Triton kernel has not landed yet (MoE, decode attention at the time of writing) run their public op.
+    """
     model = make_model("moe")
     twin = clone_model(model)
     lfm_kernels.patch(model)
@@ -413,8 +417,9 @@ def test_triton_path_under_interpreter():
             ref = twin(chunk, cache=caches[1], use_cache=True).logits
             assert rel_err(out, ref) < TOL[torch.float32]
         ran = set(used)
-    if not ran:
-        pytest.skip("no Triton kernel is available yet for the ops the patch routes")
-    for idx, layer_type in enumerate(LAYERS):
-        if layer_type == "conv":
-            assert torch.equal(caches[0].layers[idx].conv_states[0], caches[1].layers[idx].conv_states[0])
+    assert "short_conv" in ran, f"the short conv did not run through Triton (ran: {sorted(ran)})"
+    # layer 0 sees identical inputs: its state is bit-exact; deeper layers differ by float32 rounding below them
+    a, b = caches[0].layers[0].conv_states[0], caches[1].layers[0].conv_states[0]
+    assert torch.equal(a, b)
+    a, b = caches[0].layers[2].conv_states[0], caches[1].layers[2].conv_states[0]
+    assert rel_err(a, b) < TOL[torch.float32]
