@@ -59,12 +59,20 @@ def moe_route(
 
     Experts are chosen on sigmoid(logits) + expert_bias, sorted by that score (largest first, like
     torch.topk); their weights are the *unbiased* sigmoids, divided by (sum + 1e-6) when
-    norm_topk_prob, times routed_scaling_factor.
+    norm_topk_prob, times routed_scaling_factor. Logits and sigmoid are rounded to hidden's dtype
+    as transformers computes them in it (so bf16 selections match transformers'), and so is the biased
+    score when expert_bias has a low-precision dtype. Exact ties go to the lower expert index.
     """
-    logits = hidden.float() @ gate_weight.float().t()
-    scores = logits.sigmoid()
-    choice = scores if expert_bias is None else scores + expert_bias.float()
-    _, ids = torch.topk(choice, top_k, dim=-1)
+    # transformers runs the router in the model dtype: logits and sigmoid are rounded to it. The
+    # selection is discrete, so the reference (and every kernel) rounds at the same two points to pick
+    # the same experts as transformers in bf16; everything else stays float32.
+    logits = (hidden.float() @ gate_weight.float().t()).to(hidden.dtype)
+    sig = logits.float().sigmoid().to(hidden.dtype)
+    # the biased score is rounded to torch's promoted dtype of (sig, expert_bias), as transformers adds them
+    choice = sig if expert_bias is None else (sig + expert_bias)
+    scores = sig.float()
+    # a stable descending sort breaks exact ties toward the lower expert index (torch.topk leaves it unspecified)
+    ids = torch.sort(choice.float(), dim=-1, descending=True, stable=True).indices[:, :top_k]
     weights = scores.gather(1, ids)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)

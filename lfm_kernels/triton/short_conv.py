@@ -1,9 +1,11 @@
-"""Triton kernel for the fused gated short conv: y = C * causal_depthwise_conv(B * x) (see ops/short_conv.py).
+"""Triton kernels for the fused gated short conv (GPU; run interpreted in the CPU tests).
 
-One program owns a block of channels of one sequence and walks its tokens in order, keeping the last
-L values of B*x in registers: bcx is read once, y written once, conv_state read at the start and
-written at the end. Work is B x ceil(D / BLOCK_D) programs; LFM2's D = 2048 gives 16-32 per sequence.
-Taps are padded on the left to 4 (the widest conv this op accepts), so one code path serves L in 2..4.
+Prefill tiles time and channels: each program owns BLOCK_T steps x BLOCK_D channels and re-loads the
+L-1 rows before its tile (from bcx, or from conv_state before t = 0), so tiles are independent. The new
+conv_state is written by a second, tiny launch that runs after every tile has read the old one.
+Decode (T = 1 with a state) is one launch that reads and rewrites each channel's state in place.
+u = B*x is rounded to the input dtype before use, as transformers stores it, so chunked prefill and
+decode agree bit-for-bit with one prefill.
 """
 
 from __future__ import annotations
@@ -12,141 +14,180 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_WIDTH = 4
-
 
 @triton.jit
-def _round_to(x, ty: tl.constexpr):
-    """x (fp32) rounded to ty, returned in fp32. bf16 rounds to nearest-even in integer arithmetic, because
-    Triton's interpreter truncates on a bf16 cast while GPUs round: both give the same bits this way."""
-    if ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+def _round_to(b_x, dtype: tl.constexpr):
+    """b_x (fp32) rounded to dtype's precision, nearest-even, kept in fp32. bf16 is rounded with integer
+    ops because a plain cast truncates under the Triton interpreter, and the conv state must match
+    transformers bit for bit."""
+    if dtype == tl.bfloat16:
+        b_bits = b_x.to(tl.uint32, bitcast=True)
+        b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(b_x != b_x, b_x, b_bits.to(tl.float32, bitcast=True))
+    elif dtype == tl.float16:
+        return b_x.to(tl.float16).to(tl.float32)
     else:
-        return x.to(ty).to(tl.float32)
+        return b_x
 
 
 @triton.jit
-def _short_conv_kernel(
-    p_bcx,
-    p_weight,
-    p_bias,
-    p_state,
-    p_mask,
-    p_y,
-    T,
-    D,
-    s_bb,
-    s_bt,
-    s_bd,
-    s_sb,
-    s_sd,
-    s_sl,
-    s_mb,
-    s_mt,
-    WIDTH: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_STATE: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+def _short_conv_prefill_kernel(
+    p_bcx, p_w, p_bias, p_state, p_mask, p_y,
+    T, D,
+    s_xb, s_xt, s_xd,
+    s_sb, s_sd, s_sl,
+    s_mb, s_mt,
+    L: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_b = tl.program_id(0)
-    i_d = tl.program_id(1)
+    i_b, i_d, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_d = o_d < D
+    m_t = o_t < T
+    dtype = p_y.dtype.element_ty
+    p_row = p_bcx + i_b * s_xb
+
+    b_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        b_acc += tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(L):
+        # tap j reads u at time t - (L - 1) + j; negative times come from the state (index L + time)
+        o_src = o_t - (L - 1) + j
+        m_src = m_t & (o_src >= 0)
+        m_2d = m_src[:, None] & m_d[None, :]
+        b_b = tl.load(p_row + o_src[:, None] * s_xt + o_d[None, :] * s_xd, mask=m_2d, other=0.0).to(tl.float32)
+        b_x = tl.load(p_row + o_src[:, None] * s_xt + (2 * D + o_d[None, :]) * s_xd, mask=m_2d, other=0.0).to(tl.float32)
+        b_u = _round_to(b_b * b_x, dtype)
+        if HAS_MASK:
+            b_keep = tl.load(p_mask + i_b * s_mb + o_src * s_mt, mask=m_src, other=0)
+            b_u = tl.where((b_keep != 0)[:, None], b_u, 0.0)
+        if HAS_STATE:
+            m_hist = m_t & (o_src < 0)
+            b_h = tl.load(
+                p_state + i_b * s_sb + o_d[None, :] * s_sd + (L + o_src[:, None]) * s_sl,
+                mask=m_hist[:, None] & m_d[None, :], other=0.0,
+            ).to(tl.float32)
+            b_u += b_h
+        b_w = tl.load(p_w + o_d * L + j, mask=m_d, other=0.0).to(tl.float32)
+        b_acc += b_u * b_w[None, :]
+    m_out = m_t[:, None] & m_d[None, :]
+    b_c = tl.load(p_row + o_t[:, None] * s_xt + (D + o_d[None, :]) * s_xd, mask=m_out, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        b_keep_t = tl.load(p_mask + i_b * s_mb + o_t * s_mt, mask=m_t, other=0)
+        b_c = tl.where((b_keep_t != 0)[:, None], b_c, 0.0)
+    tl.store(p_y + (i_b * T + o_t[:, None]) * D + o_d[None, :], (b_c * b_acc).to(dtype), mask=m_out)
+
+
+@triton.jit
+def _short_conv_state_kernel(
+    p_bcx, p_state, p_mask,
+    T, D,
+    s_xb, s_xt, s_xd,
+    s_sb, s_sd, s_sl,
+    s_mb, s_mt,
+    L: tl.constexpr, LP: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # new state[j] = u[T - L + j] for T - L + j >= 0, else old state[T + j]; LP = L rounded up to a power of 2
+    i_b, i_d = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    PAD: tl.constexpr = 4 - WIDTH
+    o_l = tl.arange(0, LP)
+    m_l = o_l < L
+    o_src = T - L + o_l
+    m_new = (o_src >= 0) & m_l
+    p_row = p_bcx + i_b * s_xb
+    p_s = p_state + i_b * s_sb + o_d[:, None] * s_sd
+    m_2d = m_d[:, None] & m_new[None, :]
+    b_b = tl.load(p_row + o_src[None, :] * s_xt + o_d[:, None] * s_xd, mask=m_2d, other=0.0).to(tl.float32)
+    b_x = tl.load(p_row + o_src[None, :] * s_xt + (2 * D + o_d[:, None]) * s_xd, mask=m_2d, other=0.0).to(tl.float32)
+    b_u = _round_to(b_b * b_x, p_state.dtype.element_ty)
+    if HAS_MASK:
+        b_keep = tl.load(p_mask + i_b * s_mb + o_src * s_mt, mask=m_new, other=0)
+        b_u = tl.where((b_keep != 0)[None, :], b_u, 0.0)
+    m_old = m_l & (o_src < 0)
+    b_old = tl.load(p_s + (T + o_l[None, :]) * s_sl, mask=m_d[:, None] & m_old[None, :], other=0.0)
+    b_new = tl.where(m_new[None, :], b_u.to(b_old.dtype), b_old)
+    tl.debug_barrier()  # all of this program's old values are read before any is overwritten
+    tl.store(p_s + o_l[None, :] * s_sl, b_new, mask=m_d[:, None] & m_l[None, :])
 
-    # Taps w0..w3 (w0 oldest); slots left of the real width hold zero weight and zero history.
-    b_w0 = tl.load(p_weight + o_d * WIDTH + (0 - PAD), mask=m_d & (PAD <= 0), other=0.0).to(tl.float32)
-    b_w1 = tl.load(p_weight + o_d * WIDTH + (1 - PAD), mask=m_d & (PAD <= 1), other=0.0).to(tl.float32)
-    b_w2 = tl.load(p_weight + o_d * WIDTH + (2 - PAD), mask=m_d & (PAD <= 2), other=0.0).to(tl.float32)
-    b_w3 = tl.load(p_weight + o_d * WIDTH + (3 - PAD), mask=m_d, other=0.0).to(tl.float32)
+
+@triton.jit
+def _short_conv_decode_kernel(
+    p_bcx, p_w, p_bias, p_state, p_y,
+    D,
+    s_xb, s_xd,
+    s_sb, s_sd, s_sl,
+    L: tl.constexpr, LP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_b, i_d = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    dtype = p_y.dtype.element_ty
+    p_row = p_bcx + i_b * s_xb
+    b_b = tl.load(p_row + o_d * s_xd, mask=m_d, other=0.0).to(tl.float32)
+    b_c = tl.load(p_row + (D + o_d) * s_xd, mask=m_d, other=0.0).to(tl.float32)
+    b_x = tl.load(p_row + (2 * D + o_d) * s_xd, mask=m_d, other=0.0).to(tl.float32)
+    b_u = _round_to(b_b * b_x, dtype)
+    o_l = tl.arange(0, LP)  # LP = L rounded up to a power of 2; lanes >= L are masked off
+    p_s = p_state + i_b * s_sb + o_d[:, None] * s_sd + o_l[None, :] * s_sl
+    m_s = m_d[:, None] & (o_l[None, :] < L)
+    b_w = tl.load(p_w + o_d[:, None] * L + o_l[None, :], mask=m_s, other=0.0).to(tl.float32)
+    # taps 0..L-2 see state[1..L-1]; tap L-1 sees u. Shift by one: new[j] = old[j+1], new[L-1] = u
+    b_shift = tl.load(p_s + s_sl, mask=m_d[:, None] & (o_l[None, :] < L - 1), other=0.0)
+    b_new = tl.where(o_l[None, :] == L - 1, b_u[:, None].to(b_shift.dtype), b_shift)
+    b_acc = tl.sum(tl.where(o_l[None, :] == L - 1, b_u[:, None], b_shift.to(tl.float32)) * b_w, axis=1)
     if HAS_BIAS:
-        b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
-    else:
-        b_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-
-    p_st = p_state + i_b * s_sb + o_d * s_sd
-    if HAS_STATE:
-        b_s0 = tl.load(p_st + (0 - PAD) * s_sl, mask=m_d & (PAD <= 0), other=0.0).to(tl.float32)
-        b_s1 = tl.load(p_st + (1 - PAD) * s_sl, mask=m_d & (PAD <= 1), other=0.0).to(tl.float32)
-        b_s2 = tl.load(p_st + (2 - PAD) * s_sl, mask=m_d & (PAD <= 2), other=0.0).to(tl.float32)
-        b_s3 = tl.load(p_st + (3 - PAD) * s_sl, mask=m_d, other=0.0).to(tl.float32)
-    else:
-        b_s0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-        b_s1 = tl.zeros([BLOCK_D], dtype=tl.float32)
-        b_s2 = tl.zeros([BLOCK_D], dtype=tl.float32)
-        b_s3 = tl.zeros([BLOCK_D], dtype=tl.float32)
-
-    p_row = p_bcx + i_b * s_bb + o_d * s_bd
-    p_out = p_y + i_b * T * D + o_d
-    # A while loop rather than range(T): Triton's interpreter cannot index with a runtime scalar
-    # under numpy 2 (int() of a one-element array), and a sequential loop compiles the same either way.
-    t = 0
-    while t < T:
-        b_b = tl.load(p_row + t * s_bt, mask=m_d, other=0.0).to(tl.float32)
-        b_c = tl.load(p_row + t * s_bt + D * s_bd, mask=m_d, other=0.0).to(tl.float32)
-        b_x = tl.load(p_row + t * s_bt + 2 * D * s_bd, mask=m_d, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            keep = tl.load(p_mask + i_b * s_mb + t * s_mt) != 0
-            b_b = tl.where(keep, b_b, 0.0)
-            b_c = tl.where(keep, b_c, 0.0)
-        # B*x is what transformers stores in the cache, in the model dtype: round it the same way.
-        b_u = _round_to(b_b * b_x, p_y.dtype.element_ty)
-        b_s0 = b_s1
-        b_s1 = b_s2
-        b_s2 = b_s3
-        b_s3 = b_u
-        b_o = b_w0 * b_s0 + b_w1 * b_s1 + b_w2 * b_s2 + b_w3 * b_s3 + b_bias
-        tl.store(p_out + t * D, _round_to(b_c * b_o, p_y.dtype.element_ty).to(p_y.dtype.element_ty), mask=m_d)
-        t += 1
-
-    if HAS_STATE:
-        st_ty = p_state.dtype.element_ty
-        tl.store(p_st + (0 - PAD) * s_sl, b_s0.to(st_ty), mask=m_d & (PAD <= 0))
-        tl.store(p_st + (1 - PAD) * s_sl, b_s1.to(st_ty), mask=m_d & (PAD <= 1))
-        tl.store(p_st + (2 - PAD) * s_sl, b_s2.to(st_ty), mask=m_d & (PAD <= 2))
-        tl.store(p_st + (3 - PAD) * s_sl, b_s3.to(st_ty), mask=m_d)
+        b_acc += tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    tl.store(p_y + i_b * D + o_d, (b_c * b_acc).to(dtype), mask=m_d)
+    tl.debug_barrier()  # every lane has read the old state before any lane overwrites it
+    tl.store(p_s, b_new, mask=m_s)
 
 
-def short_conv_triton(bcx, weight, bias=None, conv_state=None, attention_mask=None, block_d: int = 128):
-    """Arguments as lfm_kernels.short_conv (already validated there); works on CUDA and, interpreted, on CPU."""
+def _pow2_width(width: int) -> int:
+    return 1 << (width - 1).bit_length()
+
+
+def short_conv_triton(bcx, weight, bias=None, conv_state=None, attention_mask=None, out=None):
+    """Same contract as lfm_kernels.short_conv (inputs already validated). `out`, if given, is a
+    contiguous [B, T, D] buffer to write (tests pass a NaN-poisoned one)."""
     batch, seqlen, d3 = bcx.shape
     dim = d3 // 3
     width = weight.shape[1]
-    if not 1 <= width <= MAX_WIDTH:
-        raise ValueError(f"weight must have 1..{MAX_WIDTH} taps, got {width}")
-    y = torch.empty(batch, seqlen, dim, dtype=bcx.dtype, device=bcx.device)
-    if batch == 0 or seqlen == 0 and conv_state is None:
+    y = torch.empty(batch, seqlen, dim, dtype=bcx.dtype, device=bcx.device) if out is None else out
+    if batch == 0 or seqlen == 0:
         return y
     weight = weight.contiguous()
-    mask = None
-    if attention_mask is not None:
-        mask = (attention_mask != 0).to(torch.int8)
-    state = conv_state if conv_state is not None else y  # placeholder pointer, never read
-    grid = (batch, triton.cdiv(dim, block_d))
-    _short_conv_kernel[grid](
-        bcx,
-        weight,
-        bias if bias is not None else weight,
-        state,
-        mask if mask is not None else weight,
-        y,
-        seqlen,
-        dim,
-        bcx.stride(0),
-        bcx.stride(1),
-        bcx.stride(2),
-        state.stride(0),
-        state.stride(1),
-        state.stride(2),
-        mask.stride(0) if mask is not None else 0,
-        mask.stride(1) if mask is not None else 0,
-        WIDTH=width,
-        HAS_BIAS=bias is not None,
-        HAS_STATE=conv_state is not None,
-        HAS_MASK=mask is not None,
-        BLOCK_D=block_d,
+    dummy = y  # never read when the matching HAS_* flag is off
+    width_p2 = _pow2_width(width)
+    if seqlen == 1 and conv_state is not None and attention_mask is None:
+        block_d = 256
+        grid = (batch, triton.cdiv(dim, block_d))
+        _short_conv_decode_kernel[grid](
+            bcx, weight, bias if bias is not None else dummy, conv_state, y,
+            dim, bcx.stride(0), bcx.stride(2),
+            conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
+            L=width, LP=width_p2, HAS_BIAS=bias is not None, BLOCK_D=block_d,
+        )
+        return y
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.to(torch.uint8)
+    block_t, block_d = 32, 128
+    grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_t))
+    state = conv_state if conv_state is not None else dummy
+    s_state = conv_state.stride() if conv_state is not None else (0, 0, 0)
+    s_mask = mask.stride() if mask is not None else (0, 0)
+    _short_conv_prefill_kernel[grid](
+        bcx, weight, bias if bias is not None else dummy, state, mask if mask is not None else dummy, y,
+        seqlen, dim, bcx.stride(0), bcx.stride(1), bcx.stride(2), *s_state, *s_mask,
+        L=width, HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, HAS_MASK=mask is not None,
+        BLOCK_T=block_t, BLOCK_D=block_d,
     )
+    if conv_state is not None:
+        _short_conv_state_kernel[(batch, triton.cdiv(dim, block_d))](
+            bcx, conv_state, mask if mask is not None else dummy,
+            seqlen, dim, bcx.stride(0), bcx.stride(1), bcx.stride(2), *s_state, *s_mask,
+            L=width, LP=width_p2, HAS_MASK=mask is not None, BLOCK_D=block_d,
+        )
     return y

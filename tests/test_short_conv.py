@@ -1,0 +1,270 @@
+"""Parity, state and bad-input tests for lfm_kernels.short_conv on the C++ (AVX2 and portable) and Triton paths."""
+
+import contextlib
+
+import pytest
+import torch
+
+import lfm_kernels
+from lfm_kernels import _backend, reference
+from conftest import HAS_CUDA, HAS_TRITON, assert_close, dtype_id
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IMPLS = ["avx2", "portable", "triton"]
+
+
+def _run(impl, bcx, weight, bias=None, conv_state=None, attention_mask=None, poison=False):
+    """Call one implementation, so each path is tested whatever the dispatcher would pick.
+
+    poison=True writes into a NaN-filled output buffer through the kernel's private entry point, so an
+    element the kernel forgets to write fails the comparison; otherwise the public API runs."""
+    out = None
+    if poison:
+        out = torch.full((bcx.shape[0], bcx.shape[1], bcx.shape[2] // 3), float("nan"), dtype=bcx.dtype)
+    if impl == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton not installed")
+        from lfm_kernels.triton.short_conv import short_conv_triton
+
+        return short_conv_triton(bcx, weight, bias, conv_state, attention_mask, out=out)
+    if _backend._C is None:
+        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
+    if impl == "avx2" and not _backend._C.cpu_supports_avx2():
+        pytest.skip("CPU without AVX2")
+    ctx = _backend.force_portable_cpu() if impl == "portable" else contextlib.nullcontext()
+    with ctx:
+        assert _backend.cpu_isa() == impl
+        if poison:
+            return torch.ops.lfm_kernels_cpu.short_conv(bcx, weight, bias, conv_state, attention_mask, out)
+        return lfm_kernels.short_conv(bcx, weight, bias, conv_state, attention_mask)
+
+
+def _inputs(batch, seqlen, dim, dtype, width=3, strided=False, with_state=True, device="cpu"):
+    if strided:
+        # a slice of a wider tensor: batch and time strides are not those of a contiguous [B, T, 3D]
+        wide = torch.randn(batch, seqlen, 3 * dim + 40, dtype=dtype, device=device)
+        bcx = wide[:, :, 16 : 16 + 3 * dim]
+    else:
+        bcx = torch.randn(batch, seqlen, 3 * dim, dtype=dtype, device=device)
+    weight = torch.randn(dim, width, dtype=dtype, device=device) * 0.5
+    state = torch.randn(batch, dim, width, device=device).to(dtype) if with_state else None
+    return bcx, weight, state
+
+
+def _check(impl, batch, seqlen, dim, dtype, with_state, strided=False, width=3, bias=False):
+    bcx, weight, state = _inputs(batch, seqlen, dim, dtype, width, strided, with_state)
+    b = torch.randn(dim, dtype=dtype) if bias else None
+    ref_state = state.clone() if state is not None else None
+    bcx_before = bcx.clone()
+    out = _run(impl, bcx, weight, b, state, poison=True)
+    ref = reference.short_conv(bcx, weight, b, ref_state)
+    assert_close(out, ref, dtype)
+    assert torch.equal(bcx, bcx_before), "bcx must not be modified"
+    if state is not None:
+        # the state only holds moved (rounded) values of B*x: bit-exact
+        assert torch.equal(state, ref_state), "conv_state differs from the reference"
+
+
+def _case_id(batch, seqlen, dim, dtype):
+    return f"B{batch}-T{seqlen}-D{dim}-{dtype_id(dtype)}"
+
+
+CPU_GRID = [
+    (b, t, d, dt)
+    for dt in DTYPES
+    for d in (64, 2048, 2056)
+    for t in (1, 2, 3, 17, 129)
+    for b in (1, 3)
+]
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
+@pytest.mark.parametrize("batch,seqlen,dim,dtype", CPU_GRID, ids=[_case_id(*c) for c in CPU_GRID])
+@pytest.mark.parametrize("impl", ["avx2", "portable"])
+def test_parity_cpu(impl, batch, seqlen, dim, dtype, with_state):
+    _check(impl, batch, seqlen, dim, dtype, with_state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("impl", ["avx2", "portable"])
+def test_parity_cpu_long(impl, dtype):
+    _check(impl, 2, 1024, 2056, dtype, True)
+
+
+# The interpreter runs every program in Python: the Triton grid keeps all T and D values but fewer combinations.
+TRITON_GRID = [
+    (b, t, d, dt)
+    for dt in DTYPES
+    for t in (1, 2, 3, 17, 129)
+    for (b, d) in ((1, 64), (3, 64), (1, 2048), (3, 2056))
+    if not (t == 129 and d >= 2048 and (dt != torch.bfloat16 or b > 1))
+]
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
+@pytest.mark.parametrize("batch,seqlen,dim,dtype", TRITON_GRID, ids=[_case_id(*c) for c in TRITON_GRID])
+def test_parity_triton(batch, seqlen, dim, dtype, with_state):
+    _check("triton", batch, seqlen, dim, dtype, with_state)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_widths_bias_strided(impl, width):
+    _check(impl, 3, 17, 72, torch.float32, True, strided=True, width=width, bias=True)
+    _check(impl, 2, 5, 72, torch.bfloat16, True, strided=True, width=width, bias=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_strided_state(impl, dtype):
+    """conv_state may be a view (e.g. one layer of a [layers, B, D, L] buffer, or transposed storage)."""
+    batch, seqlen, dim = 2, 9, 40
+    bcx, weight, _ = _inputs(batch, seqlen, dim, dtype)
+    store = torch.randn(batch, 3, dim, device="cpu").to(dtype)
+    state = store.transpose(1, 2)  # [B, D, L] with non-unit last stride
+    ref_state = state.clone()
+    out = _run(impl, bcx, weight, None, state)
+    ref = reference.short_conv(bcx, weight, None, ref_state)
+    assert_close(out, ref, dtype)
+    assert torch.equal(state, ref_state)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_chunked_prefill_equals_one_prefill(impl, dtype):
+    batch, seqlen, dim = 2, 40, 136
+    bcx, weight, _ = _inputs(batch, seqlen, dim, dtype)
+    state_once = torch.zeros(batch, dim, 3, dtype=dtype)
+    y_once = _run(impl, bcx, weight, None, state_once)
+    for split in (1, 2, 17):
+        state = torch.zeros(batch, dim, 3, dtype=dtype)
+        y1 = _run(impl, bcx[:, :split], weight, None, state)
+        y2 = _run(impl, bcx[:, split:], weight, None, state)
+        assert torch.equal(state, state_once), f"states differ after a split at {split}"
+        assert_close(torch.cat([y1, y2], dim=1), y_once, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_prefill_then_decode_equals_prefill(impl, dtype):
+    batch, prompt, steps, dim = 3, 11, 5, 96
+    bcx, weight, _ = _inputs(batch, prompt + steps, dim, dtype)
+    state_all = torch.zeros(batch, dim, 3, dtype=dtype)
+    y_all = _run(impl, bcx, weight, None, state_all)
+    state = torch.zeros(batch, dim, 3, dtype=dtype)
+    ys = [_run(impl, bcx[:, :prompt], weight, None, state)]
+    for t in range(prompt, prompt + steps):
+        ys.append(_run(impl, bcx[:, t : t + 1], weight, None, state))
+    assert torch.equal(state, state_all)
+    assert_close(torch.cat(ys, dim=1), y_all, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_padded_rows_equal_unpadded(impl, dtype):
+    """Left padding (transformers' generate) and right padding: each row equals that row run alone."""
+    dim, lengths, seqlen = 80, (13, 6, 1), 13
+    weight = torch.randn(dim, 3, dtype=dtype) * 0.5
+    rows = [torch.randn(1, n, 3 * dim, dtype=dtype) for n in lengths]
+    for side in ("left", "right"):
+        bcx = torch.randn(len(lengths), seqlen, 3 * dim, dtype=dtype)  # padding positions hold garbage
+        mask = torch.zeros(len(lengths), seqlen, dtype=torch.long)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            sl = slice(seqlen - n, seqlen) if side == "left" else slice(0, n)
+            bcx[i, sl] = row[0]
+            mask[i, sl] = 1
+        state = torch.zeros(len(lengths), dim, 3, dtype=dtype)
+        y = _run(impl, bcx, weight, None, state, mask)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            sl = slice(seqlen - n, seqlen) if side == "left" else slice(0, n)
+            alone_state = torch.zeros(1, dim, 3, dtype=dtype)
+            alone = _run(impl, row, weight, None, alone_state)
+            assert_close(y[i : i + 1, sl], alone, dtype, what=f"{side}-padded row {i}")
+            pad = torch.ones(seqlen, dtype=torch.bool)
+            pad[sl] = False
+            assert torch.all(y[i, pad] == 0), "padded positions must give y = 0"
+            if side == "left":
+                assert torch.equal(state[i : i + 1], alone_state), f"state of left-padded row {i}"
+        ref_state = torch.zeros(len(lengths), dim, 3, dtype=dtype)
+        ref = reference.short_conv(bcx, weight, None, ref_state, mask)
+        assert_close(y, ref, dtype)
+        assert torch.equal(state, ref_state)
+
+
+def test_float_mask_and_empty_sequence():
+    bcx, weight, state = _inputs(2, 4, 16, torch.float32)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    ref_state = state.clone()
+    out = lfm_kernels.short_conv(bcx, weight, None, state, mask)
+    assert_close(out, reference.short_conv(bcx, weight, None, ref_state, mask.bool()))
+    assert torch.equal(state, ref_state)
+    empty = lfm_kernels.short_conv(bcx[:, :0], weight, None, state)
+    assert empty.shape == (2, 0, 16)
+    assert torch.equal(state, ref_state), "T = 0 leaves the state unchanged"
+
+
+def test_opcheck():
+    bcx, weight, state = _inputs(2, 5, 24, torch.float32)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    torch.library.opcheck(torch.ops.lfm_kernels.short_conv.default, (bcx, weight, None, state, mask))
+    torch.library.opcheck(torch.ops.lfm_kernels.short_conv.default, (bcx, weight, torch.randn(24), None, None))
+
+
+def test_torch_compile():
+    bcx, weight, state = _inputs(1, 3, 32, torch.float32)
+    ref_state = state.clone()
+    compiled = torch.compile(lfm_kernels.short_conv, fullgraph=True, backend="aot_eager")
+    out = compiled(bcx, weight, None, state)
+    assert_close(out, reference.short_conv(bcx, weight, None, ref_state))
+    assert torch.equal(state, ref_state)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("seqlen", [1, 2, 3, 17, 129, 1024])
+def test_cuda_parity(seqlen, dtype):
+    bcx, weight, state = _inputs(3, seqlen, 2056, dtype, strided=True, device="cuda")
+    ref_state = state.clone()
+    out = lfm_kernels.short_conv(bcx, weight, None, state)
+    ref = reference.short_conv(bcx, weight, None, ref_state)
+    assert_close(out, ref, dtype)
+    assert torch.equal(state, ref_state)
+
+
+BAD = [
+    ("bcx", lambda: dict(bcx=torch.randn(2, 3 * 8)), ValueError, "bcx must have 3 dimensions"),
+    ("bcx", lambda: dict(bcx=torch.randn(2, 4, 25)), ValueError, "divisible by 3"),
+    ("bcx", lambda: dict(bcx=torch.randint(0, 5, (2, 4, 24))), TypeError, "bcx must have dtype"),
+    ("bcx", lambda: dict(bcx=[1, 2, 3]), TypeError, "bcx must be a torch.Tensor"),
+    ("weight", lambda: dict(weight=torch.randn(8, 5)), ValueError, "weight must have shape"),
+    ("weight", lambda: dict(weight=torch.randn(8, 1, 3)), ValueError, "weight must have 2 dimensions"),
+    ("weight", lambda: dict(weight=torch.randn(7, 3)), ValueError, "weight must have shape"),
+    ("bias", lambda: dict(bias=torch.randn(9)), ValueError, "bias must have shape"),
+    ("conv_state", lambda: dict(conv_state=torch.randn(2, 8, 2)), ValueError, "conv_state must have shape"),
+    ("conv_state", lambda: dict(conv_state=torch.randn(1, 8, 3)), ValueError, "conv_state must have shape"),
+    ("conv_state", lambda: dict(conv_state=torch.randn(2, 8, 3, dtype=torch.float64)), TypeError, "conv_state"),
+    ("conv_state", lambda: dict(conv_state=torch.randn(2, 8, 3).bfloat16()), TypeError, "conv_state has dtype"),
+    ("attention_mask", lambda: dict(attention_mask=torch.ones(2, 5)), ValueError, "attention_mask must have shape"),
+    ("attention_mask", lambda: dict(attention_mask=torch.ones(2, 4, 1)), ValueError, "attention_mask must have 2"),
+]
+
+
+@pytest.mark.parametrize("arg,make,exc,match", BAD, ids=[f"{a}-{i}" for i, (a, *_) in enumerate(BAD)])
+def test_bad_input(arg, make, exc, match):
+    kwargs = dict(bcx=torch.randn(2, 4, 24), weight=torch.randn(8, 3), bias=None, conv_state=None, attention_mask=None)
+    kwargs.update(make())
+    with pytest.raises(exc, match=match):
+        lfm_kernels.short_conv(**kwargs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="weight is on"):
+        lfm_kernels.short_conv(torch.randn(1, 2, 24, device="cuda"), torch.randn(8, 3))
+
+
+def test_device_mismatch_meta():
+    # A second device without a GPU: the meta device still has to be rejected by name.
+    with pytest.raises(ValueError, match="conv_state is on"):
+        lfm_kernels.short_conv(torch.randn(1, 2, 24), torch.randn(8, 3), None, torch.empty(1, 8, 3, device="meta"))
