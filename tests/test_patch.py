@@ -423,3 +423,20 @@ def test_triton_path_under_interpreter():
     assert torch.equal(a, b)
     a, b = caches[0].layers[2].conv_states[0], caches[1].layers[2].conv_states[0]
     assert rel_err(a, b) < TOL[torch.float32]
+
+
+def test_requested_by_name_then_unpatched(tmp_path):
+    """from_pretrained(attn_implementation="lfm_kernels") works while patched and still runs after unpatch()."""
+    model = make_model("moe")
+    model.save_pretrained(tmp_path)
+    ids = prompt(8)
+    ref = greedy(model, ids, n=6)
+    lfm_kernels.patch()
+    loaded = Lfm2MoeForCausalLM.from_pretrained(
+        tmp_path, attn_implementation=integ.IMPL_NAME, experts_implementation=integ.IMPL_NAME
+    ).eval()
+    assert torch.equal(greedy(loaded, ids, n=6), ref)
+    lfm_kernels.unpatch()
+    assert loaded.config._attn_implementation == "sdpa"
+    assert loaded.config._experts_implementation == "eager"
+    assert torch.equal(greedy(loaded, ids, n=6), ref)

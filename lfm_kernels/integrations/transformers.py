@@ -641,10 +641,11 @@ def unpatch() -> None:
         config = ref()
         if config is None:
             continue
+        # A model created with attn_implementation="lfm_kernels" goes back to what is always available.
         if config._attn_implementation == IMPL_NAME:
-            config._attn_implementation_internal = attn
+            config._attn_implementation_internal = "sdpa" if attn in (None, IMPL_NAME) else attn
         if config._experts_implementation == IMPL_NAME:
-            config._experts_implementation_internal = experts
+            config._experts_implementation_internal = "eager" if experts in (None, IMPL_NAME) else experts
     _state.configs.clear()
     for module in list(_state.modules):
         if type(module) is KernelLinear:
