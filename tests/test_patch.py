@@ -185,10 +185,10 @@ def test_chunked_prefill_and_decode_states_match(kind, calls):
             for idx, layer_type in enumerate(LAYERS):
                 if layer_type == "conv":
                     a, b = caches[0].layers[idx].conv_states[0], caches[1].layers[idx].conv_states[0]
-                    if idx == 0:  # same inputs: the state only moves values, so it is bit-exact
-                        assert torch.equal(a, b), f"layer {idx}: conv state differs from transformers'"
-                    else:  # deeper layers see inputs that differ by float32 rounding of the layers below
-                        assert rel_err(a, b) < TOL[torch.float32], f"layer {idx}: conv state differs"
+                    # B*x comes from in_proj, which lfm_kernels.linear computes with its own summation
+                    # order (and deeper layers see the rounding of the layers below): close, not bit-equal.
+                    # test_short_conv_module_matches_transformers_exactly checks the bits on equal inputs.
+                    assert rel_err(a, b) < TOL[torch.float32], f"layer {idx}: conv state differs"
     assert calls["short_conv"] == 2 * len(chunks)
 
 
@@ -418,11 +418,9 @@ def test_triton_path_under_interpreter():
             assert rel_err(out, ref) < TOL[torch.float32]
         ran = set(used)
     assert "short_conv" in ran, f"the short conv did not run through Triton (ran: {sorted(ran)})"
-    # layer 0 sees identical inputs: its state is bit-exact; deeper layers differ by float32 rounding below them
-    a, b = caches[0].layers[0].conv_states[0], caches[1].layers[0].conv_states[0]
-    assert torch.equal(a, b)
-    a, b = caches[0].layers[2].conv_states[0], caches[1].layers[2].conv_states[0]
-    assert rel_err(a, b) < TOL[torch.float32]
+    for idx in (0, 2):
+        a, b = caches[0].layers[idx].conv_states[0], caches[1].layers[idx].conv_states[0]
+        assert rel_err(a, b) < TOL[torch.float32]
 
 
 def test_requested_by_name_then_unpatched(tmp_path):
