@@ -50,7 +50,9 @@ def make_config(kind: str, dtype=torch.float32):
         pad_token_id=0,
     )
     if kind == "moe":
-        return Lfm2MoeConfig(moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, num_dense_layers=1, **common)
+        return Lfm2MoeConfig(
+            moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, num_dense_layers=1, **common
+        )
     return Lfm2Config(**common)
 
 

@@ -92,6 +92,23 @@ def build_random_model(config, dtype: torch.dtype = torch.bfloat16, seed: int = 
     return model.eval()
 
 
+def active_bytes_per_token(model) -> tuple[int, int]:
+    """(bytes of weights one decoded token reads, parameters it multiplies by) at batch 1.
+
+    Every weight once, except the experts: top_k of num_experts per MoE layer. The tied embedding counts
+    once (as lm_head, which reads all of it; the embedding lookup reads one row).
+    """
+    cfg = model.config
+    frac = cfg.num_experts_per_tok / cfg.num_experts if getattr(cfg, "num_experts", 0) else 1.0
+    nbytes = 0
+    nparams = 0
+    for name, p in model.named_parameters():  # tied weights appear once
+        share = frac if ".experts." in name else 1.0
+        nbytes += int(p.numel() * p.element_size() * share)
+        nparams += int(p.numel() * share)
+    return nbytes, nparams
+
+
 def _prefill(model, ids):
     from transformers import DynamicCache
 
@@ -144,11 +161,14 @@ def run_patch_bench(
     vocab_size: int = 128_000,
     seed: int = 0,
     prefill_repeats: int = 3,
+    bandwidth: float | None = None,
 ) -> list[dict]:
     """Prefill and decode tokens/s of transformers' LFM2.5-8B-A1B-shaped model, unpatched vs patched (CPU, bf16).
 
     num_layers=None is the full 24-layer model (about 17 GB of bf16 weights); 2-4 gives a quick run at the
-    real width. Returns one row per (phase, variant) with tokens/s and the speedup of patched over unpatched.
+    real width. Returns one row per (phase, variant) with tokens/s and the speedup of patched over unpatched;
+    decode rows also give the floor: weight bytes a token reads over this machine's read bandwidth
+    (measured unless `bandwidth` in bytes/s is given); prefill rows give GFLOP/s (2 x active params x tokens).
     """
     import lfm_kernels
     from lfm_kernels import _backend
@@ -161,6 +181,14 @@ def run_patch_bench(
     model = build_random_model(config, torch.bfloat16, seed)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"  built {n_params / 1e9:.2f}B parameters in {time.perf_counter() - t0:.1f}s")
+    token_bytes, token_params = active_bytes_per_token(model)
+    if bandwidth is None:
+        from .core import measure_read_bandwidth
+
+        bandwidth = measure_read_bandwidth(nbytes=1 << 29)
+    floor_tok_s = bandwidth / token_bytes
+    say(f"  a decoded token reads {token_bytes / 1e9:.2f} GB of weights; read bandwidth {bandwidth / 1e9:.1f} GB/s "
+        f"-> floor {floor_tok_s:.2f} tok/s")
 
     from lfm_kernels.integrations import transformers as integration
 
@@ -191,6 +219,7 @@ def run_patch_bench(
         "threads": torch.get_num_threads(),
         "backend": _backend.cpu_isa(),
         "params_b": round(n_params / 1e9, 3),
+        "bandwidth_gb_s": round(bandwidth / 1e9, 2),
     }
     rows = []
     for phase, key, n in (("prefill", "prefill_tok_s", prompt_len), ("decode", "decode_tok_s", new_tokens)):
@@ -207,14 +236,22 @@ def run_patch_bench(
                     "greedy_tokens_matching": f"{same}/{len(base['tokens'])}",
                 }
             )
+            if phase == "decode":
+                rows[-1]["gb_read_per_token"] = round(token_bytes / 1e9, 3)
+                rows[-1]["floor_tok_s"] = floor_tok_s
+                rows[-1]["share_of_floor"] = res[key] / floor_tok_s
+            else:
+                rows[-1]["gflop_s"] = 2 * token_params * res[key] / 1e9
     for row in rows:
-        say(f"  {row['phase']:7s} {row['variant']:12s} {row['tok_s']:8.2f} tok/s  x{row['speedup']:.2f}")
+        extra = (f"{100 * row['share_of_floor']:.0f}% of floor {row['floor_tok_s']:.2f} tok/s"
+                 if row["phase"] == "decode" else f"{row['gflop_s']:.1f} GFLOP/s")
+        say(f"  {row['phase']:7s} {row['variant']:12s} {row['tok_s']:8.2f} tok/s  x{row['speedup']:.2f}  {extra}")
     return rows
 
 
 def _line(name: str, res: dict) -> str:
     return (f"  {name}: prefill {res['prefill_tok_s']:.2f} tok/s ({res['prefill_s'] * 1e3:.0f} ms), "
-            f"decode {res['decode_tok_s']:.2f} tok/s ({res['decode_s'] * 1e3 / max(len(res['tokens']) - 1, 1):.0f} ms/token)")
+            f"decode {res['decode_tok_s']:.2f} tok/s ({1e3 / res['decode_tok_s']:.0f} ms/token)")
 
 
 if __name__ == "__main__":
