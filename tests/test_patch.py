@@ -171,6 +171,17 @@ def test_greedy_generate_identical(kind, calls):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generate_identical_static_cache(kind, calls):
+    """StaticCache: the KV cache is max-length and the decode mask marks the filled prefix."""
+    model = make_model(kind)
+    ids = prompt(9)
+    ref = greedy(model, ids, n=12, cache_implementation="static")
+    lfm_kernels.patch(model)
+    assert torch.equal(greedy(model, ids, n=12, cache_implementation="static"), ref)
+    assert calls["decode_attention"] > 0 and calls["short_conv"] > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_chunked_prefill_and_decode_states_match(kind, calls):
     """Prefill (fresh cache), a multi-token continuation, then one-token steps: logits and conv states."""
     model = make_model(kind)
