@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import types
 import warnings
 import weakref
@@ -127,6 +128,11 @@ def _load_hooks() -> _Hooks:
     for method in ("get_conv_state", "update_conv_state", "is_recording_past"):
         if cache_cls is not None and not hasattr(cache_cls, method):
             missing.append(f"transformers.cache_utils.Cache.{method}")
+    linear_impl = get("transformers.cache_utils", "LinearAttentionLayer")
+    if linear_impl is not None:
+        params = inspect.signature(linear_impl.update_conv_state).parameters
+        if "conv_kernel_size" not in params:  # the first prefill allocates the state through it
+            missing.append("transformers.cache_utils.LinearAttentionLayer.update_conv_state(conv_kernel_size=)")
     pretrained = get("transformers.modeling_utils", "PreTrainedModel")
     for method in ("set_attn_implementation", "set_experts_implementation", "post_init"):
         if pretrained is not None and not hasattr(pretrained, method):
