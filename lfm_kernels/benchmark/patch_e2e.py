@@ -1,0 +1,265 @@
+"""End-to-end transformers tokens/s with and without `lfm_kernels.patch`, on CPU in bf16.
+
+The model is transformers' own `Lfm2MoeForCausalLM` with LFM2.5-8B-A1B's shapes and random weights
+(seeded, scaled like `initializer_range`), built on the meta device and then given real bf16 tensors,
+so it costs only the memory of the weights (about 17 GB at full depth). `num_layers` keeps the real
+width but fewer layers (the first ones of the real layer pattern) for quick runs.
+
+Prefill: one forward over `prompt_len` tokens into a fresh cache (as `generate()` does, only the last
+position's logits). Decode: `new_tokens` single-token forwards against the cache, greedy; tokens/s is
+steps over their time. Both run unpatched, then on the same model after `lfm_kernels.patch(model)`.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+# LFM2.5-8B-A1B (DESIGN.md): attention at these layer indices, gated short conv elsewhere.
+ATTENTION_LAYERS = (2, 6, 10, 14, 18, 21)
+FULL_LAYERS = 24
+
+
+def lfm25_config(num_layers: int | None = None, vocab_size: int = 128_000):
+    """transformers' Lfm2MoeConfig with LFM2.5-8B-A1B's shapes; num_layers keeps the first layers' pattern."""
+    from transformers import Lfm2MoeConfig
+
+    layers = FULL_LAYERS if num_layers is None else int(num_layers)
+    if not 1 <= layers <= FULL_LAYERS:
+        raise ValueError(f"num_layers must be in 1..{FULL_LAYERS} (or None for all), got {num_layers}")
+    layer_types = ["full_attention" if i in ATTENTION_LAYERS else "conv" for i in range(layers)]
+    return Lfm2MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=2048,
+        intermediate_size=7168,
+        moe_intermediate_size=1792,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        conv_L_cache=3,
+        num_dense_layers=2,
+        num_experts=32,
+        num_experts_per_tok=4,
+        use_expert_bias=True,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        layer_types=layer_types,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        max_position_embeddings=128_000,
+    )
+
+
+def build_random_model(config, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """Lfm2MoeForCausalLM with seeded random weights in `dtype`, without a float32 copy ever existing."""
+    from transformers import Lfm2MoeForCausalLM
+
+    with torch.device("meta"):
+        model = Lfm2MoeForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    std = config.initializer_range
+    replaced: dict[int, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            new = replaced.get(id(param))
+            if new is None:
+                data = torch.empty(param.shape, dtype=dtype)
+                if type(module).__name__.endswith("RMSNorm"):
+                    data.fill_(1.0)
+                else:
+                    flat = data.view(-1)
+                    step = 1 << 24  # fp32 scratch of 64 MB at a time
+                    for start in range(0, flat.numel(), step):
+                        chunk = flat[start : start + step]
+                        chunk.copy_(torch.randn(chunk.numel(), generator=gen) * std)
+                new = nn.Parameter(data, requires_grad=False)
+                replaced[id(param)] = new
+            module._parameters[name] = new
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device.type == "meta" and name == "expert_bias":
+                module._buffers[name] = (torch.randn(buf.shape, generator=gen) * 0.01).to(buf.dtype)
+    # Rotary tables are non-persistent buffers computed at construction: rebuild that module on the CPU.
+    model.model.pos_emb = type(model.model.pos_emb)(config)
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if leftovers:
+        raise RuntimeError(f"build_random_model left tensors on the meta device: {leftovers[:5]}")
+    return model.eval()
+
+
+def active_bytes_per_token(model) -> tuple[int, int]:
+    """(bytes of weights one decoded token reads, parameters it multiplies by) at batch 1.
+
+    Every weight once, except the experts: top_k of num_experts per MoE layer. The tied embedding counts
+    once (as lm_head, which reads all of it; the embedding lookup reads one row).
+    """
+    cfg = model.config
+    frac = cfg.num_experts_per_tok / cfg.num_experts if getattr(cfg, "num_experts", 0) else 1.0
+    nbytes = 0
+    nparams = 0
+    for name, p in model.named_parameters():  # tied weights appear once
+        share = frac if ".experts." in name else 1.0
+        nbytes += int(p.numel() * p.element_size() * share)
+        nparams += int(p.numel() * share)
+    return nbytes, nparams
+
+
+def _prefill(model, ids):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], cache
+
+
+@torch.inference_mode()
+def _measure(model, prompt_len: int, new_tokens: int, seed: int, prefill_repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
+    _prefill(model, ids[:, :8])  # warm-up: first-call allocations, lazy imports
+    prefill_times = []
+    for _ in range(prefill_repeats):
+        t0 = time.perf_counter()
+        logits, cache = _prefill(model, ids)
+        prefill_times.append(time.perf_counter() - t0)
+    prefill_s = sorted(prefill_times)[len(prefill_times) // 2]
+    token = logits.argmax(-1, keepdim=True)
+    tokens = [int(token)]
+    pos = prompt_len
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(
+            input_ids=token,
+            cache=cache,
+            use_cache=True,
+            position_ids=torch.tensor([[pos]]),
+        )
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(token))
+        pos += 1
+    decode_s = time.perf_counter() - t0
+    return {
+        "prefill_s": prefill_s,
+        "prefill_tok_s": prompt_len / prefill_s,
+        "decode_s": decode_s,
+        "decode_tok_s": new_tokens / decode_s,
+        "tokens": tokens,
+    }
+
+
+def run_patch_bench(
+    num_layers: int | None = None,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    progress: Callable[[str], None] | None = print,
+    *,
+    vocab_size: int = 128_000,
+    seed: int = 0,
+    prefill_repeats: int = 3,
+    bandwidth: float | None = None,
+) -> list[dict]:
+    """Prefill and decode tokens/s of transformers' LFM2.5-8B-A1B-shaped model, unpatched vs patched (CPU, bf16).
+
+    num_layers=None is the full 24-layer model (about 17 GB of bf16 weights); 2-4 gives a quick run at the
+    real width. Returns one row per (phase, variant) with tokens/s and the speedup of patched over unpatched;
+    decode rows also give the floor: weight bytes a token reads over this machine's read bandwidth
+    (measured unless `bandwidth` in bytes/s is given); prefill rows give GFLOP/s (2 x active params x tokens).
+    """
+    import lfm_kernels
+    from lfm_kernels import _backend
+
+    say = progress or (lambda _msg: None)
+    layers = FULL_LAYERS if num_layers is None else num_layers
+    config = lfm25_config(num_layers, vocab_size=vocab_size)
+    say(f"building LFM2.5-8B-A1B-shaped model: {layers} layers, vocab {vocab_size}, bf16, random weights ...")
+    t0 = time.perf_counter()
+    model = build_random_model(config, torch.bfloat16, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"  built {n_params / 1e9:.2f}B parameters in {time.perf_counter() - t0:.1f}s")
+    token_bytes, token_params = active_bytes_per_token(model)
+    if bandwidth is None:
+        from .core import measure_read_bandwidth
+
+        bandwidth = measure_read_bandwidth(nbytes=1 << 29)
+    floor_tok_s = bandwidth / token_bytes
+    say(f"  a decoded token reads {token_bytes / 1e9:.2f} GB of weights; read bandwidth {bandwidth / 1e9:.1f} GB/s "
+        f"-> floor {floor_tok_s:.2f} tok/s")
+
+    from lfm_kernels.integrations import transformers as integration
+
+    if integration.is_patched():
+        raise RuntimeError("run_patch_bench needs an unpatched transformers: call lfm_kernels.unpatch() first")
+    results = {}
+    try:
+        say(f"unpatched transformers ({model.config._attn_implementation} attention, "
+            f"{model.config._experts_implementation} experts): prefill {prompt_len}, decode {new_tokens} ...")
+        results["transformers"] = _measure(model, prompt_len, new_tokens, seed, prefill_repeats)
+        say(_line("transformers", results["transformers"]))
+        lfm_kernels.patch(model)
+        say("patched (lfm_kernels.patch(model)) ...")
+        results["patched"] = _measure(model, prompt_len, new_tokens, seed, prefill_repeats)
+        say(_line("patched", results["patched"]))
+    finally:
+        lfm_kernels.unpatch()
+        del model
+        gc.collect()
+
+    base, fast = results["transformers"], results["patched"]
+    same = sum(a == b for a, b in zip(base["tokens"], fast["tokens"]))
+    common = {
+        "layers": layers,
+        "vocab": vocab_size,
+        "dtype": "bf16",
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "backend": _backend.cpu_isa(),
+        "params_b": round(n_params / 1e9, 3),
+        "bandwidth_gb_s": round(bandwidth / 1e9, 2),
+    }
+    rows = []
+    for phase, key, n in (("prefill", "prefill_tok_s", prompt_len), ("decode", "decode_tok_s", new_tokens)):
+        for variant, res in (("transformers", base), ("patched", fast)):
+            rows.append(
+                {
+                    **common,
+                    "phase": phase,
+                    "tokens": n,
+                    "variant": variant,
+                    "tok_s": res[key],
+                    "ms_per_token": 1e3 / res[key],
+                    "speedup": res[key] / base[key],
+                    "greedy_tokens_matching": f"{same}/{len(base['tokens'])}",
+                }
+            )
+            if phase == "decode":
+                rows[-1]["gb_read_per_token"] = round(token_bytes / 1e9, 3)
+                rows[-1]["floor_tok_s"] = floor_tok_s
+                rows[-1]["share_of_floor"] = res[key] / floor_tok_s
+            else:
+                rows[-1]["gflop_s"] = 2 * token_params * res[key] / 1e9
+    for row in rows:
+        extra = (f"{100 * row['share_of_floor']:.0f}% of floor {row['floor_tok_s']:.2f} tok/s"
+                 if row["phase"] == "decode" else f"{row['gflop_s']:.1f} GFLOP/s")
+        say(f"  {row['phase']:7s} {row['variant']:12s} {row['tok_s']:8.2f} tok/s  x{row['speedup']:.2f}  {extra}")
+    return rows
+
+
+def _line(name: str, res: dict) -> str:
+    return (f"  {name}: prefill {res['prefill_tok_s']:.2f} tok/s ({res['prefill_s'] * 1e3:.0f} ms), "
+            f"decode {res['decode_tok_s']:.2f} tok/s ({1e3 / res['decode_tok_s']:.0f} ms/token)")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=None, help="default: all 24 (about 17 GB of bf16 weights)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    run_patch_bench(args.layers, args.prompt_len, args.new_tokens)
