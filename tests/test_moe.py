@@ -333,7 +333,7 @@ def test_triton_config_table(tmp_path, monkeypatch):
     }}
     path = tmp_path / "moe_configs.json"
     path.write_text(json.dumps(cfg))
-    monkeypatch.setenv("LFM_KERNELS_MOE_CONFIGS", str(path))
+    monkeypatch.setattr(tmoe, "_CONFIG_FILE", str(path))
     tmoe._config_table.cache_clear()
     try:
         assert tmoe.get_config(8, 32, 64, torch.float32, 3)["BLOCK_N"] == 16
@@ -348,7 +348,7 @@ def test_triton_config_table(tmp_path, monkeypatch):
         out = tmoe.moe_experts_triton(hidden, gate_up, down, ids, weights)
         assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights))
     finally:
-        monkeypatch.delenv("LFM_KERNELS_MOE_CONFIGS")
+        monkeypatch.undo()
         tmoe._config_table.cache_clear()
 
 

@@ -9,14 +9,14 @@ register-blocked micro-kernel, so bf16 weights run at fp32-GEMM speed.
 One exception, chosen at run time: on CPUs with native bf16 dot-product instructions (AVX512-BF16 or
 AMX), torch's oneDNN bf16 GEMM does twice the work per instruction that an AVX2 fp32 kernel can, so
 for bf16 x and bf16 weights with at least `TORCH_GEMM_MIN_ROWS` rows `linear` calls F.linear there.
-(A bias then is added in bf16, as F.linear does.) Set LFM_KERNELS_LINEAR=kernel (or
-`lfm_kernels.ops.linear.POLICY = "kernel"`) to always run the C++ kernel.
+(A bias then is added in bf16, as F.linear does.) Set `lfm_kernels.ops.linear.POLICY = "kernel"` to
+always run the C++ kernel (deliberately not an environment variable: nothing outside the program
+silently changes which code runs).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
 # "auto": hand bf16 x bf16 GEMMs of >= TORCH_GEMM_MIN_ROWS rows to torch where the CPU has native bf16
 # dot products (see the module docstring); "kernel": always the C++ kernel on the CPU.
-POLICY = os.environ.get("LFM_KERNELS_LINEAR", "auto")
+POLICY = "auto"
 # Measured on an AVX512-BF16 CPU (Zen 4, one thread, per CPU-second): for M = 1, 2 the C++ GEMV is as
 # fast or faster (64 vs 48 GFLOP/s at M = 2, N = K = 2048; ~2x on the 128k-row lm_head at M = 1);
 # from M = 3 torch's bf16 GEMM is faster (1.2-1.5x at M = 3, 4; ~2x from M = 5 to 512).

@@ -214,9 +214,8 @@ _DEFAULTS = (
 
 @functools.lru_cache(maxsize=1)
 def _config_table() -> dict:
-    path = os.environ.get("LFM_KERNELS_MOE_CONFIGS", _CONFIG_FILE)
     try:
-        with open(path) as f:
+        with open(_CONFIG_FILE) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
