@@ -291,7 +291,7 @@ def test_benchmark_cases_are_well_formed():
     assert len(full) == 12 and {c.dtype for c in full} == {torch.bfloat16, torch.float32}
     c = next(c for c in full if c.name == "ctx8k-B1-Hq32-Hkv8-D64" and c.dtype == torch.bfloat16)
     assert c.bytes_moved == 2 * 8 * 8192 * 64 * 2 + 2 * 32 * 64 * 2
-    assert set(c.baselines) == {"sdpa", "hf_eager"}
+    assert set(c.baselines) == {"sdpa", "eager"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)

@@ -438,4 +438,4 @@ def test_benchmark_cases_structure():
     assert len(names) == len(cases) == 6
     decode = next(c for c in cases if c.name.startswith("decode") and c.dtype == torch.bfloat16)
     assert decode.bytes_moved >= 4 * 3 * 2048 * 1792 * 2  # the 4 active experts' weights
-    assert "hf_eager" in decode.baselines or pytest.importorskip("transformers") is None
+    assert "eager" in decode.baselines or pytest.importorskip("transformers") is None

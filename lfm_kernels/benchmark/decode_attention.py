@@ -65,7 +65,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
             moved = cache_bytes + 2 * batch * N_Q * HEAD_DIM * size
             baselines = {"sdpa": _sdpa}
             if cache_bytes * (N_Q // N_KV) <= _EAGER_MAX_BYTES:
-                baselines["hf_eager"] = _hf_eager
+                baselines["eager"] = _hf_eager  # transformers' eager attention (repeat_kv)
             out.append(
                 Case(
                     op="decode_attention",

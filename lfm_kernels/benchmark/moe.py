@@ -70,7 +70,7 @@ def _baselines(has_transformers: bool) -> dict:
 
         return fn
 
-    out["hf_eager"] = run("hf_eager")
+    out["eager"] = run("hf_eager")  # transformers' eager experts loop
     if _has_grouped_mm():
         out["hf_grouped_mm"] = run("hf_grouped_mm")
     return out
