@@ -19,39 +19,15 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-# LFM2.5-8B-A1B (DESIGN.md): attention at these layer indices, gated short conv elsewhere.
-ATTENTION_LAYERS = (2, 6, 10, 14, 18, 21)
 FULL_LAYERS = 24
 
 
 def lfm25_config(num_layers: int | None = None, vocab_size: int = 128_000):
-    """transformers' Lfm2MoeConfig with LFM2.5-8B-A1B's shapes; num_layers keeps the first layers' pattern."""
-    from transformers import Lfm2MoeConfig
+    """transformers' Lfm2MoeConfig with LFM2.5-8B-A1B's shapes: the model wrapper's config of that
+    model (one place for the shapes and the reduced-depth layer pattern), converted."""
+    from ..model.config import lfm25_8b_a1b_config
 
-    layers = FULL_LAYERS if num_layers is None else int(num_layers)
-    if not 1 <= layers <= FULL_LAYERS:
-        raise ValueError(f"num_layers must be in 1..{FULL_LAYERS} (or None for all), got {num_layers}")
-    layer_types = ["full_attention" if i in ATTENTION_LAYERS else "conv" for i in range(layers)]
-    return Lfm2MoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=2048,
-        intermediate_size=7168,
-        moe_intermediate_size=1792,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        conv_L_cache=3,
-        num_dense_layers=2,
-        num_experts=32,
-        num_experts_per_tok=4,
-        use_expert_bias=True,
-        norm_topk_prob=True,
-        routed_scaling_factor=1.0,
-        layer_types=layer_types,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        max_position_embeddings=128_000,
-    )
+    return lfm25_8b_a1b_config(num_layers, vocab_size).to_transformers()
 
 
 def build_random_model(config, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
