@@ -11,6 +11,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
@@ -53,6 +55,45 @@ inline T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()
 template <typename F>
 inline void parallel_for(int64_t n, int64_t grain, const F& f) {
   at::parallel_for(0, n, grain, f);
+}
+
+// Hands out task indices 0..n-1 (then -1) from a shared counter.
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t n) : n_(n) {}
+  int64_t claim() {
+    const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+    return t < n_ ? t : -1;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t n_;
+};
+
+// Runs worker(queue) once on each of up to min(threads, ntasks) threads; the workers claim tasks
+// until none are left (a worker can set up per-thread scratch once). Unlike at::parallel_for's
+// static split, a thread that the OS deschedules (a busy machine) or that drew slower tasks holds
+// up only the task it is on: the others simply claim more.
+template <typename W>
+inline void parallel_workers(int64_t ntasks, const W& worker) {
+  TaskQueue queue(ntasks);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
+  if (workers <= 1) {
+    worker(queue);
+    return;
+  }
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) worker(queue);
+  });
+}
+
+// body(i) for every i in [0, n), items claimed one at a time (see parallel_workers).
+template <typename F>
+inline void parallel_dynamic(int64_t n, const F& body) {
+  parallel_workers(n, [&](TaskQueue& queue) {
+    for (int64_t i = queue.claim(); i >= 0; i = queue.claim()) body(i);
+  });
 }
 
 }  // namespace lfmk

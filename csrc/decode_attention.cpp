@@ -391,13 +391,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     pp.l = pp.m + parts * a.G;
   }
   LFMK_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
-    const int64_t n_items = static_cast<int64_t>(items.size());
-    std::atomic<int64_t> next{0};
-    parallel_for(std::min(nthreads, n_items), 1, [&](int64_t, int64_t) {
-      std::vector<float> ws;
-      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n_items;
-           i = next.fetch_add(1, std::memory_order_relaxed))
-        run_item<scalar_t>(a, items[i], pp, ws);
+    parallel_workers(static_cast<int64_t>(items.size()), [&](TaskQueue& queue) {
+      std::vector<float> ws;  // per-thread scratch, reused across the items this thread claims
+      for (int64_t i = queue.claim(); i >= 0; i = queue.claim()) run_item<scalar_t>(a, items[i], pp, ws);
     });
     if (parts > 0) merge<scalar_t>(a, items, first, pp);
   });

@@ -47,36 +47,6 @@ struct AlignedBuf {
   AlignedBuf& operator=(const AlignedBuf&) = delete;
 };
 
-// Hands out task indices 0..n-1 (then -1) from a shared counter.
-class TaskQueue {
- public:
-  explicit TaskQueue(int64_t n) : n_(n) {}
-  int64_t claim() {
-    const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-    return t < n_ ? t : -1;
-  }
-
- private:
-  std::atomic<int64_t> next_{0};
-  const int64_t n_;
-};
-
-// Runs worker(queue) once on every thread; the workers claim tasks until none are left. Unlike a
-// static split, a thread that the OS deschedules (a busy machine) or that drew slower tasks does
-// not hold up the others: they simply claim more tasks.
-template <typename W>
-void parallel_workers(int64_t ntasks, const W& worker) {
-  TaskQueue queue(ntasks);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  if (workers <= 1) {
-    worker(queue);
-    return;
-  }
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) worker(queue);
-  });
-}
-
 // ------------------------------------------------------------------------------------------------
 // Portable path: plain C++ for CPUs without AVX2 (and the tests' cross-check). Weight rows are
 // widened to fp32 a block at a time so the dot products run on floats.

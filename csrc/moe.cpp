@@ -38,21 +38,6 @@ constexpr int64_t kRows2 = 32;       // down rows per phase-2 work item
 constexpr int64_t kMaxPairs = 4096;  // pairs per pass: bounds the fp32 scratch (act, y) for long prompts
 
 // out[m * R + r] = dot(w[r][0:K], x[m][0:K]) in fp32, R <= kR, M <= kM.
-// Runs body(i) for i in [0, n) with items handed out one at a time from a shared counter: on a
-// busy machine a thread that is descheduled holds up only the item it is on, where a static split
-// (at::parallel_for's) makes everyone wait for its whole share.
-template <typename F>
-void parallel_dynamic(int64_t n, const F& body) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-         i = next.fetch_add(1, std::memory_order_relaxed))
-      body(i);
-  });
-}
-
 template <typename W>
 using TileFn = void (*)(const W* const* w, int R, const float* const* x, int M, int64_t K, float* out);
 
