@@ -20,6 +20,11 @@
 // weights converted bf16/fp16 -> fp32 in registers, each converted weight vector used for kM tokens.
 // With one token (decode) it is a GEMV streaming kR rows sequentially with two accumulator sets.
 // A work item's weight rows stay in L2 while token triples (in L1) pass over them.
+//
+// torch_gemm_min_rows > 0 (the Python layer sets it only for bf16 hidden and weights on CPUs with
+// AVX512-BF16/AMX, see lfm_kernels/ops/moe.py): an expert with at least that many tokens runs as two
+// torch GEMMs instead (oneDNN's native bf16 dot products do twice the work per instruction that an
+// AVX2 fp32 FMA can), with the SwiGLU between them here; the others still share the tiled path.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -158,6 +163,23 @@ void tile_avx2_r(const W* const* w, const float* const* x, int M, int64_t K, flo
     case 2: return tile_avx2_t<W, R, 2>(w, x, K, out);
     default: return tile_avx2_t<W, R, 3>(w, x, K, out);
   }
+}
+
+// a[j] = bf16(silu(g[j]) * u[j]) over one token's row of the torch-GEMM path
+void swiglu_row_avx2(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat16* a, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    avx2::store8(a + j, _mm256_mul_ps(avx2::silu8(avx2::load8(g + j)), avx2::load8(u + j)));
+  if (j < n) {
+    const int r = static_cast<int>(n - j);
+    avx2::store_partial(a + j, _mm256_mul_ps(avx2::silu8(avx2::load_partial(g + j, r)), avx2::load_partial(u + j, r)), r);
+  }
+}
+
+void widen_row_avx2(const c10::BFloat16* x, float* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, avx2::load8(x + j));
+  for (; j < n; ++j) y[j] = static_cast<float>(x[j]);
 }
 
 template <typename W>
@@ -332,10 +354,11 @@ Plan make_plan(const int64_t* ids, int64_t n0, int64_t nt, int64_t k, int64_t E)
 
 // Phases 1 and 2 for one chunk of tokens; y [P, H] receives each sorted pair's expert output.
 template <typename W>
-void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I, const Plan& pl, float* act,
-                  float* y) {
+void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I, const Plan& pl,
+                  const std::vector<int64_t>& active, float* act, float* y) {
   const TileFn<W> tile = pick_tile<W>();
-  const int64_t na = static_cast<int64_t>(pl.active.size());
+  const int64_t na = static_cast<int64_t>(active.size());
+  if (na == 0) return;
 
   // Phase 1: items interleave experts (item i -> unit chunk i / na, expert i % na) and are handed
   // out dynamically, so experts with many and with few tokens spread over all threads.
@@ -345,7 +368,7 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
     const W* wp[kR];
     float res[kM * kR];
     {
-      const int64_t e = pl.active[i % na];
+      const int64_t e = active[i % na];
       const int64_t j0 = (i / na) * kUnits1, j1 = std::min(I, j0 + kUnits1);
       const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
       const W* G = gu + e * 2 * I * H;
@@ -381,7 +404,7 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
     const W* wp[kR];
     float res[kM * kR];
     {
-      const int64_t e = pl.active[i % na];
+      const int64_t e = active[i % na];
       const int64_t h0 = (i / na) * kRows2, h1 = std::min(H, h0 + kRows2);
       const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
       const W* D = dn + e * H * I;
@@ -396,6 +419,46 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
           for (int m = 0; m < M; ++m)
             for (int r = 0; r < R; ++r) y[(q0 + t + m) * H + h + r] = res[m * R + r];
         }
+      }
+    }
+  });
+}
+
+// One expert's tokens through oneDNN: g = X_e @ gate_up[e]^T, act = silu(g_gate) * g_up, y_e =
+// act @ down[e]^T. The GEMMs take and return bf16 (what F.linear computes in a bf16 model), so gate,
+// up, act and the expert output are each rounded to bf16 once; accumulation inside them is fp32.
+// The mm calls run outside any parallel region: oneDNN spreads each one over all threads itself.
+void expert_torch_gemm(const at::Tensor& hidden, const at::Tensor& gu, const at::Tensor& dn, int64_t e,
+                       const Plan& pl, float* y) {
+  const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
+  const int64_t H = hidden.size(1), I = dn.size(2);
+  at::Tensor rows = at::empty({me}, hidden.options().dtype(at::kLong));
+  std::memcpy(rows.mutable_data_ptr<int64_t>(), pl.tok.data() + q0, me * sizeof(int64_t));
+  const at::Tensor xe = hidden.index_select(0, rows);
+  const at::Tensor g = at::mm(xe, gu[e].t());
+  at::Tensor act = at::empty({me, I}, g.options());
+  const c10::BFloat16* gp = cptr<c10::BFloat16>(g);
+  c10::BFloat16* ap = mptr<c10::BFloat16>(act);
+  const bool avx2 = cpu_has_avx2();
+  parallel_for(me, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const c10::BFloat16 *gr = gp + m * 2 * I, *ur = gr + I;
+      c10::BFloat16* ar = ap + m * I;
+      if (avx2) {
+        swiglu_row_avx2(gr, ur, ar, I);
+      } else {
+        for (int64_t j = 0; j < I; ++j) ar[j] = c10::BFloat16(silu(static_cast<float>(gr[j])) * static_cast<float>(ur[j]));
+      }
+    }
+  });
+  const at::Tensor ye = at::mm(act, dn[e].t());
+  const c10::BFloat16* yp = cptr<c10::BFloat16>(ye);
+  parallel_for(me, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      if (avx2) {
+        widen_row_avx2(yp + m * H, y + (q0 + m) * H, H);
+      } else {
+        for (int64_t h = 0; h < H; ++h) y[(q0 + m) * H + h] = static_cast<float>(yp[m * H + h]);
       }
     }
   });
@@ -421,7 +484,8 @@ void combine(const float* y, const float* tw, const Plan& pl, int64_t n0, int64_
 // Shapes, dtypes and id ranges were validated in Python (lfm_kernels/ops/moe.py); the checks here
 // guard the memory safety of this function when it is called directly.
 at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
-                           const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
+                           const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                           int64_t torch_gemm_min_rows) {
   TORCH_CHECK(hidden.dim() == 2, "moe_experts: hidden must be [N, H]");
   const int64_t N = hidden.size(0), H = hidden.size(1);
   TORCH_CHECK(gate_up_proj.dim() == 3 && gate_up_proj.size(2) == H && gate_up_proj.size(1) % 2 == 0,
@@ -441,6 +505,9 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
   const at::Tensor tw = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor X = hidden.to(at::kFloat).contiguous();
   const at::Tensor gu = gate_up_proj.contiguous(), dn = down_proj.contiguous();
+  const bool torch_gemm = torch_gemm_min_rows > 0 && hidden.scalar_type() == at::kBFloat16 &&
+                          gu.scalar_type() == at::kBFloat16;
+  const at::Tensor hidden_c = torch_gemm ? hidden.contiguous() : at::Tensor();
   at::Tensor out = at::empty({N, H}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0 || H == 0) return out;
   if (k == 0 || I == 0) return out.zero_();
@@ -451,8 +518,12 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t nt = std::min(chunk, N - n0);
     const Plan pl = make_plan(idp, n0, nt, k, E);
+    std::vector<int64_t> tiled, gemm;
+    for (const int64_t e : pl.active)
+      (torch_gemm && pl.offs[e + 1] - pl.offs[e] >= torch_gemm_min_rows ? gemm : tiled).push_back(e);
+    for (const int64_t e : gemm) expert_torch_gemm(hidden_c, gu, dn, e, pl, y.mutable_data_ptr<float>());
     LFMK_DISPATCH_FLOAT(gu.scalar_type(), "moe_experts", [&] {
-      experts_pass<scalar_t>(X.const_data_ptr<float>(), cptr<scalar_t>(gu), cptr<scalar_t>(dn), H, I, pl,
+      experts_pass<scalar_t>(X.const_data_ptr<float>(), cptr<scalar_t>(gu), cptr<scalar_t>(dn), H, I, pl, tiled,
                              act.mutable_data_ptr<float>(), y.mutable_data_ptr<float>());
     });
     LFMK_DISPATCH_FLOAT(out.scalar_type(), "moe_experts", [&] {
@@ -468,8 +539,8 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
 TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
   m.def("moe_route(Tensor hidden, Tensor gate_weight, Tensor? expert_bias, int top_k, bool norm_topk_prob, "
         "float routed_scaling_factor) -> (Tensor, Tensor)");
-  m.def("moe_experts(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor topk_ids, Tensor topk_weights) "
-        "-> Tensor");
+  m.def("moe_experts(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor topk_ids, Tensor topk_weights, "
+        "int torch_gemm_min_rows=0) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) {
   m.impl("moe_route", &lfmk::moe_route_cpu);

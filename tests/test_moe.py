@@ -8,11 +8,19 @@ import pytest
 import torch
 
 import lfm_kernels
+import lfm_kernels.ops.moe as moe_mod
 from lfm_kernels import _backend, reference
 from conftest import HAS_TRITON, TOL, assert_close, dtype_id, rel_err
 
 NS = [1, 2, 7, 64, 513]
 SMALL_H, SMALL_I = 76, 36  # neither a multiple of the 8-lane vectors nor of 16: tails everywhere
+
+
+@pytest.fixture(autouse=True)
+def _always_kernel(monkeypatch):
+    """Most tests here check the C++ kernel, so no expert is handed to torch's oneDNN GEMM; the tests
+    of that path (test_torch_gemm_*) set the policy themselves."""
+    monkeypatch.setattr(moe_mod, "POLICY", "kernel")
 
 
 def _cpu_ctx(impl):
@@ -225,6 +233,63 @@ def test_experts_deterministic_across_threads():
     assert torch.equal(one, many)
 
 
+# ---------------------------------------------------------------------------------------------
+# experts with many tokens on torch's bf16 GEMM (POLICY "auto" on CPUs with native bf16 dot products)
+
+GEMM_CASES = [(n, e, k, r) for n, e, k, r in [(1, 8, 1, 1), (7, 8, 2, 3), (64, 8, 4, 3), (64, 32, 4, 8),
+                                            (513, 32, 4, 3), (513, 8, 2, 1000), (40, 8, 4, 1)]]
+
+
+@pytest.mark.parametrize("impl", ["avx2", "portable"])
+@pytest.mark.parametrize("n,e,k,min_rows", GEMM_CASES, ids=[f"N{n}-E{e}-k{k}-min{r}" for n, e, k, r in GEMM_CASES])
+def test_torch_gemm_path_matches_reference(impl, n, e, k, min_rows):
+    """The C++ op with torch_gemm_min_rows set: experts with at least that many tokens run on torch's
+    GEMM, the rest on the tiled kernel, in one call (oneDNN runs bf16 on any CPU, only slower without
+    native bf16, so this path is tested on every machine)."""
+    hidden = torch.randn(n, SMALL_H).to(torch.bfloat16)
+    gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.bfloat16)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    ids[: n // 2, 0] = 1  # one crowded expert beside sparse ones: both paths in the same call
+    weights = torch.rand(n, k) + 0.1
+    with _cpu_ctx(impl):
+        out = torch.ops.lfm_kernels_cpu.moe_experts(hidden, gate_up, down, ids, weights, min_rows)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
+
+
+def test_torch_gemm_only_for_bf16():
+    """fp32 (and mixed) calls ignore torch_gemm_min_rows: bit-identical to the kernel alone."""
+    n, e, k = 30, 8, 2
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k)
+    for hdt, wdt in [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]:
+        hidden = torch.randn(n, SMALL_H).to(hdt)
+        gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, wdt)
+        op = torch.ops.lfm_kernels_cpu.moe_experts
+        assert torch.equal(op(hidden, gate_up, down, ids, weights, 1), op(hidden, gate_up, down, ids, weights, 0))
+
+
+@pytest.mark.parametrize("n", [2, 3, 64])
+def test_torch_gemm_auto_policy(monkeypatch, n):
+    """Default policy: bf16 x bf16 experts with >= TORCH_GEMM_MIN_ROWS tokens go to torch's GEMM only
+    on CPUs with native bf16 dot products; either way the answer is right."""
+    monkeypatch.setattr(moe_mod, "POLICY", "auto")
+    e, k = 8, 4
+    hidden = torch.randn(n, SMALL_H).to(torch.bfloat16)
+    gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.bfloat16)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k)
+    routed = n >= moe_mod.TORCH_GEMM_MIN_ROWS and _backend.cpu_has_native_bf16_gemm()
+    assert moe_mod._torch_gemm_min_rows(hidden, gate_up) == (moe_mod.TORCH_GEMM_MIN_ROWS if routed else 0)
+    assert moe_mod._torch_gemm_min_rows(hidden.float(), gate_up) == 0
+    out = lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights)
+    assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
+    expected = torch.ops.lfm_kernels_cpu.moe_experts(
+        hidden, gate_up, down, ids, weights, moe_mod.TORCH_GEMM_MIN_ROWS if routed else 0
+    )
+    assert torch.equal(out, expected)
+
+
 @pytest.fixture(scope="module")
 def full_size_weights():
     """LFM2.5-8B-A1B's expert shapes in bf16 (704 MB), generated once for the module."""
@@ -240,8 +305,10 @@ def full_size_weights():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("policy", ["kernel", "auto"])
 @pytest.mark.parametrize("n", [1, 40])
-def test_full_size_block(full_size_weights, n):
+def test_full_size_block(full_size_weights, n, policy, monkeypatch):
+    monkeypatch.setattr(moe_mod, "POLICY", policy)
     gate_weight, gate_up, down = full_size_weights
     hidden = torch.randn(n, 2048).to(torch.bfloat16)
     bias = torch.randn(32) * 0.01

@@ -16,12 +16,11 @@ silently changes which code runs).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from .._backend import cpu_has_native_bf16_gemm
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -33,18 +32,6 @@ POLICY = "auto"
 # fast or faster (64 vs 48 GFLOP/s at M = 2, N = K = 2048; ~2x on the 128k-row lm_head at M = 1);
 # from M = 3 torch's bf16 GEMM is faster (1.2-1.5x at M = 3, 4; ~2x from M = 5 to 512).
 TORCH_GEMM_MIN_ROWS = 3
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16_gemm() -> bool:
-    """True when torch's oneDNN runs bf16 GEMMs with AVX512-BF16 or AMX instructions on this CPU (and
-    ONEDNN_MAX_CPU_ISA does not forbid them). Without them its bf16 GEMM is several times slower than
-    the C++ kernel."""
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return bool(native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001 - private APIs: any failure means "don't rely on it"
-        return False
 
 
 def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
