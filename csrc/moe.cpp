@@ -41,6 +41,7 @@ constexpr int kM = 3;                // tokens per tile: 12 ymm accumulators + 3
 constexpr int64_t kUnits1 = 16;      // intermediate units (gate row + up row) per phase-1 work item
 constexpr int64_t kRows2 = 32;       // down rows per phase-2 work item
 constexpr int64_t kMaxPairs = 4096;  // pairs per pass: bounds the fp32 scratch (act, y) for long prompts
+constexpr int64_t kGemmExpertsPerThread = 2;  // torch-GEMM experts per thread before one expert per thread
 
 // out[m * R + r] = dot(w[r][0:K], x[m][0:K]) in fp32, R <= kR, M <= kM.
 template <typename W>
@@ -521,7 +522,21 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
     std::vector<int64_t> tiled, gemm;
     for (const int64_t e : pl.active)
       (torch_gemm && pl.offs[e + 1] - pl.offs[e] >= torch_gemm_min_rows ? gemm : tiled).push_back(e);
-    for (const int64_t e : gemm) expert_torch_gemm(hidden_c, gu, dn, e, pl, y.mutable_data_ptr<float>());
+    float* yp = y.mutable_data_ptr<float>();
+    if (static_cast<int64_t>(gemm.size()) >= kGemmExpertsPerThread * at::get_num_threads()) {
+      // Many experts (prefill): one expert per thread at a time, each GEMM single-threaded (nested
+      // in our parallel region). A single thread's GEMM computes while the hardware prefetcher
+      // streams its weights, so the cores overlap compute and memory; splitting every GEMM over all
+      // threads instead leaves each expert first bandwidth- then compute-bound. Largest first, so the
+      // last experts claimed are the short ones.
+      std::stable_sort(gemm.begin(), gemm.end(), [&](int64_t a, int64_t b) {
+        return pl.offs[a + 1] - pl.offs[a] > pl.offs[b + 1] - pl.offs[b];
+      });
+      parallel_dynamic(static_cast<int64_t>(gemm.size()),
+                       [&](int64_t i) { expert_torch_gemm(hidden_c, gu, dn, gemm[i], pl, yp); });
+    } else {
+      for (const int64_t e : gemm) expert_torch_gemm(hidden_c, gu, dn, e, pl, yp);
+    }
     LFMK_DISPATCH_FLOAT(gu.scalar_type(), "moe_experts", [&] {
       experts_pass<scalar_t>(X.const_data_ptr<float>(), cptr<scalar_t>(gu), cptr<scalar_t>(dn), H, I, pl, tiled,
                              act.mutable_data_ptr<float>(), y.mutable_data_ptr<float>());
