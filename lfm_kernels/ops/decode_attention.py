@@ -107,6 +107,8 @@ def decode_attention(
         k_cache = k_cache.contiguous()
     if v_cache.stride(-1) != 1:
         v_cache = v_cache.contiguous()
+    if _backend.eager_cpu_fast_path(q):
+        return torch.ops.lfm_kernels_cpu.decode_attention.default(q, k_cache, v_cache, seq_lens, scale)
     return _decode_attention_op(q, k_cache, v_cache, seq_lens, scale)
 
 

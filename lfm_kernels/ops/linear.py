@@ -109,5 +109,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2 = x2.contiguous()
     if not weight.is_contiguous():
         weight = weight.contiguous()
-    out = _linear_op(x2, weight, bias)
+    if _backend.eager_cpu_fast_path(x2):
+        if _use_torch_gemm(x2, weight):
+            out = _torch_linear(x2, weight, bias)
+        else:
+            out = torch.ops.lfm_kernels_cpu.linear.default(x2, weight, bias)
+    else:
+        out = _linear_op(x2, weight, bias)
     return out.reshape(*lead, n)

@@ -97,6 +97,24 @@ def _(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
     return hidden.new_empty(hidden.shape).contiguous()
 
 
+# Eager CPU calls go straight to the C++ ops (see _backend.eager_cpu_fast_path); everything else
+# (CUDA, torch.compile, no extension) through the registered custom ops.
+def _route(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor):
+    if _backend.eager_cpu_fast_path(hidden):
+        return torch.ops.lfm_kernels_cpu.moe_route.default(
+            hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor
+        )
+    return _moe_route_op(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor)
+
+
+def _experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+    if _backend.eager_cpu_fast_path(hidden):
+        return torch.ops.lfm_kernels_cpu.moe_experts.default(
+            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, _torch_gemm_min_rows(hidden, gate_up_proj)
+        )
+    return _moe_experts_op(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
+
+
 def _check_route_args(hidden, gate_weight, expert_bias, top_k):
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, H]")
     check_tensor("gate_weight", gate_weight, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[E, H]")
@@ -161,7 +179,7 @@ def moe_route(
     Logits, sigmoid and weights are computed in float32.
     """
     _check_route_args(hidden, gate_weight, expert_bias, top_k)
-    return _moe_route_op(hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor))
+    return _route(hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor))
 
 
 def moe_experts(
@@ -197,7 +215,7 @@ def moe_experts(
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= n_experts:
             raise ValueError(f"topk_ids must hold expert ids in [0, E={n_experts}), got values in [{lo}, {hi}]")
-    return _moe_experts_op(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
+    return _experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
 
 
 def moe(
@@ -220,8 +238,6 @@ def moe(
         raise ValueError(
             f"gate_up_proj has {gate_up_proj.shape[0]} experts but gate_weight has E={n_experts} rows; they must match"
         )
-    weights, ids = _moe_route_op(
-        hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor)
-    )
+    weights, ids = _route(hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor))
     # ids come from our own router, so they are in range: skip moe_experts' host-side range check
-    return _moe_experts_op(hidden, gate_up_proj, down_proj, ids, weights)
+    return _experts(hidden, gate_up_proj, down_proj, ids, weights)

@@ -80,7 +80,7 @@ def short_conv(
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             attention_mask = attention_mask != 0
     check_same_device("bcx", bcx, weight=weight, bias=bias, conv_state=conv_state, attention_mask=attention_mask)
-    if bcx.device.type == "cpu" and _backend._C is not None and not torch.compiler.is_compiling():
+    if _backend.eager_cpu_fast_path(bcx):
         # Eager fast path straight into the C++ op: the custom-op wrapper costs more than a decode step.
         # Under torch.compile the custom op below is what gets traced.
         return torch.ops.lfm_kernels_cpu.short_conv.default(bcx, weight, bias, conv_state, attention_mask, None)
