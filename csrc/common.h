@@ -28,6 +28,20 @@
 #error "lfm_kernels needs GCC or clang"
 #endif
 
+// Functions compiled for AVX-512 with the BF16 dot-product instruction (vdpbf16ps), called only when
+// cpu_has_avx512bf16(): the MoE experts' many-token path on CPUs that have it (Zen 4+, Cooper Lake,
+// Sapphire Rapids+), where it does twice the multiply-adds per instruction of AVX2 fp32 FMAs and
+// needs no bf16 -> fp32 conversion of the weights.
+#if defined(__clang__)
+#define LFMK_AVX512BF16_BEGIN                                                                           \
+  _Pragma("clang attribute push (__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c\"))), apply_to = function)")
+#define LFMK_AVX512BF16_END _Pragma("clang attribute pop")
+#else
+#define LFMK_AVX512BF16_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c\")")
+#define LFMK_AVX512BF16_END _Pragma("GCC pop_options")
+#endif
+
 namespace lfmk {
 
 // True when the AVX2+FMA+F16C kernels may run: the CPU has them, the OS saves YMM state, and the
@@ -35,6 +49,8 @@ namespace lfmk {
 bool cpu_has_avx2();
 // Name of the path the next call will take: "avx2" or "portable".
 const char* cpu_isa();
+// True when the AVX-512 BF16 kernels may run (CPU and OS support, and the portable path not forced).
+bool cpu_has_avx512bf16();
 void set_force_portable(bool force);
 
 // ---- scalar conversions (portable; also used for vector tails) ----

@@ -22,9 +22,22 @@ static bool detect_avx2() {
 #endif
 }
 
+static bool detect_avx512bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  // as for AVX2, libgcc also checks that the OS saves the ZMM and opmask state
+  return detect_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 static const bool g_has_avx2 = detect_avx2();
+static const bool g_has_avx512bf16 = detect_avx512bf16();
 
 bool cpu_has_avx2() { return g_has_avx2 && !g_force_portable.load(std::memory_order_relaxed); }
+bool cpu_has_avx512bf16() { return g_has_avx512bf16 && !g_force_portable.load(std::memory_order_relaxed); }
 const char* cpu_isa() { return cpu_has_avx2() ? "avx2" : "portable"; }
 void set_force_portable(bool force) { g_force_portable.store(force); }
 
@@ -34,6 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lfm_kernels CPU extension";
   m.def("cpu_supports_avx2", [] { return lfmk::g_has_avx2; },
         "whether this CPU and OS support the AVX2+FMA+F16C kernels");
+  m.def("cpu_supports_avx512bf16", [] { return lfmk::g_has_avx512bf16; },
+        "whether this CPU and OS support the AVX-512 BF16 kernels (MoE experts with many tokens)");
   m.def("cpu_isa", [] { return std::string(lfmk::cpu_isa()); }, "the path the kernels take now");
   m.def("set_force_portable", &lfmk::set_force_portable,
         "force the portable (non-AVX2) kernels; for tests comparing both paths");

@@ -21,10 +21,13 @@
 // With one token (decode) it is a GEMV streaming kR rows sequentially with two accumulator sets.
 // A work item's weight rows stay in L2 while token triples (in L1) pass over them.
 //
-// torch_gemm_min_rows > 0 (the Python layer sets it only for bf16 hidden and weights on CPUs with
-// AVX512-BF16/AMX, see lfm_kernels/ops/moe.py): an expert with at least that many tokens runs as two
-// torch GEMMs instead (oneDNN's native bf16 dot products do twice the work per instruction that an
-// AVX2 fp32 FMA can), with the SwiGLU between them here; the others still share the tiled path.
+// bf16_dot_min_rows > 0 (the Python layer sets it only for bf16 hidden and weights on CPUs with native
+// bf16 dot products, see lfm_kernels/ops/moe.py): experts with at least that many tokens run on bf16
+// dot products, which do twice the multiply-adds per instruction of AVX2 fp32 FMAs. With AVX512-BF16
+// that is our own tile (vdpbf16ps on the weight rows as stored, the same work items as the AVX2
+// path, act rounded to bf16 once); otherwise (the portable path forced, or AMX without AVX512-BF16)
+// two torch (oneDNN) GEMMs per expert with the SwiGLU between them here. The other experts keep
+// the AVX2 tiled path.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -42,6 +45,10 @@ constexpr int64_t kUnits1 = 16;      // intermediate units (gate row + up row) p
 constexpr int64_t kRows2 = 32;       // down rows per phase-2 work item
 constexpr int64_t kMaxPairs = 4096;  // pairs per pass: bounds the fp32 scratch (act, y) for long prompts
 constexpr int64_t kGemmExpertsPerThread = 2;  // torch-GEMM experts per thread before one expert per thread
+// From this many tokens an expert's oneDNN GEMMs beat the AVX512-BF16 tile (whose efficiency stops
+// rising past ~24 tokens, while oneDNN's packing pass is then paid off): measured on Zen 4, 2 threads,
+// 16 tokens per expert both 55 ms for 32 experts, 64 tokens per expert 130 (oneDNN) vs 157 ms.
+constexpr int64_t kOneDnnMinRows = 32;
 
 // out[m * R + r] = dot(w[r][0:K], x[m][0:K]) in fp32, R <= kR, M <= kM.
 template <typename W>
@@ -177,6 +184,17 @@ void swiglu_row_avx2(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat
   }
 }
 
+// a[j] = bf16(silu(g[j]) * u[j]) from fp32 gate and up values
+void swiglu_f32_row_avx2(const float* g, const float* u, c10::BFloat16* a, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    avx2::store8(a + j, _mm256_mul_ps(avx2::silu8(_mm256_loadu_ps(g + j)), _mm256_loadu_ps(u + j)));
+  if (j < n) {
+    const int r = static_cast<int>(n - j);
+    avx2::store_partial(a + j, _mm256_mul_ps(avx2::silu8(avx2::load_partial(g + j, r)), avx2::load_partial(u + j, r)), r);
+  }
+}
+
 void widen_row_avx2(const c10::BFloat16* x, float* y, int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, avx2::load8(x + j));
@@ -197,6 +215,79 @@ void tile_avx2(const W* const* w, int R, const float* const* x, int M, int64_t K
 }  // namespace
 }  // namespace lfmk
 LFMK_AVX2_END
+
+LFMK_AVX512BF16_BEGIN
+namespace lfmk {
+namespace {
+
+constexpr int kMb = 6;  // tokens per AVX512-BF16 tile: 24 zmm accumulators + 4 weight rows + 1 input
+
+// out[m * R + r] = w[r] . x[m] over K bf16 values with vdpbf16ps (pairs of products summed into fp32
+// lanes), R <= 4 rows, M <= kMb tokens. Rows are read as they are stored: no packing pass.
+// Sum of the 16 lanes. Through memory rather than AVX-512 shuffles: GCC 12 warns (-Wuninitialized)
+// about the undefined pass-through operand inside those intrinsics; this runs once per R x M tile.
+inline float hsum16(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  __m256 h = _mm256_add_ps(_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+
+template <int R, int M>
+void tile_bf16dp_t(const c10::BFloat16* const* w, const c10::BFloat16* const* x, int64_t K, float* out) {
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w[r] + k);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x[m] + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, (__m512bh)wv[r]);
+    }
+  }
+  if (k < K) {  // masked loads read nothing past K and give zeros there
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w[r] + k);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x[m] + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, (__m512bh)wv[r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) out[m * R + r] = hsum16(acc[m][r]);
+}
+
+template <int R>
+void tile_bf16dp_r(const c10::BFloat16* const* w, const c10::BFloat16* const* x, int M, int64_t K, float* out) {
+  static_assert(kMb == 6, "tile_bf16dp_r instantiates M <= 6");
+  switch (M) {
+    case 1: return tile_bf16dp_t<R, 1>(w, x, K, out);
+    case 2: return tile_bf16dp_t<R, 2>(w, x, K, out);
+    case 3: return tile_bf16dp_t<R, 3>(w, x, K, out);
+    case 4: return tile_bf16dp_t<R, 4>(w, x, K, out);
+    case 5: return tile_bf16dp_t<R, 5>(w, x, K, out);
+    default: return tile_bf16dp_t<R, 6>(w, x, K, out);
+  }
+}
+
+void tile_bf16dp(const c10::BFloat16* const* w, int R, const c10::BFloat16* const* x, int M, int64_t K, float* out) {
+  switch (R) {
+    case 1: return tile_bf16dp_r<1>(w, x, M, K, out);
+    case 2: return tile_bf16dp_r<2>(w, x, M, K, out);
+    case 3: return tile_bf16dp_r<3>(w, x, M, K, out);
+    default: return tile_bf16dp_r<4>(w, x, M, K, out);
+  }
+}
+
+}  // namespace
+}  // namespace lfmk
+LFMK_AVX512BF16_END
 
 namespace lfmk {
 namespace {
@@ -425,6 +516,75 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
   });
 }
 
+// Phases 1 and 2 for the experts with many tokens, bf16 hidden and bf16 weights, on the AVX512-BF16
+// tile: the same work items as experts_pass, but the inputs stay bf16 (no fp32 copy of the tokens)
+// and act is rounded to bf16 once, since the second tile multiplies bf16 by bf16. Gate and up of an
+// item are kept in fp32 and the SwiGLU runs vectorised over the item's units.
+void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const c10::BFloat16* dn, int64_t H,
+                         int64_t I, const Plan& pl, const std::vector<int64_t>& active, c10::BFloat16* act,
+                         float* y) {
+  using bf16 = c10::BFloat16;
+  const int64_t na = static_cast<int64_t>(active.size());
+  if (na == 0) return;
+  const int64_t chunks1 = (I + kUnits1 - 1) / kUnits1;
+  parallel_dynamic(chunks1 * na, [&](int64_t i) {
+    const int64_t e = active[i % na];
+    const int64_t j0 = (i / na) * kUnits1, j1 = std::min(I, j0 + kUnits1), nj = j1 - j0;
+    const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
+    const bf16* G = gu + e * 2 * I * H;
+    const bf16* U = G + I * H;
+    prefetch_block(G + j0 * H, nj * H * static_cast<int64_t>(sizeof(bf16)));
+    prefetch_block(U + j0 * H, nj * H * static_cast<int64_t>(sizeof(bf16)));
+    const bf16* xp[kMb];
+    const bf16* wp[4];
+    float res[kMb * 4];
+    // row pairs outer, token groups inner: a pair's four rows (16 KB at H = 2048) come from memory
+    // once and stay in L1 while every token group passes over them
+    std::vector<float> gbuf(me * kUnits1), ubuf(me * kUnits1);
+    for (int64_t j = j0; j < j1; j += 2) {
+      const int nu = static_cast<int>(std::min<int64_t>(2, j1 - j));
+      for (int u = 0; u < nu; ++u) {
+        wp[u] = G + (j + u) * H;
+        wp[nu + u] = U + (j + u) * H;
+      }
+      for (int64_t t = 0; t < me; t += kMb) {
+        const int M = static_cast<int>(std::min<int64_t>(kMb, me - t));
+        for (int m = 0; m < M; ++m) xp[m] = X + pl.tok[q0 + t + m] * H;
+        tile_bf16dp(wp, 2 * nu, xp, M, H, res);
+        for (int m = 0; m < M; ++m)
+          for (int u = 0; u < nu; ++u) {
+            gbuf[(t + m) * kUnits1 + j - j0 + u] = res[m * 2 * nu + u];
+            ubuf[(t + m) * kUnits1 + j - j0 + u] = res[m * 2 * nu + nu + u];
+          }
+      }
+    }
+    for (int64_t m = 0; m < me; ++m)
+      swiglu_f32_row_avx2(&gbuf[m * kUnits1], &ubuf[m * kUnits1], act + (q0 + m) * I + j0, nj);
+  });
+  const int64_t chunks2 = (H + kRows2 - 1) / kRows2;
+  parallel_dynamic(chunks2 * na, [&](int64_t i) {
+    const int64_t e = active[i % na];
+    const int64_t h0 = (i / na) * kRows2, h1 = std::min(H, h0 + kRows2);
+    const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
+    const bf16* D = dn + e * H * I;
+    prefetch_block(D + h0 * I, (h1 - h0) * I * static_cast<int64_t>(sizeof(bf16)));
+    const bf16* xp[kMb];
+    const bf16* wp[4];
+    float res[kMb * 4];
+    for (int64_t h = h0; h < h1; h += 4) {
+      const int R = static_cast<int>(std::min<int64_t>(4, h1 - h));
+      for (int r = 0; r < R; ++r) wp[r] = D + (h + r) * I;
+      for (int64_t t = 0; t < me; t += kMb) {
+        const int M = static_cast<int>(std::min<int64_t>(kMb, me - t));
+        for (int m = 0; m < M; ++m) xp[m] = act + (q0 + t + m) * I;
+        tile_bf16dp(wp, R, xp, M, I, res);
+        for (int m = 0; m < M; ++m)
+          for (int r = 0; r < R; ++r) y[(q0 + t + m) * H + h + r] = res[m * R + r];
+      }
+    }
+  });
+}
+
 // One expert's tokens through oneDNN: g = X_e @ gate_up[e]^T, act = silu(g_gate) * g_up, y_e =
 // act @ down[e]^T. The GEMMs take and return bf16 (what F.linear computes in a bf16 model), so gate,
 // up, act and the expert output are each rounded to bf16 once; accumulation inside them is fp32.
@@ -486,7 +646,7 @@ void combine(const float* y, const float* tw, const Plan& pl, int64_t n0, int64_
 // guard the memory safety of this function when it is called directly.
 at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
                            const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                           int64_t torch_gemm_min_rows) {
+                           int64_t bf16_dot_min_rows) {
   TORCH_CHECK(hidden.dim() == 2, "moe_experts: hidden must be [N, H]");
   const int64_t N = hidden.size(0), H = hidden.size(1);
   TORCH_CHECK(gate_up_proj.dim() == 3 && gate_up_proj.size(2) == H && gate_up_proj.size(1) % 2 == 0,
@@ -506,9 +666,10 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
   const at::Tensor tw = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor X = hidden.to(at::kFloat).contiguous();
   const at::Tensor gu = gate_up_proj.contiguous(), dn = down_proj.contiguous();
-  const bool torch_gemm = torch_gemm_min_rows > 0 && hidden.scalar_type() == at::kBFloat16 &&
-                          gu.scalar_type() == at::kBFloat16;
-  const at::Tensor hidden_c = torch_gemm ? hidden.contiguous() : at::Tensor();
+  const bool bf16_dot = bf16_dot_min_rows > 0 && hidden.scalar_type() == at::kBFloat16 &&
+                        gu.scalar_type() == at::kBFloat16;
+  const bool own_bf16_tile = bf16_dot && cpu_has_avx512bf16();
+  const at::Tensor hidden_c = bf16_dot ? hidden.contiguous() : at::Tensor();
   at::Tensor out = at::empty({N, H}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0 || H == 0) return out;
   if (k == 0 || I == 0) return out.zero_();
@@ -516,13 +677,23 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
   const int64_t pmax = std::min(N, chunk) * k;
   auto fopt = hidden.options().dtype(at::kFloat);
   at::Tensor act = at::empty({pmax, I}, fopt), y = at::empty({pmax, H}, fopt);
+  at::Tensor act16 = own_bf16_tile ? at::empty({pmax, I}, hidden.options()) : at::Tensor();
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t nt = std::min(chunk, N - n0);
     const Plan pl = make_plan(idp, n0, nt, k, E);
-    std::vector<int64_t> tiled, gemm;
-    for (const int64_t e : pl.active)
-      (torch_gemm && pl.offs[e + 1] - pl.offs[e] >= torch_gemm_min_rows ? gemm : tiled).push_back(e);
+    std::vector<int64_t> tiled, dot, gemm;
+    for (const int64_t e : pl.active) {
+      const int64_t me = pl.offs[e + 1] - pl.offs[e];
+      if (!bf16_dot || me < bf16_dot_min_rows) {
+        tiled.push_back(e);
+      } else {
+        (own_bf16_tile && me < kOneDnnMinRows ? dot : gemm).push_back(e);
+      }
+    }
     float* yp = y.mutable_data_ptr<float>();
+    if (!dot.empty())
+      experts_pass_bf16dp(cptr<c10::BFloat16>(hidden_c), cptr<c10::BFloat16>(gu), cptr<c10::BFloat16>(dn), H, I, pl,
+                          dot, mptr<c10::BFloat16>(act16), yp);
     if (static_cast<int64_t>(gemm.size()) >= kGemmExpertsPerThread * at::get_num_threads()) {
       // Many experts (prefill): one expert per thread at a time, each GEMM single-threaded (nested
       // in our parallel region). A single thread's GEMM computes while the hardware prefetcher
@@ -555,7 +726,7 @@ TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
   m.def("moe_route(Tensor hidden, Tensor gate_weight, Tensor? expert_bias, int top_k, bool norm_topk_prob, "
         "float routed_scaling_factor) -> (Tensor, Tensor)");
   m.def("moe_experts(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor topk_ids, Tensor topk_weights, "
-        "int torch_gemm_min_rows=0) -> Tensor");
+        "int bf16_dot_min_rows=0) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) {
   m.impl("moe_route", &lfmk::moe_route_cpu);

@@ -115,6 +115,7 @@ def backend_info() -> dict:
         "extension_error": _EXT_ERROR,
         "cpu_isa": cpu_isa(),
         "cpu_supports_avx2_fma": bool(_C.cpu_supports_avx2()) if _C is not None else None,
+        "cpu_supports_avx512bf16": bool(_C.cpu_supports_avx512bf16()) if _C is not None else None,
         "cpu_native_bf16_gemm": cpu_has_native_bf16_gemm(),
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),

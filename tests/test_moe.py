@@ -243,9 +243,10 @@ GEMM_CASES = [(n, e, k, r) for n, e, k, r in [(1, 8, 1, 1), (7, 8, 2, 3), (64, 8
 @pytest.mark.parametrize("impl", ["avx2", "portable"])
 @pytest.mark.parametrize("n,e,k,min_rows", GEMM_CASES, ids=[f"N{n}-E{e}-k{k}-min{r}" for n, e, k, r in GEMM_CASES])
 def test_torch_gemm_path_matches_reference(impl, n, e, k, min_rows):
-    """The C++ op with torch_gemm_min_rows set: experts with at least that many tokens run on torch's
-    GEMM, the rest on the tiled kernel, in one call (oneDNN runs bf16 on any CPU, only slower without
-    native bf16, so this path is tested on every machine)."""
+    """The C++ op with bf16_dot_min_rows set: experts with at least that many tokens run on bf16 dot
+    products (avx2 impl on an AVX512-BF16 CPU: our tile below 32 tokens, oneDNN from 32; portable
+    impl: always oneDNN, which runs bf16 on any CPU, so that path is tested on every machine), the
+    rest on the tiled AVX2/portable kernel, all in one call."""
     hidden = torch.randn(n, SMALL_H).to(torch.bfloat16)
     gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.bfloat16)
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
@@ -258,7 +259,7 @@ def test_torch_gemm_path_matches_reference(impl, n, e, k, min_rows):
 
 
 def test_torch_gemm_only_for_bf16():
-    """fp32 (and mixed) calls ignore torch_gemm_min_rows: bit-identical to the kernel alone."""
+    """fp32 (and mixed) calls ignore bf16_dot_min_rows: bit-identical to the kernel alone."""
     n, e, k = 30, 8, 2
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     weights = torch.rand(n, k)
@@ -267,6 +268,28 @@ def test_torch_gemm_only_for_bf16():
         gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, wdt)
         op = torch.ops.lfm_kernels_cpu.moe_experts
         assert torch.equal(op(hidden, gate_up, down, ids, weights, 1), op(hidden, gate_up, down, ids, weights, 0))
+
+
+def test_bf16_tile_deterministic_across_threads():
+    """Experts with 3..31 tokens on the AVX512-BF16 tile: the same bits for 1 and 2 threads."""
+    if _backend._C is None or not _backend._C.cpu_supports_avx512bf16():
+        pytest.skip("CPU without AVX512-BF16: those experts run on oneDNN, whose sums may split per thread count")
+    n, e, k = 40, 8, 2  # ~10 tokens per expert
+    hidden = torch.randn(n, SMALL_H).to(torch.bfloat16)
+    gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.bfloat16)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k)
+    op = torch.ops.lfm_kernels_cpu.moe_experts
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(hidden, gate_up, down, ids, weights, 3)
+        torch.set_num_threads(max(2, threads))
+        many = op(hidden, gate_up, down, ids, weights, 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    assert_close(one, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
 
 
 @pytest.mark.parametrize("n", [2, 3, 64])
@@ -280,8 +303,8 @@ def test_torch_gemm_auto_policy(monkeypatch, n):
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     weights = torch.rand(n, k)
     routed = n >= moe_mod.TORCH_GEMM_MIN_ROWS and _backend.cpu_has_native_bf16_gemm()
-    assert moe_mod._torch_gemm_min_rows(hidden, gate_up) == (moe_mod.TORCH_GEMM_MIN_ROWS if routed else 0)
-    assert moe_mod._torch_gemm_min_rows(hidden.float(), gate_up) == 0
+    assert moe_mod._bf16_dot_min_rows(hidden, gate_up) == (moe_mod.TORCH_GEMM_MIN_ROWS if routed else 0)
+    assert moe_mod._bf16_dot_min_rows(hidden.float(), gate_up) == 0
     out = lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights)
     assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
     expected = torch.ops.lfm_kernels_cpu.moe_experts(

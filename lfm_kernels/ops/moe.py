@@ -4,14 +4,16 @@
 SwiGLU experts on transformers' fused weight layout and sums them with the routing weights;
 `moe` is the whole sparse block (what `Lfm2MoeSparseMoeBlock` computes on [N, H] tokens).
 
-On the CPU every expert runs in the C++ kernel (csrc/moe.cpp), with one exception chosen at run time,
-as in `lfm_kernels.linear`: on CPUs with native bf16 dot products (AVX512-BF16 or AMX), with bf16
-tokens and bf16 weights, an expert chosen by at least `TORCH_GEMM_MIN_ROWS` tokens of the call runs
-its two projections as torch (oneDNN) bf16 GEMMs, about twice as fast there as the AVX2 kernel from
-16 tokens per expert (prefill). Those GEMMs round gate, up, the SwiGLU product and the expert output
-to bf16 once each, as a bf16 transformers model does. Set `lfm_kernels.ops.moe.POLICY = "kernel"` to
-keep every expert in the C++ kernel (not an environment variable, on purpose: nothing outside the
-program silently changes which code runs).
+On the CPU every expert runs in the C++ kernel (csrc/moe.cpp). With bf16 tokens and bf16 weights on a
+CPU with native bf16 dot products (AVX512-BF16 or AMX) an expert chosen by at least
+`TORCH_GEMM_MIN_ROWS` tokens of the call (prefill) runs on bf16 dot products, which do twice the
+multiply-adds per instruction of the AVX2 fp32 path: up to 31 tokens on our AVX512-BF16 tile (gate and
+up in fp32, the SwiGLU product rounded to bf16 once for the second projection; bit-identical for any
+thread count), from 32 tokens as two torch (oneDNN) bf16 GEMMs, which are faster there once their
+weight-packing pass is paid off (they round gate, up, the product and the expert output to bf16, as a
+bf16 transformers model does; oneDNN may split its sums differently for another thread count).
+Set `lfm_kernels.ops.moe.POLICY = "kernel"` to keep every expert on the AVX2 path (not an environment
+variable, on purpose: nothing outside the program silently changes which code runs).
 """
 
 from __future__ import annotations
@@ -24,16 +26,16 @@ from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_te
 
 _ID_DTYPES = (torch.int64, torch.int32)
 
-# "auto": experts with >= TORCH_GEMM_MIN_ROWS tokens go to torch's bf16 GEMM where the CPU has native
-# bf16 dot products (see the module docstring); "kernel": every expert in the C++ kernel.
+# "auto": experts with >= TORCH_GEMM_MIN_ROWS tokens use native bf16 dot products where the CPU has
+# them (see the module docstring); "kernel": every expert on the AVX2 path.
 POLICY = "auto"
 # Measured on an AVX512-BF16 CPU (2 Zen 4 threads, one expert at the real shape, weights from DRAM):
-# the C++ kernel is faster at 1 token (0.83 vs 1.22 ms) and even at 2; torch's GEMM is 1.3x faster
-# at 3, 1.7x at 16, 2.3x at 64 tokens.
+# the AVX2 path is faster at 1 token (0.83 vs 1.22 ms for oneDNN) and even at 2; from 3 tokens bf16 dot
+# products win (1.3x at 3, 1.7x at 16, 2.3x at 64 tokens).
 TORCH_GEMM_MIN_ROWS = 3
 
 
-def _torch_gemm_min_rows(hidden: torch.Tensor, gate_up_proj: torch.Tensor) -> int:
+def _bf16_dot_min_rows(hidden: torch.Tensor, gate_up_proj: torch.Tensor) -> int:
     """0 (never) or the token count from which an expert runs on torch's GEMM; see POLICY."""
     if (
         POLICY == "auto"
@@ -87,7 +89,7 @@ def _moe_experts_op(
         return moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if hidden.device.type == "cpu" and _backend.cpu_extension_available():
         return torch.ops.lfm_kernels_cpu.moe_experts(
-            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, _torch_gemm_min_rows(hidden, gate_up_proj)
+            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, _bf16_dot_min_rows(hidden, gate_up_proj)
         )
     return reference.moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
 
@@ -110,7 +112,7 @@ def _route(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scali
 def _experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
     if _backend.eager_cpu_fast_path(hidden):
         return torch.ops.lfm_kernels_cpu.moe_experts.default(
-            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, _torch_gemm_min_rows(hidden, gate_up_proj)
+            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, _bf16_dot_min_rows(hidden, gate_up_proj)
         )
     return _moe_experts_op(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
 
