@@ -533,8 +533,7 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
     const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
     const bf16* G = gu + e * 2 * I * H;
     const bf16* U = G + I * H;
-    prefetch_block(G + j0 * H, nj * H * static_cast<int64_t>(sizeof(bf16)));
-    prefetch_block(U + j0 * H, nj * H * static_cast<int64_t>(sizeof(bf16)));
+    const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
     const bf16* xp[kMb];
     const bf16* wp[4];
     float res[kMb * 4];
@@ -547,6 +546,12 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
         wp[u] = G + (j + u) * H;
         wp[nu + u] = U + (j + u) * H;
       }
+      // The next pair's rows (16 KB at H = 2048) start arriving while this pair computes: a small
+      // lookahead keeps memory and the dot products overlapped (a whole item's block requested up
+      // front would first wait for all of it).
+      const int64_t jn = std::min<int64_t>(j + 2, j1), nn = std::min<int64_t>(2, j1 - jn);
+      prefetch_block(G + jn * H, nn * row_bytes);
+      prefetch_block(U + jn * H, nn * row_bytes);
       for (int64_t t = 0; t < me; t += kMb) {
         const int M = static_cast<int>(std::min<int64_t>(kMb, me - t));
         for (int m = 0; m < M; ++m) xp[m] = X + pl.tok[q0 + t + m] * H;
@@ -567,13 +572,15 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
     const int64_t h0 = (i / na) * kRows2, h1 = std::min(H, h0 + kRows2);
     const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
     const bf16* D = dn + e * H * I;
-    prefetch_block(D + h0 * I, (h1 - h0) * I * static_cast<int64_t>(sizeof(bf16)));
+    const int64_t row_bytes = I * static_cast<int64_t>(sizeof(bf16));
     const bf16* xp[kMb];
     const bf16* wp[4];
     float res[kMb * 4];
     for (int64_t h = h0; h < h1; h += 4) {
       const int R = static_cast<int>(std::min<int64_t>(4, h1 - h));
       for (int r = 0; r < R; ++r) wp[r] = D + (h + r) * I;
+      const int64_t hn = std::min<int64_t>(h + 4, h1);  // lookahead, as in phase 1
+      prefetch_block(D + hn * I, std::min<int64_t>(4, h1 - hn) * row_bytes);
       for (int64_t t = 0; t < me; t += kMb) {
         const int M = static_cast<int>(std::min<int64_t>(kMb, me - t));
         for (int m = 0; m < M; ++m) xp[m] = act + (q0 + t + m) * I;
