@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, reference
+from ..ops import moe as moe_ops
 from ..ops.moe import moe_experts
 from .core import Case
 
@@ -76,6 +77,17 @@ def _baselines(has_transformers: bool) -> dict:
     return out
 
 
+def _label(n: int, dtype: torch.dtype, device: str) -> str:
+    """The backend, plus "+bf16dot" where experts with enough tokens run on native bf16 dot products
+    (our AVX512-BF16 tile below 32 tokens per expert, oneDNN from 32; see lfm_kernels.ops.moe)."""
+    base = _backend.backend_for(torch.empty(0, device=device))
+    if device == "cpu" and base in ("avx2", "portable"):
+        probe = torch.empty(n, 1, dtype=dtype)
+        if moe_ops._bf16_dot_min_rows(probe, probe) > 0:
+            return base + "+bf16dot"
+    return base
+
+
 def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
     try:
         import transformers  # noqa: F401
@@ -125,7 +137,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     bytes_moved=moved,
                     flops=n * TOP_K * 6 * HIDDEN * INTER,
                     compute_bound=n >= 128,
-                    backend=_backend.backend_for(torch.empty(0, device=device)),
+                    backend=_label(n, dtype, device),
                 )
             )
     return out
