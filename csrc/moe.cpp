@@ -23,11 +23,11 @@
 //
 // bf16_dot_min_rows > 0 (the Python layer sets it only for bf16 hidden and weights on CPUs with native
 // bf16 dot products, see lfm_kernels/ops/moe.py): experts with at least that many tokens run on bf16
-// dot products, which do twice the multiply-adds per instruction of AVX2 fp32 FMAs. With AVX512-BF16
-// that is our own tile (vdpbf16ps on the weight rows as stored, the same work items as the AVX2
-// path, act rounded to bf16 once); otherwise (the portable path forced, or AMX without AVX512-BF16)
-// two torch (oneDNN) GEMMs per expert with the SwiGLU between them here. The other experts keep
-// the AVX2 tiled path.
+// dot products, which do twice the multiply-adds per instruction of AVX2 fp32 FMAs. With AVX512-BF16,
+// experts with fewer than kOneDnnMinRows tokens use our own tile (vdpbf16ps on the weight rows as
+// stored, the same work items as the AVX2 path, act rounded to bf16 once); the others (and all of
+// them when the portable path is forced, or on AMX without AVX512-BF16) run as two torch (oneDNN)
+// GEMMs per expert with the SwiGLU between them here. The remaining experts keep the AVX2 tiled path.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
