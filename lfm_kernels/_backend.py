@@ -54,9 +54,10 @@ def cpu_extension_available() -> bool:
 
 
 def eager_cpu_fast_path(t: torch.Tensor) -> bool:
-    """True when an op may call its C++ op straight away: a CPU tensor, the extension loaded, and not
-    being traced by torch.compile (which must see the registered custom op). The Python custom-op
-    wrapper costs about 10 us per call, as much as a small decode-step op itself."""
+    """True when an op may run its custom op's body directly instead of through the registered op: a
+    CPU tensor, the extension loaded, and not being traced by torch.compile (which must see the
+    registered op). The custom-op wrapper costs about 10 us per call, as much as a small
+    decode-step op itself."""
     return t.device.type == "cpu" and _C is not None and not torch.compiler.is_compiling()
 
 

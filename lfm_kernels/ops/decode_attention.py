@@ -23,8 +23,7 @@ _KV_SHAPE = "[B, H_kv, S, D] (transformers' KV cache layout)"
 FAST_HEAD_DIMS = (64, 128)
 
 
-@torch.library.custom_op("lfm_kernels::decode_attention", mutates_args=())
-def _decode_attention_op(
+def _decode_attention_impl(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -38,6 +37,9 @@ def _decode_attention_op(
     if q.device.type == "cpu" and _backend.cpu_extension_available():
         return torch.ops.lfm_kernels_cpu.decode_attention(q, k_cache, v_cache, seq_lens, scale)
     return reference.decode_attention(q, k_cache, v_cache, seq_lens, scale)
+
+
+_decode_attention_op = torch.library.custom_op("lfm_kernels::decode_attention", _decode_attention_impl, mutates_args=())
 
 
 @_decode_attention_op.register_fake
@@ -107,9 +109,8 @@ def decode_attention(
         k_cache = k_cache.contiguous()
     if v_cache.stride(-1) != 1:
         v_cache = v_cache.contiguous()
-    if _backend.eager_cpu_fast_path(q):
-        return torch.ops.lfm_kernels_cpu.decode_attention.default(q, k_cache, v_cache, seq_lens, scale)
-    return _decode_attention_op(q, k_cache, v_cache, seq_lens, scale)
+    op = _decode_attention_impl if _backend.eager_cpu_fast_path(q) else _decode_attention_op
+    return op(q, k_cache, v_cache, seq_lens, scale)
 
 
 def _compiling() -> bool:

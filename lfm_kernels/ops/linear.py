@@ -53,14 +53,16 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-@torch.library.custom_op("lfm_kernels::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x.device.type == "cpu" and not _use_torch_gemm(x, weight) and _backend.cpu_extension_available():
         return torch.ops.lfm_kernels_cpu.linear(x, weight, bias)
     # CUDA: cuBLAS behind F.linear already runs bf16 GEMMs and GEMVs at the hardware's speed, so there
     # is no Triton kernel for this op. CPU with native bf16 GEMM instructions (bf16 x bf16, many rows):
     # oneDNN's GEMM is the faster one. CPU without the extension: F.linear after the one warning.
     return _torch_linear(x, weight, bias)
+
+
+_linear_op = torch.library.custom_op("lfm_kernels::linear", _linear_impl, mutates_args=())
 
 
 @_linear_op.register_fake
@@ -109,11 +111,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2 = x2.contiguous()
     if not weight.is_contiguous():
         weight = weight.contiguous()
-    if _backend.eager_cpu_fast_path(x2):
-        if _use_torch_gemm(x2, weight):
-            out = _torch_linear(x2, weight, bias)
-        else:
-            out = torch.ops.lfm_kernels_cpu.linear.default(x2, weight, bias)
-    else:
-        out = _linear_op(x2, weight, bias)
-    return out.reshape(*lead, n)
+    op = _linear_impl if _backend.eager_cpu_fast_path(x2) else _linear_op
+    return op(x2, weight, bias).reshape(*lead, n)

@@ -48,8 +48,7 @@ def _bf16_dot_min_rows(hidden: torch.Tensor, gate_up_proj: torch.Tensor) -> int:
     return 0
 
 
-@torch.library.custom_op("lfm_kernels::moe_route", mutates_args=())
-def _moe_route_op(
+def _moe_route_impl(
     hidden: torch.Tensor,
     gate_weight: torch.Tensor,
     expert_bias: torch.Tensor | None,
@@ -69,14 +68,16 @@ def _moe_route_op(
     return weights.contiguous(), ids.contiguous()
 
 
+_moe_route_op = torch.library.custom_op("lfm_kernels::moe_route", _moe_route_impl, mutates_args=())
+
+
 @_moe_route_op.register_fake
 def _(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor):
     n = hidden.shape[0]
     return hidden.new_empty(n, top_k, dtype=torch.float32), hidden.new_empty(n, top_k, dtype=torch.int64)
 
 
-@torch.library.custom_op("lfm_kernels::moe_experts", mutates_args=())
-def _moe_experts_op(
+def _moe_experts_impl(
     hidden: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
@@ -94,27 +95,22 @@ def _moe_experts_op(
     return reference.moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
 
 
+_moe_experts_op = torch.library.custom_op("lfm_kernels::moe_experts", _moe_experts_impl, mutates_args=())
+
+
 @_moe_experts_op.register_fake
 def _(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
     return hidden.new_empty(hidden.shape).contiguous()
 
 
-# Eager CPU calls go straight to the C++ ops (see _backend.eager_cpu_fast_path); everything else
-# (CUDA, torch.compile, no extension) through the registered custom ops.
-def _route(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor):
-    if _backend.eager_cpu_fast_path(hidden):
-        return torch.ops.lfm_kernels_cpu.moe_route.default(
-            hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor
-        )
-    return _moe_route_op(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor)
+# Eager CPU calls run the ops' bodies directly (see _backend.eager_cpu_fast_path); everything else
+# (CUDA, torch.compile, no extension) goes through the registered custom ops.
+def _route(hidden, *args):
+    return (_moe_route_impl if _backend.eager_cpu_fast_path(hidden) else _moe_route_op)(hidden, *args)
 
 
-def _experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
-    if _backend.eager_cpu_fast_path(hidden):
-        return torch.ops.lfm_kernels_cpu.moe_experts.default(
-            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, _bf16_dot_min_rows(hidden, gate_up_proj)
-        )
-    return _moe_experts_op(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
+def _experts(hidden, *args):
+    return (_moe_experts_impl if _backend.eager_cpu_fast_path(hidden) else _moe_experts_op)(hidden, *args)
 
 
 def _check_route_args(hidden, gate_weight, expert_bias, top_k):

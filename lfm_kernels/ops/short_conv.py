@@ -15,8 +15,7 @@ from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_sh
 _SHAPE = "[B, T, 3D] (the in_proj output: chunks B, C, x)"
 
 
-@torch.library.custom_op("lfm_kernels::short_conv", mutates_args=("conv_state",))
-def _short_conv_op(
+def _short_conv_impl(
     bcx: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -30,6 +29,9 @@ def _short_conv_op(
     if bcx.device.type == "cpu" and _backend.cpu_extension_available():
         return torch.ops.lfm_kernels_cpu.short_conv.default(bcx, weight, bias, conv_state, attention_mask, None)
     return reference.short_conv(bcx, weight, bias, conv_state, attention_mask)
+
+
+_short_conv_op = torch.library.custom_op("lfm_kernels::short_conv", _short_conv_impl, mutates_args=("conv_state",))
 
 
 @_short_conv_op.register_fake
@@ -80,8 +82,5 @@ def short_conv(
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             attention_mask = attention_mask != 0
     check_same_device("bcx", bcx, weight=weight, bias=bias, conv_state=conv_state, attention_mask=attention_mask)
-    if _backend.eager_cpu_fast_path(bcx):
-        # Eager fast path straight into the C++ op: the custom-op wrapper costs more than a decode step.
-        # Under torch.compile the custom op below is what gets traced.
-        return torch.ops.lfm_kernels_cpu.short_conv.default(bcx, weight, bias, conv_state, attention_mask, None)
-    return _short_conv_op(bcx, weight, bias, conv_state, attention_mask)
+    op = _short_conv_impl if _backend.eager_cpu_fast_path(bcx) else _short_conv_op
+    return op(bcx, weight, bias, conv_state, attention_mask)
