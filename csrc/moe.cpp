@@ -173,8 +173,10 @@ void tile_avx2_r(const W* const* w, const float* const* x, int M, int64_t K, flo
   }
 }
 
-// a[j] = bf16(silu(g[j]) * u[j]) over one token's row of the torch-GEMM path
-void swiglu_row_avx2(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat16* a, int64_t n) {
+// a[j] = bf16(silu(g[j]) * u[j]) over one token's row: gate and up in bf16 (the oneDNN path's GEMM
+// output) or fp32 (the AVX512-BF16 tile's)
+template <typename T>
+void swiglu_row_avx2(const T* g, const T* u, c10::BFloat16* a, int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
     avx2::store8(a + j, _mm256_mul_ps(avx2::silu8(avx2::load8(g + j)), avx2::load8(u + j)));
@@ -182,23 +184,6 @@ void swiglu_row_avx2(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat
     const int r = static_cast<int>(n - j);
     avx2::store_partial(a + j, _mm256_mul_ps(avx2::silu8(avx2::load_partial(g + j, r)), avx2::load_partial(u + j, r)), r);
   }
-}
-
-// a[j] = bf16(silu(g[j]) * u[j]) from fp32 gate and up values
-void swiglu_f32_row_avx2(const float* g, const float* u, c10::BFloat16* a, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    avx2::store8(a + j, _mm256_mul_ps(avx2::silu8(_mm256_loadu_ps(g + j)), _mm256_loadu_ps(u + j)));
-  if (j < n) {
-    const int r = static_cast<int>(n - j);
-    avx2::store_partial(a + j, _mm256_mul_ps(avx2::silu8(avx2::load_partial(g + j, r)), avx2::load_partial(u + j, r)), r);
-  }
-}
-
-void widen_row_avx2(const c10::BFloat16* x, float* y, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, avx2::load8(x + j));
-  for (; j < n; ++j) y[j] = static_cast<float>(x[j]);
 }
 
 template <typename W>
@@ -222,8 +207,6 @@ namespace {
 
 constexpr int kMb = 6;  // tokens per AVX512-BF16 tile: 24 zmm accumulators + 4 weight rows + 1 input
 
-// out[m * R + r] = w[r] . x[m] over K bf16 values with vdpbf16ps (pairs of products summed into fp32
-// lanes), R <= 4 rows, M <= kMb tokens. Rows are read as they are stored: no packing pass.
 // Sum of the 16 lanes. Through memory rather than AVX-512 shuffles: GCC 12 warns (-Wuninitialized)
 // about the undefined pass-through operand inside those intrinsics; this runs once per R x M tile.
 inline float hsum16(__m512 v) {
@@ -251,6 +234,8 @@ inline void hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
                                 _mm_add_ps(_mm_load_ps(lanes + 8), _mm_load_ps(lanes + 12))));
 }
 
+// out[m * R + r] = w[r] . x[m] over K bf16 values with vdpbf16ps (pairs of products summed into fp32
+// lanes), R <= 4 rows, M <= kMb tokens. Rows are read as they are stored: no packing pass.
 template <int R, int M>
 void tile_bf16dp_t(const c10::BFloat16* const* w, const c10::BFloat16* const* x, int64_t K, float* out) {
   __m512 acc[M][R];
@@ -584,7 +569,7 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
       }
     }
     for (int64_t m = 0; m < me; ++m)
-      swiglu_f32_row_avx2(&gbuf[m * kUnits1], &ubuf[m * kUnits1], act + (q0 + m) * I + j0, nj);
+      swiglu_row_avx2(&gbuf[m * kUnits1], &ubuf[m * kUnits1], act + (q0 + m) * I + j0, nj);
   });
   const int64_t chunks2 = (H + kRows2 - 1) / kRows2;
   parallel_dynamic(chunks2 * na, [&](int64_t i) {
@@ -639,17 +624,8 @@ void expert_torch_gemm(const at::Tensor& hidden, const at::Tensor& gu, const at:
       }
     }
   });
-  const at::Tensor ye = at::mm(act, dn[e].t());
-  const c10::BFloat16* yp = cptr<c10::BFloat16>(ye);
-  parallel_for(me, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      if (avx2) {
-        widen_row_avx2(yp + m * H, y + (q0 + m) * H, H);
-      } else {
-        for (int64_t h = 0; h < H; ++h) y[(q0 + m) * H + h] = static_cast<float>(yp[m * H + h]);
-      }
-    }
-  });
+  // the expert's rows of y (fp32) take the bf16 output; copy_ widens exactly
+  at::from_blob(y + q0 * H, {me, H}, hidden.options().dtype(at::kFloat)).copy_(at::mm(act, dn[e].t()));
 }
 
 template <typename T>
