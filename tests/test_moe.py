@@ -18,8 +18,8 @@ SMALL_H, SMALL_I = 76, 36  # neither a multiple of the 8-lane vectors nor of 16:
 
 @pytest.fixture(autouse=True)
 def _always_kernel(monkeypatch):
-    """Most tests here check the C++ kernel, so no expert is handed to torch's oneDNN GEMM; the tests
-    of that path (test_torch_gemm_*) set the policy themselves."""
+    """Most tests here check the AVX2/portable kernel, so no expert goes to bf16 dot products (our
+    AVX512-BF16 tile or oneDNN); the tests of that path (test_bf16_dot_*) set it themselves."""
     monkeypatch.setattr(moe_mod, "POLICY", "kernel")
 
 
@@ -234,15 +234,15 @@ def test_experts_deterministic_across_threads():
 
 
 # ---------------------------------------------------------------------------------------------
-# experts with many tokens on torch's bf16 GEMM (POLICY "auto" on CPUs with native bf16 dot products)
+# experts with many tokens on bf16 dot products (POLICY "auto" on CPUs with native bf16 dot products)
 
-GEMM_CASES = [(n, e, k, r) for n, e, k, r in [(1, 8, 1, 1), (7, 8, 2, 3), (64, 8, 4, 3), (64, 32, 4, 8),
+BF16_DOT_CASES = [(n, e, k, r) for n, e, k, r in [(1, 8, 1, 1), (7, 8, 2, 3), (64, 8, 4, 3), (64, 32, 4, 8),
                                             (513, 32, 4, 3), (513, 8, 2, 1000), (40, 8, 4, 1)]]
 
 
 @pytest.mark.parametrize("impl", ["avx2", "portable"])
-@pytest.mark.parametrize("n,e,k,min_rows", GEMM_CASES, ids=[f"N{n}-E{e}-k{k}-min{r}" for n, e, k, r in GEMM_CASES])
-def test_torch_gemm_path_matches_reference(impl, n, e, k, min_rows):
+@pytest.mark.parametrize("n,e,k,min_rows", BF16_DOT_CASES, ids=[f"N{n}-E{e}-k{k}-min{r}" for n, e, k, r in BF16_DOT_CASES])
+def test_bf16_dot_path_matches_reference(impl, n, e, k, min_rows):
     """The C++ op with bf16_dot_min_rows set: experts with at least that many tokens run on bf16 dot
     products (avx2 impl on an AVX512-BF16 CPU: our tile below 32 tokens, oneDNN from 32; portable
     impl: always oneDNN, which runs bf16 on any CPU, so that path is tested on every machine), the
@@ -258,7 +258,7 @@ def test_torch_gemm_path_matches_reference(impl, n, e, k, min_rows):
     assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
 
 
-def test_torch_gemm_only_for_bf16():
+def test_bf16_dot_only_for_bf16():
     """fp32 (and mixed) calls ignore bf16_dot_min_rows: bit-identical to the kernel alone."""
     n, e, k = 30, 8, 2
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
@@ -270,7 +270,7 @@ def test_torch_gemm_only_for_bf16():
         assert torch.equal(op(hidden, gate_up, down, ids, weights, 1), op(hidden, gate_up, down, ids, weights, 0))
 
 
-def test_bf16_tile_deterministic_across_threads():
+def test_bf16_dot_tile_deterministic_across_threads():
     """Experts with 3..31 tokens on the AVX512-BF16 tile: the same bits for 1 and 2 threads."""
     if _backend._C is None or not _backend._C.cpu_supports_avx512bf16():
         pytest.skip("CPU without AVX512-BF16: those experts run on oneDNN, whose sums may split per thread count")
@@ -293,22 +293,22 @@ def test_bf16_tile_deterministic_across_threads():
 
 
 @pytest.mark.parametrize("n", [2, 3, 64])
-def test_torch_gemm_auto_policy(monkeypatch, n):
-    """Default policy: bf16 x bf16 experts with >= TORCH_GEMM_MIN_ROWS tokens go to torch's GEMM only
-    on CPUs with native bf16 dot products; either way the answer is right."""
+def test_bf16_dot_auto_policy(monkeypatch, n):
+    """Default policy: bf16 x bf16 experts with >= BF16_DOT_MIN_ROWS tokens go to bf16 dot products
+    only on CPUs that have them natively; either way the answer is right."""
     monkeypatch.setattr(moe_mod, "POLICY", "auto")
     e, k = 8, 4
     hidden = torch.randn(n, SMALL_H).to(torch.bfloat16)
     gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.bfloat16)
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     weights = torch.rand(n, k)
-    routed = n >= moe_mod.TORCH_GEMM_MIN_ROWS and _backend.cpu_has_native_bf16_gemm()
-    assert moe_mod._bf16_dot_min_rows(hidden, gate_up) == (moe_mod.TORCH_GEMM_MIN_ROWS if routed else 0)
+    routed = n >= moe_mod.BF16_DOT_MIN_ROWS and _backend.cpu_has_native_bf16_gemm()
+    assert moe_mod._bf16_dot_min_rows(hidden, gate_up) == (moe_mod.BF16_DOT_MIN_ROWS if routed else 0)
     assert moe_mod._bf16_dot_min_rows(hidden.float(), gate_up) == 0
     out = lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights)
     assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
     expected = torch.ops.lfm_kernels_cpu.moe_experts(
-        hidden, gate_up, down, ids, weights, moe_mod.TORCH_GEMM_MIN_ROWS if routed else 0
+        hidden, gate_up, down, ids, weights, moe_mod.BF16_DOT_MIN_ROWS if routed else 0
     )
     assert torch.equal(out, expected)
 

@@ -6,7 +6,7 @@ SwiGLU experts on transformers' fused weight layout and sums them with the routi
 
 On the CPU every expert runs in the C++ kernel (csrc/moe.cpp). With bf16 tokens and bf16 weights on a
 CPU with native bf16 dot products (AVX512-BF16 or AMX) an expert chosen by at least
-`TORCH_GEMM_MIN_ROWS` tokens of the call (prefill) runs on bf16 dot products, which do twice the
+`BF16_DOT_MIN_ROWS` tokens of the call (prefill) runs on bf16 dot products, which do twice the
 multiply-adds per instruction of the AVX2 fp32 path: up to 31 tokens on our AVX512-BF16 tile (gate and
 up in fp32, the SwiGLU product rounded to bf16 once for the second projection; bit-identical for any
 thread count), from 32 tokens as two torch (oneDNN) bf16 GEMMs, which are faster there once their
@@ -26,25 +26,25 @@ from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_te
 
 _ID_DTYPES = (torch.int64, torch.int32)
 
-# "auto": experts with >= TORCH_GEMM_MIN_ROWS tokens use native bf16 dot products where the CPU has
+# "auto": experts with >= BF16_DOT_MIN_ROWS tokens use native bf16 dot products where the CPU has
 # them (see the module docstring); "kernel": every expert on the AVX2 path.
 POLICY = "auto"
 # Measured on an AVX512-BF16 CPU (2 Zen 4 threads, one expert at the real shape, weights from DRAM):
 # the AVX2 path is faster at 1 token (0.83 vs 1.22 ms for oneDNN) and even at 2; from 3 tokens bf16 dot
 # products win (1.3x at 3, 1.7x at 16, 2.3x at 64 tokens).
-TORCH_GEMM_MIN_ROWS = 3
+BF16_DOT_MIN_ROWS = 3
 
 
 def _bf16_dot_min_rows(hidden: torch.Tensor, gate_up_proj: torch.Tensor) -> int:
-    """0 (never) or the token count from which an expert runs on torch's GEMM; see POLICY."""
+    """0 (never) or the token count from which an expert runs on bf16 dot products; see POLICY."""
     if (
         POLICY == "auto"
         and hidden.dtype == torch.bfloat16
         and gate_up_proj.dtype == torch.bfloat16
-        and hidden.shape[0] >= TORCH_GEMM_MIN_ROWS
+        and hidden.shape[0] >= BF16_DOT_MIN_ROWS
         and cpu_has_native_bf16_gemm()
     ):
-        return TORCH_GEMM_MIN_ROWS
+        return BF16_DOT_MIN_ROWS
     return 0
 
 
