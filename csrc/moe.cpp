@@ -23,11 +23,14 @@
 //
 // bf16_dot_min_rows > 0 (the Python layer sets it only for bf16 hidden and weights on CPUs with native
 // bf16 dot products, see lfm_kernels/ops/moe.py): experts with at least that many tokens run on bf16
-// dot products, which do twice the multiply-adds per instruction of AVX2 fp32 FMAs. With AVX512-BF16,
-// experts with fewer than kOneDnnMinRows tokens use our own tile (vdpbf16ps on the weight rows as
-// stored, the same work items as the AVX2 path, act rounded to bf16 once); the others (and all of
-// them when the portable path is forced, or on AMX without AVX512-BF16) run as two torch (oneDNN)
-// GEMMs per expert with the SwiGLU between them here. The remaining experts keep the AVX2 tiled path.
+// dot products, which do twice the multiply-adds per instruction of AVX2 fp32 FMAs. With AVX512-BF16
+// (act rounded to bf16 once in both of our kernels; thresholds measured below kOuterMinRows):
+//   - 4..63 tokens: the outer-product kernel (experts_pass_bf16op): tokens in the vector lanes,
+//     weight pairs broadcast from the rows as stored, so each weight is read once per 16 tokens;
+//   - fewer: the dot-product tile (tile_bf16dp: vdpbf16ps along K, rows as stored);
+//   - 64 and more: two torch (oneDNN) GEMMs per expert with the SwiGLU between them here.
+// All of them go to oneDNN when the portable path is forced (or on AMX without AVX512-BF16).
+// The remaining experts keep the AVX2 tiled path.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -45,10 +48,17 @@ constexpr int64_t kUnits1 = 16;      // intermediate units (gate row + up row) p
 constexpr int64_t kRows2 = 32;       // down rows per phase-2 work item
 constexpr int64_t kMaxPairs = 4096;  // pairs per pass: bounds the fp32 scratch (act, y) for long prompts
 constexpr int64_t kGemmExpertsPerThread = 2;  // torch-GEMM experts per thread before one expert per thread
-// From this many tokens an expert's oneDNN GEMMs beat the AVX512-BF16 tile (whose efficiency stops
-// rising past ~24 tokens, while oneDNN's packing pass is then paid off): measured on Zen 4, 2 threads,
-// 16 tokens per expert both 55 ms for 32 experts, 64 tokens per expert 130 (oneDNN) vs 157 ms.
-constexpr int64_t kOneDnnMinRows = 32;
+// Where each AVX512-BF16 route wins, measured on Zen 4 with 2 threads, 32 experts at H 2048, I 1792,
+// every expert with the same token count n (ms for the whole call):
+//   n = 3: dot-product tile 29, outer product 33 (both memory-bound; the dot tile overlaps better)
+//   n = 6: 33 vs 31; n = 16: 55 vs 41; n = 24: 63 vs 50
+//   n = 64: outer product 127, oneDNN 134; n = 128: 297 vs 248 (oneDNN's weight packing is paid off)
+// The dot-product tile alone (H or I odd, so pairs would straddle rows) hands over to oneDNN at 32
+// tokens: 16 tokens 55 ms both, 64 tokens 157 vs 130.
+constexpr int64_t kOuterMinRows = 4;
+constexpr int64_t kOuterOneDnnMinRows = 64;
+constexpr int64_t kDotOneDnnMinRows = 32;
+constexpr int64_t kLanes = 16;  // tokens per block of the outer-product path (fp32 lanes of a zmm)
 
 // out[m * R + r] = dot(w[r][0:K], x[m][0:K]) in fp32, R <= kR, M <= kM.
 template <typename W>
@@ -206,6 +216,7 @@ namespace lfmk {
 namespace {
 
 constexpr int kMb = 6;  // tokens per AVX512-BF16 tile: 24 zmm accumulators + 4 weight rows + 1 input
+constexpr int kOpRows = 8;  // weight rows per outer-product tile: 4 units (gate + up) in phase 1
 
 // Sum of the 16 lanes. Through memory rather than AVX-512 shuffles: GCC 12 warns (-Wuninitialized)
 // about the undefined pass-through operand inside those intrinsics; this runs once per R x M tile.
@@ -287,6 +298,91 @@ void tile_bf16dp(const c10::BFloat16* const* w, int R, const c10::BFloat16* cons
     case 2: return tile_bf16dp_r<2>(w, x, M, K, out);
     case 3: return tile_bf16dp_r<3>(w, x, M, K, out);
     default: return tile_bf16dp_r<4>(w, x, M, K, out);
+  }
+}
+
+// The outer-product form, tokens in the vector lanes: acc[r][b] (the tokens of block b) += the packed
+// token pairs P_b[kp] (a dword per token: two consecutive bf16 inputs) times weight row r's pair kp
+// broadcast to every lane. Each weight pair is loaded once per block straight from the row as stored
+// (no packing pass over the weights; broadcasts don't mind their 4 KB row stride) and there is no
+// horizontal sum. NZ blocks of 16 tokens (zmm) and NY of 8 (ymm: an expert's last block when at
+// most 8 tokens are left; vdpbf16ps on ymm does ~86% of the zmm multiply-adds per cycle here, far
+// more than 8 idle zmm lanes would leave). R rows x blocks x KS independent k-phases of accumulators
+// (16 at R = 8) cover the instruction's latency. When wnext is given, the next tile's rows are
+// prefetched into L2 one line per row per 16 pairs, so memory streams while this tile computes.
+// out[(r * (NZ + NY) + b) * 16 + t]; lanes 8..15 of a ymm block are written as zeros.
+template <int R, int NZ, int NY, int KS>
+void tile_bf16op_t(const uint32_t* P, int64_t pstride, const c10::BFloat16* const* w,
+                   const c10::BFloat16* const* wnext, int64_t Kp, float* out) {
+  constexpr int NZa = NZ > 0 ? NZ : 1, NYa = NY > 0 ? NY : 1;  // no zero-length arrays
+  __m512 accz[KS][R][NZa];
+  __m256 accy[KS][R][NYa];
+  for (int s = 0; s < KS; ++s)
+    for (int r = 0; r < R; ++r) {
+      for (int b = 0; b < NZ; ++b) accz[s][r][b] = _mm512_setzero_ps();
+      for (int b = 0; b < NY; ++b) accy[s][r][b] = _mm256_setzero_ps();
+    }
+  const char* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = reinterpret_cast<const char*>(w[r]);
+  const auto step = [&](int s, int64_t kp) {
+    __m512bh pz[NZa];
+    __m256bh py[NYa];
+    for (int b = 0; b < NZ; ++b) pz[b] = (__m512bh)_mm512_loadu_si512(P + b * pstride + kp * 16);
+    for (int b = 0; b < NY; ++b) py[b] = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + (NZ + b) * pstride + kp * 16));
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, wr[r] + kp * 4, sizeof(pair));
+      // one broadcast from memory; the ymm operand is its low half (a GPR broadcast per width
+      // measured 1.7x slower)
+      const __m512i wb = _mm512_set1_epi32(pair);
+      for (int b = 0; b < NZ; ++b) accz[s][r][b] = _mm512_dpbf16_ps(accz[s][r][b], pz[b], (__m512bh)wb);
+      if constexpr (NY > 0) {
+        __m256i wy;  // the low half; _mm512_castsi512_si256 trips GCC 12's -Wuninitialized (see hsum16)
+        std::memcpy(&wy, &wb, sizeof(wy));
+        for (int b = 0; b < NY; ++b) accy[s][r][b] = _mm256_dpbf16_ps(accy[s][r][b], py[b], (__m256bh)wy);
+      }
+    }
+  };
+  const int64_t Kfull = Kp - Kp % KS;
+  for (int64_t kp = 0; kp < Kfull; kp += KS) {
+    if (wnext != nullptr && (kp & 15) == 0)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(reinterpret_cast<const char*>(wnext[r]) + kp * 4, 0, 2);
+    for (int s = 0; s < KS; ++s) step(s, kp + s);
+  }
+  for (int64_t kp = Kfull; kp < Kp; ++kp) step(0, kp);
+  for (int s = 1; s < KS; ++s)
+    for (int r = 0; r < R; ++r) {
+      for (int b = 0; b < NZ; ++b) accz[0][r][b] = _mm512_add_ps(accz[0][r][b], accz[s][r][b]);
+      for (int b = 0; b < NY; ++b) accy[0][r][b] = _mm256_add_ps(accy[0][r][b], accy[s][r][b]);
+    }
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < NZ; ++b) _mm512_storeu_ps(out + (r * (NZ + NY) + b) * 16, accz[0][r][b]);
+    for (int b = 0; b < NY; ++b) {
+      float* o = out + (r * (NZ + NY) + NZ + b) * 16;
+      _mm256_storeu_ps(o, accy[0][r][b]);
+      _mm256_storeu_ps(o + 8, _mm256_setzero_ps());
+    }
+  }
+}
+
+template <int R>
+void tile_bf16op_r(const uint32_t* P, int64_t pstride, int nz, int ny, const c10::BFloat16* const* w,
+                   const c10::BFloat16* const* wnext, int64_t Kp, float* out) {
+  // one block: two k-phases so 2R accumulators are in flight; two blocks: R x 2 already are
+  if (nz == 2) return tile_bf16op_t<R, 2, 0, 1>(P, pstride, w, wnext, Kp, out);
+  if (nz == 1 && ny == 1) return tile_bf16op_t<R, 1, 1, 1>(P, pstride, w, wnext, Kp, out);
+  if (nz == 1) return tile_bf16op_t<R, 1, 0, 2>(P, pstride, w, wnext, Kp, out);
+  return tile_bf16op_t<R, 0, 1, 2>(P, pstride, w, wnext, Kp, out);
+}
+
+// R even, 2 <= R <= kOpRows; (nz, ny) blocks of 16 and 8 tokens: (2, 0), (1, 1), (1, 0) or (0, 1)
+void tile_bf16op(const uint32_t* P, int64_t pstride, int nz, int ny, const c10::BFloat16* const* w, int R,
+                 const c10::BFloat16* const* wnext, int64_t Kp, float* out) {
+  switch (R) {
+    case 2: return tile_bf16op_r<2>(P, pstride, nz, ny, w, wnext, Kp, out);
+    case 4: return tile_bf16op_r<4>(P, pstride, nz, ny, w, wnext, Kp, out);
+    case 6: return tile_bf16op_r<6>(P, pstride, nz, ny, w, wnext, Kp, out);
+    default: return tile_bf16op_r<8>(P, pstride, nz, ny, w, wnext, Kp, out);
   }
 }
 
@@ -597,6 +693,121 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
   });
 }
 
+// Phases 1 and 2 for bf16 hidden and weights on the outer-product tile (tile_bf16op): each expert's
+// tokens are packed into blocks of kLanes, [block][K/2][kLanes] dwords of bf16 pairs (zero lanes past
+// the last token, which then compute zeros), so a weight pair is read from memory once per block and
+// multiplies 16 tokens in one instruction. Phase 1 writes act straight into the same packed layout
+// (rounded to bf16 once, by the shared SwiGLU row helper) for phase 2. Work items as in experts_pass.
+// Needs H and I even: pairs never straddle two rows.
+void experts_pass_bf16op(const c10::BFloat16* X, const c10::BFloat16* gu, const c10::BFloat16* dn, int64_t H,
+                         int64_t I, const Plan& pl, const std::vector<int64_t>& active, float* y) {
+  using bf16 = c10::BFloat16;
+  const int64_t na = static_cast<int64_t>(active.size());
+  if (na == 0) return;
+  const int64_t Hp = H / 2, Ip = I / 2;
+  std::vector<int64_t> first(na + 1, 0);  // first block of each active expert
+  for (int64_t a = 0; a < na; ++a) {
+    const int64_t me = pl.offs[active[a] + 1] - pl.offs[active[a]];
+    first[a + 1] = first[a] + (me + kLanes - 1) / kLanes;
+  }
+  const int64_t nblocks = first[na];
+  std::vector<int64_t> block_expert(nblocks);  // active index of each block
+  for (int64_t a = 0; a < na; ++a)
+    std::fill(block_expert.begin() + first[a], block_expert.begin() + first[a + 1], a);
+  std::vector<uint32_t> xpack(nblocks * Hp * kLanes), apack(nblocks * Ip * kLanes);
+
+  parallel_for(nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t a = block_expert[blk], e = active[a];
+      const int64_t q0 = pl.offs[e] + (blk - first[a]) * kLanes;
+      const int64_t valid = std::min<int64_t>(kLanes, pl.offs[e + 1] - q0);
+      uint32_t* dst = xpack.data() + blk * Hp * kLanes;
+      for (int64_t t = 0; t < kLanes; ++t) {
+        if (t >= valid) {
+          for (int64_t kp = 0; kp < Hp; ++kp) dst[kp * kLanes + t] = 0;
+          continue;
+        }
+        const char* src = reinterpret_cast<const char*>(X + pl.tok[q0 + t] * H);
+        for (int64_t kp = 0; kp < Hp; ++kp) std::memcpy(&dst[kp * kLanes + t], src + kp * 4, 4);
+      }
+    }
+  });
+
+  const int64_t chunks1 = (I + kUnits1 - 1) / kUnits1;
+  parallel_dynamic(chunks1 * na, [&](int64_t i) {
+    const int64_t a = i % na, e = active[a];
+    const int64_t j0 = (i / na) * kUnits1, j1 = std::min(I, j0 + kUnits1);
+    const int64_t nb = first[a + 1] - first[a];
+    const bool narrow_last = (pl.offs[e + 1] - pl.offs[e] - 1) % kLanes < kLanes / 2;
+    const bf16* G = gu + e * 2 * I * H;
+    const bf16* U = G + I * H;
+    const uint32_t* Pe = xpack.data() + first[a] * Hp * kLanes;
+    uint32_t* Ae = apack.data() + first[a] * Ip * kLanes;
+    constexpr int kUnits = kOpRows / 2;
+    const bf16* wp[kOpRows];
+    const bf16* wn[kOpRows];
+    alignas(64) float res[kOpRows * 2 * kLanes];
+    bf16 act[kUnits][2 * kLanes];
+    for (int64_t j = j0; j < j1; j += kUnits) {
+      const int nu = static_cast<int>(std::min<int64_t>(kUnits, j1 - j));  // even: I and kUnits1 are
+      const int64_t jn = j + nu, nn = std::min<int64_t>(kUnits, j1 - jn);
+      for (int u = 0; u < nu; ++u) {
+        wp[u] = G + (j + u) * H;
+        wp[nu + u] = U + (j + u) * H;
+      }
+      for (int u = 0; u < 2 * nu; ++u) {  // next tile of this item, or nothing (nullptr)
+        const int64_t jj = jn + std::min<int64_t>(u % nu, std::max<int64_t>(nn - 1, 0));
+        wn[u] = (u < nu ? G : U) + jj * H;
+      }
+      for (int64_t b = 0; b < nb; b += 2) {
+        const int tb = static_cast<int>(std::min<int64_t>(2, nb - b));
+        const int ny = (b + tb == nb && narrow_last) ? 1 : 0;
+        tile_bf16op(Pe + b * Hp * kLanes, Hp * kLanes, tb - ny, ny, wp, 2 * nu, (b == 0 && nn > 0) ? wn : nullptr, Hp, res);
+        const int lanes = tb * static_cast<int>(kLanes);
+        for (int u = 0; u < nu; ++u) swiglu_row_avx2(res + u * lanes, res + (nu + u) * lanes, act[u], lanes);
+        for (int u = 0; u < nu; u += 2) {
+          uint32_t* dst = Ae + b * Ip * kLanes + ((j + u) / 2) * kLanes;
+          for (int l = 0; l < lanes; ++l) {
+            const uint32_t lo = act[u][l].x, hi = act[u + 1][l].x;
+            dst[(l / kLanes) * Ip * kLanes + l % kLanes] = lo | (hi << 16);
+          }
+        }
+      }
+    }
+  });
+
+  const int64_t chunks2 = (H + kRows2 - 1) / kRows2;
+  parallel_dynamic(chunks2 * na, [&](int64_t i) {
+    const int64_t a = i % na, e = active[a];
+    const int64_t h0 = (i / na) * kRows2, h1 = std::min(H, h0 + kRows2);
+    const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
+    const int64_t nb = first[a + 1] - first[a];
+    const bool narrow_last = (me - 1) % kLanes < kLanes / 2;
+    const bf16* D = dn + e * H * I;
+    const uint32_t* Ae = apack.data() + first[a] * Ip * kLanes;
+    const bf16* wp[kOpRows];
+    const bf16* wn[kOpRows];
+    alignas(64) float res[kOpRows * 2 * kLanes];
+    for (int64_t h = h0; h < h1; h += kOpRows) {
+      // even: H is, and so are kRows2 and kOpRows
+      const int R = static_cast<int>(std::min<int64_t>(kOpRows, h1 - h));
+      const int64_t hn = h + R, nn = std::min<int64_t>(kOpRows, h1 - hn);
+      for (int r = 0; r < R; ++r) {
+        wp[r] = D + (h + r) * I;
+        wn[r] = D + (hn + std::min<int64_t>(r, std::max<int64_t>(nn - 1, 0))) * I;
+      }
+      for (int64_t b = 0; b < nb; b += 2) {
+        const int tb = static_cast<int>(std::min<int64_t>(2, nb - b));
+        const int ny = (b + tb == nb && narrow_last) ? 1 : 0;
+        tile_bf16op(Ae + b * Ip * kLanes, Ip * kLanes, tb - ny, ny, wp, R, (b == 0 && nn > 0) ? wn : nullptr, Ip, res);
+        const int64_t lanes = std::min<int64_t>(tb * kLanes, me - b * kLanes);
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int r = 0; r < R; ++r) y[(q0 + b * kLanes + l) * H + h + r] = res[r * tb * kLanes + l];
+      }
+    }
+  });
+}
+
 // One expert's tokens through oneDNN: g = X_e @ gate_up[e]^T, act = silu(g_gate) * g_up, y_e =
 // act @ down[e]^T. The GEMMs take and return bf16 (what F.linear computes in a bf16 model), so gate,
 // up, act and the expert output are each rounded to bf16 once; accumulation inside them is fp32.
@@ -672,6 +883,7 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
   const bool bf16_dot = bf16_dot_min_rows > 0 && hidden.scalar_type() == at::kBFloat16 &&
                         gu.scalar_type() == at::kBFloat16;
   const bool own_bf16_tile = bf16_dot && cpu_has_avx512bf16();
+  const bool pairs_fit = H % 2 == 0 && I % 2 == 0;
   const at::Tensor hidden_c = bf16_dot ? hidden.contiguous() : at::Tensor();
   at::Tensor out = at::empty({N, H}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0 || H == 0) return out;
@@ -684,16 +896,23 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t nt = std::min(chunk, N - n0);
     const Plan pl = make_plan(idp, n0, nt, k, E);
-    std::vector<int64_t> tiled, dot, gemm;
+    std::vector<int64_t> tiled, dot, outer, gemm;
     for (const int64_t e : pl.active) {
       const int64_t me = pl.offs[e + 1] - pl.offs[e];
       if (!bf16_dot || me < bf16_dot_min_rows) {
         tiled.push_back(e);
+      } else if (!own_bf16_tile) {
+        gemm.push_back(e);
+      } else if (pairs_fit && me >= kOuterMinRows) {
+        (me < kOuterOneDnnMinRows ? outer : gemm).push_back(e);
       } else {
-        (own_bf16_tile && me < kOneDnnMinRows ? dot : gemm).push_back(e);
+        (me < kDotOneDnnMinRows ? dot : gemm).push_back(e);
       }
     }
     float* yp = y.mutable_data_ptr<float>();
+    if (!outer.empty())
+      experts_pass_bf16op(cptr<c10::BFloat16>(hidden_c), cptr<c10::BFloat16>(gu), cptr<c10::BFloat16>(dn), H, I, pl,
+                          outer, yp);
     if (!dot.empty())
       experts_pass_bf16dp(cptr<c10::BFloat16>(hidden_c), cptr<c10::BFloat16>(gu), cptr<c10::BFloat16>(dn), H, I, pl,
                           dot, mptr<c10::BFloat16>(act16), yp);

@@ -258,6 +258,35 @@ def test_bf16_dot_path_matches_reference(impl, n, e, k, min_rows):
     assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
 
 
+# Token counts that land on every bf16 route on an AVX512-BF16 CPU: 1-2 (AVX2 kernel), 3 (dot-product
+# tile), 4-63 (outer product: an 8-lane last block up to 8, 9-16 one 16-lane block, then pairs of
+# blocks with a narrow or a full last one) and 64+ (oneDNN).
+ROUTE_COUNTS = [1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 24, 25, 31, 32, 33, 40, 41, 48, 63, 64, 70]
+ROUTE_SHAPES = [(SMALL_H, SMALL_I), (78, 34), (64, 32), (75, 36), (76, 35)]  # the last two: odd, no pairs
+
+
+@pytest.mark.parametrize("impl", ["avx2", "portable"])
+@pytest.mark.parametrize("h,i", ROUTE_SHAPES, ids=[f"H{h}-I{i}" for h, i in ROUTE_SHAPES])
+def test_bf16_dot_every_route(impl, h, i):
+    """Experts with exactly the token counts above in one call (k = 2, each token's second expert one
+    of two busy ones), each expert's rows checked against the reference."""
+    counts = ROUTE_COUNTS
+    e = len(counts) + 2
+    first = torch.cat([torch.full((c,), x) for x, c in enumerate(counts)])
+    n = first.numel()
+    second = len(counts) + (torch.arange(n) % 2)  # experts e-2 and e-1: about n / 2 tokens each
+    ids = torch.stack([first, second], 1)[torch.randperm(n)]
+    hidden = torch.randn(n, h).to(torch.bfloat16)
+    gate_up, down = _expert_weights(e, h, i, torch.bfloat16)
+    weights = torch.rand(n, 2) + 0.1
+    with _cpu_ctx(impl):
+        out = torch.ops.lfm_kernels_cpu.moe_experts(hidden, gate_up, down, ids, weights, 3)
+    ref = reference.moe_experts(hidden, gate_up, down, ids, weights)
+    for x in range(len(counts)):  # per expert, so one wrong route can't hide in the total
+        rows = (ids[:, 0] == x).nonzero().squeeze(1)
+        assert_close(out[rows], ref[rows], torch.bfloat16, f"expert with {counts[x]} tokens")
+
+
 def test_bf16_dot_only_for_bf16():
     """fp32 (and mixed) calls ignore bf16_dot_min_rows: bit-identical to the kernel alone."""
     n, e, k = 30, 8, 2
@@ -271,13 +300,15 @@ def test_bf16_dot_only_for_bf16():
 
 
 def test_bf16_dot_tile_deterministic_across_threads():
-    """Experts with 3..31 tokens on the AVX512-BF16 tile: the same bits for 1 and 2 threads."""
+    """Experts with 3..63 tokens on our AVX512-BF16 kernels: the same bits for 1 and 2 threads."""
     if _backend._C is None or not _backend._C.cpu_supports_avx512bf16():
         pytest.skip("CPU without AVX512-BF16: those experts run on oneDNN, whose sums may split per thread count")
-    n, e, k = 40, 8, 2  # ~10 tokens per expert
+    n, e, k = 80, 8, 2
+    t = torch.arange(n)
+    # expert 7 gets 3 tokens (the dot-product tile), experts 0..6 about 22 each (outer product)
+    ids = torch.stack([torch.where(t < 3, 7, t % 7), torch.where(t < 3, t, (t % 7 + 3) % 7)], 1)
     hidden = torch.randn(n, SMALL_H).to(torch.bfloat16)
     gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.bfloat16)
-    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     weights = torch.rand(n, k)
     op = torch.ops.lfm_kernels_cpu.moe_experts
     threads = torch.get_num_threads()
