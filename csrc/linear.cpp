@@ -237,9 +237,14 @@ void gemv_avx2(const LinearArgs& a) {
         out[m * N + n + r] = from_f32<TX>(res[r * M + m] + b);
       }
   };
-  // tasks of ~64 KiB of weight: few enough that claiming one costs nothing, many enough to balance
-  const int64_t rows_per_task =
-      std::max<int64_t>(R, ((int64_t(1) << 16) / std::max<int64_t>(1, K * int64_t(sizeof(TW)))) / R * R);
+  // Tasks of up to 1 MiB of weight, at least two per thread. Each task is one sequential sweep over
+  // its rows; measured on Zen 4 (2 threads, weights streamed from DRAM), 1 MiB tasks read 1.2-1.45x
+  // faster than 64 KiB ones (lm_head 128000 x 2048: 53 vs 36.5 GB/s; 6144 x 2048: 38.7 vs 30.0).
+  // Two per thread still balance a small weight (512 x 2048: one task per thread read 22 GB/s).
+  const int64_t row_bytes = std::max<int64_t>(1, K * int64_t(sizeof(TW)));
+  const int64_t task_bytes = std::clamp<int64_t>(N * row_bytes / (2 * int64_t(at::get_num_threads())),
+                                                 int64_t(1) << 16, int64_t(1) << 20);
+  const int64_t rows_per_task = std::max<int64_t>(R, task_bytes / row_bytes / R * R);
   const int64_t ntasks = (N + rows_per_task - 1) / rows_per_task;
   parallel_workers(ntasks, [&](TaskQueue& queue) {
     float res[R * M];
