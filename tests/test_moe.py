@@ -19,7 +19,7 @@ SMALL_H, SMALL_I = 76, 36  # neither a multiple of the 8-lane vectors nor of 16:
 @pytest.fixture(autouse=True)
 def _always_kernel(monkeypatch):
     """Most tests here check the AVX2/portable kernel, so no expert goes to bf16 dot products (our
-    AVX512-BF16 tile or oneDNN); the tests of that path (test_bf16_dot_*) set it themselves."""
+    AVX512-BF16 kernels or oneDNN); the tests of that path (test_bf16_dot_*) set it themselves."""
     monkeypatch.setattr(moe_mod, "POLICY", "kernel")
 
 
@@ -244,7 +244,7 @@ BF16_DOT_CASES = [(n, e, k, r) for n, e, k, r in [(1, 8, 1, 1), (7, 8, 2, 3), (6
 @pytest.mark.parametrize("n,e,k,min_rows", BF16_DOT_CASES, ids=[f"N{n}-E{e}-k{k}-min{r}" for n, e, k, r in BF16_DOT_CASES])
 def test_bf16_dot_path_matches_reference(impl, n, e, k, min_rows):
     """The C++ op with bf16_dot_min_rows set: experts with at least that many tokens run on bf16 dot
-    products (avx2 impl on an AVX512-BF16 CPU: our tile below 32 tokens, oneDNN from 32; portable
+    products (avx2 impl on an AVX512-BF16 CPU: our kernels below 64 tokens, oneDNN from 64; portable
     impl: always oneDNN, which runs bf16 on any CPU, so that path is tested on every machine), the
     rest on the tiled AVX2/portable kernel, all in one call."""
     hidden = torch.randn(n, SMALL_H).to(torch.bfloat16)

@@ -79,7 +79,7 @@ def _baselines(has_transformers: bool) -> dict:
 
 def _label(n: int, dtype: torch.dtype, device: str) -> str:
     """The backend, plus "+bf16dot" where experts with enough tokens run on native bf16 dot products
-    (our AVX512-BF16 tile below 32 tokens per expert, oneDNN from 32; see lfm_kernels.ops.moe)."""
+    (our AVX512-BF16 kernels below 64 tokens per expert, oneDNN from 64; see lfm_kernels.ops.moe)."""
     base = _backend.backend_for(torch.empty(0, device=device))
     if device == "cpu" and base in ("avx2", "portable"):
         probe = torch.empty(n, 1, dtype=dtype)
