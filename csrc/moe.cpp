@@ -59,6 +59,11 @@ constexpr int64_t kOuterMinRows = 4;
 constexpr int64_t kOuterOneDnnMinRows = 64;
 constexpr int64_t kDotOneDnnMinRows = 32;
 constexpr int64_t kLanes = 16;  // tokens per block of the outer-product path (fp32 lanes of a zmm)
+// Its work items: only the first tile of an item has no prefetch ahead of it, so they are larger than
+// the dot-product paths' (measured at 128 random tokens: 42.7 ms with 16 units / 32 rows per item,
+// 39.5 with 64 / 128; 8 / 16 was 44.9)
+constexpr int64_t kOpUnits1 = 64;
+constexpr int64_t kOpRows2 = 128;
 
 // out[m * R + r] = dot(w[r][0:K], x[m][0:K]) in fp32, R <= kR, M <= kM.
 template <typename W>
@@ -697,7 +702,8 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
 // tokens are packed into blocks of kLanes, [block][K/2][kLanes] dwords of bf16 pairs (zero lanes past
 // the last token, which then compute zeros), so a weight pair is read from memory once per block and
 // multiplies 16 tokens in one instruction. Phase 1 writes act straight into the same packed layout
-// (rounded to bf16 once, by the shared SwiGLU row helper) for phase 2. Work items as in experts_pass.
+// (rounded to bf16 once, by the shared SwiGLU row helper) for phase 2. Work items as in experts_pass,
+// only larger (kOpUnits1, kOpRows2).
 // Needs H and I even: pairs never straddle two rows.
 void experts_pass_bf16op(const c10::BFloat16* X, const c10::BFloat16* gu, const c10::BFloat16* dn, int64_t H,
                          int64_t I, const Plan& pl, const std::vector<int64_t>& active, float* y) {
@@ -733,10 +739,10 @@ void experts_pass_bf16op(const c10::BFloat16* X, const c10::BFloat16* gu, const 
     }
   });
 
-  const int64_t chunks1 = (I + kUnits1 - 1) / kUnits1;
+  const int64_t chunks1 = (I + kOpUnits1 - 1) / kOpUnits1;
   parallel_dynamic(chunks1 * na, [&](int64_t i) {
     const int64_t a = i % na, e = active[a];
-    const int64_t j0 = (i / na) * kUnits1, j1 = std::min(I, j0 + kUnits1);
+    const int64_t j0 = (i / na) * kOpUnits1, j1 = std::min(I, j0 + kOpUnits1);
     const int64_t nb = first[a + 1] - first[a];
     const bool narrow_last = (pl.offs[e + 1] - pl.offs[e] - 1) % kLanes < kLanes / 2;
     const bf16* G = gu + e * 2 * I * H;
@@ -749,7 +755,7 @@ void experts_pass_bf16op(const c10::BFloat16* X, const c10::BFloat16* gu, const 
     alignas(64) float res[kOpRows * 2 * kLanes];
     bf16 act[kUnits][2 * kLanes];
     for (int64_t j = j0; j < j1; j += kUnits) {
-      const int nu = static_cast<int>(std::min<int64_t>(kUnits, j1 - j));  // even: I and kUnits1 are
+      const int nu = static_cast<int>(std::min<int64_t>(kUnits, j1 - j));  // even: I and kOpUnits1 are
       const int64_t jn = j + nu, nn = std::min<int64_t>(kUnits, j1 - jn);
       for (int u = 0; u < nu; ++u) {
         wp[u] = G + (j + u) * H;
@@ -776,10 +782,10 @@ void experts_pass_bf16op(const c10::BFloat16* X, const c10::BFloat16* gu, const 
     }
   });
 
-  const int64_t chunks2 = (H + kRows2 - 1) / kRows2;
+  const int64_t chunks2 = (H + kOpRows2 - 1) / kOpRows2;
   parallel_dynamic(chunks2 * na, [&](int64_t i) {
     const int64_t a = i % na, e = active[a];
-    const int64_t h0 = (i / na) * kRows2, h1 = std::min(H, h0 + kRows2);
+    const int64_t h0 = (i / na) * kOpRows2, h1 = std::min(H, h0 + kOpRows2);
     const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
     const int64_t nb = first[a + 1] - first[a];
     const bool narrow_last = (me - 1) % kLanes < kLanes / 2;
@@ -789,7 +795,7 @@ void experts_pass_bf16op(const c10::BFloat16* X, const c10::BFloat16* gu, const 
     const bf16* wn[kOpRows];
     alignas(64) float res[kOpRows * 2 * kLanes];
     for (int64_t h = h0; h < h1; h += kOpRows) {
-      // even: H is, and so are kRows2 and kOpRows
+      // even: H is, and so are kOpRows2 and kOpRows
       const int R = static_cast<int>(std::min<int64_t>(kOpRows, h1 - h));
       const int64_t hn = h + R, nn = std::min<int64_t>(kOpRows, h1 - hn);
       for (int r = 0; r < R; ++r) {
