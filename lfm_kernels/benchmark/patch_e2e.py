@@ -7,12 +7,16 @@ width but fewer layers (the first ones of the real layer pattern) for quick runs
 
 Prefill: one forward over `prompt_len` tokens into a fresh cache (as `generate()` does, only the last
 position's logits). Decode: `new_tokens` single-token forwards against the cache, greedy; tokens/s is
-steps over their time. Both run unpatched, then on the same model after `lfm_kernels.patch(model)`.
+steps over their time. The same model runs unpatched and after `lfm_kernels.patch(model)` in
+alternating rounds (ABBA order), because this kind of machine's memory bandwidth drifts by up to 2x
+over minutes: interleaving keeps such a drift out of the ratio. Reported: medians over the rounds,
+and each round's ratio.
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from typing import Callable
 
@@ -94,16 +98,12 @@ def _prefill(model, ids):
 
 
 @torch.inference_mode()
-def _measure(model, prompt_len: int, new_tokens: int, seed: int, prefill_repeats: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
-    _prefill(model, ids[:, :8])  # warm-up: first-call allocations, lazy imports
-    prefill_times = []
-    for _ in range(prefill_repeats):
-        t0 = time.perf_counter()
-        logits, cache = _prefill(model, ids)
-        prefill_times.append(time.perf_counter() - t0)
-    prefill_s = sorted(prefill_times)[len(prefill_times) // 2]
+def _measure_once(model, ids, new_tokens: int) -> dict:
+    """One prefill of `ids` into a fresh cache, then `new_tokens` greedy single-token steps, each timed."""
+    prompt_len = ids.shape[1]
+    t0 = time.perf_counter()
+    logits, cache = _prefill(model, ids)
+    prefill_s = time.perf_counter() - t0
     token = logits.argmax(-1, keepdim=True)
     tokens = [int(token)]
     pos = prompt_len
@@ -118,13 +118,18 @@ def _measure(model, prompt_len: int, new_tokens: int, seed: int, prefill_repeats
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
         pos += 1
-    decode_s = time.perf_counter() - t0
+    return {"prefill_s": prefill_s, "decode_s": time.perf_counter() - t0, "tokens": tokens}
+
+
+def _summary(runs: list[dict], prompt_len: int, new_tokens: int) -> dict:
+    prefill_s = statistics.median(r["prefill_s"] for r in runs)
+    decode_s = statistics.median(r["decode_s"] for r in runs)
     return {
         "prefill_s": prefill_s,
         "prefill_tok_s": prompt_len / prefill_s,
         "decode_s": decode_s,
         "decode_tok_s": new_tokens / decode_s,
-        "tokens": tokens,
+        "tokens": runs[0]["tokens"],
     }
 
 
@@ -136,7 +141,7 @@ def run_patch_bench(
     *,
     vocab_size: int = 128_000,
     seed: int = 0,
-    prefill_repeats: int = 3,
+    rounds: int = 3,
     bandwidth: float | None = None,
 ) -> list[dict]:
     """Prefill and decode tokens/s of transformers' LFM2.5-8B-A1B-shaped model, unpatched vs patched (CPU, bf16).
@@ -145,6 +150,7 @@ def run_patch_bench(
     real width. Returns one row per (phase, variant) with tokens/s and the speedup of patched over unpatched;
     decode rows also give the floor: weight bytes a token reads over this machine's read bandwidth
     (measured unless `bandwidth` in bytes/s is given); prefill rows give GFLOP/s (2 x active params x tokens).
+    `rounds` alternating rounds of each variant (one prefill + the decode each); figures are their medians.
     """
     import lfm_kernels
     from lfm_kernels import _backend
@@ -170,16 +176,40 @@ def run_patch_bench(
 
     if integration.is_patched():
         raise RuntimeError("run_patch_bench needs an unpatched transformers: call lfm_kernels.unpatch() first")
-    results = {}
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
+    runs: dict[str, list[dict]] = {"transformers": [], "patched": []}
+    ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+
+    def set_variant(variant: str) -> None:
+        if variant == "patched":
+            lfm_kernels.patch(model)
+        else:
+            lfm_kernels.unpatch()
+
     try:
         say(f"unpatched transformers ({model.config._attn_implementation} attention, "
-            f"{model.config._experts_implementation} experts): prefill {prompt_len}, decode {new_tokens} ...")
-        results["transformers"] = _measure(model, prompt_len, new_tokens, seed, prefill_repeats)
-        say(_line("transformers", results["transformers"]))
-        lfm_kernels.patch(model)
-        say("patched (lfm_kernels.patch(model)) ...")
-        results["patched"] = _measure(model, prompt_len, new_tokens, seed, prefill_repeats)
-        say(_line("patched", results["patched"]))
+            f"{model.config._experts_implementation} experts) vs lfm_kernels.patch(model), interleaved: "
+            f"{rounds} rounds of prefill {prompt_len} + decode {new_tokens} ...")
+        for variant in ("transformers", "patched"):  # warm-up: first-call allocations, lazy imports
+            set_variant(variant)
+            with torch.inference_mode():
+                _prefill(model, ids[:, :8])
+        for r in range(rounds):
+            # ABBA order, so a drift in the machine's speed during a round hits both variants alike
+            order = ("transformers", "patched") if r % 2 == 0 else ("patched", "transformers")
+            this = {}
+            for variant in order:
+                set_variant(variant)
+                this[variant] = _measure_once(model, ids, new_tokens)
+                runs[variant].append(this[variant])
+            for phase in ratios:
+                key = f"{phase}_s"
+                ratios[phase].append(this["transformers"][key] / this["patched"][key])
+            say(f"  round {r + 1}: " + ", ".join(
+                f"{v} prefill {this[v]['prefill_s'] * 1e3:.0f} ms, decode {this[v]['decode_s'] / new_tokens * 1e3:.0f} ms/token"
+                for v in ("transformers", "patched")))
+        results = {v: _summary(runs[v], prompt_len, new_tokens) for v in runs}
     finally:
         lfm_kernels.unpatch()
         del model
@@ -209,6 +239,9 @@ def run_patch_bench(
                     "tok_s": res[key],
                     "ms_per_token": 1e3 / res[key],
                     "speedup": res[key] / base[key],
+                    # patched over unpatched within each round: how much the ratio moved with the machine
+                    "round_speedups": "" if variant == "transformers" else
+                    " ".join(f"{x:.2f}" for x in ratios[phase]),
                     "greedy_tokens_matching": f"{same}/{len(base['tokens'])}",
                 }
             )
@@ -223,11 +256,6 @@ def run_patch_bench(
                  if row["phase"] == "decode" else f"{row['gflop_s']:.1f} GFLOP/s")
         say(f"  {row['phase']:7s} {row['variant']:12s} {row['tok_s']:8.2f} tok/s  x{row['speedup']:.2f}  {extra}")
     return rows
-
-
-def _line(name: str, res: dict) -> str:
-    return (f"  {name}: prefill {res['prefill_tok_s']:.2f} tok/s ({res['prefill_s'] * 1e3:.0f} ms), "
-            f"decode {res['decode_tok_s']:.2f} tok/s ({1e3 / res['decode_tok_s']:.0f} ms/token)")
 
 
 if __name__ == "__main__":
