@@ -24,7 +24,7 @@
 // bf16_dot_min_rows > 0 (the Python layer sets it only for bf16 hidden and weights on CPUs with native
 // bf16 dot products, see lfm_kernels/ops/moe.py): experts with at least that many tokens run on bf16
 // dot products, which do twice the multiply-adds per instruction of AVX2 fp32 FMAs. With AVX512-BF16
-// (act rounded to bf16 once in both of our kernels; thresholds measured below kOuterMinRows):
+// (act rounded to bf16 once in both of our kernels; thresholds and their measurements at kOuterMinRows):
 //   - 4..63 tokens: the outer-product kernel (experts_pass_bf16op): tokens in the vector lanes,
 //     weight pairs broadcast from the rows as stored, so each weight is read once per 16 tokens;
 //   - fewer: the dot-product tile (tile_bf16dp: vdpbf16ps along K, rows as stored);
@@ -699,6 +699,9 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
   });
 }
 
+// An expert's last block runs on ymm (8 lanes) when at most 8 of its tokens are left for it.
+inline bool narrow_last_block(int64_t tokens) { return (tokens - 1) % kLanes < kLanes / 2; }
+
 // Phases 1 and 2 for bf16 hidden and weights on the outer-product tile (tile_bf16op): each expert's
 // tokens are packed into blocks of kLanes, [block][K/2][kLanes] dwords of bf16 pairs (zero lanes past
 // the last token, which then compute zeros), so a weight pair is read from memory once per block and
@@ -750,7 +753,7 @@ void experts_pass_bf16op(const c10::BFloat16* X, const c10::BFloat16* gu, const 
     const int64_t a = i % na, e = active[a];
     const int64_t j0 = (i / na) * kOpUnits1, j1 = std::min(I, j0 + kOpUnits1);
     const int64_t nb = first[a + 1] - first[a];
-    const bool narrow_last = (pl.offs[e + 1] - pl.offs[e] - 1) % kLanes < kLanes / 2;
+    const bool narrow_last = narrow_last_block(pl.offs[e + 1] - pl.offs[e]);
     const bf16* G = gu + e * 2 * I * H;
     const bf16* U = G + I * H;
     const uint32_t* Pe = xpack + first[a] * Hp * kLanes;
@@ -794,7 +797,7 @@ void experts_pass_bf16op(const c10::BFloat16* X, const c10::BFloat16* gu, const 
     const int64_t h0 = (i / na) * kOpRows2, h1 = std::min(H, h0 + kOpRows2);
     const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
     const int64_t nb = first[a + 1] - first[a];
-    const bool narrow_last = (me - 1) % kLanes < kLanes / 2;
+    const bool narrow_last = narrow_last_block(me);
     const bf16* D = dn + e * H * I;
     const uint32_t* Ae = apack + first[a] * Ip * kLanes;
     const bf16* wp[kOpRows];

@@ -9,11 +9,12 @@ CPU with native bf16 dot products (AVX512-BF16 or AMX) an expert chosen by at le
 `BF16_DOT_MIN_ROWS` tokens of the call (prefill) runs on bf16 dot products, which do twice the
 multiply-adds per instruction of the AVX2 fp32 path. With AVX512-BF16: 4 to 63 tokens on our
 outer-product kernel (tokens in the vector lanes, each weight read once per 16 tokens), 3 tokens on our
-dot-product tile (3 to 31 when H or I is odd, then oneDNN); in both, gate and up stay fp32 and the SwiGLU product is rounded to bf16 once for the
-second projection, bit-identical for any thread count. From 64 tokens (and on CPUs with AMX but no
-AVX512-BF16) as two torch (oneDNN) bf16 GEMMs, which are faster there once their weight-packing pass
-is paid off (they round gate, up, the product and the expert output to bf16, as a bf16 transformers
-model does; oneDNN may split its sums differently for another thread count).
+dot-product tile (3 to 31 when H or I is odd, then oneDNN); in both, gate and up stay fp32 and the
+SwiGLU product is rounded to bf16 once for the second projection, bit-identical for any thread count.
+From 64 tokens (and on CPUs with AMX but no AVX512-BF16) as two torch (oneDNN) bf16 GEMMs, which are
+faster there once their weight-packing pass is paid off (they round gate, up, the product and the
+expert output to bf16, as a bf16 transformers model does; oneDNN may split its sums differently for
+another thread count).
 Set `lfm_kernels.ops.moe.POLICY = "kernel"` to keep every expert on the AVX2 path (not an environment
 variable, on purpose: nothing outside the program silently changes which code runs).
 """
