@@ -4,7 +4,7 @@
 SwiGLU experts on transformers' fused weight layout and sums them with the routing weights;
 `moe` is the whole sparse block (what `Lfm2MoeSparseMoeBlock` computes on [N, H] tokens).
 
-On the CPU every expert runs in the C++ kernel (csrc/moe.cpp). With bf16 tokens and bf16 weights on a
+On the CPU every expert runs in the C++ kernel (csrc/moe_experts.cpp). With bf16 tokens and bf16 weights on a
 CPU with native bf16 dot products (AVX512-BF16 or AMX) an expert chosen by at least
 `BF16_DOT_MIN_ROWS` tokens of the call (prefill) runs on bf16 dot products, which do twice the
 multiply-adds per instruction of the AVX2 fp32 path. With AVX512-BF16: 4 to 63 tokens on our

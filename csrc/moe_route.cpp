@@ -1,0 +1,114 @@
+// MoE router: LFM2-MoE's sigmoid router with a selection bias and top-k.
+//
+// logits = hidden @ gate_weight^T (fp32, then rounded to hidden's dtype as transformers computes it),
+// s = sigmoid(logits) (rounded the same way), choose top_k on s + expert_bias (ties to the lower index,
+// output sorted by descending biased score like torch.topk), weights = s of the chosen experts, divided
+// by (sum + 1e-6) when normalising, times the scaling factor. The logits run on the experts' register
+// tiles (moe_tiles_avx2.h): E router rows against token triples.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+#include "moe_tiles_avx2.h"
+
+namespace lfmk {
+namespace {
+
+template <typename W>
+void route_logits(const float* X, const W* gw, int64_t N, int64_t E, int64_t H, float* logits) {
+  const TileFn<W> tile = pick_tile<W>();
+  const int64_t groups = (N + kM - 1) / kM;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, E * H));
+  parallel_for(groups, grain, [&](int64_t g0, int64_t g1) {
+    const float* xp[kM];
+    const W* wp[kR];
+    float res[kM * kR];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = g * kM;
+      const int M = static_cast<int>(std::min<int64_t>(kM, N - n0));
+      for (int m = 0; m < M; ++m) xp[m] = X + (n0 + m) * H;
+      for (int64_t e0 = 0; e0 < E; e0 += kR) {
+        const int R = static_cast<int>(std::min<int64_t>(kR, E - e0));
+        for (int r = 0; r < R; ++r) wp[r] = gw + (e0 + r) * H;
+        tile(wp, R, xp, M, H, res);
+        for (int m = 0; m < M; ++m)
+          for (int r = 0; r < R; ++r) logits[(n0 + m) * E + e0 + r] = res[m * R + r];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& hidden, const at::Tensor& gate_weight,
+                                                 const std::optional<at::Tensor>& expert_bias, int64_t top_k,
+                                                 bool norm_topk_prob, double routed_scaling_factor) {
+  TORCH_CHECK(hidden.dim() == 2, "moe_route: hidden must be [N, H]");
+  TORCH_CHECK(gate_weight.dim() == 2 && gate_weight.size(1) == hidden.size(1), "moe_route: gate_weight must be [E, H]");
+  const int64_t N = hidden.size(0), H = hidden.size(1), E = gate_weight.size(0);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_route: top_k must be in [1, E]");
+  const at::Tensor X = hidden.to(at::kFloat).contiguous();
+  const at::Tensor gw = gate_weight.contiguous();
+  at::Tensor bias;
+  if (expert_bias.has_value()) {
+    TORCH_CHECK(expert_bias->numel() == E, "moe_route: expert_bias must be [E]");
+    bias = expert_bias->to(at::kFloat).contiguous();
+  }
+  auto fopt = hidden.options().dtype(at::kFloat);
+  at::Tensor weights = at::empty({N, top_k}, fopt);
+  at::Tensor ids = at::empty({N, top_k}, hidden.options().dtype(at::kLong));
+  if (N == 0) return {weights, ids};
+  at::Tensor logits = at::empty({N, E}, fopt);
+  float* lg = logits.mutable_data_ptr<float>();
+  LFMK_DISPATCH_FLOAT(gw.scalar_type(), "moe_route", [&] {
+    route_logits<scalar_t>(X.const_data_ptr<float>(), cptr<scalar_t>(gw), N, E, H, lg);
+  });
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* wo = weights.mutable_data_ptr<float>();
+  int64_t* io = ids.mutable_data_ptr<int64_t>();
+  const float scale = static_cast<float>(routed_scaling_factor);
+  // transformers runs the router in the model dtype: logits and sigmoid are rounded to hidden's
+  // dtype, and the biased score to the promoted dtype of (sigmoid, expert_bias). Selection is
+  // discrete, so rounding at the same points is what makes bf16 choices agree with transformers.
+  const at::ScalarType hdt = hidden.scalar_type();
+  const at::ScalarType cdt = expert_bias.has_value() ? at::promote_types(hdt, expert_bias->scalar_type()) : hdt;
+  const auto rnd = [](at::ScalarType t, float v) -> float {
+    if (t == at::kBFloat16) return static_cast<float>(c10::BFloat16(v));
+    if (t == at::kHalf) return static_cast<float>(c10::Half(v));
+    return v;
+  };
+  parallel_for(N, 256, [&](int64_t n0, int64_t n1) {
+    std::vector<float> s(E), c(E);
+    std::vector<char> taken(E);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t e = 0; e < E; ++e) {
+        const float l = rnd(hdt, lg[n * E + e]);
+        s[e] = rnd(hdt, 1.f / (1.f + std::exp(-l)));
+        c[e] = bp ? rnd(cdt, s[e] + bp[e]) : s[e];
+        taken[e] = 0;
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < top_k; ++j) {
+        // strict '>' keeps the lowest index among equal scores
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e)
+          if (!taken[e] && (best < 0 || c[e] > c[best])) best = e;
+        taken[best] = 1;
+        io[n * top_k + j] = best;
+        wo[n * top_k + j] = s[best];
+        sum += s[best];
+      }
+      const float div = norm_topk_prob ? sum + 1e-6f : 1.f;
+      for (int64_t j = 0; j < top_k; ++j) wo[n * top_k + j] = wo[n * top_k + j] / div * scale;
+    }
+  });
+  return {weights, ids};
+}
+
+}  // namespace
+}  // namespace lfmk
+
+TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
+  m.def("moe_route(Tensor hidden, Tensor gate_weight, Tensor? expert_bias, int top_k, bool norm_topk_prob, "
+        "float routed_scaling_factor) -> (Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) { m.impl("moe_route", &lfmk::moe_route_cpu); }
