@@ -14,10 +14,11 @@
 // (moe_tiles_avx2.h: portable and AVX2, any float weights; moe_tiles_avx512bf16.h). A work item's
 // weight rows stay in L2 while groups of tokens (in L1) pass over them.
 //
-// Which pass an expert takes (its route) is decided per expert from its token count, by thresholds the
-// caller passes in (the kernel-choice policy, lfm_kernels/_policy.py). bf16 hidden and weights only:
-// experts with enough tokens run on bf16 dot products, which do twice the multiply-adds per
-// instruction of AVX2 fp32 FMAs. With AVX512-BF16 (act rounded to bf16 once in both of our kernels):
+// Which pass an expert takes (its route) is decided per expert from its token count by choose_route,
+// from thresholds the caller passes in: the kernel-choice policy (lfm_kernels/_policy.py, which also
+// holds their measurements) owns them, this file has none. bf16 hidden and weights only: experts with
+// enough tokens run on bf16 dot products, which do twice the multiply-adds per instruction of AVX2
+// fp32 FMAs. With AVX512-BF16 (act rounded to bf16 once in both of our kernels):
 //   - the outer-product pass (experts_pass_bf16op): tokens in the vector lanes, weight pairs broadcast
 //     from the rows as stored, so each weight is read once per 16 tokens (H and I even);
 //   - the dot-product pass (experts_pass_bf16dp: vdpbf16ps along K, rows as stored);
@@ -42,16 +43,6 @@ constexpr int64_t kUnits1 = 16;      // intermediate units (gate row + up row) p
 constexpr int64_t kRows2 = 32;       // down rows per phase-2 work item
 constexpr int64_t kMaxPairs = 4096;  // pairs per pass: bounds the fp32 scratch (act, y) for long prompts
 constexpr int64_t kGemmExpertsPerThread = 2;  // torch-GEMM experts per thread before one expert per thread
-// Where each AVX512-BF16 route wins, measured on Zen 4 with 2 threads, 32 experts at H 2048, I 1792,
-// every expert with the same token count n (ms for the whole call):
-//   n = 3: dot-product tile 29, outer product 33 (both memory-bound; the dot tile overlaps better)
-//   n = 6: 33 vs 31; n = 16: 55 vs 41; n = 24: 63 vs 50
-//   n = 64: outer product 127, oneDNN 134; n = 128: 297 vs 248 (oneDNN's weight packing is paid off)
-// The dot-product tile alone (H or I odd, so pairs would straddle rows) hands over to oneDNN at 32
-// tokens: 16 tokens 55 ms both, 64 tokens 157 vs 130.
-constexpr int64_t kOuterMinRows = 4;
-constexpr int64_t kOuterOneDnnMinRows = 64;
-constexpr int64_t kDotOneDnnMinRows = 32;
 constexpr int64_t kLanes = 16;  // tokens per block of the outer-product path (fp32 lanes of a zmm)
 // Its work items: only the first tile of an item has no prefetch ahead of it, so they are larger than
 // the dot-product paths' (measured at 128 random tokens: 42.7 ms with 16 units / 32 rows per item,
@@ -438,11 +429,32 @@ void combine(const float* y, const float* tw, const Plan& pl, int64_t n0, int64_
   });
 }
 
+// The passes an expert can take.
+enum class Route { kTiled, kBf16Dot, kBf16Outer, kOneDnn };
+
+// The policy's thresholds, in tokens per expert (see lfm_kernels/_policy.py for what each one means).
+struct Bf16Routes {
+  int64_t min_rows;                // below: the tiled path; 0: every expert on the tiled path
+  int64_t outer_min_rows;          // AVX512-BF16, H and I even: the outer product from here ...
+  int64_t outer_onednn_min_rows;   // ... up to here, then oneDNN
+  int64_t dot_onednn_min_rows;     // otherwise the dot-product tile up to here, then oneDNN
+};
+
+// own_bf16_kernels: our AVX512-BF16 passes may run; pairs_fit: H and I even (the outer product's pairs).
+Route choose_route(int64_t tokens, const Bf16Routes& t, bool own_bf16_kernels, bool pairs_fit) {
+  if (t.min_rows == 0 || tokens < t.min_rows) return Route::kTiled;
+  if (!own_bf16_kernels) return Route::kOneDnn;
+  if (pairs_fit && tokens >= t.outer_min_rows)
+    return tokens < t.outer_onednn_min_rows ? Route::kBf16Outer : Route::kOneDnn;
+  return tokens < t.dot_onednn_min_rows ? Route::kBf16Dot : Route::kOneDnn;
+}
+
 // Shapes, dtypes and id ranges were validated in Python (lfm_kernels/ops/moe.py); the checks here
 // guard the memory safety of this function when it is called directly.
 at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
-                           const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                           int64_t bf16_dot_min_rows) {
+                           const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t bf16_min_rows,
+                           int64_t bf16_outer_min_rows, int64_t bf16_outer_onednn_min_rows,
+                           int64_t bf16_dot_onednn_min_rows) {
   TORCH_CHECK(hidden.dim() == 2, "moe_experts: hidden must be [N, H]");
   const int64_t N = hidden.size(0), H = hidden.size(1);
   TORCH_CHECK(gate_up_proj.dim() == 3 && gate_up_proj.size(2) == H && gate_up_proj.size(1) % 2 == 0,
@@ -462,8 +474,14 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
   const at::Tensor tw = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor X = hidden.to(at::kFloat).contiguous();
   const at::Tensor gu = gate_up_proj.contiguous(), dn = down_proj.contiguous();
-  const bool bf16_dot = bf16_dot_min_rows > 0 && hidden.scalar_type() == at::kBFloat16 &&
+  TORCH_CHECK(bf16_min_rows >= 0, "moe_experts: bf16_min_rows must be >= 0 (0: no bf16 routes)");
+  TORCH_CHECK(bf16_min_rows == 0 || (bf16_outer_min_rows >= 1 && bf16_outer_onednn_min_rows >= 1 &&
+                                     bf16_dot_onednn_min_rows >= 1),
+              "moe_experts: the bf16 route thresholds must be >= 1");
+  const bool bf16_dot = bf16_min_rows > 0 && hidden.scalar_type() == at::kBFloat16 &&
                         gu.scalar_type() == at::kBFloat16;
+  const Bf16Routes routes{bf16_dot ? bf16_min_rows : 0, bf16_outer_min_rows, bf16_outer_onednn_min_rows,
+                          bf16_dot_onednn_min_rows};
   const bool own_bf16_tile = bf16_dot && cpu_has_avx512bf16();
   const bool pairs_fit = H % 2 == 0 && I % 2 == 0;
   const at::Tensor hidden_c = bf16_dot ? hidden.contiguous() : at::Tensor();
@@ -480,15 +498,11 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
     const Plan pl = make_plan(idp, n0, nt, k, E);
     std::vector<int64_t> tiled, dot, outer, gemm;
     for (const int64_t e : pl.active) {
-      const int64_t me = pl.offs[e + 1] - pl.offs[e];
-      if (!bf16_dot || me < bf16_dot_min_rows) {
-        tiled.push_back(e);
-      } else if (!own_bf16_tile) {
-        gemm.push_back(e);
-      } else if (pairs_fit && me >= kOuterMinRows) {
-        (me < kOuterOneDnnMinRows ? outer : gemm).push_back(e);
-      } else {
-        (me < kDotOneDnnMinRows ? dot : gemm).push_back(e);
+      switch (choose_route(pl.offs[e + 1] - pl.offs[e], routes, own_bf16_tile, pairs_fit)) {
+        case Route::kTiled: tiled.push_back(e); break;
+        case Route::kBf16Dot: dot.push_back(e); break;
+        case Route::kBf16Outer: outer.push_back(e); break;
+        case Route::kOneDnn: gemm.push_back(e); break;
       }
     }
     float* yp = y.mutable_data_ptr<float>();
@@ -528,6 +542,7 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
 
 TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
   m.def("moe_experts(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor topk_ids, Tensor topk_weights, "
-        "int bf16_dot_min_rows=0) -> Tensor");
+        "int bf16_min_rows, int bf16_outer_min_rows, int bf16_outer_onednn_min_rows, int bf16_dot_onednn_min_rows) "
+        "-> Tensor");
 }
 TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) { m.impl("moe_experts", &lfmk::moe_experts_cpu); }

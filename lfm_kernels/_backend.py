@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import platform
 import warnings
@@ -97,16 +96,13 @@ def backend_for(t: torch.Tensor) -> str:
     return cpu_isa()
 
 
-@contextlib.contextmanager
 def force_portable_cpu():
-    """Run the portable (non-AVX2) C++ kernels inside the block; for tests comparing both paths."""
-    if _C is None:
-        raise RuntimeError(f"the CPU extension is not loaded: {_EXT_ERROR}")
-    _C.set_force_portable(True)
-    try:
-        yield
-    finally:
-        _C.set_force_portable(False)
+    """Run the portable (non-AVX2) C++ kernels inside the block: the kernel policy's
+    `kernel_policy(portable=True)` (see lfm_kernels/_policy.py), kept under this name for the tests
+    and the command."""
+    from ._policy import kernel_policy
+
+    return kernel_policy(portable=True)
 
 
 def backend_info() -> dict:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from conftest import TOL, assert_close, dtype_id, rel_err
 from lfm_kernels import _backend
+from lfm_kernels._policy import DEFAULT_POLICY, get_policy, kernel_policy
 from lfm_kernels.ops import linear as linear_mod
 from lfm_kernels.ops.linear import linear
 
@@ -33,9 +34,10 @@ WDTYPES = [torch.bfloat16, torch.float32]
 
 
 @pytest.fixture(autouse=True)
-def _always_kernel(monkeypatch):
+def _always_kernel():
     """These tests check the C++ kernel, so bf16 GEMMs must not be handed to torch's oneDNN."""
-    monkeypatch.setattr(linear_mod, "POLICY", "kernel")
+    with kernel_policy(kernel_only=True):
+        yield
 
 
 def _ref(x, w, b=None):
@@ -217,20 +219,26 @@ def test_fp16_weight(shape):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 40])
-def test_auto_policy(monkeypatch, m):
-    """Default policy: bf16 x bf16 with >= TORCH_GEMM_MIN_ROWS rows goes to torch's GEMM only where the
+def test_auto_policy(m):
+    """Default policy: bf16 x bf16 with >= linear_onednn_min_rows rows goes to torch's GEMM only where the
     CPU has native bf16 dot products; either way the answer is right."""
-    monkeypatch.setattr(linear_mod, "POLICY", "auto")
+    with kernel_policy(DEFAULT_POLICY):
+        _check_auto_policy(m)
+
+
+def _check_auto_policy(m):
     x = torch.randn(m, 200, dtype=torch.bfloat16)
     w = torch.randn(50, 200, dtype=torch.bfloat16) / 200**0.5
     b = torch.randn(50)
     out = linear(x, w, b)
     assert_close(out, _ref(x, w, b), torch.bfloat16)
-    routed = m >= linear_mod.TORCH_GEMM_MIN_ROWS and linear_mod.cpu_has_native_bf16_gemm()
+    routed = m >= get_policy().linear_onednn_min_rows and linear_mod.cpu_has_native_bf16_gemm()
     assert linear_mod._use_torch_gemm(x, w) == routed
     if routed:
         assert torch.equal(out, F.linear(x, w, b.bfloat16()))
     assert not linear_mod._use_torch_gemm(x.float(), w)  # fp32 activations always take the kernel
+    with kernel_policy(kernel_only=True):
+        assert not linear_mod._use_torch_gemm(x, w)
 
 
 @needs_ext

@@ -10,6 +10,7 @@ import torch
 import lfm_kernels
 import lfm_kernels.ops.moe as moe_mod
 from lfm_kernels import _backend, reference
+from lfm_kernels._policy import DEFAULT_POLICY, get_policy, kernel_policy
 from conftest import HAS_TRITON, TOL, assert_close, dtype_id, rel_err
 
 NS = [1, 2, 7, 64, 513]
@@ -17,10 +18,22 @@ SMALL_H, SMALL_I = 76, 36  # neither a multiple of the 8-lane vectors nor of 16:
 
 
 @pytest.fixture(autouse=True)
-def _always_kernel(monkeypatch):
+def _always_kernel():
     """Most tests here check the AVX2/portable kernel, so no expert goes to bf16 dot products (our
-    AVX512-BF16 kernels or oneDNN); the tests of that path (test_bf16_dot_*) set it themselves."""
-    monkeypatch.setattr(moe_mod, "POLICY", "kernel")
+    AVX512-BF16 kernels or oneDNN); the tests of that path (test_bf16_*) choose their own routes."""
+    with kernel_policy(kernel_only=True):
+        yield
+
+
+def _op(hidden, gate_up, down, ids, weights, routes):
+    """The C++ experts op with explicit route thresholds (bf16_min_rows, outer_min_rows,
+    outer_onednn_min_rows, dot_onednn_min_rows), as the policy passes them."""
+    return torch.ops.lfm_kernels_cpu.moe_experts(hidden, gate_up, down, ids, weights, *routes)
+
+
+def _min_rows(min_rows):
+    """The default policy's thresholds with bf16_min_rows replaced."""
+    return (min_rows, *DEFAULT_POLICY.moe_bf16_routes()[1:])
 
 
 def _cpu_ctx(impl):
@@ -234,7 +247,7 @@ def test_experts_deterministic_across_threads():
 
 
 # ---------------------------------------------------------------------------------------------
-# experts with many tokens on bf16 dot products (POLICY "auto" on CPUs with native bf16 dot products)
+# experts with many tokens on bf16 dot products (the default policy on CPUs with native bf16 dot products)
 
 BF16_DOT_CASES = [(n, e, k, r) for n, e, k, r in [(1, 8, 1, 1), (7, 8, 2, 3), (64, 8, 4, 3), (64, 32, 4, 8),
                                             (513, 32, 4, 3), (513, 8, 2, 1000), (40, 8, 4, 1)]]
@@ -243,7 +256,7 @@ BF16_DOT_CASES = [(n, e, k, r) for n, e, k, r in [(1, 8, 1, 1), (7, 8, 2, 3), (6
 @pytest.mark.parametrize("impl", ["avx2", "portable"])
 @pytest.mark.parametrize("n,e,k,min_rows", BF16_DOT_CASES, ids=[f"N{n}-E{e}-k{k}-min{r}" for n, e, k, r in BF16_DOT_CASES])
 def test_bf16_dot_path_matches_reference(impl, n, e, k, min_rows):
-    """The C++ op with bf16_dot_min_rows set: experts with at least that many tokens run on bf16 dot
+    """The C++ op with bf16_min_rows set: experts with at least that many tokens run on bf16 dot
     products (avx2 impl on an AVX512-BF16 CPU: our kernels below 64 tokens, oneDNN from 64; portable
     impl: always oneDNN, which runs bf16 on any CPU, so that path is tested on every machine), the
     rest on the tiled AVX2/portable kernel, all in one call."""
@@ -253,23 +266,42 @@ def test_bf16_dot_path_matches_reference(impl, n, e, k, min_rows):
     ids[: n // 2, 0] = 1  # one crowded expert beside sparse ones: both paths in the same call
     weights = torch.rand(n, k) + 0.1
     with _cpu_ctx(impl):
-        out = torch.ops.lfm_kernels_cpu.moe_experts(hidden, gate_up, down, ids, weights, min_rows)
+        out = _op(hidden, gate_up, down, ids, weights, _min_rows(min_rows))
     assert out.dtype == torch.bfloat16
     assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
 
 
-# Token counts that land on every bf16 route on an AVX512-BF16 CPU: 1-2 (AVX2 kernel), 3 (dot-product
-# tile), 4-63 (outer product: an 8-lane last block up to 8, 9-16 one 16-lane block, then pairs of
-# blocks with a narrow or a full last one) and 64+ (oneDNN).
+# Token counts that land on every bf16 route of the default policy on an AVX512-BF16 CPU: 1-2 (AVX2
+# kernel), 3 (dot-product tile), 4-63 (outer product: an 8-lane last block up to 8, 9-16 one 16-lane
+# block, then pairs of blocks with a narrow or a full last one) and 64+ (oneDNN).
 ROUTE_COUNTS = [1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 24, 25, 31, 32, 33, 40, 41, 48, 63, 64, 70]
 ROUTE_SHAPES = [(SMALL_H, SMALL_I), (78, 34), (64, 32), (75, 36), (76, 35)]  # the last two: odd, no pairs
 
+# Route thresholds that send every expert to one route, and the default policy's mix. The AVX512-BF16
+# routes need that ISA (without it the C++ op sends them to oneDNN); the others run on any CPU.
+_NEVER = 1 << 40
+FORCED_ROUTES = {
+    "tiled": (0, 0, 0, 0),
+    "onednn": (1, 1, 1, 1),
+    "bf16-dot": (1, _NEVER, _NEVER, _NEVER),
+    "bf16-outer": (1, 1, _NEVER, _NEVER),  # shapes with H or I odd have no pairs: the dot-product tile
+    "policy-mix": DEFAULT_POLICY.moe_bf16_routes(),
+}
+_AVX512BF16_ROUTES = ("bf16-dot", "bf16-outer", "policy-mix")
+# The forced portable path has no AVX512-BF16 kernels: there the policy's mix is tiled + oneDNN.
+ROUTE_PARAMS = [(r, i) for r in ("tiled", "onednn", "policy-mix") for i in ("avx2", "portable")] + [
+    ("bf16-dot", "avx2"), ("bf16-outer", "avx2")
+]
 
-@pytest.mark.parametrize("impl", ["avx2", "portable"])
-@pytest.mark.parametrize("h,i", ROUTE_SHAPES, ids=[f"H{h}-I{i}" for h, i in ROUTE_SHAPES])
-def test_bf16_dot_every_route(impl, h, i):
-    """Experts with exactly the token counts above in one call (k = 2, each token's second expert one
-    of two busy ones), each expert's rows checked against the reference."""
+
+def _needs_avx512bf16(route, impl):
+    if impl == "avx2" and route in _AVX512BF16_ROUTES:
+        if not (_backend._C is not None and _backend._C.cpu_supports_avx512bf16()):
+            pytest.skip("needs AVX512-BF16")
+
+
+def _route_inputs(h, i):
+    """k = 2: each token's first expert has one of the ROUTE_COUNTS, its second is one of two busy ones."""
     counts = ROUTE_COUNTS
     e = len(counts) + 2
     first = torch.cat([torch.full((c,), x) for x, c in enumerate(counts)])
@@ -279,30 +311,51 @@ def test_bf16_dot_every_route(impl, h, i):
     hidden = torch.randn(n, h).to(torch.bfloat16)
     gate_up, down = _expert_weights(e, h, i, torch.bfloat16)
     weights = torch.rand(n, 2) + 0.1
+    return hidden, gate_up, down, ids, weights
+
+
+@pytest.mark.parametrize("route,impl", ROUTE_PARAMS, ids=[f"{r}-{i}" for r, i in ROUTE_PARAMS])
+@pytest.mark.parametrize("h,i", ROUTE_SHAPES, ids=[f"H{h}-I{i}" for h, i in ROUTE_SHAPES])
+def test_bf16_every_route(route, impl, h, i):
+    """Experts with each of the token counts above in one call, all sent to one route (or the default
+    policy's mix), each expert's rows checked against the reference."""
+    _needs_avx512bf16(route, impl)
+    hidden, gate_up, down, ids, weights = _route_inputs(h, i)
     with _cpu_ctx(impl):
-        out = torch.ops.lfm_kernels_cpu.moe_experts(hidden, gate_up, down, ids, weights, 3)
+        out = _op(hidden, gate_up, down, ids, weights, FORCED_ROUTES[route])
     ref = reference.moe_experts(hidden, gate_up, down, ids, weights)
-    for x in range(len(counts)):  # per expert, so one wrong route can't hide in the total
+    for x, count in enumerate(ROUTE_COUNTS):  # per expert, so one wrong route can't hide in the total
         rows = (ids[:, 0] == x).nonzero().squeeze(1)
-        assert_close(out[rows], ref[rows], torch.bfloat16, f"expert with {counts[x]} tokens")
+        assert_close(out[rows], ref[rows], torch.bfloat16, f"expert with {count} tokens")
+
+
+@pytest.mark.parametrize("impl", ["avx2", "portable"])
+def test_bf16_forced_routes_take_effect(impl):
+    """The thresholds really move experts: oneDNN rounds gate, up and the expert output to bf16 and the
+    tiled path does not, so the two forced routes give different bits on the same call."""
+    hidden, gate_up, down, ids, weights = _route_inputs(SMALL_H, SMALL_I)
+    with _cpu_ctx(impl):
+        tiled = _op(hidden, gate_up, down, ids, weights, FORCED_ROUTES["tiled"])
+        onednn = _op(hidden, gate_up, down, ids, weights, FORCED_ROUTES["onednn"])
+    assert not torch.equal(tiled, onednn)
 
 
 def test_bf16_dot_only_for_bf16():
-    """fp32 (and mixed) calls ignore bf16_dot_min_rows: bit-identical to the kernel alone."""
+    """fp32 (and mixed) calls ignore the bf16 route thresholds: bit-identical to the kernel alone."""
     n, e, k = 30, 8, 2
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     weights = torch.rand(n, k)
     for hdt, wdt in [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]:
         hidden = torch.randn(n, SMALL_H).to(hdt)
         gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, wdt)
-        op = torch.ops.lfm_kernels_cpu.moe_experts
-        assert torch.equal(op(hidden, gate_up, down, ids, weights, 1), op(hidden, gate_up, down, ids, weights, 0))
+        args = (hidden, gate_up, down, ids, weights)
+        assert torch.equal(_op(*args, FORCED_ROUTES["onednn"]), _op(*args, FORCED_ROUTES["tiled"]))
 
 
 def test_bf16_dot_tile_deterministic_across_threads():
     """Experts with 3..63 tokens on our AVX512-BF16 kernels: the same bits for 1 and 2 threads."""
     if _backend._C is None or not _backend._C.cpu_supports_avx512bf16():
-        pytest.skip("CPU without AVX512-BF16: those experts run on oneDNN, whose sums may split per thread count")
+        pytest.skip("needs AVX512-BF16 (without it those experts run on oneDNN, whose sums may split per thread count)")
     n, e, k = 80, 8, 2
     t = torch.arange(n)
     # expert 7 gets 3 tokens (the dot-product tile), experts 0..6 about 22 each (outer product)
@@ -310,13 +363,12 @@ def test_bf16_dot_tile_deterministic_across_threads():
     hidden = torch.randn(n, SMALL_H).to(torch.bfloat16)
     gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.bfloat16)
     weights = torch.rand(n, k)
-    op = torch.ops.lfm_kernels_cpu.moe_experts
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = op(hidden, gate_up, down, ids, weights, 3)
+        one = _op(hidden, gate_up, down, ids, weights, DEFAULT_POLICY.moe_bf16_routes())
         torch.set_num_threads(max(2, threads))
-        many = op(hidden, gate_up, down, ids, weights, 3)
+        many = _op(hidden, gate_up, down, ids, weights, DEFAULT_POLICY.moe_bf16_routes())
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
@@ -324,24 +376,30 @@ def test_bf16_dot_tile_deterministic_across_threads():
 
 
 @pytest.mark.parametrize("n", [2, 3, 64])
-def test_bf16_dot_auto_policy(monkeypatch, n):
-    """Default policy: bf16 x bf16 experts with >= BF16_DOT_MIN_ROWS tokens go to bf16 dot products
+def test_bf16_dot_auto_policy(n):
+    """Default policy: bf16 x bf16 experts with >= moe_bf16_min_rows tokens go to bf16 dot products
     only on CPUs that have them natively; either way the answer is right."""
-    monkeypatch.setattr(moe_mod, "POLICY", "auto")
+    with kernel_policy(DEFAULT_POLICY):
+        _check_auto_policy(n)
+
+
+def _check_auto_policy(n):
     e, k = 8, 4
     hidden = torch.randn(n, SMALL_H).to(torch.bfloat16)
     gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.bfloat16)
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     weights = torch.rand(n, k)
-    routed = n >= moe_mod.BF16_DOT_MIN_ROWS and _backend.cpu_has_native_bf16_gemm()
-    assert moe_mod._bf16_dot_min_rows(hidden, gate_up) == (moe_mod.BF16_DOT_MIN_ROWS if routed else 0)
+    min_rows = get_policy().moe_bf16_min_rows
+    routed = n >= min_rows and _backend.cpu_has_native_bf16_gemm()
+    assert moe_mod._bf16_routes(hidden, gate_up) == (DEFAULT_POLICY.moe_bf16_routes() if routed else (0, 0, 0, 0))
+    assert moe_mod._bf16_dot_min_rows(hidden, gate_up) == (min_rows if routed else 0)
     assert moe_mod._bf16_dot_min_rows(hidden.float(), gate_up) == 0
     out = lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights)
     assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)
-    expected = torch.ops.lfm_kernels_cpu.moe_experts(
-        hidden, gate_up, down, ids, weights, moe_mod.BF16_DOT_MIN_ROWS if routed else 0
-    )
+    expected = _op(hidden, gate_up, down, ids, weights, DEFAULT_POLICY.moe_bf16_routes() if routed else (0, 0, 0, 0))
     assert torch.equal(out, expected)
+    with kernel_policy(kernel_only=True):
+        assert moe_mod._bf16_routes(hidden, gate_up) == (0, 0, 0, 0)
 
 
 @pytest.fixture(scope="module")
@@ -359,10 +417,14 @@ def full_size_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["kernel", "auto"])
+@pytest.mark.parametrize("kernel_only", [True, False], ids=["kernel", "auto"])
 @pytest.mark.parametrize("n", [1, 40])
-def test_full_size_block(full_size_weights, n, policy, monkeypatch):
-    monkeypatch.setattr(moe_mod, "POLICY", policy)
+def test_full_size_block(full_size_weights, n, kernel_only):
+    with kernel_policy(DEFAULT_POLICY, kernel_only=kernel_only):
+        _check_full_size_block(full_size_weights, n)
+
+
+def _check_full_size_block(full_size_weights, n):
     gate_weight, gate_up, down = full_size_weights
     hidden = torch.randn(n, 2048).to(torch.bfloat16)
     bias = torch.randn(32) * 0.01

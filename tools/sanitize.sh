@@ -15,6 +15,7 @@ LFM_KERNELS_SANITIZE=address,undefined LFM_KERNELS_REQUIRE_EXTENSION=1 python3 s
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 if [ $# -eq 0 ]; then
-  set -- $(ls tests/test_short_conv.py tests/test_moe.py tests/test_decode_attention.py tests/test_linear.py 2>/dev/null) -k "not triton"
+  set -- $(ls tests/test_short_conv.py tests/test_moe.py tests/test_decode_attention.py tests/test_linear.py \
+    tests/test_policy.py 2>/dev/null) -k "not triton"
 fi
 python3 -m pytest -q -p no:cacheprovider "$@"

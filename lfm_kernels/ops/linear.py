@@ -6,12 +6,9 @@ kernel (csrc/linear.cpp) streams the weight once for a few rows (decode) and, fo
 (prefill), packs fp32 panels of the weight into L2 and reuses them across all rows through a
 register-blocked micro-kernel, so bf16 weights run at fp32-GEMM speed.
 
-One exception, chosen at run time: on CPUs with native bf16 dot-product instructions (AVX512-BF16 or
-AMX), torch's oneDNN bf16 GEMM does twice the work per instruction that an AVX2 fp32 kernel can, so
-for bf16 x and bf16 weights with at least `TORCH_GEMM_MIN_ROWS` rows `linear` calls F.linear there.
-(A bias then is added in bf16, as F.linear does.) Set `lfm_kernels.ops.linear.POLICY = "kernel"` to
-always run the C++ kernel (deliberately not an environment variable: nothing outside the program
-silently changes which code runs).
+One exception: on CPUs with native bf16 dot-product instructions (AVX512-BF16 or AMX), bf16 x bf16
+calls with enough rows go to torch's oneDNN GEMM, which does twice the work per instruction there;
+the kernel-choice policy decides (lfm_kernels/_policy.py).
 """
 
 from __future__ import annotations
@@ -19,27 +16,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _backend, _policy
 from .._backend import cpu_has_native_bf16_gemm
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
-# "auto": hand bf16 x bf16 GEMMs of >= TORCH_GEMM_MIN_ROWS rows to torch where the CPU has native bf16
-# dot products (see the module docstring); "kernel": always the C++ kernel on the CPU.
-POLICY = "auto"
-# Measured on an AVX512-BF16 CPU (Zen 4, one thread, per CPU-second): for M = 1, 2 the C++ GEMV is as
-# fast or faster (64 vs 48 GFLOP/s at M = 2, N = K = 2048; ~2x on the 128k-row lm_head at M = 1);
-# from M = 3 torch's bf16 GEMM is faster (1.2-1.5x at M = 3, 4; ~2x from M = 5 to 512).
-TORCH_GEMM_MIN_ROWS = 3
-
 
 def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the policy hands this call to torch's oneDNN GEMM (x already [M, K])."""
+    policy = _policy.get_policy()
     return (
-        POLICY == "auto"
+        not policy.kernel_only
         and x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
-        and x.shape[0] >= TORCH_GEMM_MIN_ROWS
+        and x.shape[0] >= policy.linear_onednn_min_rows
         and cpu_has_native_bf16_gemm()
     )
 
@@ -84,10 +75,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     On the CPU the compiled kernel runs: for M <= 4 rows it streams the weight once near the memory
     bandwidth; for more rows it is a blocked GEMM that runs bf16 weights as fast as fp32 ones (except
-    bf16 x bf16 with >= 3 rows on CPUs with AVX512-BF16/AMX, where torch's GEMM is faster and runs;
-    see the module docstring). On CUDA
-    this is torch's F.linear (cuBLAS is already the right kernel there), with weight and bias cast to
-    x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
+    bf16 x bf16 with enough rows on CPUs with AVX512-BF16/AMX, where torch's GEMM is faster and runs;
+    see lfm_kernels/_policy.py). On CUDA this is torch's F.linear (cuBLAS is already the right kernel
+    there), with weight and bias cast to x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
     if x.dim() < 1:

@@ -4,51 +4,43 @@
 SwiGLU experts on transformers' fused weight layout and sums them with the routing weights;
 `moe` is the whole sparse block (what `Lfm2MoeSparseMoeBlock` computes on [N, H] tokens).
 
-On the CPU every expert runs in the C++ kernel (csrc/moe_experts.cpp). With bf16 tokens and bf16 weights on a
-CPU with native bf16 dot products (AVX512-BF16 or AMX) an expert chosen by at least
-`BF16_DOT_MIN_ROWS` tokens of the call (prefill) runs on bf16 dot products, which do twice the
-multiply-adds per instruction of the AVX2 fp32 path. With AVX512-BF16: 4 to 63 tokens on our
-outer-product kernel (tokens in the vector lanes, each weight read once per 16 tokens), 3 tokens on our
-dot-product tile (3 to 31 when H or I is odd, then oneDNN); in both, gate and up stay fp32 and the
-SwiGLU product is rounded to bf16 once for the second projection, bit-identical for any thread count.
-From 64 tokens (and on CPUs with AMX but no AVX512-BF16) as two torch (oneDNN) bf16 GEMMs, which are
-faster there once their weight-packing pass is paid off (they round gate, up, the product and the
-expert output to bf16, as a bf16 transformers model does; oneDNN may split its sums differently for
-another thread count).
-Set `lfm_kernels.ops.moe.POLICY = "kernel"` to keep every expert on the AVX2 path (not an environment
-variable, on purpose: nothing outside the program silently changes which code runs).
+On the CPU every expert runs in the C++ kernels (csrc/moe_route.cpp, csrc/moe_experts.cpp). Which
+kernel an expert takes (AVX2 tiles, our AVX512-BF16 kernels or oneDNN, for bf16 calls on CPUs with
+native bf16 dot products) is the kernel-choice policy's decision: see lfm_kernels/_policy.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _backend, reference
+from .. import _backend, _policy, reference
 from .._backend import cpu_has_native_bf16_gemm
 from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 
 _ID_DTYPES = (torch.int64, torch.int32)
 
-# "auto": experts with >= BF16_DOT_MIN_ROWS tokens use native bf16 dot products where the CPU has
-# them (see the module docstring); "kernel": every expert on the AVX2 path.
-POLICY = "auto"
-# Measured on an AVX512-BF16 CPU (2 Zen 4 threads, one expert at the real shape, weights from DRAM):
-# the AVX2 path is faster at 1 token (0.83 vs 1.22 ms for oneDNN) and even at 2; from 3 tokens bf16 dot
-# products win (1.3x at 3, 1.7x at 16, 2.3x at 64 tokens).
-BF16_DOT_MIN_ROWS = 3
+_NO_BF16_ROUTES = (0, 0, 0, 0)
+
+
+def _bf16_routes(hidden: torch.Tensor, gate_up_proj: torch.Tensor) -> tuple[int, int, int, int]:
+    """The policy's bf16 thresholds for the C++ experts kernel, or zeros (every expert on the AVX2
+    tiles) when the call is not bf16 x bf16, the CPU has no native bf16 dot products, or the policy
+    says kernel_only."""
+    policy = _policy.get_policy()
+    if (
+        not policy.kernel_only
+        and hidden.dtype == torch.bfloat16
+        and gate_up_proj.dtype == torch.bfloat16
+        and hidden.shape[0] >= policy.moe_bf16_min_rows
+        and cpu_has_native_bf16_gemm()
+    ):
+        return policy.moe_bf16_routes()
+    return _NO_BF16_ROUTES
 
 
 def _bf16_dot_min_rows(hidden: torch.Tensor, gate_up_proj: torch.Tensor) -> int:
-    """0 (never) or the token count from which an expert runs on bf16 dot products; see POLICY."""
-    if (
-        POLICY == "auto"
-        and hidden.dtype == torch.bfloat16
-        and gate_up_proj.dtype == torch.bfloat16
-        and hidden.shape[0] >= BF16_DOT_MIN_ROWS
-        and cpu_has_native_bf16_gemm()
-    ):
-        return BF16_DOT_MIN_ROWS
-    return 0
+    """0 (never) or the token count from which an expert runs on bf16 dot products (the benchmark's label)."""
+    return _bf16_routes(hidden, gate_up_proj)[0]
 
 
 def _moe_route_impl(
@@ -93,7 +85,7 @@ def _moe_experts_impl(
         return moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if hidden.device.type == "cpu" and _backend.cpu_extension_available():
         return torch.ops.lfm_kernels_cpu.moe_experts(
-            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, _bf16_dot_min_rows(hidden, gate_up_proj)
+            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, *_bf16_routes(hidden, gate_up_proj)
         )
     return reference.moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
 

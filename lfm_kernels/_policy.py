@@ -1,0 +1,134 @@
+"""The kernel-choice policy: which code runs an op on the CPU, decided in one place.
+
+Most CPU calls have one path, our C++ kernels (AVX2+FMA+F16C, or their portable C++ twins on CPUs
+without AVX2). Where the CPU has native bf16 dot products (AVX512-BF16 or AMX), bf16 x bf16 work with
+enough rows runs faster on those units, so two ops choose per call:
+
+- `linear` (bf16 x and bf16 weight): from `linear_onednn_min_rows` rows on, torch's oneDNN GEMM
+  (F.linear; a bias is then added in bf16, as F.linear does); fewer rows stay on the C++ kernel,
+  which streams the weight once.
+- `moe_experts` / `moe` (bf16 tokens and bf16 weights): per expert, from the number of tokens that
+  chose it in the call. Below `moe_bf16_min_rows` tokens the expert stays on the AVX2 tiles (act in
+  fp32). From there, with AVX512-BF16:
+    * `moe_bf16_outer_min_rows` up to `moe_bf16_outer_onednn_min_rows` - 1 tokens: our outer-product
+      kernel (tokens in the vector lanes, each weight read once per 16 tokens; H and I even);
+    * fewer tokens than that, or H or I odd, below `moe_bf16_dot_onednn_min_rows`: our dot-product tile;
+    * the rest: two oneDNN bf16 GEMMs per expert with our SwiGLU between them.
+  Our two AVX512-BF16 kernels keep gate and up in fp32 and round the SwiGLU product to bf16 once;
+  they give the same bits for any thread count. oneDNN rounds gate, up, the product and the expert
+  output to bf16, as a bf16 transformers model does, and may split its sums differently for another
+  thread count. Without AVX512-BF16 (AMX only, or the portable path forced) every bf16 expert from
+  `moe_bf16_min_rows` tokens on runs on oneDNN.
+
+The thresholds are data, not code: the C++ experts kernel receives them as arguments and has none
+of its own, so a chooser that times the candidate paths on the machine in use (once, cached per CPU
+model) can fill the same fields and install them with `set_policy`. The defaults were measured on a
+Zen 4 CPU (AVX512-BF16, 2 threads, LFM2.5-8B-A1B shapes); see the notes at `KernelPolicy`.
+
+Two switches change which code runs regardless of the thresholds:
+
+- `kernel_only=True`: every op stays on our AVX2 / portable kernels (no AVX512-BF16 kernels, no
+  oneDNN hand-off): one numerics everywhere, e.g. for comparing machines.
+- `portable=True`: our portable C++ kernels instead of the AVX2 and AVX512-BF16 ones (tests compare
+  both; the bf16 experts then take oneDNN as above).
+
+Use `kernel_policy(...)` as a context manager for a block, `set_policy(...)` to change it for the
+process, `get_policy()` to read it. On purpose there is no environment variable: nothing outside
+the program silently changes which code runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+from . import _backend
+
+__all__ = ["KernelPolicy", "DEFAULT_POLICY", "get_policy", "set_policy", "kernel_policy"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """Switches and thresholds of the kernel choice (see the module docstring). Rows are tokens of
+    the call (`linear`) or tokens that chose one expert (`moe_*`)."""
+
+    kernel_only: bool = False
+    portable: bool = False
+    # Zen 4, 1 thread: the C++ GEMV is as fast or faster at M = 1, 2 (64 vs 48 GFLOP/s at M = 2,
+    # N = K = 2048; ~2x on the 128k-row lm_head at M = 1); oneDNN is 1.2-1.5x faster at M = 3, 4 and ~2x
+    # from M = 5 to 512.
+    linear_onednn_min_rows: int = 3
+    # Zen 4, 2 threads, one expert at the real shape, weights from DRAM: the AVX2 tiles are faster at 1
+    # token (0.83 vs 1.22 ms for oneDNN) and at 2; from 3 tokens bf16 dot products win (1.3x at 3, 1.7x
+    # at 16, 2.3x at 64).
+    moe_bf16_min_rows: int = 3
+    # Zen 4, 2 threads, 32 experts at H 2048, I 1792, every expert with n tokens (ms per call):
+    #   n = 3: dot-product tile 29, outer product 33 (both memory-bound; the dot tile overlaps better)
+    #   n = 6: 33 vs 31; n = 16: 55 vs 41; n = 24: 63 vs 50
+    #   n = 64: outer product 127, oneDNN 134; n = 128: 297 vs 248 (oneDNN's weight packing is paid off)
+    moe_bf16_outer_min_rows: int = 4
+    moe_bf16_outer_onednn_min_rows: int = 64
+    # the dot-product tile alone (H or I odd): 16 tokens 55 ms for both, 64 tokens 157 vs 130 for oneDNN
+    moe_bf16_dot_onednn_min_rows: int = 32
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise TypeError(f"{f.name} must be a bool, got {type(value).__name__}")
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{f.name} must be an int (a row count), got {type(value).__name__}")
+            elif value < 1:
+                raise ValueError(f"{f.name} must be >= 1 (a row count), got {value}")
+
+    def moe_bf16_routes(self) -> tuple[int, int, int, int]:
+        """The thresholds the C++ experts kernel takes, in its argument order."""
+        return (
+            self.moe_bf16_min_rows,
+            self.moe_bf16_outer_min_rows,
+            self.moe_bf16_outer_onednn_min_rows,
+            self.moe_bf16_dot_onednn_min_rows,
+        )
+
+
+DEFAULT_POLICY = KernelPolicy()
+_current = DEFAULT_POLICY
+
+
+def get_policy() -> KernelPolicy:
+    """The policy the next op call follows."""
+    return _current
+
+
+def set_policy(policy: KernelPolicy | None = None, **changes) -> KernelPolicy:
+    """Installs `policy` (default: the current one) with `changes` applied, for the whole process;
+    returns the previous policy. `set_policy(DEFAULT_POLICY)` goes back to the defaults."""
+    global _current
+    base = _current if policy is None else policy
+    if not isinstance(base, KernelPolicy):
+        raise TypeError(f"policy must be a KernelPolicy, got {type(base).__name__}")
+    names = {f.name for f in dataclasses.fields(KernelPolicy)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise TypeError(f"unknown policy field(s) {unknown}; the fields are {sorted(names)}")
+    new = dataclasses.replace(base, **changes) if changes else base
+    if new.portable:
+        if _backend._C is None:
+            raise RuntimeError(f"portable=True needs the CPU extension, which is not loaded: {_backend._EXT_ERROR}")
+        _backend._C.set_force_portable(True)
+    elif _backend._C is not None:
+        _backend._C.set_force_portable(False)
+    previous, _current = _current, new
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_policy(policy: KernelPolicy | None = None, **changes) -> Iterator[KernelPolicy]:
+    """`set_policy(policy, **changes)` inside the block, the previous policy restored after it."""
+    previous = set_policy(policy, **changes)
+    try:
+        yield _current
+    finally:
+        set_policy(previous)

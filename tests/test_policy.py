@@ -1,0 +1,97 @@
+"""The kernel-choice policy: its fields, the ways to set it, and that both ops read it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from lfm_kernels import _backend, _policy
+from lfm_kernels._policy import DEFAULT_POLICY, KernelPolicy, get_policy, kernel_policy, set_policy
+from lfm_kernels.ops import linear as linear_mod
+from lfm_kernels.ops import moe as moe_mod
+
+
+def test_defaults_and_the_cpp_argument_order():
+    p = KernelPolicy()
+    assert p == DEFAULT_POLICY and not p.kernel_only and not p.portable
+    assert p.moe_bf16_routes() == (
+        p.moe_bf16_min_rows, p.moe_bf16_outer_min_rows, p.moe_bf16_outer_onednn_min_rows, p.moe_bf16_dot_onednn_min_rows
+    )
+    assert (p.linear_onednn_min_rows, p.moe_bf16_min_rows, p.moe_bf16_outer_min_rows) == (3, 3, 4)
+    assert (p.moe_bf16_outer_onednn_min_rows, p.moe_bf16_dot_onednn_min_rows) == (64, 32)
+
+
+def test_context_manager_restores_and_nests():
+    before = get_policy()
+    with kernel_policy(kernel_only=True, moe_bf16_min_rows=5) as p:
+        assert get_policy() is p and p.kernel_only and p.moe_bf16_min_rows == 5
+        with kernel_policy(linear_onednn_min_rows=7):
+            assert get_policy().linear_onednn_min_rows == 7 and get_policy().moe_bf16_min_rows == 5
+        assert get_policy() is p
+    assert get_policy() is before
+
+
+def test_set_policy_returns_the_previous_one():
+    before = get_policy()
+    try:
+        previous = set_policy(moe_bf16_outer_onednn_min_rows=100)
+        assert previous is before and get_policy().moe_bf16_outer_onednn_min_rows == 100
+        set_policy(DEFAULT_POLICY)
+        assert get_policy() == DEFAULT_POLICY
+    finally:
+        set_policy(before)
+
+
+@pytest.mark.parametrize(
+    "changes,exc,name",
+    [
+        ({"moe_bf16_min_rows": 0}, ValueError, "moe_bf16_min_rows"),
+        ({"linear_onednn_min_rows": -1}, ValueError, "linear_onednn_min_rows"),
+        ({"moe_bf16_outer_min_rows": 4.0}, TypeError, "moe_bf16_outer_min_rows"),
+        ({"moe_bf16_dot_onednn_min_rows": True}, TypeError, "moe_bf16_dot_onednn_min_rows"),
+        ({"kernel_only": 1}, TypeError, "kernel_only"),
+        ({"no_such_field": 1}, TypeError, "no_such_field"),
+    ],
+)
+def test_bad_fields_name_the_field(changes, exc, name):
+    before = get_policy()
+    with pytest.raises(exc, match=name):
+        set_policy(**changes)
+    assert get_policy() is before
+    with pytest.raises(TypeError, match="KernelPolicy"):
+        set_policy("kernel")
+
+
+def test_portable_switch_is_the_policy():
+    if _backend._C is None:
+        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
+    before = _backend.cpu_isa()
+    with kernel_policy(portable=True):
+        assert _backend.cpu_isa() == "portable" and get_policy().portable
+        with _backend.force_portable_cpu():
+            assert _backend.cpu_isa() == "portable"
+        assert _backend.cpu_isa() == "portable"
+    assert _backend.cpu_isa() == before and not get_policy().portable
+
+
+def test_both_ops_read_it():
+    x = torch.empty(8, 16, dtype=torch.bfloat16)
+    native = _backend.cpu_has_native_bf16_gemm()
+    with kernel_policy(DEFAULT_POLICY):
+        assert linear_mod._use_torch_gemm(x, x) == native
+        assert moe_mod._bf16_routes(x, x) == (DEFAULT_POLICY.moe_bf16_routes() if native else (0, 0, 0, 0))
+        with kernel_policy(linear_onednn_min_rows=9, moe_bf16_min_rows=9):
+            assert not linear_mod._use_torch_gemm(x, x)
+            assert moe_mod._bf16_routes(x, x) == (0, 0, 0, 0)
+        with kernel_policy(kernel_only=True):
+            assert not linear_mod._use_torch_gemm(x, x)
+            assert moe_mod._bf16_routes(x, x) == (0, 0, 0, 0)
+
+
+def test_a_measured_table_fills_the_same_fields():
+    """A chooser that measured other thresholds installs them as data, field by field."""
+    measured = {"moe_bf16_min_rows": 2, "moe_bf16_outer_min_rows": 6, "moe_bf16_outer_onednn_min_rows": 96}
+    with kernel_policy(KernelPolicy(**measured)) as p:
+        assert p.moe_bf16_routes() == (2, 6, 96, DEFAULT_POLICY.moe_bf16_dot_onednn_min_rows)
+    assert set(measured) <= {f.name for f in dataclasses.fields(KernelPolicy)}
+    assert _policy.__doc__ and "moe_bf16_outer_min_rows" in _policy.__doc__
