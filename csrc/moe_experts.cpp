@@ -449,8 +449,10 @@ Route choose_route(int64_t tokens, const Bf16Routes& t, bool own_bf16_kernels, b
   return tokens < t.dot_onednn_min_rows ? Route::kBf16Dot : Route::kOneDnn;
 }
 
-// Shapes, dtypes and id ranges were validated in Python (lfm_kernels/ops/moe.py); the checks here
-// guard the memory safety of this function when it is called directly.
+// Shapes and dtypes were validated in Python (lfm_kernels/ops/moe.py); the checks here guard the memory
+// safety of this function when it is called directly. The id range is checked only here, where the
+// ids are read anyway: a check in Python would need their values on the host (a device sync on CUDA,
+// a data-dependent branch under torch.compile). TORCH_CHECK_VALUE raises a Python ValueError.
 at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
                            const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t bf16_min_rows,
                            int64_t bf16_outer_min_rows, int64_t bf16_outer_onednn_min_rows,
@@ -470,7 +472,8 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const int64_t* idp = ids.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N * k; ++i)
-    TORCH_CHECK(idp[i] >= 0 && idp[i] < E, "moe_experts: expert id ", idp[i], " out of range [0, ", E, ")");
+    TORCH_CHECK_VALUE(idp[i] >= 0 && idp[i] < E, "topk_ids must hold expert ids in [0, E=", E, "), got ", idp[i],
+                      " at topk_ids[", i / k, ", ", i % k, "]");
   const at::Tensor tw = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor X = hidden.to(at::kFloat).contiguous();
   const at::Tensor gu = gate_up_proj.contiguous(), dn = down_proj.contiguous();

@@ -15,6 +15,11 @@
 namespace lfmk {
 namespace {
 
+// The order of the reference's stable descending sort: NaN above every number (so a NaN score is
+// chosen first and its weight is NaN, as in the reference), then the larger score. Strict, so the
+// lower index wins among equal scores and among NaNs.
+inline bool ranks_above(float a, float b) { return std::isnan(a) ? !std::isnan(b) : a > b; }
+
 template <typename W>
 void route_logits(const float* X, const W* gw, int64_t N, int64_t E, int64_t H, float* logits) {
   const TileFn<W> tile = pick_tile<W>();
@@ -88,10 +93,9 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& hidden, const
       }
       float sum = 0.f;
       for (int64_t j = 0; j < top_k; ++j) {
-        // strict '>' keeps the lowest index among equal scores
         int64_t best = -1;
         for (int64_t e = 0; e < E; ++e)
-          if (!taken[e] && (best < 0 || c[e] > c[best])) best = e;
+          if (!taken[e] && (best < 0 || ranks_above(c[e], c[best]))) best = e;
         taken[best] = 1;
         io[n * top_k + j] = best;
         wo[n * top_k + j] = s[best];

@@ -146,6 +146,34 @@ def test_route_bias_changes_selection_and_ties():
     assert torch.equal(ids_t, reference.moe_route(hidden, tied, None, 8)[1])
 
 
+_TRITON_NAN = pytest.mark.xfail(
+    strict=True, reason="the Triton router (lfm_kernels/triton/moe.py) ranks NaN scores below every number"
+)
+
+
+@pytest.mark.parametrize("impl", ["avx2", "portable", pytest.param("triton", marks=_TRITON_NAN)])
+def test_route_nan_scores_like_reference(impl):
+    """A NaN score ranks above every number, the lower index first among NaNs (the reference's stable
+    descending sort): NaN biases pick their experts first with finite weights, a NaN router row picks
+    its expert first and makes the normalised weights NaN."""
+    if impl == "triton" and not HAS_TRITON:
+        pytest.skip("triton not installed")
+    hidden, gate_weight, bias = _router_inputs(6, 8, 64, torch.float32)
+    bias[5] = bias[3] = float("nan")
+    weights, ids = _route(impl, hidden, gate_weight, bias, 3, True, 1.0)
+    ref_w, ref_ids = reference.moe_route(hidden, gate_weight, bias, 3)
+    assert (ref_ids[:, :2] == torch.tensor([3, 5])).all()
+    assert torch.equal(ids, ref_ids)
+    assert_close(weights, ref_w, torch.float32, "topk_weights")
+    nan_row = gate_weight.clone()
+    nan_row[6, 7] = float("nan")
+    weights, ids = _route(impl, hidden, nan_row, None, 2, True, 1.0)
+    ref_w, ref_ids = reference.moe_route(hidden, nan_row, None, 2)
+    assert (ref_ids[:, 0] == 6).all() and ref_w.isnan().all()
+    assert torch.equal(ids, ref_ids)
+    assert weights.isnan().all()
+
+
 # ---------------------------------------------------------------------------------------------
 # experts
 
@@ -554,6 +582,64 @@ def test_compiles():
     fn = torch.compile(lfm_kernels.moe, fullgraph=True, backend="eager")
     out = fn(hidden, gate_weight, bias, gate_up, down, 2)
     assert_close(out, reference.moe(hidden, gate_weight, bias, gate_up, down, 2))
+
+
+def test_experts_compile_fullgraph_and_export():
+    """moe_experts on caller-given ids has no host read of them (no data-dependent branch), so it
+    traces whole; a bad id is still a ValueError naming topk_ids, raised inside the compiled op."""
+    torch._dynamo.reset()  # a fresh trace, not one cached by another test
+    hidden = torch.randn(6, 40)
+    gate_up, down = _expert_weights(8, 40, 24, torch.float32)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(6)])
+    weights = torch.rand(6, 2)
+    fn = torch.compile(lfm_kernels.moe_experts, fullgraph=True, backend="eager")
+    ref = reference.moe_experts(hidden, gate_up, down, ids, weights)
+    assert_close(fn(hidden, gate_up, down, ids, weights), ref)
+    bad = ids.clone()
+    bad[4, 1] = 8
+    with pytest.raises(ValueError, match=r"topk_ids .*\[0, E=8\).* got 8"):
+        fn(hidden, gate_up, down, bad, weights)
+
+    class Experts(torch.nn.Module):
+        def forward(self, h, gu, dn, i, w):
+            return lfm_kernels.moe_experts(h, gu, dn, i, w)
+
+    exported = torch.export.export(Experts(), (hidden, gate_up, down, ids, weights))
+    assert_close(exported.module()(hidden, gate_up, down, ids, weights), ref)
+
+
+@pytest.mark.parametrize("impl", ["avx2", "portable"])
+def test_bad_id_error_comes_from_the_kernel(impl):
+    """The C++ op itself raises the ValueError naming topk_ids, the value and its position."""
+    hidden = torch.randn(3, 16)
+    gate_up, down = _expert_weights(4, 16, 8, torch.float32)
+    ids = torch.tensor([[0, 1], [2, 3], [1, -2]])
+    with _cpu_ctx(impl), pytest.raises(ValueError, match=r"topk_ids .* got -2 at topk_ids\[2, 1\]"):
+        _op(hidden, gate_up, down, ids, torch.rand(3, 2), (0, 0, 0, 0))
+
+
+def test_reference_fallback_checks_ids(monkeypatch):
+    """Without the extension the CPU reference runs, with the same ValueError naming topk_ids."""
+    monkeypatch.setattr(_backend, "_C", None)
+    monkeypatch.setattr(_backend, "_warned", {"cpu"})
+    hidden = torch.randn(3, 16)
+    gate_up, down = _expert_weights(4, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="topk_ids"):
+        lfm_kernels.moe_experts(hidden, gate_up, down, torch.full((3, 2), 4), torch.rand(3, 2))
+
+
+def test_meta_tensors():
+    """Meta tensors get shapes from the ops' fake implementations (no data is read)."""
+    meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+    hidden, gate_weight, bias = meta(5, 16), meta(8, 16), meta(8)
+    gate_up, down = meta(8, 24, 16, dtype=torch.bfloat16), meta(8, 16, 12, dtype=torch.bfloat16)
+    weights, ids = lfm_kernels.moe_route(hidden, gate_weight, bias, 2)
+    assert weights.device.type == ids.device.type == "meta"
+    assert weights.shape == ids.shape == (5, 2) and weights.dtype == torch.float32 and ids.dtype == torch.int64
+    out = lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights)
+    assert out.device.type == "meta" and out.shape == (5, 16) and out.dtype == torch.float32
+    out = lfm_kernels.moe(hidden.bfloat16(), gate_weight.bfloat16(), bias, gate_up, down, 2)
+    assert out.device.type == "meta" and out.shape == (5, 16) and out.dtype == torch.bfloat16
 
 
 def _bad_cases():

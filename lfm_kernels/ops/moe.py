@@ -87,7 +87,17 @@ def _moe_experts_impl(
         return torch.ops.lfm_kernels_cpu.moe_experts(
             hidden, gate_up_proj, down_proj, topk_ids, topk_weights, *_bf16_routes(hidden, gate_up_proj)
         )
+    if topk_ids.device.type == "cpu":
+        _check_ids_in_range(topk_ids, gate_up_proj.shape[0])
     return reference.moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
+
+
+def _check_ids_in_range(topk_ids: torch.Tensor, n_experts: int) -> None:
+    """The C++ op's id check, for the reference fallback on CPU tensors (host data: no sync)."""
+    if topk_ids.numel() > 0:
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= n_experts:
+            raise ValueError(f"topk_ids must hold expert ids in [0, E={n_experts}), got values in [{lo}, {hi}]")
 
 
 _moe_experts_op = torch.library.custom_op("lfm_kernels::moe_experts", _moe_experts_impl, mutates_args=())
@@ -188,7 +198,8 @@ def moe_experts(
         hidden: [N, H] float32 / bfloat16 / float16.
         gate_up_proj: [E, 2I, H] (gate rows first, then up rows), transformers' fused layout.
         down_proj: [E, H, I], same dtype as gate_up_proj.
-        topk_ids: [N, k] int64 / int32 expert ids in [0, E).
+        topk_ids: [N, k] int64 / int32 expert ids in [0, E) (checked where they are read: the CPU kernel
+            raises a ValueError naming topk_ids; the CUDA kernel does not read them back to check).
         topk_weights: [N, k] float routing weights.
     Each expert is down @ (silu(gate @ h) * (up @ h)); everything accumulates in float32. Only the
     experts that appear in topk_ids are read.
@@ -204,10 +215,8 @@ def moe_experts(
             f"got {tuple(topk_weights.shape)}"
         )
     check_same_device("hidden", hidden, topk_ids=topk_ids, topk_weights=topk_weights)
-    if topk_ids.numel() > 0:
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < 0 or hi >= n_experts:
-            raise ValueError(f"topk_ids must hold expert ids in [0, E={n_experts}), got values in [{lo}, {hi}]")
+    # The id range is checked where the ids are read (the C++ op, the CPU reference fallback), never
+    # here: reading them on the host would sync CUDA and break torch.compile(fullgraph=True).
     return _experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
 
 
@@ -232,5 +241,4 @@ def moe(
             f"gate_up_proj has {gate_up_proj.shape[0]} experts but gate_weight has E={n_experts} rows; they must match"
         )
     weights, ids = _route(hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor))
-    # ids come from our own router, so they are in range: skip moe_experts' host-side range check
     return _experts(hidden, gate_up_proj, down_proj, ids, weights)
