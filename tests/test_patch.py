@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -399,7 +400,9 @@ def test_router_logits_still_recorded():
 def test_unsupported_transformers_names_the_range(monkeypatch):
     import transformers.integrations.moe as moe_mod
 
-    monkeypatch.setattr(integ, "_hooks", None)
+    from lfm_kernels.integrations.transformers import _hooks
+
+    monkeypatch.setattr(_hooks, "_hooks", None)
     monkeypatch.delattr(moe_mod, "ExpertsInterface")
     with pytest.raises(RuntimeError, match=r">=5\.24,<6.*ExpertsInterface"):
         lfm_kernels.patch()
@@ -411,20 +414,46 @@ def test_patch_rejects_non_module():
         lfm_kernels.patch("not a model")
 
 
+@contextlib.contextmanager
+def force_triton():
+    """Inside the block the patched modules call each op's Triton entry point, whatever the tensors' device.
+
+    For machines without a GPU (TRITON_INTERPRET=1 is set by conftest before triton is imported): the
+    patch looks the public ops up per call, so substituting them reaches every patched module. Yields
+    the set of op names that actually ran through Triton.
+    """
+    import importlib
+
+    used: set[str] = set()
+    names = {
+        "short_conv": ("short_conv", "short_conv_triton"),
+        "moe_route": ("moe", "moe_route_triton"),
+        "moe_experts": ("moe", "moe_experts_triton"),
+        "decode_attention": ("decode_attention", "decode_attention_triton"),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for op, (module_name, fn_name) in names.items():
+            fn = getattr(importlib.import_module(f"lfm_kernels.triton.{module_name}"), fn_name)
+
+            def run(*args, _fn=fn, _op=op, **kwargs):
+                kwargs.pop("check_lengths", None)  # a public-op option the Triton entry point does not take
+                used.add(_op)
+                return _fn(*args, **kwargs)
+
+            mp.setattr(lfm_kernels, op, run)
+        yield used
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_path_under_interpreter():
-    """The patched modules calling the Triton kernels (interpreted on CPU tensors) on a tiny model.
-
-    `_force_triton()` makes the patched modules call each op's Triton entry point directly; ops whose
-    Triton kernel has not landed yet (MoE, decode attention at the time of writing) run their public op.
-    """
+    """The patched modules calling the Triton kernels (interpreted on CPU tensors) on a tiny model."""
     model = make_model("moe")
     twin = clone_model(model)
     lfm_kernels.patch(model)
     ids = prompt(5)
     caches = [DynamicCache(config=m.config) for m in (model, twin)]
-    with torch.no_grad(), integ._force_triton() as used:
+    with torch.no_grad(), force_triton() as used:
         for chunk in (ids[:, :4], ids[:, 4:5]):
             out = model(chunk, cache=caches[0], use_cache=True).logits
             ref = twin(chunk, cache=caches[1], use_cache=True).logits
