@@ -107,7 +107,7 @@ def default_model(
 ) -> LfmModel:
     """LFM2.5-8B-A1B shapes (hidden 2048, 32 experts top-4, attention at 2, 6, 10, 14, 18, 21, ...) with
     seeded random weights generated on the fly; num_layers < 24 keeps a prefix of the layer pattern
-    (2 dense layers first, attention at index 2). vocab_size defaults to 128,000 (DESIGN.md: "about
+    (2 dense layers first, attention at index 2). vocab_size defaults to 128,000 (docs/design.md: "about
     128,000"; LFM2-8B-A1B uses 65,536). The full model is about 17 GB in bf16."""
     cfg = lfm25_8b_a1b_config(num_layers, vocab_size=vocab_size)
     dt = resolve_dtype(dtype)
