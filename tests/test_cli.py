@@ -44,8 +44,8 @@ def test_bench_short_conv_json(tmp_path, fast_machine, capsys):
 
 
 def test_bench_every_available_op(tmp_path, fast_machine, monkeypatch):
-    """Every op in the registry either has rows or is listed as skipped (modules land over time)."""
-    # The real cases of ops that have landed would make this test slow; one tiny case per op is
+    """Every op in the registry either has rows or is listed as skipped (with the reason)."""
+    # The real cases of every op would make this test slow; one tiny case per op is
     # enough to check the plumbing end to end.
     real = core.discover_cases
 
@@ -60,7 +60,7 @@ def test_bench_every_available_op(tmp_path, fast_machine, monkeypatch):
 
     monkeypatch.setattr(core, "discover_cases", first_case_per_op)
     rc, data = _bench(tmp_path)
-    assert rc in (0, 1)  # 1 only when a landed kernel disagrees: reported, not this test's subject
+    assert rc in (0, 1)  # 1 only when a kernel disagrees: reported, not this test's subject
     for op in OPS:
         assert any(r["op"] == op for r in data["rows"]) or op in data["skipped_ops"], op
 
