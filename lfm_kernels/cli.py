@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 # ------------------------------------------------------------------------------------------ info
@@ -77,13 +79,45 @@ def _info(args) -> int:
 # ------------------------------------------------------------------------------------------ main
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def _writable_file(text: str) -> str:
+    """A path the run can write at the end: checked now, so a long run does not fail at its last step."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, expected a file name")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(text) and not os.access(text, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: permission denied")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lfm-kernels", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     pi = sub.add_parser("info", help="what this installation runs: extension, CPU ISA, versions, GPU")
     pi.add_argument("--json", action="store_true", help="print JSON instead of a list")
-    pi.add_argument("--threads", type=int, help="torch threads (as bench --threads)")
+    pi.add_argument("--threads", type=_positive_int, help="torch threads (as bench --threads)")
 
     pb = sub.add_parser("bench", help="time every kernel against eager PyTorch and the hardware floor",
                         description="Check, then time every kernel at the LFM2.5-8B-A1B shapes against the eager "
@@ -92,17 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
                                   "linear; 'none' for none)")
     pb.add_argument("--device", choices=("cpu", "cuda"), help="only this device (default: cpu, and cuda when present)")
     pb.add_argument("--quick", action="store_true", help="small shapes and short timings (plumbing checks)")
-    pb.add_argument("--threads", type=int, help="torch / kernel threads (default: torch's default)")
-    pb.add_argument("--min-time", type=float,
+    pb.add_argument("--threads", type=_positive_int, help="torch / kernel threads (default: torch's default)")
+    pb.add_argument("--min-time", type=_seconds,
                     help="seconds of runs per measurement (default 0.25, 0.02 with --quick; repeats adapt to it)")
     pb.add_argument("--portable", action="store_true", help="run the portable C++ path instead of AVX2")
-    pb.add_argument("--json", metavar="FILE", help="write every figure and the machine description as JSON")
-    pb.add_argument("--plot", metavar="FILE.png", help="draw speedups and share of the floor (needs matplotlib)")
+    pb.add_argument("--json", metavar="FILE", type=_writable_file,
+                    help="write every figure and the machine description as JSON")
+    pb.add_argument("--plot", metavar="FILE.png", type=_writable_file,
+                    help="draw speedups and share of the floor (needs matplotlib)")
     pb.add_argument("--e2e", action="store_true", help="also run the whole model end to end (our wrapper)")
     pb.add_argument("--patched", action="store_true", help="also run transformers patched vs unpatched")
-    pb.add_argument("--num-layers", dest="num_layers", type=int, help="layers for --e2e/--patched")
-    pb.add_argument("--prompt-len", dest="prompt_len", type=int, help="prompt tokens for --e2e/--patched")
-    pb.add_argument("--new-tokens", dest="new_tokens", type=int, help="decoded tokens for --e2e/--patched")
+    pb.add_argument("--num-layers", dest="num_layers", type=_positive_int, help="layers for --e2e/--patched")
+    pb.add_argument("--prompt-len", dest="prompt_len", type=_positive_int, help="prompt tokens for --e2e/--patched")
+    pb.add_argument("--new-tokens", dest="new_tokens", type=_positive_int, help="decoded tokens for --e2e/--patched")
     pb.add_argument("--no-transformers", action="store_true", help="--e2e without the transformers comparison")
     return p
 
