@@ -25,31 +25,28 @@ def mask_function(*args, config=None, **kwargs):
     return hooks.all_masks[_base_attention_name(config)](*args, config=config, **kwargs)
 
 
-def _keep_ranges(attention_mask, batch: int, kv_len: int):
-    """[(start, length)] per row when each row attends to one contiguous run of cache positions, else None."""
-    if attention_mask is None:
-        return [(0, kv_len)] * batch
+def _kept_positions(attention_mask, batch: int, kv_len: int):
+    """(order, counts) from a decode step's mask, or None when the mask is not one we can read.
+
+    Without a host read (so the decode step stays free of device syncs and traceable by torch.compile /
+    torch.export), any set of kept cache positions becomes a prefix: `order` [B, S] lists each row's kept
+    positions first, in cache order, and `counts` [B] says how many there are. Softmax attention does not
+    depend on the order of its keys, so attending to the first counts[b] positions of the reordered cache
+    is attending to exactly the kept ones.
+    """
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
         return None
     if attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1 or attention_mask.shape[-1] < kv_len:
         return None
+    if attention_mask.shape[0] not in (1, batch):
+        return None
     mask = attention_mask[:, 0, 0, :kv_len]
     keep = mask if mask.dtype == torch.bool else mask == 0  # eager masks are additive: 0 keeps, min drops
-    if keep.shape[0] != batch:
-        if keep.shape[0] != 1:
-            return None
-        keep = keep.expand(batch, kv_len)
-    keep_i = keep.to(torch.int32)
-    count = keep_i.sum(-1)
-    first = keep_i.argmax(-1)
-    last = kv_len - 1 - keep_i.flip(-1).argmax(-1)
-    stats = torch.stack([first, count, last - first + 1]).tolist()
-    ranges = []
-    for start, n, span in zip(*stats):
-        if n == 0 or n != span:
-            return None
-        ranges.append((start, n))
-    return ranges
+    keep = keep.expand(batch, kv_len)
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
+    # A row with no kept position (transformers never builds one for a decode step) reads position order[0].
+    counts = keep.sum(-1, dtype=torch.int32).clamp_(min=1)
+    return order, counts
 
 
 def _decode_fast(module, query, key, value, attention_mask, dropout, scaling, kwargs):
@@ -71,25 +68,20 @@ def _decode_fast(module, query, key, value, attention_mask, dropout, scaling, kw
         or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "sinks"))
     ):
         return None
-    ranges = _keep_ranges(attention_mask, batch, kv_len)
-    if ranges is None:
-        return None
+    if attention_mask is None:
+        lens = torch.full((batch,), kv_len, dtype=torch.int32, device=query.device)  # a fill, no host copy
+    else:
+        kept = _kept_positions(attention_mask, batch, kv_len)
+        if kept is None:
+            return None
+        order, lens = kept
+        # Padded or max-length (static) caches: gather the kept positions to the front of a copy.
+        index = order[:, None, :, None].expand(batch, n_kv, kv_len, head_dim)
+        key, value = key.gather(2, index), value.gather(2, index)
     scale = float(scaling) if scaling is not None else head_dim**-0.5
     q = query[:, :, 0, :].contiguous()
-    attend = kernel("decode_attention")
-    if all(start == 0 for start, _ in ranges):
-        if all(n == kv_len for _, n in ranges):  # no padding: a fill on the device, no host-to-device copy
-            lens = torch.full((batch,), kv_len, dtype=torch.int32, device=query.device)
-        else:
-            lens = torch.tensor([n for _, n in ranges], dtype=torch.int32, device=query.device)
-        out = attend(q, key, value, lens, scale)
-    else:
-        # Left padding: each row's run starts elsewhere, so each row reads its own window of the cache.
-        rows = []
-        for b, (start, n) in enumerate(ranges):
-            lens = torch.tensor([n], dtype=torch.int32, device=query.device)
-            rows.append(attend(q[b : b + 1], key[b : b + 1, :, start:], value[b : b + 1, :, start:], lens, scale))
-        out = torch.cat(rows, dim=0)
+    # lens are built here, each in [1, S]: no need for the op to check them (a device sync on CUDA).
+    out = kernel("decode_attention")(q, key, value, lens, scale, check_lengths=False)
     return out.unsqueeze(1)  # [B, 1, Hq, D]: the layout transformers' attention functions return
 
 
