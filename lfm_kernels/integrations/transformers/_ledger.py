@@ -18,6 +18,9 @@ class _State:
     registry: dict = field(default_factory=dict)  # (mapping dict id, key) -> (mapping, previous value or MISSING)
     configs: dict = field(default_factory=dict)  # id(config) -> (weakref(config), attn before, experts before)
     modules: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)  # instances with a patched forward/class
+    # id(config) -> (weakref(config), attention asked for, experts asked for) as the config stood when the
+    # first model was built from it while the classes were patched (None: the user left the default)
+    requested: dict = field(default_factory=dict)
 
 
 state = _State()
@@ -45,6 +48,33 @@ def record_config(config, attn_before, experts_before) -> None:
         state.configs[id(config)] = (weakref.ref(config), attn_before, experts_before)
 
 
+def record_request(config) -> None:
+    """Remember what a config asked for before transformers resolves its default (first record wins)."""
+    entry = state.requested.get(id(config))
+    if entry is None or entry[0]() is not config:
+        state.requested[id(config)] = (
+            weakref.ref(config),
+            getattr(config, "_attn_implementation", None),
+            getattr(config, "_experts_implementation", None),
+        )
+
+
+def requested(config, kind: str):
+    """(known, value): what the config asked for ("attn" or "experts"), when a patched __init__ saw it."""
+    entry = state.requested.get(id(config))
+    if entry is None or entry[0]() is not config:
+        return False, None
+    return True, entry[1] if kind == "attn" else entry[2]
+
+
+def copy_config_records(source, copy) -> None:
+    """A copy of a recorded config gets the same records, so unpatch() restores the copy too."""
+    for table in (state.configs, state.requested):
+        entry = table.get(id(source))
+        if entry is not None and entry[0]() is source:
+            table[id(copy)] = (weakref.ref(copy), *entry[1:])
+
+
 def previous_impl(config, kind: str):
     """The attention ("attn") or experts implementation a config had before we set ours."""
     if config is None:
@@ -70,6 +100,7 @@ def undo() -> None:
         if config._experts_implementation == IMPL_NAME:
             config._experts_implementation_internal = "eager" if experts in (None, IMPL_NAME) else experts
     state.configs.clear()
+    state.requested.clear()
     for module in list(state.modules):
         if type(module) is KernelLinear:
             module.__class__ = nn.Linear
@@ -93,3 +124,9 @@ def undo() -> None:
 def is_patched() -> bool:
     """True while any patch() is in effect."""
     return bool(state.class_attrs or state.registry or state.configs)
+
+
+def track(module) -> None:
+    """Record a module patch() changed (or a copy of one), so unpatch() turns it back."""
+    if is_patched():
+        state.modules.add(module)

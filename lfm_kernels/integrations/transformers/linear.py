@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import lfm_kernels
 
+from . import _ledger
 from ._common import no_grad_needed
 
 _LINEAR_DTYPES = (torch.float32, torch.bfloat16)
@@ -29,3 +30,9 @@ class KernelLinear(nn.Linear):
             out = lfm_kernels.linear(input.reshape(-1, input.shape[-1]), weight, self.bias)
             return out.view(*input.shape[:-1], weight.shape[0])
         return F.linear(input, weight, self.bias)
+
+    def __setstate__(self, state):
+        # copy.deepcopy of a patched model rebuilds its modules through here: track the copy as well,
+        # so unpatch() turns it back into an nn.Linear like the original.
+        super().__setstate__(state)
+        _ledger.track(self)

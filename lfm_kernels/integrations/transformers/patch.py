@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
+import copy
 import functools
-import types
 from typing import Callable
 
 import torch.nn as nn
 
 from ._hooks import Hooks, load_hooks
-from ._ledger import IMPL_NAME, record_config, register, set_class_attr, state, undo
+from ._ledger import (
+    IMPL_NAME,
+    copy_config_records,
+    record_config,
+    record_request,
+    register,
+    requested,
+    set_class_attr,
+    state,
+    track,
+    undo,
+)
 from .attention import attention_forward, mask_function
 from .linear import KernelLinear
 from .moe import experts_forward, make_router_forward
 from .short_conv import make_short_conv_forward
+
+
+class _InstanceForward:
+    """The forward patch(model) sets on one module instance (a bound method that deep copies can follow:
+    the copy of the module gets its own, and is recorded so that unpatch() restores it too)."""
+
+    def __init__(self, func: Callable, module: nn.Module):
+        self.func = func
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.func(self.module, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        module = copy.deepcopy(self.module, memo)
+        track(module)
+        return _InstanceForward(self.func, module)
 
 
 def _register_interfaces(hooks: Hooks) -> None:
@@ -30,6 +58,56 @@ def _patch_classes(hooks: Hooks) -> None:
             set_class_attr(router_cls, "forward", make_router_forward(router_cls.forward))
         if not getattr(base_cls.post_init, "_lfm_kernels_original", None):
             set_class_attr(base_cls, "post_init", _make_post_init(base_cls.post_init))
+        if not getattr(base_cls.__init__, "_lfm_kernels_original", None):
+            set_class_attr(base_cls, "__init__", _make_init(base_cls.__init__))
+
+
+def _make_init(original: Callable) -> Callable:
+    """Sees the config before transformers replaces an unset attention / experts choice by its default."""
+
+    @functools.wraps(original)
+    def __init__(self, config, *args, **kwargs):
+        record_request(config)
+        original(self, config, *args, **kwargs)
+
+    __init__._lfm_kernels_original = original
+    return __init__
+
+
+def _config_deepcopy(self, memo):
+    """copy.deepcopy of a config we switched (as deepcopy of a patched model does): the default deep copy,
+    and the copy joins the ledger so that unpatch() switches it back too."""
+    cls = type(self)
+    twin = cls.__new__(cls)
+    memo[id(self)] = twin
+    twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    copy_config_records(self, twin)
+    return twin
+
+
+def _hook_config_copies(config) -> None:
+    cls = type(config)
+    if cls.__dict__.get("__deepcopy__") is not _config_deepcopy and "__deepcopy__" not in cls.__dict__:
+        set_class_attr(cls, "__deepcopy__", _config_deepcopy)
+
+
+def _default_chosen(config, kind: str) -> bool:
+    """True when the model runs the implementation transformers picked by default (ours may replace it).
+
+    An implementation the user asked for (`attn_implementation=` in from_pretrained or the config,
+    a config set to "eager", `output_attentions`) is kept. For a model built before patch(), where the
+    request was not seen, "sdpa" / "grouped_mm" count as the default: they are what transformers picks
+    for these models, and an explicit request for them can no longer be told apart.
+    """
+    current = config._attn_implementation if kind == "attn" else config._experts_implementation
+    if kind == "attn" and getattr(config, "output_attentions", False):
+        return False
+    known, asked = requested(config, kind)
+    if known:
+        if asked is not None and asked != IMPL_NAME:
+            return False
+        return current in (("sdpa", "eager") if kind == "attn" else ("grouped_mm", "eager", "batched_mm"))
+    return current in (("sdpa",) if kind == "attn" else ("grouped_mm",))
 
 
 def _make_post_init(original: Callable) -> Callable:
@@ -56,7 +134,7 @@ def _patch_model(model, hooks: Hooks, instance_forwards: bool) -> None:
             class_forward = type(module).forward
             if not getattr(class_forward, "_lfm_kernels_original", None):  # class not patched: patch the instance
                 maker = make_short_conv_forward if hasattr(module, "conv") else make_router_forward
-                module.forward = types.MethodType(maker(class_forward), module)
+                module.forward = _InstanceForward(maker(class_forward), module)
                 state.modules.add(module)
         if experts_classes and isinstance(module, experts_classes):
             has_experts = True
@@ -65,9 +143,10 @@ def _patch_model(model, hooks: Hooks, instance_forwards: bool) -> None:
     if config is None or not hasattr(model, "set_attn_implementation"):
         return
     record_config(config, config._attn_implementation, config._experts_implementation)
-    if config._attn_implementation in (None, "sdpa", "eager"):
+    _hook_config_copies(config)
+    if _default_chosen(config, "attn"):
         model.set_attn_implementation(IMPL_NAME)
-    if has_experts and config._experts_implementation in (None, "eager", "grouped_mm", "batched_mm"):
+    if has_experts and _default_chosen(config, "experts"):
         model.set_experts_implementation(IMPL_NAME)
 
 
