@@ -27,8 +27,7 @@ class KernelLinear(nn.Linear):
             and input.dim() >= 1
             and no_grad_needed(input, weight, self.bias)
         ):
-            out = lfm_kernels.linear(input.reshape(-1, input.shape[-1]), weight, self.bias)
-            return out.view(*input.shape[:-1], weight.shape[0])
+            return lfm_kernels.linear(input, weight, self.bias)  # takes [..., K] as F.linear does
         return F.linear(input, weight, self.bias)
 
     def __setstate__(self, state):
