@@ -9,7 +9,8 @@ What gets routed, and through which of transformers' own extension points:
   `ExpertsInterface` and selected on the model's config (`lfm_kernels.moe_experts`);
 - attention: an implementation named "lfm_kernels" registered in `AttentionInterface` (with a mask
   function in `AttentionMaskInterface`) that sends one-token decode steps to
-  `lfm_kernels.decode_attention` and everything else to the implementation the model had before;
+  `lfm_kernels.decode_attention` and everything else to the implementation the model had before; it is
+  set only on models left on their default implementation (one the user asked for is kept);
 - every `nn.Linear` of a patched model: `lfm_kernels.linear` for CPU bf16/fp32 inference.
 
 Each piece checks per call whether our kernel covers the case (device, dtype, shapes, gradients
@@ -18,7 +19,11 @@ transformers' own code, so a patched model computes what it computed before, onl
 
 `patch()` patches the classes (and every model built afterwards, through `post_init`);
 `patch(model)` patches one existing model's modules and returns it; `unpatch()` puts back every
-original function, interface entry, config setting and module class it changed.
+original function, interface entry, config setting and module class it changed (deep copies of a
+patched model included).
+
+Modules: `_hooks` (what the installed transformers offers), `_ledger` (the undo record), one module
+per replaced transformers piece (`short_conv`, `moe`, `attention`, `linear`), `patch`.
 """
 
 from ._hooks import SUPPORTED_RANGE
