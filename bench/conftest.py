@@ -3,7 +3,7 @@
 Each test_bench_<op>.py declares OP; this conftest parametrizes it over that op's cases() (ids: case
 name, dtype, then which implementation: kernel, eager, sdpa, ...), checks the kernel against the
 eager baseline once per case before timing it, and records GB/s (or GFLOP/s) and the share of the
-hardware floor in benchmark.extra_info. An op whose case module has not landed yet is one skipped test.
+hardware floor in benchmark.extra_info. An op whose cases cannot be built here is one skipped test.
 
     python -m pytest bench/ --benchmark-json=bench.json          # all ops, CPU (and CUDA when present)
     python -m pytest bench/test_bench_short_conv.py --lfm-quick  # small shapes

@@ -1,5 +1,8 @@
 """Backend selection: info, the reference fallback when the extension is missing, the portable switch."""
 
+import pathlib
+import shutil
+import subprocess
 import warnings
 
 import pytest
@@ -49,3 +52,43 @@ def test_force_portable_without_extension_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="not loaded"):
         with _backend.force_portable_cpu():
             pass
+
+
+# ---------------------------------------------------------------- CI reads the README's test command
+
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _ci_print(*args):
+    return subprocess.run(
+        ["bash", str(_ROOT / ".ci" / "run"), "--print-command", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_ci_extracts_the_readme_test_command():
+    """.ci/run finds exactly one marked pytest line in README.md, whatever the prose around it says."""
+    res = _ci_print()
+    assert res.returncode == 0, res.stderr
+    cmd = res.stdout.strip()
+    assert "\n" not in cmd and "pytest" in cmd and "tests" in cmd
+    assert "# ci:" not in cmd
+    readme = (_ROOT / "README.md").read_text()
+    assert cmd in readme.split("```")[1], "the CI command is not in README's first code block"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("no marker here\npython -m pytest -q tests\n", "found 0"),
+        ("pytest a  # ci: test command\npytest b  # ci: test command\n", "found 2"),
+        ("echo hello  # ci: test command\n", "not a pytest command"),
+    ],
+    ids=["missing", "twice", "not-pytest"],
+)
+def test_ci_extraction_fails_loudly(tmp_path, text, message):
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    res = _ci_print(str(readme))
+    assert res.returncode != 0 and message in res.stderr, (res.returncode, res.stdout, res.stderr)

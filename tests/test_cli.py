@@ -44,8 +44,8 @@ def test_bench_short_conv_json(tmp_path, fast_machine, capsys):
 
 
 def test_bench_every_available_op(tmp_path, fast_machine, monkeypatch):
-    """Every op in the registry either has rows or is listed as skipped (modules land over time)."""
-    # The real cases of ops that have landed would make this test slow; one tiny case per op is
+    """Every op in the registry either has rows or is listed as skipped (with the reason)."""
+    # The real cases of every op would make this test slow; one tiny case per op is
     # enough to check the plumbing end to end.
     real = core.discover_cases
 
@@ -60,7 +60,7 @@ def test_bench_every_available_op(tmp_path, fast_machine, monkeypatch):
 
     monkeypatch.setattr(core, "discover_cases", first_case_per_op)
     rc, data = _bench(tmp_path)
-    assert rc in (0, 1)  # 1 only when a landed kernel disagrees: reported, not this test's subject
+    assert rc in (0, 1)  # 1 only when a kernel disagrees: reported, not this test's subject
     for op in OPS:
         assert any(r["op"] == op for r in data["rows"]) or op in data["skipped_ops"], op
 
@@ -235,3 +235,49 @@ def test_check_case_falls_back_when_eager_cannot_run():
     case.baselines = {"eager": eager}
     res = core.check_case(case)
     assert res.ok and not res.checked and "not on this device" in res.detail
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "--threads", "-1"], "--threads"),
+        (["bench", "--threads", "0"], "--threads"),
+        (["info", "--threads", "0"], "--threads"),
+        (["bench", "--num-layers", "0"], "--num-layers"),
+        (["bench", "--prompt-len", "0"], "--prompt-len"),
+        (["bench", "--new-tokens", "0"], "--new-tokens"),
+        (["bench", "--new-tokens", "two"], "--new-tokens"),
+        (["bench", "--min-time", "-1"], "--min-time"),
+        (["bench", "--min-time", "nan"], "--min-time"),
+        (["bench", "--min-time", "inf"], "--min-time"),
+        (["bench", "--json", "{missing}/out.json"], "--json"),
+        (["bench", "--json", "{dir}"], "--json"),
+        (["bench", "--plot", "{missing}/p.png"], "--plot"),
+    ],
+)
+def test_bad_arguments_rejected_before_any_work(args, message, tmp_path, monkeypatch, capsys):
+    """Nonsense values end at argument parsing (argparse's exit status 2), before anything is measured."""
+    from lfm_kernels.benchmark import runner
+
+    def no_work(*a, **kw):
+        raise AssertionError("work started despite a bad argument")
+
+    monkeypatch.setattr(runner, "run", no_work)
+    monkeypatch.setattr(cli, "_info", no_work)
+    args = [a.format(missing=tmp_path / "missing", dir=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_good_arguments_reach_the_runner(tmp_path, monkeypatch):
+    from lfm_kernels.benchmark import runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "run", lambda args: seen.update(vars(args)) or 0)
+    argv = ["bench", "--threads", "2", "--num-layers", "1", "--prompt-len", "3", "--new-tokens", "1",
+            "--min-time", "0", "--json", str(tmp_path / "out.json")]
+    assert cli.main(argv) == 0
+    assert seen["threads"] == 2 and seen["num_layers"] == 1 and seen["min_time"] == 0.0
+    assert seen["json"] == str(tmp_path / "out.json")

@@ -23,7 +23,7 @@ from lfm_kernels.model import (
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-LOGIT_TOL = 1e-4  # issue 5: fp32 prefill logits within 1e-4 relative error of transformers' eager
+LOGIT_TOL = 1e-4  # fp32 prefill logits within 1e-4 relative error of transformers' eager
 
 
 def _moe_config(**over):

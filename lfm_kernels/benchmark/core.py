@@ -57,10 +57,6 @@ def time_cuda(fn: Callable[[], Any]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
 
 
-def time_fn(fn: Callable[[], Any], device: str, **kw) -> float:
-    return time_cuda(fn) if device.startswith("cuda") else time_cpu(fn, **kw)
-
-
 def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second this machine reads from memory, with all threads (a reduction over a buffer
     far larger than the last-level cache). On CUDA: device-to-device copy, bytes read + written."""
@@ -82,8 +78,7 @@ def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 30, repeats: 
 import importlib  # noqa: E402
 import math  # noqa: E402
 
-# Every op with a case module, in the order the table lists them. A module that does not exist yet
-# (its kernel has not landed) is skipped with a note rather than failing the whole run.
+# Every op with a case module, in the order the table lists them.
 OPS = ("short_conv", "moe", "decode_attention", "linear")
 
 # The kernel is checked once against the eager baseline before it is timed. Both sides round (the
@@ -96,21 +91,20 @@ _CLONE_LIMIT_BYTES = 256 << 20
 
 
 def load_case_module(op: str):
-    """The module lfm_kernels.benchmark.<op>, or raise ImportError (op unknown or not landed yet)."""
+    """The module lfm_kernels.benchmark.<op>, or raise ImportError (op unknown, or its imports failed)."""
     if op not in OPS:
         raise ImportError(f"no benchmark cases for op {op!r} (known: {', '.join(OPS)})")
     return importlib.import_module(f"lfm_kernels.benchmark.{op}")
 
 
 def discover_cases(ops=OPS, device: str = "cpu", quick: bool = False):
-    """(cases, skipped): every Case of every available op, and {op: reason} for ops without cases."""
+    """(cases, skipped): every Case of every op, and {op: reason} for ops whose cases could not be built."""
     found, skipped = [], {}
     for op in ops:
         try:
             module = load_case_module(op)
-        except ImportError as exc:
-            missing = isinstance(exc, ModuleNotFoundError) and exc.name == f"lfm_kernels.benchmark.{op}"
-            skipped[op] = "no case module yet (kernel not landed)" if missing else f"import failed: {exc}"
+        except ImportError as exc:  # e.g. a baseline's optional dependency is missing
+            skipped[op] = f"import failed: {exc}"
             continue
         try:
             found.extend(module.cases(device, quick=quick))

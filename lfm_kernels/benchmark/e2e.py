@@ -124,10 +124,6 @@ def _fmt(r: dict) -> str:
     )
 
 
-def format_rows(rows: list[dict]) -> str:
-    return "\n".join(_fmt(r) for r in rows)
-
-
 if __name__ == "__main__":  # python -m lfm_kernels.benchmark.e2e [num_layers]
     import sys
 

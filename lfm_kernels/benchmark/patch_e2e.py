@@ -1,9 +1,9 @@
 """End-to-end transformers tokens/s with and without `lfm_kernels.patch`, on CPU in bf16.
 
-The model is transformers' own `Lfm2MoeForCausalLM` with LFM2.5-8B-A1B's shapes and random weights
-(seeded, scaled like `initializer_range`), built on the meta device and then given real bf16 tensors,
-so it costs only the memory of the weights (about 17 GB at full depth). `num_layers` keeps the real
-width but fewer layers (the first ones of the real layer pattern) for quick runs.
+The model is transformers' own `Lfm2MoeForCausalLM` with LFM2.5-8B-A1B's shapes and the seeded random
+weights of `lfm_kernels.model.default_model`, which it uses in place (`to_transformers`: its parameters
+are views of those tensors), so it costs only the memory of the weights (about 17 GB at full depth).
+`num_layers` keeps the real width but fewer layers (the first ones of the real layer pattern).
 
 Prefill: one forward over `prompt_len` tokens into a fresh cache (as `generate()` does, only the last
 position's logits). Decode: `new_tokens` single-token forwards against the cache, greedy; tokens/s is
@@ -21,72 +21,8 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 FULL_LAYERS = 24
-
-
-def lfm25_config(num_layers: int | None = None, vocab_size: int = 128_000):
-    """transformers' Lfm2MoeConfig with LFM2.5-8B-A1B's shapes: the model wrapper's config of that
-    model (one place for the shapes and the reduced-depth layer pattern), converted."""
-    from ..model.config import lfm25_8b_a1b_config
-
-    return lfm25_8b_a1b_config(num_layers, vocab_size).to_transformers()
-
-
-def build_random_model(config, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """Lfm2MoeForCausalLM with seeded random weights in `dtype`, without a float32 copy ever existing."""
-    from transformers import Lfm2MoeForCausalLM
-
-    with torch.device("meta"):
-        model = Lfm2MoeForCausalLM(config)
-    gen = torch.Generator().manual_seed(seed)
-    std = config.initializer_range
-    replaced: dict[int, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
-        for name, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            new = replaced.get(id(param))
-            if new is None:
-                data = torch.empty(param.shape, dtype=dtype)
-                if type(module).__name__.endswith("RMSNorm"):
-                    data.fill_(1.0)
-                else:
-                    flat = data.view(-1)
-                    step = 1 << 24  # fp32 scratch of 64 MB at a time
-                    for start in range(0, flat.numel(), step):
-                        chunk = flat[start : start + step]
-                        chunk.copy_(torch.randn(chunk.numel(), generator=gen) * std)
-                new = nn.Parameter(data, requires_grad=False)
-                replaced[id(param)] = new
-            module._parameters[name] = new
-        for name, buf in list(module._buffers.items()):
-            if buf is not None and buf.device.type == "meta" and name == "expert_bias":
-                module._buffers[name] = (torch.randn(buf.shape, generator=gen) * 0.01).to(buf.dtype)
-    # Rotary tables are non-persistent buffers computed at construction: rebuild that module on the CPU.
-    model.model.pos_emb = type(model.model.pos_emb)(config)
-    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if leftovers:
-        raise RuntimeError(f"build_random_model left tensors on the meta device: {leftovers[:5]}")
-    return model.eval()
-
-
-def active_bytes_per_token(model) -> tuple[int, int]:
-    """(bytes of weights one decoded token reads, parameters it multiplies by) at batch 1.
-
-    Every weight once, except the experts: top_k of num_experts per MoE layer. The tied embedding counts
-    once (as lm_head, which reads all of it; the embedding lookup reads one row).
-    """
-    cfg = model.config
-    frac = cfg.num_experts_per_tok / cfg.num_experts if getattr(cfg, "num_experts", 0) else 1.0
-    nbytes = 0
-    nparams = 0
-    for name, p in model.named_parameters():  # tied weights appear once
-        share = frac if ".experts." in name else 1.0
-        nbytes += int(p.numel() * p.element_size() * share)
-        nparams += int(p.numel() * share)
-    return nbytes, nparams
 
 
 def _prefill(model, ids):
@@ -156,14 +92,17 @@ def run_patch_bench(
     from lfm_kernels import _backend
 
     say = progress or (lambda _msg: None)
+    from ..model import default_model, to_transformers
+
     layers = FULL_LAYERS if num_layers is None else num_layers
-    config = lfm25_config(num_layers, vocab_size=vocab_size)
     say(f"building LFM2.5-8B-A1B-shaped model: {layers} layers, vocab {vocab_size}, bf16, random weights ...")
     t0 = time.perf_counter()
-    model = build_random_model(config, torch.bfloat16, seed)
+    ours = default_model(num_layers=layers, dtype=torch.bfloat16, seed=seed, vocab_size=vocab_size, progress=False)
+    model = to_transformers(ours, attn_implementation="sdpa", experts_implementation="grouped_mm")
     n_params = sum(p.numel() for p in model.parameters())
     say(f"  built {n_params / 1e9:.2f}B parameters in {time.perf_counter() - t0:.1f}s")
-    token_bytes, token_params = active_bytes_per_token(model)
+    token_bytes = ours.bytes_per_decoded_token(1)
+    token_params = token_bytes // ours.dtype.itemsize  # every weight a token reads is bf16 (but a few fp32 biases)
     if bandwidth is None:
         from .core import measure_read_bandwidth
 

@@ -107,7 +107,7 @@ def default_model(
 ) -> LfmModel:
     """LFM2.5-8B-A1B shapes (hidden 2048, 32 experts top-4, attention at 2, 6, 10, 14, 18, 21, ...) with
     seeded random weights generated on the fly; num_layers < 24 keeps a prefix of the layer pattern
-    (2 dense layers first, attention at index 2). vocab_size defaults to 128,000 (DESIGN.md: "about
+    (2 dense layers first, attention at index 2). vocab_size defaults to 128,000 (docs/design.md: "about
     128,000"; LFM2-8B-A1B uses 65,536). The full model is about 17 GB in bf16."""
     cfg = lfm25_8b_a1b_config(num_layers, vocab_size=vocab_size)
     dt = resolve_dtype(dtype)
@@ -132,51 +132,18 @@ def to_transformers(model: LfmModel, attn_implementation: str = "eager", experts
         from transformers import Lfm2ForCausalLM as Cls
     with torch.device("meta"):
         hf = Cls(hf_cfg)
-    w = model.weights
-    Hq, Hkv, D, H, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size, cfg.conv_L_cache
-
-    def put(module, name, tensor, buffer=False):
-        if buffer:
-            module._buffers[name] = tensor
-        else:
-            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
-
-    m = hf.model
-    put(m.embed_tokens, "weight", w.embed)
-    put(m.embedding_norm, "weight", w.final_norm)
-    put(hf.lm_head, "weight", w.lm_head)
-    for i, (layer, lw) in enumerate(zip(m.layers, w.layers)):
-        put(layer.operator_norm, "weight", lw.operator_norm)
-        put(layer.ffn_norm, "weight", lw.ffn_norm)
-        if lw.attention:
-            a = layer.self_attn
-            put(a.q_proj, "weight", lw.qkv[: Hq * D])
-            put(a.k_proj, "weight", lw.qkv[Hq * D : (Hq + Hkv) * D])
-            put(a.v_proj, "weight", lw.qkv[(Hq + Hkv) * D :])
-            put(a.out_proj, "weight", lw.out_proj)
-            put(a.q_layernorm, "weight", lw.q_norm)
-            put(a.k_layernorm, "weight", lw.k_norm)
-        else:
-            c = layer.conv
-            put(c.in_proj, "weight", lw.in_proj)
-            put(c.conv, "weight", lw.conv.view(H, 1, L))
-            put(c.out_proj, "weight", lw.conv_out)
-            if cfg.conv_bias:
-                put(c.in_proj, "bias", lw.in_proj_bias)
-                put(c.conv, "bias", lw.conv_bias)
-                put(c.out_proj, "bias", lw.conv_out_bias)
-        ff = layer.feed_forward
-        if lw.moe:
-            put(ff.gate, "weight", lw.gate)
-            put(ff.experts, "gate_up_proj", lw.gate_up_proj)
-            put(ff.experts, "down_proj", lw.down_proj)
-            if cfg.use_expert_bias:
-                put(ff, "expert_bias", lw.expert_bias, buffer=True)
-        else:
-            inter = lw.w2.shape[1]
-            put(ff.w1, "weight", lw.w13[:inter])
-            put(ff.w3, "weight", lw.w13[inter:])
-            put(ff.w2, "weight", lw.w2)
+    # The loader's slots name every tensor as transformers does (fused experts included): point each
+    # parameter and buffer of the meta model at the view of our storage under its name.
+    views, _, _ = _views_by_name(model)
+    views.setdefault("lm_head.weight", model.weights.lm_head)  # tied: the loader has no slot for it
+    for prefix, module in hf.named_modules():
+        for table in (module._parameters, module._buffers):
+            for name in list(table):
+                view = views.get(f"{prefix}.{name}" if prefix else name)
+                if view is None:
+                    continue
+                table[name] = view if table is module._buffers else nn.Parameter(view, requires_grad=False)
+    m, D = hf.model, cfg.head_dim
     rope = m.pos_emb if hasattr(m, "pos_emb") else m.rotary_emb
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
     rope._buffers["inv_freq"] = inv_freq.to(model.device)

@@ -19,17 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import decode_attention, moe, short_conv
-from .. import linear as _linear_op
+from .. import decode_attention, linear, moe, short_conv
 from .config import ModelConfig
 from .weights import Weights
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """lfm_kernels.linear on x [..., K] (the op's contract is x [M, K]: rows are flattened and restored)."""
-    if x.dim() == 2:
-        return _linear_op(x, weight, bias)
-    return _linear_op(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -23,6 +23,11 @@ _KV_SHAPE = "[B, H_kv, S, D] (transformers' KV cache layout)"
 FAST_HEAD_DIMS = (64, 128)
 
 
+def _tuned_head_dim(head_dim: int) -> bool:
+    """Whether head_dim has a tuned kernel (callers that may route elsewhere ask this)."""
+    return head_dim in FAST_HEAD_DIMS
+
+
 def _decode_attention_impl(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -1,0 +1,173 @@
+"""patch() / unpatch(): point transformers' LFM2 classes, interfaces and model instances at our modules."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Callable
+
+import torch.nn as nn
+
+from ._hooks import Hooks, load_hooks
+from ._ledger import (
+    IMPL_NAME,
+    copy_config_records,
+    record_config,
+    record_request,
+    register,
+    requested,
+    set_class_attr,
+    state,
+    track,
+    undo,
+)
+from .attention import attention_forward, mask_function
+from .linear import KernelLinear
+from .moe import experts_forward, make_router_forward
+from .short_conv import make_short_conv_forward
+
+
+class _InstanceForward:
+    """The forward patch(model) sets on one module instance (a bound method that deep copies can follow:
+    the copy of the module gets its own, and is recorded so that unpatch() restores it too)."""
+
+    def __init__(self, func: Callable, module: nn.Module):
+        self.func = func
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.func(self.module, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        module = copy.deepcopy(self.module, memo)
+        track(module)
+        return _InstanceForward(self.func, module)
+
+
+def _register_interfaces(hooks: Hooks) -> None:
+    register(hooks.AttentionInterface._global_mapping, IMPL_NAME, attention_forward)
+    register(hooks.AttentionMaskInterface._global_mapping, IMPL_NAME, mask_function)
+    register(hooks.ExpertsInterface._global_mapping, IMPL_NAME, experts_forward)
+
+
+def _patch_classes(hooks: Hooks) -> None:
+    for _mod, conv_cls, router_cls, base_cls, _experts_cls in hooks.modules.values():
+        if not getattr(conv_cls.forward, "_lfm_kernels_original", None):
+            set_class_attr(conv_cls, "forward", make_short_conv_forward(conv_cls.forward))
+        if router_cls is not None and not getattr(router_cls.forward, "_lfm_kernels_original", None):
+            set_class_attr(router_cls, "forward", make_router_forward(router_cls.forward))
+        if not getattr(base_cls.post_init, "_lfm_kernels_original", None):
+            set_class_attr(base_cls, "post_init", _make_post_init(base_cls.post_init))
+        if not getattr(base_cls.__init__, "_lfm_kernels_original", None):
+            set_class_attr(base_cls, "__init__", _make_init(base_cls.__init__))
+
+
+def _make_init(original: Callable) -> Callable:
+    """Sees the config before transformers replaces an unset attention / experts choice by its default."""
+
+    @functools.wraps(original)
+    def __init__(self, config, *args, **kwargs):
+        record_request(config)
+        original(self, config, *args, **kwargs)
+
+    __init__._lfm_kernels_original = original
+    return __init__
+
+
+def _config_deepcopy(self, memo):
+    """copy.deepcopy of a config we switched (as deepcopy of a patched model does): the default deep copy,
+    and the copy joins the ledger so that unpatch() switches it back too."""
+    cls = type(self)
+    twin = cls.__new__(cls)
+    memo[id(self)] = twin
+    twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    copy_config_records(self, twin)
+    return twin
+
+
+def _hook_config_copies(config) -> None:
+    cls = type(config)
+    if cls.__dict__.get("__deepcopy__") is not _config_deepcopy and "__deepcopy__" not in cls.__dict__:
+        set_class_attr(cls, "__deepcopy__", _config_deepcopy)
+
+
+def _default_chosen(config, kind: str) -> bool:
+    """True when the model runs the implementation transformers picked by default (ours may replace it).
+
+    An implementation the user asked for (`attn_implementation=` in from_pretrained or the config,
+    a config set to "eager", `output_attentions`) is kept. For a model built before patch(), where the
+    request was not seen, "sdpa" / "grouped_mm" count as the default: they are what transformers picks
+    for these models, and an explicit request for them can no longer be told apart.
+    """
+    current = config._attn_implementation if kind == "attn" else config._experts_implementation
+    if kind == "attn" and getattr(config, "output_attentions", False):
+        return False
+    known, asked = requested(config, kind)
+    if known:
+        if asked is not None and asked != IMPL_NAME:
+            return False
+        return current in (("sdpa", "eager") if kind == "attn" else ("grouped_mm", "eager", "batched_mm"))
+    return current in (("sdpa",) if kind == "attn" else ("grouped_mm",))
+
+
+def _make_post_init(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def post_init(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        _patch_model(self, load_hooks(), instance_forwards=False)
+        return result
+
+    post_init._lfm_kernels_original = original
+    return post_init
+
+
+def _patch_model(model, hooks: Hooks, instance_forwards: bool) -> None:
+    """Point one model (and its submodules) at our implementations."""
+    known = {cls for _, conv, router, _, _ in hooks.modules.values() for cls in (conv, router) if cls is not None}
+    experts_classes = tuple(e for *_, e in hooks.modules.values() if e is not None)
+    has_experts = False
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = KernelLinear
+            state.modules.add(module)
+        elif instance_forwards and type(module) in known and "forward" not in module.__dict__:
+            class_forward = type(module).forward
+            if not getattr(class_forward, "_lfm_kernels_original", None):  # class not patched: patch the instance
+                maker = make_short_conv_forward if hasattr(module, "conv") else make_router_forward
+                module.forward = _InstanceForward(maker(class_forward), module)
+                state.modules.add(module)
+        if experts_classes and isinstance(module, experts_classes):
+            has_experts = True
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return
+    record_config(config, config._attn_implementation, config._experts_implementation)
+    _hook_config_copies(config)
+    if _default_chosen(config, "attn"):
+        model.set_attn_implementation(IMPL_NAME)
+    if has_experts and _default_chosen(config, "experts"):
+        model.set_experts_implementation(IMPL_NAME)
+
+
+def patch(model=None):
+    """Route transformers' LFM2 / LFM2-MoE through lfm_kernels.
+
+    patch(): patch the classes, so every model built afterwards (from_pretrained included) and the short
+    conv / router of existing models use our kernels. patch(model): patch that model's modules and
+    settings only, and return it. Calling either twice is harmless; unpatch() undoes both.
+    """
+    hooks = load_hooks()
+    _register_interfaces(hooks)
+    if model is None:
+        _patch_classes(hooks)
+        return None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers PreTrainedModel (an nn.Module), got {type(model).__name__}")
+    _patch_model(model, hooks, instance_forwards=True)
+    return model
+
+
+def unpatch() -> None:
+    """Undo every patch(): original class functions, interface entries, model settings and Linear classes."""
+    undo()
