@@ -314,3 +314,13 @@ def test_float64_checkpoint_loads_as_float32(tmp_path):
     assert torch.equal(loaded.forward(ids), model.forward(ids))
     with pytest.raises(TypeError, match="dtype must be torch.float32, torch.bfloat16 or torch.float16"):
         from_pretrained(ckpt, dtype=torch.float64, progress=False, tokenizer=False)
+
+
+def test_generation_config_eos_must_be_ints(tmp_path):
+    """A string eos_token_id in generation_config.json used to become the digits' ids ("12" -> [1, 2])."""
+    ckpt = _single(tmp_path)
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": "12"}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id"):
+        from_pretrained(ckpt, progress=False, tokenizer=False)
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
+    assert from_pretrained(ckpt, progress=False, tokenizer=False).generation_defaults["eos_token_id"] == [5, 7]

@@ -102,7 +102,12 @@ def from_pretrained(path: str, dtype=None, device="cpu", progress: bool = True, 
         gen = gen if isinstance(gen, dict) else {}
         eos = gen.get("eos_token_id")
         if eos is not None:
-            model.generation_defaults["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
+            from .config import _eos_list
+
+            try:
+                model.generation_defaults["eos_token_id"] = _eos_list(eos)
+            except ValueError:
+                raise ValueError(f"generation_config.json: eos_token_id must be an int or a list of ints, got {eos!r}") from None
     return model
 
 
