@@ -103,9 +103,13 @@ void item_portable(const AttnArgs& a, const Item& it, const Partials& pp, std::v
       float bm = s[g * kBlock];
       for (int j = 1; j < n; ++j) bm = std::max(bm, s[g * kBlock + j]);
       const float mn = std::max(m[g], bm);
-      const float alpha = std::exp(m[g] - mn);  // exp(-inf) = 0 on the first block
+      // While every score so far is -inf, subtract 0: -inf - -inf would be NaN where the softmax has
+      // exact zeros (a later finite score still gives the reference's answer; all -inf gives 0/0).
+      // A NaN score is never dropped: exp(NaN) = NaN reaches l and o.
+      const float ms = mn == -std::numeric_limits<float>::infinity() ? 0.f : mn;
+      const float alpha = std::exp(m[g] - ms);  // exp(-inf) = 0 on the first block
       float sum = 0.f;
-      for (int j = 0; j < n; ++j) sum += (s[g * kBlock + j] = std::exp(s[g * kBlock + j] - mn));
+      for (int j = 0; j < n; ++j) sum += (s[g * kBlock + j] = std::exp(s[g * kBlock + j] - ms));
       l[g] = l[g] * alpha + sum;
       m[g] = mn;
       for (int64_t d = 0; d < D; ++d) o[g * D + d] *= alpha;
@@ -182,18 +186,25 @@ struct Tile {
       float bm = lanes[g];
       for (int r = 1; r < R; ++r) bm = std::max(bm, lanes[r * NG + g]);
       const float mn = std::max(m[g], bm);
-      alpha[g] = std::exp(m[g] - mn);  // 0 on the first block (m = -inf), scores are finite
+      // While every score so far is -inf, subtract 0 (see item_portable): -inf - -inf would be NaN.
+      mnew[g] = mn == ninf ? 0.f : mn;
+      alpha[g] = std::exp(m[g] - mnew[g]);  // 0 on the first block (m = -inf)
       m[g] = mn;
     }
-    for (int i = 0; i < 8; ++i) mnew[i] = m[i % NG];
+    for (int i = NG; i < 8; ++i) mnew[i] = mnew[i % NG];
     const __m256 mv = _mm256_load_ps(mnew);
     const __m256 zero = _mm256_setzero_ps();
+    const __m256 vninf = _mm256_set1_ps(ninf);
     __m256 vsum = zero;
     for (int i = 0; i < nv; ++i) {
-      const __m256 x = _mm256_loadu_ps(s + i * 8);
-      // exp8 clamps -inf to exp(-87) rather than 0: padding lanes are zeroed exactly
-      const __m256 pad = _mm256_cmp_ps(x, _mm256_set1_ps(ninf), _CMP_EQ_OQ);
-      const __m256 p = _mm256_blendv_ps(avx2::exp8(_mm256_sub_ps(x, mv)), zero, pad);
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(s + i * 8), mv);
+      // exp8 clamps -inf to exp(-87) rather than 0: padding lanes and -inf scores are zeroed exactly.
+      // It also clamps NaN (a NaN in q or K, or inf - inf) to a finite value, as if the position were
+      // dropped: those lanes are set to all-ones bits, a NaN, so NaN in gives NaN out as in the
+      // reference. Both masks are one compare each on the vector already in registers.
+      const __m256 is_zero = _mm256_cmp_ps(d, vninf, _CMP_EQ_OQ);
+      const __m256 is_nan = _mm256_cmp_ps(d, d, _CMP_UNORD_Q);
+      const __m256 p = _mm256_or_ps(_mm256_blendv_ps(avx2::exp8(d), zero, is_zero), is_nan);
       _mm256_storeu_ps(s + i * 8, p);
       vsum = _mm256_add_ps(vsum, p);
     }

@@ -6,6 +6,8 @@
 // small L1-resident history (rows = time, columns = channels) that starts from conv_state and is
 // written back to it at the end. u is rounded to the input dtype before it enters the conv and the
 // state, exactly as transformers stores B*x, so chunked prefill is bit-identical to one prefill.
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -166,6 +168,39 @@ void run(const ShortConvArgs& a, int64_t batch) {
     run_portable<T, L>(a, batch);
 }
 
+// True when no two elements of t share memory, by a sufficient test: with the dims of size > 1
+// sorted by stride, each stride exceeds the span of the dims before it. (Exotic interleaved layouts
+// that never overlap are refused too; at::has_internal_overlap gives up on any non-dense tensor.)
+bool surely_non_overlapping(const at::Tensor& t) {
+  if (t.is_contiguous()) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // largest offset reachable with the dims so far
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return false;
+    span += stride * (size - 1);
+  }
+  return true;
+}
+
+// True when the memory ranges of a and b (first to last element) intersect in one storage.
+bool share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage()) return false;
+  if (a.storage().data() != b.storage().data()) return false;
+  auto range = [](const at::Tensor& t) {
+    int64_t lo = t.storage_offset(), hi = lo;
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      const int64_t ext = t.stride(d) * (t.size(d) - 1);
+      (ext < 0 ? lo : hi) += ext;
+    }
+    return std::make_pair(lo * t.element_size(), (hi + 1) * t.element_size());
+  };
+  const auto ra = range(a), rb = range(b);
+  return ra.first < rb.second && rb.first < ra.second;
+}
+
 // Shapes, dtypes and devices were validated in Python (lfm_kernels/ops/short_conv.py); the checks
 // here only guard the memory safety of this function if it is called directly.
 at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -183,6 +218,9 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
                     out->size(0) == batch && out->size(1) == T && out->size(2) == D,
                 "out must be a contiguous [B, T, D] tensor in bcx's dtype");
     y = *out;
+    TORCH_CHECK_VALUE(!share_memory(y, bcx_in), "out shares memory with bcx; pass a separate tensor");
+    TORCH_CHECK_VALUE(!conv_state.has_value() || !share_memory(y, *conv_state),
+                      "out shares memory with conv_state (the state is written while y is); pass a separate tensor");
   } else {
     y = at::empty({batch, T, D}, bcx.options().memory_format(at::MemoryFormat::Contiguous));
   }
@@ -223,6 +261,14 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
     TORCH_CHECK(s.dim() == 3 && s.size(0) == batch && s.size(1) == D && s.size(2) == L &&
                     s.scalar_type() == bcx.scalar_type(),
                 "conv_state must be [B, D, L] in bcx's dtype");
+    // Updated in place from parallel tasks: overlapping elements (an expanded, stride-0 state) would
+    // be written by several rows at once, and a state inside bcx or the mask would change them while
+    // they are read (weight and bias are copied first). ValueErrors, as the Python checks raise.
+    TORCH_CHECK_VALUE(surely_non_overlapping(s), "conv_state has overlapping elements (e.g. an expanded, stride-0 "
+                      "tensor); it is updated in place, so pass a tensor whose elements are distinct");
+    TORCH_CHECK_VALUE(!share_memory(s, bcx_in), "conv_state shares memory with bcx; pass a separate tensor");
+    TORCH_CHECK_VALUE(!mask.has_value() || !share_memory(s, *mask),
+                      "conv_state shares memory with attention_mask; pass a separate tensor");
     a.state = s.data_ptr();
     a.st_sb = s.stride(0);
     a.st_sd = s.stride(1);

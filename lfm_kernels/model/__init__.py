@@ -56,15 +56,22 @@ class _RawTokenizer:
 
 
 def load_tokenizer(path: str):
-    """The checkpoint directory's tokenizer (local files only), or None when it has none."""
-    has_json = os.path.isfile(os.path.join(path, "tokenizer.json"))
-    has_cfg = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    """The checkpoint directory's tokenizer (local files only), or None when it has none.
+
+    Never runs code from the checkpoint and never prompts (trust_remote_code=False: a tokenizer that
+    needs custom code falls back to the plain tokenizer.json, or is an error); every file the tokenizer
+    could read must lie inside the directory (a ValueError otherwise)."""
+    from .weights import _check_tokenizer_files
+
+    has_json = os.path.lexists(os.path.join(path, "tokenizer.json"))
+    has_cfg = os.path.lexists(os.path.join(path, "tokenizer_config.json"))
     if not (has_json or has_cfg):
         return None
+    _check_tokenizer_files(path)
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - fall back to the bare tokenizers library
         if not has_json:
             raise RuntimeError(f"could not load the tokenizer in {path!r}: {exc}") from exc
@@ -88,12 +95,19 @@ def from_pretrained(path: str, dtype=None, device="cpu", progress: bool = True, 
     weights, dt = load_weights(path, cfg, dtype=dtype, device=device, progress=progress)
     model = LfmModel(cfg, weights, dt, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)
     gen_file = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen_file):
-        with open(gen_file) as f:
-            gen = json.load(f)
+    if os.path.lexists(gen_file):
+        from .weights import _inside, _load_json
+
+        gen = _load_json(_inside(path, "generation_config.json"), "generation_config.json")
+        gen = gen if isinstance(gen, dict) else {}
         eos = gen.get("eos_token_id")
         if eos is not None:
-            model.generation_defaults["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
+            from .config import _eos_list
+
+            try:
+                model.generation_defaults["eos_token_id"] = _eos_list(eos)
+            except ValueError:
+                raise ValueError(f"generation_config.json: eos_token_id must be an int or a list of ints, got {eos!r}") from None
     return model
 
 

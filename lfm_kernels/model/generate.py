@@ -10,6 +10,8 @@ with left padding, pads never count as seen tokens.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -107,22 +109,46 @@ def sample_next(
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
+def _real(name: str, value) -> float:
+    """A real number that is not NaN (TypeError for a str, bool or tensor; ValueError for NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, got NaN")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__} {max_new_tokens!r}")
+    if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    temperature = _real("temperature", temperature)
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not _is_int(top_k):
+        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__} {top_k!r}")
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0 or None (0/None = off), got {top_k}")
+    top_p = _real("top_p", top_p)
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    repetition_penalty = _real("repetition_penalty", repetition_penalty)
+    if not 0 < repetition_penalty < math.inf:
+        raise ValueError(f"repetition_penalty must be finite and > 0, got {repetition_penalty}")
 
 
 def _as_rows(model, inputs, attention_mask=None) -> tuple[list[list[int]], bool]:
     """Prompts as lists of token ids, and whether they came as text. With an attention_mask [B, T]
-    (transformers-style padded ids, left or right), each row keeps only its positions where it is 1."""
+    (transformers-style padded ids, left or right), each row keeps only its positions where it is 1.
+    Every prompt must hold at least one token and every id must lie in the model's vocabulary (ids a
+    tokenizer produces included): a ValueError naming the prompt otherwise; no prompts at all (a batch
+    of 0) is a ValueError too."""
     if attention_mask is not None:
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
             raise ValueError("attention_mask needs ids as a LongTensor [B, T]")
@@ -132,28 +158,42 @@ def _as_rows(model, inputs, attention_mask=None) -> tuple[list[list[int]], bool]
         inputs = [row[m != 0].tolist() for row, m in zip(inputs.cpu(), mask.cpu())]
     if isinstance(inputs, str):
         inputs = [inputs]
-    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, str) for s in inputs):
+    is_text = isinstance(inputs, (list, tuple)) and bool(inputs) and all(isinstance(s, str) for s in inputs)
+    if is_text:
+        for b, s in enumerate(inputs):
+            if not s:
+                raise ValueError(f"inputs: prompt {b} is empty text; every prompt needs at least one token")
         tok = _need_tokenizer(model)
-        return [tok.encode(s) for s in inputs], True
-    if isinstance(inputs, torch.Tensor):
-        if inputs.is_floating_point() or inputs.dim() not in (1, 2):
+        rows = [list(tok.encode(s)) for s in inputs]
+    elif isinstance(inputs, torch.Tensor):
+        if inputs.dtype == torch.bool or inputs.is_floating_point() or inputs.is_complex() or inputs.dim() not in (1, 2):
             raise ValueError(f"ids must be an integer tensor [T] or [B, T], got {inputs.dtype} {tuple(inputs.shape)}")
-        inputs = inputs.reshape(-1, inputs.shape[-1]).tolist()
-    elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, int) for t in inputs):
-        inputs = [list(inputs)]
-    elif not (isinstance(inputs, (list, tuple)) and inputs and all(isinstance(r, (list, tuple)) for r in inputs)):
+        if inputs.dim() == 2 and inputs.shape[0] == 0:
+            raise ValueError(f"inputs: a batch of 0 prompts (ids of shape {tuple(inputs.shape)}); pass at least one")
+        rows = inputs.tolist() if inputs.dim() == 2 else [inputs.tolist()]
+    elif isinstance(inputs, (list, tuple)) and inputs and all(_is_int(t) for t in inputs):
+        rows = [list(inputs)]
+    elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(r, (list, tuple)) for r in inputs):
+        rows = [list(r) for r in inputs]
+        for b, r in enumerate(rows):
+            if not all(_is_int(t) for t in r):
+                raise TypeError(f"inputs: prompt {b} must hold int token ids, got {r[:5]!r}")
+    elif isinstance(inputs, (list, tuple)) and not inputs:
+        raise ValueError("inputs: a batch of 0 prompts (an empty list); pass at least one")
+    else:
         raise TypeError(
             "inputs must be a str, a list of str, a LongTensor [B, T] or [T], or a list of token-id lists"
         )
-    rows = [list(map(int, r)) for r in inputs]
+    rows = [[int(t) for t in r] for r in rows]
     V = model.config.vocab_size
+    source = "the tokenizer gave" if is_text else "has"
     for b, r in enumerate(rows):
         if not r:
             raise ValueError(f"prompt {b} is empty; every prompt needs at least one token")
         bad = [t for t in r if not 0 <= t < V]
         if bad:
-            raise ValueError(f"prompt {b} has token ids outside [0, {V}): {bad[:5]}")
-    return rows, False
+            raise ValueError(f"prompt {b}: {source} token ids outside the model's vocabulary [0, {V}): {bad[:5]}")
+    return rows, is_text
 
 
 def _need_tokenizer(model):
@@ -166,13 +206,46 @@ def _need_tokenizer(model):
 
 
 def eos_ids(model, eos_token_id=None) -> list[int]:
+    """The stop ids: eos_token_id (an int or a list/tuple of ints; a str or float is a TypeError), or the
+    defaults from the config, generation_config.json and the tokenizer."""
     if eos_token_id is not None:
-        return [eos_token_id] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+        if isinstance(eos_token_id, torch.Tensor) and not (eos_token_id.is_floating_point() or eos_token_id.is_complex()):
+            eos_token_id = eos_token_id.tolist()
+        ids = [eos_token_id] if _is_int(eos_token_id) else eos_token_id
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
+            raise TypeError(f"eos_token_id must be an int or a list of ints, got {type(eos_token_id).__name__} {eos_token_id!r}")
+        if any(t < 0 for t in ids):
+            raise ValueError(f"eos_token_id must hold non-negative token ids, got {list(ids)}")
+        return [int(t) for t in ids]
     ids = list(model.generation_defaults.get("eos_token_id", model.config.eos_token_id))
     tok = model.tokenizer
     if tok is not None and getattr(tok, "eos_token_id", None) is not None and tok.eos_token_id not in ids:
         ids.append(int(tok.eos_token_id))
     return ids
+
+
+_INITIAL_ROOM = 256  # new-token positions allocated up front; the state doubles when they run out
+
+
+def _grow_last(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+    """t [B, n] extended to [B, size] (the new columns hold fill)."""
+    new = torch.full((t.shape[0], size), fill, dtype=t.dtype, device=t.device)
+    new[:, : t.shape[1]] = t
+    return new
+
+
+def _grow_state(model, state, max_len: int) -> None:
+    """Lengthen a decode state's KV caches to max_len positions in place (the conv states do not depend
+    on the length). One layer's cache is copied at a time, so the peak is one layer's worth extra."""
+    if max_len <= state.max_len:
+        return
+    for caches in (state.k_cache, state.v_cache):
+        for i, c in caches.items():
+            grown = c.new_zeros(c.shape[0], c.shape[1], max_len, c.shape[3])
+            grown[:, :, : state.max_len] = c
+            caches[i] = grown
+    state.max_len = max_len
+    model._rope_tables(max_len)
 
 
 def generate(
@@ -199,6 +272,13 @@ def generate(
         a row that has finished gets no more calls.
     seed / generator: for reproducible sampling.
     attention_mask: for transformers-style padded ids [B, T] (left or right padding): 1 = real token.
+    max_new_tokens is capped so that prompt + new tokens fit the model's context
+    (max_position_embeddings); generation stops there. The decode state is not allocated for
+    max_new_tokens up front: it starts with room for 256 new tokens and doubles when that runs out,
+    so memory follows the tokens actually generated.
+    Bad arguments (an empty prompt or batch, ids outside the vocabulary, a NaN or non-numeric
+    temperature/top_p/repetition_penalty, a non-int top_k/max_new_tokens/eos_token_id) raise a
+    ValueError or TypeError naming the argument.
     timings: a dict to receive {"prefill_s", "decode_s", "prompt_tokens", "decode_steps"}.
 
     Returns, for id inputs, the new ids only as a LongTensor [B, new] where new is the longest row's
@@ -209,10 +289,24 @@ def generate(
     import time
 
     _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if seed is not None and not _is_int(seed):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     rows, is_text = _as_rows(model, inputs, attention_mask)
     B = len(rows)
     lengths = [len(r) for r in rows]
     T = max(lengths)
+    max_pos = model.config.max_position_embeddings
+    if T >= max_pos:
+        raise ValueError(
+            f"inputs: the longest prompt has {T} tokens; the model's context (max_position_embeddings) "
+            f"is {max_pos}, so a prompt may hold at most {max_pos - 1}"
+        )
+    # prompt + new tokens never exceed the model's context; generation ends there
+    max_new_tokens = min(max_new_tokens, max_pos - T)
     dev = model.device
     stops = eos_ids(model, eos_token_id)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stops[0] if stops else 0)
@@ -225,16 +319,19 @@ def generate(
         ids[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
     ids = ids.to(dev)
     lens = torch.tensor(lengths, dtype=torch.int64, device=dev)
-    state = model.new_state(B, T + max_new_tokens)
+    # Room for new tokens grows on demand (doubling), so a large max_new_tokens costs nothing until
+    # the tokens are actually generated.
+    room = min(max_new_tokens, _INITIAL_ROOM)
+    state = model.new_state(B, T + room)
 
     # token history for the repetition penalty: pads repeat the row's first token (a no-op duplicate)
-    hist = torch.empty(B, T + max_new_tokens, dtype=torch.int64)
+    hist = torch.empty(B, T + room, dtype=torch.int64)
     for b, r in enumerate(rows):
         hist[b, :T] = r[0]
         hist[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
     hist = hist.to(dev)
     stop_t = torch.tensor(stops, dtype=torch.int64, device=dev)
-    out = torch.full((B, max_new_tokens), pad, dtype=torch.int64, device=dev)
+    out = torch.full((B, room), pad, dtype=torch.int64, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
 
     t0 = time.perf_counter()
@@ -243,6 +340,11 @@ def generate(
     n = 0
     with torch.inference_mode():
         for step in range(max_new_tokens):
+            if step == room:
+                room = min(max_new_tokens, 2 * room)
+                _grow_state(model, state, T + room)
+                hist = _grow_last(hist, T + room, 0)
+                out = _grow_last(out, room, pad)
             tok = sample_next(logits, hist[:, : T + step], temperature, top_k, top_p, repetition_penalty, generator)
             tok = torch.where(finished, torch.full_like(tok, pad), tok)
             out[:, step] = tok

@@ -66,7 +66,7 @@ class LfmModel:
         self.tokenizer = tokenizer
         self.path = path
         self.generation_defaults: dict = {}
-        self._cos = self._sin = None
+        self._rope = None  # (cos, sin): one tuple, swapped in one assignment (see _rope_tables)
         self._scale = config.head_dim**-0.5
 
     # ------------------------------------------------------------------ state and RoPE
@@ -87,18 +87,22 @@ class LfmModel:
 
     def _rope_tables(self, length: int):
         """cos/sin [length, D] in the model dtype, computed once (grown when a longer state is made)
-        exactly as transformers' Lfm2MoeRotaryEmbedding computes them."""
-        if self._cos is None or self._cos.shape[0] < length:
+        exactly as transformers' Lfm2MoeRotaryEmbedding computes them. Safe when threads share the
+        model: the pair is read once and replaced as one tuple, so a caller never sees a new cos with
+        an old sin, and it returns the tables it checked (another thread may swap in others)."""
+        tables = self._rope
+        if tables is None or tables[0].shape[0] < length:
             D = self.config.head_dim
             inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
             pos = torch.arange(length, dtype=torch.float)
             freqs = pos[:, None] * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos = emb.cos().to(device=self.device, dtype=self.dtype)
+            cos = emb.cos().to(device=self.device, dtype=self.dtype)
             sin = emb.sin().to(device=self.device, dtype=self.dtype)
             sin[:, : D // 2].neg_()  # signed for apply_rope's roll form
-            self._sin = sin
-        return self._cos, self._sin
+            tables = (cos, sin)
+            self._rope = tables
+        return tables
 
     # ------------------------------------------------------------------ building blocks
     def _ffn(self, lw, h: torch.Tensor) -> torch.Tensor:

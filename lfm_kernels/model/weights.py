@@ -36,13 +36,17 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "pos_emb.inv_freq", "pos_emb.origina
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """None, or one of the dtypes the ops compute in (float32, bfloat16, float16); anything else,
+    float64 included, is a TypeError naming `dtype`."""
+    if dtype is None:
         return dtype
     if isinstance(dtype, str):
-        key = dtype.replace("torch.", "")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise TypeError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES.get(dtype.replace("torch.", ""), dtype)
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    raise TypeError(
+        f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (or one of {sorted(_DTYPES)}), got {dtype!r}"
+    )
 
 
 @dataclass
@@ -188,51 +192,174 @@ def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu") -> tuple[Weight
     return weights, slots, required
 
 
+def _allowed_roots(root: str) -> list[str]:
+    """Directories a checkpoint's files may resolve into: the checkpoint directory itself and, for a
+    Hugging Face hub cache snapshot (`<repo>/snapshots/<revision>`, whose files are symlinks into
+    `<repo>/blobs`), that repository's blob store."""
+    roots = [root]
+    parent = os.path.dirname(root)
+    if os.path.basename(parent) == "snapshots":
+        blobs = os.path.join(os.path.dirname(parent), "blobs")
+        if os.path.isdir(blobs):
+            roots.append(os.path.realpath(blobs))
+    return roots
+
+
+def _inside(path: str, name: str) -> str:
+    """The real path of `name` (a file name a checkpoint refers to) inside checkpoint directory `path`.
+
+    Refuses, with one ValueError that says nothing about the target (neither its contents nor whether
+    it exists), any name that resolves outside the directory: `..` components, absolute paths and
+    symlinks that leave it. The only exception is a Hugging Face hub cache snapshot, whose files are
+    symlinks into the same repository's `blobs` folder. Existence is checked by the caller, after this.
+    """
+    root = os.path.realpath(path)
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ValueError(f"checkpoint {path!r}: file name {name!r} is not a valid file name; refused")
+    target = os.path.realpath(os.path.join(root, name))
+    for allowed in _allowed_roots(root):
+        if target != allowed and os.path.commonpath([allowed, target]) == allowed:
+            return target
+    raise ValueError(
+        f"checkpoint {path!r}: file {name!r} resolves outside the checkpoint directory; refused "
+        "(every file a checkpoint names must lie inside its directory)"
+    )
+
+
+def _check_tokenizer_files(path: str) -> None:
+    """Before transformers loads a checkpoint's tokenizer: every file it could open must lie inside the
+    directory. Which names a tokenizer class reads varies, so this fails closed: every top-level entry
+    of the directory, every chat template in `additional_chat_templates/`, and the versioned
+    tokenizer files `tokenizer_config.json` may name (`fast_tokenizer_files`) are checked."""
+    for entry in sorted(os.listdir(path)):
+        _inside(path, entry)
+    templates = os.path.join(path, "additional_chat_templates")
+    if os.path.isdir(_inside(path, "additional_chat_templates")):
+        for entry in sorted(os.listdir(templates)):
+            _inside(path, os.path.join("additional_chat_templates", entry))
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.lexists(cfg_file):
+        cfg = _load_json(_inside(path, "tokenizer_config.json"), "tokenizer_config.json")
+        extra = cfg.get("fast_tokenizer_files") if isinstance(cfg, dict) else None
+        if extra is not None:
+            if not isinstance(extra, list):
+                raise ValueError(f"{cfg_file}: fast_tokenizer_files must be a list of file names")
+            for name in extra:
+                _inside(path, name)
+
+
+def _load_json(file: str, what: str):
+    """A JSON file of the checkpoint; a file that is not JSON is a ValueError naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: {what} is not valid JSON ({exc})") from None
+
+
 def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint directory (through the index when there is one)."""
+    """The safetensors files of a checkpoint directory (through the index when there is one), as real
+    paths, each checked to lie inside the directory (see `_inside`)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not os.path.isfile(os.path.join(path, name)):
+    index_name = "model.safetensors.index.json"
+    if os.path.lexists(os.path.join(path, index_name)):
+        index = _inside(path, index_name)
+        data = _load_json(index, "the shard index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise ValueError(
+                f"{index}: a shard index must be a JSON object whose 'weight_map' maps tensor names to "
+                "shard file names (strings)"
+            )
+        names = sorted(set(weight_map.values()))
+        files = [_inside(path, name) for name in names]  # every name checked before any is opened
+        for name, file in zip(names, files):
+            if not os.path.isfile(file):
                 raise FileNotFoundError(f"{index} lists shard {name!r}, which is missing from {path!r}")
-        return [os.path.join(path, name) for name in files]
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
+        return files
+    names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not names:
         raise FileNotFoundError(
             f"no *.safetensors files in {path!r} (only safetensors checkpoints are supported; "
             "convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
         )
-    return [os.path.join(path, f) for f in files]
+    files = [_inside(path, name) for name in names]
+    for name, file in zip(names, files):
+        if not os.path.isfile(file):
+            raise ValueError(f"checkpoint {path!r}: {name!r} is not a regular file")
+    return files
 
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
 def read_header(file: str) -> tuple[int, dict]:
-    """A safetensors file's header: (byte offset of the data, {name: {dtype, shape, data_offsets}})."""
+    """A safetensors file's header: (byte offset of the data, {name: {dtype, shape, data_offsets}}).
+
+    Every entry is checked here (a JSON object of objects with a string `dtype`, a `shape` of
+    non-negative ints and `data_offsets` [start, end] inside the file's data), so a malformed file is
+    a ValueError naming it and the entry, never a KeyError/TypeError later."""
     with open(file, "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:
             raise ValueError(f"{file}: not a safetensors file (too short)")
         n = int.from_bytes(head, "little")
         if n > 100 << 20:
-            raise ValueError(f"{file}: not a safetensors file (header length {n})")
-        header = json.loads(fh.read(n))
+            raise ValueError(f"{file}: not a safetensors file (header length {n} exceeds 100 MiB)")
+        raw = fh.read(n)
+        if len(raw) != n:
+            raise ValueError(f"{file}: truncated safetensors header ({len(raw)} of {n} bytes)")
+        data_len = os.fstat(fh.fileno()).st_size - 8 - n
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: safetensors header must be a JSON object, got {type(header).__name__}")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        _check_entry(file, name, info, data_len)
     return 8 + n, header
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(file: str, name: str, info, data_len: int) -> None:
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: header entry must be an object with dtype, shape, data_offsets")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise ValueError(f"{where}: header entry has no {key!r}")
+    if not isinstance(info["dtype"], str):
+        raise ValueError(f"{where}: dtype must be a string, got {info['dtype']!r}")
+    shape = info["shape"]
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise ValueError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+    off = info["data_offsets"]
+    if not (isinstance(off, list) and len(off) == 2 and all(_is_int(o) for o in off)):
+        raise ValueError(f"{where}: data_offsets must be [start, end] (two ints), got {off!r}")
+    if not 0 <= off[0] <= off[1] <= data_len:
+        raise ValueError(
+            f"{where}: data_offsets {off} must satisfy 0 <= start <= end <= {data_len} (the data size)"
+        )
+
+
 def _first_dtype(headers: dict) -> torch.dtype:
+    """The dtype the checkpoint stores its matrices in. A float64 checkpoint loads as float32 (the ops
+    have no float64 kernels): each tensor is converted while it is read, through one tensor-sized
+    buffer, so the float64 data is never all in memory."""
     for file, (_, header) in headers.items():
         for name, info in header.items():
             if "norm" in name or name.endswith("expert_bias"):
                 continue  # some exporters keep these in fp32
-            return _ST_DTYPES.get(info["dtype"], torch.float32)
+            dt = _ST_DTYPES.get(info["dtype"], torch.float32)
+            return torch.float32 if dt == torch.float64 else dt
     return torch.float32
 
 
@@ -282,6 +409,11 @@ def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress
                 raise ValueError(
                     f"checkpoint {os.path.basename(file)}: unexpected tensor {name!r}, which a "
                     f"{cfg.model_type} model with this config.json does not have"
+                )
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(
+                    f"checkpoint {os.path.basename(file)}: tensor {name!r} has dtype {info['dtype']}; "
+                    "expected a float dtype (BF16, F16, F32, F64)"
                 )
             shape = tuple(info["shape"])
             if shape != tuple(slot.dest.shape):

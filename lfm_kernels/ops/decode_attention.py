@@ -14,7 +14,7 @@ import numbers
 import torch
 
 from .. import _backend, reference
-from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_no_grad, check_same_device, check_same_dtype, check_shape, check_tensor
 
 _Q_SHAPE = "[B, Hq, D] (one query token per sequence)"
 _KV_SHAPE = "[B, H_kv, S, D] (transformers' KV cache layout)"
@@ -79,7 +79,11 @@ def decode_attention(
             re-checks anyway.
     Query head h uses KV head h // (Hq // H_kv), as transformers' repeat_kv does. D = 64 and 128
     have tuned CPU kernels; other head dims are computed correctly by slower code. Returns q's dtype.
+    A NaN in q, K or V gives NaN in the affected outputs on every path, as the reference's softmax
+    does. Meta tensors give a meta result of the right shape (the seq_lens check needs data and is
+    skipped). No autograd: with grad mode on, an input that requires grad is a RuntimeError.
     """
+    check_no_grad("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, shape_hint=_Q_SHAPE)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, shape_hint=_KV_SHAPE)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, shape_hint=_KV_SHAPE)
@@ -102,7 +106,7 @@ def decode_attention(
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float (usually D ** -0.5), got {type(scale).__name__}")
     scale = float(scale)
-    if check_lengths and batch > 0 and not _compiling():
+    if check_lengths and batch > 0 and q.device.type != "meta" and not _compiling():
         lo, hi = int(seq_lens.min()), int(seq_lens.max())
         if lo < 1 or hi > max_len:
             raise ValueError(

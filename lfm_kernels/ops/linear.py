@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import _backend, _policy
 from .._backend import cpu_has_native_bf16_gemm
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_no_grad, check_same_device, check_tensor
 
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
@@ -79,6 +79,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     see lfm_kernels/_policy.py). On CUDA this is torch's F.linear (cuBLAS is already the right kernel
     there), with weight and bias cast to x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
     """
+    check_no_grad("linear", x=x, weight=weight, bias=bias)
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")

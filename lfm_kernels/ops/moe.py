@@ -15,7 +15,7 @@ import torch
 
 from .. import _backend, _policy, reference
 from .._backend import cpu_has_native_bf16_gemm
-from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from ._checks import FLOAT_DTYPES, check_no_grad, check_same_device, check_same_dtype, check_tensor
 
 _ID_DTYPES = (torch.int64, torch.int32)
 
@@ -181,6 +181,7 @@ def moe_route(
         routed_scaling_factor: multiplies the weights at the end.
     Logits, sigmoid and weights are computed in float32.
     """
+    check_no_grad("moe_route", hidden=hidden, gate_weight=gate_weight, expert_bias=expert_bias)
     _check_route_args(hidden, gate_weight, expert_bias, top_k)
     return _route(hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor))
 
@@ -204,6 +205,7 @@ def moe_experts(
     Each expert is down @ (silu(gate @ h) * (up @ h)); everything accumulates in float32. Only the
     experts that appear in topk_ids are read.
     """
+    check_no_grad("moe_experts", hidden=hidden, gate_up_proj=gate_up_proj, down_proj=down_proj, topk_weights=topk_weights)
     n_experts = _check_expert_weights(hidden, gate_up_proj, down_proj)
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_ID_DTYPES, shape_hint="[N, k]")
     if topk_ids.shape[0] != hidden.shape[0]:
@@ -235,6 +237,7 @@ def moe(
     Same arguments as `moe_route` and `moe_experts`; this is what transformers'
     `Lfm2MoeSparseMoeBlock` computes on its flattened tokens.
     """
+    check_no_grad("moe", hidden=hidden, gate_weight=gate_weight, expert_bias=expert_bias, gate_up_proj=gate_up_proj, down_proj=down_proj)
     n_experts = _check_route_args(hidden, gate_weight, expert_bias, top_k)
     if _check_expert_weights(hidden, gate_up_proj, down_proj) != n_experts:
         raise ValueError(

@@ -10,7 +10,16 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, reference
-from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    check_no_grad,
+    check_no_internal_overlap,
+    check_no_shared_memory,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+)
 
 _SHAPE = "[B, T, 3D] (the in_proj output: chunks B, C, x)"
 
@@ -56,10 +65,14 @@ def short_conv(
         conv_state: optional [B, D, L] in bcx's dtype: the last L values of B*x before the first
             token (zeros for a new sequence). Updated in place to the last L values after the last
             token, exactly what transformers' cache holds. T = 1 with a state is the decode step.
+            Its elements must be distinct (no expanded, stride-0 tensor) and it must not share
+            memory with the other arguments: a ValueError otherwise, as torch's in-place ops refuse.
         attention_mask: optional [B, T] (bool or 0/1): positions with 0 count as zero input, as
             transformers' padding mask does (they give y = 0 and do not reach the state).
-    All arithmetic is float32; y is in bcx's dtype.
+    All arithmetic is float32; y is in bcx's dtype. No autograd: with grad mode on, an input that
+    requires grad is a RuntimeError.
     """
+    check_no_grad("short_conv", bcx=bcx, weight=weight, bias=bias, conv_state=conv_state)
     check_tensor("bcx", bcx, ndim=3, dtypes=FLOAT_DTYPES, shape_hint=_SHAPE)
     batch, seqlen, d3 = bcx.shape
     if d3 % 3 != 0 or d3 == 0:
@@ -82,5 +95,11 @@ def short_conv(
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             attention_mask = attention_mask != 0
     check_same_device("bcx", bcx, weight=weight, bias=bias, conv_state=conv_state, attention_mask=attention_mask)
+    if conv_state is not None and not (bcx.device.type == "cpu" and _backend.cpu_extension_available()):
+        # written in place by parallel tasks: like torch's in-place ops, refuse overlapping elements
+        # and memory shared with an input (the C++ op makes the same checks itself, at no Python cost
+        # on the decode path)
+        check_no_internal_overlap("conv_state", conv_state)
+        check_no_shared_memory("conv_state", conv_state, bcx=bcx, weight=weight, bias=bias, attention_mask=attention_mask)
     op = _short_conv_impl if _backend.eager_cpu_fast_path(bcx) else _short_conv_op
     return op(bcx, weight, bias, conv_state, attention_mask)
