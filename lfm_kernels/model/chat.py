@@ -15,9 +15,9 @@ built-in template renders it, in one of two variants:
   follow LFM2.5's.
 - "lfm2.5": LFM2.5-8B-A1B's template. `List of tools: [...]` without the list markers; the system
   turn (always present) ends with a `Today's date: YYYY-MM-DD` line (template variable
-  `date_string`, default today's local date); content blocks concatenated (text blocks as text, images as `<image>`, anything else as
-  JSON), `<think>...</think>` dropped from assistant turns before the last user message (unless
-  `preserve_thinking=True`), tool results unwrapped.
+  `date_string`, default today's local date); content blocks concatenated (text blocks as text,
+  images as `<image>`, anything else as JSON); `<think>...</think>` dropped from assistant turns
+  before the last user message (unless `preserve_thinking=True`); tool results unwrapped.
 
 In both, an assistant message's `tool_calls` (`{"name", "arguments"}` or OpenAI's
 `{"function": {...}}`) are written after its content the way the model writes them,
@@ -331,7 +331,7 @@ def _encode_parts(tok, parts) -> list[int]:
     pieces.append(("".join(buf), False))
     newline_ids = list(tok.encode("\n", add_special_tokens=False))
     ids: list[int] = []
-    for k, (text, plain) in enumerate(pieces):
+    for text, plain in pieces:
         if not text:
             continue
         piece_ids = _encode_piece(tok, text, plain, not ids, newline_ids)
@@ -581,7 +581,11 @@ def _parse_block(src: str) -> tuple[list[ToolCall], list[str]]:
                 try:
                     calls.append(_call_from_mapping(item))
                 except _Bad as exc:
-                    errors.append(f"malformed tool call {_clip(json.dumps(item, ensure_ascii=False))}: {exc}")
+                    try:
+                        shown = json.dumps(item, ensure_ascii=False)
+                    except (RecursionError, ValueError):
+                        shown = type(item).__name__
+                    errors.append(f"malformed tool call {_clip(shown)}: {exc}")
             return calls, errors
     try:
         tree = ast.parse(s, mode="eval")
