@@ -630,7 +630,7 @@ def test_parsing_is_linear(kind):
         assert len(r.tool_calls) + len(r.errors) == n
         return time.perf_counter() - t0
 
-    base = min(baseline() for _ in range(2))
-    mine = min(ours() for _ in range(2))
+    runs = [(baseline(), ours()) for _ in range(3)]  # interleaved, so load changes hit both alike
+    base, mine = min(b for b, _ in runs), min(m for _, m in runs)
     assert mine < 10.0
     assert mine < 5 * base + 0.5, (mine, base)
