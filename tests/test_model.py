@@ -1,5 +1,6 @@
 """lfm_kernels.model against transformers: loading (layouts, shards, bad checkpoints), prefill logits,
-greedy continuations, batches of different lengths, sampling, chat template and tool-call parsing."""
+greedy continuations, batches of different lengths, sampling, text prompts and chat with a tokenizer
+(templates and tool-call parsing: test_chat.py)."""
 
 import json
 import os
@@ -10,12 +11,9 @@ import torch
 from conftest import rel_err
 
 from lfm_kernels.model import (
-    ToolCall,
-    apply_chat_template,
     config_from_dict,
     default_model,
     from_pretrained,
-    parse_tool_calls,
     sample_next,
     to_transformers,
 )
@@ -402,68 +400,6 @@ def test_to_transformers_shares_storage(tiny):
     assert twin.model.layers[3].feed_forward.experts.gate_up_proj.data_ptr() == model.weights.layers[3].gate_up_proj.data_ptr()
     ids = torch.randint(0, 97, (1, 8))
     assert rel_err(_hf_logits(twin, ids), _hf_logits(hf, ids)) < 1e-6
-
-
-# ----------------------------------------------------------------------------- chat and tools
-def test_chat_template():
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Weather?"}]
-    assert apply_chat_template(msgs) == (
-        "<|startoftext|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\n"
-    )
-    tools = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
-    text = apply_chat_template([{"role": "user", "content": "x"}], tools=tools, add_generation_prompt=False)
-    assert text == (
-        '<|startoftext|><|im_start|>system\nList of tools: <|tool_list_start|>[{"name": "get_weather", '
-        '"parameters": {"city": {"type": "string"}}}]<|tool_list_end|><|im_end|>\n<|im_start|>user\nx<|im_end|>\n'
-    )
-    assert apply_chat_template([{"role": "tool", "content": "[1]"}]).endswith(
-        "<|im_start|>tool\n[1]<|im_end|>\n<|im_start|>assistant\n")
-    with pytest.raises(ValueError, match="role"):
-        apply_chat_template([{"role": "robot", "content": "x"}])
-
-
-def test_tool_calls_parse():
-    r = parse_tool_calls(
-        'Let me check.<|tool_call_start|>[get_weather(city="Paris", days=3), '
-        "math.add(a=1.5, b=[1, 2], opts={'x': None, 'y': True})]<|tool_call_end|><|im_end|>"
-    )
-    assert r.text == "Let me check."
-    assert r.tool_calls == [ToolCall("get_weather", {"city": "Paris", "days": 3}),
-                            ToolCall("math.add", {"a": 1.5, "b": [1, 2], "opts": {"x": None, "y": True}})]
-    assert r.errors == []
-    single = parse_tool_calls("<|tool_call_start|>ping()<|tool_call_end|>")
-    assert single.tool_calls == [ToolCall("ping", {})] and single.text == ""
-    assert parse_tool_calls("no tools here").tool_calls == []
-
-
-@pytest.mark.parametrize(
-    "block, why",
-    [
-        ('[get_weather(city="Paris"', "syntax error"),
-        ("[__import__('os').system('rm -rf /')]", "callee"),
-        ("[f(x=open('/etc/passwd').read())]", "not a literal"),
-        ("[f(1, 2)]", "positional"),
-        ("[f(**kw)]", r"\*\*kwargs"),
-        ("[42]", "not a function call"),
-        ("[f(x=lambda: 1)]", "not a literal"),
-    ],
-    ids=["unclosed", "import-call", "call-in-arg", "positional", "starstar", "not-call", "lambda"],
-)
-def test_malformed_tool_calls_are_reported_not_executed(block, why):
-    r = parse_tool_calls(f"ok <|tool_call_start|>{block}<|tool_call_end|>")
-    assert r.tool_calls == []
-    assert len(r.errors) == 1 and "malformed tool call" in r.errors[0]
-    assert __import__("re").search(why, r.errors[0]), r.errors[0]
-    assert r.text == "ok"
-
-
-def test_mixed_good_and_bad_calls_and_unterminated_block():
-    r = parse_tool_calls('<|tool_call_start|>[good(a=1), bad(b=c)]<|tool_call_end|>')
-    assert r.tool_calls == [ToolCall("good", {"a": 1})] and len(r.errors) == 1 and "'b'" in r.errors[0]
-    r = parse_tool_calls('text <|tool_call_start|>[f(a=1)]')
-    assert r.tool_calls == [] and "unterminated" in r.errors[0] and r.text == "text"
 
 
 def test_bf16_no_worse_than_transformers_bf16(tmp_path):

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .chat import ParsedReply, ToolCall, apply_chat_template, parse_tool_calls
+from .chat import ParsedReply, ToolCall, apply_chat_template, encode_chat, parse_tool_calls
 from .config import ModelConfig, config_from_dict, lfm25_8b_a1b_config, load_config
 from .generate import generate, process_logits, sample_next
 from .model import LfmModel, State
@@ -30,6 +30,7 @@ __all__ = [
     "apply_chat_template",
     "config_from_dict",
     "default_model",
+    "encode_chat",
     "from_pretrained",
     "generate",
     "load_config",
@@ -45,11 +46,22 @@ class _RawTokenizer:
     """A `tokenizers.Tokenizer` with the few methods generate/chat use."""
 
     def __init__(self, tok, eos_token_id=None):
+        from tokenizers import Tokenizer
+
         self._tok = tok
+        # a twin that encodes special-token text as plain text (chat content); a second object rather
+        # than toggling the flag per call, so concurrent encodes can't see each other's setting
+        self._plain = Tokenizer.from_str(tok.to_str())
+        self._plain.encode_special_tokens = True
         self.eos_token_id = eos_token_id
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    @property
+    def added_tokens_decoder(self):
+        return self._tok.get_added_tokens_decoder()
+
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        tok = self._plain if split_special_tokens else self._tok
+        return tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

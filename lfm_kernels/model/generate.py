@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .chat import ParsedReply, apply_chat_template, parse_tool_calls
+from .chat import ParsedReply, encode_chat, parse_tool_calls
 
 
 def process_logits(
@@ -380,11 +380,12 @@ def generate(
     return texts
 
 
-def chat(model, messages, tools=None, max_new_tokens: int = 512, **kwargs) -> ParsedReply:
-    """One assistant turn: template, generate, parse tool calls (never executed here)."""
+def chat(model, messages, tools=None, max_new_tokens: int = 512, chat_template_kwargs=None, **kwargs) -> ParsedReply:
+    """One assistant turn: template, generate, parse tool calls (never executed here).
+    chat_template_kwargs go to `encode_chat` (the checkpoint template's variables, or the built-in
+    template's `variant` and options); the other kwargs to `generate`."""
     tok = _need_tokenizer(model)
-    prompt = apply_chat_template(messages, tools=tools, add_generation_prompt=True)
-    ids = tok.encode(prompt, add_special_tokens=False)
+    ids = encode_chat(tok, messages, tools, add_generation_prompt=True, **(chat_template_kwargs or {}))
     new = generate(model, [ids], max_new_tokens, **kwargs)[0].tolist()
     stops = eos_ids(model, kwargs.get("eos_token_id"))
     for i, t in enumerate(new):
