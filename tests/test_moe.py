@@ -10,7 +10,7 @@ import torch
 import lfm_kernels
 import lfm_kernels.ops.moe as moe_mod
 from lfm_kernels import _backend, reference
-from conftest import HAS_TRITON, TOL, assert_close, dtype_id, rel_err
+from conftest import HAS_TRITON, TOL, assert_close, call_triton, dtype_id, rel_err
 
 NS = [1, 2, 7, 64, 513]
 SMALL_H, SMALL_I = 76, 36  # neither a multiple of the 8-lane vectors nor of 16: tails everywhere
@@ -52,7 +52,7 @@ def _route(impl, *args):
     if impl == "triton":
         from lfm_kernels.triton.moe import moe_route_triton
 
-        return moe_route_triton(*args)
+        return call_triton(moe_route_triton, *args)
     with _cpu_ctx(impl):
         assert _backend.cpu_isa() == impl
         return lfm_kernels.moe_route(*args)
@@ -62,7 +62,7 @@ def _experts(impl, *args):
     if impl == "triton":
         from lfm_kernels.triton.moe import moe_experts_triton
 
-        return moe_experts_triton(*args)
+        return call_triton(moe_experts_triton, *args)
     with _cpu_ctx(impl):
         assert _backend.cpu_isa() == impl
         return lfm_kernels.moe_experts(*args)
@@ -429,7 +429,7 @@ def test_triton_align(block_m):
     n, e, k = 23, 8, 3
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     ids[ids == 4] = 5  # an unused expert
-    sorted_pairs, block_expert = moe_align(ids, e, block_m)
+    sorted_pairs, block_expert = call_triton(moe_align, ids, e, block_m)
     flat = ids.reshape(-1)
     seen = []
     for b, ex in enumerate(block_expert.tolist()):
@@ -470,7 +470,7 @@ def test_triton_config_table(tmp_path, monkeypatch):
         gate_up, down = _expert_weights(e, 64, 32, torch.float32)
         ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
         weights = torch.rand(n, k)
-        out = tmoe.moe_experts_triton(hidden, gate_up, down, ids, weights)
+        out = call_triton(tmoe.moe_experts_triton, hidden, gate_up, down, ids, weights)
         assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights))
     finally:
         monkeypatch.undo()
@@ -523,7 +523,7 @@ def test_triton_align_layout(n, e, k, block_m, monkeypatch):
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     if n > 1:
         ids[ids == 1] = 0  # an unused expert and an uneven load
-    sorted_pairs, block_expert = tmoe.moe_align(ids, e, block_m)
+    sorted_pairs, block_expert = call_triton(tmoe.moe_align, ids, e, block_m)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=e)
