@@ -105,7 +105,10 @@ else
   # the tests compile every kernel once; xdist spreads the compiles over the host's cores
   XDIST=()
   if "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
-  step cuda_tests 120 "$PY" -m pytest tests -m cuda -q -rfEs --tb=short -p no:cacheprovider "${XDIST[@]}" \
+  # the files that hold `cuda` tests, not all of tests/: the machine's transformers (5.17) is older
+  # than the integration tests need, and a module that fails to import would stop the whole session
+  step cuda_tests 120 "$PY" -m pytest tests/test_cuda.py tests/test_short_conv.py tests/test_linear.py -m cuda \
+    -q -rfEs --tb=short -p no:cacheprovider --continue-on-collection-errors ${XDIST[@]+"${XDIST[@]}"} \
     --junitxml="$WORK/logs/cuda_tests.xml"
   step bench 110 "$PY" -m lfm_kernels.cli bench --device cuda --json "$OUT/bench.json"
   step e2e 80 "$PY" tools/gpu_e2e.py --batches 1,64 --prompt-len 512 --steps 32 --json "$OUT/e2e.json"
