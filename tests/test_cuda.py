@@ -124,6 +124,24 @@ def test_cuda_moe_block(n, dtype):
     assert_close(out, ref, dtype, "moe block")
 
 
+@pytest.mark.parametrize("n", [1, 64])
+def test_cuda_moe_block_capturable(n):
+    """Router, align, experts and combine run inside a CUDA graph capture (no host sync, fixed
+    shapes) and the replay equals the eager call."""
+    import lfm_kernels
+
+    hidden, gate, bias = _router_inputs(n, torch.bfloat16)
+    gate_up, down = _experts(torch.bfloat16)
+    eager = lfm_kernels.moe(hidden, gate, bias, gate_up, down, TOP_K)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = lfm_kernels.moe(hidden, gate, bias, gate_up, down, TOP_K)
+    hidden.copy_(hidden.flip(0))  # new tokens in the same buffer: the replay must route them afresh
+    g.replay()
+    assert_close(out, lfm_kernels.moe(hidden, gate, bias, gate_up, down, TOP_K), torch.bfloat16, "replayed moe")
+    assert eager.shape == out.shape
+
+
 # ----------------------------------------------------------------------------------- decode attention
 
 
@@ -210,6 +228,22 @@ def test_cuda_graph_decode_step_equals_eager(cuda_model, batch):
         for i in eager_state.conv_state:
             assert rel_err(graph_state.conv_state[i].float(), eager_state.conv_state[i].float()) < 1e-3
         tok = want.argmax(-1)
+
+
+def test_cuda_decode_step_never_syncs(cuda_model):
+    """The wrapper's decode step with check=False asks the device for nothing (sync debug mode makes
+    any synchronising call an error)."""
+    model = cuda_model
+    state = model.new_state(2, 16)
+    model.prefill(torch.randint(0, 32768, (2, 5), device="cuda"), torch.tensor([5, 3]), state)
+    tok = torch.randint(0, 32768, (2,), device="cuda")
+    model.decode_step(tok, state, check=False)  # first call: Triton compiles (host work, may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.decode_step(tok, state, check=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_cuda_generate_with_and_without_graph(cuda_model):
