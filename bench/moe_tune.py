@@ -8,9 +8,11 @@ with the eager reference, and writes the fastest per M to lfm_kernels/triton/moe
 
     {"E=32,N=1792,H=2048,dtype=bf16": {"1": {"BLOCK_M": 16, "BLOCK_N": 64, ...}, "4": {...}, ...}}
 
-The kernel picks the entry of the largest tuned M not above its own token count. The file is
-merged (other shapes' entries are kept) and rewritten after every M, so a run cut short by a
-time limit still leaves what it found.
+The kernel uses the entry whose tuned M is nearest to its own token count on a log scale, if it is
+within a factor of two; otherwise its built-in configs (lfm_kernels.triton.moe.get_config), so a
+table tuned only for small M never reaches a large prefill. The file is merged (other shapes'
+entries are kept) and rewritten after every M, so a run cut short by a time limit still leaves
+what it found.
 
     python bench/moe_tune.py                           # the default token list, on the GPU
     python bench/moe_tune.py --tokens 1,16,256 --budget-s 120
@@ -43,7 +45,7 @@ TOP_K = 4
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "lfm_kernels", "triton", "moe_configs.json")
-SMEM_LIMIT = 200 * 1024  # bytes of shared memory a config may plan for (H100/H200 allow 227 KiB)
+SMEM_LIMIT = 227 * 1024  # shared memory one block may use on an H100/H200 (sm_90)
 
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -64,9 +66,21 @@ def run_config(inputs: dict, config: dict | None) -> torch.Tensor:
                               inputs["topk_ids"], inputs["topk_weights"], config=config)
 
 
+def smem_bytes(config: dict, dtype_bytes: int = 2) -> int:
+    """Shared memory the software pipeline needs: num_stages copies of each k-step's tiles. The
+    gate_up kernel loads the token tile and *two* weight tiles (gate and up) per step, the down
+    kernel one of each; the larger of the two counts."""
+    c = config
+    gate_up = (c["BLOCK_M"] * c["BLOCK_K"] + 2 * c["BLOCK_K"] * c["BLOCK_N"]) * dtype_bytes * c["num_stages"]
+    d = {**c, **c.get("down", {})}
+    down = (d["BLOCK_M"] * d["BLOCK_K"] + d["BLOCK_K"] * d["BLOCK_N"]) * dtype_bytes * d["num_stages"]
+    return max(gate_up, down)
+
+
 def candidate_configs(m_tokens: int, num_experts: int, top_k: int = TOP_K, dtype_bytes: int = 2) -> list[dict]:
     """A few dozen configurations suited to M tokens: BLOCK_M follows the expected rows per expert
-    (M * top_k / E), the rest is a small grid filtered by the shared memory a pipeline would need."""
+    (M * top_k / E), the rest is a small grid without the configs whose pipeline would need more
+    shared memory than a block may have (smem_bytes)."""
     rows = m_tokens * top_k / num_experts
     if rows <= 16:
         grid = dict(BLOCK_M=[16], BLOCK_N=[32, 64, 128], BLOCK_K=[64, 128, 256], num_warps=[4], num_stages=[2, 3, 4])
@@ -77,8 +91,7 @@ def candidate_configs(m_tokens: int, num_experts: int, top_k: int = TOP_K, dtype
     out = []
     for values in itertools.product(*grid.values()):
         c = dict(zip(grid.keys(), values))
-        smem = (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * dtype_bytes * c["num_stages"]
-        if smem <= SMEM_LIMIT:
+        if smem_bytes(c, dtype_bytes) <= SMEM_LIMIT:
             out.append(c)
     return out
 

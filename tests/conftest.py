@@ -21,6 +21,39 @@ except ImportError:
     HAS_TRITON = False
 
 
+# Where the Triton kernels run in tests: compiled kernels need CUDA tensors; the interpreter (no GPU)
+# runs on CPU tensors.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def call_triton(fn, *args, **kwargs):
+    """fn (a Triton launcher) on TRITON_DEVICE copies of the CPU tensor arguments: in-place changes
+    (conv states, `out` buffers) are copied back and tensor results come back on the CPU. Without a
+    GPU this is a plain call."""
+    if TRITON_DEVICE == "cpu":
+        return fn(*args, **kwargs)
+    moved = []
+
+    def to_dev(x):
+        if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+            d = x.to(TRITON_DEVICE)
+            moved.append((x, d))
+            return d
+        return x
+
+    def to_cpu(x):
+        if isinstance(x, torch.Tensor):
+            return x.cpu()
+        if isinstance(x, tuple):
+            return tuple(to_cpu(y) for y in x)
+        return x
+
+    res = fn(*[to_dev(a) for a in args], **{k: to_dev(v) for k, v in kwargs.items()})
+    for host, dev in moved:
+        host.copy_(dev)
+    return to_cpu(res)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere in out gives inf so it can never pass."""
     out64, ref64 = out.double(), ref.double()

@@ -11,7 +11,7 @@ import lfm_kernels
 import lfm_kernels.ops.moe as moe_mod
 from lfm_kernels import _backend, reference
 from lfm_kernels._policy import DEFAULT_POLICY, get_policy, kernel_policy
-from conftest import HAS_TRITON, TOL, assert_close, dtype_id, rel_err
+from conftest import HAS_TRITON, TOL, assert_close, call_triton, dtype_id, rel_err
 
 NS = [1, 2, 7, 64, 513]
 SMALL_H, SMALL_I = 76, 36  # neither a multiple of the 8-lane vectors nor of 16: tails everywhere
@@ -65,7 +65,7 @@ def _route(impl, *args):
     if impl == "triton":
         from lfm_kernels.triton.moe import moe_route_triton
 
-        return moe_route_triton(*args)
+        return call_triton(moe_route_triton, *args)
     with _cpu_ctx(impl):
         assert _backend.cpu_isa() == impl
         return lfm_kernels.moe_route(*args)
@@ -75,7 +75,7 @@ def _experts(impl, *args):
     if impl == "triton":
         from lfm_kernels.triton.moe import moe_experts_triton
 
-        return moe_experts_triton(*args)
+        return call_triton(moe_experts_triton, *args)
     with _cpu_ctx(impl):
         assert _backend.cpu_isa() == impl
         return lfm_kernels.moe_experts(*args)
@@ -519,7 +519,7 @@ def test_triton_align(block_m):
     n, e, k = 23, 8, 3
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     ids[ids == 4] = 5  # an unused expert
-    sorted_pairs, block_expert = moe_align(ids, e, block_m)
+    sorted_pairs, block_expert = call_triton(moe_align, ids, e, block_m)
     flat = ids.reshape(-1)
     seen = []
     for b, ex in enumerate(block_expert.tolist()):
@@ -548,19 +548,89 @@ def test_triton_config_table(tmp_path, monkeypatch):
     tmoe._config_table.cache_clear()
     try:
         assert tmoe.get_config(8, 32, 64, torch.float32, 3)["BLOCK_N"] == 16
-        assert tmoe.get_config(8, 32, 64, torch.float32, 9)["BLOCK_M"] == 32
-        assert tmoe.get_config(8, 32, 64, torch.float32, 1000)["BLOCK_M"] == 32
+        # the nearest tuned count on a log scale, if within a factor of two
+        assert tmoe.get_config(8, 32, 64, torch.float32, 40)["BLOCK_M"] == 32
+        assert tmoe.get_config(8, 32, 64, torch.float32, 128)["BLOCK_M"] == 32
+        # far from every tuned count (and for shapes the file lacks): the built-in table
+        assert tmoe.get_config(8, 32, 64, torch.float32, 9) == tmoe._DEFAULTS_FP32[0][1]
+        assert tmoe.get_config(8, 32, 64, torch.float32, 1000) == tmoe._DEFAULTS_FP32[-1][1]
         assert tmoe.get_config(8, 32, 128, torch.float32, 1)["BLOCK_M"] == 16  # default table
         n, e, k = 9, 8, 2
         hidden = torch.randn(n, 64)
         gate_up, down = _expert_weights(e, 64, 32, torch.float32)
         ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
         weights = torch.rand(n, k)
-        out = tmoe.moe_experts_triton(hidden, gate_up, down, ids, weights)
+        out = call_triton(tmoe.moe_experts_triton, hidden, gate_up, down, ids, weights)
         assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights))
     finally:
         monkeypatch.undo()
         tmoe._config_table.cache_clear()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_config_decode_table_not_used_for_prefill(tmp_path, monkeypatch):
+    """A table tuned only for decode-sized calls must not hand its small blocks to a 512-token
+    prefill (it once did: the lookup fell back to the largest key)."""
+    from lfm_kernels.triton import moe as tmoe
+
+    small = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+    cfg = {"E=32,N=1792,H=2048,dtype=bf16": {str(m): small for m in (1, 4, 16)}}
+    path = tmp_path / "moe_configs.json"
+    path.write_text(json.dumps(cfg))
+    monkeypatch.setattr(tmoe, "_CONFIG_FILE", str(path))
+    tmoe._config_table.cache_clear()
+    try:
+        assert tmoe.get_config(32, 1792, 2048, torch.bfloat16, 1) == small
+        assert tmoe.get_config(32, 1792, 2048, torch.bfloat16, 24) == small
+        assert tmoe.get_config(32, 1792, 2048, torch.bfloat16, 512) == tmoe._DEFAULTS[-1][1]
+        assert tmoe.get_config(32, 1792, 2048, torch.bfloat16, 512)["BLOCK_M"] == 64
+    finally:
+        monkeypatch.undo()
+        tmoe._config_table.cache_clear()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_fp32_prefill_config():
+    """fp32 dots (fp32 weights or mixed dtypes) get their own, smaller prefill tiles: the 16-bit ones
+    spill on the GPU (checked by tools/triton_aot_check.py)."""
+    from lfm_kernels.triton import moe as tmoe
+
+    fp32 = tmoe.get_config(32, 1792, 2048, torch.float32, 512)
+    bf16 = tmoe.get_config(32, 1792, 2048, torch.bfloat16, 512)
+    assert fp32 != bf16
+    assert fp32["BLOCK_M"] * fp32["BLOCK_N"] < bf16["BLOCK_M"] * bf16["BLOCK_N"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("n,e,k,block_m", [(1, 32, 4, 16), (64, 32, 4, 16), (300, 8, 2, 32), (97, 40, 3, 64)])
+def test_triton_align_layout(n, e, k, block_m, monkeypatch):
+    """The one-launch align gives exactly the stable sort by expert, each run padded to block_m, and
+    every block's expert (-1 past the last run); every slot is written (the buffers start poisoned)."""
+    from lfm_kernels.triton import moe as tmoe
+
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(-7))
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    if n > 1:
+        ids[ids == 1] = 0  # an unused expert and an uneven load
+    sorted_pairs, block_expert = call_triton(tmoe.moe_align, ids, e, block_m)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e)
+    want_pairs, want_blocks = [], []
+    pos = 0
+    for x in range(e):
+        run = order[pos : pos + int(counts[x])].tolist()
+        pos += int(counts[x])
+        padded = -(-len(run) // block_m) * block_m
+        want_pairs += run + [flat.numel()] * (padded - len(run))
+        want_blocks += [x] * (padded // block_m)
+    nb = block_expert.numel()
+    assert nb == tmoe.align_blocks(flat.numel(), e, block_m)
+    want_blocks += [-1] * (nb - len(want_blocks))
+    want_pairs += [flat.numel()] * (nb * block_m - len(want_pairs))
+    assert block_expert.tolist() == want_blocks
+    assert sorted_pairs.tolist() == want_pairs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 import lfm_kernels
 from lfm_kernels import _backend, reference
-from conftest import HAS_CUDA, HAS_TRITON, assert_close, dtype_id
+from conftest import HAS_CUDA, HAS_TRITON, assert_close, call_triton, dtype_id
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IMPLS = ["avx2", "portable", "triton"]
@@ -26,7 +26,7 @@ def _run(impl, bcx, weight, bias=None, conv_state=None, attention_mask=None, poi
             pytest.skip("triton not installed")
         from lfm_kernels.triton.short_conv import short_conv_triton
 
-        return short_conv_triton(bcx, weight, bias, conv_state, attention_mask, out=out)
+        return call_triton(short_conv_triton, bcx, weight, bias, conv_state, attention_mask, out=out)
     if _backend._C is None:
         pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
     if impl == "avx2" and not _backend._C.cpu_supports_avx2():

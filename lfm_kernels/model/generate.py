@@ -262,6 +262,7 @@ def generate(
     generator: torch.Generator | None = None,
     timings: dict | None = None,
     attention_mask: torch.Tensor | None = None,
+    cuda_graph: bool = True,
 ):
     """Generate up to max_new_tokens per prompt.
 
@@ -280,6 +281,7 @@ def generate(
     temperature/top_p/repetition_penalty, a non-int top_k/max_new_tokens/eos_token_id) raise a
     ValueError or TypeError naming the argument.
     timings: a dict to receive {"prefill_s", "decode_s", "prompt_tokens", "decode_steps"}.
+    cuda_graph: on CUDA, capture the decode step once as a CUDA graph and replay it (see cuda_graph.py).
 
     Returns, for id inputs, the new ids only as a LongTensor [B, new] where new is the longest row's
     count; a row that stopped on an end-of-sequence token keeps that token and is padded after it with
@@ -334,6 +336,9 @@ def generate(
     out = torch.full((B, room), pad, dtype=torch.int64, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
 
+    from .cuda_graph import decode_stepper
+
+    step_fn = decode_stepper(model, state, cuda_graph)
     t0 = time.perf_counter()
     logits = model.prefill(ids, lens, state)
     t1 = time.perf_counter()
@@ -361,7 +366,7 @@ def generate(
                     break
             if step + 1 == max_new_tokens:
                 break
-            logits = model.decode_step(tok, state)
+            logits = step_fn(tok)
     t2 = time.perf_counter()
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prompt_tokens=sum(lengths), decode_steps=n - 1, batch=B)

@@ -204,12 +204,14 @@ class LfmModel:
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()
-    def decode_step(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
-        """One new token per row (tokens [B] int64) at position seq_lens[b]; returns logits [B, V]."""
+    def decode_step(self, tokens: torch.Tensor, state: State, *, check: bool = True) -> torch.Tensor:
+        """One new token per row (tokens [B] int64) at position seq_lens[b]; returns logits [B, V].
+        check=False skips the "state is full" check, a device sync, for loops that sized the state
+        themselves (generate, the CUDA graph); nothing else in the step waits for the device."""
         cfg, w = self.config, self.weights
         B = tokens.shape[0]
         pos = state.seq_lens
-        if int(pos.max()) >= state.max_len:
+        if check and int(pos.max()) >= state.max_len:
             raise ValueError(f"the state is full (max_len {state.max_len}); make a longer one")
         rows = torch.arange(B, device=self.device)
         new_lens = pos + 1
@@ -225,7 +227,8 @@ class LfmModel:
                 q, k = qk[:, :Hq].contiguous(), qk[:, Hq:]
                 state.k_cache[i][rows, :, pos] = k
                 state.v_cache[i][rows, :, pos] = v
-                o = decode_attention(q, state.k_cache[i], state.v_cache[i], new_lens, self._scale)
+                # lengths come from the state (in [1, max_len]): no check, so no device sync
+                o = decode_attention(q, state.k_cache[i], state.v_cache[i], new_lens, self._scale, check_lengths=False)
                 out = linear(o.reshape(B, 1, -1), lw.out_proj)
             else:
                 bcx = linear(h, lw.in_proj, lw.in_proj_bias)

@@ -13,11 +13,11 @@ splits past a sequence's length exit at once and weigh nothing in the merge.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import interpreting
 
 BLOCK_N = 64  # positions per K/V block (the tl.dot's N)
 MAX_SPLITS = 128
@@ -33,9 +33,11 @@ def _attend_block(
     o_pos = j0 + o_n
     m_n = o_pos < end
     m_kv = m_n[:, None] & m_d[None, :]
-    # masked rows are never read: cache positions past the length may hold anything (NaN)
-    b_k = tl.load(p_k0 + o_pos[:, None] * s_ks + o_d[None, :], mask=m_kv, other=0.0)
-    b_v = tl.load(p_v0 + o_pos[:, None] * s_vs + o_d[None, :], mask=m_kv, other=0.0)
+    # masked rows are never read: cache positions past the length may hold anything (NaN).
+    # 64-bit: position x stride passes 2^31 for a long cache in a layout with a large position stride
+    o_pos64 = o_pos.to(tl.int64)[:, None]
+    b_k = tl.load(p_k0 + o_pos64 * s_ks + o_d[None, :], mask=m_kv, other=0.0)
+    b_v = tl.load(p_v0 + o_pos64 * s_vs + o_d[None, :], mask=m_kv, other=0.0)
     if UPCAST:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -83,9 +85,10 @@ def _decode_attn_stage1(
 ):
     i_bh = tl.program_id(0)
     i_s = tl.program_id(1)
-    # 64-bit: batch x cache stride passes 2^31 elements for large batches of long caches
+    # 64-bit: batch x cache stride passes 2^31 elements for large batches of long caches, and a
+    # preallocated cache much longer than S can do the same with head x head stride
     i_b = (i_bh // H_KV).to(tl.int64)
-    i_h = i_bh % H_KV
+    i_h = (i_bh % H_KV).to(tl.int64)
     # clamped so that an unchecked bad length can never read outside the cache
     seqlen = tl.minimum(tl.maximum(tl.load(lens + i_b).to(tl.int32), 0), S)
     start = i_s * split_len
@@ -141,7 +144,7 @@ def _decode_attn_stage2(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i_bq = tl.program_id(0)  # b * Hq + query head; out is [B, Hq, D] contiguous
+    i_bq = tl.program_id(0).to(tl.int64)  # b * Hq + query head; out is [B, Hq, D] contiguous
     o_s = tl.arange(0, BLOCK_S)
     o_d = tl.arange(0, BLOCK_D)
     m_s = o_s < NUM_SPLITS
@@ -152,10 +155,6 @@ def _decode_attn_stage2(
     b_o = tl.load(p_o, mask=m_s[:, None] & m_d[None, :], other=0.0)
     b_out = tl.sum(b_w[:, None] * b_o, 0) / tl.sum(b_w, 0)
     tl.store(out + i_bq * D + o_d, b_out.to(out.dtype.element_ty), mask=m_d)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def num_splits_for(batch: int, n_kv: int, max_len: int, device: torch.device) -> int:
@@ -185,7 +184,7 @@ def decode_attention_triton(
     group = n_q // n_kv
     # the interpreter rounds fp32 -> bf16 stores by truncation: there the kernel writes fp32 and
     # torch rounds to nearest even
-    out_dtype = torch.float32 if _interpreting() else q.dtype
+    out_dtype = torch.float32 if interpreting() else q.dtype
     out = torch.empty(batch, n_q, head_dim, dtype=out_dtype, device=q.device)
     if batch == 0:
         return out.to(q.dtype)
@@ -197,7 +196,7 @@ def decode_attention_triton(
     mid_o = torch.empty(batch, n_q, splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(batch, n_q, splits, dtype=torch.float32, device=q.device)
     # the interpreter computes bf16/fp16 wrongly: upcast there; fp32 keeps exact (non-TF32) dots
-    upcast = _interpreting() or q.dtype == torch.float32
+    upcast = interpreting() or q.dtype == torch.float32
     block_d = max(16, triton.next_power_of_2(head_dim))
     _decode_attn_stage1[(batch * n_kv, splits)](
         q,
@@ -226,7 +225,7 @@ def decode_attention_triton(
         BLOCK_N=BLOCK_N,
         UPCAST=upcast,
         DOT_PRECISION="ieee" if upcast else "tf32",
-        FIXED_TRIP=split_len // BLOCK_N if _interpreting() else 0,
+        FIXED_TRIP=split_len // BLOCK_N if interpreting() else 0,
         num_warps=4,
     )
     _decode_attn_stage2[(batch * n_q,)](

@@ -5,39 +5,42 @@ as transformers does, adds expert_bias, and picks the top k by repeated argmax (
 index), normalising the unbiased weights: one launch, nothing in between goes to memory.
 
 Experts:
-  1. align: the N*k (token, slot) pairs are sorted by expert (stable) and each expert's run padded
-     to a multiple of BLOCK_M, so every BLOCK_M-row block belongs to one expert; blocks past the
-     last expert are marked -1 and exit at once (the buffer size is a bound known without a sync).
+  1. align: one single-program launch sorts the N*k (token, slot) pairs by expert (stable) and pads
+     each expert's run to a multiple of BLOCK_M, so every BLOCK_M-row block belongs to one expert;
+     blocks past the last expert are marked -1 and exit at once. The buffer size is a bound known
+     without reading anything back, so a decode step never waits for the device and can be captured
+     in a CUDA graph.
   2. gate_up: grouped GEMM over those blocks; each program computes the gate and up tiles of the
      same BLOCK_N intermediate columns and writes silu(gate) * up (SwiGLU fused in the epilogue).
   3. down: grouped GEMM that multiplies each row by its routing weight and writes y[pair, :].
   4. combine: out[n] = sum over slots s = 0..k-1 of y[n*k + s], in that order: deterministic, no atomics.
 H and I are compile-time constants: they are fixed per model, and the loops over them then also run
-under the Triton interpreter (which cannot loop to a runtime bound with this numpy). Block sizes come from a small per-shape table (small blocks for decode) or, when present, from
-moe_configs.json next to this file (written by a GPU block-size search), keyed
-"E={E},N={I},H={H},dtype={bf16|fp16|fp32}" -> {"<max tokens>": {BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-num_stages, optional "down": {BLOCK_N, BLOCK_K, num_warps, num_stages}}}; the bucket used is the
-smallest key >= N (else the largest key).
+under the Triton interpreter (which cannot loop to a runtime bound with this numpy).
+
+Block sizes come from moe_configs.json next to this file when it has the shape (written by
+bench/moe_tune.py), keyed "E={E},N={I},H={H},dtype={bf16|fp16|fp32}" -> {"<tokens>": {BLOCK_M,
+BLOCK_N, BLOCK_K, num_warps, num_stages, optional "down": {BLOCK_N, BLOCK_K, num_warps,
+num_stages}}}: the entry whose token count is nearest to the call's (on a log scale) is used when
+it is within a factor of two of it; otherwise, and for shapes the file lacks, the built-in table
+(small blocks for decode, larger ones for prefill; a smaller one where the dot runs on fp32
+operands, whose tiles are twice the size).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .short_conv import _round_to
+from ._common import interpreting, round_to, tl_dtype
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), "moe_configs.json")
 _DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,11 +66,11 @@ def _moe_route_kernel(
         b_w = tl.load(p_w + o_e[:, None] * s_we + o_h[None, :], mask=m_e[:, None] & m_h[None, :], other=0.0)
         b_acc += tl.sum(b_w.to(tl.float32) * b_x[None, :], axis=1)
     # transformers computes the router in the model dtype: round where it rounds
-    b_l = _round_to(b_acc, HDT)
-    b_s = _round_to(tl.sigmoid(b_l), HDT)
+    b_l = round_to(b_acc, HDT)
+    b_s = round_to(tl.sigmoid(b_l), HDT)
     b_c = b_s
     if HAS_BIAS:
-        b_c = _round_to(b_s + tl.load(p_bias + o_e, mask=m_e, other=0.0).to(tl.float32), CDT)
+        b_c = round_to(b_s + tl.load(p_bias + o_e, mask=m_e, other=0.0).to(tl.float32), CDT)
     b_c = tl.where(m_e, b_c, float("-inf"))
     o_k = tl.arange(0, BLOCK_K)
     b_wk = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -89,10 +92,6 @@ def _moe_route_kernel(
     tl.store(p_iout + i_n * TOP_K + o_k, b_ik, mask=m_k)
 
 
-def _tl_dtype(dtype: torch.dtype):
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
-
-
 def moe_route_triton(hidden, gate_weight, expert_bias, top_k, norm_topk_prob=True, routed_scaling_factor=1.0):
     """(topk_weights fp32 [N, k], topk_ids int64 [N, k]); see lfm_kernels.moe_route."""
     n_tokens, hidden_size = hidden.shape
@@ -110,7 +109,7 @@ def moe_route_triton(hidden, gate_weight, expert_bias, top_k, norm_topk_prob=Tru
         x, w, expert_bias if expert_bias is not None else w, weights, ids,
         n_experts, x.stride(0), w.stride(0), float(routed_scaling_factor),
         H=hidden_size, TOP_K=top_k, NORM=bool(norm_topk_prob), HAS_BIAS=expert_bias is not None,
-        HDT=_tl_dtype(hidden.dtype), CDT=_tl_dtype(cdt),
+        HDT=tl_dtype(hidden.dtype), CDT=tl_dtype(cdt),
         BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_K=max(2, triton.next_power_of_2(top_k)),
     )
     return weights, ids
@@ -200,15 +199,76 @@ def _moe_combine_kernel(p_y, p_out, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexp
     for s in tl.static_range(TOP_K):  # fixed slot order: the sum does not depend on scheduling
         b_acc += tl.load(p_y + (i_n * TOP_K + s) * H + o_h, mask=m_h, other=0.0)
     # round to nearest even first: a plain bf16 cast truncates under the interpreter
-    b_acc = _round_to(b_acc, p_out.dtype.element_ty)
+    b_acc = round_to(b_acc, p_out.dtype.element_ty)
     tl.store(p_out + i_n * H + o_h, b_acc.to(p_out.dtype.element_ty), mask=m_h)
 
 
+@triton.jit
+def _moe_align_kernel(
+    p_ids, p_sorted, p_bexp,
+    P, E, NUM_BLOCKS,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr,
+    P_TRIPS: tl.constexpr, B_TRIPS: tl.constexpr,  # loop trip counts under the interpreter, else 0
+):
+    """One program: counts the P pairs per expert, lays the experts' runs out back to back, each padded
+    to a multiple of BLOCK_M, scatters every pair to its slot (in pair order within an expert: the
+    result is the stable sort) and writes each block's expert (-1 past the last run). Every slot and
+    block entry is written exactly once, so the buffers need no fill and no barrier."""
+    o_e = tl.arange(0, BLOCK_E)
+    o_p = tl.arange(0, BLOCK_P)
+    m_e = o_e < E
+    # pass 1: pairs per expert (an id outside [0, E) matches no expert and is dropped)
+    b_cnt = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for i in range(0, P_TRIPS if P_TRIPS > 0 else tl.cdiv(P, BLOCK_P)):
+        o_pair = i * BLOCK_P + o_p
+        b_id = tl.load(p_ids + o_pair, mask=o_pair < P, other=-1).to(tl.int32)
+        b_cnt += tl.sum((b_id[:, None] == o_e[None, :]).to(tl.int32), axis=0)
+    b_pad = (b_cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    b_end = tl.cumsum(b_pad, axis=0)
+    b_start = b_end - b_pad
+    # the padding rows at the end of each expert's last block
+    o_j = tl.arange(0, BLOCK_M)
+    m_fill = m_e[:, None] & (o_j[None, :] < (b_pad - b_cnt)[:, None])
+    b_fill = tl.full([BLOCK_E, BLOCK_M], 0, tl.int32) + P
+    tl.store(p_sorted + (b_start + b_cnt)[:, None] + o_j[None, :], b_fill, mask=m_fill)
+    # pass 2: slot = start of the expert's run + pairs of that expert seen before this one
+    b_seen = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for i in range(0, P_TRIPS if P_TRIPS > 0 else tl.cdiv(P, BLOCK_P)):
+        o_pair = i * BLOCK_P + o_p
+        m_pair = o_pair < P
+        b_id = tl.load(p_ids + o_pair, mask=m_pair, other=-1).to(tl.int32)
+        b_hot = (b_id[:, None] == o_e[None, :]).to(tl.int32)  # [BLOCK_P, BLOCK_E]
+        b_rank = tl.cumsum(b_hot, axis=0) - b_hot  # earlier pairs of the same expert in this chunk
+        b_slot = tl.sum(b_hot * (b_rank + (b_start + b_seen)[None, :]), axis=1)
+        m_ok = m_pair & (b_id >= 0) & (b_id < E)
+        tl.store(p_sorted + b_slot, o_pair, mask=m_ok)
+        b_seen += tl.sum(b_hot, axis=0)
+    # each block's expert: the number of runs that end at or before the block's first slot
+    o_b = tl.arange(0, BLOCK_B)
+    b_end_m = tl.where(m_e, b_end, 2147483647)
+    for i in range(0, B_TRIPS if B_TRIPS > 0 else tl.cdiv(NUM_BLOCKS, BLOCK_B)):
+        o_blk = i * BLOCK_B + o_b
+        m_blk = o_blk < NUM_BLOCKS
+        b_exp = tl.sum((b_end_m[None, :] <= (o_blk * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        past = b_exp >= E
+        tl.store(p_bexp + o_blk, tl.where(past, -1, b_exp), mask=m_blk)
+        # blocks past the last run hold only padding
+        b_tail = tl.full([BLOCK_B, BLOCK_M], 0, tl.int32) + P
+        tl.store(p_sorted + (o_blk * BLOCK_M)[:, None] + o_j[None, :], b_tail, mask=(m_blk & past)[:, None])
+
+
+# (max tokens, config): decode-sized calls use small row blocks so padding costs little
 _DEFAULTS = (
-    # (max tokens, config): decode-sized calls use small row blocks so padding costs little
     (32, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)),
     (256, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)),
     (None, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)),
+)
+# fp32 operands (fp32 weights, or mixed dtypes upcast in the kernel) take twice the registers and
+# shared memory per tile: the 16-bit prefill tiles spill there (about 14 KB per thread for the
+# gate_up kernel's two accumulators), so prefill gets half-width tiles and two stages.
+_DEFAULTS_FP32 = (
+    (32, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)),
+    (None, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)),
 )
 
 
@@ -222,43 +282,58 @@ def _config_table() -> dict:
 
 
 def get_config(n_experts: int, inter: int, hidden_size: int, dtype: torch.dtype, n_tokens: int) -> dict:
-    """Block sizes for one call: from moe_configs.json when it has this shape, else the defaults."""
+    """Block sizes for one call. dtype is the dtype the dots run in (float32 when the kernel upcasts).
+
+    A tuned entry (moe_configs.json) is used when its token count is the nearest to n_tokens on a log
+    scale and within a factor of two of it: a table tuned only for decode never hands its small
+    blocks to a 512-token prefill. Otherwise the built-in table for the dtype."""
     key = f"E={n_experts},N={inter},H={hidden_size},dtype={_DTYPE_NAME.get(dtype, 'fp32')}"
     buckets = _config_table().get(key)
+    n = max(1, n_tokens)
     if buckets:
         sizes = sorted(int(b) for b in buckets)
-        pick = next((b for b in sizes if b >= n_tokens), sizes[-1])
-        return dict(buckets[str(pick)])
-    for limit, cfg in _DEFAULTS:
-        if limit is None or n_tokens <= limit:
+        pick = min(sizes, key=lambda b: (abs(math.log2(b / n)), b))
+        if pick <= 2 * n and n <= 2 * pick:
+            return dict(buckets[str(pick)])
+    for limit, cfg in _DEFAULTS_FP32 if dtype == torch.float32 else _DEFAULTS:
+        if limit is None or n <= limit:
             return dict(cfg)
     raise AssertionError("unreachable")
 
 
+def align_blocks(n_pairs: int, n_experts: int, block_m: int) -> int:
+    """Blocks moe_align lays out for n_pairs pairs: each expert's padding adds < block_m rows and at
+    most min(E, P) experts are active, so this bound needs no look at the ids."""
+    return triton.cdiv(n_pairs, block_m) + min(n_experts, n_pairs)
+
+
 def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
-    """Pairs sorted by expert, each expert's run padded to block_m rows.
+    """Pairs sorted by expert, each expert's run padded to block_m rows; one launch, no host sync.
 
     Returns (sorted_pairs int32 [num_blocks * block_m], pair index or P for padding;
     block_expert int32 [num_blocks], the expert of each block or -1 past the last one).
     """
-    device = topk_ids.device
-    flat = topk_ids.reshape(-1).to(torch.int64)
+    flat = topk_ids.reshape(-1)
+    if flat.stride(0) != 1:
+        flat = flat.contiguous()
     n_pairs = flat.numel()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
-    padded = (counts + block_m - 1) // block_m * block_m
-    pad_end = torch.cumsum(padded, 0)
-    pad_start = pad_end - padded
-    start = torch.cumsum(counts, 0) - counts
-    sorted_e = flat[order]
-    dest = pad_start[sorted_e] + torch.arange(n_pairs, device=device) - start[sorted_e]
-    # every expert's padding adds < block_m rows, and at most min(E, P) experts are active
-    num_blocks = triton.cdiv(n_pairs, block_m) + min(n_experts, n_pairs)
-    sorted_pairs = torch.full((num_blocks * block_m,), n_pairs, dtype=torch.int32, device=device)
-    sorted_pairs[dest] = order.to(torch.int32)
-    block_start = torch.arange(num_blocks, device=device) * block_m
-    block_expert = torch.searchsorted(pad_end, block_start, right=True)
-    block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
+    num_blocks = align_blocks(n_pairs, n_experts, block_m)
+    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=flat.device)
+    if num_blocks == 0:
+        return sorted_pairs, block_expert
+    block_e = max(16, triton.next_power_of_2(n_experts))
+    block_p = 256 if n_pairs > 128 else max(16, triton.next_power_of_2(n_pairs))
+    block_b = 64
+    interp = interpreting()
+    _moe_align_kernel[(1,)](
+        flat, sorted_pairs, block_expert,
+        n_pairs, n_experts, num_blocks,
+        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_P=block_p, BLOCK_B=block_b,
+        P_TRIPS=triton.cdiv(n_pairs, block_p) if interp else 0,
+        B_TRIPS=triton.cdiv(num_blocks, block_b) if interp else 0,
+        **({} if interp else dict(num_warps=4)),
+    )
     return sorted_pairs, block_expert
 
 
@@ -271,7 +346,13 @@ def moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, 
     out = torch.empty(n_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
     if n_tokens == 0 or top_k == 0:
         return out.zero_()
-    cfg = config or get_config(n_experts, inter, hidden_size, gate_up_proj.dtype, n_tokens)
+    # tensor cores need both operands in one 16-bit dtype; mixed or fp32 inputs compute in fp32
+    # (IEEE, not tf32, so fp32 meets its 1e-5 tolerance); the interpreter needs fp32 arithmetic
+    upcast = interpreting() or hidden.dtype != gate_up_proj.dtype
+    # the block sizes follow what the compiled kernel multiplies (fp32 also for mixed dtypes), not
+    # the interpreter's upcast, so interpreted tests run the configs a GPU would
+    dot_dtype = gate_up_proj.dtype if hidden.dtype == gate_up_proj.dtype else torch.float32
+    cfg = config or get_config(n_experts, inter, hidden_size, dot_dtype, n_tokens)
     down_cfg = {**cfg, **cfg.get("down", {})}
     block_m = cfg["BLOCK_M"]
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -280,16 +361,13 @@ def moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, 
     n_pairs = n_tokens * top_k
     sorted_pairs, block_expert = moe_align(topk_ids, n_experts, block_m)
     num_blocks = block_expert.numel()
-    # tensor cores need both operands in one 16-bit dtype; mixed or fp32 inputs compute in fp32
-    # (IEEE, not tf32, so fp32 meets its 1e-5 tolerance); the interpreter needs fp32 arithmetic
-    upcast = _interpreted() or hidden.dtype != gu.dtype
     prec = "ieee" if upcast or gu.dtype == torch.float32 else "tf32"
     act_dtype = gu.dtype if not upcast and gu.dtype != torch.float32 else torch.float32
     act = torch.empty(num_blocks * block_m, inter, dtype=act_dtype, device=hidden.device)
     y = torch.empty(n_pairs, hidden_size, dtype=torch.float32, device=hidden.device)
 
     def launch_opts(c):
-        return {} if _interpreted() else dict(num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 3))
+        return {} if interpreting() else dict(num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 3))
 
     grid1 = (num_blocks, triton.cdiv(inter, cfg["BLOCK_N"]))
     _moe_gate_up_kernel[grid1](

@@ -14,20 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _round_to(b_x, dtype: tl.constexpr):
-    """b_x (fp32) rounded to dtype's precision, nearest-even, kept in fp32. bf16 is rounded with integer
-    ops because a plain cast truncates under the Triton interpreter, and the conv state must match
-    transformers bit for bit."""
-    if dtype == tl.bfloat16:
-        b_bits = b_x.to(tl.uint32, bitcast=True)
-        b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(b_x != b_x, b_x, b_bits.to(tl.float32, bitcast=True))
-    elif dtype == tl.float16:
-        return b_x.to(tl.float16).to(tl.float32)
-    else:
-        return b_x
+from ._common import round_to
 
 
 @triton.jit
@@ -40,13 +27,20 @@ def _short_conv_prefill_kernel(
     L: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_b, i_d, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Offsets are 64-bit wherever an index meets a stride: B*T*3D passes 2^31 at batch 64 x 8k tokens,
+    # T*3D for one 350k-token prompt, and a strided view can make any stride large.
+    i_b = tl.program_id(0).to(tl.int64)
+    i_d, i_t = tl.program_id(1), tl.program_id(2)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     m_d = o_d < D
     m_t = o_t < T
+    o_d64 = o_d.to(tl.int64)
     dtype = p_y.dtype.element_ty
     p_row = p_bcx + i_b * s_xb
+    p_b = p_row + o_d64 * s_xd
+    p_c = p_row + (D + o_d64) * s_xd
+    p_x = p_row + (2 * D + o_d64) * s_xd
 
     b_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
@@ -56,25 +50,26 @@ def _short_conv_prefill_kernel(
         o_src = o_t - (L - 1) + j
         m_src = m_t & (o_src >= 0)
         m_2d = m_src[:, None] & m_d[None, :]
-        b_b = tl.load(p_row + o_src[:, None] * s_xt + o_d[None, :] * s_xd, mask=m_2d, other=0.0).to(tl.float32)
-        b_x = tl.load(p_row + o_src[:, None] * s_xt + (2 * D + o_d[None, :]) * s_xd, mask=m_2d, other=0.0).to(tl.float32)
-        b_u = _round_to(b_b * b_x, dtype)
+        o_src_t = o_src.to(tl.int64)[:, None] * s_xt
+        b_b = tl.load(p_b[None, :] + o_src_t, mask=m_2d, other=0.0).to(tl.float32)
+        b_x = tl.load(p_x[None, :] + o_src_t, mask=m_2d, other=0.0).to(tl.float32)
+        b_u = round_to(b_b * b_x, dtype)
         if HAS_MASK:
-            b_keep = tl.load(p_mask + i_b * s_mb + o_src * s_mt, mask=m_src, other=0)
+            b_keep = tl.load(p_mask + i_b * s_mb + o_src.to(tl.int64) * s_mt, mask=m_src, other=0)
             b_u = tl.where((b_keep != 0)[:, None], b_u, 0.0)
         if HAS_STATE:
             m_hist = m_t & (o_src < 0)
             b_h = tl.load(
-                p_state + i_b * s_sb + o_d[None, :] * s_sd + (L + o_src[:, None]) * s_sl,
+                p_state + i_b * s_sb + o_d64[None, :] * s_sd + (L + o_src[:, None]).to(tl.int64) * s_sl,
                 mask=m_hist[:, None] & m_d[None, :], other=0.0,
             ).to(tl.float32)
             b_u += b_h
-        b_w = tl.load(p_w + o_d * L + j, mask=m_d, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + o_d64 * L + j, mask=m_d, other=0.0).to(tl.float32)
         b_acc += b_u * b_w[None, :]
     m_out = m_t[:, None] & m_d[None, :]
-    b_c = tl.load(p_row + o_t[:, None] * s_xt + (D + o_d[None, :]) * s_xd, mask=m_out, other=0.0).to(tl.float32)
+    b_c = tl.load(p_c[None, :] + o_t.to(tl.int64)[:, None] * s_xt, mask=m_out, other=0.0).to(tl.float32)
     if HAS_MASK:
-        b_keep_t = tl.load(p_mask + i_b * s_mb + o_t * s_mt, mask=m_t, other=0)
+        b_keep_t = tl.load(p_mask + i_b * s_mb + o_t.to(tl.int64) * s_mt, mask=m_t, other=0)
         b_c = tl.where((b_keep_t != 0)[:, None], b_c, 0.0)
     tl.store(p_y + (i_b * T + o_t[:, None]) * D + o_d[None, :], (b_c * b_acc).to(dtype), mask=m_out)
 
@@ -88,28 +83,31 @@ def _short_conv_state_kernel(
     s_mb, s_mt,
     L: tl.constexpr, LP: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # new state[j] = u[T - L + j] for T - L + j >= 0, else old state[T + j]; LP = L rounded up to a power of 2
-    i_b, i_d = tl.program_id(0), tl.program_id(1)
+    # new state[j] = u[T - L + j] for T - L + j >= 0, else old state[T + j]; LP = L rounded up to a power
+    # of 2. Offsets are 64-bit where an index meets a stride (see the prefill kernel).
+    i_b, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
+    o_d64 = o_d.to(tl.int64)
     o_l = tl.arange(0, LP)
     m_l = o_l < L
     o_src = T - L + o_l
     m_new = (o_src >= 0) & m_l
+    o_src_t = o_src.to(tl.int64)[None, :] * s_xt
     p_row = p_bcx + i_b * s_xb
-    p_s = p_state + i_b * s_sb + o_d[:, None] * s_sd
+    p_s = p_state + i_b * s_sb + o_d64[:, None] * s_sd
     m_2d = m_d[:, None] & m_new[None, :]
-    b_b = tl.load(p_row + o_src[None, :] * s_xt + o_d[:, None] * s_xd, mask=m_2d, other=0.0).to(tl.float32)
-    b_x = tl.load(p_row + o_src[None, :] * s_xt + (2 * D + o_d[:, None]) * s_xd, mask=m_2d, other=0.0).to(tl.float32)
-    b_u = _round_to(b_b * b_x, p_state.dtype.element_ty)
+    b_b = tl.load(p_row + o_src_t + o_d64[:, None] * s_xd, mask=m_2d, other=0.0).to(tl.float32)
+    b_x = tl.load(p_row + o_src_t + (2 * D + o_d64[:, None]) * s_xd, mask=m_2d, other=0.0).to(tl.float32)
+    b_u = round_to(b_b * b_x, p_state.dtype.element_ty)
     if HAS_MASK:
-        b_keep = tl.load(p_mask + i_b * s_mb + o_src * s_mt, mask=m_new, other=0)
+        b_keep = tl.load(p_mask + i_b * s_mb + o_src.to(tl.int64) * s_mt, mask=m_new, other=0)
         b_u = tl.where((b_keep != 0)[None, :], b_u, 0.0)
     m_old = m_l & (o_src < 0)
-    b_old = tl.load(p_s + (T + o_l[None, :]) * s_sl, mask=m_d[:, None] & m_old[None, :], other=0.0)
+    b_old = tl.load(p_s + (T + o_l[None, :]).to(tl.int64) * s_sl, mask=m_d[:, None] & m_old[None, :], other=0.0)
     b_new = tl.where(m_new[None, :], b_u.to(b_old.dtype), b_old)
     tl.debug_barrier()  # all of this program's old values are read before any is overwritten
-    tl.store(p_s + o_l[None, :] * s_sl, b_new, mask=m_d[:, None] & m_l[None, :])
+    tl.store(p_s + o_l[None, :].to(tl.int64) * s_sl, b_new, mask=m_d[:, None] & m_l[None, :])
 
 
 @triton.jit
@@ -120,19 +118,21 @@ def _short_conv_decode_kernel(
     s_sb, s_sd, s_sl,
     L: tl.constexpr, LP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_b, i_d = tl.program_id(0), tl.program_id(1)
+    # 64-bit offsets: bcx may be a row of a long strided buffer (see the prefill kernel)
+    i_b, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
+    o_d64 = o_d.to(tl.int64)
     dtype = p_y.dtype.element_ty
     p_row = p_bcx + i_b * s_xb
-    b_b = tl.load(p_row + o_d * s_xd, mask=m_d, other=0.0).to(tl.float32)
-    b_c = tl.load(p_row + (D + o_d) * s_xd, mask=m_d, other=0.0).to(tl.float32)
-    b_x = tl.load(p_row + (2 * D + o_d) * s_xd, mask=m_d, other=0.0).to(tl.float32)
-    b_u = _round_to(b_b * b_x, dtype)
+    b_b = tl.load(p_row + o_d64 * s_xd, mask=m_d, other=0.0).to(tl.float32)
+    b_c = tl.load(p_row + (D + o_d64) * s_xd, mask=m_d, other=0.0).to(tl.float32)
+    b_x = tl.load(p_row + (2 * D + o_d64) * s_xd, mask=m_d, other=0.0).to(tl.float32)
+    b_u = round_to(b_b * b_x, dtype)
     o_l = tl.arange(0, LP)  # LP = L rounded up to a power of 2; lanes >= L are masked off
-    p_s = p_state + i_b * s_sb + o_d[:, None] * s_sd + o_l[None, :] * s_sl
+    p_s = p_state + i_b * s_sb + o_d64[:, None] * s_sd + o_l[None, :].to(tl.int64) * s_sl
     m_s = m_d[:, None] & (o_l[None, :] < L)
-    b_w = tl.load(p_w + o_d[:, None] * L + o_l[None, :], mask=m_s, other=0.0).to(tl.float32)
+    b_w = tl.load(p_w + o_d64[:, None] * L + o_l[None, :], mask=m_s, other=0.0).to(tl.float32)
     # taps 0..L-2 see state[1..L-1]; tap L-1 sees u. Shift by one: new[j] = old[j+1], new[L-1] = u
     b_shift = tl.load(p_s + s_sl, mask=m_d[:, None] & (o_l[None, :] < L - 1), other=0.0)
     b_new = tl.where(o_l[None, :] == L - 1, b_u[:, None].to(b_shift.dtype), b_shift)
