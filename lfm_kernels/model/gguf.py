@@ -175,7 +175,7 @@ def _one_value(values: list[int], key: str, file: str) -> int:
 def _f32_value(v) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06):
     the shortest repr that rounds to the same float32."""
-    return float(repr(np.float32(v)))
+    return float(str(np.float32(v)))
 
 
 def gguf_config(reader) -> ModelConfig:
