@@ -126,7 +126,18 @@ def open_gguf(path):
         raise ValueError(f"{file}: truncated GGUF file ({size} bytes): {exc}") from None
     except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as exc:
         raise ValueError(f"{file}: corrupt GGUF header: {exc}") from exc
-    for t in reader.tensors:  # the data of every tensor must lie inside the file
+    # As llama.cpp checks: tensors follow each other in the data section in the order of their
+    # infos, each padded to the alignment. A type or shape that disagrees with what was written
+    # changes a tensor's byte size, so the next tensor's offset no longer matches.
+    expected = 0
+    for t in reader.tensors:
+        rel = int(t.data_offset) - int(reader.data_offset)
+        if rel != expected:
+            raise ValueError(
+                f"{file}: tensor {t.name!r} starts at data offset {rel}, but the tensors before it end at "
+                f"{expected}: a tensor's type or shape in the header disagrees with the data in the file"
+            )
+        expected += -(-int(t.n_bytes) // reader.alignment) * reader.alignment
         if t.data_offset + t.n_bytes > size:
             raise ValueError(
                 f"{file}: truncated GGUF file ({size} bytes): tensor {t.name!r} needs bytes up to "
@@ -518,7 +529,10 @@ def gguf_tokenizer(reader):
     merges = _field(reader, "tokenizer.ggml.merges", [])
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    # llama.cpp only ranks merges; the tokenizers library refuses one whose parts or result are not in
+    # the vocabulary, which no tokenizer could produce anyway: leave those out
+    pairs = [p for p in (tuple(m.split(" ", 1)) for m in merges)
+             if len(p) == 2 and p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
     # llama.cpp's llama3-style pre-tokenizers (lfm2 among them) look a whole word up before merging
     bpe = models.BPE(vocab, pairs, ignore_merges=pre in ("lfm2", "llama3", "llama-bpe", "llama-v3"))
     tok = Tokenizer(bpe)
@@ -573,7 +587,8 @@ def from_gguf(path, dtype=None, device="cpu", progress: bool = True, tokenizer: 
     model = LfmModel(cfg, weights, dt, tokenizer=tok, path=reader.path)
     if cfg.eos_token_id:
         model.generation_defaults["eos_token_id"] = list(cfg.eos_token_id)
-    model.gguf_metadata = {k: v for k, v in _scalar_metadata(reader).items()}
+    model.gguf_metadata = _scalar_metadata(reader)
+    model.gguf_reader = reader  # the mapping the zero-copy weights live in
     return model
 
 
