@@ -46,8 +46,10 @@ def _fp16_round(x: np.ndarray) -> np.ndarray:
 
 
 def _nearest(x: np.ndarray) -> np.ndarray:
-    # ggml's nearest_int adds 1.5 * 2^23 in fp32: round half to even, as np.rint does
-    return np.rint(x).astype(np.int32)
+    # ggml's nearest_int adds 1.5 * 2^23 in fp32: round half to even, as np.rint does. Blocks of
+    # subnormal weights overflow the reciprocal scales; those products are clamped (to 0..nmax
+    # afterwards, as in ggml) instead of wrapping around in the integer conversion.
+    return np.rint(np.clip(np.nan_to_num(x, nan=0.0), -(2**30), 2**30)).astype(np.int32)
 
 
 def _rows(x, name: str = "x") -> tuple[np.ndarray, tuple[int, ...]]:
@@ -185,6 +187,7 @@ def _affine_k(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
     return d, dmin, ls, lm, L
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def quantize_q4_k(x, refine: bool = True) -> np.ndarray:
     """x [..., K] (K a multiple of 256) -> Q4_K blocks as uint8 [..., K / 256 * 144]."""
     xb, shape = _rows(x)
@@ -199,6 +202,7 @@ def quantize_q4_k(x, refine: bool = True) -> np.ndarray:
     return out.reshape(*shape[:-1], shape[-1] // QK_K * 144)
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def quantize_q5_k(x, refine: bool = True) -> np.ndarray:
     """x [..., K] (K a multiple of 256) -> Q5_K blocks as uint8 [..., K / 256 * 176]."""
     xb, shape = _rows(x)
@@ -256,6 +260,7 @@ def _make_qx(x: np.ndarray, nmax: int):
     return scale.astype(np.float32), L
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def quantize_q6_k(x, refine: bool = True) -> np.ndarray:
     """x [..., K] (K a multiple of 256) -> Q6_K blocks as uint8 [..., K / 256 * 210]."""
     f32 = np.float32
@@ -308,6 +313,7 @@ def quantize_q6_k(x, refine: bool = True) -> np.ndarray:
 _QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def quantize(x, fmt: str, chunk_rows: int = 4096) -> np.ndarray:
     """x [..., K] -> K-quant blocks (uint8 [..., K / 256 * block bytes]) in `fmt` ("Q4_K", "Q5_K" or
     "Q6_K", any case), a chunk of rows at a time so temporaries stay small."""
