@@ -49,7 +49,7 @@ def _nearest(x: np.ndarray) -> np.ndarray:
     # ggml's nearest_int adds 1.5 * 2^23 in fp32: round half to even, as np.rint does. Blocks of
     # subnormal weights overflow the reciprocal scales; those products are clamped (to 0..nmax
     # afterwards, as in ggml) instead of wrapping around in the integer conversion.
-    return np.rint(np.clip(np.nan_to_num(x, nan=0.0), -(2**30), 2**30)).astype(np.int32)
+    return np.rint(np.clip(x, -(2**30), 2**30)).astype(np.int32)  # NaN (0 * inf) casts to INT_MIN: clamped later
 
 
 def _rows(x, name: str = "x") -> tuple[np.ndarray, tuple[int, ...]]:

@@ -479,3 +479,28 @@ def test_metadata_keys_are_llama_cpps(moe_f32_file):
     assert shapes["blk.0.shortconv.conv.weight"] == [3, 256]  # {L, H}
     assert shapes["token_embd.weight"] == [256, V]
     assert json.loads(json.dumps(f))  # plain values
+
+
+def test_default_model_written_tensor_by_tensor(tmp_path, no_allocation):
+    from lfm_kernels.model.config import lfm25_8b_a1b_config
+    from lfm_kernels.model.gguf_write import write_default_gguf
+
+    file = write_default_gguf(tmp_path / "default-Q4_K_M.gguf", "Q4_K_M", num_layers=3, vocab_size=512,
+                              distinct_rows=64, progress=False)
+    reader = G.open_gguf(file)
+    cfg, want = G.gguf_config(reader), lfm25_8b_a1b_config(3, vocab_size=512)
+    for field in ("hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "intermediate_size",
+                  "layer_types", "num_dense_layers", "num_key_value_heads", "head_dim", "rope_theta"):
+        assert getattr(cfg, field) == getattr(want, field), field
+    t = {x.name: x for x in reader.tensors}
+    assert t["blk.2.ffn_down_exps.weight"].tensor_type.name == "Q6_K"  # use_more_bits(2, 3): last eighth
+    up = t["blk.2.ffn_up_exps.weight"]
+    assert up.tensor_type.name == "Q4_K" and _as_list(up.shape) == [2048, 1792, 32]
+    rows = np.asarray(up.data).reshape(-1, up.data.shape[-1])
+    assert np.array_equal(rows[:64], rows[64:128]) and not np.array_equal(rows[0], rows[1])  # periodic blocks
+    with pytest.raises(ValueError, match="dequantize=True"):  # checked before any weight is allocated
+        from_pretrained(file, progress=False)
+
+
+def _as_list(shape):
+    return [int(s) for s in shape]

@@ -29,7 +29,8 @@ import torch
 
 from .config import ModelConfig
 
-__all__ = ["FILE_TYPES", "LFM2_CHAT_TEMPLATE", "LFM2_SPECIAL_TOKENS", "gguf_tensors", "make_vocab", "write_gguf"]
+__all__ = ["FILE_TYPES", "LFM2_CHAT_TEMPLATE", "LFM2_SPECIAL_TOKENS", "gguf_tensors", "make_vocab", "write_default_gguf",
+           "write_gguf"]
 
 FILE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
 
@@ -248,6 +249,8 @@ def write_gguf(
     name: str = "lfm-kernels",
     fuse_qkv: bool = False,
     progress: bool = False,
+    values: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    distinct_rows: int | None = None,
 ) -> str:
     """Write `model` (an LfmModel) as a GGUF file in llama.cpp's layout; returns the path.
 
@@ -256,6 +259,13 @@ def write_gguf(
         of tokenizer fields as make_vocab returns, or None (no tokenizer section).
     chat_template: stored as tokenizer.chat_template (None: none).
     fuse_qkv: one attn_qkv matrix per attention layer (llama.cpp's --fuse-qkv) instead of q/k/v.
+    values: values(name, tensor) -> the tensor to write in its place (same shape), called one tensor at
+        a time just before it is encoded: lets a model on the meta device be written from values
+        generated on the fly (write_default_gguf).
+    distinct_rows: for K-quant tensors with more rows, quantize only this many rows and repeat their
+        blocks (the numpy K-quant search makes about half a million weights a second: hours for the
+        full-size model). The file then has the full size and layout but periodic values; for
+        benchmarks only.
     """
     import gguf
 
@@ -329,9 +339,55 @@ def write_gguf(
 
     bar = _progress(sum(_nbytes(tuple(t.shape), q) for (_, t, _), q in zip(items, qtypes)), f"writing {os.path.basename(path)}", progress)
     for (tname, t, _), qtype in zip(items, qtypes):
-        data = _encode(t, qtype, tname)
+        rows = t.numel() // max(1, t.shape[-1])
+        if distinct_rows and qtype in ("Q4_K", "Q5_K", "Q6_K") and rows > distinct_rows:
+            head = t.reshape(-1, t.shape[-1])[:distinct_rows]
+            head = _encode(values(tname, head) if values is not None else head, qtype, tname)
+            data = np.tile(head, (-(-rows // distinct_rows), 1))[:rows].reshape(*t.shape[:-1], head.shape[-1])
+        else:
+            data = _encode(values(tname, t) if values is not None else t, qtype, tname)
+        del t
         w.write_tensor_data(data)
         bar.update(data.nbytes)
     bar.close()
     w.close()
     return path
+
+
+def write_default_gguf(
+    path,
+    ftype: str = "Q4_K_M",
+    num_layers: int | None = None,
+    vocab_size: int = 128_000,
+    seed: int = 0,
+    distinct_rows: int | None = None,
+    progress: bool = True,
+) -> str:
+    """The full-size LFM2.5-8B-A1B-shaped model with seeded random weights (the distributions of
+    `default_model`, generated tensor by tensor: the values are not default_model's) written as a
+    GGUF file of type `ftype`, holding one tensor in memory at a time (never the 17 GB model).
+    distinct_rows: see write_gguf (K-quant types: periodic values, written in minutes instead of hours)."""
+    from .config import lfm25_8b_a1b_config
+    from .model import LfmModel
+    from .weights import allocate
+
+    cfg = lfm25_8b_a1b_config(num_layers, vocab_size=vocab_size)
+    weights, _, _ = allocate(cfg, torch.bfloat16, "meta")
+    skeleton = LfmModel(cfg, weights, torch.bfloat16)
+    counter = [0]
+
+    def values(name: str, meta: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator()
+        gen.manual_seed(seed * 100_003 + counter[0])
+        counter[0] += 1
+        out = torch.empty(tuple(meta.shape), dtype=torch.float32)
+        if name.endswith("norm.weight"):
+            return out.normal_(1.0, 0.05, generator=gen)
+        if name.endswith("exp_probs_b.bias"):
+            return out.normal_(0.0, 0.01, generator=gen)
+        if "shortconv.conv" in name:
+            return out.normal_(0.0, 0.3, generator=gen)
+        return out.normal_(0.0, 0.02, generator=gen)
+
+    return write_gguf(path, skeleton, ftype, values=values, distinct_rows=distinct_rows, progress=progress,
+                      name="lfm2.5-8b-a1b-random")
