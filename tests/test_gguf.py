@@ -210,7 +210,7 @@ def _llama_cpp_dir():
     try:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
                         f"llama-cpp-python=={LLAMA_CPP_VERSION}", "-d", cache, "-q"],
-                       check=True, timeout=600, capture_output=True)
+                       check=True, timeout=240, capture_output=True)
         import tarfile
 
         with tarfile.open(os.path.join(cache, f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz")) as tar:

@@ -37,7 +37,8 @@ import torch
 from .config import ModelConfig
 from .weights import Weights, _progress, allocate, resolve_dtype
 
-__all__ = ["GGUF_ARCHITECTURES", "SUPPORTED_TYPES", "find_gguf", "gguf_config", "load_gguf", "open_gguf"]
+__all__ = ["GGUF_ARCHITECTURES", "SUPPORTED_TYPES", "find_gguf", "from_gguf", "gguf_config", "gguf_tokenizer",
+           "is_gguf_path", "load_gguf", "open_gguf"]
 
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's architecture name -> our model_type
@@ -485,15 +486,7 @@ def load_gguf(path, dtype=None, device="cpu", dequantize: bool = False, progress
                 target.dest.copy_(src)
             bar.update(int(t.n_bytes))
     bar.close()
-    _recheck_views(weights, cfg)
     return cfg, weights, dt, reader
-
-
-def _recheck_views(weights: Weights, cfg: ModelConfig) -> None:
-    """Zero-copy placement replaced whole tensors; the conv weight stays [H, L] as the model wants."""
-    for lw in weights.layers:
-        if not lw.attention and lw.conv is not None and lw.conv.dim() != 2:
-            lw.conv = lw.conv.reshape(cfg.hidden_size, cfg.conv_L_cache)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
