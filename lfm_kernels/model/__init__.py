@@ -93,8 +93,11 @@ def load_tokenizer(path: str):
         return _RawTokenizer(tok, tok.token_to_id("<|im_end|>"))
 
 
-def from_pretrained(path: str, dtype=None, device="cpu", progress: bool = True, tokenizer: bool = True) -> LfmModel:
-    """Load a local LFM2-MoE (or dense LFM2) checkpoint directory.
+def from_pretrained(path: str, dtype=None, device="cpu", progress: bool = True, tokenizer: bool = True,
+                    dequantize: bool = False) -> LfmModel:
+    """Load a local LFM2-MoE (or dense LFM2) checkpoint directory, or a llama.cpp GGUF file (a .gguf
+    path, or a directory holding one and no config.json: see lfm_kernels.model.gguf; dequantize=True
+    expands its quantized tensors to the model dtype).
 
     Reads config.json and one or several safetensors files (model.safetensors.index.json), experts in
     the original per-expert layout or transformers' fused one. Every tensor's name and shape is checked
@@ -103,6 +106,10 @@ def from_pretrained(path: str, dtype=None, device="cpu", progress: bool = True, 
     preallocated weights (no fp32 copy, no second full copy).
     """
     path = os.fspath(path)
+    from .gguf import from_gguf, is_gguf_path
+
+    if is_gguf_path(path):  # a llama.cpp GGUF file, or a directory holding one
+        return from_gguf(path, dtype=dtype, device=device, progress=progress, tokenizer=tokenizer, dequantize=dequantize)
     cfg = load_config(path)
     weights, dt = load_weights(path, cfg, dtype=dtype, device=device, progress=progress)
     model = LfmModel(cfg, weights, dt, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)
