@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import HAS_TRITON, call_triton, rel_err
 
 import lfm_kernels
 from lfm_kernels import _backend, reference
@@ -80,6 +80,25 @@ def test_decode_attention_nan_in_gives_nan_out_on_every_path(path, D, dtype, whe
     assert ref.isnan().any() == (where != "k-past-len")
     out = _run_path(path, lambda m: m.decode_attention(q, k, v, lens, D**-0.5))
     _check_same_nans(out.float(), ref.float(), 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("where", ["k-first-block", "v", "k-past-len"])
+def test_decode_attention_triton_nan_in_gives_nan_out(where):
+    """The Triton kernel's split merge used to treat a NaN row sum as an empty split (`l > 0`)."""
+    from lfm_kernels.triton.decode_attention import decode_attention_triton
+
+    q, k, v, lens = _attn_inputs(torch.float32, D=64, S=300)
+    if where == "k-first-block":
+        k[0, 1, 5, 3] = float("nan")
+    elif where == "v":
+        v[0, 0, 250, 0] = float("nan")
+    else:
+        k[1, 1, 200, 0] = float("nan")  # row 1 attends to 153 positions: never read
+    ref = reference.decode_attention(q, k, v, lens, 64**-0.5)
+    assert ref.isnan().any() == (where != "k-past-len")
+    out = call_triton(decode_attention_triton, q, k, v, lens, 64**-0.5, num_splits=2)
+    _check_same_nans(out.float(), ref.float(), 1e-5)
 
 
 @pytest.mark.parametrize("path", _cpu_paths())

@@ -146,12 +146,7 @@ def test_route_bias_changes_selection_and_ties():
     assert torch.equal(ids_t, reference.moe_route(hidden, tied, None, 8)[1])
 
 
-_TRITON_NAN = pytest.mark.xfail(
-    strict=True, reason="the Triton router (lfm_kernels/triton/moe.py) ranks NaN scores below every number"
-)
-
-
-@pytest.mark.parametrize("impl", ["avx2", "portable", pytest.param("triton", marks=_TRITON_NAN)])
+@pytest.mark.parametrize("impl", ["avx2", "portable", "triton"])
 def test_route_nan_scores_like_reference(impl):
     """A NaN score ranks above every number, the lower index first among NaNs (the reference's stable
     descending sort): NaN biases pick their experts first with finite weights, a NaN router row picks

@@ -126,7 +126,7 @@ def _decode_attn_stage1(
             )
 
     # an empty split (past this sequence's length) stores lse = -inf and zeros: weight 0 in the merge
-    b_has = b_l > 0
+    b_has = b_l != 0  # a NaN sum is not an empty split: NaN in K or V must reach the output
     b_o = tl.where(b_has[:, None], b_acc / tl.where(b_has, b_l, 1.0)[:, None], 0.0)
     b_lse = tl.where(b_has, b_m + tl.log(tl.where(b_has, b_l, 1.0)), float("-inf"))
     o_row = (i_b * H_KV * G + i_h * G + o_g) * NUM_SPLITS + i_s

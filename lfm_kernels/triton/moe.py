@@ -76,9 +76,12 @@ def _moe_route_kernel(
     b_wk = tl.zeros([BLOCK_K], dtype=tl.float32)
     b_ik = tl.zeros([BLOCK_K], dtype=tl.int64)
     for j in tl.static_range(TOP_K):
+        # tl.max skips NaN; the reference ranks a NaN score above every number (lowest index first)
+        i_nan = tl.min(tl.where(b_c != b_c, o_e, BLOCK_E), axis=0)
         b_max = tl.max(b_c, axis=0)
         i_best = tl.min(tl.where(b_c == b_max, o_e, BLOCK_E), axis=0)
-        i_best = tl.minimum(i_best, E - 1)  # a NaN score must not produce an out-of-range id
+        i_best = tl.where(i_nan < BLOCK_E, i_nan, i_best)
+        i_best = tl.minimum(i_best, E - 1)  # never an out-of-range id
         b_sel = o_e == i_best
         w = tl.sum(tl.where(b_sel, b_s, 0.0), axis=0)
         b_wk = tl.where(o_k == j, w, b_wk)
