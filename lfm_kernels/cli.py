@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--prompt-len", dest="prompt_len", type=_positive_int, help="prompt tokens for --e2e/--patched")
     pb.add_argument("--new-tokens", dest="new_tokens", type=_positive_int, help="decoded tokens for --e2e/--patched")
     pb.add_argument("--no-transformers", action="store_true", help="--e2e without the transformers comparison")
+
+    from . import chat_cli
+
+    chat_cli.add_parser(sub)
     return p
 
 
@@ -147,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return _info(args)
+    if args.command == "chat":
+        return args.func(args)
     from .benchmark.runner import run
 
     return run(args)

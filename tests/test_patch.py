@@ -614,17 +614,7 @@ def test_decode_attention_any_kept_positions(calls):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "kind",
-    [
-        "dense",
-        pytest.param(
-            "moe",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="lfm_kernels.moe_experts still checks the expert ids' range by reading them "
-                "(int(min/max)), which torch.compile cannot trace; the integration itself is traceable",
-            ),
-        ),
-    ],
+    ["dense", "moe"],
 )
 def test_decode_step_compiles_fullgraph(kind):
     """A patched decode step (head_dim 64: decode attention on our kernel) traces as one graph: no host

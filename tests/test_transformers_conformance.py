@@ -26,22 +26,7 @@ from transformers import Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForC
 
 VOCAB = 97
 KINDS = ["moe", "dense"]
-# Errors torch.compile(fullgraph=True) / torch.export raise on Python control flow over tensor values.
-_DATA_DEPENDENT = (torch._dynamo.exc.UserError, torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode)
 
-_ATTN_OVERRIDE = pytest.mark.xfail(
-    strict=True, reason="patch() replaces an explicitly requested attention implementation with its own"
-)
-_MOE_DATA_DEPENDENT = pytest.mark.xfail(
-    strict=True,
-    raises=_DATA_DEPENDENT,
-    reason="ops/moe.py moe_experts checks int(topk_ids.min()/max()) in Python",
-)
-_DECODE_DATA_DEPENDENT = pytest.mark.xfail(
-    strict=True,
-    raises=_DATA_DEPENDENT,
-    reason="the integration's decode path reads the attention mask on the host (_keep_ranges .tolist())",
-)
 
 
 def make_config(kind: str):
@@ -97,7 +82,6 @@ def test_default_attention_is_replaced(kind):
     assert model.config._attn_implementation == integ.IMPL_NAME
 
 
-@_ATTN_OVERRIDE
 @pytest.mark.parametrize("requested", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_attn_implementation_argument_is_honoured(kind, requested):
@@ -106,7 +90,6 @@ def test_attn_implementation_argument_is_honoured(kind, requested):
     assert model.config._attn_implementation == requested
 
 
-@_ATTN_OVERRIDE
 @pytest.mark.parametrize("kind", KINDS)
 def test_attn_implementation_set_on_config_is_honoured(kind):
     config = make_config(kind)
@@ -116,7 +99,6 @@ def test_attn_implementation_set_on_config_is_honoured(kind):
     assert model.config._attn_implementation == "eager"
 
 
-@_ATTN_OVERRIDE
 @pytest.mark.parametrize("requested", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_from_pretrained_attn_implementation_is_honoured(kind, requested, tmp_path):
@@ -176,7 +158,6 @@ def _moe_op_inputs(n=5, hidden=32, inter=16, experts=6, k=2):
     return h, gate_up, down, ids, weights
 
 
-@_MOE_DATA_DEPENDENT
 def test_moe_experts_compiles_fullgraph():
     args = _moe_op_inputs()
     ref = lfm_kernels.moe_experts(*args)
@@ -206,7 +187,6 @@ def _patched_and_reference(kind):
     return model, ref_model
 
 
-@_MOE_DATA_DEPENDENT
 def test_moe_model_prefill_compiles_fullgraph():
     model, ref_model = _patched_and_reference("moe")
     ids, mask = inputs()
@@ -217,7 +197,6 @@ def test_moe_model_prefill_compiles_fullgraph():
     assert rel_err(out.logits, ref) < TOL[torch.float32]
 
 
-@_DECODE_DATA_DEPENDENT
 def test_dense_model_padded_decode_step_compiles_fullgraph():
     """A one-token decode step with a padding mask (what generate() compiles) on the decode kernel."""
     model, ref_model = _patched_and_reference("dense")
@@ -234,10 +213,9 @@ def test_dense_model_padded_decode_step_compiles_fullgraph():
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
-_MOE_EXPORT = pytest.mark.xfail(strict=True, reason="ops/moe.py moe_experts checks int(topk_ids.min()/max()) in Python")
 
 
-@pytest.mark.parametrize("kind", [pytest.param("moe", marks=_MOE_EXPORT), "dense"])
+@pytest.mark.parametrize("kind", ["moe", "dense"])
 def test_model_exports_where_unpatched_does(kind):
     """torch.export of a model built after patch() succeeds where the unpatched model's does, same logits."""
     ids, mask = inputs()

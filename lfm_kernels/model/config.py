@@ -351,7 +351,7 @@ def load_config(path: str) -> ModelConfig:
 
 
 def lfm25_8b_a1b_config(num_layers: int | None = None, vocab_size: int = 128_000) -> ModelConfig:
-    """LFM2.5-8B-A1B shapes (DESIGN.md); num_layers < 24 keeps the attention/conv pattern's prefix
+    """LFM2.5-8B-A1B shapes (docs/design.md); num_layers < 24 keeps the attention/conv pattern's prefix
     but always includes at least one attention layer and one conv layer."""
     full_attn = [2, 6, 10, 14, 18, 21]
     n = 24 if num_layers is None else int(num_layers)
