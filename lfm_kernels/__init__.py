@@ -2,6 +2,7 @@
 
 Public ops (torch.library custom ops in the `lfm_kernels` namespace):
     short_conv, moe_route, moe_experts, moe, decode_attention, linear
+Quantized weights (GGUF Q8_0 / Q4_0 blocks, CPU): quantize(weight, "q4_0") -> QuantizedTensor, for linear
 Integration: patch(model=None) / unpatch() for transformers; lfm_kernels.model for our own wrapper.
 """
 
@@ -10,6 +11,7 @@ from .ops.decode_attention import decode_attention
 from .ops.linear import linear
 from .ops.moe import moe, moe_experts, moe_route
 from .ops.short_conv import short_conv
+from .quant import QuantizedTensor, quantize
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,8 @@ __all__ = [
     "moe_experts",
     "moe_route",
     "patch",
+    "QuantizedTensor",
+    "quantize",
     "short_conv",
     "unpatch",
 ]

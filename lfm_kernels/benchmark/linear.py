@@ -5,7 +5,8 @@ prefill chunks (compute bound: flops = 2*M*N*K). Baselines: torch's F.linear on 
 ("torch_bf16" for bf16 weights) and on fp32 copies ("torch_fp32"), and "cpp_kernel", the C++ kernel
 called directly: `linear` itself hands bf16 x bf16 products of >= 3 rows to torch on CPUs with AVX512-BF16 /
 AMX (see ops/linear.py), where "cpp_kernel" still shows what the kernel does. CPU only: on CUDA the op
-is torch's own F.linear, so there is nothing to compare.
+is torch's own F.linear, so there is nothing to compare. The "-wq8_0" / "-wq4_0" rows run the same
+shapes on GGUF-quantized weights (int8 activations, integer dot products).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from .. import _backend
 from ..ops import linear as linear_mod
 from ..ops.linear import linear
+from ..quant import quantize
 from .core import Case
 
 HIDDEN = 2048
@@ -71,6 +73,47 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                         flops=2 * m * n * k,
                         compute_bound=m > 1,
                         backend=backend or _backend.backend_for(torch.empty(0, device=device)),
+                    )
+                )
+    out.extend(_quantized_cases(shapes, rows))
+    return out
+
+
+def _quant_backend() -> str:
+    if _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "_quant_isa_info"):
+        return "reference"
+    return torch.ops.lfm_kernels_cpu._quant_isa_info()[0]
+
+
+def _quantized_cases(shapes, rows) -> list[Case]:
+    """The same shapes with GGUF Q8_0 / Q4_0 weights (bytes_moved counts the quantized blocks, so GB/s
+    against the bandwidth floor stays honest). Baseline "linear_bf16": our bf16 `linear` on the
+    dequantized weight (the check, and the A/B against bf16 on the same shape)."""
+    out = []
+    for fmt in ("q8_0", "q4_0"):
+        for name, n, k in shapes:
+            for m in rows:
+                if name == "lm_head" and m > 1:
+                    continue
+
+                def make(m=m, n=n, k=k, fmt=fmt):
+                    qweight = quantize(torch.randn(n, k) / k**0.5, fmt)
+                    x = torch.randn(m, k, dtype=torch.bfloat16)
+                    return {"x": x, "qweight": qweight, "weight_bf16": qweight.dequantize(torch.bfloat16)}
+
+                out.append(
+                    Case(
+                        op="linear",
+                        name=f"{name}-M{m}-N{n}-K{k}-w{fmt}",
+                        dtype=torch.bfloat16,
+                        device="cpu",
+                        make_inputs=make,
+                        kernel=lambda i: linear(i["x"], i["qweight"]),
+                        baselines={"linear_bf16": lambda i: linear(i["x"], i["weight_bf16"])},
+                        bytes_moved=n * (k // 32) * (34 if fmt == "q8_0" else 18) + m * (k + n) * 2,
+                        flops=2 * m * n * k,
+                        compute_bound=m > 1,
+                        backend=_quant_backend(),
                     )
                 )
     return out

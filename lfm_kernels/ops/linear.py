@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _policy
+from .. import quant as _quant
+from ..quant import QuantizedTensor
 from .._backend import cpu_has_native_bf16_gemm
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
@@ -78,7 +80,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     bf16 x bf16 with enough rows on CPUs with AVX512-BF16/AMX, where torch's GEMM is faster and runs;
     see lfm_kernels/_policy.py). On CUDA this is torch's F.linear (cuBLAS is already the right kernel
     there), with weight and bias cast to x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
+
+    weight may also be a `lfm_kernels.QuantizedTensor` [N, K] (GGUF Q8_0 / Q4_0 blocks): x is then
+    quantized per block of 32 to int8 and the products are integer (see lfm_kernels/quant.py); CPU only.
     """
+    if isinstance(weight, QuantizedTensor):
+        return _quant._linear(x, weight, bias)
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")

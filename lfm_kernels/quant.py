@@ -1,0 +1,275 @@
+"""Quantized weights in GGUF's Q8_0 and Q4_0 block layouts, for the CPU kernels.
+
+Both formats cut each weight row (the K dimension) into blocks of 32 values:
+
+* ``q8_0``: 34 bytes per block: an fp16 scale ``d`` then 32 int8 ``q``; ``w = d * q``.
+* ``q4_0``: 18 bytes per block: an fp16 scale ``d`` then 16 bytes; byte j holds element j in its
+  low nibble and element j + 16 in its high nibble; ``w = d * (q - 8)``.
+
+The bytes are exactly llama.cpp's (GGUF files store these blocks as they are), and `quantize` is
+ggml's reference round-to-nearest: it gives the same bytes as ``gguf.quants.quantize``, and
+`QuantizedTensor.dequantize` the same values as ``gguf.quants.dequantize``.
+
+Edge cases (the same as ggml's, except the first):
+
+* A weight that is NaN or infinite is rejected with a ValueError: ggml would store an undefined
+  block for it (its float -> int conversion of NaN has no defined result).
+* A block whose scale overflows fp16 (|w| above 65504 * 127 for q8_0, 65504 * 8 for q4_0) stores an
+  infinite scale, as ggml does; it dequantizes to +-inf (and NaN where q is 0).
+* An all-zero block stores scale 0 and dequantizes to zeros.
+
+At run time the activations are quantized too, per block of 32 along K, to int8 with an fp32 scale
+(``d = max|x| / 127``, ``q = round-half-even(x / d)``), so the kernels' dot products are integer;
+`_quantize_activations` is the reference for that step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+# format name -> bytes per block of 32 weights
+_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+FORMATS = tuple(_BLOCK_BYTES)
+
+
+def _check_format(fmt) -> str:
+    if fmt not in _BLOCK_BYTES:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    return fmt
+
+
+def _row_bytes(fmt: str, k: int) -> int:
+    return k // BLOCK * _BLOCK_BYTES[fmt]
+
+
+class QuantizedTensor:
+    """A weight matrix [N, K] (or a stack of them, [E, N, K]) in GGUF's Q8_0 or Q4_0 blocks.
+
+    Attributes:
+        data: uint8 tensor [..., N, K // 32 * block_bytes], contiguous: row n's blocks in K order.
+        format: "q8_0" or "q4_0".
+        shape: the logical shape (of the float weight it stands for), a torch.Size.
+
+    A plain object, not a tensor: it keeps one uint8 tensor, so a module that holds it as an
+    attribute (or registers `data` as a buffer and rebuilds the object from it) stores the bytes
+    once; `.to(device)` makes a copy on another device. Ops take it as its three parts (the uint8
+    tensor, the format string and the shape), which is how it passes through torch.library ops.
+    """
+
+    __slots__ = ("data", "format", "shape")
+
+    def __init__(self, data: torch.Tensor, format: str, shape) -> None:
+        _check_format(format)
+        shape = torch.Size(int(s) for s in shape)
+        if len(shape) not in (2, 3):
+            raise ValueError(f"shape must be [N, K] or [E, N, K], got {tuple(shape)}")
+        if any(s <= 0 for s in shape):
+            raise ValueError(f"shape must have positive dimensions, got {tuple(shape)}")
+        k = shape[-1]
+        if k % BLOCK:
+            raise ValueError(f"K (the last dimension of shape) must be a multiple of {BLOCK}, got K={k}")
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"data must be a torch.Tensor of uint8, got {type(data).__name__}")
+        if data.dtype != torch.uint8:
+            raise TypeError(f"data must have dtype uint8, got {data.dtype}")
+        expected = (*shape[:-1], _row_bytes(format, k))
+        if tuple(data.shape) != expected:
+            raise ValueError(
+                f"data must have shape {list(expected)} ({format} blocks of shape {list(shape)}: "
+                f"{_BLOCK_BYTES[format]} bytes per {BLOCK} weights), got {list(data.shape)}"
+            )
+        self.data = data.contiguous()
+        self.format = format
+        self.shape = shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized blocks (what a pass over the weight reads)."""
+        return self.data.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def to(self, device) -> "QuantizedTensor":
+        return QuantizedTensor(self.data.to(device), self.format, self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight the blocks stand for, in `dtype` (values exact in float32)."""
+        blocks = self.data.reshape(-1, _BLOCK_BYTES[self.format])
+        d = blocks[:, :2].contiguous().view(torch.float16).float()  # [nb, 1]
+        if self.format == "q8_0":
+            q = blocks[:, 2:].contiguous().view(torch.int8).float()
+        else:
+            qs = blocks[:, 2:]
+            q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float() - 8.0
+        return (d * q).reshape(self.shape).to(dtype)
+
+    def __repr__(self) -> str:
+        return f"QuantizedTensor(format={self.format!r}, shape={list(self.shape)}, nbytes={self.nbytes}, device={self.device})"
+
+
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    # C's roundf, computed the way gguf's numpy port does (floor of the fraction doubled), which is
+    # exact in fp32 where floor(|v| + 0.5) is not (0.49999997 + 0.5 rounds up to 1).
+    a = v.abs()
+    fl = torch.floor(a)
+    return torch.sign(v) * (fl + torch.floor(2 * (a - fl)))
+
+
+def _fp16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """fp32 [nb, 1] -> its fp16 (round to nearest even, overflow to inf) as 2 little-endian bytes."""
+    return d.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+
+
+def _quantize_blocks(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+    """fp32 [nb, 32] -> uint8 [nb, block_bytes], step for step as ggml's reference quantizers."""
+    if fmt == "q8_0":
+        d = blocks.abs().amax(dim=1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = _round_half_away(blocks * inv).to(torch.int8).view(torch.uint8)
+        return torch.cat([_fp16_bytes(d), q], dim=1)
+    # q4_0: the scale maps the value of largest magnitude (the first one, sign kept) to -8
+    imax = blocks.abs().argmax(dim=1, keepdim=True)
+    d = blocks.gather(1, imax) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(blocks * inv + 8.5).clamp_(0, 15).to(torch.uint8)
+    packed = q[:, :16] | (q[:, 16:] << 4)
+    return torch.cat([_fp16_bytes(d), packed], dim=1)
+
+
+def quantize(weight: torch.Tensor, format: str) -> QuantizedTensor:
+    """Quantizes a float weight [N, K] or [E, N, K] (K a multiple of 32) to GGUF's Q8_0 or Q4_0.
+
+    Byte-identical to ``gguf.quants.quantize`` (ggml's reference round-to-nearest). NaN or infinite
+    weights raise a ValueError (see the module docstring for the other edge cases). Works on the
+    rows a few thousand at a time, so quantizing a large matrix needs little memory beyond the result.
+    """
+    _check_format(format)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"weight must have dtype float32, bfloat16 or float16, got {weight.dtype}")
+    if weight.dim() not in (2, 3):
+        raise ValueError(f"weight must have shape [N, K] or [E, N, K], got {tuple(weight.shape)}")
+    k = weight.shape[-1]
+    if k % BLOCK:
+        raise ValueError(f"weight's K (last dimension) must be a multiple of {BLOCK}, got K={k}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
+    rows = weight.reshape(-1, k)
+    out = torch.empty(rows.shape[0], _row_bytes(format, k), dtype=torch.uint8, device=weight.device)
+    step = max(1, (1 << 22) // k)  # ~16 MiB of fp32 temporaries per chunk
+    for r0 in range(0, rows.shape[0], step):
+        chunk = rows[r0 : r0 + step].float()
+        if not torch.isfinite(chunk).all():
+            bad = (~torch.isfinite(chunk)).nonzero()[0]
+            raise ValueError(
+                f"weight must be finite to quantize; it has {chunk[tuple(bad)].item()} at flat row "
+                f"{r0 + int(bad[0])}, column {int(bad[1])}"
+            )
+        out[r0 : r0 + step] = _quantize_blocks(chunk.reshape(-1, BLOCK), format).reshape(chunk.shape[0], -1)
+    return QuantizedTensor(out.reshape(*weight.shape[:-1], -1), format, weight.shape)
+
+
+def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantization, as a reference: x [M, K] (K a multiple of 32) ->
+    (q int8 [M, K], d float32 [M, K // 32]) with x ~= d * q per block of 32.
+
+    d = max|x| / 127 in fp32, q = round-half-even(x * (1 / d)) (0 where d is 0), so |q| <= 127. A
+    block holding NaN or inf gets d = NaN and q = 0, so the outputs it feeds come out NaN."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    finite = torch.isfinite(blocks).all(dim=2, keepdim=True)
+    blocks = torch.where(finite, blocks, torch.zeros_like(blocks))
+    d = blocks.abs().amax(dim=2, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.round(blocks * inv).to(torch.int8)
+    d = torch.where(finite, d, torch.full_like(d, float("nan")))
+    return q.reshape(m, k), d.reshape(m, k // BLOCK)
+
+
+def _linear_reference(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the quantized linear computes, in float64: the weight dequantized, x quantized as the
+    kernels do, then exact products; the kernels differ only in summing in fp32 (their order).
+    x [M, K] -> [M, N] float64."""
+    q, d = _quantize_activations(x)
+    m, k = x.shape
+    xd = (q.double().reshape(m, k // BLOCK, BLOCK) * d.double().unsqueeze(-1)).reshape(m, k)
+    out = xd @ qweight.dequantize(torch.float64).T
+    if bias is not None:
+        out = out + bias.double()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# linear on a QuantizedTensor: the op behind lfm_kernels.linear(x, qweight).
+
+
+def _linear_quant_impl(x: torch.Tensor, qweight: torch.Tensor, format: str, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    from . import _backend
+
+    if _backend.cpu_extension_available():
+        return torch.ops.lfm_kernels_cpu.linear_quant(x, qweight, format, n, k, bias)
+    # no compiled extension: the float64 reference, after the one warning
+    qt = QuantizedTensor(qweight, format, (n, k))
+    return _linear_reference(x, qt, bias).to(x.dtype)
+
+
+_linear_quant_op = torch.library.custom_op("lfm_kernels::linear_quant", _linear_quant_impl, mutates_args=())
+
+
+@_linear_quant_op.register_fake
+def _(x, qweight, format, n, k, bias):
+    return x.new_empty(x.shape[0], n)
+
+
+def _register_cpp_fakes() -> None:
+    """Shapes of the C++ ops (lfm_kernels_cpu::linear_quant / quantize_activations) for tracing."""
+    from . import _backend
+
+    if _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "linear_quant"):
+        return  # no extension, or one built before these ops existed
+
+    @torch.library.register_fake("lfm_kernels_cpu::linear_quant")
+    def _(x, qweight, format, n, k, bias):
+        return x.new_empty(x.shape[0], n)
+
+    @torch.library.register_fake("lfm_kernels_cpu::quantize_activations")
+    def _(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], x.shape[1] // BLOCK, dtype=torch.float32)
+
+
+_register_cpp_fakes()
+
+
+def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """lfm_kernels.linear with a QuantizedTensor weight [N, K]: x [..., K] float32 / bfloat16 / float16
+    -> [..., N] in x's dtype. CPU only."""
+    from . import _backend
+    from .ops._checks import FLOAT_DTYPES, check_tensor
+
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")
+    if len(qweight.shape) != 2:
+        raise ValueError(f"weight must be a quantized [N, K] matrix for linear, got shape {list(qweight.shape)}")
+    n, k = qweight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., K={k}] (K = the quantized weight's last dimension), got {tuple(x.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape_hint=f"[N={n}]")
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must have shape [N={n}] (N = weight's first dimension), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", qweight.data), ("bias", bias)):
+        if t is not None and t.device.type != "cpu":
+            raise NotImplementedError(
+                f"quantized weights run on the CPU only ({qweight.format} kernels are C++); {name} is on {t.device}"
+            )
+    lead = x.shape[:-1]
+    x2 = x.reshape(lead.numel(), k)
+    if k > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    op = _linear_quant_impl if _backend.eager_cpu_fast_path(x2) else _linear_quant_op
+    return op(x2, qweight.data, qweight.format, n, k, bias).reshape(*lead, n)
