@@ -53,6 +53,7 @@ namespace {
 // depends only on its own weight row and activation row, never on R, M or the thread), so the pass
 // gives the same bits for any thread count and any grouping of an expert's tokens.
 struct QTilesPortable {
+  static constexpr bool kPacked = false;  // many tokens: the plain tiles
   template <typename T>
   static void quantize_row(const T* x, int64_t K, int8_t* q, float* d) { quant::portable::quantize_act_row(x, K, q, d); }
   template <quant::Format F, int R, int M>
@@ -69,6 +70,16 @@ LFMK_AVX2_BEGIN
 namespace lfmk {
 namespace {
 struct QTilesAvx2 {
+  static constexpr bool kPacked = true;
+  template <quant::Format F>
+  static void pack_group(const uint8_t* w, int64_t w_ld, int rows, int64_t nb, uint8_t* dst) {
+    quant::avx2::pack_group<F>(w, w_ld, rows, nb, dst);
+  }
+  template <quant::Format F, int G, int M>
+  static void panel_tile(const uint8_t* pk, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
+                         int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
+    quant::avx2::panel_tile<F, G, M>(pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);
+  }
   template <typename T>
   static void quantize_row(const T* x, int64_t K, int8_t* q, float* d) { quant::avx2::quantize_act_row(x, K, q, d); }
   template <quant::Format F, int R, int M>
@@ -85,6 +96,17 @@ LFMK_AVX2_END
   namespace lfmk {                                                                                             \
   namespace {                                                                                                  \
   struct Name {                                                                                                \
+    static constexpr bool kPacked = true;                                                                      \
+    template <quant::Format F>                                                                                 \
+    static void pack_group(const uint8_t* w, int64_t w_ld, int rows, int64_t nb, uint8_t* dst) {               \
+      quant::avx2::pack_group<F>(w, w_ld, rows, nb, dst);                                                      \
+    }                                                                                                          \
+    template <quant::Format F, int G, int M>                                                                   \
+    static void panel_tile(const uint8_t* pk, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq,          \
+                           const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res,          \
+                           int64_t ldr) {                                                                      \
+      quant::ns::panel_tile<F, G, M>(pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);                        \
+    }                                                                                                          \
     template <typename T>                                                                                      \
     static void quantize_row(const T* x, int64_t K, int8_t* q, float* d) {                                     \
       quant::avx2::quantize_act_row(x, K, q, d);                                                               \
@@ -128,6 +150,27 @@ inline void qtile(int R, int M, const uint8_t* w, int64_t w_ld, const int8_t* xq
     case 3: return qtile_r<Kern, F, 3>(R, w, w_ld, xq, ldq, xd, ldd, nb, res);
     case 2: return qtile_r<Kern, F, 2>(R, w, w_ld, xq, ldq, xd, ldd, nb, res);
     default: return qtile_r<Kern, F, 1>(R, w, w_ld, xq, ldq, xd, ldd, nb, res);
+  }
+}
+
+// Packed panels (SIMD paths; see quant/avx2.h): G in {1, 2} groups of 8 rows against M in 1..4
+// activation rows, res[m * 16 + g * 8 + r].
+template <class Kern, quant::Format F, int M>
+inline void qpanel_g(int G, const uint8_t* pk, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
+                     int64_t ldd, const int32_t* xs8, int64_t lds, float* res) {
+  if (G == 2)
+    Kern::template panel_tile<F, 2, M>(pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, 16);
+  else
+    Kern::template panel_tile<F, 1, M>(pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, 16);
+}
+template <class Kern, quant::Format F>
+inline void qpanel(int G, int M, const uint8_t* pk, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq,
+                   const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res) {
+  switch (M) {
+    case 4: return qpanel_g<Kern, F, 4>(G, pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
+    case 3: return qpanel_g<Kern, F, 3>(G, pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
+    case 2: return qpanel_g<Kern, F, 2>(G, pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
+    default: return qpanel_g<Kern, F, 1>(G, pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
   }
 }
 
