@@ -143,7 +143,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     backend=_label(n, dtype, device),
                 )
             )
-    if device == "cpu":
+    if device == "cpu" and not quick:  # quantizing the experts takes a while: the full run only
         out.extend(_quantized_cases(sizes[:3]))
     return out
 
