@@ -463,6 +463,9 @@ void pin_isa(c10::string_view name) {
 }
 
 }  // namespace
+
+int active_isa() { return static_cast<int>(current_isa()); }
+
 }  // namespace quant
 }  // namespace lfmk
 

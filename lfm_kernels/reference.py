@@ -151,3 +151,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def moe_experts_quant(
+    hidden: torch.Tensor,
+    gate_up_proj,
+    down_proj,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """What the quantized experts compute, in float64: [N, H] float64.
+
+    gate_up_proj / down_proj are `lfm_kernels.QuantizedTensor` [E, 2I, H] / [E, H, I] (one format).
+    The weights are dequantized exactly; the tokens are quantized per 32-block as the kernels do;
+    act = silu(gate) * up is rounded to float32 (the kernels keep it in fp32) and quantized the same
+    way for the down projection; products, sums and the weighted combine are float64. So a kernel
+    differs from this only by its fp32 sums (their order), and where its fp32 act lands on the other
+    side of an int8 rounding boundary than the float64 one (a one-step change of a single act value).
+    """
+    from .quant import BLOCK, QuantizedTensor, _quantize_activations
+
+    def dequant_act(x: torch.Tensor) -> torch.Tensor:
+        q, d = _quantize_activations(x)
+        m, k = x.shape
+        return (q.double().reshape(m, k // BLOCK, BLOCK) * d.double().unsqueeze(-1)).reshape(m, k)
+
+    n_tokens, hidden_size = hidden.shape
+    inter = gate_up_proj.shape[1] // 2
+    h = dequant_act(hidden)
+    out = torch.zeros(n_tokens, hidden_size, dtype=torch.float64, device=hidden.device)
+    for expert in torch.unique(topk_ids).tolist():
+        token, slot = torch.where(topk_ids == expert)
+        gu = QuantizedTensor(gate_up_proj.data[expert], gate_up_proj.format, gate_up_proj.shape[1:])
+        dn = QuantizedTensor(down_proj.data[expert], down_proj.format, down_proj.shape[1:])
+        gate_up = h[token] @ gu.dequantize(torch.float64).t()
+        act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).float()
+        down = dequant_act(act) @ dn.dequantize(torch.float64).t()
+        out.index_add_(0, token, down * topk_weights[token, slot, None].double())
+    return out

@@ -48,6 +48,11 @@ struct Traits<Format::Q4_0> {
 
 inline int64_t block_bytes(Format f) { return f == Format::Q8_0 ? Traits<Format::Q8_0>::kBytes : Traits<Format::Q4_0>::kBytes; }
 
+// The path the quantized kernels take now, chosen (and pinned by the tests, or forced portable) in
+// linear_quant.cpp, so every op on quantized weights follows one choice: 0 portable, 1 AVX2,
+// 2 AVX-VNNI, 3 AVX512-VNNI.
+int active_isa();
+
 // The block's fp16 scale (unaligned: blocks are 18 or 34 bytes long).
 static inline float block_scale(const uint8_t* blk) {
   uint16_t h;

@@ -14,6 +14,7 @@ import torch
 from .. import _backend, reference
 from ..ops import moe as moe_ops
 from ..ops.moe import moe_experts
+from ..quant import QuantizedTensor
 from .core import Case
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 1792, 32, 4
@@ -140,6 +141,90 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     flops=n * TOP_K * 6 * HIDDEN * INTER,
                     compute_bound=n >= 128,
                     backend=_label(n, dtype, device),
+                )
+            )
+    if device == "cpu" and not quick:  # quantizing the experts takes a while: the full run only
+        out.extend(_quantized_cases(sizes[:3]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized experts (GGUF Q8_0 / Q4_0 blocks)
+
+_qweights: dict = {}  # one format's quantized experts and their bf16 dequantization at a time
+
+
+def _quantized_expert_weights(fmt: str):
+    if fmt not in _qweights:
+        from ..quant import quantize
+
+        _qweights.clear()
+        gate_up = torch.empty(EXPERTS, 2 * INTER, HIDDEN, dtype=torch.bfloat16)
+        down = torch.empty(EXPERTS, HIDDEN, INTER, dtype=torch.bfloat16)
+        gu_blocks, dn_blocks = [], []
+        for e in range(EXPERTS):  # one expert at a time: no fp32 copy of the whole tensor
+            g = quantize(torch.randn(2 * INTER, HIDDEN) * 0.02, fmt)
+            d = quantize(torch.randn(HIDDEN, INTER) * 0.02, fmt)
+            gate_up[e].copy_(g.dequantize(torch.bfloat16))
+            down[e].copy_(d.dequantize(torch.bfloat16))
+            gu_blocks.append(g.data)
+            dn_blocks.append(d.data)
+        q_gate_up = QuantizedTensor(torch.stack(gu_blocks), fmt, (EXPERTS, 2 * INTER, HIDDEN))
+        q_down = QuantizedTensor(torch.stack(dn_blocks), fmt, (EXPERTS, HIDDEN, INTER))
+        _qweights[fmt] = (q_gate_up, q_down, gate_up, down)
+    return _qweights[fmt]
+
+
+def _quant_backend() -> str:
+    if _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant"):
+        return "reference"
+    return torch.ops.lfm_kernels_cpu._quant_isa_info()[0]
+
+
+def _quantized_cases(sizes) -> list[Case]:
+    """The experts with Q8_0 / Q4_0 weights and bf16 tokens. bytes_moved counts the quantized blocks
+    of the experts the tokens choose (so GB/s and the share of the bandwidth floor stay honest).
+    Baseline "moe_bf16": our experts on the same weights dequantized to bf16, in the same run (the
+    A/B against bf16; it reads 3.6x / 1.9x the bytes of Q4_0 / Q8_0)."""
+    from ..quant import _BLOCK_BYTES
+
+    out = []
+    for fmt in ("q8_0", "q4_0"):
+        for kind, n in sizes:
+
+            def make(n=n, fmt=fmt):
+                q_gate_up, q_down, gate_up, down = _quantized_expert_weights(fmt)
+                ids = torch.stack([torch.randperm(EXPERTS)[:TOP_K] for _ in range(n)])
+                weights = torch.rand(n, TOP_K) + 0.05
+                return {
+                    "hidden": torch.randn(n, HIDDEN).to(torch.bfloat16),
+                    "q_gate_up": q_gate_up,
+                    "q_down": q_down,
+                    "gate_up_bf16": gate_up,
+                    "down_bf16": down,
+                    "ids": ids,
+                    "weights": weights / weights.sum(-1, keepdim=True),
+                }
+
+            expert_bytes = 3 * HIDDEN * (INTER // 32) * _BLOCK_BYTES[fmt]
+            active = EXPERTS * (1 - (1 - TOP_K / EXPERTS) ** n)
+            out.append(
+                Case(
+                    op="moe",
+                    name=f"{kind}-N{n}-H{HIDDEN}-I{INTER}-E{EXPERTS}-k{TOP_K}-w{fmt}",
+                    dtype=torch.bfloat16,
+                    device="cpu",
+                    make_inputs=make,
+                    kernel=lambda i: moe_experts(i["hidden"], i["q_gate_up"], i["q_down"], i["ids"], i["weights"]),
+                    baselines={
+                        "moe_bf16": lambda i: moe_experts(
+                            i["hidden"], i["gate_up_bf16"], i["down_bf16"], i["ids"], i["weights"]
+                        )
+                    },
+                    bytes_moved=int(round(active * expert_bytes)) + 2 * n * HIDDEN * 2,
+                    flops=n * TOP_K * 6 * HIDDEN * INTER,
+                    compute_bound=n >= 128,
+                    backend=_quant_backend(),
                 )
             )
     return out

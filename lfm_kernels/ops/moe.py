@@ -15,6 +15,7 @@ import torch
 
 from .. import _backend, _policy, reference
 from .._backend import cpu_has_native_bf16_gemm
+from ..quant import QuantizedTensor
 from ._checks import FLOAT_DTYPES, check_no_grad, check_same_device, check_same_dtype, check_tensor
 
 _ID_DTYPES = (torch.int64, torch.int32)
@@ -204,8 +205,14 @@ def moe_experts(
         topk_weights: [N, k] float routing weights.
     Each expert is down @ (silu(gate @ h) * (up @ h)); everything accumulates in float32. Only the
     experts that appear in topk_ids are read.
+
+    gate_up_proj and down_proj may both be `lfm_kernels.QuantizedTensor` (GGUF Q8_0 or Q4_0 blocks,
+    one format, H and I multiples of 32; CPU only): the tokens and the SwiGLU product are then
+    quantized per block of 32 to int8 and the dot products are integer (see `_moe_experts_quantized`).
     """
     check_no_grad("moe_experts", hidden=hidden, gate_up_proj=gate_up_proj, down_proj=down_proj, topk_weights=topk_weights)
+    if isinstance(gate_up_proj, QuantizedTensor) or isinstance(down_proj, QuantizedTensor):
+        return _moe_experts_quantized(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     n_experts = _check_expert_weights(hidden, gate_up_proj, down_proj)
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_ID_DTYPES, shape_hint="[N, k]")
     if topk_ids.shape[0] != hidden.shape[0]:
@@ -238,6 +245,10 @@ def moe(
     `Lfm2MoeSparseMoeBlock` computes on its flattened tokens.
     """
     check_no_grad("moe", hidden=hidden, gate_weight=gate_weight, expert_bias=expert_bias, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    if isinstance(gate_up_proj, QuantizedTensor) or isinstance(down_proj, QuantizedTensor):
+        return _moe_quantized(
+            hidden, gate_weight, expert_bias, gate_up_proj, down_proj, top_k, norm_topk_prob, routed_scaling_factor
+        )
     n_experts = _check_route_args(hidden, gate_weight, expert_bias, top_k)
     if _check_expert_weights(hidden, gate_up_proj, down_proj) != n_experts:
         raise ValueError(
@@ -245,3 +256,164 @@ def moe(
         )
     weights, ids = _route(hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor))
     return _experts(hidden, gate_up_proj, down_proj, ids, weights)
+
+
+# ------------------------------------------------------------------------------------------------
+# Experts on quantized weights (GGUF Q8_0 / Q4_0 blocks; csrc/moe_experts.cpp's quantized pass).
+
+
+def _moe_experts_quant_impl(
+    hidden: torch.Tensor,
+    gate_up_q: torch.Tensor,
+    down_q: torch.Tensor,
+    format: str,
+    num_experts: int,
+    intermediate: int,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    if hidden.device.type != "cpu":
+        raise NotImplementedError(
+            f"quantized MoE experts ({format}) run on the CPU only (C++ kernels); hidden is on {hidden.device}"
+        )
+    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant"):
+        return torch.ops.lfm_kernels_cpu.moe_experts_quant(
+            hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights
+        )
+    # no compiled extension: the float64 reference, after the one warning
+    h = hidden.shape[1]
+    gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), format, (num_experts, 2 * intermediate, h))
+    dn = QuantizedTensor(down_q.reshape(num_experts, h, -1), format, (num_experts, h, intermediate))
+    return reference.moe_experts_quant(hidden, gu, dn, topk_ids, topk_weights).to(hidden.dtype)
+
+
+_moe_experts_quant_op = torch.library.custom_op(
+    "lfm_kernels::moe_experts_quant", _moe_experts_quant_impl, mutates_args=()
+)
+
+
+@_moe_experts_quant_op.register_fake
+def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+    return hidden.new_empty(hidden.shape).contiguous()
+
+
+def _register_quant_cpp_fake() -> None:
+    """Shape of the C++ op lfm_kernels_cpu::moe_experts_quant, for tracing it directly."""
+    if _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant"):
+        return  # no extension, or one built before this op existed
+
+    @torch.library.register_fake("lfm_kernels_cpu::moe_experts_quant")
+    def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+        return hidden.new_empty(hidden.shape).contiguous()
+
+
+_register_quant_cpp_fake()
+
+
+def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
+    """Validates quantized expert weights against hidden [N, H]; returns E."""
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, H]")
+    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if not isinstance(w, QuantizedTensor):
+            raise TypeError(
+                f"{name} must be a QuantizedTensor when the other expert weight is one (both quantized in one "
+                f"format, or both float tensors), got {type(w).__name__}"
+            )
+    if down_proj.format != gate_up_proj.format:
+        raise ValueError(
+            f"down_proj must be in gate_up_proj's format {gate_up_proj.format!r} (one format for both), "
+            f"got {down_proj.format!r}"
+        )
+    hidden_size = hidden.shape[1]
+    if len(gate_up_proj.shape) != 3:
+        raise ValueError(f"gate_up_proj must have shape [E, 2I, H={hidden_size}], got {list(gate_up_proj.shape)}")
+    n_experts, two_inter, h = gate_up_proj.shape
+    if h != hidden_size or two_inter % 2 != 0:
+        raise ValueError(
+            f"gate_up_proj must have shape [E, 2I, H={hidden_size}] with gate rows then up rows, "
+            f"got {list(gate_up_proj.shape)}"
+        )
+    inter = two_inter // 2
+    if inter % 32 != 0:
+        raise ValueError(
+            f"gate_up_proj's I (half of its second dimension, {inter}) must be a multiple of 32 for quantized "
+            f"experts (down_proj's blocks run along I), got shape {list(gate_up_proj.shape)}"
+        )
+    if tuple(down_proj.shape) != (n_experts, hidden_size, inter):
+        raise ValueError(
+            f"down_proj must have shape [E={n_experts}, H={hidden_size}, I={inter}] (from gate_up_proj), "
+            f"got {list(down_proj.shape)}"
+        )
+    block_bytes = 34 if gate_up_proj.format == "q8_0" else 18
+    for name, w, rows, k in (
+        ("gate_up_proj", gate_up_proj, n_experts * two_inter, hidden_size),
+        ("down_proj", down_proj, n_experts * hidden_size, inter),
+    ):
+        expected = rows * (k // 32) * block_bytes
+        if not isinstance(w.data, torch.Tensor) or w.data.dtype != torch.uint8 or w.data.numel() != expected:
+            got = f"{w.data.dtype} with {w.data.numel()} bytes" if isinstance(w.data, torch.Tensor) else type(w.data).__name__
+            raise ValueError(
+                f"{name}.data must be uint8 holding {expected} bytes ({w.format} blocks of shape {list(w.shape)}), got {got}"
+            )
+        if w.data.device != hidden.device:
+            raise ValueError(f"{name} is on {w.data.device} but hidden is on {hidden.device}; put them on one device")
+    if hidden.device.type != "cpu":
+        raise NotImplementedError(
+            f"quantized MoE experts ({gate_up_proj.format}) run on the CPU only (C++ kernels); hidden is on {hidden.device}"
+        )
+    return n_experts
+
+
+def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+    op = _moe_experts_quant_impl if _backend.eager_cpu_fast_path(hidden) else _moe_experts_quant_op
+    data_gu, data_dn = gate_up_proj.data, down_proj.data
+    if not data_gu.is_contiguous():
+        data_gu = data_gu.contiguous()
+    if not data_dn.is_contiguous():
+        data_dn = data_dn.contiguous()
+    return op(
+        hidden,
+        data_gu,
+        data_dn,
+        gate_up_proj.format,
+        gate_up_proj.shape[0],
+        gate_up_proj.shape[1] // 2,
+        topk_ids,
+        topk_weights,
+    )
+
+
+def _moe_experts_quantized(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+    """`moe_experts` on QuantizedTensor weights [E, 2I, H] / [E, H, I] (Q8_0 or Q4_0, the same for both).
+
+    Only the chosen experts' blocks are read. hidden is quantized once per token and 32-block to int8
+    (fp32 scale); the SwiGLU product act, kept in fp32, is quantized the same way per (token, expert)
+    for the down projection; block dot products are exact integers, summed in fp32, and the expert
+    outputs are combined with the routing weights in fp32; the output has hidden's dtype. Bits do not
+    depend on the thread count. CPU only (a CUDA tensor raises NotImplementedError).
+    """
+    _check_quant_expert_weights(hidden, gate_up_proj, down_proj)
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_ID_DTYPES, shape_hint="[N, k]")
+    if topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"topk_ids must have shape [N={hidden.shape[0]}, k], got {tuple(topk_ids.shape)}")
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, k]")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have shape [N, k] = {tuple(topk_ids.shape)} (that of topk_ids), "
+            f"got {tuple(topk_weights.shape)}"
+        )
+    check_same_device("hidden", hidden, topk_ids=topk_ids, topk_weights=topk_weights)
+    # expert ids out of [0, E) are rejected by the C++ op (ValueError) without a host-side pass here
+    return _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
+
+
+def _moe_quantized(hidden, gate_weight, expert_bias, gate_up_proj, down_proj, top_k, norm_topk_prob,
+                   routed_scaling_factor):
+    """`moe` with QuantizedTensor expert weights: the router as usual, then `_moe_experts_quantized`."""
+    n_experts = _check_route_args(hidden, gate_weight, expert_bias, top_k)
+    if _check_quant_expert_weights(hidden, gate_up_proj, down_proj) != n_experts:
+        raise ValueError(
+            f"gate_up_proj has {gate_up_proj.shape[0]} experts but gate_weight has E={n_experts} rows; they must match"
+        )
+    weights, ids = _route(hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor))
+    return _quant_experts(hidden, gate_up_proj, down_proj, ids, weights)
