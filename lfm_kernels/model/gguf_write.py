@@ -41,8 +41,10 @@ LFM2_SPECIAL_TOKENS = [
     "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>",
 ]
 
-# A Jinja chat template in LFM2's format (ChatML-like, tools listed as JSON in the system turn): what
-# lfm_kernels.model.chat.apply_chat_template renders, as a template a GGUF file can carry.
+# A Jinja chat template in LFM2's format (ChatML-like, tools listed as JSON in the system turn,
+# non-string content as JSON, tool results between the tool-response markers): what
+# lfm_kernels.model.chat.apply_chat_template renders for conversations without assistant tool_calls,
+# as a template a GGUF file can carry.
 LFM2_CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- set ns = namespace(system_prompt='') -%}"
@@ -57,7 +59,11 @@ LFM2_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- if ns.system_prompt -%}{{- '<|im_start|>system\\n' + ns.system_prompt + '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- set content = message['content'] if message['content'] is string else (message['content'] | tojson) -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- set content = '<|tool_response_start|>' + content + '<|tool_response_end|>' -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )

@@ -20,7 +20,7 @@ from .. import _backend, _policy
 from .. import quant as _quant
 from ..quant import QuantizedTensor
 from .._backend import cpu_has_native_bf16_gemm
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_no_grad, check_same_device, check_tensor
 
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
@@ -84,6 +84,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     weight may also be a `lfm_kernels.QuantizedTensor` [N, K] (GGUF Q8_0 / Q4_0 blocks): x is then
     quantized per block of 32 to int8 and the products are integer (see lfm_kernels/quant.py); CPU only.
     """
+    check_no_grad("linear", x=x, weight=weight, bias=bias)
     if isinstance(weight, QuantizedTensor):
         return _quant._linear(x, weight, bias)
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
