@@ -332,3 +332,28 @@ def test_loading_q4_0_never_allocates_the_bf16_size(tmp_path):
     assert q4["weights"] < 0.35 * bf16_bytes
     assert q4["growth"] < q4["weights"] + 64e6, (q4, bf16_bytes)
     assert q4["growth"] < 0.5 * bf16_bytes, (q4, bf16_bytes)
+
+
+# ----------------------------------------------------------------------------- GGUF files
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gguf_file_loads_quantized(tiny, tmp_path, fmt):
+    pytest.importorskip("gguf")
+    from lfm_kernels.model.gguf_write import write_gguf
+
+    _, path = tiny
+    f32 = from_pretrained(path, dtype=torch.float32, progress=False, tokenizer=False)
+    file = write_gguf(tmp_path / f"m-{fmt}.gguf", f32, fmt.upper(), vocab=None)
+    model = from_pretrained(file, dtype=torch.float32, progress=False, tokenizer=False)
+    st = from_pretrained(path, dtype=torch.float32, quant=fmt, progress=False, tokenizer=False)
+    lw, sw = model.weights.layers[3], st.weights.layers[3]
+    assert isinstance(lw.gate_up_proj, QuantizedTensor) and lw.gate_up_proj.format == fmt
+    for name in ("gate_up_proj", "down_proj", "in_proj", "conv_out", "qkv", "out_proj", "w13", "w2"):
+        for a, b in ((lw, sw), (model.weights.layers[2], st.weights.layers[2]), (model.weights.layers[0], st.weights.layers[0])):
+            if getattr(a, name) is not None:
+                assert torch.equal(getattr(a, name).data, getattr(b, name).data), name
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(2))
+    if fmt == "q8_0":  # every tensor the same blocks: the same logits
+        assert torch.equal(model.weights.embed.data, st.weights.embed.data)
+        assert rel_err(model.forward(ids), st.forward(ids)) < 1e-6
+    else:  # the file's embedding is Q4_0 (ours Q8_0): against its own dequantized weights
+        assert rel_err(model.forward(ids), _dequantized_twin(model).forward(ids)) < LOGIT_TOL
