@@ -94,7 +94,7 @@ def load_tokenizer(path: str):
 
 
 def from_pretrained(path: str, dtype=None, device="cpu", progress: bool = True, tokenizer: bool = True,
-                    dequantize: bool = False) -> LfmModel:
+                    dequantize: bool = False, quant: str | None = None) -> LfmModel:
     """Load a local LFM2-MoE (or dense LFM2) checkpoint directory, or a llama.cpp GGUF file (a .gguf
     path, or a directory holding one and no config.json: see lfm_kernels.model.gguf; dequantize=True
     expands its quantized tensors to the model dtype).
@@ -104,14 +104,27 @@ def from_pretrained(path: str, dtype=None, device="cpu", progress: bool = True, 
     against the config before any data is read; a missing, unexpected or mis-shaped tensor is a
     ValueError naming it. dtype None keeps the checkpoint's dtype. Tensors are copied one at a time into
     preallocated weights (no fp32 copy, no second full copy).
+
+    quant "q8_0" / "q4_0" quantizes a float checkpoint while loading (GGUF's block formats, run by the
+    quantized CPU kernels): every projection (conv in/out, attention q/k/v/o, dense FFN, the experts)
+    in that format, the embedding and an untied lm_head in Q8_0 for both (llama.cpp too keeps its
+    token embedding and output matrix above Q4_0's precision); norms, router, expert bias and conv
+    taps stay in `dtype`, the activations' dtype. Each tensor is quantized as it is read, so memory
+    peaks at the quantized model plus one checkpoint tensor. CPU only.
     """
     path = os.fspath(path)
+    quant = _check_quant(quant, device)
     from .gguf import from_gguf, is_gguf_path
 
     if is_gguf_path(path):  # a llama.cpp GGUF file, or a directory holding one
+        if quant is not None:
+            raise ValueError(
+                "quant applies to float checkpoints; a GGUF file keeps the formats it was written in "
+                f"(got quant={quant!r} for {path!r})"
+            )
         return from_gguf(path, dtype=dtype, device=device, progress=progress, tokenizer=tokenizer, dequantize=dequantize)
     cfg = load_config(path)
-    weights, dt = load_weights(path, cfg, dtype=dtype, device=device, progress=progress)
+    weights, dt = load_weights(path, cfg, dtype=dtype, device=device, progress=progress, quant=quant)
     model = LfmModel(cfg, weights, dt, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)
     gen_file = os.path.join(path, "generation_config.json")
     if os.path.lexists(gen_file):
@@ -137,14 +150,20 @@ def default_model(
     vocab_size: int = 128_000,
     device="cpu",
     progress: bool = True,
+    quant: str | None = None,
 ) -> LfmModel:
     """LFM2.5-8B-A1B shapes (hidden 2048, 32 experts top-4, attention at 2, 6, 10, 14, 18, 21, ...) with
     seeded random weights generated on the fly; num_layers < 24 keeps a prefix of the layer pattern
     (2 dense layers first, attention at index 2). vocab_size defaults to 128,000 (docs/design.md: "about
-    128,000"; LFM2-8B-A1B uses 65,536). The full model is about 17 GB in bf16."""
+    128,000"; LFM2-8B-A1B uses 65,536). The full model is about 17 GB in bf16.
+
+    quant "q8_0" / "q4_0": the same random weights (the same seed gives the same float values),
+    quantized tensor by tensor as `from_pretrained(quant=...)` does; memory peaks at the quantized
+    model plus one float tensor. CPU only."""
+    quant = _check_quant(quant, device)
     cfg = lfm25_8b_a1b_config(num_layers, vocab_size=vocab_size)
     dt = resolve_dtype(dtype)
-    weights, _, _ = allocate(cfg, dt, device)
+    weights, _, _ = allocate(cfg, dt, device, quant=quant)
     fill_random(weights, cfg, seed=seed, progress=progress)
     return LfmModel(cfg, weights, dt)
 
@@ -155,6 +174,7 @@ def to_transformers(model: LfmModel, attn_implementation: str = "eager", experts
     baselines on the same weights when two copies would not fit in memory."""
     from torch import nn
 
+    _refuse_quantized(model, "to_transformers")
     cfg = model.config
     hf_cfg = cfg.to_transformers()
     hf_cfg._attn_implementation = attn_implementation
@@ -195,6 +215,7 @@ def save_pretrained(model: LfmModel, path: str, max_shard_bytes: int = 4 << 30) 
     on disk. Shards are written one at a time, so memory grows by at most one shard."""
     from safetensors.torch import save_file
 
+    _refuse_quantized(model, "save_pretrained")
     cfg = model.config
     os.makedirs(path, exist_ok=True)
     _, slots, _ = allocate(cfg, model.dtype, "meta")
@@ -243,3 +264,22 @@ def _views_by_name(model: LfmModel):
         mine = ours[key]
         out[name] = mine.as_strided(slot.dest.shape, slot.dest.stride(), slot.dest.storage_offset())
     return out, slots, required
+
+
+def _check_quant(quant, device) -> str | None:
+    from .weights import resolve_quant
+
+    quant = resolve_quant(quant)
+    if quant is not None and torch.device(device).type != "cpu":
+        raise ValueError(
+            f"quant={quant!r} needs device='cpu': the Q8_0 / Q4_0 kernels are C++ (CPU only), got device={device!r}"
+        )
+    return quant
+
+
+def _refuse_quantized(model: LfmModel, what: str) -> None:
+    if model.weights.is_quantized():
+        raise ValueError(
+            f"{what} needs float weights; this model holds quantized (QuantizedTensor) weights. Load it "
+            "without quant= for this"
+        )

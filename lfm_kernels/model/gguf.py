@@ -21,10 +21,13 @@ into `ffn_{gate,up,down}_exps` [E, I, H] / [E, I, H] / [E, H, I]. 1-D tensors, n
 and the conv taps stay F32; everything else is in the chosen type.
 
 Tensor types: F32, F16, BF16 load as tensors. Q8_0, Q4_0, Q4_K, Q5_K, Q6_K (GGML's block formats)
-go through one adapter, `_quantized`: with `dequantize=True` they are expanded to the model dtype
-(with `gguf.quants.dequantize`, the reference decoder); without it loading stops with a ValueError
-before anything is allocated, because there are no kernels for them in this module (a dequantized
-model needs about 4x the memory of the file). Any other type is an error naming the tensor.
+go through one adapter, `_quantized`. Q8_0 and Q4_0 become `lfm_kernels.QuantizedTensor` weights
+over the file's own blocks (zero-copy on the map; q/k/v and gate/up parts are copied, still
+quantized, into their stacked weight), run by the quantized CPU kernels. The K-quants have no
+kernels yet: with `dequantize=True` they are expanded to the model dtype (with
+`gguf.quants.dequantize`, the reference decoder); without it loading stops with a ValueError before
+anything is allocated (a dequantized model needs about 4x the memory of the file). Any other type
+is an error naming the tensor.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import os
 import numpy as np
 import torch
 
+from ..quant import QuantizedTensor, _row_bytes
 from .config import ModelConfig
 from .weights import Weights, _progress, allocate, resolve_dtype
 
@@ -46,6 +50,8 @@ GGUF_ARCHITECTURES = {"lfm2": "lfm2", "lfm2moe": "lfm2_moe"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_TYPES = FLOAT_TYPES + QUANT_TYPES
+# GGUF types with kernels of ours: they load as QuantizedTensor (the others need dequantize=True)
+_KERNEL_FORMATS = {"Q8_0": "q8_0", "Q4_0": "q4_0"}
 _TORCH_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _EXPERT_GATING_SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
@@ -291,10 +297,13 @@ class _Target:
     holds the whole weight when the tensor fills it (for zero-copy placement), and whether it is a
     small always-float tensor (norm, bias, router, conv taps)."""
 
-    __slots__ = ("dest", "owner", "attr", "small", "part")
+    __slots__ = ("dest", "owner", "attr", "small", "part", "index")
 
-    def __init__(self, dest, owner=None, attr=None, small=False, part=None):
+    def __init__(self, dest, owner=None, attr=None, small=False, part=None, index=None):
         self.dest, self.owner, self.attr, self.small, self.part = dest, owner, attr, small, part
+        # a part of a stacked weight: the object holding it and the index of this part's rows in it
+        # (where a quantized part's blocks go)
+        self.index = index
 
 
 def _targets(cfg: ModelConfig, w: Weights, names: set[str]) -> tuple[dict[str, _Target], list[str]]:
@@ -304,8 +313,8 @@ def _targets(cfg: ModelConfig, w: Weights, names: set[str]) -> tuple[dict[str, _
     t: dict[str, _Target] = {}
     required: list[str] = []
 
-    def add(name, dest, owner=None, attr=None, small=False, req=True, part=None):
-        t[name] = _Target(dest, owner, attr, small, part)
+    def add(name, dest, owner=None, attr=None, small=False, req=True, part=None, index=None):
+        t[name] = _Target(dest, owner, attr, small, part, index)
         if req:
             required.append(name)
 
@@ -324,9 +333,9 @@ def _targets(cfg: ModelConfig, w: Weights, names: set[str]) -> tuple[dict[str, _
         if lw.attention:
             fused = p + "attn_qkv.weight" in names  # llama.cpp's --fuse-qkv layout
             add(p + "attn_qkv.weight", lw.qkv, lw, "qkv", req=fused)
-            add(p + "attn_q.weight", lw.qkv[: Hq * D], req=not fused, part="qkv")
-            add(p + "attn_k.weight", lw.qkv[Hq * D : (Hq + Hkv) * D], req=not fused, part="qkv")
-            add(p + "attn_v.weight", lw.qkv[(Hq + Hkv) * D :], req=not fused, part="qkv")
+            for suffix, rows in (("q", slice(0, Hq * D)), ("k", slice(Hq * D, (Hq + Hkv) * D)),
+                                 ("v", slice((Hq + Hkv) * D, None))):
+                add(p + f"attn_{suffix}.weight", lw.qkv[rows], lw, req=not fused, part="qkv", index=(rows,))
             add(p + "attn_output.weight", lw.out_proj, lw, "out_proj")
             add(p + "attn_q_norm.weight", lw.q_norm, lw, "q_norm", small=True)
             add(p + "attn_k_norm.weight", lw.k_norm, lw, "k_norm", small=True)
@@ -343,22 +352,25 @@ def _targets(cfg: ModelConfig, w: Weights, names: set[str]) -> tuple[dict[str, _
             add(p + "ffn_gate_inp.weight", lw.gate, lw, "gate", small=True)
             if cfg.use_expert_bias:
                 add(p + "exp_probs_b.bias", lw.expert_bias, lw, "expert_bias", small=True)
-            add(p + "ffn_gate_exps.weight", lw.gate_up_proj[:, :I], part="gate_up_proj")
-            add(p + "ffn_up_exps.weight", lw.gate_up_proj[:, I:], part="gate_up_proj")
+            gate, up = (slice(None), slice(0, I)), (slice(None), slice(I, None))
+            add(p + "ffn_gate_exps.weight", lw.gate_up_proj[gate], lw, part="gate_up_proj", index=gate)
+            add(p + "ffn_up_exps.weight", lw.gate_up_proj[up], lw, part="gate_up_proj", index=up)
             add(p + "ffn_down_exps.weight", lw.down_proj, lw, "down_proj")
         else:
             I = cfg.intermediate_size
-            add(p + "ffn_gate.weight", lw.w13[:I], part="w13")
-            add(p + "ffn_up.weight", lw.w13[I:], part="w13")
+            add(p + "ffn_gate.weight", lw.w13[:I], lw, part="w13", index=(slice(0, I),))
+            add(p + "ffn_up.weight", lw.w13[I:], lw, part="w13", index=(slice(I, None),))
             add(p + "ffn_down.weight", lw.w2, lw, "w2")
     return t, required
 
 
-def _check_tensors(reader, cfg: ModelConfig, targets: dict[str, _Target], required: list[str], dequantize: bool):
+def _check_tensors(reader, cfg: ModelConfig, targets: dict[str, _Target], required: list[str], dequantize: bool,
+                   device="cpu"):
     """Names, types and shapes of every tensor against the config, before anything is allocated."""
     file = reader.path
     arch = _field(reader, "general.architecture")
     present = set()
+    stacked: dict = {}
     for t in reader.tensors:
         name = t.name
         tname = _type_name(t)
@@ -383,7 +395,21 @@ def _check_tensors(reader, cfg: ModelConfig, targets: dict[str, _Target], requir
                 f"file's metadata implies {list(want)}"
             )
         if tname in QUANT_TYPES and not target.small and not dequantize:
-            raise _no_quantized_weights(name, tname)
+            if tname not in _KERNEL_FORMATS:
+                raise _no_quantized_weights(name, tname)
+            if torch.device(device).type != "cpu":
+                raise ValueError(
+                    f"{file}: tensor {name!r} is {tname}: quantized weights run on the CPU only (the Q8_0 / "
+                    f"Q4_0 kernels are C++), got device={device!r}; load with device='cpu' or dequantize=True"
+                )
+        if target.index is not None:  # a part of a stacked weight: all its parts share one type
+            kind = tname if (tname in _KERNEL_FORMATS and not dequantize) else "float"
+            first = stacked.setdefault((id(target.owner), target.part), (name, kind))
+            if first[1] != kind:
+                raise ValueError(
+                    f"{file}: tensors {first[0]!r} ({first[1]}) and {name!r} ({kind}) are stacked into one "
+                    f"weight and must have the same type; pass dequantize=True to expand both"
+                )
         present.add(name)
     for name in required:
         if name not in present:
@@ -392,21 +418,27 @@ def _check_tensors(reader, cfg: ModelConfig, targets: dict[str, _Target], requir
 
 def _no_quantized_weights(name: str, fmt: str) -> ValueError:
     return ValueError(
-        f"tensor {name!r} is {fmt}-quantized, and quantized weights are not wired to kernels in this "
-        f"loader yet; pass dequantize=True to expand them to the model dtype (about 4x the file's "
-        f"size in bf16)"
+        f"tensor {name!r} is {fmt}-quantized: there are no {fmt} kernels yet (K-quant kernels are not "
+        f"written; Q8_0 and Q4_0 run quantized); pass dequantize=True to expand it to the model dtype "
+        f"(about 4x the file's size in bf16)"
     )
 
 
 def _quantized(raw: torch.Tensor, fmt: str, shape, *, dequantize: bool = False, dtype=torch.float32, name: str = "?"):
     """The one adapter from a GGUF quantized tensor (raw blocks as a uint8 tensor [..., row bytes], its
-    GGML format name, its logical shape) to a weight. For now only the explicit opt-in
-    `dequantize=True` is served: the blocks are decoded with `gguf.quants.dequantize` (the reference
+    GGML format name, its logical shape) to a weight.
+
+    Q8_0 / Q4_0 become a QuantizedTensor over the same bytes (GGUF stores exactly those blocks; on a
+    memory-mapped file this is zero-copy). The K-quants have no kernels yet: they need the explicit
+    opt-in `dequantize=True`, which decodes the blocks with `gguf.quants.dequantize` (the reference
     decoder), one leading slice at a time so the fp32 temporary stays small, into `dtype`."""
     if fmt not in QUANT_TYPES:
         raise ValueError(f"tensor {name!r}: unsupported quantized type {fmt}; expected one of {QUANT_TYPES}")
     if not dequantize:
-        raise _no_quantized_weights(name, fmt)
+        if fmt not in _KERNEL_FORMATS:
+            raise _no_quantized_weights(name, fmt)
+        shape = tuple(int(s) for s in shape)
+        return QuantizedTensor(raw.reshape(*shape[:-1], -1), _KERNEL_FORMATS[fmt], shape)
     import gguf
 
     qtype = gguf.GGMLQuantizationType[fmt]
@@ -457,13 +489,14 @@ def load_gguf(path, dtype=None, device="cpu", dequantize: bool = False, progress
     # a meta-device layout first: checks need shapes only, so nothing is allocated before they pass
     meta, _, _ = allocate(cfg, dt, "meta")
     targets, required = _targets(cfg, meta, names)
-    _check_tensors(reader, cfg, targets, required, dequantize)
+    _check_tensors(reader, cfg, targets, required, dequantize, device)
 
     weights, _, _ = allocate(cfg, dt, device)
     targets, _ = _targets(cfg, weights, names)
     tensors = [t for t in reader.tensors if not (t.name == "output.weight" and cfg.tie_word_embeddings)]
     bar = _progress(sum(int(t.n_bytes) for t in tensors), f"loading {os.path.basename(reader.path)}", progress)
     tied = weights.lm_head is weights.embed
+    stacked: dict = {}  # (owner, attribute) -> the QuantizedTensor its quantized parts are copied into
     with torch.no_grad():
         for t in tensors:
             target = targets[t.name]
@@ -472,8 +505,25 @@ def load_gguf(path, dtype=None, device="cpu", dequantize: bool = False, progress
                 # small tensors llama.cpp never quantizes (norms, router, conv taps) are always expanded
                 src = _quantized(src, tname, target.dest.shape, dequantize=dequantize or target.small,
                                  dtype=target.dest.dtype, name=t.name)
+            if isinstance(src, QuantizedTensor):
+                # the float weight allocated for it is never written, so its pages are never committed
+                if target.index is None:
+                    setattr(target.owner, target.attr, src)  # the file's blocks, in place
+                    if tied and target.attr == "embed":
+                        weights.lm_head = src
+                else:  # q/k/v or gate/up: copy the blocks into the stacked weight (rows stack as floats do)
+                    key = (id(target.owner), target.part)
+                    if key not in stacked:
+                        full = getattr(target.owner, target.part).shape
+                        data = torch.empty(*full[:-1], _row_bytes(src.format, full[-1]), dtype=torch.uint8)
+                        stacked[key] = QuantizedTensor(data, src.format, full)
+                        setattr(target.owner, target.part, stacked[key])
+                    stacked[key].data[target.index].copy_(src.data)
+                bar.update(int(t.n_bytes))
+                continue
             if (
-                target.owner is not None
+                target.index is None
+                and target.owner is not None
                 and src.dtype == target.dest.dtype
                 and torch.device(device).type == "cpu"
                 and src.is_contiguous()

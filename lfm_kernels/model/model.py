@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import decode_attention, linear, moe, short_conv
+from ..quant import QuantizedTensor
 from .config import ModelConfig
-from .weights import Weights
+from .weights import Weights, _nbytes
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,6 +64,10 @@ class LfmModel:
         self.weights = weights
         self.dtype = dtype
         self.device = weights.embed.device
+        if weights.is_quantized() and self.device.type != "cpu":
+            raise NotImplementedError(
+                f"a quantized model runs on the CPU only (the Q8_0 / Q4_0 kernels are C++); its weights are on {self.device}"
+            )
         self.tokenizer = tokenizer
         self.path = path
         self.generation_defaults: dict = {}
@@ -105,8 +110,21 @@ class LfmModel:
         return tables
 
     # ------------------------------------------------------------------ building blocks
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of ids [...] -> [..., H] in the model dtype; from a quantized table only
+        the looked-up rows are dequantized."""
+        table = self.weights.embed
+        if not isinstance(table, QuantizedTensor):
+            return F.embedding(ids, table)
+        H = table.shape[-1]
+        blocks = table.data.index_select(0, ids.reshape(-1))
+        rows = QuantizedTensor(blocks, table.format, (blocks.shape[0], H)).dequantize(torch.float32)
+        return rows.to(self.dtype).view(*ids.shape, H)
+
     def _ffn(self, lw, h: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        if lw.moe and isinstance(lw.gate_up_proj, QuantizedTensor):
+            return _moe_quant(h, lw, cfg)
         if lw.moe:
             shape = h.shape
             out = moe(
@@ -162,7 +180,7 @@ class LfmModel:
         Hq = cfg.num_attention_heads
         cos, sin = self._rope_tables(state.max_len)
         cos, sin = cos[:T], sin[:T]
-        x = F.embedding(ids, w.embed)
+        x = self._embed(ids)
         for i, lw in enumerate(w.layers):
             h = rms_norm(x, lw.operator_norm, cfg.norm_eps)
             if lw.attention:
@@ -218,7 +236,7 @@ class LfmModel:
         Hq = cfg.num_attention_heads
         cos_t, sin_t = self._rope_tables(state.max_len)
         cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # [B, 1, D]: broadcast over heads
-        x = F.embedding(tokens, w.embed).unsqueeze(1)  # [B, 1, H]
+        x = self._embed(tokens).unsqueeze(1)  # [B, 1, H]
         for i, lw in enumerate(w.layers):
             h = rms_norm(x, lw.operator_norm, cfg.norm_eps)
             if lw.attention:
@@ -265,16 +283,39 @@ class LfmModel:
         return self.weights.nbytes()
 
     def bytes_per_decoded_token(self, batch: int = 1) -> int:
-        """Weight bytes one decode step reads: everything but the embedding table (one row per token)
+        """Weight bytes one decode step reads (a quantized weight: its blocks): everything but the embedding table (one row per token)
         and the experts a token does not pick (top_k of E per MoE layer, for batch 1; for larger
         batches at most min(E, batch * top_k) experts)."""
         cfg, w = self.config, self.weights
         total = 0
         for name, t in w.tensors():
-            nb = t.numel() * t.element_size()
+            nb = _nbytes(t)
             if name == "embed":
-                nb = (batch + (cfg.vocab_size if cfg.tie_word_embeddings else 0)) * cfg.hidden_size * t.element_size()
+                # a quantized table: one row is its blocks, the same bytes per row as the whole
+                nb = (batch + (cfg.vocab_size if cfg.tie_word_embeddings else 0)) * (nb // cfg.vocab_size)
             elif name.endswith("gate_up_proj") or name.endswith("down_proj"):
                 nb = nb * min(cfg.num_experts, batch * cfg.num_experts_per_tok) // cfg.num_experts
             total += nb
         return total
+
+
+def _moe_quant(h: torch.Tensor, lw, cfg: ModelConfig) -> torch.Tensor:
+    """The MoE block with quantized experts: the router as `moe` has it, then each chosen expert
+    through the quantized `linear` on its [2I, H] / [H, I] slice of the stacked blocks (views, no
+    copy), accumulated in fp32 like the fused kernel."""
+    from .. import moe_route
+
+    shape = h.shape
+    x = h.reshape(-1, shape[-1])
+    weights, ids = moe_route(x, lw.gate, lw.expert_bias, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                             cfg.routed_scaling_factor)
+    gu, down = lw.gate_up_proj, lw.down_proj
+    inter = down.shape[-1]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        g = linear(x[tok], QuantizedTensor(gu.data[e], gu.format, gu.shape[1:]))
+        a = F.silu(g[:, :inter].float()) * g[:, inter:].float()
+        y = linear(a.to(x.dtype), QuantizedTensor(down.data[e], down.format, down.shape[1:]))
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+    return out.to(h.dtype).view(shape)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quant import QuantizedTensor, _row_bytes, quantize
 from .config import ModelConfig
 
 _DTYPES = {
@@ -33,6 +34,23 @@ _DTYPES = {
 
 # names that may appear in checkpoints but hold nothing we need (recomputed or unused)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "pos_emb.inv_freq", "pos_emb.original_inv_freq")
+
+
+QUANT_MODES = ("q8_0", "q4_0")
+
+
+def resolve_quant(quant) -> str | None:
+    """None, "q8_0" or "q4_0" (the weight formats a model can be quantized to while loading)."""
+    if quant is None or quant in QUANT_MODES:
+        return quant
+    raise ValueError(f"quant must be None or one of {QUANT_MODES}, got {quant!r}")
+
+
+def _nbytes(t) -> int:
+    """Bytes a weight occupies: a float tensor's elements, or a QuantizedTensor's blocks."""
+    if isinstance(t, QuantizedTensor):
+        return t.nbytes
+    return t.numel() * t.element_size()
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
@@ -92,44 +110,85 @@ class Weights:
             yield "lm_head", self.lm_head
         for i, layer in enumerate(self.layers):
             for name, value in vars(layer).items():
-                if isinstance(value, torch.Tensor) and not name.startswith("_"):  # _*: derived caches
+                if isinstance(value, (torch.Tensor, QuantizedTensor)) and not name.startswith("_"):  # _*: derived caches
                     yield f"layers.{i}.{name}", value
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self.tensors())
+        return sum(_nbytes(t) for _, t in self.tensors())
+
+    def is_quantized(self) -> bool:
+        return any(isinstance(t, QuantizedTensor) for _, t in self.tensors())
 
 
 @dataclass
 class _Slot:
-    dest: torch.Tensor  # view with exactly the checkpoint tensor's expected shape
+    dest: torch.Tensor  # view with exactly the checkpoint tensor's expected shape (a quantized slot: its blocks)
     parts: tuple[str, ...]  # the canonical part names this tensor fills
+    fmt: str | None = None  # a quantized slot: the format the float tensor is quantized to when read
+    qshape: tuple[int, ...] | None = None  # a quantized slot: the float tensor's shape
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape the checkpoint tensor must have."""
+        return tuple(self.qshape) if self.fmt else tuple(self.dest.shape)
 
 
-def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu") -> tuple[Weights, dict[str, _Slot], list[str]]:
+def _qrows(qt: QuantizedTensor, *index) -> tuple[torch.Tensor, str, tuple[int, ...]]:
+    """(the blocks, the format, the logical shape) of qt[index] for an index that selects whole rows (ints and
+    row slices over the leading dimensions): quantized blocks run along K, so rows stack as they do
+    in a float matrix."""
+    data = qt.data[index]
+    return data, qt.format, (*data.shape[:-1], qt.shape[-1])
+
+
+def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu", quant: str | None = None) -> tuple[Weights, dict[str, _Slot], list[str]]:
     """Uninitialised weights (torch.empty: pages are committed only when written), the slot of every
-    accepted checkpoint name, and the ordered list of required part names."""
+    accepted checkpoint name, and the ordered list of required part names.
+
+    quant "q8_0" / "q4_0": every projection (conv in/out, attention q/k/v/o, dense FFN, experts) is a
+    QuantizedTensor of that format, and the embedding (and an untied lm_head) Q8_0 in both modes, as
+    llama.cpp keeps its token embedding and output matrix at higher precision than Q4_0. Norms, the
+    router, expert bias and conv taps stay float. The slots of quantized tensors hold their blocks; the
+    loader quantizes each float tensor as it reads it."""
     H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     Hq, Hkv, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.conv_L_cache
+    quant = resolve_quant(quant)
 
     def empty(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt, device=device)
 
+    def matrix(*shape, fmt=quant):
+        """A projection: float, or (quant given) the uninitialised blocks of a QuantizedTensor."""
+        if fmt is None:
+            return empty(*shape)
+        data = torch.empty(*shape[:-1], _row_bytes(fmt, shape[-1]), dtype=torch.uint8, device=device)
+        return QuantizedTensor(data, fmt, shape)
+
+    def rows(w, *index):
+        """The slot destination for w[index] (whole rows)."""
+        return _qrows(w, *index) if isinstance(w, QuantizedTensor) else w[index]
+
     slots: dict[str, _Slot] = {}
     required: list[str] = []
 
-    def add(name: str, dest: torch.Tensor, parts: tuple[str, ...] | None = None, required_part: bool = True):
-        slots[name] = _Slot(dest, parts or (name,))
+    def add(name: str, dest, parts: tuple[str, ...] | None = None, required_part: bool = True):
+        if isinstance(dest, QuantizedTensor):
+            dest = (dest.data, dest.format, tuple(dest.shape))
+        if isinstance(dest, tuple):  # (blocks, format, logical shape) of a quantized weight
+            slots[name] = _Slot(dest[0], parts or (name,), dest[1], dest[2])
+        else:
+            slots[name] = _Slot(dest, parts or (name,))
         if parts is None and required_part:
             required.append(name)
 
-    embed = empty(V, H)
+    embed = matrix(V, H, fmt="q8_0" if quant else None)
     add("model.embed_tokens.weight", embed)
     final_norm = empty(H)
     add("model.embedding_norm.weight", final_norm)
     if cfg.tie_word_embeddings:
         lm_head = embed
     else:
-        lm_head = empty(V, H)
+        lm_head = matrix(V, H, fmt="q8_0" if quant else None)
         add("lm_head.weight", lm_head)
     weights = Weights(embed=embed, final_norm=final_norm, lm_head=lm_head)
 
@@ -141,21 +200,21 @@ def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu") -> tuple[Weight
         add(p + "operator_norm.weight", lw.operator_norm)
         add(p + "ffn_norm.weight", lw.ffn_norm)
         if lw.attention:
-            lw.qkv = empty((Hq + 2 * Hkv) * D, H)
-            add(p + "self_attn.q_proj.weight", lw.qkv[: Hq * D])
-            add(p + "self_attn.k_proj.weight", lw.qkv[Hq * D : (Hq + Hkv) * D])
-            add(p + "self_attn.v_proj.weight", lw.qkv[(Hq + Hkv) * D :])
-            lw.out_proj = empty(H, Hq * D)
+            lw.qkv = matrix((Hq + 2 * Hkv) * D, H)
+            add(p + "self_attn.q_proj.weight", rows(lw.qkv, slice(0, Hq * D)))
+            add(p + "self_attn.k_proj.weight", rows(lw.qkv, slice(Hq * D, (Hq + Hkv) * D)))
+            add(p + "self_attn.v_proj.weight", rows(lw.qkv, slice((Hq + Hkv) * D, None)))
+            lw.out_proj = matrix(H, Hq * D)
             add(p + "self_attn.out_proj.weight", lw.out_proj)
             lw.q_norm, lw.k_norm = empty(D), empty(D)
             add(p + "self_attn.q_layernorm.weight", lw.q_norm)
             add(p + "self_attn.k_layernorm.weight", lw.k_norm)
         else:
-            lw.in_proj = empty(3 * H, H)
+            lw.in_proj = matrix(3 * H, H)
             add(p + "conv.in_proj.weight", lw.in_proj)
             lw.conv = empty(H, L)
             add(p + "conv.conv.weight", lw.conv.view(H, 1, L))
-            lw.conv_out = empty(H, H)
+            lw.conv_out = matrix(H, H)
             add(p + "conv.out_proj.weight", lw.conv_out)
             if cfg.conv_bias:
                 lw.in_proj_bias, lw.conv_bias, lw.conv_out_bias = empty(3 * H), empty(H), empty(H)
@@ -169,24 +228,24 @@ def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu") -> tuple[Weight
             if cfg.use_expert_bias:
                 lw.expert_bias = empty(E, dt=torch.float32)
                 add(p + "feed_forward.expert_bias", lw.expert_bias)
-            lw.gate_up_proj = empty(E, 2 * I, H)
-            lw.down_proj = empty(E, H, I)
+            lw.gate_up_proj = matrix(E, 2 * I, H)
+            lw.down_proj = matrix(E, H, I)
             ex = p + "feed_forward.experts."
             gu_parts, down_parts = [], []
             for e in range(E):
-                add(f"{ex}{e}.w1.weight", lw.gate_up_proj[e, :I])
-                add(f"{ex}{e}.w3.weight", lw.gate_up_proj[e, I:])
-                add(f"{ex}{e}.w2.weight", lw.down_proj[e])
+                add(f"{ex}{e}.w1.weight", rows(lw.gate_up_proj, e, slice(0, I)))
+                add(f"{ex}{e}.w3.weight", rows(lw.gate_up_proj, e, slice(I, None)))
+                add(f"{ex}{e}.w2.weight", rows(lw.down_proj, e))
                 gu_parts += [f"{ex}{e}.w1.weight", f"{ex}{e}.w3.weight"]
                 down_parts.append(f"{ex}{e}.w2.weight")
             add(ex + "gate_up_proj", lw.gate_up_proj, tuple(gu_parts))
             add(ex + "down_proj", lw.down_proj, tuple(down_parts))
         else:
             I = cfg.intermediate_size
-            lw.w13 = empty(2 * I, H)
-            add(p + "feed_forward.w1.weight", lw.w13[:I])
-            add(p + "feed_forward.w3.weight", lw.w13[I:])
-            lw.w2 = empty(H, I)
+            lw.w13 = matrix(2 * I, H)
+            add(p + "feed_forward.w1.weight", rows(lw.w13, slice(0, I)))
+            add(p + "feed_forward.w3.weight", rows(lw.w13, slice(I, None)))
+            lw.w2 = matrix(H, I)
             add(p + "feed_forward.w2.weight", lw.w2)
         weights.layers.append(lw)
     return weights, slots, required
@@ -387,13 +446,18 @@ def _read_into(fh, base: int, info: dict, dest: torch.Tensor, name: str) -> None
         dest.copy_(buf)
 
 
-def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress: bool = True) -> tuple[Weights, torch.dtype]:
-    """Check every tensor's name and shape against cfg (errors name the first mismatch), then load."""
+def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress: bool = True,
+                 quant: str | None = None) -> tuple[Weights, torch.dtype]:
+    """Check every tensor's name and shape against cfg (errors name the first mismatch), then load.
+
+    quant "q8_0" / "q4_0" (see `allocate` for which tensors): each float tensor is read into one
+    buffer of its own size and quantized into its slot, so memory peaks at the quantized model plus
+    the largest checkpoint tensor, never a float copy of the model."""
     files = checkpoint_files(path)
     headers = {file: read_header(file) for file in files}
     # None: the dtype the tensors are stored in (config.json's `dtype` can disagree with the files)
     dtype = resolve_dtype(dtype) or _first_dtype(headers)
-    weights, slots, required = allocate(cfg, dtype, device)
+    weights, slots, required = allocate(cfg, dtype, device, quant=quant)
 
     # Pass 1: names and shapes only (no data read), so a bad checkpoint fails before a long load.
     plan: list[tuple[str, str, _Slot]] = []
@@ -416,10 +480,10 @@ def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress
                     "expected a float dtype (BF16, F16, F32, F64)"
                 )
             shape = tuple(info["shape"])
-            if shape != tuple(slot.dest.shape):
+            if shape != slot.shape:
                 raise ValueError(
                     f"checkpoint {os.path.basename(file)}: tensor {name!r} has shape {list(shape)}, "
-                    f"but config.json implies {list(slot.dest.shape)}"
+                    f"but config.json implies {list(slot.shape)}"
                 )
             for part in slot.parts:
                 if part in covered:
@@ -445,7 +509,12 @@ def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress
             items.sort(key=lambda it: header[it[0]]["data_offsets"][0])
             with open(file, "rb", buffering=0) as fh:
                 for name, slot in items:
-                    if slot.dest.device.type == "cpu":
+                    if slot.fmt is not None:
+                        tmp = torch.empty(slot.shape, dtype=_ST_DTYPES[header[name]["dtype"]])
+                        _read_into(fh, base, header[name], tmp, name)
+                        _quantize_into(slot.dest, tmp, slot.fmt)
+                        del tmp
+                    elif slot.dest.device.type == "cpu":
                         _read_into(fh, base, header[name], slot.dest, name)
                     else:
                         tmp = torch.empty(slot.dest.shape, dtype=_ST_DTYPES[header[name]["dtype"]])
@@ -454,6 +523,16 @@ def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress
                     bar.update(slot.dest.numel() * slot.dest.element_size())
     bar.close()
     return weights, dtype
+
+
+def _quantize_into(dest: torch.Tensor, src: torch.Tensor, fmt: str) -> None:
+    """dest (blocks [..., row bytes]) = quantize(src [..., K], fmt), a few hundred rows at a time: the
+    quantizer's fp32 temporaries stay about a megabyte instead of growing with the tensor."""
+    k = src.shape[-1]
+    rows, out = src.reshape(-1, k), dest.view(-1, dest.shape[-1])
+    step = max(1, (1 << 18) // k)
+    for r0 in range(0, rows.shape[0], step):
+        out[r0 : r0 + step] = quantize(rows[r0 : r0 + step], fmt).data
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -472,12 +551,16 @@ def fill_random(weights: Weights, cfg: ModelConfig, seed: int = 0, progress: boo
     gen = torch.Generator(device=weights.embed.device)
     gen.manual_seed(seed)
     items = list(weights.tensors())
-    total = sum(t.numel() * t.element_size() for _, t in items)
+    total = sum(_nbytes(t) for _, t in items)
     bar = _progress(total, "random weights", progress)
     chunk = 1 << 24  # elements per normal_ call: keeps the progress bar moving
+    dtype = weights.final_norm.dtype
     with torch.no_grad():
         for name, t in items:
-            flat = t.view(-1)
+            # a quantized weight draws the same numbers as the float model's (same generator calls, in
+            # the model dtype) into one temporary, then is quantized: the quantized default model is
+            # the float one quantized
+            flat = torch.empty(t.shape, dtype=dtype, device=t.device).view(-1) if isinstance(t, QuantizedTensor) else t.view(-1)
             if name.endswith("norm"):
                 flat.normal_(1.0, 0.05, generator=gen)
             elif name.endswith("expert_bias"):
@@ -487,7 +570,9 @@ def fill_random(weights: Weights, cfg: ModelConfig, seed: int = 0, progress: boo
             else:
                 for start in range(0, flat.numel(), chunk):
                     flat[start : start + chunk].normal_(0.0, std, generator=gen)
-                    bar.update(min(chunk, flat.numel() - start) * t.element_size())
+                    bar.update(min(chunk, flat.numel() - start) * _nbytes(t) // flat.numel())
+                if isinstance(t, QuantizedTensor):
+                    _quantize_into(t.data, flat.view(t.shape), t.format)
                 continue
-            bar.update(t.numel() * t.element_size())
+            bar.update(_nbytes(t))
     bar.close()
