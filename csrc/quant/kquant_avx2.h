@@ -64,6 +64,27 @@ static inline void quantize_act_row_k(const T* x, int64_t K, int8_t* q, float* d
   kq_act_sums(q, K, s);
 }
 
+// Q4_K / Q5_K's twelve scale bytes -> the eight scales in bytes 0..7 and the eight mins in bytes
+// 8..15 (the 6-bit fields moved with 32-bit masks and shifts, four at a time).
+static inline __m128i scales_mins(const uint8_t* s12) {
+  uint32_t u[4];
+  std::memcpy(u, s12, 12);
+  const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+  const uint32_t sc_hi = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);
+  const uint32_t mn_hi = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4);
+  return _mm_setr_epi32(static_cast<int>(u[0] & m6), static_cast<int>(sc_hi), static_cast<int>(u[1] & m6),
+                        static_cast<int>(mn_hi));
+}
+
+// Sums of the eight int32 lanes of a and of the four of b.
+static inline void hsum2_i32(__m256i a, __m128i b, int32_t* sa, int32_t* sb) {
+  const __m128i a4 = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  const __m128i h = _mm_hadd_epi32(a4, b);  // a01 a23 b01 b23
+  const __m128i t = _mm_hadd_epi32(h, h);   // a, b, a, b
+  *sa = _mm_cvtsi128_si32(t);
+  *sb = _mm_extract_epi32(t, 1);
+}
+
 static inline __m256i ld(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 // Q4_K / Q5_K: 32 bytes c of the nibbles (and Q5_K's fifth bits) -> sub-blocks 2c and 2c + 1.
@@ -134,8 +155,13 @@ static inline void ktile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64
         }
       }
     } else {
-      int32_t sc[R][8], mn[R][8];
-      for (int r = 0; r < R; ++r) kq_scale_min(w + r * w_ld + b * kB + 4, sc[r], mn[r]);
+      alignas(16) int16_t sc[R][8];
+      __m128i mn[R];
+      for (int r = 0; r < R; ++r) {
+        const __m128i sm = scales_mins(w + r * w_ld + b * kB + 4);
+        _mm_store_si128(reinterpret_cast<__m128i*>(sc[r]), _mm_cvtepu8_epi16(sm));
+        mn[r] = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
+      }
       for (int c = 0; c < 4; ++c) {
         __m256i lo[R], hi[R];
         for (int r = 0; r < R; ++r) load_pair<F>(w + r * w_ld + b * kB, c, lo[r], hi[r]);
@@ -143,19 +169,22 @@ static inline void ktile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64
           const int8_t* x = xq + m * ldq + b * kSuper + 64 * c;
           const __m256i xl = ld(x), xh = ld(x + 32);
           for (int r = 0; r < R; ++r) {
-            const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[r], xl), _mm256_set1_epi16(static_cast<int16_t>(sc[r][2 * c])));
-            const __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[r], xh), _mm256_set1_epi16(static_cast<int16_t>(sc[r][2 * c + 1])));
+            const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[r], xl), _mm256_set1_epi16(sc[r][2 * c]));
+            const __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[r], xh), _mm256_set1_epi16(sc[r][2 * c + 1]));
             isum[r][m] = _mm256_add_epi32(isum[r][m], _mm256_add_epi32(pl, ph));
           }
         }
       }
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* blk = w + r * w_ld + b * kB;
-        const float d = kq_half(blk), dmin = kq_half(blk + 2);
-        for (int m = 0; m < M; ++m) {
-          const int32_t S1 = hsum_i32(isum[r][m]);
-          const int32_t S2 = kq_min_term(mn[r], xs + m * lds + b * kSub16);
-          const float t = fma_ss(d, static_cast<float>(S1), -(dmin * static_cast<float>(S2)));
+      for (int m = 0; m < M; ++m) {
+        // sums of x over the eight sub-blocks of 32, from the sixteen per-16 sums
+        const int16_t* s = xs + m * lds + b * kSub16;
+        const __m128i xs32 = _mm_hadd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)),
+                                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8)));
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* blk = w + r * w_ld + b * kB;
+          int32_t S1, S2;
+          hsum2_i32(isum[r][m], _mm_madd_epi16(mn[r], xs32), &S1, &S2);
+          const float t = fma_ss(kq_half(blk), static_cast<float>(S1), -(kq_half(blk + 2) * static_cast<float>(S2)));
           acc[r][m] = fma_ss(xd[m * ldd + b], t, acc[r][m]);
         }
       }
