@@ -28,8 +28,12 @@ from __future__ import annotations
 import torch
 
 BLOCK = 32
-# format name -> bytes per block of 32 weights
-_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+# K-quants: super-blocks of 256 weights
+QK_K = 256
+# format name -> bytes per block (of 32 weights; of 256 for the K-quants)
+_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_k": 144, "q5_k": 176, "q6_k": 210}
+_BLOCK_SIZE = {"q8_0": BLOCK, "q4_0": BLOCK, "q4_k": QK_K, "q5_k": QK_K, "q6_k": QK_K}
+_K_FORMATS = ("q4_k", "q5_k", "q6_k")
 FORMATS = tuple(_BLOCK_BYTES)
 
 
@@ -40,7 +44,7 @@ def _check_format(fmt) -> str:
 
 
 def _row_bytes(fmt: str, k: int) -> int:
-    return k // BLOCK * _BLOCK_BYTES[fmt]
+    return k // _BLOCK_SIZE[fmt] * _BLOCK_BYTES[fmt]
 
 
 class QuantizedTensor:
@@ -67,8 +71,9 @@ class QuantizedTensor:
         if any(s <= 0 for s in shape):
             raise ValueError(f"shape must have positive dimensions, got {tuple(shape)}")
         k = shape[-1]
-        if k % BLOCK:
-            raise ValueError(f"K (the last dimension of shape) must be a multiple of {BLOCK}, got K={k}")
+        bs = _BLOCK_SIZE[format]
+        if k % bs:
+            raise ValueError(f"K (the last dimension of shape) must be a multiple of {bs} for {format}, got K={k}")
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"data must be a torch.Tensor of uint8, got {type(data).__name__}")
         if data.dtype != torch.uint8:
@@ -77,7 +82,7 @@ class QuantizedTensor:
         if tuple(data.shape) != expected:
             raise ValueError(
                 f"data must have shape {list(expected)} ({format} blocks of shape {list(shape)}: "
-                f"{_BLOCK_BYTES[format]} bytes per {BLOCK} weights), got {list(data.shape)}"
+                f"{_BLOCK_BYTES[format]} bytes per {bs} weights), got {list(data.shape)}"
             )
         self.data = data.contiguous()
         self.format = format
@@ -97,6 +102,8 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight the blocks stand for, in `dtype` (values exact in float32)."""
+        if self.format in _K_FORMATS:
+            return _dequantize_k(self.data.reshape(-1, _BLOCK_BYTES[self.format]), self.format).reshape(self.shape).to(dtype)
         blocks = self.data.reshape(-1, _BLOCK_BYTES[self.format])
         d = blocks[:, :2].contiguous().view(torch.float16).float()  # [nb, 1]
         if self.format == "q8_0":
@@ -108,6 +115,43 @@ class QuantizedTensor:
 
     def __repr__(self) -> str:
         return f"QuantizedTensor(format={self.format!r}, shape={list(self.shape)}, nbytes={self.nbytes}, device={self.device})"
+
+
+def _k_scale_min(sc12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K's twelve scale bytes [nb, 12] -> the eight 6-bit scales and mins, each [nb, 8]."""
+    s = sc12.to(torch.int32).reshape(-1, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def _dequantize_k(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+    """K-quant super-blocks uint8 [nb, block_bytes] -> fp32 [nb, 256], with the same fp32 operations
+    (and so the same values) as gguf.quants' decoders."""
+    nb = blocks.shape[0]
+    f16 = lambda b: b.contiguous().view(torch.float16).float()  # noqa: E731
+    shifts = torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    if fmt == "q6_k":
+        ql, qh, sc, d = blocks[:, :128], blocks[:, 128:192], blocks[:, 192:208], f16(blocks[:, 208:210])
+        d = (d * sc.contiguous().view(torch.int8).float()).reshape(nb, 16, 1)
+        lo = ((ql.reshape(nb, 2, 1, 64) >> shifts) & 0x0F).reshape(nb, -1, 32)
+        hi = ((qh.reshape(nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 0x03)
+        q = (lo | (hi.reshape(nb, -1, 32) << 4)).float() - 32.0
+        return (d * q.reshape(nb, 16, 16)).reshape(nb, QK_K)
+    d, dmin = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    d = (d * sc.float()).reshape(nb, 8, 1)
+    dm = (dmin * mn.float()).reshape(nb, 8, 1)
+    if fmt == "q4_k":
+        qs = blocks[:, 16:144]
+        q = ((qs.reshape(nb, -1, 1, 32) >> shifts) & 0x0F).reshape(nb, 8, 32)
+    else:
+        qh, qs = blocks[:, 16:48], blocks[:, 48:176]
+        ql = ((qs.reshape(nb, -1, 1, 32) >> shifts) & 0x0F).reshape(nb, 8, 32)
+        bits = torch.arange(8, dtype=torch.uint8).reshape(1, 1, 8, 1)
+        q = ql | (((qh.reshape(nb, 1, 1, 32) >> bits) & 0x01).reshape(nb, 8, 32) << 4)
+    return (d * q.float() - dm).reshape(nb, QK_K)
 
 
 def _round_half_away(v: torch.Tensor) -> torch.Tensor:
@@ -140,7 +184,8 @@ def _quantize_blocks(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def quantize(weight: torch.Tensor, format: str) -> QuantizedTensor:
-    """Quantizes a float weight [N, K] or [E, N, K] (K a multiple of 32) to GGUF's Q8_0 or Q4_0.
+    """Quantizes a float weight [N, K] or [E, N, K] (K a multiple of 32) to GGUF's Q8_0 or Q4_0,
+    or (K a multiple of 256) to Q4_K / Q5_K / Q6_K with llama.cpp's search (lfm_kernels/kquants.py).
 
     Byte-identical to ``gguf.quants.quantize`` (ggml's reference round-to-nearest). NaN or infinite
     weights raise a ValueError (see the module docstring for the other edge cases). Works on the
@@ -154,10 +199,20 @@ def quantize(weight: torch.Tensor, format: str) -> QuantizedTensor:
     if weight.dim() not in (2, 3):
         raise ValueError(f"weight must have shape [N, K] or [E, N, K], got {tuple(weight.shape)}")
     k = weight.shape[-1]
-    if k % BLOCK:
-        raise ValueError(f"weight's K (last dimension) must be a multiple of {BLOCK}, got K={k}")
+    bs = _BLOCK_SIZE[format]
+    if k % bs:
+        raise ValueError(f"weight's K (last dimension) must be a multiple of {bs} for {format}, got K={k}")
     if weight.numel() == 0:
         raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
+    if format in _K_FORMATS:
+        from . import kquants
+
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"weight must be finite to quantize to {format}; it has NaN or inf")
+        if weight.device.type != "cpu":
+            raise ValueError(f"weight must be on the CPU to quantize to {format} (numpy quantizer), got {weight.device}")
+        blocks = torch.from_numpy(kquants.quantize(weight, format.upper()))
+        return QuantizedTensor(blocks, format, weight.shape)
     rows = weight.reshape(-1, k)
     out = torch.empty(rows.shape[0], _row_bytes(format, k), dtype=torch.uint8, device=weight.device)
     step = max(1, (1 << 22) // k)  # ~16 MiB of fp32 temporaries per chunk
@@ -173,30 +228,32 @@ def quantize(weight: torch.Tensor, format: str) -> QuantizedTensor:
     return QuantizedTensor(out.reshape(*weight.shape[:-1], -1), format, weight.shape)
 
 
-def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels' activation quantization, as a reference: x [M, K] (K a multiple of 32) ->
-    (q int8 [M, K], d float32 [M, K // 32]) with x ~= d * q per block of 32.
+def _quantize_activations(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantization, as a reference: x [M, K] (K a multiple of `block`) ->
+    (q int8 [M, K], d float32 [M, K // block]) with x ~= d * q per block: 32 for Q8_0 / Q4_0 weights,
+    256 for the K-quants (whose kernels also sum q per 16, exactly, for the mins and offsets).
 
     d = max|x| / 127 in fp32, q = round-half-even(x * (1 / d)) (0 where d is 0), so |q| <= 127. A
     block holding NaN or inf gets d = NaN and q = 0, so the outputs it feeds come out NaN."""
     m, k = x.shape
-    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    blocks = x.float().reshape(m, k // block, block)
     finite = torch.isfinite(blocks).all(dim=2, keepdim=True)
     blocks = torch.where(finite, blocks, torch.zeros_like(blocks))
     d = blocks.abs().amax(dim=2, keepdim=True) / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     q = torch.round(blocks * inv).to(torch.int8)
     d = torch.where(finite, d, torch.full_like(d, float("nan")))
-    return q.reshape(m, k), d.reshape(m, k // BLOCK)
+    return q.reshape(m, k), d.reshape(m, k // block)
 
 
 def _linear_reference(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """What the quantized linear computes, in float64: the weight dequantized, x quantized as the
     kernels do, then exact products; the kernels differ only in summing in fp32 (their order).
     x [M, K] -> [M, N] float64."""
-    q, d = _quantize_activations(x)
+    bs = _BLOCK_SIZE[qweight.format]
+    q, d = _quantize_activations(x, bs)
     m, k = x.shape
-    xd = (q.double().reshape(m, k // BLOCK, BLOCK) * d.double().unsqueeze(-1)).reshape(m, k)
+    xd = (q.double().reshape(m, k // bs, bs) * d.double().unsqueeze(-1)).reshape(m, k)
     out = xd @ qweight.dequantize(torch.float64).T
     if bias is not None:
         out = out + bias.double()
