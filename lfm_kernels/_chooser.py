@@ -14,8 +14,10 @@ trusting the numbers measured on one machine, the chooser times the candidate pa
   a path is dropped once the path that follows it (tiled -> dot -> outer product -> oneDNN) has
   beaten it at two ladder points in a row, and timing stops when one path is left;
 - within a budget for the whole process (0.3 s by default): a point whose predicted cost (the
-  last time of each path, scaled by the row ratio) does not fit in what is left is not started,
-  and a later process goes on from the points already in the cache.
+  last time of each path, scaled by the row ratio, with a 1.5x margin) does not fit in what is
+  left is not started, and a later process goes on from the points already in the cache. The
+  first point of a class is predicted from the cheapest first point of its op so far; the very
+  first one of an op has no prediction and can overrun the budget by its own cost.
 
 The thresholds are then the ones under which the measured points cost least, summed over the
 shape classes in use as time relative to the fastest path at each point (so one slow shape does
@@ -68,6 +70,9 @@ _FORCE_MOE = {
 }
 _REPEATS = 3
 _LINEAR_SLICE_ELEMS = 8 << 20
+# A point starts only if its predicted cost times this fits: the warm-up run, timer and sleep
+# overshoot cost more than the medians the prediction is made of.
+_MARGIN = 1.5
 _DROP_AFTER = 2  # ladder points in a row a later path must win before the earlier one is dropped
 
 # Private test hook: f(op, shape_class, rows) -> {route: callable or seconds} replaces the real
@@ -138,6 +143,7 @@ class Chooser:
         self._seen: set[tuple] = set()  # (op, shape..., threads) already looked at
         self._lock = threading.RLock()
         self._busy = False
+        self._first_point_s: dict[str, float] = {}  # per op: the cheapest first point of a class
         self._identity = _cpu_identity()
         self._cached = self._load()
 
@@ -291,7 +297,8 @@ class Chooser:
                 live = self._live(cls, n)
                 if len(live) < 2:
                     break
-                if self._predict(cls, live, n) * (_REPEATS + 1) > self.budget_s - self.spent_s:
+                left = self.budget_s - self.spent_s
+                if left <= 0 or self._predict(cls, live, n) * _MARGIN > left:
                     break
                 fns = self._candidates(cls, key, n, tensors)
                 point = {}
@@ -305,24 +312,26 @@ class Chooser:
                         else:
                             point[route] = _median_time(fns[route])
                 finally:
-                    self.spent_s += time.perf_counter() - t_start + injected
+                    cost = time.perf_counter() - t_start + injected
+                    self.spent_s += cost
+                if not cls.points:
+                    self._first_point_s[cls.op] = min(cost, self._first_point_s.get(cls.op, cost))
                 cls.points[n] = point
                 measured = True
         return measured
 
     def _predict(self, cls: _Class, live: list[str], n: int) -> float:
-        """Seconds for one run of each live path at n rows, from their last measured points (a path
-        not yet timed is guessed as the slowest one known)."""
+        """Seconds of a point at n rows (the untimed and the timed runs of each live path), from the
+        paths' last measured points scaled by the row ratio; a path not timed yet is guessed as the
+        slowest known one, and a class's first point as the cheapest first point of its op so far."""
+        if not cls.points:
+            return self._first_point_s.get(cls.op, 0.0)
         known = []
         for route in live:
             prev = [m for m in sorted(cls.points) if route in cls.points[m]]
-            if prev:
-                m = prev[-1]
-                known.append(cls.points[m][route] * n / m)
-            else:
-                known.append(None)
+            known.append(cls.points[prev[-1]][route] * n / prev[-1] if prev else None)
         guess = max([t for t in known if t is not None], default=0.0)
-        return sum(guess if t is None else t for t in known)
+        return sum(guess if t is None else t for t in known) * (_REPEATS + 1)
 
     # ---------------------------------------------------------------- thresholds from points
 
