@@ -10,14 +10,16 @@ trusting the numbers measured on one machine, the chooser times the candidate pa
   weight; one expert at a time for the MoE, a different one each run, as decode reads them);
 - only where the CPU has more than one valid path: on a CPU without native bf16 dot products (no
   AVX512-BF16, no AMX) every bf16 call has one path, nothing is timed and the defaults stay;
-- at row counts from a fixed ladder, each candidate once untimed, then the median of three runs;
+- at row counts from a fixed ladder, each candidate once untimed, then the median of three runs
+  (a class's first point is abandoned after the untimed runs if the timed ones would not fit);
   a path is dropped once the path that follows it (tiled -> dot -> outer product -> oneDNN) has
   beaten it at two ladder points in a row, and timing stops when one path is left;
 - within a budget for the whole process (0.3 s by default): a point whose predicted cost (the
   last time of each path, scaled by the row ratio, with a 1.5x margin) does not fit in what is
   left is not started, and a later process goes on from the points already in the cache. The
-  first point of a class is predicted from the cheapest first point of its op so far; the very
-  first one of an op has no prediction and can overrun the budget by its own cost.
+  first point of a class is predicted from the cheapest first point of its op so far, and dropped
+  when its untimed runs show that it does not fit: the budget is overrun by at most one untimed
+  run of each path at one row.
 
 The thresholds are then the ones under which the measured points cost least, summed over the
 shape classes in use as time relative to the fastest path at each point (so one slow shape does
@@ -305,12 +307,18 @@ class Chooser:
                 t_start = time.perf_counter()
                 injected = 0.0
                 try:
+                    real = [r for r in live if not isinstance(fns[r], float)]
+                    for route in real:
+                        fns[route]()  # untimed: oneDNN creates its primitive, pages fault in
+                    warm = time.perf_counter() - t_start
+                    if not cls.points and warm * _REPEATS * _MARGIN > left - warm:
+                        break  # no prediction for this point, and its warm-up says it does not fit
                     for route in live:
-                        if isinstance(fns[route], float):
+                        if route in real:
+                            point[route] = _median_time(fns[route])
+                        else:
                             point[route] = fns[route]
                             injected += fns[route] * (_REPEATS + 1)
-                        else:
-                            point[route] = _median_time(fns[route])
                 finally:
                     cost = time.perf_counter() - t_start + injected
                     self.spent_s += cost
@@ -400,7 +408,6 @@ class Chooser:
 
 
 def _median_time(fn: Callable[[], object]) -> float:
-    fn()  # untimed: oneDNN creates its primitive, pages fault in
     samples = []
     for _ in range(_REPEATS):
         t0 = time.perf_counter()

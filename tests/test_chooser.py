@@ -268,7 +268,7 @@ def test_real_measurement_on_this_cpu(measured, monkeypatch):
         monkeypatch.setattr(_backend, "cpu_has_native_bf16_gemm", lambda: True)
         monkeypatch.setattr(linear_mod, "cpu_has_native_bf16_gemm", lambda: True)
         monkeypatch.setattr(moe_mod, "cpu_has_native_bf16_gemm", lambda: True)
-    budget = 0.4
+    budget = 2.0  # oneDNN's bf16 GEMM without native bf16 can take 20 ms a call on a busy machine
     ch = use(budget_s=budget)
     x, w = _bf16_linear_args(n=96, k=136, m=5)
     assert_close(lfm_kernels.linear(x, w), reference.linear(x.float(), w.float()), torch.bfloat16)
