@@ -444,22 +444,19 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
         vals = [default] + [n for n in rows if n != default]
         return vals + ([max(default, beyond)] if max(default, beyond) not in vals else [])
 
-    def cost(route_of) -> float:
-        total = 0.0
-        for c in classes:
-            for n, point in c.points.items():
-                if not point:
-                    continue
+    # per measured point: (rows, the class's pairs_fit, time of each path relative to the fastest);
+    # a path not timed at a point was dropped after losing: it counts as twice the fastest
+    points = []
+    for c in classes:
+        for n, point in c.points.items():
+            if point:
                 best = min(point.values())
-                route = route_of(c, n)
-                # a path not timed at this point was dropped after losing: count it as twice the best
-                total += point.get(route, 2 * best) / best
-        return total
+                points.append((n, c.pairs_fit, {r: point.get(r, 2 * best) / best for r in c.routes}))
 
     if op == "linear":
         best_t, best_cost = base.linear_onednn_min_rows, None
         for t in values(base.linear_onednn_min_rows):
-            cst = cost(lambda c, n, t=t: "onednn" if n >= t else "cpp")
+            cst = sum(rel.get("onednn" if n >= t else "cpp", 2.0) for n, _, rel in points)
             if best_cost is None or cst < best_cost - 1e-9:
                 best_t, best_cost = t, cst
         return {"linear_onednn_min_rows": best_t}
@@ -470,13 +467,17 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
     if not own_bf16:
         grids[1:] = [[v] for v in defaults[1:]]  # only the first threshold matters without our bf16 tiles
     best, best_cost = defaults, None
-    for combo in itertools.product(*grids):
-        a, b, c_, d = combo
-        if own_bf16 and (b < a or c_ < b):
-            continue
-        cst = cost(lambda cls, n, combo=combo: moe_route(n, *combo, own_bf16, cls.pairs_fit))
-        if best_cost is None or cst < best_cost - 1e-9:
-            best, best_cost = combo, cst
+    for a in grids[0]:
+        for b in grids[1]:
+            if own_bf16 and b < a:
+                continue
+            for c_ in grids[2]:
+                if own_bf16 and c_ < b:
+                    continue
+                for d in grids[3]:
+                    cst = sum(rel.get(moe_route(n, a, b, c_, d, own_bf16, pf), 2.0) for n, pf, rel in points)
+                    if best_cost is None or cst < best_cost - 1e-9:
+                        best, best_cost = (a, b, c_, d), cst
     names = ("moe_bf16_min_rows", "moe_bf16_outer_min_rows", "moe_bf16_outer_onednn_min_rows",
              "moe_bf16_dot_onednn_min_rows")
     return dict(zip(names, best))
