@@ -240,13 +240,13 @@ class Chooser:
     def _candidates(self, cls: _Class, key: str, n: int, tensors: dict) -> dict[str, Callable[[], object]]:
         if _candidate_hook is not None:
             return _candidate_hook(cls.op, key, n)
-        g = torch.Generator().manual_seed(n)  # never the user's random stream
+        g = torch.Generator(device="cpu").manual_seed(n)  # never the user's random stream
         if cls.op == "linear":
             w = tensors["weight"].detach()
             n_rows, k = w.shape
             rows = max(1, min(n_rows, _LINEAR_SLICE_ELEMS // max(k, 1)))
             slices = [w[i * rows:(i + 1) * rows] for i in range(max(1, min(4, n_rows // rows)))]
-            x = torch.randn(n, k, generator=g).to(torch.bfloat16)
+            x = torch.randn(n, k, generator=g, device="cpu").to(torch.bfloat16)
             turn = itertools.count()
 
             def cpp():
@@ -258,9 +258,9 @@ class Chooser:
             return {"cpp": cpp, "onednn": onednn}
         gu, dn = tensors["gate_up_proj"].detach(), tensors["down_proj"].detach()
         n_exp, h = gu.shape[0], gu.shape[2]
-        hidden = torch.randn(n, h, generator=g).to(torch.bfloat16)
-        weights = torch.ones(n, 1)
-        ids = [torch.full((n, 1), e, dtype=torch.int64) for e in range(min(n_exp, 8))]
+        hidden = torch.randn(n, h, generator=g, device="cpu").to(torch.bfloat16)
+        weights = torch.ones(n, 1, device="cpu")
+        ids = [torch.full((n, 1), e, dtype=torch.int64, device="cpu") for e in range(min(n_exp, 8))]
         turn = itertools.count()
 
         def run(route):
