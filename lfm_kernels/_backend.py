@@ -122,6 +122,10 @@ def backend_info() -> dict:
         "python": platform.python_version(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    from ._policy import policy_report  # imports this module
+
+    # the thresholds in force and where they came from (default / measured / cached / fixed)
+    info["kernel_policy"] = policy_report()
     return info
 
 

@@ -32,6 +32,17 @@ Two switches change which code runs regardless of the thresholds:
 - `portable=True`: our portable C++ kernels instead of the AVX2 and AVX512-BF16 ones (tests compare
   both; the bf16 experts then take oneDNN as above).
 
+The thresholds are measured on the machine at hand by default (lfm_kernels/_chooser.py): at the
+first call of a bf16 shape class that has more than one valid path on this CPU, the candidates are
+timed (a few hundred ms at most per process, cached per CPU model in
+~/.cache/lfm_kernels/kernel_choice.json) and the thresholds under which they cost least are used.
+On a CPU with one path per op (no AVX512-BF16, no AMX) nothing is timed. A user who wants the same
+code on every run fixes the policy: `set_policy(...)` / `kernel_policy(...)` with an explicit
+`KernelPolicy` or changes (`kernel_only=True`, explicit thresholds) stop the measurement and are
+deterministic; `set_policy(DEFAULT_POLICY)` fixes the defaults. `use_measured_policy(cache_path=...,
+budget_s=...)` turns the measurement back on; `policy_report()` says which thresholds are in force
+and where they came from ("default", "measured", "cached" or "fixed").
+
 Use `kernel_policy(...)` as a context manager for a block, `set_policy(...)` to change it for the
 process, `get_policy()` to read it. On purpose there is no environment variable: nothing outside
 the program silently changes which code runs.
@@ -41,11 +52,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
+
+import torch
 
 from . import _backend
 
-__all__ = ["KernelPolicy", "DEFAULT_POLICY", "get_policy", "set_policy", "kernel_policy"]
+__all__ = [
+    "KernelPolicy", "DEFAULT_POLICY", "get_policy", "set_policy", "kernel_policy", "use_measured_policy",
+    "policy_report",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,19 +111,50 @@ class KernelPolicy:
 
 
 DEFAULT_POLICY = KernelPolicy()
-_current = DEFAULT_POLICY
+# A fixed policy (set_policy / kernel_policy), or None: the measured one (the chooser's).
+_fixed: KernelPolicy | None = None
+_chooser = None  # lfm_kernels._chooser.Chooser of the measured policy, made at first use
+_chooser_args: dict = {}
+
+
+def _measured():
+    global _chooser
+    if _chooser is None:
+        from ._chooser import Chooser
+
+        _chooser = Chooser(**_chooser_args)
+    return _chooser
 
 
 def get_policy() -> KernelPolicy:
-    """The policy the next op call follows."""
-    return _current
+    """The policy the next op call follows (the measured thresholds so far, unless one is fixed)."""
+    if _fixed is not None:
+        return _fixed
+    return _chooser.policy if _chooser is not None else DEFAULT_POLICY
+
+
+def _policy_for_linear(x: torch.Tensor, weight: torch.Tensor) -> KernelPolicy:
+    """get_policy() for a linear call; in the measured mode the first call of a weight shape
+    measures its paths first."""
+    if _fixed is not None:
+        return _fixed
+    return _measured().for_linear(x, weight)
+
+
+def _policy_for_moe(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> KernelPolicy:
+    """get_policy() for an experts call; in the measured mode the first call of an expert shape
+    measures its paths first."""
+    if _fixed is not None:
+        return _fixed
+    return _measured().for_moe(hidden, gate_up_proj, down_proj)
 
 
 def set_policy(policy: KernelPolicy | None = None, **changes) -> KernelPolicy:
-    """Installs `policy` (default: the current one) with `changes` applied, for the whole process;
-    returns the previous policy. `set_policy(DEFAULT_POLICY)` goes back to the defaults."""
-    global _current
-    base = _current if policy is None else policy
+    """Fixes the policy for the whole process: `policy` (default: the one in force now, measured
+    or not) with `changes` applied; no more measuring until `use_measured_policy()`. Returns the
+    previous policy. `set_policy(DEFAULT_POLICY)` fixes the defaults."""
+    global _fixed
+    base = get_policy() if policy is None else policy
     if not isinstance(base, KernelPolicy):
         raise TypeError(f"policy must be a KernelPolicy, got {type(base).__name__}")
     names = {f.name for f in dataclasses.fields(KernelPolicy)}
@@ -114,21 +162,64 @@ def set_policy(policy: KernelPolicy | None = None, **changes) -> KernelPolicy:
     if unknown:
         raise TypeError(f"unknown policy field(s) {unknown}; the fields are {sorted(names)}")
     new = dataclasses.replace(base, **changes) if changes else base
-    if new.portable:
+    _apply_portable(new.portable)
+    previous, _fixed = get_policy(), new
+    return previous
+
+
+def _apply_portable(portable: bool) -> None:
+    if portable:
         if _backend._C is None:
             raise RuntimeError(f"portable=True needs the CPU extension, which is not loaded: {_backend._EXT_ERROR}")
         _backend._C.set_force_portable(True)
     elif _backend._C is not None:
         _backend._C.set_force_portable(False)
-    previous, _current = _current, new
-    return previous
+
+
+def use_measured_policy(cache_path: str | os.PathLike | None = None, *, budget_s: float | None = None) -> None:
+    """Measure the thresholds on this machine (the default at import): at the first call of each
+    bf16 shape class with more than one valid path, within `budget_s` seconds for the process
+    (default 0.3), cached per CPU model in `cache_path` (default
+    ~/.cache/lfm_kernels/kernel_choice.json). Measurements made so far are dropped (those in the
+    cache are read again)."""
+    global _fixed, _chooser, _chooser_args
+    from ._chooser import DEFAULT_BUDGET_S, Chooser
+
+    args = {"cache_path": None if cache_path is None else os.fspath(cache_path),
+            "budget_s": DEFAULT_BUDGET_S if budget_s is None else budget_s}
+    chooser = Chooser(**args)  # validates the arguments before anything changes
+    _apply_portable(False)
+    _chooser_args, _chooser, _fixed = args, chooser, None
+
+
+def policy_report() -> dict:
+    """The thresholds in force and where they came from: per op "default" (nothing to measure on
+    this CPU, or not measured yet), "measured" (timed in this process), "cached" (timings read from
+    the cache file) or "fixed" (set_policy / kernel_policy)."""
+    from ._chooser import _thresholds
+
+    if _fixed is not None:
+        return {"mode": "fixed", "linear_source": "fixed", "moe_source": "fixed", "thresholds": _thresholds(_fixed),
+                "kernel_only": _fixed.kernel_only, "portable": _fixed.portable}
+    if _chooser is None:
+        from ._chooser import DEFAULT_BUDGET_S, default_cache_path
+
+        return {"mode": "measured", "linear_source": "default", "moe_source": "default",
+                "thresholds": _thresholds(DEFAULT_POLICY), "classes": {}, "spent_s": 0.0,
+                "budget_s": _chooser_args.get("budget_s", DEFAULT_BUDGET_S),
+                "cache": _chooser_args.get("cache_path") or default_cache_path()}
+    return _chooser.report()
 
 
 @contextlib.contextmanager
 def kernel_policy(policy: KernelPolicy | None = None, **changes) -> Iterator[KernelPolicy]:
-    """`set_policy(policy, **changes)` inside the block, the previous policy restored after it."""
-    previous = set_policy(policy, **changes)
+    """`set_policy(policy, **changes)` inside the block; after it, the previous state (a fixed
+    policy, or the measured one with what it measured) is back."""
+    global _fixed
+    saved = _fixed
+    set_policy(policy, **changes)
     try:
-        yield _current
+        yield _fixed
     finally:
-        set_policy(previous)
+        _fixed = saved
+        _apply_portable(get_policy().portable)

@@ -59,6 +59,7 @@ def _info(args) -> int:
         "python": "python",
         "cuda_device": "CUDA device",
         "benchmark_ops": "ops with benchmark cases",
+        "kernel_policy": "kernel-path thresholds",
     }
     width = max(len(v) for v in labels.values())
     keys = list(labels) + [k for k in info if k not in labels]
@@ -68,12 +69,28 @@ def _info(args) -> int:
         value = info[key]
         if value is None and key.endswith("_error"):
             continue  # no error to report
-        if isinstance(value, list):
+        if key == "kernel_policy":
+            value = _policy_line(value)
+        elif isinstance(value, list):
             value = ", ".join(value) or "(none)"
         elif value is None:
             value = "-"
         print(f"{labels.get(key, key):<{width}}  {value}")
     return 0
+
+
+def _policy_line(report: dict) -> str:
+    """The policy report in one line: where each op's thresholds came from, then the thresholds."""
+    t = report["thresholds"]
+    line = (f"{report['mode']} (linear: {report['linear_source']}, moe: {report['moe_source']}); "
+            + ", ".join(f"{k}={v}" for k, v in t.items()))
+    if report.get("kernel_only"):
+        line += ", kernel_only"
+    if report.get("portable"):
+        line += ", portable"
+    if report["mode"] == "measured":
+        line += f"; cache {report['cache']}"
+    return line
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -11,6 +11,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from lfm_kernels._policy import DEFAULT_POLICY, set_policy  # noqa: E402
+
+# Deterministic paths: the tests run the default thresholds, never ones measured on a busy machine
+# (tests/test_chooser.py turns the measurement on for itself).
+set_policy(DEFAULT_POLICY)
+
 HAS_CUDA = torch.cuda.is_available()
 
 try:

@@ -33,6 +33,11 @@ class Case:
     flops: int = 0
     compute_bound: bool = False  # report GFLOP/s against compute rather than GB/s against bandwidth
     backend: str = ""  # which implementation `kernel` runs: avx2 / portable / triton / reference
+    # Where the kernel-choice policy picks between paths (see lfm_kernels/_policy.py): `path(inputs)`
+    # names the one `kernel` takes (asked after the kernel has run, so a measured choice is made),
+    # `paths` runs each valid path by name; the bench times the others and reports the runner-up.
+    path: Callable[[dict], str] | None = None
+    paths: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
 
 
 def time_cpu(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3, min_time: float = 0.0) -> float:

@@ -73,10 +73,27 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                         flops=2 * m * n * k,
                         compute_bound=m > 1,
                         backend=backend or _backend.backend_for(torch.empty(0, device=device)),
+                        path=_path,
+                        paths=_paths(w_dtype),
                     )
                 )
     out.extend(_quantized_cases(shapes, rows))
     return out
+
+
+def _path(i: dict) -> str:
+    """The path `linear` takes for these inputs (the policy's choice, see lfm_kernels/_policy.py)."""
+    return "onednn" if linear_mod._use_torch_gemm(i["x"], i["weight"]) else "cpp"
+
+
+def _paths(w_dtype: torch.dtype) -> dict:
+    """The valid paths by name (as baselines whose times they share): oneDNN is one only for bf16
+    x bf16 on CPUs with native bf16 dot products."""
+    if _backend._C is None:
+        return {}
+    if w_dtype == torch.bfloat16 and _backend.cpu_has_native_bf16_gemm():
+        return {"cpp": "cpp_kernel", "onednn": "torch_bf16"}
+    return {"cpp": "cpp_kernel"}
 
 
 def _quant_backend() -> str:

@@ -90,6 +90,40 @@ def _label(n: int, dtype: torch.dtype, device: str) -> str:
     return base
 
 
+def _path(i: dict) -> str:
+    """The routes these inputs' experts take under the kernel-choice policy (see lfm_kernels/_policy.py),
+    joined by "+" in the order of their row counts."""
+    from .._chooser import MOE_ROUTES, moe_route
+
+    hidden, gate_up = i["hidden"], i["gate_up_proj"]
+    if hidden.device.type != "cpu" or _backend._C is None:
+        return ""
+    thresholds = moe_ops._bf16_routes(hidden, gate_up)
+    if thresholds[0] == 0:
+        return "tiled"
+    own = bool(_backend._C.cpu_supports_avx512bf16()) and not moe_ops._policy.get_policy().portable
+    pairs_fit = gate_up.shape[2] % 2 == 0 and (gate_up.shape[1] // 2) % 2 == 0
+    counts = torch.bincount(i["ids"].flatten().cpu(), minlength=gate_up.shape[0]).tolist()
+    used = {moe_route(n, *thresholds, own, pairs_fit) for n in counts if n > 0}
+    return "+".join(r for r in MOE_ROUTES if r in used)
+
+
+def _paths(dtype: torch.dtype, device: str) -> dict:
+    """Every expert on one route, for each route valid for bf16 experts on this CPU (none to choose
+    from: empty)."""
+    from .._chooser import _FORCE_MOE
+
+    if device != "cpu" or _backend._C is None or dtype != torch.bfloat16 or not _backend.cpu_has_native_bf16_gemm():
+        return {}
+    routes = ["tiled", "dot", "outer", "onednn"] if _backend._C.cpu_supports_avx512bf16() else ["tiled", "onednn"]
+
+    def forced(route):
+        return lambda i: torch.ops.lfm_kernels_cpu.moe_experts(
+            i["hidden"], i["gate_up_proj"], i["down_proj"], i["ids"], i["weights"], *_FORCE_MOE[route])
+
+    return {r: forced(r) for r in routes}
+
+
 def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
     try:
         import transformers  # noqa: F401
@@ -141,6 +175,8 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     flops=n * TOP_K * 6 * HIDDEN * INTER,
                     compute_bound=n >= 128,
                     backend=_label(n, dtype, device),
+                    path=_path if device == "cpu" else None,
+                    paths=_paths(dtype, device),
                 )
             )
     if device == "cpu" and not quick:  # quantizing the experts takes a while: the full run only

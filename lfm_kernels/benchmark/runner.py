@@ -111,6 +111,7 @@ def _bench_case(case, machine: dict, min_time: float) -> dict:
             continue
         row["times_s"][name] = t
         row["repeats"][name] = n
+    _time_paths(case, inputs, row, min_time)
     del inputs
     kt = row["times_s"].get("kernel")
     base = {k: v for k, v in row["times_s"].items() if k != "kernel"}
@@ -125,6 +126,39 @@ def _bench_case(case, machine: dict, min_time: float) -> dict:
         row["floor_s"] = None if math.isnan(floor) else floor
         row["share_of_floor"] = None if math.isnan(floor) else floor / kt
     return row
+
+
+def _time_paths(case, inputs: dict, row: dict, min_time: float) -> None:
+    """The path the kernel took and the fastest other valid path (the runner-up) with its time."""
+    from .core import time_adaptive
+
+    if case.path is None:
+        return
+    row["path"] = case.path(inputs)
+    others = {}
+    for name, fn in case.paths.items():
+        if name == row["path"]:
+            continue
+        if isinstance(fn, str):  # the same call as that baseline: its time
+            if fn in row["times_s"]:
+                others[name] = row["times_s"][fn]
+            continue
+        try:
+            others[name], _ = time_adaptive(lambda fn=fn: fn(inputs), case.device, min_time=min_time)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            row["errors"][f"path {name}"] = f"{type(exc).__name__}: {exc}"
+    row["path_times_s"] = others
+    if others:
+        row["runner_up"] = min(others, key=others.get)
+        row["runner_up_s"] = others[row["runner_up"]]
+
+
+def _path_cell(r: dict) -> str:
+    if not r.get("path"):
+        return "-"
+    if not r.get("runner_up"):
+        return f"{r['path']} (only path)"
+    return f"{r['path']} ({r['runner_up']} {_fmt_time(r['runner_up_s'])})"
 
 
 def _row_cells(r: dict) -> list[str]:
@@ -152,6 +186,7 @@ def _row_cells(r: dict) -> list[str]:
         _fmt_time(t.get("eager")),
         f"{_fmt_time(t[best])} {best}" if best else "-",
         _fmt_time(t.get("kernel")),
+        _path_cell(r),
         _fmt_num(r.get("speedup_vs_eager"), ".2f", "x"),
         _fmt_num(r.get("speedup_vs_best"), ".2f", "x"),
         rate,
@@ -160,8 +195,8 @@ def _row_cells(r: dict) -> list[str]:
     ]
 
 
-_HEADERS = ["op", "shape", "dtype", "backend", "eager", "best baseline", "kernel", "vs eager", "vs best",
-            "GB/s | GFLOP/s", "floor", "check"]
+_HEADERS = ["op", "shape", "dtype", "backend", "eager", "best baseline", "kernel", "path (runner-up)", "vs eager",
+            "vs best", "GB/s | GFLOP/s", "floor", "check"]
 
 
 def _e2e_table(rows: list[dict]) -> str:
@@ -367,8 +402,10 @@ def run(args) -> int:
     good = [r for r in rows if "failed" not in r]
     if good:
         print()
-        print(_table(_HEADERS, [_row_cells(r) for r in good], right={4, 6, 7, 8, 9, 10}))
-        print("\nvs eager / vs best: eager time / kernel time, best baseline time / kernel time (medians).\n"
+        print(_table(_HEADERS, [_row_cells(r) for r in good], right={4, 6, 8, 9, 10, 11}))
+        print("\npath: the path the kernel-choice policy took, and the fastest other valid path on this CPU with its "
+              "time\n(only path: nothing to choose here).")
+        print("vs eager / vs best: eager time / kernel time, best baseline time / kernel time (medians).\n"
               "floor: the hardware lower bound (bytes / bandwidth, or FLOPs / GEMM peak) as a share of the kernel "
               "time;\nover 100% means the data stayed in cache between runs.")
     for r in rows:

@@ -27,7 +27,7 @@ _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
 def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the policy hands this call to torch's oneDNN GEMM (x already [M, K])."""
-    policy = _policy.get_policy()
+    policy = _policy._policy_for_linear(x, weight)
     return (
         not policy.kernel_only
         and x.dtype == torch.bfloat16

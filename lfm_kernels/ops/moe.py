@@ -23,11 +23,12 @@ _ID_DTYPES = (torch.int64, torch.int32)
 _NO_BF16_ROUTES = (0, 0, 0, 0)
 
 
-def _bf16_routes(hidden: torch.Tensor, gate_up_proj: torch.Tensor) -> tuple[int, int, int, int]:
+def _bf16_routes(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None
+                 ) -> tuple[int, int, int, int]:
     """The policy's bf16 thresholds for the C++ experts kernel, or zeros (every expert on the AVX2
     tiles) when the call is not bf16 x bf16, the CPU has no native bf16 dot products, or the policy
     says kernel_only."""
-    policy = _policy.get_policy()
+    policy = _policy._policy_for_moe(hidden, gate_up_proj, down_proj)
     if (
         not policy.kernel_only
         and hidden.dtype == torch.bfloat16
@@ -86,7 +87,7 @@ def _moe_experts_impl(
         return moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if hidden.device.type == "cpu" and _backend.cpu_extension_available():
         return torch.ops.lfm_kernels_cpu.moe_experts(
-            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, *_bf16_routes(hidden, gate_up_proj)
+            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, *_bf16_routes(hidden, gate_up_proj, down_proj)
         )
     if topk_ids.device.type == "cpu":
         _check_ids_in_range(topk_ids, gate_up_proj.shape[0])

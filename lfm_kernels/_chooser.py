@@ -1,0 +1,483 @@
+"""The measured kernel-path choice: the policy's thresholds timed on the machine at hand.
+
+The thresholds in `KernelPolicy` say from how many rows a bf16 call leaves our C++ kernels for
+another path (oneDNN for `linear`; our AVX512-BF16 dot / outer-product tiles, then oneDNN, for the
+MoE experts). Where they lie depends on the CPU, its memory and the thread count, so instead of
+trusting the numbers measured on one machine, the chooser times the candidate paths:
+
+- per op and shape class (`linear`: the weight's [N, K]; experts: H and I), lazily, at the first
+  call of that class, on the call's own weights (a slice of at most 8 Mi elements of a big `linear`
+  weight; one expert at a time for the MoE, a different one each run, as decode reads them);
+- only where the CPU has more than one valid path: on a CPU without native bf16 dot products (no
+  AVX512-BF16, no AMX) every bf16 call has one path, nothing is timed and the defaults stay;
+- at row counts from a fixed ladder, each candidate once untimed, then the median of three runs
+  (a class's first point is abandoned after the untimed runs if the timed ones would not fit);
+  a path is dropped once the path that follows it (tiled -> dot -> outer product -> oneDNN) has
+  beaten it at two ladder points in a row, and timing stops when one path is left;
+- within a budget for the whole process (0.3 s by default): a point whose predicted cost (the
+  last time of each path, scaled by the row ratio, with a 1.5x margin) does not fit in what is
+  left is not started, and a later process goes on from the points already in the cache. The
+  first point of a class is predicted from the cheapest first point of its op so far, and dropped
+  when its untimed runs show that it does not fit: the budget is overrun by at most one untimed
+  run of each path at one row.
+
+The thresholds are then the ones under which the measured points cost least, summed over the
+shape classes in use as time relative to the fastest path at each point (so one slow shape does
+not outvote the others); a threshold the points cannot tell apart keeps its default.
+
+The timings are cached per CPU model (brand string, a hash of the CPU flags, torch and package
+versions; thread count in the shape class) in a small JSON file, by default
+~/.cache/lfm_kernels/kernel_choice.json: delete it to measure again. A corrupt file is ignored
+with a warning, an entry of another CPU model is never used.
+
+`lfm_kernels._policy` owns the switch (the measured choice is on by default; `set_policy` with an
+explicit policy or `kernel_only=True` fixes it) and reports where the thresholds came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+
+# A threshold no row count reaches: the path after it is never taken.
+NEVER = 1 << 30
+DEFAULT_BUDGET_S = 0.3
+CACHE_FORMAT = 1
+
+LINEAR_LADDER = (1, 2, 3, 4, 8, 16, 32, 64)
+MOE_LADDER = (1, 2, 3, 4, 8, 16, 32, 64, 128)
+# Each path in the order its row counts come (the C++ experts kernel's order).
+LINEAR_ROUTES = ("cpp", "onednn")
+MOE_ROUTES = ("tiled", "dot", "outer", "onednn")
+# The C++ experts kernel's thresholds that put every expert on one route.
+_FORCE_MOE = {
+    "tiled": (0, 1, 1, 1),
+    "dot": (1, NEVER, NEVER, NEVER),
+    "outer": (1, 1, NEVER, NEVER),
+    "onednn": (1, 1, 1, 1),
+}
+_REPEATS = 3
+_LINEAR_SLICE_ELEMS = 8 << 20
+# A point starts only if its predicted cost times this fits: the warm-up run, timer and sleep
+# overshoot cost more than the medians the prediction is made of.
+_MARGIN = 1.5
+_DROP_AFTER = 2  # ladder points in a row a later path must win before the earlier one is dropped
+
+# Private test hook: f(op, shape_class, rows) -> {route: callable or seconds} replaces the real
+# candidates and their validity check (rows 0: only the route names are read), so tests can time
+# fake paths, or inject their timings (a float: taken as the median, counted as 4 runs of the
+# budget), on any CPU.
+_candidate_hook: Callable[[str, str, int], dict[str, Callable[[], object] | float]] | None = None
+
+
+def default_cache_path() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "lfm_kernels", "kernel_choice.json")
+
+
+def _cpu_identity() -> dict:
+    """What makes two machines the same CPU model for the cache."""
+    brand, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not brand and line.startswith("model name"):
+                    brand = line.split(":", 1)[1].strip()
+                elif not flags and line.startswith("flags"):
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                if brand and flags:
+                    break
+    except OSError:
+        pass
+    from . import __version__
+
+    return {
+        "cpu": brand or platform.processor() or platform.machine(),
+        "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+        "torch": torch.__version__,
+        "lfm_kernels": __version__,
+    }
+
+
+def _machine_key(identity: dict) -> str:
+    return json.dumps(identity, sort_keys=True)
+
+
+@dataclasses.dataclass
+class _Class:
+    """One op and shape class: its valid paths and the median seconds per path per measured row count."""
+
+    op: str
+    routes: tuple[str, ...]
+    pairs_fit: bool = True  # MoE: H and I even (the outer product's condition)
+    points: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    source: str = "measured"  # or "cached": every point came from the file
+
+
+class Chooser:
+    """The measured policy of one process (see the module docstring)."""
+
+    def __init__(self, cache_path: str | None = None, budget_s: float = DEFAULT_BUDGET_S, base=None):
+        from ._policy import DEFAULT_POLICY
+
+        if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s >= 0:
+            raise ValueError(f"budget_s must be a number of seconds >= 0, got {budget_s!r}")
+        self.cache_path = default_cache_path() if cache_path is None else os.fspath(cache_path)
+        self.budget_s = float(budget_s)
+        self.spent_s = 0.0
+        self.base = DEFAULT_POLICY if base is None else base
+        self.policy = self.base
+        self.sources = {"linear": "default", "moe": "default"}
+        self._classes: dict[str, _Class] = {}
+        self._seen: set[tuple] = set()  # (op, shape..., threads) already looked at
+        self._lock = threading.RLock()
+        self._busy = False
+        self._first_point_s: dict[str, float] = {}  # per op: the cheapest first point of a class
+        self._identity = _cpu_identity()
+        self._cached = self._load()
+
+    # ---------------------------------------------------------------- lookups from the ops
+
+    def for_linear(self, x: torch.Tensor, weight: torch.Tensor):
+        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.dim() != 2:
+            return self.policy
+        seen = ("linear", weight.shape[0], weight.shape[1], torch.get_num_threads())
+        if seen not in self._seen:
+            self._first_sight(seen, f"linear:bf16:N{seen[1]}:K{seen[2]}:t{seen[3]}", weight=weight)
+        return self.policy
+
+    def for_moe(self, hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None):
+        if (hidden.dtype != torch.bfloat16 or gate_up_proj.dtype != torch.bfloat16 or gate_up_proj.dim() != 3
+                or down_proj is None):
+            return self.policy  # down_proj None: a label lookup, not a call to measure for
+        seen = ("moe", gate_up_proj.shape[2], gate_up_proj.shape[1] // 2, torch.get_num_threads())
+        if seen not in self._seen:
+            self._first_sight(seen, f"moe:bf16:H{seen[1]}:I{seen[2]}:t{seen[3]}", gate_up_proj=gate_up_proj,
+                              down_proj=down_proj)
+        return self.policy
+
+    def report(self) -> dict:
+        """Thresholds, their source per op, the shape classes measured and the time spent."""
+        p = self.policy
+        return {
+            "mode": "measured",
+            "linear_source": self.sources["linear"],
+            "moe_source": self.sources["moe"],
+            "thresholds": _thresholds(p),
+            "classes": {k: {"routes": list(c.routes), "rows": sorted(c.points), "source": c.source}
+                        for k, c in self._classes.items()},
+            "spent_s": round(self.spent_s, 4),
+            "budget_s": self.budget_s,
+            "cache": self.cache_path,
+        }
+
+    # ---------------------------------------------------------------- measuring
+
+    def _first_sight(self, seen: tuple, key: str, **tensors) -> None:
+        if torch.compiler.is_compiling():
+            return  # the trace sees the current policy; the real call measures
+        op = seen[0]
+        with self._lock:
+            if seen in self._seen or self._busy:
+                return
+            self._seen.add(seen)
+            cls = self._make_class(op, key, **tensors)
+            if cls is None:
+                return  # one valid path: nothing to choose
+            self._classes[key] = cls
+            cached = self._cached.get(key)
+            if cached:
+                cls.points.update(cached)
+            ladder = LINEAR_LADDER if op == "linear" else MOE_LADDER
+            missing = [n for n in ladder if n not in cls.points]
+            measured_now = False
+            if missing and not self._decided(cls, missing[0]):
+                self._busy = True
+                try:
+                    measured_now = self._measure(cls, key, missing, **tensors)
+                finally:
+                    self._busy = False
+            cls.source = "measured" if measured_now else ("cached" if cached else "measured")
+            if measured_now:
+                self._save(key, cls)
+            self._derive()
+
+    def _make_class(self, op: str, key: str, **tensors) -> _Class | None:
+        if _candidate_hook is not None:
+            routes = tuple(r for r in (LINEAR_ROUTES if op == "linear" else MOE_ROUTES)
+                           if r in _candidate_hook(op, key, 0))
+            pairs_fit = True
+        elif op == "linear":
+            if not (_backend.cpu_has_native_bf16_gemm() and _backend._C is not None):
+                return None
+            routes, pairs_fit = LINEAR_ROUTES, True
+        else:
+            if not (_backend.cpu_has_native_bf16_gemm() and _backend._C is not None):
+                return None
+            gu = tensors["gate_up_proj"]
+            pairs_fit = gu.shape[2] % 2 == 0 and (gu.shape[1] // 2) % 2 == 0
+            if _backend._C.cpu_supports_avx512bf16():
+                routes = ("tiled", "dot") + (("outer",) if pairs_fit else ()) + ("onednn",)
+            else:  # AMX only: the C++ kernel hands every bf16 expert to oneDNN
+                routes = ("tiled", "onednn")
+        if len(routes) < 2:
+            return None
+        return _Class(op, routes, pairs_fit)
+
+    def _candidates(self, cls: _Class, key: str, n: int, tensors: dict) -> dict[str, Callable[[], object]]:
+        if _candidate_hook is not None:
+            return _candidate_hook(cls.op, key, n)
+        g = torch.Generator(device="cpu").manual_seed(n)  # never the user's random stream
+        if cls.op == "linear":
+            w = tensors["weight"].detach()
+            n_rows, k = w.shape
+            rows = max(1, min(n_rows, _LINEAR_SLICE_ELEMS // max(k, 1)))
+            slices = [w[i * rows:(i + 1) * rows] for i in range(max(1, min(4, n_rows // rows)))]
+            x = torch.randn(n, k, generator=g, device="cpu").to(torch.bfloat16)
+            turn = itertools.count()
+
+            def cpp():
+                return torch.ops.lfm_kernels_cpu.linear(x, slices[next(turn) % len(slices)], None)
+
+            def onednn():
+                return F.linear(x, slices[next(turn) % len(slices)])
+
+            return {"cpp": cpp, "onednn": onednn}
+        gu, dn = tensors["gate_up_proj"].detach(), tensors["down_proj"].detach()
+        n_exp, h = gu.shape[0], gu.shape[2]
+        hidden = torch.randn(n, h, generator=g, device="cpu").to(torch.bfloat16)
+        weights = torch.ones(n, 1, device="cpu")
+        ids = [torch.full((n, 1), e, dtype=torch.int64, device="cpu") for e in range(min(n_exp, 8))]
+        turn = itertools.count()
+
+        def run(route):
+            # one expert per run, a different one each time: its weights come from memory, as in decode
+            return lambda: torch.ops.lfm_kernels_cpu.moe_experts(
+                hidden, gu, dn, ids[next(turn) % len(ids)], weights, *_FORCE_MOE[route])
+
+        return {r: run(r) for r in cls.routes}
+
+    def _live(self, cls: _Class, n: int) -> list[str]:
+        """The paths still worth timing at n rows: a path is dropped for good once a path that
+        follows it has been faster at _DROP_AFTER measured points in a row."""
+        live = list(cls.routes)
+        streak = dict.fromkeys(cls.routes, 0)
+        for m in sorted(m for m in cls.points if m < n):
+            point = cls.points[m]
+            for i, route in enumerate(cls.routes[:-1]):
+                if route not in live:
+                    continue
+                if route not in point:
+                    live.remove(route)  # not timed there: it had been dropped
+                    continue
+                beaten = any(point.get(r, float("inf")) < point[route] for r in cls.routes[i + 1:])
+                streak[route] = streak[route] + 1 if beaten else 0
+                if streak[route] >= _DROP_AFTER:
+                    live.remove(route)
+        return live
+
+    def _decided(self, cls: _Class, n: int) -> bool:
+        return len(self._live(cls, n)) < 2
+
+    def _measure(self, cls: _Class, key: str, missing: list[int], **tensors) -> bool:
+        measured = False
+        with torch.no_grad():
+            for n in missing:
+                live = self._live(cls, n)
+                if len(live) < 2:
+                    break
+                left = self.budget_s - self.spent_s
+                if left <= 0 or self._predict(cls, live, n) * _MARGIN > left:
+                    break
+                fns = self._candidates(cls, key, n, tensors)
+                point = {}
+                t_start = time.perf_counter()
+                injected = 0.0
+                try:
+                    real = [r for r in live if not isinstance(fns[r], float)]
+                    for route in real:
+                        fns[route]()  # untimed: oneDNN creates its primitive, pages fault in
+                    warm = time.perf_counter() - t_start
+                    if not cls.points and warm * _REPEATS * _MARGIN > left - warm:
+                        break  # no prediction for this point, and its warm-up says it does not fit
+                    for route in live:
+                        if route in real:
+                            point[route] = _median_time(fns[route])
+                        else:
+                            point[route] = fns[route]
+                            injected += fns[route] * (_REPEATS + 1)
+                finally:
+                    cost = time.perf_counter() - t_start + injected
+                    self.spent_s += cost
+                if not cls.points:
+                    self._first_point_s[cls.op] = min(cost, self._first_point_s.get(cls.op, cost))
+                cls.points[n] = point
+                measured = True
+        return measured
+
+    def _predict(self, cls: _Class, live: list[str], n: int) -> float:
+        """Seconds of a point at n rows (the untimed and the timed runs of each live path), from the
+        paths' last measured points scaled by the row ratio; a path not timed yet is guessed as the
+        slowest known one, and a class's first point as the cheapest first point of its op so far."""
+        if not cls.points:
+            return self._first_point_s.get(cls.op, 0.0)
+        known = []
+        for route in live:
+            prev = [m for m in sorted(cls.points) if route in cls.points[m]]
+            known.append(cls.points[prev[-1]][route] * n / prev[-1] if prev else None)
+        guess = max([t for t in known if t is not None], default=0.0)
+        return sum(guess if t is None else t for t in known) * (_REPEATS + 1)
+
+    # ---------------------------------------------------------------- thresholds from points
+
+    def _derive(self) -> None:
+        changes = {}
+        for op in ("linear", "moe"):
+            classes = [c for c in self._classes.values() if c.op == op and c.points]
+            if not classes:
+                continue
+            changes.update(_best_thresholds(op, classes, self.base))
+            self.sources[op] = "measured" if any(c.source == "measured" for c in classes) else "cached"
+        self.policy = dataclasses.replace(self.base, **changes)
+
+    # ---------------------------------------------------------------- the cache file
+
+    def _load(self) -> dict[str, dict[int, dict[str, float]]]:
+        try:
+            with open(self.cache_path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"lfm_kernels: ignoring the kernel-choice cache {self.cache_path} ({exc}); "
+                          "the paths are measured again", RuntimeWarning, stacklevel=2)
+            return {}
+        try:
+            entry = data["machines"].get(_machine_key(self._identity)) if data.get("format") == CACHE_FORMAT else None
+            if entry is None:
+                return {}
+            out = {}
+            for key, points in entry["classes"].items():
+                out[str(key)] = {int(n): {str(r): float(t) for r, t in p.items() if float(t) > 0}
+                                 for n, p in points.items()}
+            return out
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            warnings.warn(f"lfm_kernels: ignoring the kernel-choice cache {self.cache_path} (unexpected "
+                          f"content: {type(exc).__name__}: {exc}); the paths are measured again",
+                          RuntimeWarning, stacklevel=2)
+            return {}
+
+    def _save(self, key: str, cls: _Class) -> None:
+        self._cached[key] = dict(cls.points)
+        try:
+            try:
+                with open(self.cache_path) as f:
+                    data = json.load(f)
+                if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(
+                        data.get("machines"), dict):
+                    raise ValueError("not ours")
+            except (OSError, ValueError):
+                data = {"format": CACHE_FORMAT, "machines": {}}
+            mkey = _machine_key(self._identity)
+            entry = data["machines"].get(mkey)
+            if not isinstance(entry, dict) or not isinstance(entry.get("classes"), dict):
+                entry = {"identity": self._identity, "classes": {}}
+            entry["classes"][key] = {str(n): p for n, p in sorted(cls.points.items())}
+            data["machines"][mkey] = entry
+            os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
+            tmp = f"{self.cache_path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.cache_path)
+        except OSError as exc:
+            _backend._warn_once("chooser-cache", f"lfm_kernels: could not write the kernel-choice cache "
+                                                  f"{self.cache_path} ({exc}); measurements stay in this process")
+
+
+def _median_time(fn: Callable[[], object]) -> float:
+    samples = []
+    for _ in range(_REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _thresholds(p) -> dict:
+    names = ("linear_onednn_min_rows", "moe_bf16_min_rows", "moe_bf16_outer_min_rows",
+             "moe_bf16_outer_onednn_min_rows", "moe_bf16_dot_onednn_min_rows")
+    return {n: getattr(p, n) for n in names}
+
+
+def moe_route(n: int, a: int, b: int, c: int, d: int, own_bf16: bool, pairs_fit: bool) -> str:
+    """The C++ experts kernel's route for an expert with n tokens (csrc/moe_experts.cpp, choose_route)."""
+    if n < a:
+        return "tiled"
+    if not own_bf16:
+        return "onednn"
+    if pairs_fit and n >= b:
+        return "outer" if n < c else "onednn"
+    return "dot" if n < d else "onednn"
+
+
+def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
+    """The threshold values (among the measured row counts, plus one beyond them) under which the
+    measured points cost least, as time relative to each point's fastest path; ties keep the base."""
+    rows = sorted({n for c in classes for n in c.points})
+    beyond = max(rows) + 1
+
+    def values(default):
+        # the base first, so points that cannot tell values apart keep it
+        vals = [default] + [n for n in rows if n != default]
+        return vals + ([max(default, beyond)] if max(default, beyond) not in vals else [])
+
+    # per measured point: (rows, the class's pairs_fit, time of each path relative to the fastest);
+    # a path not timed at a point was dropped after losing: it counts as twice the fastest
+    points = []
+    for c in classes:
+        for n, point in c.points.items():
+            if point:
+                best = min(point.values())
+                points.append((n, c.pairs_fit, {r: point.get(r, 2 * best) / best for r in c.routes}))
+
+    if op == "linear":
+        best_t, best_cost = base.linear_onednn_min_rows, None
+        for t in values(base.linear_onednn_min_rows):
+            cst = sum(rel.get("onednn" if n >= t else "cpp", 2.0) for n, _, rel in points)
+            if best_cost is None or cst < best_cost - 1e-9:
+                best_t, best_cost = t, cst
+        return {"linear_onednn_min_rows": best_t}
+
+    own_bf16 = any("dot" in c.routes for c in classes)
+    defaults = base.moe_bf16_routes()
+    grids = [values(v) for v in defaults]
+    if not own_bf16:
+        grids[1:] = [[v] for v in defaults[1:]]  # only the first threshold matters without our bf16 tiles
+    best, best_cost = defaults, None
+    for a in grids[0]:
+        for b in grids[1]:
+            if own_bf16 and b < a:
+                continue
+            for c_ in grids[2]:
+                if own_bf16 and c_ < b:
+                    continue
+                for d in grids[3]:
+                    cst = sum(rel.get(moe_route(n, a, b, c_, d, own_bf16, pf), 2.0) for n, pf, rel in points)
+                    if best_cost is None or cst < best_cost - 1e-9:
+                        best, best_cost = (a, b, c_, d), cst
+    names = ("moe_bf16_min_rows", "moe_bf16_outer_min_rows", "moe_bf16_outer_onednn_min_rows",
+             "moe_bf16_dot_onednn_min_rows")
+    return dict(zip(names, best))

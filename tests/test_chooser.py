@@ -1,0 +1,331 @@
+"""The measured kernel-path choice (lfm_kernels/_chooser.py): what it picks from injected timings,
+that a fixed policy overrides it, its cache file per CPU model, its time budget, and the real
+measurement on this CPU."""
+
+import json
+import time
+import warnings
+
+import pytest
+import torch
+
+import lfm_kernels
+from lfm_kernels import _backend, _chooser, _policy, reference
+from lfm_kernels._policy import DEFAULT_POLICY, get_policy, kernel_policy, policy_report, set_policy
+from lfm_kernels.ops import linear as linear_mod
+from lfm_kernels.ops import moe as moe_mod
+from conftest import assert_close
+
+
+@pytest.fixture
+def measured(tmp_path, monkeypatch):
+    """The measured mode with a cache in tmp_path; the fixed default policy (conftest's) after."""
+    path = tmp_path / "choice.json"
+
+    def use(budget_s=10.0):
+        _policy.use_measured_policy(path, budget_s=budget_s)
+        return _policy._chooser
+
+    yield path, use
+    monkeypatch.setattr(_chooser, "_candidate_hook", None)
+    set_policy(DEFAULT_POLICY)
+
+
+class _Timings:
+    """A candidate hook with injected medians: times[route](rows) seconds; counts the timed points."""
+
+    def __init__(self, times):
+        self.times, self.points = times, []
+
+    def __call__(self, op, key, n):
+        if n == 0:
+            return dict.fromkeys(self.times, 0.0)
+        self.points.append((key, n))
+        return {r: float(f(n)) for r, f in self.times.items()}
+
+
+def _bf16_linear_args(n=40, k=24, m=2):
+    return torch.randn(m, k).to(torch.bfloat16), (torch.randn(n, k) / k**0.5).to(torch.bfloat16)
+
+
+def _bf16_experts(e=4, h=12, inter=8):
+    gu = (torch.randn(e, 2 * inter, h) * 0.1).to(torch.bfloat16)
+    dn = (torch.randn(e, h, inter) * 0.1).to(torch.bfloat16)
+    return gu, dn
+
+
+def test_a_fake_slow_path_is_never_chosen(measured, monkeypatch):
+    _, use = measured
+    # oneDNN 3x slower than our kernel at every row count: no measured count may go to it
+    hook = _Timings({"cpp": lambda n: 1e-4 * n, "onednn": lambda n: 3e-4 * n})
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    ch = use()
+    x, w = _bf16_linear_args()
+    p = _policy._policy_for_linear(x, w)
+    assert hook.points, "nothing was timed"
+    assert p.linear_onednn_min_rows > max(_chooser.LINEAR_LADDER)
+    assert ch.sources["linear"] == "measured"
+
+    # MoE: the outer product is the slow one everywhere; the others cross over at 3 and 16 rows
+    hook = _Timings({
+        "tiled": lambda n: 1e-4 * n,
+        "dot": lambda n: 1e-4 + 0.6e-4 * n,
+        "outer": lambda n: 1e-2 * n,
+        "onednn": lambda n: 8e-4 + 0.1e-4 * n,
+    })
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    gu, dn = _bf16_experts()
+    p = _policy._policy_for_moe(torch.randn(3, 12).to(torch.bfloat16), gu, dn)
+    rows = policy_report()["classes"][next(k for k in policy_report()["classes"] if k.startswith("moe"))]["rows"]
+    assert rows
+    for n in rows:
+        route = _chooser.moe_route(n, *p.moe_bf16_routes(), True, True)
+        fastest = min(hook.times, key=lambda r: hook.times[r](n))
+        assert route != "outer", (n, p)
+        assert route == fastest, (n, route, fastest, p)
+
+
+def test_the_chosen_thresholds_follow_the_crossovers(measured, monkeypatch):
+    _, use = measured
+    # our kernel wins below 8 rows, oneDNN from 8 on
+    monkeypatch.setattr(_chooser, "_candidate_hook",
+                        _Timings({"cpp": lambda n: 1e-4 * n, "onednn": lambda n: 7.5e-4 + 0.05e-4 * n}))
+    use()
+    x, w = _bf16_linear_args()
+    assert _policy._policy_for_linear(x, w).linear_onednn_min_rows == 8
+    assert get_policy().linear_onednn_min_rows == 8
+    # the op reads the measured threshold (on any CPU: the native-bf16 check is answered "yes")
+    monkeypatch.setattr(linear_mod, "cpu_has_native_bf16_gemm", lambda: True)
+    assert not linear_mod._use_torch_gemm(torch.randn(7, 24).to(torch.bfloat16), w)
+    assert linear_mod._use_torch_gemm(torch.randn(8, 24).to(torch.bfloat16), w)
+
+
+def test_a_fixed_policy_overrides_the_measurement(measured, monkeypatch):
+    _, use = measured
+    hook = _Timings({"cpp": lambda n: 1e-3, "onednn": lambda n: 1e-5})  # oneDNN always "faster"
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    use()
+    x, w = _bf16_linear_args()
+    assert _policy._policy_for_linear(x, w).linear_onednn_min_rows == 1
+    set_policy(DEFAULT_POLICY, linear_onednn_min_rows=5)
+    x2, w2 = _bf16_linear_args(n=56, k=40)  # a new shape class: it would be measured
+    timed = len(hook.points)
+    assert _policy._policy_for_linear(x2, w2).linear_onednn_min_rows == 5
+    assert len(hook.points) == timed and get_policy().linear_onednn_min_rows == 5
+    assert policy_report()["mode"] == "fixed" and policy_report()["linear_source"] == "fixed"
+    # kernel_only for a block, then the fixed policy again
+    with kernel_policy(kernel_only=True):
+        assert not linear_mod._use_torch_gemm(x2, w2)
+        assert moe_mod._bf16_routes(torch.randn(8, 12).to(torch.bfloat16), *_bf16_experts()) == (0, 0, 0, 0)
+    assert get_policy().linear_onednn_min_rows == 5 and len(hook.points) == timed
+    # a block with a fixed policy inside the measured mode: the measured thresholds come back after it
+    use()
+    assert _policy._policy_for_linear(x, w).linear_onednn_min_rows == 1  # from the cache now
+    with kernel_policy(DEFAULT_POLICY):
+        assert get_policy() is DEFAULT_POLICY
+    assert get_policy().linear_onednn_min_rows == 1 and policy_report()["mode"] == "measured"
+
+
+def test_choices_are_deterministic_under_a_fixed_policy(measured, monkeypatch):
+    """Outputs are bit-identical call after call under a fixed policy, whatever a measurement would say."""
+    _, use = measured
+    flip = iter(range(10**6))
+    hook = _Timings({"cpp": lambda n: 1e-4 * (1 + next(flip) % 2), "onednn": lambda n: 1.5e-4})
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    use()
+    set_policy(DEFAULT_POLICY)
+    x, w = _bf16_linear_args(n=33, k=20, m=5)
+    gu, dn = _bf16_experts()
+    hidden = torch.randn(9, 12).to(torch.bfloat16)
+    wts, ids = lfm_kernels.moe_route(hidden, torch.randn(4, 12), None, 2)
+    first = (lfm_kernels.linear(x, w), lfm_kernels.moe_experts(hidden, gu, dn, ids, wts))
+    for _ in range(3):
+        assert torch.equal(lfm_kernels.linear(x, w), first[0])
+        assert torch.equal(lfm_kernels.moe_experts(hidden, gu, dn, ids, wts), first[1])
+    assert hook.points == [] and get_policy() is DEFAULT_POLICY
+
+
+def test_the_cache_is_reused_and_ignored_for_another_cpu_model(measured, monkeypatch):
+    path, use = measured
+    hook = _Timings({"cpp": lambda n: 1e-4 * n, "onednn": lambda n: 3.5e-4})
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    use()
+    x, w = _bf16_linear_args()
+    assert _policy._policy_for_linear(x, w).linear_onednn_min_rows == 4
+    timed = len(hook.points)
+    data = json.loads(path.read_text())
+    (entry,) = data["machines"].values()
+    assert entry["identity"] == _chooser._cpu_identity() and len(entry["classes"]) == 1
+
+    # same CPU model, a new process (a new chooser): read from the file, nothing timed
+    ch = use()
+    assert _policy._policy_for_linear(x, w).linear_onednn_min_rows == 4
+    assert len(hook.points) == timed and ch.sources["linear"] == "cached"
+    assert policy_report()["linear_source"] == "cached"
+
+    # another CPU model: its own measurement (the first entry stays in the file)
+    other = dict(_chooser._cpu_identity(), cpu="Some Other CPU 9000")
+    monkeypatch.setattr(_chooser, "_cpu_identity", lambda: other)
+    hook.times["onednn"] = lambda n: 1.5e-4
+    ch = use()
+    assert _policy._policy_for_linear(x, w).linear_onednn_min_rows == 2
+    assert len(hook.points) > timed and ch.sources["linear"] == "measured"
+    assert len(json.loads(path.read_text())["machines"]) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", '["a list"]', '{"format": 1, "machines": {"x": 3}}',
+                                     '{"format": 1, "machines": []}'])
+def test_a_corrupt_cache_is_ignored_with_a_warning(measured, monkeypatch, content):
+    path, use = measured
+    path.write_text(content)
+    hook = _Timings({"cpp": lambda n: 1e-4 * n, "onednn": lambda n: 3.5e-4})
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        use()
+        x, w = _bf16_linear_args()
+        assert _policy._policy_for_linear(x, w).linear_onednn_min_rows == 4
+    assert hook.points, "the corrupt cache was used instead of measuring"
+    if content.startswith("{not") or content.startswith("["):
+        assert any("ignoring the kernel-choice cache" in str(c.message) for c in caught), [str(c.message) for c in caught]
+    # and replaced by a valid one
+    assert json.loads(path.read_text())["format"] == _chooser.CACHE_FORMAT
+
+
+def test_the_measurement_stays_within_its_budget(measured, monkeypatch):
+    _, use = measured
+    calls = []
+
+    def sleeper(seconds):
+        def fn():
+            calls.append(seconds)
+            time.sleep(seconds)
+        return fn
+
+    def hook(op, key, n):  # real (slept) timings, growing with the rows: the ladder cannot all fit
+        if n == 0:
+            return {"cpp": 0.0, "onednn": 0.0}
+        return {"cpp": sleeper(1e-3 * n), "onednn": sleeper(1.2e-3 * n)}
+
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    budget = 0.08
+    ch = use(budget_s=budget)
+    x, w = _bf16_linear_args()
+    t0 = time.perf_counter()
+    _policy._policy_for_linear(x, w)
+    elapsed = time.perf_counter() - t0
+    rows = policy_report()["classes"][next(iter(policy_report()["classes"]))]["rows"]
+    assert rows and max(rows) < max(_chooser.LINEAR_LADDER), rows  # cut short by the budget
+    assert ch.spent_s <= budget, (ch.spent_s, budget)
+    assert sum(calls) <= budget
+    assert elapsed < budget + 0.5  # plus the threshold search (no timing)
+    # the budget is the process's: a second shape class gets what is left, if anything
+    _policy._policy_for_linear(*_bf16_linear_args(n=48, k=16))
+    assert ch.spent_s <= budget and sum(calls) <= budget
+
+    # a zero budget times nothing and keeps the defaults
+    calls.clear()
+    ch = use(budget_s=0)
+    _policy._policy_for_linear(*_bf16_linear_args(n=64, k=8))
+    assert calls == [] and ch.policy == DEFAULT_POLICY and ch.sources["linear"] == "default"
+
+
+def test_bad_arguments(measured):
+    _, use = measured
+    with pytest.raises(ValueError, match="budget_s"):
+        use(budget_s=-1)
+    with pytest.raises(ValueError, match="budget_s"):
+        _policy.use_measured_policy(budget_s=float("nan"))
+
+
+def test_one_valid_path_times_nothing(measured, monkeypatch):
+    """On a CPU without native bf16 dot products every bf16 call has one path: nothing is timed."""
+    _, use = measured
+    monkeypatch.setattr(_backend, "cpu_has_native_bf16_gemm", lambda: False)
+    ch = use()
+    x, w = _bf16_linear_args()
+    gu, dn = _bf16_experts()
+    _policy._policy_for_linear(x, w)
+    _policy._policy_for_moe(torch.randn(5, 12).to(torch.bfloat16), gu, dn)
+    assert ch.spent_s == 0 and ch.report()["classes"] == {}
+    assert ch.sources == {"linear": "default", "moe": "default"} and ch.policy == DEFAULT_POLICY
+    # fp32 calls never have a choice
+    monkeypatch.setattr(_backend, "cpu_has_native_bf16_gemm", lambda: True)
+    _policy._policy_for_linear(x.float(), w.float())
+    assert ch.spent_s == 0
+
+
+def test_real_measurement_on_this_cpu(measured, monkeypatch):
+    """The real candidates (our C++ kernels and oneDNN through torch), timed on this CPU with a
+    small budget, then the ops' results under the measured policy against the references. On a CPU
+    without native bf16 dot products oneDNN is not a path the ops take; it is made one here so the
+    measurement runs (its choice is then only used in this test)."""
+    if _backend._C is None:
+        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
+    _, use = measured
+    native = _backend.cpu_has_native_bf16_gemm()
+    if not native:
+        monkeypatch.setattr(_backend, "cpu_has_native_bf16_gemm", lambda: True)
+        monkeypatch.setattr(linear_mod, "cpu_has_native_bf16_gemm", lambda: True)
+        monkeypatch.setattr(moe_mod, "cpu_has_native_bf16_gemm", lambda: True)
+    budget = 2.0  # oneDNN's bf16 GEMM without native bf16 can take 20 ms a call on a busy machine
+    ch = use(budget_s=budget)
+    x, w = _bf16_linear_args(n=96, k=136, m=5)
+    assert_close(lfm_kernels.linear(x, w), reference.linear(x.float(), w.float()), torch.bfloat16)
+    gu, dn = _bf16_experts(e=6, h=34, inter=22)
+    hidden = torch.randn(17, 34).to(torch.bfloat16)
+    wts, ids = lfm_kernels.moe_route(hidden, torch.randn(6, 34), None, 2)
+    got = lfm_kernels.moe_experts(hidden, gu, dn, ids, wts)
+    assert_close(got, reference.moe_experts(hidden, gu, dn, ids, wts), torch.bfloat16)
+    rep = ch.report()
+    assert {k.split(":")[0] for k in rep["classes"]} == {"linear", "moe"}, rep
+    want = ["tiled", "dot", "outer", "onednn"] if _backend._C.cpu_supports_avx512bf16() else ["tiled", "onednn"]
+    assert next(v for k, v in rep["classes"].items() if k.startswith("moe"))["routes"] == want
+    assert ch.spent_s <= budget * 1.5, rep  # one point's misprediction at most
+    assert rep["linear_source"] == "measured" and rep["moe_source"] == "measured"
+    # the measurement draws its inputs from its own generator: the user's random stream is untouched
+    xs, ws = _bf16_linear_args(n=24, k=72, m=1)
+    ch = use(budget_s=budget)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    lfm_kernels.linear(xs, ws)
+    assert torch.equal(torch.rand(3), expected)
+    assert any(k.startswith("linear:bf16:N24:K72") for k in ch.report()["classes"])
+
+
+def test_info_reports_the_thresholds_and_their_source(measured, monkeypatch, capsys):
+    from lfm_kernels import cli
+
+    info = lfm_kernels.backend_info()["kernel_policy"]
+    assert info["mode"] == "fixed" and info["thresholds"]["linear_onednn_min_rows"] == 3
+    _, use = measured
+    monkeypatch.setattr(_chooser, "_candidate_hook",
+                        _Timings({"cpp": lambda n: 1e-4 * n, "onednn": lambda n: 5.5e-4}))
+    use()
+    assert lfm_kernels.backend_info()["kernel_policy"]["linear_source"] == "default"
+    _policy._policy_for_linear(*_bf16_linear_args())
+    rep = lfm_kernels.backend_info()["kernel_policy"]
+    assert rep["linear_source"] == "measured" and rep["moe_source"] == "default"
+    assert rep["thresholds"]["linear_onednn_min_rows"] == 8
+    assert cli.main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("kernel-path thresholds"))
+    assert "linear: measured" in line and "linear_onednn_min_rows=8" in line and "moe: default" in line
+
+
+def test_bench_reports_the_path_and_the_runner_up():
+    from lfm_kernels.benchmark import runner
+    from lfm_kernels.benchmark.core import Case
+
+    slow = lambda i: time.sleep(0.004)  # noqa: E731
+    case = Case(op="linear", name="x", dtype=torch.float32, device="cpu", make_inputs=dict,
+                kernel=lambda i: None, baselines={"torch": lambda i: time.sleep(0.002)},
+                path=lambda i: "cpp", paths={"cpp": lambda i: None, "onednn": "torch", "other": slow})
+    row = {"times_s": {"kernel": 1e-4, "torch": 0.002}, "errors": {}}
+    runner._time_paths(case, {}, row, 0.01)
+    assert row["path"] == "cpp" and row["runner_up"] == "onednn" and row["runner_up_s"] == 0.002
+    assert row["path_times_s"]["other"] >= 0.004
+    assert runner._path_cell(row) == "cpp (onednn 2.00 ms)"
+    assert runner._path_cell({"path": "tiled"}) == "tiled (only path)"
+    assert runner._path_cell({}) == "-"
+    assert "path (runner-up)" in runner._HEADERS
