@@ -123,7 +123,7 @@ class LfmModel:
 
     def _ffn(self, lw, h: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if lw.moe and isinstance(lw.gate_up_proj, QuantizedTensor):
+        if lw.moe and isinstance(lw.gate_up_proj, QuantizedTensor) and lw.gate_up_proj.format not in _FUSED_MOE_FORMATS:
             return _moe_quant(h, lw, cfg)
         if lw.moe:
             shape = h.shape
@@ -297,6 +297,10 @@ class LfmModel:
                 nb = nb * min(cfg.num_experts, batch * cfg.num_experts_per_tok) // cfg.num_experts
             total += nb
         return total
+
+
+# Formats the fused `moe` op takes; other quantized experts (K-quants) run expert by expert.
+_FUSED_MOE_FORMATS = ("q8_0", "q4_0")
 
 
 def _moe_quant(h: torch.Tensor, lw, cfg: ModelConfig) -> torch.Tensor:
