@@ -30,30 +30,7 @@ LFMK_AVX2_BEGIN
 #include "quant/kquant_avx2.h"
 LFMK_AVX2_END
 
-#if defined(__clang__)
-#define LFMK_QVNNI_BEGIN(tgt) _Pragma("clang attribute push (__attribute__((target(" tgt "))), apply_to = function)")
-#define LFMK_QVNNI_END _Pragma("clang attribute pop")
-#else
-#define LFMK_QVNNI_PRAGMA(x) _Pragma(#x)
-#define LFMK_QVNNI_BEGIN(tgt) _Pragma("GCC push_options") LFMK_QVNNI_PRAGMA(GCC target(tgt))
-#define LFMK_QVNNI_END _Pragma("GCC pop_options")
-#endif
-
-LFMK_QVNNI_BEGIN("avx2,fma,f16c,avxvnni")
-#define LFMK_QVNNI_NS avxvnni
-#define LFMK_QVNNI_DPBUSD _mm256_dpbusd_avx_epi32
-#include "quant/vnni.h"
-#undef LFMK_QVNNI_NS
-#undef LFMK_QVNNI_DPBUSD
-LFMK_QVNNI_END
-
-LFMK_QVNNI_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
-#define LFMK_QVNNI_NS avx512vnni
-#define LFMK_QVNNI_DPBUSD _mm256_dpbusd_epi32
-#include "quant/vnni.h"
-#undef LFMK_QVNNI_NS
-#undef LFMK_QVNNI_DPBUSD
-LFMK_QVNNI_END
+#include "quant/vnni_paths.h"
 
 namespace lfmk {
 namespace quant {

@@ -474,7 +474,7 @@ def test_truncated_file_is_an_error(tiny, tmp_path):
     data = open(os.path.join(path, "model.safetensors"), "rb").read()
     open(tmp_path / "model.safetensors", "wb").write(data[: len(data) - 100])
     open(tmp_path / "config.json", "w").write(open(os.path.join(path, "config.json")).read())
-    with pytest.raises(ValueError, match="file ends early"):
+    with pytest.raises(ValueError, match=r"file ends early|<= \d+ \(the data size\)"):
         from_pretrained(tmp_path, progress=False)
 
 

@@ -493,10 +493,11 @@ def test_block_matches_transformers(n, dtype):
             assert not torch.equal(unbiased, biased), "the bias must change the selection"
         theirs = block(hidden[None])[0]
         _, their_w, their_ids = block.gate(hidden, block.expert_bias)
-    ours = lfm_kernels.moe(
-        hidden, block.gate.weight, block.expert_bias, block.experts.gate_up_proj, block.experts.down_proj, 2
-    )
-    weights, ids = lfm_kernels.moe_route(hidden, block.gate.weight, block.expert_bias, 2)
+    with torch.no_grad():  # the module's parameters require grad; the ops are inference-only
+        ours = lfm_kernels.moe(
+            hidden, block.gate.weight, block.expert_bias, block.experts.gate_up_proj, block.experts.down_proj, 2
+        )
+        weights, ids = lfm_kernels.moe_route(hidden, block.gate.weight, block.expert_bias, 2)
     assert torch.equal(ids, their_ids)
     assert_close(weights, their_w.float(), dtype, "topk_weights")
     assert_close(ours, theirs, dtype)

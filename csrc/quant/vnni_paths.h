@@ -1,0 +1,29 @@
+// The two VNNI variants of the Q8_0 / Q4_0 integer-dot tiles (quant/vnni.h), each compiled for its
+// own target (AVX-VNNI's VEX vpdpbusd, AVX512-VNNI's EVEX vpdpbusd on 256-bit vectors) and chosen
+// at run time. Included at file scope by every translation unit that runs quantized tiles.
+#pragma once
+
+#if defined(__clang__)
+#define LFMK_QVNNI_BEGIN(tgt) _Pragma("clang attribute push (__attribute__((target(" tgt "))), apply_to = function)")
+#define LFMK_QVNNI_END _Pragma("clang attribute pop")
+#else
+#define LFMK_QVNNI_PRAGMA(x) _Pragma(#x)
+#define LFMK_QVNNI_BEGIN(tgt) _Pragma("GCC push_options") LFMK_QVNNI_PRAGMA(GCC target(tgt))
+#define LFMK_QVNNI_END _Pragma("GCC pop_options")
+#endif
+
+LFMK_QVNNI_BEGIN("avx2,fma,f16c,avxvnni")
+#define LFMK_QVNNI_NS avxvnni
+#define LFMK_QVNNI_DPBUSD _mm256_dpbusd_avx_epi32
+#include "quant/vnni.h"
+#undef LFMK_QVNNI_NS
+#undef LFMK_QVNNI_DPBUSD
+LFMK_QVNNI_END
+
+LFMK_QVNNI_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define LFMK_QVNNI_NS avx512vnni
+#define LFMK_QVNNI_DPBUSD _mm256_dpbusd_epi32
+#include "quant/vnni.h"
+#undef LFMK_QVNNI_NS
+#undef LFMK_QVNNI_DPBUSD
+LFMK_QVNNI_END
