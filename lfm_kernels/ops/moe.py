@@ -188,6 +188,21 @@ def moe_route(
     return _route(hidden, gate_weight, expert_bias, top_k, bool(norm_topk_prob), float(routed_scaling_factor))
 
 
+def _check_routing(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    """Shapes, dtypes and device of a call's routing (float and quantized experts alike); the id range
+    is checked where the ids are read."""
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_ID_DTYPES, shape_hint="[N, k]")
+    if topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"topk_ids must have shape [N={hidden.shape[0]}, k], got {tuple(topk_ids.shape)}")
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, k]")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have shape [N, k] = {tuple(topk_ids.shape)} (that of topk_ids), "
+            f"got {tuple(topk_weights.shape)}"
+        )
+    check_same_device("hidden", hidden, topk_ids=topk_ids, topk_weights=topk_weights)
+
+
 def moe_experts(
     hidden: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -215,16 +230,7 @@ def moe_experts(
     if isinstance(gate_up_proj, QuantizedTensor) or isinstance(down_proj, QuantizedTensor):
         return _moe_experts_quantized(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     n_experts = _check_expert_weights(hidden, gate_up_proj, down_proj)
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_ID_DTYPES, shape_hint="[N, k]")
-    if topk_ids.shape[0] != hidden.shape[0]:
-        raise ValueError(f"topk_ids must have shape [N={hidden.shape[0]}, k], got {tuple(topk_ids.shape)}")
-    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, k]")
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(
-            f"topk_weights must have shape [N, k] = {tuple(topk_ids.shape)} (that of topk_ids), "
-            f"got {tuple(topk_weights.shape)}"
-        )
-    check_same_device("hidden", hidden, topk_ids=topk_ids, topk_weights=topk_weights)
+    _check_routing(hidden, topk_ids, topk_weights)
     # The id range is checked where the ids are read (the C++ op, the CPU reference fallback), never
     # here: reading them on the host would sync CUDA and break torch.compile(fullgraph=True).
     return _experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
@@ -394,16 +400,7 @@ def _moe_experts_quantized(hidden, gate_up_proj, down_proj, topk_ids, topk_weigh
     depend on the thread count. CPU only (a CUDA tensor raises NotImplementedError).
     """
     _check_quant_expert_weights(hidden, gate_up_proj, down_proj)
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_ID_DTYPES, shape_hint="[N, k]")
-    if topk_ids.shape[0] != hidden.shape[0]:
-        raise ValueError(f"topk_ids must have shape [N={hidden.shape[0]}, k], got {tuple(topk_ids.shape)}")
-    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, k]")
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(
-            f"topk_weights must have shape [N, k] = {tuple(topk_ids.shape)} (that of topk_ids), "
-            f"got {tuple(topk_weights.shape)}"
-        )
-    check_same_device("hidden", hidden, topk_ids=topk_ids, topk_weights=topk_weights)
+    _check_routing(hidden, topk_ids, topk_weights)
     # expert ids out of [0, E) are rejected by the C++ op (ValueError) without a host-side pass here
     return _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
 
