@@ -116,6 +116,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _quant_list(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    bad = [f for f in formats if f not in ("q8_0", "q4_0")]
+    if not formats or bad:
+        raise argparse.ArgumentTypeError(f"--quant takes q8_0, q4_0 or both, comma-separated (got {text!r})")
+    return tuple(dict.fromkeys(formats))
+
+
 def _writable_file(text: str) -> str:
     """A path the run can write at the end: checked now, so a long run does not fail at its last step."""
     folder = os.path.dirname(os.path.abspath(text))
@@ -156,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--num-layers", dest="num_layers", type=_positive_int, help="layers for --e2e/--patched")
     pb.add_argument("--prompt-len", dest="prompt_len", type=_positive_int, help="prompt tokens for --e2e/--patched")
     pb.add_argument("--new-tokens", dest="new_tokens", type=_positive_int, help="decoded tokens for --e2e/--patched")
+    pb.add_argument("--quant", type=_quant_list, metavar="FORMATS",
+                    help="--e2e also on quantized weights: q8_0, q4_0 or both (comma-separated), each beside bf16")
     pb.add_argument("--no-transformers", action="store_true", help="--e2e without the transformers comparison")
 
     from . import chat_cli
@@ -165,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench" and args.quant and not args.e2e:
+        parser.error("--quant applies to the end-to-end run: add --e2e")
     if args.command == "info":
         return _info(args)
     if args.command == "chat":

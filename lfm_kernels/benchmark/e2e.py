@@ -18,11 +18,12 @@ import torch
 from .core import measure_read_bandwidth
 
 
-def _row(impl, cfg, prompt_len, new_tokens, threads, dtype, prefill_s, decode_s, steps, bw, nbytes):
+def _row(impl, cfg, prompt_len, new_tokens, threads, dtype, prefill_s, decode_s, steps, bw, nbytes, weights="bf16"):
     floor = bw / nbytes
     decode = steps / decode_s if decode_s > 0 and steps > 0 else float("nan")
     return {
         "impl": impl,
+        "weights": weights,
         "num_layers": cfg.num_hidden_layers,
         "vocab_size": cfg.vocab_size,
         "dtype": str(dtype).replace("torch.", ""),
@@ -70,10 +71,13 @@ def run_e2e(
     seed: int = 0,
     transformers_new_tokens: int | None = None,
     model=None,
+    quant: str | None = None,
 ) -> list[dict]:
     """Rows (dicts) for lfm_kernels and, if asked, transformers eager: prefill tokens/s of a
     prompt_len-token prompt, decode tokens/s over new_tokens (batch 1), the floor and the bandwidth.
-    `model` reuses an already built LfmModel instead of making the default."""
+    `model` reuses an already built LfmModel instead of making the default. quant "q8_0" / "q4_0"
+    quantizes the default's weights (the same random values) and counts the floor on the quantized
+    bytes; transformers has no kernels for these blocks, so there is no transformers row then."""
     from ..model import default_model, to_transformers
 
     say = progress or (lambda s: None)
@@ -81,8 +85,10 @@ def run_e2e(
         torch.set_num_threads(int(threads))
     threads = torch.get_num_threads()
     if model is None:
-        say(f"building the LFM2.5-8B-A1B-shaped default: {num_layers} layers, {dtype}, random weights (seed {seed})")
-        model = default_model(num_layers=num_layers, dtype=dtype, seed=seed, vocab_size=vocab_size)
+        what = f"{dtype}" if quant is None else f"{quant} weights, {dtype} activations"
+        say(f"building the LFM2.5-8B-A1B-shaped default: {num_layers} layers, {what}, random weights (seed {seed})")
+        model = default_model(num_layers=num_layers, dtype=dtype, seed=seed, vocab_size=vocab_size, quant=quant)
+    weights = quant or str(model.dtype).replace("torch.", "")
     cfg = model.config
     nbytes = model.bytes_per_decoded_token(1)
     say(f"weights {model.weight_bytes() / 1e9:.2f} GB; one decoded token reads {nbytes / 1e9:.3f} GB")
@@ -97,10 +103,10 @@ def run_e2e(
     t: dict = {}
     model.generate(ids, new_tokens, eos_token_id=[], seed=seed, timings=t)  # model-card sampling defaults
     rows = [_row("lfm_kernels", cfg, prompt_len, new_tokens, threads, model.dtype, t["prefill_s"], t["decode_s"],
-                 t["decode_steps"], bw, nbytes)]
+                 t["decode_steps"], bw, nbytes, weights=weights)]
     say(_fmt(rows[-1]))
 
-    if compare_transformers:
+    if compare_transformers and weights == str(model.dtype).replace("torch.", ""):
         n = transformers_new_tokens or new_tokens
         hf = to_transformers(model, attn_implementation="eager", experts_implementation="eager")
         say("transformers eager (same weights): warm-up")
@@ -117,7 +123,7 @@ def run_e2e(
 
 def _fmt(r: dict) -> str:
     return (
-        f"{r['impl']:>20}: prefill {r['prompt_len']} tok {r['prefill_tok_s']:7.2f} tok/s | decode "
+        f"{r['impl']:>20} {r['weights']:>5}: prefill {r['prompt_len']} tok {r['prefill_tok_s']:7.2f} tok/s | decode "
         f"{r['decode_tok_s']:6.2f} tok/s = {100 * r['decode_vs_floor']:5.1f}% of floor {r['floor_tok_s']:.2f} tok/s "
         f"({r['bandwidth_GBs']:.1f} GB/s, {r['bytes_per_token'] / 1e9:.3f} GB/token, {r['num_layers']} layers, "
         f"{r['threads']} threads)"

@@ -237,6 +237,10 @@ def _run_e2e(args, out: dict) -> list[str]:
             kw["compare_transformers"] = False
         _log("end to end (our model wrapper) ...")
         rows = run_e2e(**kw)
+        # One model at a time: the bf16 default is about 17 GB, so the quantized ones are built after it is freed.
+        for fmt in getattr(args, "quant", None) or ():
+            _log(f"end to end (our model wrapper, {fmt} weights) ...")
+            rows += run_e2e(**{**kw, "quant": fmt, "compare_transformers": False})
         out["e2e"] = rows
         sections.append("End to end, our model wrapper:\n" + _e2e_table(rows))
     if args.patched:
