@@ -3,7 +3,7 @@
 Public ops (torch.library custom ops in the `lfm_kernels` namespace):
     short_conv, moe_route, moe_experts, moe, decode_attention, linear
 Quantized weights (GGUF Q8_0 / Q4_0 blocks, CPU): quantize(weight, "q4_0") -> QuantizedTensor, for linear
-Integration: patch(model=None) / unpatch() for transformers; lfm_kernels.model for our own wrapper.
+Integration: patch(model=None, quant=None) / unpatch() for transformers; lfm_kernels.model for our own wrapper.
 """
 
 from ._backend import backend_info
@@ -30,11 +30,12 @@ __all__ = [
 ]
 
 
-def patch(model=None):
-    """Route transformers' LFM2 / LFM2-MoE models through lfm_kernels (see integrations)."""
+def patch(model=None, quant=None):
+    """Route transformers' LFM2 / LFM2-MoE models through lfm_kernels; patch(model, quant="q8_0" | "q4_0")
+    also quantizes that model's weights in place (see lfm_kernels.integrations.transformers.patch)."""
     from .integrations.transformers import patch as _patch
 
-    return _patch(model)
+    return _patch(model, quant=quant)
 
 
 def unpatch():

@@ -21,6 +21,8 @@ class _State:
     # id(config) -> (weakref(config), attention asked for, experts asked for) as the config stood when the
     # first model was built from it while the classes were patched (None: the user left the default)
     requested: dict = field(default_factory=dict)
+    # modules patch(model, quant=...) quantized: their float weights are gone, so unpatch() refuses while any lives
+    quantized: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)
 
 
 state = _State()

@@ -24,6 +24,7 @@ from ._ledger import (
 from .attention import attention_forward, mask_function
 from .linear import KernelLinear
 from .moe import experts_forward, make_router_forward
+from .quant import alive_quantized, check_quantizable, quantize_model, resolve_mode
 from .short_conv import make_short_conv_forward
 
 
@@ -150,24 +151,77 @@ def _patch_model(model, hooks: Hooks, instance_forwards: bool) -> None:
         model.set_experts_implementation(IMPL_NAME)
 
 
-def patch(model=None):
+def patch(model=None, quant=None):
     """Route transformers' LFM2 / LFM2-MoE through lfm_kernels.
 
     patch(): patch the classes, so every model built afterwards (from_pretrained included) and the short
     conv / router of existing models use our kernels. patch(model): patch that model's modules and
     settings only, and return it. Calling either twice is harmless; unpatch() undoes both.
+
+    patch(model, quant="q8_0" | "q4_0"): patch(model), and quantize the model's weights in place to GGUF's
+    Q8_0 / Q4_0 blocks, run by the quantized CPU kernels (int8 activations, integer dot products):
+
+    - every `nn.Linear` (attention q/k/v/out_proj, short-conv in_proj/out_proj, dense MLP w1/w2/w3)
+      becomes a `QuantizedLinear` in the chosen format, and every LFM2-MoE experts module a
+      `QuantizedExperts` (`lfm_kernels.moe_experts` on the quantized stacked gate_up_proj / down_proj);
+      the float weights are freed (the modules drop them; memory goes back unless the caller itself
+      still holds a reference to one of those tensors);
+    - lm_head in Q8_0 for both modes (llama.cpp too keeps its output matrix above Q4_0's precision,
+      as `lfm_kernels.model.from_pretrained(quant=...)` does). A tied lm_head gets its own Q8_0 copy
+      (about 1.06 bytes per weight more memory) and keeps sharing the embedding's float Parameter as
+      `lm_head.weight`, so weight tying keeps working; the embedding lookup stays float;
+    - the embedding, norms, router (`gate`), expert bias, conv taps and biases stay float, and so does
+      any weight whose K (input features; H and I for experts) is not a multiple of 32 (it keeps
+      running `lfm_kernels.linear` / the experts on float weights);
+    - the model becomes inference only: every remaining parameter gets requires_grad=False (so a plain
+      forward with grad mode on runs the kernels), and a quantized module given an input that requires
+      grad while grad mode is on raises RuntimeError (gradients cannot flow into quantized weights);
+    - state_dict() holds the float tensors left plus each quantized weight's blocks as a uint8 buffer
+      (`<linear>.weight_blocks`, `<experts>.gate_up_proj_blocks` / `.down_proj_blocks`) instead of its
+      float `weight` / `gate_up_proj` / `down_proj`: it loads back into a model patched with the same
+      quant, not into a float one. named_parameters() lists only the float parameters left.
+
+    CPU only: a model with a parameter or buffer on another device is a ValueError naming the device
+    (before anything is changed). Calling it again with the same quant is a no-op; another format is a
+    ValueError (the float weights are gone). unpatch() cannot restore freed weights: while a model
+    quantized this way exists it raises RuntimeError and changes nothing (the model stays patched and
+    working). quant without a model is a ValueError: there are no weights to quantize globally.
     """
+    if quant is not None:
+        quant = resolve_mode(quant)
+        if model is None:
+            raise ValueError(
+                f"quant={quant!r} needs a model: patch(model, quant=...) quantizes that model's weights in place; "
+                "patch() without a model only patches classes and has no weights to quantize"
+            )
     hooks = load_hooks()
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers PreTrainedModel (an nn.Module), got {type(model).__name__}")
+    if quant is not None:
+        check_quantizable(model, quant)
     _register_interfaces(hooks)
     if model is None:
         _patch_classes(hooks)
         return None
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a transformers PreTrainedModel (an nn.Module), got {type(model).__name__}")
     _patch_model(model, hooks, instance_forwards=True)
+    if quant is not None:
+        experts_classes = tuple(e for *_, e in hooks.modules.values() if e is not None)
+        quantize_model(model, quant, (nn.Linear, KernelLinear), experts_classes)
     return model
 
 
 def unpatch() -> None:
-    """Undo every patch(): original class functions, interface entries, model settings and Linear classes."""
+    """Undo every patch(): original class functions, interface entries, model settings and Linear classes.
+
+    Raises RuntimeError, changing nothing, while a model quantized by patch(model, quant=...) exists: its
+    float weights were freed and cannot be restored (delete the model first, or keep it patched).
+    """
+    alive = alive_quantized()
+    if alive:
+        raise RuntimeError(
+            f"unpatch() cannot restore the float weights that patch(model, quant=...) quantized and freed "
+            f"({alive} quantized modules still exist); nothing was changed: the quantized model stays patched and "
+            "working. Delete the quantized model (every reference to it) before unpatch(), or load a fresh float "
+            "model if you need the original weights"
+        )
     undo()

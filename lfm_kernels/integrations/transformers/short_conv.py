@@ -19,7 +19,7 @@ def _short_conv_fast(self, hidden_states, cache, attention_mask):
         or not kernel_device(hidden_states)
         or weight.device != hidden_states.device
         or not 2 <= weight.shape[-1] <= 4
-        or not no_grad_needed(hidden_states, weight, self.conv.bias, self.in_proj.weight)
+        or not no_grad_needed(hidden_states, weight, self.conv.bias, getattr(self.in_proj, "weight", None))
         # accelerate offload: the parent forward must fire the conv's hook (transformers' forward does)
         or getattr(self.conv, "_hf_hook", None) is not None
     ):
