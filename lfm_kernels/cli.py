@@ -116,11 +116,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+_QUANT_MODES = ("q8_0", "q4_0", "q4_k_m")  # lfm_kernels.model.weights.QUANT_MODES (not imported: keeps the CLI light)
+
+
 def _quant_list(text: str) -> tuple[str, ...]:
     formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
-    bad = [f for f in formats if f not in ("q8_0", "q4_0")]
+    bad = [f for f in formats if f not in _QUANT_MODES]
     if not formats or bad:
-        raise argparse.ArgumentTypeError(f"--quant takes q8_0, q4_0 or both, comma-separated (got {text!r})")
+        raise argparse.ArgumentTypeError(
+            f"--quant takes one or more of {', '.join(_QUANT_MODES)}, comma-separated (got {text!r})")
     return tuple(dict.fromkeys(formats))
 
 
@@ -165,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--prompt-len", dest="prompt_len", type=_positive_int, help="prompt tokens for --e2e/--patched")
     pb.add_argument("--new-tokens", dest="new_tokens", type=_positive_int, help="decoded tokens for --e2e/--patched")
     pb.add_argument("--quant", type=_quant_list, metavar="FORMATS",
-                    help="--e2e also on quantized weights: q8_0, q4_0 or both (comma-separated), each beside bf16")
+                    help="--e2e also on quantized weights: q8_0, q4_0, q4_k_m (comma-separated), each beside bf16")
+    pb.add_argument("--model", metavar="FILE",
+                    help="--e2e on this model instead of the random default: a .gguf file or a checkpoint directory")
     pb.add_argument("--no-transformers", action="store_true", help="--e2e without the transformers comparison")
 
     from . import chat_cli
@@ -179,6 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench" and args.quant and not args.e2e:
         parser.error("--quant applies to the end-to-end run: add --e2e")
+    if args.command == "bench" and args.model is not None:
+        if not args.e2e:
+            parser.error("--model applies to the end-to-end run: add --e2e")
+        if not os.path.exists(args.model):
+            parser.error(f"--model {args.model!r}: no such file or directory")
+        if args.num_layers is not None:
+            parser.error("--num-layers sets the random default's depth; a --model keeps its own")
+        from .model.gguf import is_gguf_path
+
+        if args.quant and is_gguf_path(args.model):
+            parser.error("--quant quantizes a float checkpoint while loading; a .gguf file keeps its own formats "
+                         "(drop --quant, or pass a checkpoint directory)")
     if args.command == "info":
         return _info(args)
     if args.command == "chat":

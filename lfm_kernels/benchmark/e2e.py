@@ -1,6 +1,8 @@
 """End-to-end benchmark: prefill and decode tokens/s of lfm_kernels.model on the LFM2.5-8B-A1B-shaped
-default (seeded random weights, no download), beside this machine's floor and transformers eager on
-the *same* weights.
+default (seeded random weights, no download), or on a model given to it (`lfm-kernels bench --e2e
+--model FILE`: a .gguf file or a checkpoint directory), beside this machine's floor and
+transformers eager on the *same* weights (float weights only: transformers has no kernels for the
+quantized blocks).
 
 floor tokens/s = read bandwidth measured in the same run / bytes of weights one decoded token reads
 (all non-expert weights, the top_k of E experts per MoE layer, the tied lm_head; one embedding row).
@@ -18,12 +20,14 @@ import torch
 from .core import measure_read_bandwidth
 
 
-def _row(impl, cfg, prompt_len, new_tokens, threads, dtype, prefill_s, decode_s, steps, bw, nbytes, weights="bf16"):
+def _row(impl, cfg, prompt_len, new_tokens, threads, dtype, prefill_s, decode_s, steps, bw, nbytes, weights="bf16",
+         extra=None):
     floor = bw / nbytes
     decode = steps / decode_s if decode_s > 0 and steps > 0 else float("nan")
     return {
         "impl": impl,
         "weights": weights,
+        **(extra or {}),
         "num_layers": cfg.num_hidden_layers,
         "vocab_size": cfg.vocab_size,
         "dtype": str(dtype).replace("torch.", ""),
@@ -75,10 +79,12 @@ def run_e2e(
 ) -> list[dict]:
     """Rows (dicts) for lfm_kernels and, if asked, transformers eager: prefill tokens/s of a
     prompt_len-token prompt, decode tokens/s over new_tokens (batch 1), the floor and the bandwidth.
-    `model` reuses an already built LfmModel instead of making the default. quant "q8_0" / "q4_0"
-    quantizes the default's weights (the same random values) and counts the floor on the quantized
-    bytes; transformers has no kernels for these blocks, so there is no transformers row then."""
+    `model` reuses an already built LfmModel instead of making the default (a loaded file: the row
+    names it, `model.path`, and its weight formats). quant "q8_0" / "q4_0" / "q4_k_m" quantizes the
+    default's weights (the same random values) and counts the floor on the quantized bytes;
+    transformers has no kernels for these blocks, so a quantized model gets no transformers row."""
     from ..model import default_model, to_transformers
+    from ..model.weights import weight_formats
 
     say = progress or (lambda s: None)
     if threads is not None:
@@ -88,7 +94,16 @@ def run_e2e(
         what = f"{dtype}" if quant is None else f"{quant} weights, {dtype} activations"
         say(f"building the LFM2.5-8B-A1B-shaped default: {num_layers} layers, {what}, random weights (seed {seed})")
         model = default_model(num_layers=num_layers, dtype=dtype, seed=seed, vocab_size=vocab_size, quant=quant)
-    weights = quant or str(model.dtype).replace("torch.", "")
+    dtype_name = str(model.dtype).replace("torch.", "")
+    formats = weight_formats(model.weights)
+    extra = {"model": model.path if model.path else "default (random weights)"}
+    if model.weights.is_quantized():
+        total = sum(formats.values())
+        # every format and its share of the weight bytes: a K-quant mix is not one format
+        extra["weight_formats"] = ", ".join(f"{f} {100 * b / total:.1f}%" for f, b in formats.items())
+        weights = quant or "+".join(f for f in formats if f not in ("float32", "bfloat16", "float16"))
+    else:
+        weights = dtype_name
     cfg = model.config
     nbytes = model.bytes_per_decoded_token(1)
     say(f"weights {model.weight_bytes() / 1e9:.2f} GB; one decoded token reads {nbytes / 1e9:.3f} GB")
@@ -103,16 +118,17 @@ def run_e2e(
     t: dict = {}
     model.generate(ids, new_tokens, eos_token_id=[], seed=seed, timings=t)  # model-card sampling defaults
     rows = [_row("lfm_kernels", cfg, prompt_len, new_tokens, threads, model.dtype, t["prefill_s"], t["decode_s"],
-                 t["decode_steps"], bw, nbytes, weights=weights)]
+                 t["decode_steps"], bw, nbytes, weights=weights, extra=extra)]
     say(_fmt(rows[-1]))
 
-    if compare_transformers and weights == str(model.dtype).replace("torch.", ""):
+    if compare_transformers and not model.weights.is_quantized():
         n = transformers_new_tokens or new_tokens
         hf = to_transformers(model, attn_implementation="eager", experts_implementation="eager")
         say("transformers eager (same weights): warm-up")
         _time_transformers(hf, ids[:, :8], 2)
         pre, dec, steps = _time_transformers(hf, ids, n)
-        rows.append(_row("transformers-eager", cfg, prompt_len, n, threads, model.dtype, pre, dec, steps, bw, nbytes))
+        rows.append(_row("transformers-eager", cfg, prompt_len, n, threads, model.dtype, pre, dec, steps, bw, nbytes,
+                         weights=dtype_name, extra=extra))
         say(_fmt(rows[-1]))
         ours, theirs = rows[0], rows[1]
         ours["decode_vs_transformers"] = ours["decode_tok_s"] / theirs["decode_tok_s"]

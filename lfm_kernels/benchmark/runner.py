@@ -218,6 +218,21 @@ def _e2e_table(rows: list[dict]) -> str:
                   right=set(range(1, len(rows) + 1)))
 
 
+def _run_e2e_file(path: str, quants, kw: dict, run_e2e) -> list[dict]:
+    """--e2e --model PATH: the file (or checkpoint) as stored, then (a checkpoint only) each --quant
+    mode quantized while loading; one model in memory at a time."""
+    from ..model import from_pretrained
+
+    rows = []
+    for fmt in (None, *quants):
+        _log(f"end to end (our model wrapper) on {path}" + (f", quantized to {fmt} while loading" if fmt else "") + " ...")
+        model = from_pretrained(path, quant=fmt, progress=False, tokenizer=False)
+        rows += run_e2e(**{**kw, "model": model, **({"quant": fmt, "compare_transformers": False} if fmt else {})})
+        del model
+        gc.collect()
+    return rows
+
+
 def _run_e2e(args, out: dict) -> list[str]:
     sections = []
     progress = lambda msg: _log(f"  {msg}")  # noqa: E731
@@ -235,12 +250,16 @@ def _run_e2e(args, out: dict) -> list[str]:
                 kw[k] = getattr(args, k)
         if args.no_transformers:
             kw["compare_transformers"] = False
-        _log("end to end (our model wrapper) ...")
-        rows = run_e2e(**kw)
-        # One model at a time: the bf16 default is about 17 GB, so the quantized ones are built after it is freed.
-        for fmt in getattr(args, "quant", None) or ():
-            _log(f"end to end (our model wrapper, {fmt} weights) ...")
-            rows += run_e2e(**{**kw, "quant": fmt, "compare_transformers": False})
+        path = getattr(args, "model", None)
+        if path is not None:
+            rows = _run_e2e_file(path, getattr(args, "quant", None) or (), kw, run_e2e)
+        else:
+            _log("end to end (our model wrapper) ...")
+            rows = run_e2e(**kw)
+            # One model at a time: the bf16 default is about 17 GB, so the quantized ones are built after it is freed.
+            for fmt in getattr(args, "quant", None) or ():
+                _log(f"end to end (our model wrapper, {fmt} weights) ...")
+                rows += run_e2e(**{**kw, "quant": fmt, "compare_transformers": False})
         out["e2e"] = rows
         sections.append("End to end, our model wrapper:\n" + _e2e_table(rows))
     if args.patched:

@@ -109,8 +109,11 @@ def from_pretrained(path: str, dtype=None, device="cpu", progress: bool = True, 
     quantized CPU kernels): every projection (conv in/out, attention q/k/v/o, dense FFN, the experts)
     in that format, the embedding and an untied lm_head in Q8_0 for both (llama.cpp too keeps its
     token embedding and output matrix above Q4_0's precision); norms, router, expert bias and conv
-    taps stay in `dtype`, the activations' dtype. Each tensor is quantized as it is read, so memory
-    peaks at the quantized model plus one checkpoint tensor. CPU only.
+    taps stay in `dtype`, the activations' dtype. quant "q4_k_m" is llama.cpp's Q4_K_M mix, tensor by
+    tensor as `llama-quantize` chooses it (Q6_K for the output matrix / tied embedding and for some
+    attn_v and ffn_down, Q4_K elsewhere; every K a multiple of 256; see weights.allocate). Each tensor
+    is quantized as it is read, so memory peaks at the quantized model plus one checkpoint tensor.
+    CPU only.
     """
     path = os.fspath(path)
     quant = _check_quant(quant, device)
@@ -157,9 +160,9 @@ def default_model(
     (2 dense layers first, attention at index 2). vocab_size defaults to 128,000 (docs/design.md: "about
     128,000"; LFM2-8B-A1B uses 65,536). The full model is about 17 GB in bf16.
 
-    quant "q8_0" / "q4_0": the same random weights (the same seed gives the same float values),
-    quantized tensor by tensor as `from_pretrained(quant=...)` does; memory peaks at the quantized
-    model plus one float tensor. CPU only."""
+    quant "q8_0" / "q4_0" / "q4_k_m": the same random weights (the same seed gives the same float
+    values), quantized tensor by tensor as `from_pretrained(quant=...)` does; memory peaks at the
+    quantized model plus one float tensor. CPU only."""
     quant = _check_quant(quant, device)
     cfg = lfm25_8b_a1b_config(num_layers, vocab_size=vocab_size)
     dt = resolve_dtype(dtype)
@@ -272,7 +275,7 @@ def _check_quant(quant, device) -> str | None:
     quant = resolve_quant(quant)
     if quant is not None and torch.device(device).type != "cpu":
         raise ValueError(
-            f"quant={quant!r} needs device='cpu': the Q8_0 / Q4_0 kernels are C++ (CPU only), got device={device!r}"
+            f"quant={quant!r} needs device='cpu': the quantized kernels are C++ (CPU only), got device={device!r}"
         )
     return quant
 

@@ -21,13 +21,26 @@ into `ffn_{gate,up,down}_exps` [E, I, H] / [E, I, H] / [E, H, I]. 1-D tensors, n
 and the conv taps stay F32; everything else is in the chosen type.
 
 Tensor types: F32, F16, BF16 load as tensors. Q8_0, Q4_0, Q4_K, Q5_K, Q6_K (GGML's block formats)
-go through one adapter, `_quantized`. Q8_0 and Q4_0 become `lfm_kernels.QuantizedTensor` weights
-over the file's own blocks (zero-copy on the map; q/k/v and gate/up parts are copied, still
-quantized, into their stacked weight), run by the quantized CPU kernels. The K-quants have no
-kernels yet: with `dequantize=True` they are expanded to the model dtype (with
-`gguf.quants.dequantize`, the reference decoder); without it loading stops with a ValueError before
-anything is allocated (a dequantized model needs about 4x the memory of the file). Any other type
-is an error naming the tensor.
+go through one adapter, `_quantized`, and become `lfm_kernels.QuantizedTensor` weights over the
+file's own blocks, run by the quantized CPU kernels (`linear`; the MoE experts by the fused op where
+it takes their format, expert by expert otherwise). A tensor that is a whole weight of ours is used
+in place (zero-copy on the map: a Q4_K_M file's embedding, out_proj, conv projections, ffn_down,
+expert down). Every quantized tensor's row length must be a multiple of its block size and its byte
+count that of its blocks; both are checked with the names and shapes, before anything is allocated.
+
+Stacked weights (q/k/v -> `qkv`, dense gate/up -> `w13`, expert gate/up -> `gate_up_proj`):
+- parts of one type (all Q4_K, all F32, ...) are copied into one stacked weight, still quantized
+  (blocks run along K, so rows stack as in a float matrix);
+- parts of different types (Q4_K_M: attn_q / attn_k Q4_K, attn_v Q6_K in some layers) become a
+  `SplitWeight`: the parts in row order, runs of equal types stacked (q and k copied into one Q4_K
+  weight), a single part used in place on the map. The forward pass runs one `linear` per part and
+  concatenates the outputs (for the experts: per expert, per part). A split is never made when the
+  parts share a type, so Q8_0 / Q4_0 / single-type K files keep one matrix per stacked weight.
+
+`dequantize=True` expands every quantized tensor to the model dtype instead (with
+`gguf.quants.dequantize`, the reference decoder; about 4x the file's memory in bf16). Any other
+type is an error naming the tensor and its type; quantized weights need device="cpu" (their kernels
+are C++), checked before anything is allocated.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import torch
 
 from ..quant import QuantizedTensor, _row_bytes
 from .config import ModelConfig
-from .weights import Weights, _progress, allocate, resolve_dtype
+from .weights import SplitWeight, Weights, _progress, allocate, resolve_dtype
 
 __all__ = ["GGUF_ARCHITECTURES", "SUPPORTED_TYPES", "find_gguf", "from_gguf", "gguf_config", "gguf_tokenizer",
            "is_gguf_path", "load_gguf", "open_gguf"]
@@ -50,8 +63,8 @@ GGUF_ARCHITECTURES = {"lfm2": "lfm2", "lfm2moe": "lfm2_moe"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_TYPES = FLOAT_TYPES + QUANT_TYPES
-# GGUF types with kernels of ours: they load as QuantizedTensor (the others need dequantize=True)
-_KERNEL_FORMATS = {"Q8_0": "q8_0", "Q4_0": "q4_0"}
+# GGUF type -> our QuantizedTensor format (every quantized type we read has CPU kernels)
+_KERNEL_FORMATS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
 _TORCH_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _EXPERT_GATING_SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
@@ -370,7 +383,6 @@ def _check_tensors(reader, cfg: ModelConfig, targets: dict[str, _Target], requir
     file = reader.path
     arch = _field(reader, "general.architecture")
     present = set()
-    stacked: dict = {}
     for t in reader.tensors:
         name = t.name
         tname = _type_name(t)
@@ -394,49 +406,50 @@ def _check_tensors(reader, cfg: ModelConfig, targets: dict[str, _Target], requir
                 f"{file}: tensor {name!r} has shape {list(shape)} (GGUF order {t.shape.tolist()}), but the "
                 f"file's metadata implies {list(want)}"
             )
-        if tname in QUANT_TYPES and not target.small and not dequantize:
-            if tname not in _KERNEL_FORMATS:
-                raise _no_quantized_weights(name, tname)
-            if torch.device(device).type != "cpu":
-                raise ValueError(
-                    f"{file}: tensor {name!r} is {tname}: quantized weights run on the CPU only (the Q8_0 / "
-                    f"Q4_0 kernels are C++), got device={device!r}; load with device='cpu' or dequantize=True"
-                )
-        if target.index is not None:  # a part of a stacked weight: all its parts share one type
-            kind = tname if (tname in _KERNEL_FORMATS and not dequantize) else "float"
-            first = stacked.setdefault((id(target.owner), target.part), (name, kind))
-            if first[1] != kind:
-                raise ValueError(
-                    f"{file}: tensors {first[0]!r} ({first[1]}) and {name!r} ({kind}) are stacked into one "
-                    f"weight and must have the same type; pass dequantize=True to expand both"
-                )
+        if tname in QUANT_TYPES:
+            _check_blocks(file, name, tname, shape, int(t.n_bytes))
+        if tname in QUANT_TYPES and not target.small and not dequantize and torch.device(device).type != "cpu":
+            raise ValueError(
+                f"{file}: tensor {name!r} is {tname}: quantized weights run on the CPU only (their kernels "
+                f"are C++), got device={device!r}; load with device='cpu' or dequantize=True"
+            )
         present.add(name)
     for name in required:
         if name not in present:
             raise ValueError(f"{file}: tensor {name!r} is missing (an {arch} model with this metadata needs it)")
 
 
-def _no_quantized_weights(name: str, fmt: str) -> ValueError:
-    return ValueError(
-        f"tensor {name!r} is {fmt}-quantized: there are no {fmt} kernels yet (K-quant kernels are not "
-        f"written; Q8_0 and Q4_0 run quantized); pass dequantize=True to expand it to the model dtype "
-        f"(about 4x the file's size in bf16)"
-    )
+def _check_blocks(file: str, name: str, tname: str, shape, n_bytes: int) -> None:
+    """A quantized tensor's row length is a whole number of its blocks, and its bytes are its blocks'."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tname]]
+    k = int(shape[-1])
+    if k % block:
+        raise ValueError(f"{file}: tensor {name!r} is {tname} with rows of {k} values, not a multiple of its block "
+                         f"size {block}")
+    want = int(np.prod(shape[:-1], dtype=np.int64)) * (k // block) * size
+    if n_bytes != want:
+        raise ValueError(f"{file}: tensor {name!r} is {tname} of shape {list(shape)}: {want} bytes of blocks, "
+                         f"but the file gives it {n_bytes}")
+
+
+def _stack_kind(tname: str, dequantize: bool) -> str:
+    """What a part of a stacked weight becomes: its quantized type, or "float" (float or expanded)."""
+    return tname if (tname in QUANT_TYPES and not dequantize) else "float"
 
 
 def _quantized(raw: torch.Tensor, fmt: str, shape, *, dequantize: bool = False, dtype=torch.float32, name: str = "?"):
     """The one adapter from a GGUF quantized tensor (raw blocks as a uint8 tensor [..., row bytes], its
     GGML format name, its logical shape) to a weight.
 
-    Q8_0 / Q4_0 become a QuantizedTensor over the same bytes (GGUF stores exactly those blocks; on a
-    memory-mapped file this is zero-copy). The K-quants have no kernels yet: they need the explicit
-    opt-in `dequantize=True`, which decodes the blocks with `gguf.quants.dequantize` (the reference
-    decoder), one leading slice at a time so the fp32 temporary stays small, into `dtype`."""
+    Every quantized type becomes a QuantizedTensor over the same bytes (GGUF stores exactly our blocks;
+    on a memory-mapped file this is zero-copy). `dequantize=True` decodes the blocks with
+    `gguf.quants.dequantize` (the reference decoder) instead, one leading slice at a time so the fp32
+    temporary stays small, into `dtype`."""
     if fmt not in QUANT_TYPES:
         raise ValueError(f"tensor {name!r}: unsupported quantized type {fmt}; expected one of {QUANT_TYPES}")
     if not dequantize:
-        if fmt not in _KERNEL_FORMATS:
-            raise _no_quantized_weights(name, fmt)
         shape = tuple(int(s) for s in shape)
         return QuantizedTensor(raw.reshape(*shape[:-1], -1), _KERNEL_FORMATS[fmt], shape)
     import gguf
@@ -496,6 +509,14 @@ def load_gguf(path, dtype=None, device="cpu", dequantize: bool = False, progress
     tensors = [t for t in reader.tensors if not (t.name == "output.weight" and cfg.tie_word_embeddings)]
     bar = _progress(sum(int(t.n_bytes) for t in tensors), f"loading {os.path.basename(reader.path)}", progress)
     tied = weights.lm_head is weights.embed
+    # stacked weights whose parts differ in kind (quantized type, or float): they become SplitWeights
+    kinds: dict = {}
+    for t in tensors:
+        target = targets[t.name]
+        if target.index is not None:
+            kinds.setdefault((id(target.owner), target.part), set()).add(_stack_kind(_type_name(t), dequantize))
+    split = {key for key, k in kinds.items() if len(k) > 1}
+    pending: dict = {}  # split key -> (owner, attribute, {first row: the part's weight})
     stacked: dict = {}  # (owner, attribute) -> the QuantizedTensor its quantized parts are copied into
     with torch.no_grad():
         for t in tensors:
@@ -505,6 +526,15 @@ def load_gguf(path, dtype=None, device="cpu", dequantize: bool = False, progress
                 # small tensors llama.cpp never quantizes (norms, router, conv taps) are always expanded
                 src = _quantized(src, tname, target.dest.shape, dequantize=dequantize or target.small,
                                  dtype=target.dest.dtype, name=t.name)
+            key = (id(target.owner), target.part)
+            if target.index is not None and key in split:
+                # one part of a SplitWeight: quantized blocks stay on the map; floats in the model dtype
+                if not isinstance(src, QuantizedTensor) and (src.dtype != dt or torch.device(device).type != "cpu"):
+                    src = src.to(device=device, dtype=dt)
+                entry = pending.setdefault(key, (target.owner, target.part, {}))
+                entry[2][target.index[-1].start] = src
+                bar.update(int(t.n_bytes))
+                continue
             if isinstance(src, QuantizedTensor):
                 # the float weight allocated for it is never written, so its pages are never committed
                 if target.index is None:
@@ -535,8 +565,32 @@ def load_gguf(path, dtype=None, device="cpu", dequantize: bool = False, progress
             else:
                 target.dest.copy_(src)
             bar.update(int(t.n_bytes))
+        for owner, attr, parts in pending.values():
+            setattr(owner, attr, _split_weight([parts[r] for r in sorted(parts)]))
     bar.close()
     return cfg, weights, dt, reader
+
+
+def _split_weight(parts: list) -> SplitWeight:
+    """A SplitWeight from a stacked weight's parts in row order: runs of parts of one kind (the same
+    quantized format, or float) are stacked into one weight (copied); a lone part is kept as it is."""
+    runs: list[list] = []
+    for p in parts:
+        kind = p.format if isinstance(p, QuantizedTensor) else "float"
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(p)
+        else:
+            runs.append([kind, [p]])
+    out = []
+    for kind, ps in runs:
+        if len(ps) == 1:
+            out.append(ps[0])
+        elif kind == "float":
+            out.append(torch.cat(ps, dim=-2))
+        else:
+            data = torch.cat([p.data for p in ps], dim=-2)
+            out.append(QuantizedTensor(data, kind, (*ps[0].shape[:-2], data.shape[-2], ps[0].shape[-1])))
+    return SplitWeight(out)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer

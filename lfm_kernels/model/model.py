@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import decode_attention, linear, moe, short_conv
 from ..quant import QuantizedTensor
 from .config import ModelConfig
-from .weights import Weights, _nbytes
+from .weights import SplitWeight, Weights, _expert, _nbytes
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,7 +66,7 @@ class LfmModel:
         self.device = weights.embed.device
         if weights.is_quantized() and self.device.type != "cpu":
             raise NotImplementedError(
-                f"a quantized model runs on the CPU only (the Q8_0 / Q4_0 kernels are C++); its weights are on {self.device}"
+                f"a quantized model runs on the CPU only (the quantized kernels are C++); its weights are on {self.device}"
             )
         self.tokenizer = tokenizer
         self.path = path
@@ -123,7 +123,7 @@ class LfmModel:
 
     def _ffn(self, lw, h: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if lw.moe and isinstance(lw.gate_up_proj, QuantizedTensor) and lw.gate_up_proj.format not in _FUSED_MOE_FORMATS:
+        if lw.moe and not _fused_moe(lw.gate_up_proj, lw.down_proj):
             return _moe_quant(h, lw, cfg)
         if lw.moe:
             shape = h.shape
@@ -139,7 +139,7 @@ class LfmModel:
             )
             return out.view(shape)
         inter = lw.w2.shape[1]
-        g = linear(h, lw.w13)
+        g = _linear(h, lw.w13)
         return linear(F.silu(g[..., :inter]) * g[..., inter:], lw.w2)
 
     def _qkv(self, lw, h: torch.Tensor):
@@ -147,7 +147,7 @@ class LfmModel:
         [.., Hkv, D]. q and k are normalised in one op with the per-head weights stacked."""
         cfg = self.config
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv = linear(h, lw.qkv)
+        qkv = _linear(h, lw.qkv)
         lead = qkv.shape[:-1]
         qk = qkv[..., : (Hq + Hkv) * D].view(*lead, Hq + Hkv, D)
         v = qkv[..., (Hq + Hkv) * D :].view(*lead, Hkv, D)
@@ -303,10 +303,34 @@ class LfmModel:
 _FUSED_MOE_FORMATS = ("q8_0", "q4_0")
 
 
+def _fused_moe(gate_up, down) -> bool:
+    """Whether the fused `moe` op takes these expert weights: both float tensors, or both QuantizedTensor
+    in one format it has kernels for. Anything else (K-quants it does not take yet, gate/up parts of
+    different formats, down in another format than gate/up) runs expert by expert (`_moe_quant`)."""
+    if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
+        return True
+    return (isinstance(gate_up, QuantizedTensor) and isinstance(down, QuantizedTensor)
+            and gate_up.format == down.format and gate_up.format in _FUSED_MOE_FORMATS)
+
+
+def _linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear` on any weight of ours: a SplitWeight (parts of different formats stacked along the output
+    rows) is one `linear` per part, outputs concatenated in row order."""
+    if not isinstance(w, SplitWeight):
+        return linear(x, w, bias)
+    outs, r0 = [], 0
+    for p in w.parts:
+        n = int(p.shape[-2])
+        outs.append(linear(x, p, None if bias is None else bias[r0 : r0 + n]))
+        r0 += n
+    return torch.cat(outs, dim=-1)
+
+
 def _moe_quant(h: torch.Tensor, lw, cfg: ModelConfig) -> torch.Tensor:
-    """The MoE block with quantized experts: the router as `moe` has it, then each chosen expert
-    through the quantized `linear` on its [2I, H] / [H, I] slice of the stacked blocks (views, no
-    copy), accumulated in fp32 like the fused kernel."""
+    """The MoE block on expert weights the fused op does not take: the router as `moe` has it, then each
+    chosen expert through `linear` on its [2I, H] / [H, I] slice of the stacked weights (views, no
+    copy; gate/up and down each in its own format, a SplitWeight part by part), accumulated in fp32
+    like the fused kernel."""
     from .. import moe_route
 
     shape = h.shape
@@ -318,8 +342,8 @@ def _moe_quant(h: torch.Tensor, lw, cfg: ModelConfig) -> torch.Tensor:
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)
-        g = linear(x[tok], QuantizedTensor(gu.data[e], gu.format, gu.shape[1:]))
+        g = _linear(x[tok], _expert(gu, e))
         a = F.silu(g[:, :inter].float()) * g[:, inter:].float()
-        y = linear(a.to(x.dtype), QuantizedTensor(down.data[e], down.format, down.shape[1:]))
+        y = _linear(a.to(x.dtype), _expert(down, e))
         out.index_add_(0, tok, y.float() * weights[tok, slot, None])
     return out.to(h.dtype).view(shape)

@@ -5,6 +5,10 @@ Every weight lives in one preallocated tensor in the layout the forward pass wan
   - dense SwiGLU w1/w3 stacked into `w13` [2I, H] (gate rows first),
   - experts fused as transformers does: `gate_up_proj` [E, 2I, H] (w1 rows, then w3), `down_proj` [E, H, I],
   - the conv taps as [H, L].
+A stacked weight whose parts have *different* quantized formats (`quant="q4_k_m"`, or a GGUF Q4_K_M
+file: q/k in Q4_K and v in Q6_K stacked into `qkv`) is a `SplitWeight`: the parts in row order, runs of
+equal-format parts still stacked (q and k together), each part a QuantizedTensor (or float tensor); the
+forward pass runs one `linear` per part and concatenates the outputs. Same-format parts never split.
 Checkpoint tensors are matched by name to a *slot* (a view into one of these tensors with the shape
 the checkpoint must have), so loading is: check every name and shape (from the safetensors headers,
 no data read), then read tensor by tensor from the file straight into its slot (`readinto` on the
@@ -36,21 +40,102 @@ _DTYPES = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "pos_emb.inv_freq", "pos_emb.original_inv_freq")
 
 
-QUANT_MODES = ("q8_0", "q4_0")
+QUANT_MODES = ("q8_0", "q4_0", "q4_k_m")
 
 
 def resolve_quant(quant) -> str | None:
-    """None, "q8_0" or "q4_0" (the weight formats a model can be quantized to while loading)."""
+    """None, "q8_0", "q4_0" or "q4_k_m" (the weight formats a model can be quantized to while loading;
+    "q4_k_m" is llama.cpp's mix of Q4_K and Q6_K, see `allocate`)."""
     if quant is None or quant in QUANT_MODES:
         return quant
     raise ValueError(f"quant must be None or one of {QUANT_MODES}, got {quant!r}")
 
 
 def _nbytes(t) -> int:
-    """Bytes a weight occupies: a float tensor's elements, or a QuantizedTensor's blocks."""
-    if isinstance(t, QuantizedTensor):
+    """Bytes a weight occupies: a float tensor's elements, a QuantizedTensor's blocks, a SplitWeight's parts."""
+    if isinstance(t, (QuantizedTensor, SplitWeight)):
         return t.nbytes
     return t.numel() * t.element_size()
+
+
+class SplitWeight:
+    """One stacked weight ([N, K] or [E, N, K]) kept as parts of different types, stacked along N (the
+    output rows, dimension -2) in order: what a stacked weight becomes when its parts are quantized in
+    different formats (Q4_K_M's q/k Q4_K and v Q6_K in `qkv`), since one QuantizedTensor has one
+    format. Each part is a QuantizedTensor or a float tensor; `linear` on it is one `linear` per part,
+    outputs concatenated (lfm_kernels.model.model._linear)."""
+
+    __slots__ = ("parts", "shape")
+
+    def __init__(self, parts):
+        parts = tuple(parts)
+        if len(parts) < 2:
+            raise ValueError(f"a SplitWeight needs at least two parts, got {len(parts)}")
+        first = tuple(parts[0].shape)
+        for p in parts[1:]:
+            s = tuple(p.shape)
+            if len(s) != len(first) or s[:-2] != first[:-2] or s[-1] != first[-1]:
+                raise ValueError(
+                    f"SplitWeight parts must agree in every dimension but the rows (-2): {first} and {s}"
+                )
+        self.parts = parts
+        self.shape = torch.Size((*first[:-2], sum(int(p.shape[-2]) for p in parts), first[-1]))
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """Each part's format ("q4_k", ...) or dtype ("bfloat16", ...)."""
+        return tuple(_format_of(p) for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(p) for p in self.parts)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def expert(self, e: int) -> "SplitWeight":
+        """The [N, K] weight of expert e of a stacked [E, N, K] one (views, no copy)."""
+        return SplitWeight(_expert(p, e) for p in self.parts)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) if isinstance(p, QuantizedTensor) else p.to(dtype) for p in self.parts],
+                         dim=-2)
+
+    def _locate(self, start: int, stop: int):
+        """(part, start, stop within it) for rows [start, stop) of the whole, which must lie in one part."""
+        r0 = 0
+        for p in self.parts:
+            n = int(p.shape[-2])
+            if r0 <= start and stop <= r0 + n:
+                return p, start - r0, stop - r0
+            r0 += n
+        raise ValueError(f"rows [{start}, {stop}) span several parts of a SplitWeight {list(self.shape)}")
+
+    def __repr__(self) -> str:
+        return f"SplitWeight(shape={list(self.shape)}, parts={[f'{f} {list(p.shape)}' for f, p in zip(self.formats, self.parts)]})"
+
+
+def _format_of(t) -> str:
+    return t.format if isinstance(t, QuantizedTensor) else str(t.dtype).replace("torch.", "")
+
+
+def _expert(w, e: int):
+    """Expert e's [N, K] weight of a stacked [E, N, K] one, without a copy."""
+    if isinstance(w, QuantizedTensor):
+        return QuantizedTensor(w.data[e], w.format, w.shape[1:])
+    if isinstance(w, SplitWeight):
+        return w.expert(e)
+    return w[e]
+
+
+def weight_formats(weights: "Weights") -> dict[str, int]:
+    """Bytes per weight format ("q4_k", "q6_k", "bfloat16", ...) over all weights, largest first."""
+    out: dict[str, int] = {}
+    for _, t in weights.tensors():
+        for p in (t.parts if isinstance(t, SplitWeight) else (t,)):
+            out[_format_of(p)] = out.get(_format_of(p), 0) + _nbytes(p)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
@@ -110,14 +195,14 @@ class Weights:
             yield "lm_head", self.lm_head
         for i, layer in enumerate(self.layers):
             for name, value in vars(layer).items():
-                if isinstance(value, (torch.Tensor, QuantizedTensor)) and not name.startswith("_"):  # _*: derived caches
+                if isinstance(value, (torch.Tensor, QuantizedTensor, SplitWeight)) and not name.startswith("_"):  # _*: derived caches
                     yield f"layers.{i}.{name}", value
 
     def nbytes(self) -> int:
         return sum(_nbytes(t) for _, t in self.tensors())
 
     def is_quantized(self) -> bool:
-        return any(isinstance(t, QuantizedTensor) for _, t in self.tensors())
+        return any(isinstance(t, (QuantizedTensor, SplitWeight)) for _, t in self.tensors())
 
 
 @dataclass
@@ -141,18 +226,46 @@ def _qrows(qt: QuantizedTensor, *index) -> tuple[torch.Tensor, str, tuple[int, .
     return data, qt.format, (*data.shape[:-1], qt.shape[-1])
 
 
+def _q4_k_m_types(cfg: ModelConfig) -> dict[str, str]:
+    """llama.cpp name -> our format ("q4_k", "q6_k", "q8_0") of every matrix under llama.cpp's Q4_K_M rules,
+    decided exactly as the GGUF writer decides them (same names, same counters)."""
+    from types import SimpleNamespace
+
+    from .gguf_write import _choose_types, gguf_tensors
+
+    skeleton, _, _ = allocate(cfg, torch.float32, "meta")
+    model = SimpleNamespace(config=cfg, weights=skeleton)
+    items = list(gguf_tensors(model))
+    try:
+        types = _choose_types(model, items, "Q4_K_M", None)
+    except ValueError as exc:
+        raise ValueError(f"quant='q4_k_m': {exc}") from None
+    return {name: t.lower() for (name, _, small), t in zip(items, types) if not small}
+
+
 def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu", quant: str | None = None) -> tuple[Weights, dict[str, _Slot], list[str]]:
     """Uninitialised weights (torch.empty: pages are committed only when written), the slot of every
     accepted checkpoint name, and the ordered list of required part names.
 
     quant "q8_0" / "q4_0": every projection (conv in/out, attention q/k/v/o, dense FFN, experts) is a
     QuantizedTensor of that format, and the embedding (and an untied lm_head) Q8_0 in both modes, as
-    llama.cpp keeps its token embedding and output matrix at higher precision than Q4_0. Norms, the
-    router, expert bias and conv taps stay float. The slots of quantized tensors hold their blocks; the
-    loader quantizes each float tensor as it reads it."""
+    llama.cpp keeps its token embedding and output matrix at higher precision than Q4_0.
+    quant "q4_k_m": llama.cpp's Q4_K_M choice per tensor (`lfm_kernels.kquants.q4_k_m_type`): Q6_K for
+    the output matrix (the tied embedding), for attn_v and ffn_down(_exps) in the first and last
+    eighth of the layers and every third layer between, Q4_K for the rest; a qkv whose v is Q6_K is a
+    SplitWeight [q/k Q4_K, v Q6_K]. Every K of such a model must be a multiple of 256.
+    Norms, the router, expert bias and conv taps stay float. The slots of quantized tensors hold their
+    blocks; the loader quantizes each float tensor as it reads it."""
     H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     Hq, Hkv, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.conv_L_cache
     quant = resolve_quant(quant)
+    plan = _q4_k_m_types(cfg) if quant == "q4_k_m" else None
+
+    def fmt_of(name: str, default=quant):
+        """The format of llama.cpp's tensor `name` under this quant mode (None: float)."""
+        if plan is not None:
+            return plan[name]
+        return default
 
     def empty(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt, device=device)
@@ -164,14 +277,35 @@ def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu", quant: str | No
         data = torch.empty(*shape[:-1], _row_bytes(fmt, shape[-1]), dtype=torch.uint8, device=device)
         return QuantizedTensor(data, fmt, shape)
 
+    def stacked(lead: tuple, parts: list[tuple[int, str | None]], k: int):
+        """A weight [*lead, sum of rows, k] from parts (rows, format) stacked along the rows: one matrix
+        when every part has the same format, else a SplitWeight of the runs of equal formats."""
+        runs: list[list] = []
+        for n, f in parts:
+            if runs and runs[-1][1] == f:
+                runs[-1][0] += n
+            else:
+                runs.append([n, f])
+        if len(runs) == 1:
+            return matrix(*lead, runs[0][0], k, fmt=runs[0][1])
+        return SplitWeight(matrix(*lead, n, k, fmt=f) for n, f in runs)
+
     def rows(w, *index):
-        """The slot destination for w[index] (whole rows)."""
+        """The slot destination for w[index] (whole rows: ints over the leading dims, a slice last)."""
+        if isinstance(w, SplitWeight):
+            sl = index[-1]
+            n = w.shape[-2]
+            start, stop, _ = sl.indices(n)
+            part, a, b = w._locate(start, stop)
+            return rows(part, *index[:-1], slice(a, b))
         return _qrows(w, *index) if isinstance(w, QuantizedTensor) else w[index]
 
     slots: dict[str, _Slot] = {}
     required: list[str] = []
 
     def add(name: str, dest, parts: tuple[str, ...] | None = None, required_part: bool = True):
+        if isinstance(dest, SplitWeight):
+            return  # a whole-weight slot over parts of different formats: the per-part names fill it
         if isinstance(dest, QuantizedTensor):
             dest = (dest.data, dest.format, tuple(dest.shape))
         if isinstance(dest, tuple):  # (blocks, format, logical shape) of a quantized weight
@@ -181,40 +315,42 @@ def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu", quant: str | No
         if parts is None and required_part:
             required.append(name)
 
-    embed = matrix(V, H, fmt="q8_0" if quant else None)
+    embed = matrix(V, H, fmt=fmt_of("token_embd.weight", "q8_0" if quant else None))
     add("model.embed_tokens.weight", embed)
     final_norm = empty(H)
     add("model.embedding_norm.weight", final_norm)
     if cfg.tie_word_embeddings:
         lm_head = embed
     else:
-        lm_head = matrix(V, H, fmt="q8_0" if quant else None)
+        lm_head = matrix(V, H, fmt=fmt_of("output.weight", "q8_0" if quant else None))
         add("lm_head.weight", lm_head)
     weights = Weights(embed=embed, final_norm=final_norm, lm_head=lm_head)
 
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
+        g = f"blk.{i}."  # llama.cpp's names, for the q4_k_m plan
         lw = LayerWeights(attention=cfg.is_attention(i), moe=cfg.is_moe_layer(i))
         lw.operator_norm = empty(H)
         lw.ffn_norm = empty(H)
         add(p + "operator_norm.weight", lw.operator_norm)
         add(p + "ffn_norm.weight", lw.ffn_norm)
         if lw.attention:
-            lw.qkv = matrix((Hq + 2 * Hkv) * D, H)
+            lw.qkv = stacked((), [(Hq * D, fmt_of(g + "attn_q.weight")), (Hkv * D, fmt_of(g + "attn_k.weight")),
+                                  (Hkv * D, fmt_of(g + "attn_v.weight"))], H)
             add(p + "self_attn.q_proj.weight", rows(lw.qkv, slice(0, Hq * D)))
             add(p + "self_attn.k_proj.weight", rows(lw.qkv, slice(Hq * D, (Hq + Hkv) * D)))
             add(p + "self_attn.v_proj.weight", rows(lw.qkv, slice((Hq + Hkv) * D, None)))
-            lw.out_proj = matrix(H, Hq * D)
+            lw.out_proj = matrix(H, Hq * D, fmt=fmt_of(g + "attn_output.weight"))
             add(p + "self_attn.out_proj.weight", lw.out_proj)
             lw.q_norm, lw.k_norm = empty(D), empty(D)
             add(p + "self_attn.q_layernorm.weight", lw.q_norm)
             add(p + "self_attn.k_layernorm.weight", lw.k_norm)
         else:
-            lw.in_proj = matrix(3 * H, H)
+            lw.in_proj = matrix(3 * H, H, fmt=fmt_of(g + "shortconv.in_proj.weight"))
             add(p + "conv.in_proj.weight", lw.in_proj)
             lw.conv = empty(H, L)
             add(p + "conv.conv.weight", lw.conv.view(H, 1, L))
-            lw.conv_out = matrix(H, H)
+            lw.conv_out = matrix(H, H, fmt=fmt_of(g + "shortconv.out_proj.weight"))
             add(p + "conv.out_proj.weight", lw.conv_out)
             if cfg.conv_bias:
                 lw.in_proj_bias, lw.conv_bias, lw.conv_out_bias = empty(3 * H), empty(H), empty(H)
@@ -228,24 +364,25 @@ def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu", quant: str | No
             if cfg.use_expert_bias:
                 lw.expert_bias = empty(E, dt=torch.float32)
                 add(p + "feed_forward.expert_bias", lw.expert_bias)
-            lw.gate_up_proj = matrix(E, 2 * I, H)
-            lw.down_proj = matrix(E, H, I)
+            lw.gate_up_proj = stacked((E,), [(I, fmt_of(g + "ffn_gate_exps.weight")),
+                                             (I, fmt_of(g + "ffn_up_exps.weight"))], H)
+            lw.down_proj = matrix(E, H, I, fmt=fmt_of(g + "ffn_down_exps.weight"))
             ex = p + "feed_forward.experts."
             gu_parts, down_parts = [], []
             for e in range(E):
                 add(f"{ex}{e}.w1.weight", rows(lw.gate_up_proj, e, slice(0, I)))
                 add(f"{ex}{e}.w3.weight", rows(lw.gate_up_proj, e, slice(I, None)))
-                add(f"{ex}{e}.w2.weight", rows(lw.down_proj, e))
+                add(f"{ex}{e}.w2.weight", rows(lw.down_proj, e, slice(None)))
                 gu_parts += [f"{ex}{e}.w1.weight", f"{ex}{e}.w3.weight"]
                 down_parts.append(f"{ex}{e}.w2.weight")
             add(ex + "gate_up_proj", lw.gate_up_proj, tuple(gu_parts))
             add(ex + "down_proj", lw.down_proj, tuple(down_parts))
         else:
             I = cfg.intermediate_size
-            lw.w13 = matrix(2 * I, H)
+            lw.w13 = stacked((), [(I, fmt_of(g + "ffn_gate.weight")), (I, fmt_of(g + "ffn_up.weight"))], H)
             add(p + "feed_forward.w1.weight", rows(lw.w13, slice(0, I)))
             add(p + "feed_forward.w3.weight", rows(lw.w13, slice(I, None)))
-            lw.w2 = matrix(H, I)
+            lw.w2 = matrix(H, I, fmt=fmt_of(g + "ffn_down.weight"))
             add(p + "feed_forward.w2.weight", lw.w2)
         weights.layers.append(lw)
     return weights, slots, required
@@ -535,6 +672,21 @@ def _quantize_into(dest: torch.Tensor, src: torch.Tensor, fmt: str) -> None:
         out[r0 : r0 + step] = quantize(rows[r0 : r0 + step], fmt).data
 
 
+def _store(t, values: torch.Tensor) -> None:
+    """A quantized weight (QuantizedTensor, or SplitWeight: each part its rows) := quantize(values)."""
+    if isinstance(t, QuantizedTensor):
+        _quantize_into(t.data, values, t.format)
+        return
+    r0 = 0
+    for p in t.parts:
+        n = int(p.shape[-2])
+        if isinstance(p, QuantizedTensor):
+            _quantize_into(p.data, values[..., r0 : r0 + n, :], p.format)
+        else:
+            p.copy_(values[..., r0 : r0 + n, :])
+        r0 += n
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -560,7 +712,8 @@ def fill_random(weights: Weights, cfg: ModelConfig, seed: int = 0, progress: boo
             # a quantized weight draws the same numbers as the float model's (same generator calls, in
             # the model dtype) into one temporary, then is quantized: the quantized default model is
             # the float one quantized
-            flat = torch.empty(t.shape, dtype=dtype, device=t.device).view(-1) if isinstance(t, QuantizedTensor) else t.view(-1)
+            quantized = isinstance(t, (QuantizedTensor, SplitWeight))
+            flat = torch.empty(t.shape, dtype=dtype, device=t.device).view(-1) if quantized else t.view(-1)
             if name.endswith("norm"):
                 flat.normal_(1.0, 0.05, generator=gen)
             elif name.endswith("expert_bias"):
@@ -571,8 +724,8 @@ def fill_random(weights: Weights, cfg: ModelConfig, seed: int = 0, progress: boo
                 for start in range(0, flat.numel(), chunk):
                     flat[start : start + chunk].normal_(0.0, std, generator=gen)
                     bar.update(min(chunk, flat.numel() - start) * _nbytes(t) // flat.numel())
-                if isinstance(t, QuantizedTensor):
-                    _quantize_into(t.data, flat.view(t.shape), t.format)
+                if quantized:
+                    _store(t, flat.view(t.shape))
                 continue
             bar.update(_nbytes(t))
     bar.close()
