@@ -58,7 +58,7 @@ static inline int32_t trunc_or_zero(float v) { return std::fabs(v) <= 1073741824
 
 static inline void quantize_block_q8_0(const float* x, uint8_t* out) {
   float amax = 0.f;
-  for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+  for (int j = 0; j < kBlock; ++j) amax = std::fabs(x[j]) > amax ? std::fabs(x[j]) : amax;  // finite x: no NaN
   const float d = amax / 127.f;
   const float id = d == 0.f ? 0.f : 1.f / d;
   store_fp16(out, d);
