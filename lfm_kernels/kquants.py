@@ -9,7 +9,9 @@ The `gguf` package decodes K-quants but cannot make them; this module makes bloc
 - Q6_K (210 bytes): 6-bit `q` (128 bytes low nibbles, 64 bytes high pairs), sixteen int8 scales (one
   per 16 weights), fp16 `d`:  w = d * sc_j * (q - 32).
 
-The search is llama.cpp's reference one (what `llama-quantize` runs without an importance matrix):
+The search is llama.cpp's reference one (what `llama-quantize` runs without an importance matrix),
+with every fp32 operation in its C code's order (sums left to right, not numpy's pairwise sums), so
+that with `refine=False` the blocks are llama.cpp's byte for byte:
 - Q4_K / Q5_K, per 32 weights: an affine fit x ~ scale * q + min with min <= 0, weighted by
   |x| + rms(x) so large weights count more; the range [min, max] is mapped onto 0..nmax and then the
   step is swept (iscale = (nmax + rmin + k * rdelta) / (max - min), k = 0..nstep), each candidate
@@ -52,6 +54,15 @@ def _nearest(x: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(x, -(2**30), 2**30)).astype(np.int32)  # NaN (0 * inf) casts to INT_MIN: clamped later
 
 
+def _seqsum(a: np.ndarray, start_zero: bool = True) -> np.ndarray:
+    """Sum over the last axis in index order, as llama.cpp's C loops sum (numpy's own sum is pairwise,
+    which rounds differently): cumsum accumulates strictly left to right. With start_zero the sum
+    is `s = 0; s += a[i]` (the + 0 turns an all-negative-zero sum into +0, as C's start does);
+    without it `s = a[0]; s += a[i]`, as make_qkx2_quants seeds sum_w and sum_x."""
+    s = np.cumsum(a, axis=-1, dtype=a.dtype)[..., -1]
+    return s + s.dtype.type(0) if start_zero else s
+
+
 def _rows(x, name: str = "x") -> tuple[np.ndarray, tuple[int, ...]]:
     """x (numpy or torch, any float dtype) as float32 blocks [nb, 256], and its shape."""
     try:
@@ -73,32 +84,33 @@ def _rows(x, name: str = "x") -> tuple[np.ndarray, tuple[int, ...]]:
 
 
 def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Affine fit per sub-block (rows of x [n, 32]); returns (scale [n], the_min [n] >= 0, L [n, 32])."""
+    """Affine fit per sub-block (rows of x [n, 32]); returns (scale [n], the_min [n] >= 0, L [n, 32]).
+    Every fp32 step is make_qkx2_quants' own, in its order (sums left to right, w * (diff * diff))."""
     f32 = np.float32
     mn = np.minimum(x.min(axis=1), f32(0))
     mx = x.max(axis=1)
-    sum_w = w.sum(axis=1)
-    sum_x = (w * x).sum(axis=1)
+    sum_w = _seqsum(w, start_zero=False)
+    sum_x = _seqsum(w * x, start_zero=False)
     flat = mx == mn
     rng = np.where(flat, f32(1), mx - mn)
     iscale = f32(nmax) / rng
     scale = f32(1) / iscale
     xm = x - mn[:, None]
     L = np.clip(_nearest(iscale[:, None] * xm), 0, nmax)
-    diff = scale[:, None] * L + mn[:, None] - x
-    best = (w * diff * diff).sum(axis=1)
+    diff = scale[:, None] * L.astype(np.float32) + mn[:, None] - x
+    best = _seqsum(w * (diff * diff))
     best_min = mn.copy()
     for k in range(nstep + 1):
         # as in ggml, the sweep maps [current best min, max] onto the integers: once a candidate wins,
-        # later steps start from its min
+        # later steps start from its min; the step (rmin + rdelta * k) + nmax is rounded in fp32 as C does
         rng = np.where(flat, f32(1), mx - best_min)
-        iscale = f32(rmin + rdelta * k + nmax) / rng
+        iscale = ((f32(rmin) + f32(rdelta) * f32(k)) + f32(nmax)) / rng
         xm = x - best_min[:, None]
         la = np.clip(_nearest(iscale[:, None] * xm), 0, nmax).astype(np.float32)
         wl = w * la
-        sum_l = wl.sum(axis=1)
-        sum_l2 = (wl * la).sum(axis=1)
-        sum_xl = (wl * x).sum(axis=1)
+        sum_l = _seqsum(wl)
+        sum_l2 = _seqsum(wl * la)
+        sum_xl = _seqsum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = np.where(ok, D, f32(1))
@@ -108,7 +120,7 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
         this_min = np.where(pos, f32(0), this_min)
         this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
         d = this_scale[:, None] * la + this_min[:, None] - x
-        err = (w * d * d).sum(axis=1)
+        err = _seqsum(w * (d * d))
         better = ok & (err < best)
         L = np.where(better[:, None], la.astype(np.int32), L)
         best = np.where(better, err, best)
@@ -138,7 +150,7 @@ def _affine_k(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
     f32 = np.float32
     nb = xb.shape[0]
     x = xb.reshape(nb * 8, 32)
-    av_x = np.sqrt((x * x).sum(axis=1) / f32(32))
+    av_x = np.sqrt(_seqsum(x * x) / f32(32))
     w = av_x[:, None] + np.abs(x)
     scales, mins, L0 = _make_qkx2(x, w, nmax, rmin, rdelta, nstep)
     scales = scales.reshape(nb, 8)
@@ -161,8 +173,8 @@ def _affine_k(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
         safe = np.where(dsx != 0, dsx, f32(1))
         L = np.clip(_nearest((xb + dmx) / safe), 0, nmax)
         L = np.where(dsx != 0, L, L0)  # ggml keeps the search's integers where the scale is 0
-        err = ((dsx * L - dmx - xb) ** 2).sum(axis=1)
-        return L, err
+        e = dsx * L - dmx - xb  # float64 (L is int32)
+        return L, _seqsum(e * e)
 
     L, err = requantize(d, dmin)
     if refine:
@@ -170,8 +182,8 @@ def _affine_k(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
         a = np.repeat(ls, 32, axis=1).astype(np.float64) * L
         b = np.repeat(lm, 32, axis=1).astype(np.float64)
         x64 = xb.astype(np.float64)
-        saa, sbb, sab = (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)
-        sax, sbx = (a * x64).sum(1), (b * x64).sum(1)
+        saa, sbb, sab = _seqsum(a * a), _seqsum(b * b), _seqsum(a * b)
+        sax, sbx = _seqsum(a * x64), _seqsum(b * x64)
         det = saa * sbb - sab * sab
         ok = det > 1e-30
         dets = np.where(ok, det, 1.0)
@@ -240,8 +252,8 @@ def _make_qx(x: np.ndarray, nmax: int):
     def fit(iscale):
         l = np.clip(_nearest(iscale[:, None] * x), -nmax, nmax - 1)
         lf = l.astype(np.float32)
-        sumlx = (w * x * lf).sum(axis=1)
-        suml2 = (w * lf * lf).sum(axis=1)
+        sumlx = _seqsum(w * x * lf)
+        suml2 = _seqsum(w * lf * lf)
         return l, sumlx, suml2
 
     L, sumlx, suml2 = fit(f32(-nmax) / mxs)
@@ -282,14 +294,15 @@ def quantize_q6_k(x, refine: bool = True) -> np.ndarray:
         safe = np.where(ds != 0, ds, f32(1))
         L = np.clip(_nearest(xb / safe), -32, 31) + 32
         L = np.where(ds != 0, L, L0)
-        return L, ((ds * (L - 32) - xb) ** 2).sum(axis=1)
+        e = ds * (L - 32) - xb  # float64 (L is int32)
+        return L, _seqsum(e * e)
 
     L, err = requantize(d)
     if refine:
         # least squares for d with the integers and int8 scales fixed; kept per block only if better
         a = np.repeat(sc.astype(np.float64), 16, axis=1) * (L - 32)
-        saa = (a * a).sum(1)
-        d2 = np.where(saa > 0, (a * xb).sum(1) / np.where(saa > 0, saa, 1.0), d)
+        saa = _seqsum(a * a)
+        d2 = np.where(saa > 0, _seqsum(a * xb) / np.where(saa > 0, saa, 1.0), d)
         d2 = _fp16_round(np.clip(d2, -65504, 65504).astype(np.float32))
         L2, err2 = requantize(d2)
         take = (err2 < err) & ~zero

@@ -183,14 +183,40 @@ def _quantize_blocks(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
     return torch.cat([_fp16_bytes(d), packed], dim=1)
 
 
+def _non_finite_error(chunk: torch.Tensor, r0: int, fmt: str) -> ValueError:
+    bad = (~torch.isfinite(chunk)).nonzero()[0]
+    return ValueError(
+        f"weight must be finite to quantize to {fmt}; it has {chunk[tuple(bad)].item()} at flat row "
+        f"{r0 + int(bad[0])}, column {int(bad[1])}"
+    )
+
+
+def _cpp_quantizer_available(weight: torch.Tensor) -> bool:
+    from . import _backend
+
+    return (weight.device.type == "cpu" and _backend._C is not None
+            and hasattr(torch.ops.lfm_kernels_cpu, "quantize_rows"))
+
+
 def quantize(weight: torch.Tensor, format: str) -> QuantizedTensor:
     """Quantizes a float weight [N, K] or [E, N, K] (K a multiple of 32) to GGUF's Q8_0 or Q4_0,
     or (K a multiple of 256) to Q4_K / Q5_K / Q6_K with llama.cpp's search (lfm_kernels/kquants.py).
 
-    Byte-identical to ``gguf.quants.quantize`` (ggml's reference round-to-nearest). NaN or infinite
-    weights raise a ValueError (see the module docstring for the other edge cases). Works on the
-    rows a few thousand at a time, so quantizing a large matrix needs little memory beyond the result.
+    Byte-identical to ``gguf.quants.quantize`` (ggml's reference round-to-nearest) for Q8_0 / Q4_0,
+    to `kquants.quantize` for the K-quants. NaN or infinite weights raise a ValueError (see the
+    module docstring for the other edge cases). Works on the rows a few thousand at a time, so
+    quantizing a large matrix needs little memory beyond the result.
+
+    Cost: on CPU tensors, with the compiled extension, a C++ pass over the rows in parallel (the
+    same bytes); Q8_0 / Q4_0 about as fast as reading the weight, the K-quants' search some hundred
+    times slower per weight. Elsewhere (no extension, or a CUDA weight) the torch / numpy
+    references run, one to two orders of magnitude slower than the C++ pass.
     """
+    _check_weight(weight, format)
+    return _quantize_checked(weight, format, _cpp_quantizer_available(weight))
+
+
+def _check_weight(weight, format: str) -> None:
     _check_format(format)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -204,28 +230,56 @@ def quantize(weight: torch.Tensor, format: str) -> QuantizedTensor:
         raise ValueError(f"weight's K (last dimension) must be a multiple of {bs} for {format}, got K={k}")
     if weight.numel() == 0:
         raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
+
+
+def _quantize_checked(weight: torch.Tensor, format: str, cpp: bool) -> QuantizedTensor:
+    """quantize() after its argument checks; cpp picks the C++ op (True) or the references."""
+    k = weight.shape[-1]
+    rows = weight.reshape(-1, k)
+    # ~16 MiB of fp32 (a copy only where the rows are not contiguous, or the fp32 temporaries of the
+    # torch reference); the C++ op reads bf16 / fp16 as they are
+    step = max(1, (1 << 22) // k)
+    if cpp:
+        op = torch.ops.lfm_kernels_cpu.quantize_rows
+        out = None
+        for r0 in range(0, rows.shape[0], step):
+            chunk = rows[r0 : r0 + step].contiguous()
+            try:
+                blocks = op(chunk, format)
+            except ValueError:
+                if torch.isfinite(chunk).all():
+                    raise
+                raise _non_finite_error(chunk, r0, format) from None
+            if r0 == 0 and blocks.shape[0] == rows.shape[0]:
+                out = blocks
+                break
+            if out is None:
+                out = torch.empty(rows.shape[0], _row_bytes(format, k), dtype=torch.uint8)
+            out[r0 : r0 + step] = blocks
+        return QuantizedTensor(out.reshape(*weight.shape[:-1], -1), format, weight.shape)
     if format in _K_FORMATS:
         from . import kquants
 
         if not torch.isfinite(weight).all():
-            raise ValueError(f"weight must be finite to quantize to {format}; it has NaN or inf")
+            raise _non_finite_error(rows, 0, format)
         if weight.device.type != "cpu":
             raise ValueError(f"weight must be on the CPU to quantize to {format} (numpy quantizer), got {weight.device}")
         blocks = torch.from_numpy(kquants.quantize(weight, format.upper()))
         return QuantizedTensor(blocks, format, weight.shape)
-    rows = weight.reshape(-1, k)
     out = torch.empty(rows.shape[0], _row_bytes(format, k), dtype=torch.uint8, device=weight.device)
-    step = max(1, (1 << 22) // k)  # ~16 MiB of fp32 temporaries per chunk
     for r0 in range(0, rows.shape[0], step):
         chunk = rows[r0 : r0 + step].float()
         if not torch.isfinite(chunk).all():
-            bad = (~torch.isfinite(chunk)).nonzero()[0]
-            raise ValueError(
-                f"weight must be finite to quantize; it has {chunk[tuple(bad)].item()} at flat row "
-                f"{r0 + int(bad[0])}, column {int(bad[1])}"
-            )
+            raise _non_finite_error(chunk, r0, format)
         out[r0 : r0 + step] = _quantize_blocks(chunk.reshape(-1, BLOCK), format).reshape(chunk.shape[0], -1)
     return QuantizedTensor(out.reshape(*weight.shape[:-1], -1), format, weight.shape)
+
+
+def _quantize_reference(weight: torch.Tensor, format: str) -> QuantizedTensor:
+    """`quantize` on the torch (Q8_0 / Q4_0) / numpy (K-quants) references, never the C++ op: the
+    tests' and benchmarks' other side (the same argument checks)."""
+    _check_weight(weight, format)
+    return _quantize_checked(weight, format, False)
 
 
 def _quantize_activations(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
