@@ -693,8 +693,45 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
 
 
+# Large K-quant weights of the random default are filled from a pool of this many quantized random
+# rows: llama.cpp's K-quant search runs at a few million weights per second here, so quantizing the
+# full-size Q4_K_M default (8.3 B weights) row by row would take about half an hour.
+_K_POOL_ROWS = 512
+_K_POOL_MIN_ROWS = 8 * _K_POOL_ROWS
+
+
+def _pooled(t) -> bool:
+    parts = t.parts if isinstance(t, SplitWeight) else (t,)
+    return any(isinstance(p, QuantizedTensor) and p.format in ("q4_k", "q5_k", "q6_k") for p in parts) and (
+        t.shape.numel() // t.shape[-1] >= _K_POOL_MIN_ROWS
+    )
+
+
+def _fill_pooled(t, gen: torch.Generator, std: float, dtype: torch.dtype) -> None:
+    """Each part's rows: N(0, std) rows quantized once into a pool of _K_POOL_ROWS, then every row of the
+    weight a seeded random pick from the pool (real blocks of the format, in its byte layout: what the
+    kernels read and time is what a quantized checkpoint gives them; the values repeat across rows)."""
+    for p in t.parts if isinstance(t, SplitWeight) else (t,):
+        k = int(p.shape[-1])
+        rows = p.shape.numel() // k
+        if not isinstance(p, QuantizedTensor):
+            p.view(-1).normal_(0.0, std, generator=gen)
+            continue
+        pool_f = torch.empty(min(rows, _K_POOL_ROWS), k, dtype=dtype).normal_(0.0, std, generator=gen)
+        pool = torch.empty(pool_f.shape[0], _row_bytes(p.format, k), dtype=torch.uint8)
+        _quantize_into(pool, pool_f, p.format)
+        dest = p.data.view(rows, -1)
+        step = 1 << 14
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            dest[r0 : r0 + n] = pool[torch.randint(0, pool.shape[0], (n,), generator=gen)]
+
+
 def fill_random(weights: Weights, cfg: ModelConfig, seed: int = 0, progress: bool = True, std: float = 0.02) -> None:
     """Seeded random weights, generated in place chunk by chunk in the weights' own dtype.
+
+    Large K-quant weights (Q4_K / Q5_K / Q6_K, from quant="q4_k_m") come from a pool of quantized
+    random rows (see `_fill_pooled`); every other quantized weight is the float default's quantized.
 
     Scales keep activations O(1) through any depth: matrices N(0, std) as transformers initialises
     them (std = initializer_range = 0.02), RMSNorm weights near 1, conv taps N(0, 0.3) (about what
@@ -713,6 +750,10 @@ def fill_random(weights: Weights, cfg: ModelConfig, seed: int = 0, progress: boo
             # the model dtype) into one temporary, then is quantized: the quantized default model is
             # the float one quantized
             quantized = isinstance(t, (QuantizedTensor, SplitWeight))
+            if quantized and _pooled(t):
+                _fill_pooled(t, gen, std, dtype)
+                bar.update(_nbytes(t))
+                continue
             flat = torch.empty(t.shape, dtype=dtype, device=t.device).view(-1) if quantized else t.view(-1)
             if name.endswith("norm"):
                 flat.normal_(1.0, 0.05, generator=gen)
