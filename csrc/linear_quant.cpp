@@ -21,13 +21,10 @@
 
 #include "quant/quant.h"
 #include "quant/portable.h"
-#include "quant/kquant.h"
-#include "quant/kquant_portable.h"
 
 LFMK_AVX2_BEGIN
 #include "simd_avx2.h"
 #include "quant/avx2.h"
-#include "quant/kquant_avx2.h"
 LFMK_AVX2_END
 
 #include "quant/vnni_paths.h"
@@ -85,15 +82,6 @@ struct PortableKernels {
                    int64_t nb, float* res) {
     portable::tile<F, R, M>(w, w_ld, xq, ldq, xd, ldd, nb, res);
   }
-  template <typename T>
-  static void quantize_row_k(const T* x, int64_t K, int8_t* q, float* d, int16_t* s) {
-    kportable::quantize_act_row_k(x, K, q, d, s);
-  }
-  template <KFormat F, int R, int M>
-  static void ktile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64_t ldq, const float* xd, int64_t ldd,
-                    const int16_t* xs, int64_t lds, int64_t nsb, float* res) {
-    kportable::ktile<F, R, M>(w, w_ld, xq, ldq, xd, ldd, xs, lds, nsb, res);
-  }
 };
 
 }  // namespace
@@ -121,15 +109,6 @@ struct Avx2Kernels {
   static void tile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64_t ldq, const float* xd, int64_t ldd,
                    int64_t nb, float* res) {
     avx2::tile<F, R, M>(w, w_ld, xq, ldq, xd, ldd, nb, res);
-  }
-  template <typename T>
-  static void quantize_row_k(const T* x, int64_t K, int8_t* q, float* d, int16_t* s) {
-    kavx2::quantize_act_row_k(x, K, q, d, s);
-  }
-  template <KFormat F, int R, int M>
-  static void ktile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64_t ldq, const float* xd, int64_t ldd,
-                    const int16_t* xs, int64_t lds, int64_t nsb, float* res) {
-    kavx2::ktile<F, R, M>(w, w_ld, xq, ldq, xd, ldd, xs, lds, nsb, res);
   }
 };
 }  // namespace
@@ -368,169 +347,16 @@ void run_isa(Format f, const at::Tensor& x, const Args& a) {
   }
 }
 
-// ---- K-quant weights (Q4_K / Q5_K / Q6_K, see quant/kquant.h) ----
-// The same two regimes as above, on 256-weight super-blocks: x quantized per 256 (with per-16
-// sums), then a GEMV streaming the weight for few rows, or panels of weight rows reused by 4-row
-// tiles of x for many. Every output element is one fixed-order sum over the super-blocks with
-// exact integer parts, so the portable and AVX2 paths, any thread count and any batch position
-// give the same bits.
-struct KAct {
-  const int8_t* q;
-  const float* d;
-  const int16_t* s;
-};
-
-template <class Kern, KFormat F, int R, int M>
-inline void rows_x_ktile(const Args& a, const KAct& x, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t nsb = a.K / kSuper, w_ld = nsb * KTraits<F>::kBytes, lds = a.K / 16;
-  const int8_t* xq = x.q + m0 * a.K;
-  const float* xd = x.d + m0 * nsb;
-  const int16_t* xs = x.s + m0 * lds;
-  float res[R * M];
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    Kern::template ktile<F, R, M>(a.w + n * w_ld, w_ld, xq, a.K, xd, nsb, xs, lds, nsb, res);
-    store_tile<R, M>(res, a.bias, a.out, a.N, m0, n);
-  }
-  for (; n < n1; ++n) {
-    Kern::template ktile<F, 1, M>(a.w + n * w_ld, w_ld, xq, a.K, xd, nsb, xs, lds, nsb, res);
-    store_tile<1, M>(res, a.bias, a.out, a.N, m0, n);
-  }
-}
-
-template <class Kern, KFormat F, int M>
-void kgemv(const Args& a, const KAct& x) {
-  constexpr int R = M == 1 ? 4 : 2;
-  const int64_t row_bytes = a.K / kSuper * KTraits<F>::kBytes;
-  const int64_t threads = at::get_num_threads();
-  int64_t rows = std::min((a.N + 4 * threads - 1) / (4 * threads), std::max<int64_t>(1, kGemvTaskBytes / row_bytes));
-  rows = std::max<int64_t>(R, (rows + R - 1) / R * R);
-  const int64_t tasks = (a.N + rows - 1) / rows;
-  parallel_dynamic(tasks, [&](int64_t t) {
-    const int64_t n0 = t * rows, n1 = std::min(a.N, n0 + rows);
-    rows_x_ktile<Kern, F, R, M>(a, x, 0, n0, n1);
-  });
-}
-
-template <class Kern, KFormat F>
-void kgemm(const Args& a, const KAct& x) {
-  const int64_t row_bytes = a.K / kSuper * KTraits<F>::kBytes;
-  int64_t panel = std::max<int64_t>(kGemmNr, kPanelBytes / row_bytes / kGemmNr * kGemmNr);
-  panel = std::min(panel, (a.N + kGemmNr - 1) / kGemmNr * kGemmNr);
-  const int64_t npanels = (a.N + panel - 1) / panel;
-  const int64_t mchunks = (a.M + kGemmMc - 1) / kGemmMc;
-  parallel_dynamic(npanels * mchunks, [&](int64_t t) {
-    const int64_t p = t / mchunks, c = t % mchunks;
-    const int64_t n0 = p * panel, n1 = std::min(a.N, n0 + panel);
-    const int64_t m_end = std::min(a.M, (c + 1) * kGemmMc);
-    int64_t m = c * kGemmMc;
-    for (; m + kGemmMr <= m_end; m += kGemmMr) rows_x_ktile<Kern, F, kGemmNr, kGemmMr>(a, x, m, n0, n1);
-    switch (m_end - m) {
-      case 3: rows_x_ktile<Kern, F, kGemmNr, 3>(a, x, m, n0, n1); break;
-      case 2: rows_x_ktile<Kern, F, kGemmNr, 2>(a, x, m, n0, n1); break;
-      case 1: rows_x_ktile<Kern, F, kGemmNr, 1>(a, x, m, n0, n1); break;
-      default: break;
-    }
-  });
-}
-
-template <class Kern, KFormat F>
-void krun(const Args& a, const KAct& x) {
-  switch (a.M) {
-    case 1: return kgemv<Kern, F, 1>(a, x);
-    case 2: return kgemv<Kern, F, 2>(a, x);
-    case 3: return kgemv<Kern, F, 3>(a, x);
-    case 4: return kgemv<Kern, F, 4>(a, x);
-    default: return kgemm<Kern, F>(a, x);
-  }
-}
-
-template <class Kern>
-void run_kern_k(KFormat f, const at::Tensor& x, const Args& a) {
-  const int64_t nsb = a.K / kSuper;
-  std::vector<int8_t> xq(static_cast<size_t>(a.M * a.K));
-  std::vector<float> xd(static_cast<size_t>(a.M * nsb));
-  std::vector<int16_t> xs(static_cast<size_t>(a.M * (a.K / 16)));
-  const int64_t ldx = a.M <= 1 ? a.K : x.stride(0);
-  LFMK_DISPATCH_FLOAT(x.scalar_type(), "linear_quant", [&] {
-    const scalar_t* xp = cptr<scalar_t>(x);
-    const int64_t grain = std::max<int64_t>(1, (1 << 16) / a.K);
-    parallel_for(a.M, grain, [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m)
-        Kern::quantize_row_k(xp + m * ldx, a.K, xq.data() + m * a.K, xd.data() + m * nsb, xs.data() + m * (a.K / 16));
-    });
-  });
-  const KAct act{xq.data(), xd.data(), xs.data()};
-  switch (f) {
-    case KFormat::Q4_K: return krun<Kern, KFormat::Q4_K>(a, act);
-    case KFormat::Q5_K: return krun<Kern, KFormat::Q5_K>(a, act);
-    case KFormat::Q6_K: return krun<Kern, KFormat::Q6_K>(a, act);
-  }
-}
-
-// The VNNI CPUs run the AVX2 K-quant kernels (no vpdpbusd variant of them yet).
-void run_isa_k(KFormat f, const at::Tensor& x, const Args& a) {
-  if (current_isa() == Isa::Portable) return run_kern_k<PortableKernels>(f, x, a);
-  return run_kern_k<Avx2Kernels>(f, x, a);
-}
-
-bool parse_kformat(const std::string& s, KFormat* f) {
-  if (s == "q4_k") *f = KFormat::Q4_K;
-  else if (s == "q5_k") *f = KFormat::Q5_K;
-  else if (s == "q6_k") *f = KFormat::Q6_K;
-  else return false;
-  return true;
-}
-
 Format parse_format(const std::string& s, const char* op) {
   if (s == "q8_0") return Format::Q8_0;
   if (s == "q4_0") return Format::Q4_0;
-  TORCH_CHECK_VALUE(false, op, ": format must be 'q8_0', 'q4_0', 'q4_k', 'q5_k' or 'q6_k', got '", s, "'");
-}
-
-// K-quant weights: as linear_quant_cpu below, on 256-weight super-blocks.
-at::Tensor linear_kquant_cpu(const at::Tensor& x_in, const at::Tensor& qweight, KFormat f, c10::string_view format,
-                             int64_t N, int64_t K, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "linear_quant: x must be [M, K=", K, "], got ", x_in.sizes());
-  TORCH_CHECK_VALUE(K > 0 && K % kSuper == 0, "linear_quant: K must be a positive multiple of 256 for ", format,
-                    ", got ", K);
-  TORCH_CHECK_VALUE(N > 0, "linear_quant: N must be positive, got ", N);
-  const auto xdt = x_in.scalar_type();
-  TORCH_CHECK_VALUE(xdt == at::kFloat || xdt == at::kBFloat16 || xdt == at::kHalf,
-                    "linear_quant: x must be float32, bfloat16 or float16, got ", xdt);
-  TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte, "linear_quant: qweight must be uint8, got ", qweight.scalar_type());
-  TORCH_CHECK_VALUE(qweight.numel() == N * (K / kSuper) * kblock_bytes(f), "linear_quant: qweight must hold ",
-                    N * (K / kSuper) * kblock_bytes(f), " bytes (", format, " blocks of [", N, ", ", K, "]), got ",
-                    qweight.numel());
-  const int64_t M = x_in.size(0);
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  const at::Tensor w = qweight.contiguous();
-  auto out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0) return out;
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->numel() == N, "linear_quant: bias must be [N=", N, "], got ", bias->sizes());
-    bias_f = bias->to(at::kFloat).contiguous().reshape({N});
-  }
-  at::Tensor out_f = xdt == at::kFloat ? out : at::empty({M, N}, x.options().dtype(at::kFloat));
-  Args a{};
-  a.w = w.const_data_ptr<uint8_t>();
-  a.bias = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
-  a.out = out_f.mutable_data_ptr<float>();
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  run_isa_k(f, x, a);
-  if (xdt != at::kFloat) out.copy_(out_f);
-  return out;
+  TORCH_CHECK_VALUE(false, op, ": format must be 'q8_0' or 'q4_0' (K-quants: linear_kquant), got '", s, "'");
 }
 
 // Shapes and dtypes were validated in Python (lfm_kernels/ops/linear.py); these checks guard the
 // memory safety of a direct call.
 at::Tensor linear_quant_cpu(const at::Tensor& x_in, const at::Tensor& qweight, c10::string_view format, int64_t N,
                             int64_t K, const std::optional<at::Tensor>& bias) {
-  KFormat kf{};
-  if (parse_kformat(std::string(format), &kf)) return linear_kquant_cpu(x_in, qweight, kf, format, N, K, bias);
   const Format f = parse_format(std::string(format), "linear_quant");
   TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "linear_quant: x must be [M, K=", K, "], got ", x_in.sizes());
   TORCH_CHECK_VALUE(K > 0 && K % kBlock == 0, "linear_quant: K must be a positive multiple of 32, got ", K);

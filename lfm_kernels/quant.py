@@ -322,7 +322,8 @@ def _linear_quant_impl(x: torch.Tensor, qweight: torch.Tensor, format: str, n: i
     from . import _backend
 
     if _backend.cpu_extension_available():
-        return torch.ops.lfm_kernels_cpu.linear_quant(x, qweight, format, n, k, bias)
+        op = torch.ops.lfm_kernels_cpu.linear_kquant if format in _K_FORMATS else torch.ops.lfm_kernels_cpu.linear_quant
+        return op(x, qweight, format, n, k, bias)
     # no compiled extension: the float64 reference, after the one warning
     qt = QuantizedTensor(qweight, format, (n, k))
     return _linear_reference(x, qt, bias).to(x.dtype)
@@ -346,6 +347,12 @@ def _register_cpp_fakes() -> None:
     @torch.library.register_fake("lfm_kernels_cpu::linear_quant")
     def _(x, qweight, format, n, k, bias):
         return x.new_empty(x.shape[0], n)
+
+    if hasattr(torch.ops.lfm_kernels_cpu, "linear_kquant"):
+
+        @torch.library.register_fake("lfm_kernels_cpu::linear_kquant")
+        def _(x, qweight, format, n, k, bias):
+            return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("lfm_kernels_cpu::quantize_activations")
     def _(x):

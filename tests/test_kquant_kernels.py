@@ -136,9 +136,10 @@ def test_kquant_bad_input(fmt):
 
 # ------------------------------------------------------------------------------------ kernels
 
-# (M, N, K): M in 1..4 runs the decode GEMV, >= 5 the blocked GEMM (4-row tiles: 7 leaves a tail);
-# odd N leaves weight-row tails in both.
-SHAPES = [(m, 67, 256) for m in (1, 2, 3, 7, 64)] + [(m, 37, 2048) for m in (1, 2, 3, 7, 64)]
+# (M, N, K): M in 1..4 runs the decode GEMV, >= 5 the blocked GEMM (4-row tiles: 7 leaves a tail;
+# 300 splits M into several tasks); odd N leaves weight-row tails in both (and partial 8-row groups
+# in the SIMD path's packed panels).
+SHAPES = [(m, 67, 256) for m in (1, 2, 3, 7, 64, 300)] + [(m, 37, 2048) for m in (1, 2, 3, 7, 64, 300)]
 
 
 @needs_ext
@@ -239,7 +240,7 @@ def test_linear_non_finite_activations(fmt, m):
 
 @needs_ext
 def test_cpp_op_bad_input():
-    op = torch.ops.lfm_kernels_cpu.linear_quant
+    op = torch.ops.lfm_kernels_cpu.linear_kquant
     qt = quantize(_weight(16, 512), "q4_k")
     x = torch.randn(3, 512)
     with pytest.raises(ValueError, match="qweight must hold 4608 bytes"):
@@ -250,8 +251,13 @@ def test_cpp_op_bad_input():
         op(torch.randn(3, 96), qt.data, "q5_k", 16, 96, None)
     with pytest.raises(ValueError, match=r"x must be \[M, K=512\]"):
         op(torch.randn(3, 256), qt.data, "q4_k", 16, 512, None)
-    with pytest.raises(ValueError, match="format must be"):
+    with pytest.raises(ValueError, match="format must be 'q4_k', 'q5_k' or 'q6_k', got 'q3_k'"):
         op(x, qt.data, "q3_k", 16, 512, None)
+    with pytest.raises(ValueError, match="format must be 'q4_k', 'q5_k' or 'q6_k', got 'q8_0'"):
+        op(x, qt.data, "q8_0", 16, 512, None)
+    # the Q8_0 / Q4_0 op takes no K-quant (its own unit: linear_kquant)
+    with pytest.raises(ValueError, match="K-quants: linear_kquant"):
+        torch.ops.lfm_kernels_cpu.linear_quant(x, qt.data, "q4_k", 16, 512, None)
 
 
 def test_linear_kquant_bad_input():
@@ -270,4 +276,4 @@ def test_opcheck(m):
     for bias in (None, torch.randn(24)):
         args = (x, qt.data, "q4_k", 24, 256, bias)
         torch.library.opcheck(torch.ops.lfm_kernels.linear_quant.default, args)
-        torch.library.opcheck(torch.ops.lfm_kernels_cpu.linear_quant.default, args)
+        torch.library.opcheck(torch.ops.lfm_kernels_cpu.linear_kquant.default, args)

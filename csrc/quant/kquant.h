@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include <c10/util/Half.h>
 
@@ -60,6 +61,15 @@ template <>
 struct KTraits<KFormat::Q6_K> {
   static constexpr int kBytes = 210;
 };
+
+// "q4_k" / "q5_k" / "q6_k" -> *f; false for any other name.
+inline bool parse_kformat(const std::string& s, KFormat* f) {
+  if (s == "q4_k") *f = KFormat::Q4_K;
+  else if (s == "q5_k") *f = KFormat::Q5_K;
+  else if (s == "q6_k") *f = KFormat::Q6_K;
+  else return false;
+  return true;
+}
 
 inline int64_t kblock_bytes(KFormat f) {
   return f == KFormat::Q4_K ? 144 : f == KFormat::Q5_K ? 176 : 210;
@@ -90,6 +100,11 @@ static inline void kq_act_sums(const int8_t* q, int64_t K, int16_t* s) {
     for (int i = 0; i < 16; ++i) t += q[g * 16 + i];
     s[g] = static_cast<int16_t>(t);
   }
+}
+
+// Sums of one quantized activation row per 32 (Q4_K / Q5_K's sub-blocks), from its per-16 sums.
+static inline void kq_sub32_sums(const int16_t* s16, int64_t K, int16_t* s32) {
+  for (int64_t j = 0; j < K / 32; ++j) s32[j] = static_cast<int16_t>(s16[2 * j] + s16[2 * j + 1]);
 }
 
 // S2 of Q4_K / Q5_K: sum_j mn_j * (sum of x over sub-block j of 32).

@@ -194,6 +194,151 @@ static inline void ktile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64
     for (int m = 0; m < M; ++m) res[r * M + m] = acc[r][m];
 }
 
+
+// ---- packed panels for many activation rows (prefill) ----
+// As for Q8_0 / Q4_0 (quant/avx2.h), a panel of weight rows is repacked once per task, eight rows
+// at a time, so that one 32-byte vector holds the same four consecutive k of eight rows (row r in
+// 32-bit lane r): a broadcast of four activation bytes feeds eight rows, and the per-sub-block
+// scales, mins and fp32 steps are vectors over the eight rows (no horizontal sums, no scale
+// decoding in the inner loop). Per (group, super-block), kPackedKBytes<F> bytes:
+//   2048 bytes: vector v (v < 64) = rows 0..7 x elements 4v..4v+3, the stored unsigned q
+//   scale vectors, one per sub-block j (Q4_K / Q5_K: 8 of 32 weights; Q6_K: 16 of 16):
+//              lane r = int16 pair (sc_rj, sc_rj)
+//   pair vectors, one per two sub-blocks i: lane r = int16 pair (c_r,2i, c_r,2i+1), with c = the
+//              mins (Q4_K / Q5_K) or the scales (Q6_K, for its -32 offset)
+//   d as 8 fp32 (and Q4_K / Q5_K: dmin as 8 fp32)
+// The kernel computes the same integers S1, S2 (S) and the same fused fp32 steps as ktile, lane by
+// lane, so a packed panel gives the bits of the plain tiles and of the portable path.
+template <KFormat F>
+struct KPack {
+  static constexpr int kSubs = F == KFormat::Q6_K ? 16 : 8;           // sub-blocks per super-block
+  static constexpr int kVecsPerSub = 64 / kSubs;                      // q vectors per sub-block
+  // q vectors summed in int16 before the scale: their pair sums (<= 2 * qmax * 127) must fit
+  static constexpr int kFlush = F == KFormat::Q4_K ? 8 : F == KFormat::Q5_K ? 4 : 2;
+  static constexpr int64_t kScOff = 2048;
+  static constexpr int64_t kPairOff = kScOff + 32 * kSubs;
+  static constexpr int64_t kDOff = kPairOff + 32 * (kSubs / 2);
+  static constexpr int64_t kBytes = kDOff + (F == KFormat::Q6_K ? 32 : 64);
+};
+static_assert(KPack<KFormat::Q4_K>::kFlush * 2 * 15 * 127 <= 32767, "Q4_K int16 sums");
+static_assert(KPack<KFormat::Q5_K>::kFlush * 2 * 31 * 127 <= 32767, "Q5_K int16 sums");
+static_assert(KPack<KFormat::Q6_K>::kFlush * 2 * 63 * 127 <= 32767, "Q6_K int16 sums");
+
+// Packs rows [0, rows) (rows <= 8; missing rows are zero, with zero scales) of nsb super-blocks
+// into dst (32-byte aligned, nsb * KPack<F>::kBytes).
+template <KFormat F>
+static inline void pack_kgroup(const uint8_t* w, int64_t w_ld, int rows, int64_t nsb, uint8_t* dst) {
+  using P = KPack<F>;
+  constexpr int kB = KTraits<F>::kBytes;
+  alignas(32) uint8_t q[8][kSuper];
+  int16_t sc[8][16];
+  int16_t pr[8][16];
+  float d[8], dm[8];
+  for (int64_t b = 0; b < nsb; ++b) {
+    for (int r = 0; r < 8; ++r) {
+      if (r >= rows) {
+        std::memset(q[r], 0, kSuper);
+        std::memset(sc[r], 0, sizeof sc[r]);
+        std::memset(pr[r], 0, sizeof pr[r]);
+        d[r] = dm[r] = 0.f;
+        continue;
+      }
+      const uint8_t* blk = w + r * w_ld + b * kB;
+      if (F == KFormat::Q6_K) {
+        for (int h = 0; h < 2; ++h)
+          for (int g = 0; g < 4; ++g) _mm256_store_si256(reinterpret_cast<__m256i*>(q[r] + 128 * h + 32 * g), load_q6(blk, h, g));
+        const int8_t* s8 = reinterpret_cast<const int8_t*>(blk + 192);
+        for (int j = 0; j < 16; ++j) sc[r][j] = pr[r][j] = s8[j];
+        d[r] = kq_half(blk + 208);
+        dm[r] = 0.f;
+      } else {
+        for (int c = 0; c < 4; ++c) {
+          __m256i lo, hi;
+          load_pair<F>(blk, c, lo, hi);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q[r] + 64 * c), lo);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q[r] + 64 * c + 32), hi);
+        }
+        int32_t s[8], m[8];
+        kq_scale_min(blk + 4, s, m);
+        for (int j = 0; j < 8; ++j) {
+          sc[r][j] = static_cast<int16_t>(s[j]);
+          pr[r][j] = static_cast<int16_t>(m[j]);
+        }
+        d[r] = kq_half(blk);
+        dm[r] = kq_half(blk + 2);
+      }
+    }
+    uint8_t* o = dst + b * P::kBytes;
+    for (int v = 0; v < 64; ++v)
+      for (int r = 0; r < 8; ++r) std::memcpy(o + 32 * v + 4 * r, q[r] + 4 * v, 4);
+    int16_t* so = reinterpret_cast<int16_t*>(o + P::kScOff);
+    for (int j = 0; j < P::kSubs; ++j)
+      for (int r = 0; r < 8; ++r) so[16 * j + 2 * r] = so[16 * j + 2 * r + 1] = sc[r][j];
+    int16_t* po = reinterpret_cast<int16_t*>(o + P::kPairOff);
+    for (int i = 0; i < P::kSubs / 2; ++i)
+      for (int r = 0; r < 8; ++r) {
+        po[16 * i + 2 * r] = pr[r][2 * i];
+        po[16 * i + 2 * r + 1] = pr[r][2 * i + 1];
+      }
+    std::memcpy(o + P::kDOff, d, sizeof d);
+    if (F != KFormat::Q6_K) std::memcpy(o + P::kDOff + 32, dm, sizeof dm);
+  }
+}
+
+static inline __m256i bcast4(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// res[m * ldr + r] = row r of one packed group . activation row m, for M rows over nsb
+// super-blocks. xp rows (ldp int16 apart) hold the activation's sums per sub-block (Q4_K / Q5_K:
+// per 32, see kq_sub32_sums; Q6_K: per 16, the s of quantize_act_row_k).
+template <KFormat F, int M>
+static inline void kpanel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
+                               int64_t ldd, const int16_t* xp, int64_t ldp, float* res, int64_t ldr) {
+  using P = KPack<F>;
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nsb; ++b) {
+    const uint8_t* blk = pk + b * P::kBytes;
+    __m256i S[M];
+    for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
+    for (int j = 0; j < P::kSubs; ++j) {
+      const __m256i scv = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + P::kScOff + 32 * j));
+      for (int f = 0; f < P::kVecsPerSub; f += P::kFlush) {
+        __m256i t[M];
+        for (int m = 0; m < M; ++m) t[m] = _mm256_setzero_si256();
+        for (int u = 0; u < P::kFlush; ++u) {
+          const int v = j * P::kVecsPerSub + f + u;
+          const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + 32 * v));
+          for (int m = 0; m < M; ++m)
+            t[m] = _mm256_add_epi16(t[m], _mm256_maddubs_epi16(wv, bcast4(xq + m * ldq + b * kSuper + 4 * v)));
+        }
+        for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(t[m], scv));
+      }
+    }
+    const __m256 d = _mm256_load_ps(reinterpret_cast<const float*>(blk + P::kDOff));
+    for (int m = 0; m < M; ++m) {
+      const int16_t* xs = xp + m * ldp + b * P::kSubs;
+      __m256i O = _mm256_setzero_si256();
+      for (int i = 0; i < P::kSubs / 2; ++i)
+        O = _mm256_add_epi32(O, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(blk + P::kPairOff + 32 * i)),
+                                                  bcast4(xs + 2 * i)));
+      const __m256 dx = _mm256_set1_ps(xd[m * ldd + b]);
+      if (F == KFormat::Q6_K) {
+        const __m256i s = _mm256_sub_epi32(S[m], _mm256_slli_epi32(O, 5));
+        acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(s), acc[m]);
+      } else {
+        const __m256 dmin = _mm256_load_ps(reinterpret_cast<const float*>(blk + P::kDOff + 32));
+        const __m256 t = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(S[m]), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(O)));
+        acc[m] = _mm256_fmadd_ps(dx, t, acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr, acc[m]);
+}
+
 }  // namespace kavx2
 }  // namespace quant
 }  // namespace lfmk

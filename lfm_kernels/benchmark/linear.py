@@ -6,7 +6,8 @@ prefill chunks (compute bound: flops = 2*M*N*K). Baselines: torch's F.linear on 
 called directly: `linear` itself hands bf16 x bf16 products of >= 3 rows to torch on CPUs with AVX512-BF16 /
 AMX (see ops/linear.py), where "cpp_kernel" still shows what the kernel does. CPU only: on CUDA the op
 is torch's own F.linear, so there is nothing to compare. The "-wq8_0" / "-wq4_0" rows run the same
-shapes on GGUF-quantized weights (int8 activations, integer dot products).
+shapes on GGUF-quantized weights (int8 activations, integer dot products); the "-wq4_k" / "-wq5_k" /
+"-wq6_k" rows on K-quant weights (random blocks: see `_random_kquant`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from .. import _backend
 from ..ops import linear as linear_mod
 from ..ops.linear import linear
-from ..quant import quantize
+from ..quant import _BLOCK_BYTES, QK_K, QuantizedTensor, quantize
 from .core import Case
 
 HIDDEN = 2048
@@ -102,19 +103,41 @@ def _quant_backend() -> str:
     return torch.ops.lfm_kernels_cpu._quant_isa_info()[0]
 
 
+_KQUANT_SCALES = {"q4_k": ((0, 2e-4), (2, 1e-4)), "q5_k": ((0, 1e-4), (2, 5e-5)), "q6_k": ((208, 3e-4),)}
+
+
+def _random_kquant(shape: tuple, fmt: str, seed: int = 0) -> QuantizedTensor:
+    """A K-quant weight of random blocks: every q, sub-block scale and min uniform over its range, the
+    fp16 super-block factors set so the weights have a std of about 0.02 (the model's scale). The
+    K-quant search of `quantize` runs in numpy (minutes for the full-size shapes); the kernels' speed
+    does not depend on where the bytes came from."""
+    *lead, k = shape
+    nb = k // QK_K
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (*lead, nb, _BLOCK_BYTES[fmt]), dtype=torch.uint8, generator=g)
+    for off, val in _KQUANT_SCALES[fmt]:
+        h = torch.tensor([val], dtype=torch.float16).view(torch.uint8)
+        data[..., off] = h[0]
+        data[..., off + 1] = h[1]
+    return QuantizedTensor(data.reshape(*lead, nb * _BLOCK_BYTES[fmt]), fmt, tuple(shape))
+
+
 def _quantized_cases(shapes, rows) -> list[Case]:
-    """The same shapes with GGUF Q8_0 / Q4_0 weights (bytes_moved counts the quantized blocks, so GB/s
-    against the bandwidth floor stays honest). Baseline "linear_bf16": our bf16 `linear` on the
-    dequantized weight (the check, and the A/B against bf16 on the same shape)."""
+    """The same shapes with GGUF Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K weights (bytes_moved counts the
+    quantized blocks, so GB/s against the bandwidth floor stays honest). Baseline "linear_bf16": our
+    bf16 `linear` on the dequantized weight (the check, and the A/B against bf16 on the same shape)."""
     out = []
-    for fmt in ("q8_0", "q4_0"):
+    for fmt in ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k"):
         for name, n, k in shapes:
             for m in rows:
                 if name == "lm_head" and m > 1:
                     continue
 
                 def make(m=m, n=n, k=k, fmt=fmt):
-                    qweight = quantize(torch.randn(n, k) / k**0.5, fmt)
+                    if fmt in _KQUANT_SCALES:
+                        qweight = _random_kquant((n, k), fmt)
+                    else:
+                        qweight = quantize(torch.randn(n, k) / k**0.5, fmt)
                     x = torch.randn(m, k, dtype=torch.bfloat16)
                     return {"x": x, "qweight": qweight, "weight_bf16": qweight.dequantize(torch.bfloat16)}
 
@@ -127,7 +150,7 @@ def _quantized_cases(shapes, rows) -> list[Case]:
                         make_inputs=make,
                         kernel=lambda i: linear(i["x"], i["qweight"]),
                         baselines={"linear_bf16": lambda i: linear(i["x"], i["weight_bf16"])},
-                        bytes_moved=n * (k // 32) * (34 if fmt == "q8_0" else 18) + m * (k + n) * 2,
+                        bytes_moved=n * k * _BLOCK_BYTES[fmt] // (QK_K if fmt in _KQUANT_SCALES else 32) + m * (k + n) * 2,
                         flops=2 * m * n * k,
                         compute_bound=m > 1,
                         backend=_quant_backend(),

@@ -191,10 +191,22 @@ _qweights: dict = {}  # one format's quantized experts and their bf16 dequantiza
 
 
 def _quantized_expert_weights(fmt: str):
+    """fmt: one format for both weights ("q8_0"), or "gate_up/down" ("q4_k/q6_k": Q4_K_M's mix)."""
     if fmt not in _qweights:
         from ..quant import quantize
+        from .linear import _random_kquant
 
         _qweights.clear()
+        fg, fd = fmt.split("/") if "/" in fmt else (fmt, fmt)
+        if fg.endswith("_k"):  # random blocks (the K-quant search of quantize takes minutes here)
+            q_gate_up = _random_kquant((EXPERTS, 2 * INTER, HIDDEN), fg, seed=1)
+            q_down = _random_kquant((EXPERTS, HIDDEN, INTER), fd, seed=2)
+            gate_up = torch.stack([QuantizedTensor(q_gate_up.data[e], fg, (2 * INTER, HIDDEN)).dequantize(torch.bfloat16)
+                                   for e in range(EXPERTS)])
+            down = torch.stack([QuantizedTensor(q_down.data[e], fd, (HIDDEN, INTER)).dequantize(torch.bfloat16)
+                                for e in range(EXPERTS)])
+            _qweights[fmt] = (q_gate_up, q_down, gate_up, down)
+            return _qweights[fmt]
         gate_up = torch.empty(EXPERTS, 2 * INTER, HIDDEN, dtype=torch.bfloat16)
         down = torch.empty(EXPERTS, HIDDEN, INTER, dtype=torch.bfloat16)
         gu_blocks, dn_blocks = [], []
@@ -218,14 +230,16 @@ def _quant_backend() -> str:
 
 
 def _quantized_cases(sizes) -> list[Case]:
-    """The experts with Q8_0 / Q4_0 weights and bf16 tokens. bytes_moved counts the quantized blocks
+    """The experts with Q8_0 / Q4_0 / K-quant (Q4_K, and Q4_K_M's Q4_K gate_up with Q6_K down) weights
+    and bf16 tokens. bytes_moved counts the quantized blocks
     of the experts the tokens choose (so GB/s and the share of the bandwidth floor stay honest).
     Baseline "moe_bf16": our experts on the same weights dequantized to bf16, in the same run (the
     A/B against bf16; it reads 3.6x / 1.9x the bytes of Q4_0 / Q8_0)."""
     from ..quant import _BLOCK_BYTES
 
     out = []
-    for fmt in ("q8_0", "q4_0"):
+    for fmt in ("q8_0", "q4_0", "q4_k", "q4_k/q6_k"):
+        fg, fd = fmt.split("/") if "/" in fmt else (fmt, fmt)
         for kind, n in sizes:
 
             def make(n=n, fmt=fmt):
@@ -242,12 +256,13 @@ def _quantized_cases(sizes) -> list[Case]:
                     "weights": weights / weights.sum(-1, keepdim=True),
                 }
 
-            expert_bytes = 3 * HIDDEN * (INTER // 32) * _BLOCK_BYTES[fmt]
+            bs = 256 if fg.endswith("_k") else 32
+            expert_bytes = HIDDEN * INTER // bs * (2 * _BLOCK_BYTES[fg] + _BLOCK_BYTES[fd])
             active = EXPERTS * (1 - (1 - TOP_K / EXPERTS) ** n)
             out.append(
                 Case(
                     op="moe",
-                    name=f"{kind}-N{n}-H{HIDDEN}-I{INTER}-E{EXPERTS}-k{TOP_K}-w{fmt}",
+                    name=f"{kind}-N{n}-H{HIDDEN}-I{INTER}-E{EXPERTS}-k{TOP_K}-w{fmt.replace('/', '+')}",
                     dtype=torch.bfloat16,
                     device="cpu",
                     make_inputs=make,

@@ -299,8 +299,9 @@ class LfmModel:
         return total
 
 
-# Formats the fused `moe` op takes; other quantized experts (K-quants) run expert by expert.
-_FUSED_MOE_FORMATS = ("q8_0", "q4_0")
+# Formats the fused `moe` op takes (K-quants: gate_up and down each any of the three); other
+# quantized experts run expert by expert.
+_FUSED_MOE_FORMATS = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
 
 
 def _fused_moe(gate_up, down) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from .. import _backend, _policy, reference
 from .._backend import cpu_has_native_bf16_gemm
-from ..quant import QuantizedTensor
+from ..quant import _BLOCK_BYTES, _BLOCK_SIZE, _K_FORMATS, QuantizedTensor
 from ._checks import FLOAT_DTYPES, check_no_grad, check_same_device, check_same_dtype, check_tensor
 
 _ID_DTYPES = (torch.int64, torch.int32)
@@ -222,9 +222,11 @@ def moe_experts(
     Each expert is down @ (silu(gate @ h) * (up @ h)); everything accumulates in float32. Only the
     experts that appear in topk_ids are read.
 
-    gate_up_proj and down_proj may both be `lfm_kernels.QuantizedTensor` (GGUF Q8_0 or Q4_0 blocks,
-    one format, H and I multiples of 32; CPU only): the tokens and the SwiGLU product are then
-    quantized per block of 32 to int8 and the dot products are integer (see `_moe_experts_quantized`).
+    gate_up_proj and down_proj may both be `lfm_kernels.QuantizedTensor` (CPU only): GGUF Q8_0 or Q4_0
+    blocks in one format for both (H and I multiples of 32; the tokens and the SwiGLU product are then
+    quantized per block of 32 to int8), or K-quants Q4_K / Q5_K / Q6_K, each weight in any of the three
+    (H and I multiples of 256; activations quantized per 256 with per-16 sums). The dot products are
+    integer (see `_moe_experts_quantized`).
     """
     check_no_grad("moe_experts", hidden=hidden, gate_up_proj=gate_up_proj, down_proj=down_proj, topk_weights=topk_weights)
     if isinstance(gate_up_proj, QuantizedTensor) or isinstance(down_proj, QuantizedTensor):
@@ -317,6 +319,87 @@ def _register_quant_cpp_fake() -> None:
 _register_quant_cpp_fake()
 
 
+# K-quant experts (Q4_K / Q5_K / Q6_K, gate_up and down each in its own format;
+# csrc/moe_experts_kquant.cpp).
+
+
+def _moe_experts_kquant_reference(hidden, gate_up_proj, down_proj, topk_ids, topk_weights) -> torch.Tensor:
+    """What the K-quant experts compute, in float64 ([N, H]): the weights dequantized exactly, the tokens
+    and the fp32 SwiGLU product quantized per 256 as the kernels do (per-256 int8, scale max|x| / 127),
+    exact products and sums. A kernel differs from this by its fp32 sums only (and where its fp32 act
+    lands on the other side of an int8 rounding boundary: one step of a single act value)."""
+    from ..quant import QK_K, _quantize_activations
+
+    def dequant_act(x: torch.Tensor) -> torch.Tensor:
+        q, d = _quantize_activations(x, QK_K)
+        m, k = x.shape
+        return (q.double().reshape(m, k // QK_K, QK_K) * d.double().unsqueeze(-1)).reshape(m, k)
+
+    n_tokens, hidden_size = hidden.shape
+    inter = gate_up_proj.shape[1] // 2
+    h = dequant_act(hidden.float())
+    out = torch.zeros(n_tokens, hidden_size, dtype=torch.float64, device=hidden.device)
+    for expert in torch.unique(topk_ids).tolist():
+        token, slot = torch.where(topk_ids == expert)
+        gu = QuantizedTensor(gate_up_proj.data[expert], gate_up_proj.format, gate_up_proj.shape[1:])
+        dn = QuantizedTensor(down_proj.data[expert], down_proj.format, down_proj.shape[1:])
+        gate_up = h[token] @ gu.dequantize(torch.float64).t()
+        act = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).float()
+        down = dequant_act(act) @ dn.dequantize(torch.float64).t()
+        out.index_add_(0, token, down * topk_weights[token, slot, None].double())
+    return out
+
+
+def _moe_experts_kquant_impl(
+    hidden: torch.Tensor,
+    gate_up_q: torch.Tensor,
+    down_q: torch.Tensor,
+    gate_up_format: str,
+    down_format: str,
+    num_experts: int,
+    intermediate: int,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    if hidden.device.type != "cpu":
+        raise NotImplementedError(
+            f"quantized MoE experts ({gate_up_format}) run on the CPU only (C++ kernels); hidden is on {hidden.device}"
+        )
+    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_kquant"):
+        return torch.ops.lfm_kernels_cpu.moe_experts_kquant(
+            hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights
+        )
+    # no compiled extension: the float64 reference, after the one warning
+    h = hidden.shape[1]
+    gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), gate_up_format,
+                         (num_experts, 2 * intermediate, h))
+    dn = QuantizedTensor(down_q.reshape(num_experts, h, -1), down_format, (num_experts, h, intermediate))
+    return _moe_experts_kquant_reference(hidden, gu, dn, topk_ids, topk_weights).to(hidden.dtype)
+
+
+_moe_experts_kquant_op = torch.library.custom_op(
+    "lfm_kernels::moe_experts_kquant", _moe_experts_kquant_impl, mutates_args=()
+)
+
+
+@_moe_experts_kquant_op.register_fake
+def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights):
+    return hidden.new_empty(hidden.shape).contiguous()
+
+
+def _register_kquant_cpp_fake() -> None:
+    """Shape of the C++ op lfm_kernels_cpu::moe_experts_kquant, for tracing it directly."""
+    if _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_kquant"):
+        return
+
+    @torch.library.register_fake("lfm_kernels_cpu::moe_experts_kquant")
+    def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights):
+        return hidden.new_empty(hidden.shape).contiguous()
+
+
+_register_kquant_cpp_fake()
+
+
 def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
     """Validates quantized expert weights against hidden [N, H]; returns E."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[N, H]")
@@ -326,11 +409,13 @@ def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
                 f"{name} must be a QuantizedTensor when the other expert weight is one (both quantized in one "
                 f"format, or both float tensors), got {type(w).__name__}"
             )
-    if down_proj.format != gate_up_proj.format:
+    kquant = gate_up_proj.format in _K_FORMATS
+    if down_proj.format != gate_up_proj.format and not (kquant and down_proj.format in _K_FORMATS):
         raise ValueError(
-            f"down_proj must be in gate_up_proj's format {gate_up_proj.format!r} (one format for both), "
-            f"got {down_proj.format!r}"
+            f"down_proj must be in gate_up_proj's format {gate_up_proj.format!r} (Q8_0 / Q4_0: one format for "
+            f"both; K-quants: any of {_K_FORMATS} each), got {down_proj.format!r}"
         )
+    block = _BLOCK_SIZE[gate_up_proj.format]
     hidden_size = hidden.shape[1]
     if len(gate_up_proj.shape) != 3:
         raise ValueError(f"gate_up_proj must have shape [E, 2I, H={hidden_size}], got {list(gate_up_proj.shape)}")
@@ -341,22 +426,26 @@ def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
             f"got {list(gate_up_proj.shape)}"
         )
     inter = two_inter // 2
-    if inter % 32 != 0:
+    if inter % block != 0:
         raise ValueError(
-            f"gate_up_proj's I (half of its second dimension, {inter}) must be a multiple of 32 for quantized "
-            f"experts (down_proj's blocks run along I), got shape {list(gate_up_proj.shape)}"
+            f"gate_up_proj's I (half of its second dimension, {inter}) must be a multiple of {block} for "
+            f"{gate_up_proj.format} experts (down_proj's blocks run along I), got shape {list(gate_up_proj.shape)}"
         )
     if tuple(down_proj.shape) != (n_experts, hidden_size, inter):
         raise ValueError(
             f"down_proj must have shape [E={n_experts}, H={hidden_size}, I={inter}] (from gate_up_proj), "
             f"got {list(down_proj.shape)}"
         )
-    block_bytes = 34 if gate_up_proj.format == "q8_0" else 18
     for name, w, rows, k in (
         ("gate_up_proj", gate_up_proj, n_experts * two_inter, hidden_size),
         ("down_proj", down_proj, n_experts * hidden_size, inter),
     ):
-        expected = rows * (k // 32) * block_bytes
+        if k % block != 0:
+            raise ValueError(
+                f"{name}'s K ({k}, its last dimension) must be a multiple of {block} for {w.format} blocks, "
+                f"got shape {list(w.shape)}"
+            )
+        expected = rows * (k // block) * _BLOCK_BYTES[w.format]
         if not isinstance(w.data, torch.Tensor) or w.data.dtype != torch.uint8 or w.data.numel() != expected:
             got = f"{w.data.dtype} with {w.data.numel()} bytes" if isinstance(w.data, torch.Tensor) else type(w.data).__name__
             raise ValueError(
@@ -372,12 +461,16 @@ def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
 
 
 def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
-    op = _moe_experts_quant_impl if _backend.eager_cpu_fast_path(hidden) else _moe_experts_quant_op
     data_gu, data_dn = gate_up_proj.data, down_proj.data
     if not data_gu.is_contiguous():
         data_gu = data_gu.contiguous()
     if not data_dn.is_contiguous():
         data_dn = data_dn.contiguous()
+    if gate_up_proj.format in _K_FORMATS:
+        kop = _moe_experts_kquant_impl if _backend.eager_cpu_fast_path(hidden) else _moe_experts_kquant_op
+        return kop(hidden, data_gu, data_dn, gate_up_proj.format, down_proj.format, gate_up_proj.shape[0],
+                   gate_up_proj.shape[1] // 2, topk_ids, topk_weights)
+    op = _moe_experts_quant_impl if _backend.eager_cpu_fast_path(hidden) else _moe_experts_quant_op
     return op(
         hidden,
         data_gu,
@@ -391,7 +484,8 @@ def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
 
 
 def _moe_experts_quantized(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
-    """`moe_experts` on QuantizedTensor weights [E, 2I, H] / [E, H, I] (Q8_0 or Q4_0, the same for both).
+    """`moe_experts` on QuantizedTensor weights [E, 2I, H] / [E, H, I] (Q8_0 or Q4_0, the same for both;
+    or Q4_K / Q5_K / Q6_K, each its own, with 256-blocks for the activations instead of 32-blocks).
 
     Only the chosen experts' blocks are read. hidden is quantized once per token and 32-block to int8
     (fp32 scale); the SwiGLU product act, kept in fp32, is quantized the same way per (token, expert)

@@ -1,0 +1,200 @@
+// out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias) for W in GGUF K-quant blocks (Q4_K / Q5_K /
+// Q6_K, quant/kquant.h), x quantized per 256 to int8 with per-16 sums: integer dot products per
+// sub-block, fp32 per super-block and across.
+//
+// x is quantized once (rows in parallel); then, because the bottleneck differs:
+//  * Few rows (decode, M <= 4): a stream over the weight's bytes, each used M times. Threads claim
+//    chunks of output rows from a shared counter.
+//  * Many rows (prefill): panels of weight rows small enough to stay in L2 are reused by every
+//    4-row tile of x; threads claim (panel, chunk of M) tasks. On the SIMD path the panel is first
+//    repacked (8 rows interleaved per 32-bit lane, scales and mins as int16 vectors, see
+//    quant/kquant_avx2.h), so one broadcast of x feeds eight rows and the inner loop decodes
+//    nothing; the portable path runs the plain tiles.
+// Every output element is one fixed-order sum over the super-blocks of exact integer parts with the
+// same fused fp32 steps on every path (packed or not), so the portable and AVX2 paths, any thread
+// count and any batch position give the same bits.
+#include "common.h"
+
+#include <string>
+#include <vector>
+
+#include "quant/gemm_loops.h"
+#include "quant/kquant_kernels.h"
+#include "quant/quant.h"
+
+namespace lfmk {
+namespace quant {
+namespace {
+
+constexpr int64_t kKGemvTaskBytes = 256 << 10;  // weight bytes per decode task (at most)
+constexpr int64_t kKPanelBytes = 96 << 10;       // plain tiles: weight bytes per GEMM panel (L2)
+constexpr int64_t kKPackedPanelBytes = 160 << 10;  // packed panel bytes (L2)
+constexpr int64_t kKGemmMc = 64;                 // activation rows per plain GEMM task
+
+struct KArgs {
+  const uint8_t* w;
+  const float* bias;  // [N] fp32 or null
+  float* out;         // [M, N] contiguous
+  int64_t M, N, K;
+};
+
+// Weight rows [n0, n1) against activation rows [m0, m0 + M), R rows at a time, then single rows.
+template <class Kern, KFormat F>
+inline void rows_x_ktile(const KArgs& a, const KActs& x, int R, int M, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t w_ld = a.K / kSuper * KTraits<F>::kBytes;
+  float res[4 * kKM];
+  for (int64_t n = n0; n < n1;) {
+    const int r = n1 - n >= R ? R : 1;
+    ktile_rm<Kern, F>(r, M, a.w + n * w_ld, w_ld, x, m0, res);
+    for (int i = 0; i < r; ++i) {
+      const float b = a.bias ? a.bias[n + i] : 0.f;
+      for (int m = 0; m < M; ++m) a.out[(m0 + m) * a.N + n + i] = res[i * M + m] + b;
+    }
+    n += r;
+  }
+}
+
+template <class Kern, KFormat F>
+void kgemv(const KArgs& a, const KActs& x) {
+  const int M = static_cast<int>(a.M);
+  const int R = ktile_rows(M);
+  const int64_t row_bytes = a.K / kSuper * KTraits<F>::kBytes;
+  const int64_t threads = at::get_num_threads();
+  // at least 4 tasks per thread (a descheduled thread holds up little), at most kKGemvTaskBytes each
+  int64_t rows = std::min((a.N + 4 * threads - 1) / (4 * threads), std::max<int64_t>(1, kKGemvTaskBytes / row_bytes));
+  rows = std::max<int64_t>(R, (rows + R - 1) / R * R);
+  const int64_t tasks = (a.N + rows - 1) / rows;
+  parallel_dynamic(tasks, [&](int64_t t) {
+    const int64_t n0 = t * rows, n1 = std::min(a.N, n0 + rows);
+    rows_x_ktile<Kern, F>(a, x, R, M, 0, n0, n1);
+  });
+}
+
+// Portable path, many rows: plain tiles over L2-sized panels.
+template <class Kern, KFormat F>
+void kgemm(const KArgs& a, const KActs& x) {
+  const int64_t row_bytes = a.K / kSuper * KTraits<F>::kBytes;
+  int64_t panel = std::max<int64_t>(2, kKPanelBytes / row_bytes / 2 * 2);
+  panel = std::min(panel, (a.N + 1) / 2 * 2);
+  const int64_t npanels = (a.N + panel - 1) / panel;
+  const int64_t mchunks = (a.M + kKGemmMc - 1) / kKGemmMc;
+  parallel_dynamic(npanels * mchunks, [&](int64_t t) {
+    const int64_t p = t / mchunks, c = t % mchunks;
+    const int64_t n0 = p * panel, n1 = std::min(a.N, n0 + panel);
+    const int64_t m_end = std::min(a.M, (c + 1) * kKGemmMc);
+    for (int64_t m = c * kKGemmMc; m < m_end; m += kKM)
+      rows_x_ktile<Kern, F>(a, x, 2, static_cast<int>(std::min<int64_t>(kKM, m_end - m)), m, n0, n1);
+  });
+}
+
+// SIMD path, many rows: each task packs its panel of 8-row groups once, then 4-row tiles of x pass
+// over it.
+template <class Kern, KFormat F>
+void kgemm_packed(const KArgs& a, const KActs& x) {
+  const int64_t nsb = a.K / kSuper, w_ld = nsb * KTraits<F>::kBytes;
+  const int64_t gs = nsb * Kern::template pack_bytes<F>();
+  const int64_t total_groups = (a.N + 7) / 8;
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = std::min(total_groups, std::max<int64_t>(1, kKPackedPanelBytes / gs));
+  const int64_t npanels = (total_groups + groups - 1) / groups;
+  // split M only when there are too few panels to share among the threads (each split packs again)
+  int64_t mchunks = npanels >= 2 * threads ? 1 : std::min((a.M + 15) / 16, (2 * threads + npanels - 1) / npanels);
+  const int64_t mc = ((a.M + mchunks - 1) / mchunks + 3) / 4 * 4;
+  mchunks = (a.M + mc - 1) / mc;
+  parallel_workers(npanels * mchunks, [&](TaskQueue& queue) {
+    KAlignedBytes pk(groups * gs);
+    alignas(32) float res[kKM * 8];
+    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
+      const int64_t p = t / mchunks, c = t % mchunks;
+      const int64_t g0 = p * groups, ng = std::min(groups, total_groups - g0), n0 = g0 * 8;
+      kpack_rows<Kern, F>(a.w + n0 * w_ld, w_ld, std::min(a.N - n0, ng * 8), nsb, pk.p);
+      const int64_t m_end = std::min(a.M, (c + 1) * mc);
+      for (int64_t m = c * mc; m < m_end; m += kKM) {
+        const int M = static_cast<int>(std::min<int64_t>(kKM, m_end - m));
+        for (int64_t g = 0; g < ng; ++g) {
+          kpanel_m<Kern, F>(M, pk.p + g * gs, x, m, res, 8);
+          const int64_t nlo = n0 + g * 8, cols = std::min<int64_t>(8, a.N - nlo);
+          for (int i = 0; i < M; ++i) {
+            float* o = a.out + (m + i) * a.N + nlo;
+            for (int64_t col = 0; col < cols; ++col) o[col] = res[i * 8 + col] + (a.bias ? a.bias[nlo + col] : 0.f);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <class Kern, KFormat F>
+void krun(const KArgs& a, const KActs& x) {
+  if (a.M <= kKM) return kgemv<Kern, F>(a, x);
+  if constexpr (Kern::kPacked)
+    return kgemm_packed<Kern, F>(a, x);
+  else
+    return kgemm<Kern, F>(a, x);
+}
+
+template <class Kern>
+void run_kern_k(KFormat f, const at::Tensor& x, const KArgs& a) {
+  KActs act(a.M, a.K);
+  const int64_t ldx = a.M <= 1 ? a.K : x.stride(0);
+  LFMK_DISPATCH_FLOAT(x.scalar_type(), "linear_kquant", [&] { quantize_rows_k<Kern>(cptr<scalar_t>(x), ldx, a.M, act); });
+  switch (f) {
+    case KFormat::Q4_K: return krun<Kern, KFormat::Q4_K>(a, act);
+    case KFormat::Q5_K: return krun<Kern, KFormat::Q5_K>(a, act);
+    case KFormat::Q6_K: return krun<Kern, KFormat::Q6_K>(a, act);
+  }
+}
+
+// Shapes and dtypes were validated in Python (lfm_kernels/quant.py); these checks guard the memory
+// safety of a direct call.
+at::Tensor linear_kquant_cpu(const at::Tensor& x_in, const at::Tensor& qweight, c10::string_view format, int64_t N,
+                             int64_t K, const std::optional<at::Tensor>& bias) {
+  KFormat f{};
+  TORCH_CHECK_VALUE(parse_kformat(std::string(format), &f), "linear_kquant: format must be 'q4_k', 'q5_k' or 'q6_k', got '",
+                    format, "'");
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "linear_kquant: x must be [M, K=", K, "], got ", x_in.sizes());
+  TORCH_CHECK_VALUE(K > 0 && K % kSuper == 0, "linear_kquant: K must be a positive multiple of 256 for ", format,
+                    ", got ", K);
+  TORCH_CHECK_VALUE(N > 0, "linear_kquant: N must be positive, got ", N);
+  const auto xdt = x_in.scalar_type();
+  TORCH_CHECK_VALUE(xdt == at::kFloat || xdt == at::kBFloat16 || xdt == at::kHalf,
+                    "linear_kquant: x must be float32, bfloat16 or float16, got ", xdt);
+  TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte, "linear_kquant: qweight must be uint8, got ", qweight.scalar_type());
+  TORCH_CHECK_VALUE(qweight.numel() == N * (K / kSuper) * kblock_bytes(f), "linear_kquant: qweight must hold ",
+                    N * (K / kSuper) * kblock_bytes(f), " bytes (", format, " blocks of [", N, ", ", K, "]), got ",
+                    qweight.numel());
+  const int64_t M = x_in.size(0);
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor w = qweight.contiguous();
+  auto out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0) return out;
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->numel() == N, "linear_kquant: bias must be [N=", N, "], got ", bias->sizes());
+    bias_f = bias->to(at::kFloat).contiguous().reshape({N});
+  }
+  // fp32 results straight into out, or into a buffer rounded to x's dtype after
+  at::Tensor out_f = xdt == at::kFloat ? out : at::empty({M, N}, x.options().dtype(at::kFloat));
+  KArgs a{};
+  a.w = w.const_data_ptr<uint8_t>();
+  a.bias = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  a.out = out_f.mutable_data_ptr<float>();
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  if (active_isa() == 0)
+    run_kern_k<KKernPortable>(f, x, a);
+  else
+    run_kern_k<KKernAvx2>(f, x, a);
+  if (xdt != at::kFloat) out.copy_(out_f);
+  return out;
+}
+
+}  // namespace
+}  // namespace quant
+}  // namespace lfmk
+
+TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
+  m.def("linear_kquant(Tensor x, Tensor qweight, str format, int N, int K, Tensor? bias) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) { m.impl("linear_kquant", &lfmk::quant::linear_kquant_cpu); }
