@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import decode_attention, linear, moe, short_conv
-from ..quant import QuantizedTensor
+from ..quant import QuantizedTensor, _kernel_layout
 from .config import ModelConfig
 from .weights import Weights, _nbytes
 
@@ -68,6 +68,7 @@ class LfmModel:
             raise NotImplementedError(
                 f"a quantized model runs on the CPU only (the Q8_0 / Q4_0 kernels are C++); its weights are on {self.device}"
             )
+        _use_kernel_layouts(weights)
         self.tokenizer = tokenizer
         self.path = path
         self.generation_defaults: dict = {}
@@ -117,7 +118,7 @@ class LfmModel:
         if not isinstance(table, QuantizedTensor):
             return F.embedding(ids, table)
         H = table.shape[-1]
-        blocks = table.data.index_select(0, ids.reshape(-1))
+        blocks = table._row_blocks(ids.reshape(-1))
         rows = QuantizedTensor(blocks, table.format, (blocks.shape[0], H)).dequantize(torch.float32)
         return rows.to(self.dtype).view(*ids.shape, H)
 
@@ -297,6 +298,19 @@ class LfmModel:
                 nb = nb * min(cfg.num_experts, batch * cfg.num_experts_per_tok) // cfg.num_experts
             total += nb
         return total
+
+
+def _use_kernel_layouts(w: Weights) -> None:
+    """Puts every Q8_0 / Q4_0 weight into the layout its kernels run fastest on (quant._kernel_layout),
+    tensor by tensor (memory peaks at one extra tensor). A tied embedding is converted once and stays
+    shared: its row lookups read the x8 layout directly."""
+    tied = w.lm_head is w.embed
+    w.embed = _kernel_layout(w.embed)
+    w.lm_head = w.embed if tied else _kernel_layout(w.lm_head)
+    for layer in w.layers:
+        for name, value in vars(layer).items():
+            if isinstance(value, QuantizedTensor) and not name.startswith("_"):
+                setattr(layer, name, _kernel_layout(value))
 
 
 # Formats the fused `moe` op takes; other quantized experts (K-quants) run expert by expert.
