@@ -168,9 +168,74 @@ void experts_pass_quant(const int8_t* xq, const float* xd, const int32_t* xs8, c
   });
 }
 
+// The same pass on x8-layout weights (quant/x8.h): a work item's rows are whole 8-row groups (its
+// row range starts at a multiple of kUnits1 / kRows2, and I, H are multiples of 32), which the x8
+// tiles read in place for any token count: 2 groups x up to kQM tokens per tile, lane r = row r. No
+// repacking, and a result's bits do not depend on the token count, the thread count or the path.
+template <class Kern, quant::Format F>
+void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8, const uint8_t* gu, const uint8_t* dn,
+                           int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& active, float* act,
+                           int8_t* aq, float* ad, int32_t* as8, float* y) {
+  constexpr int64_t kB = quant::Traits<F>::kBytes;
+  const int64_t nbH = H / quant::kBlock, nbI = I / quant::kBlock;
+  const int64_t rowH = nbH * kB, rowI = nbI * kB;
+  const int64_t gsH = 8 * rowH, gsI = 8 * rowI;
+  static_assert(kUnits1 % 8 == 0 && kRows2 % 8 == 0, "x8 work items hold whole groups");
+
+  // Phase 1: act[q, j] = silu(gate_j . x_q) * (up_j . x_q)
+  for_each_work_item(pl, active, I, kUnits1, [&](const WorkItem& it) {
+    const int64_t j0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
+    const uint8_t* Gp = gu + it.e * 2 * I * rowH + j0 * rowH;
+    const uint8_t* Up = gu + it.e * 2 * I * rowH + (I + j0) * rowH;
+    alignas(32) float rg[kQM * 16], ru[kQM * 16];
+    for (int64_t t = 0; t < me; t += kQM) {
+      const int M = static_cast<int>(std::min<int64_t>(kQM, me - t));
+      const int8_t* xm = xq + (q0 + t) * H;
+      const float* dm = xd + (q0 + t) * nbH;
+      const int32_t* sm = xs8 + (q0 + t) * nbH;
+      for (int64_t g0 = 0; g0 < ng; g0 += 2) {
+        const int Gn = static_cast<int>(std::min<int64_t>(2, ng - g0));
+        qx8<Kern, F>(Gn, M, Gp + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, rg);
+        qx8<Kern, F>(Gn, M, Up + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, ru);
+        for (int m = 0; m < M; ++m)
+          for (int c = 0; c < 8 * Gn; ++c)
+            act[(q0 + t + m) * I + j0 + 8 * g0 + c] = silu(rg[m * 16 + c]) * ru[m * 16 + c];
+      }
+    }
+  });
+
+  // act's rows -> int8 blocks for phase 2
+  const int64_t P = pl.offs.back();
+  parallel_for(P, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, I)), [&](int64_t a, int64_t b) {
+    for (int64_t q = a; q < b; ++q) {
+      Kern::template quantize_row<float>(act + q * I, I, aq + q * I, ad + q * nbI);
+      block_sums8(aq + q * I, nbI, as8 + q * nbI);
+    }
+  });
+
+  // Phase 2: y[q, h] = down[e, h] . act[q]
+  for_each_work_item(pl, active, H, kRows2, [&](const WorkItem& it) {
+    const int64_t h0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
+    const uint8_t* D = dn + it.e * H * rowI + h0 * rowI;
+    alignas(32) float res[kQM * 16];
+    for (int64_t t = 0; t < me; t += kQM) {
+      const int M = static_cast<int>(std::min<int64_t>(kQM, me - t));
+      const int8_t* am = aq + (q0 + t) * I;
+      const float* dm = ad + (q0 + t) * nbI;
+      const int32_t* sm = as8 + (q0 + t) * nbI;
+      for (int64_t g0 = 0; g0 < ng; g0 += 2) {
+        const int Gn = static_cast<int>(std::min<int64_t>(2, ng - g0));
+        qx8<Kern, F>(Gn, M, D + g0 * gsI, gsI, nbI, am, I, dm, nbI, sm, nbI, res);
+        for (int m = 0; m < M; ++m)
+          for (int c = 0; c < 8 * Gn; ++c) y[(q0 + t + m) * H + h0 + 8 * g0 + c] = res[m * 16 + c];
+      }
+    }
+  });
+}
+
 template <class Kern, quant::Format F>
 void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const uint8_t* dn, const int64_t* idp,
-                           const float* twp, int64_t E, int64_t I, int64_t k, at::Tensor& out) {
+                           const float* twp, int64_t E, int64_t I, int64_t k, bool x8, at::Tensor& out) {
   const int64_t N = hidden.size(0), H = hidden.size(1);
   const int64_t nbH = H / quant::kBlock, nbI = I / quant::kBlock;
   // every token once, whatever number of experts chose it
@@ -201,8 +266,12 @@ void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const ui
         std::memcpy(xs8.data() + q * nbH, xs8_tok.data() + pl.tok[q] * nbH, nbH * sizeof(int32_t));
       }
     });
-    experts_pass_quant<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, pl.active, act.data(), aq.data(),
-                                ad.data(), as8.data(), y.data());
+    if (x8)
+      experts_pass_quant_x8<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, pl.active, act.data(),
+                                     aq.data(), ad.data(), as8.data(), y.data());
+    else
+      experts_pass_quant<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, pl.active, act.data(),
+                                  aq.data(), ad.data(), as8.data(), y.data());
     LFMK_DISPATCH_FLOAT(out.scalar_type(), "moe_experts_quant", [&] {
       combine<scalar_t>(y.data(), twp, pl, n0, nt, k, H, mptr<scalar_t>(out));
     });
@@ -211,19 +280,21 @@ void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const ui
 
 template <class Kern>
 void moe_experts_quant_isa(quant::Format f, const at::Tensor& hidden, const uint8_t* gu, const uint8_t* dn,
-                           const int64_t* idp, const float* twp, int64_t E, int64_t I, int64_t k, at::Tensor& out) {
+                           const int64_t* idp, const float* twp, int64_t E, int64_t I, int64_t k, bool x8,
+                           at::Tensor& out) {
   if (f == quant::Format::Q8_0)
-    moe_experts_quant_run<Kern, quant::Format::Q8_0>(hidden, gu, dn, idp, twp, E, I, k, out);
+    moe_experts_quant_run<Kern, quant::Format::Q8_0>(hidden, gu, dn, idp, twp, E, I, k, x8, out);
   else
-    moe_experts_quant_run<Kern, quant::Format::Q4_0>(hidden, gu, dn, idp, twp, E, I, k, out);
+    moe_experts_quant_run<Kern, quant::Format::Q4_0>(hidden, gu, dn, idp, twp, E, I, k, x8, out);
 }
 
 // gate_up_q: [E, 2I, H] and down_q: [E, H, I] in `format` blocks (raw bytes, any uint8 shape with the
 // right count). Validated in Python (lfm_kernels/ops/moe.py) with friendlier messages; these checks
 // guard the memory safety of a direct call.
-at::Tensor moe_experts_quant_cpu(const at::Tensor& hidden_in, const at::Tensor& gate_up_q, const at::Tensor& down_q,
+// x8: the weights are in the x8 layout (quant/x8.h; the same byte counts).
+at::Tensor moe_experts_quant_any(const at::Tensor& hidden_in, const at::Tensor& gate_up_q, const at::Tensor& down_q,
                                  c10::string_view format, int64_t E, int64_t I, const at::Tensor& topk_ids,
-                                 const at::Tensor& topk_weights) {
+                                 const at::Tensor& topk_weights, bool x8) {
   quant::Format f;
   if (format == "q8_0") {
     f = quant::Format::Q8_0;
@@ -267,12 +338,24 @@ at::Tensor moe_experts_quant_cpu(const at::Tensor& hidden_in, const at::Tensor& 
   const uint8_t *gp = gu.const_data_ptr<uint8_t>(), *dp = dn.const_data_ptr<uint8_t>();
   const float* twp = tw.const_data_ptr<float>();
   switch (quant::active_isa()) {
-    case 3: moe_experts_quant_isa<QTilesAvx512Vnni>(f, hidden, gp, dp, idp, twp, E, I, k, out); break;
-    case 2: moe_experts_quant_isa<QTilesAvxVnni>(f, hidden, gp, dp, idp, twp, E, I, k, out); break;
-    case 1: moe_experts_quant_isa<QTilesAvx2>(f, hidden, gp, dp, idp, twp, E, I, k, out); break;
-    default: moe_experts_quant_isa<QTilesPortable>(f, hidden, gp, dp, idp, twp, E, I, k, out); break;
+    case 3: moe_experts_quant_isa<QTilesAvx512Vnni>(f, hidden, gp, dp, idp, twp, E, I, k, x8, out); break;
+    case 2: moe_experts_quant_isa<QTilesAvxVnni>(f, hidden, gp, dp, idp, twp, E, I, k, x8, out); break;
+    case 1: moe_experts_quant_isa<QTilesAvx2>(f, hidden, gp, dp, idp, twp, E, I, k, x8, out); break;
+    default: moe_experts_quant_isa<QTilesPortable>(f, hidden, gp, dp, idp, twp, E, I, k, x8, out); break;
   }
   return out;
+}
+
+at::Tensor moe_experts_quant_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_q, const at::Tensor& down_q,
+                                 c10::string_view format, int64_t E, int64_t I, const at::Tensor& topk_ids,
+                                 const at::Tensor& topk_weights) {
+  return moe_experts_quant_any(hidden, gate_up_q, down_q, format, E, I, topk_ids, topk_weights, false);
+}
+
+at::Tensor moe_experts_quant_x8_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_q, const at::Tensor& down_q,
+                                    c10::string_view format, int64_t E, int64_t I, const at::Tensor& topk_ids,
+                                    const at::Tensor& topk_weights) {
+  return moe_experts_quant_any(hidden, gate_up_q, down_q, format, E, I, topk_ids, topk_weights, true);
 }
 
 }  // namespace
@@ -281,5 +364,10 @@ at::Tensor moe_experts_quant_cpu(const at::Tensor& hidden_in, const at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
   m.def("moe_experts_quant(Tensor hidden, Tensor gate_up_q, Tensor down_q, str format, int num_experts, "
         "int intermediate, Tensor topk_ids, Tensor topk_weights) -> Tensor");
+  m.def("moe_experts_quant_x8(Tensor hidden, Tensor gate_up_q, Tensor down_q, str format, int num_experts, "
+        "int intermediate, Tensor topk_ids, Tensor topk_weights) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) { m.impl("moe_experts_quant", &lfmk::moe_experts_quant_cpu); }
+TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) {
+  m.impl("moe_experts_quant", &lfmk::moe_experts_quant_cpu);
+  m.impl("moe_experts_quant_x8", &lfmk::moe_experts_quant_x8_cpu);
+}

@@ -13,10 +13,12 @@
 #include "common.h"
 #include "quant/quant.h"
 #include "quant/portable.h"
+#include "quant/x8.h"
 
 LFMK_AVX2_BEGIN
 #include "simd_avx2.h"
 #include "quant/avx2.h"
+#include "quant/x8_avx2.h"
 LFMK_AVX2_END
 
 #include "quant/vnni_paths.h"
@@ -35,6 +37,11 @@ struct QTilesPortable {
   static void tile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64_t ldq, const float* xd, int64_t ldd,
                    int64_t nb, float* res) {
     quant::portable::tile<F, R, M>(w, w_ld, xq, ldq, xd, ldd, nb, res);
+  }
+  template <quant::Format F, int G, int M>
+  static void x8_tile(const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
+                      int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
+    quant::portable::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);
   }
 };
 
@@ -61,6 +68,11 @@ struct QTilesAvx2 {
   static void tile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64_t ldq, const float* xd, int64_t ldd,
                    int64_t nb, float* res) {
     quant::avx2::tile<F, R, M>(w, w_ld, xq, ldq, xd, ldd, nb, res);
+  }
+  template <quant::Format F, int G, int M>
+  static void x8_tile(const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
+                      int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
+    quant::avx2::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);
   }
 };
 }  // namespace
@@ -90,6 +102,12 @@ LFMK_AVX2_END
     static void tile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64_t ldq, const float* xd,          \
                      int64_t ldd, int64_t nb, float* res) {                                                    \
       quant::ns::tile<F, R, M>(w, w_ld, xq, ldq, xd, ldd, nb, res);                                            \
+    }                                                                                                          \
+    template <quant::Format F, int G, int M>                                                                   \
+    static void x8_tile(const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq,              \
+                        const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res,             \
+                        int64_t ldr) {                                                                         \
+      quant::ns::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);                            \
     }                                                                                                          \
   };                                                                                                           \
   }                                                                                                            \
@@ -146,6 +164,27 @@ inline void qpanel(int G, int M, const uint8_t* pk, int64_t gs, int64_t nb, cons
     case 3: return qpanel_g<Kern, F, 3>(G, pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
     case 2: return qpanel_g<Kern, F, 2>(G, pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
     default: return qpanel_g<Kern, F, 1>(G, pk, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
+  }
+}
+
+// x8 tiles (quant/x8.h): G in {1, 2} groups of 8 rows against M in 1..4 activation rows,
+// res[m * 16 + g * 8 + r].
+template <class Kern, quant::Format F, int M>
+inline void qx8_g(int G, const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
+                  int64_t ldd, const int32_t* xs8, int64_t lds, float* res) {
+  if (G == 2)
+    Kern::template x8_tile<F, 2, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, 16);
+  else
+    Kern::template x8_tile<F, 1, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, 16);
+}
+template <class Kern, quant::Format F>
+inline void qx8(int G, int M, const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
+                int64_t ldd, const int32_t* xs8, int64_t lds, float* res) {
+  switch (M) {
+    case 4: return qx8_g<Kern, F, 4>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
+    case 3: return qx8_g<Kern, F, 3>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
+    case 2: return qx8_g<Kern, F, 2>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
+    default: return qx8_g<Kern, F, 1>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
   }
 }
 

@@ -18,6 +18,23 @@ Edge cases (the same as ggml's, except the first):
   infinite scale, as ggml does; it dequantizes to +-inf (and NaN where q is 0).
 * An all-zero block stores scale 0 and dequantizes to zeros.
 
+Two byte layouts hold the same blocks (``QuantizedTensor.layout``):
+
+* ``"rows"`` (the default): GGUF's, row n's blocks in K order, rows in N order. Everything that
+  reads or writes GGUF files uses it.
+* ``"x8"`` (``q8_0`` / ``q4_0`` with N a multiple of 8; a stack [E, N, K] interleaves each matrix on
+  its own): rows interleaved in groups of 8, made once at load (`QuantizedTensor.to_layout`, exact
+  both ways) because the decode kernels on it run at several times the rate of the GGUF layout's.
+  For each group of 8 rows (in N order), for each 32-block (in K order), ``8 * block_bytes`` bytes:
+  the 8 rows' fp16 scales (16 bytes, row r at bytes 2r, 2r + 1), then the quants as 32-byte
+  vectors that each hold 4 consecutive k of the 8 rows (row r in bytes 4r .. 4r + 3 of the vector):
+  for ``q8_0`` 8 vectors, vector j = the int8 elements 4j .. 4j + 3; for ``q4_0`` 4 vectors, vector
+  j = GGUF bytes 4j .. 4j + 3 of each row's block, i.e. low nibbles = elements 4j .. 4j + 3 and high
+  nibbles = elements 16 + 4j .. 16 + 4j + 3. No byte changes value: x8 is a shuffle of 4-byte pieces,
+  with the same total size, and a group occupies exactly the bytes its 8 rows occupy in ``"rows"``.
+  One vector load then feeds 8 rows' dot products (lane r = row r, no horizontal sums) and one
+  128-bit load brings 8 scales.
+
 At run time the activations are quantized too, per block of 32 along K, to int8 with an fp32 scale
 (``d = max|x| / 127``, ``q = round-half-even(x / d)``), so the kernels' dot products are integer;
 `_quantize_activations` is the reference for that step.
@@ -51,9 +68,11 @@ class QuantizedTensor:
     """A weight matrix [N, K] (or a stack of them, [E, N, K]) in GGUF's Q8_0 or Q4_0 blocks.
 
     Attributes:
-        data: uint8 tensor [..., N, K // 32 * block_bytes], contiguous: row n's blocks in K order.
-        format: "q8_0" or "q4_0".
+        data: uint8 tensor [..., N, K // 32 * block_bytes], contiguous: in layout "rows", row n's
+            blocks in K order; in layout "x8", the same bytes shuffled (see the module docstring).
+        format: "q8_0" or "q4_0" (or a K-quant).
         shape: the logical shape (of the float weight it stands for), a torch.Size.
+        layout: "rows" (GGUF's) or "x8" (q8_0 / q4_0 with N a multiple of 8; `to_layout` converts).
 
     A plain object, not a tensor: it keeps one uint8 tensor, so a module that holds it as an
     attribute (or registers `data` as a buffer and rebuilds the object from it) stores the bytes
@@ -61,9 +80,9 @@ class QuantizedTensor:
     tensor, the format string and the shape), which is how it passes through torch.library ops.
     """
 
-    __slots__ = ("data", "format", "shape")
+    __slots__ = ("data", "format", "shape", "layout")
 
-    def __init__(self, data: torch.Tensor, format: str, shape) -> None:
+    def __init__(self, data: torch.Tensor, format: str, shape, layout: str = "rows") -> None:
         _check_format(format)
         shape = torch.Size(int(s) for s in shape)
         if len(shape) not in (2, 3):
@@ -84,9 +103,11 @@ class QuantizedTensor:
                 f"data must have shape {list(expected)} ({format} blocks of shape {list(shape)}: "
                 f"{_BLOCK_BYTES[format]} bytes per {bs} weights), got {list(data.shape)}"
             )
+        _check_layout(layout, format, shape)
         self.data = data.contiguous()
         self.format = format
         self.shape = shape
+        self.layout = layout
 
     @property
     def nbytes(self) -> int:
@@ -98,10 +119,41 @@ class QuantizedTensor:
         return self.data.device
 
     def to(self, device) -> "QuantizedTensor":
-        return QuantizedTensor(self.data.to(device), self.format, self.shape)
+        return QuantizedTensor(self.data.to(device), self.format, self.shape, self.layout)
+
+    def to_layout(self, layout: str) -> "QuantizedTensor":
+        """The same blocks in `layout` ("rows" or "x8"; see the module docstring): self when already
+        in it, else a new tensor (exact both ways). "x8" needs q8_0 / q4_0 and N a multiple of 8
+        (ValueError otherwise)."""
+        _check_layout(layout, self.format, self.shape)
+        if layout == self.layout:
+            return self
+        from . import _backend
+
+        rows = self.shape[:-1].numel()
+        if self.device.type == "cpu" and _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "quant_relayout"):
+            data = torch.ops.lfm_kernels_cpu.quant_relayout(self.data, self.format, rows, self.shape[-1], layout)
+        else:
+            data = _relayout_reference(self.data, self.format, rows, self.shape[-1], layout)
+        return QuantizedTensor(data, self.format, self.shape, layout)
+
+    def _row_blocks(self, ids: torch.Tensor) -> torch.Tensor:
+        """GGUF ("rows") blocks of rows `ids` [n] of a [N, K] weight -> uint8 [n, K // 32 * block_bytes],
+        in either layout, reading only those rows' bytes (an embedding lookup)."""
+        if self.layout == "rows":
+            return self.data.index_select(0, ids)
+        n, nb, bb = ids.numel(), self.shape[-1] // BLOCK, _BLOCK_BYTES[self.format]
+        v = (bb - 2) // 4
+        grp = self.data.view(self.shape[0] // 8, nb, 8 * bb).index_select(0, ids // 8)  # [n, nb, 8 bb]
+        pick = (torch.arange(n, device=ids.device), ids % 8)
+        scales = grp[:, :, :16].reshape(n, nb, 8, 2).permute(0, 2, 1, 3)[pick]  # [n, nb, 2]
+        quants = grp[:, :, 16:].reshape(n, nb, v, 8, 4).permute(0, 3, 1, 2, 4)[pick]  # [n, nb, v, 4]
+        return torch.cat([scales, quants.reshape(n, nb, 4 * v)], dim=2).reshape(n, nb * bb)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight the blocks stand for, in `dtype` (values exact in float32)."""
+        if self.layout != "rows":
+            return self.to_layout("rows").dequantize(dtype)
         if self.format in _K_FORMATS:
             return _dequantize_k(self.data.reshape(-1, _BLOCK_BYTES[self.format]), self.format).reshape(self.shape).to(dtype)
         blocks = self.data.reshape(-1, _BLOCK_BYTES[self.format])
@@ -114,7 +166,58 @@ class QuantizedTensor:
         return (d * q).reshape(self.shape).to(dtype)
 
     def __repr__(self) -> str:
-        return f"QuantizedTensor(format={self.format!r}, shape={list(self.shape)}, nbytes={self.nbytes}, device={self.device})"
+        return (
+            f"QuantizedTensor(format={self.format!r}, shape={list(self.shape)}, layout={self.layout!r}, "
+            f"nbytes={self.nbytes}, device={self.device})"
+        )
+
+
+LAYOUTS = ("rows", "x8")
+_X8_FORMATS = ("q8_0", "q4_0")
+
+
+def _check_layout(layout, fmt: str, shape) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "x8":
+        if fmt not in _X8_FORMATS:
+            raise ValueError(f"layout 'x8' is for formats {_X8_FORMATS}, got format {fmt!r} (keep layout 'rows')")
+        if shape[-2] % 8:
+            raise ValueError(
+                f"layout 'x8' needs N (the second-to-last dimension of shape) to be a multiple of 8, got shape "
+                f"{list(shape)} (keep layout 'rows')"
+            )
+
+
+def _relayout_reference(data: torch.Tensor, fmt: str, rows: int, k: int, layout: str) -> torch.Tensor:
+    """The layout conversion in torch (the reference for the C++ op quant_relayout): `rows` rows (a
+    multiple of 8, never straddling two stacked matrices since each N is) of K in `fmt` blocks ->
+    the same bytes in `layout` ("x8": from "rows"; "rows": from "x8"), data's shape."""
+    nb, bb = k // BLOCK, _BLOCK_BYTES[fmt]
+    v = (bb - 2) // 4
+    if layout == "x8":
+        blk = data.reshape(rows // 8, 8, nb, bb)
+        scales = blk[..., :2].permute(0, 2, 1, 3).reshape(rows // 8, nb, 16)
+        quants = blk[..., 2:].reshape(rows // 8, 8, nb, v, 4).permute(0, 2, 3, 1, 4).reshape(rows // 8, nb, 32 * v)
+    else:
+        grp = data.reshape(rows // 8, nb, 8 * bb)
+        scales = grp[..., :16].reshape(rows // 8, nb, 8, 2).permute(0, 2, 1, 3)
+        quants = grp[..., 16:].reshape(rows // 8, nb, v, 8, 4).permute(0, 3, 1, 2, 4).reshape(rows // 8, 8, nb, 4 * v)
+    return torch.cat([scales, quants], dim=-1).reshape(data.shape).contiguous()
+
+
+def _kernel_layout(qt):
+    """The layout the CPU kernels run fastest on: `qt` in "x8" where that applies (a q8_0 / q4_0
+    QuantizedTensor on the CPU with N a multiple of 8), else `qt` itself (any other weight too)."""
+    if (
+        isinstance(qt, QuantizedTensor)
+        and qt.layout == "rows"
+        and qt.format in _X8_FORMATS
+        and qt.shape[-2] % 8 == 0
+        and qt.device.type == "cpu"
+    ):
+        return qt.to_layout("x8")
+    return qt
 
 
 def _k_scale_min(sc12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,6 +440,23 @@ def _(x, qweight, format, n, k, bias):
     return x.new_empty(x.shape[0], n)
 
 
+def _linear_quant_x8_impl(x: torch.Tensor, qweight: torch.Tensor, format: str, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    from . import _backend
+
+    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_x8"):
+        return torch.ops.lfm_kernels_cpu.linear_quant_x8(x, qweight, format, n, k, bias)
+    qt = QuantizedTensor(qweight.reshape(n, -1), format, (n, k), "x8")
+    return _linear_reference(x, qt, bias).to(x.dtype)
+
+
+_linear_quant_x8_op = torch.library.custom_op("lfm_kernels::linear_quant_x8", _linear_quant_x8_impl, mutates_args=())
+
+
+@_linear_quant_x8_op.register_fake
+def _(x, qweight, format, n, k, bias):
+    return x.new_empty(x.shape[0], n)
+
+
 def _register_cpp_fakes() -> None:
     """Shapes of the C++ ops (lfm_kernels_cpu::linear_quant / quantize_activations) for tracing."""
     from . import _backend
@@ -351,6 +471,12 @@ def _register_cpp_fakes() -> None:
     if hasattr(torch.ops.lfm_kernels_cpu, "linear_kquant"):
 
         @torch.library.register_fake("lfm_kernels_cpu::linear_kquant")
+        def _(x, qweight, format, n, k, bias):
+            return x.new_empty(x.shape[0], n)
+
+    if hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_x8"):
+
+        @torch.library.register_fake("lfm_kernels_cpu::linear_quant_x8")
         def _(x, qweight, format, n, k, bias):
             return x.new_empty(x.shape[0], n)
 
@@ -389,5 +515,9 @@ def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None
     x2 = x.reshape(lead.numel(), k)
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    op = _linear_quant_impl if _backend.eager_cpu_fast_path(x2) else _linear_quant_op
+    eager = _backend.eager_cpu_fast_path(x2)
+    if qweight.layout == "x8":
+        op = _linear_quant_x8_impl if eager else _linear_quant_x8_op
+    else:
+        op = _linear_quant_impl if eager else _linear_quant_op
     return op(x2, qweight.data, qweight.format, n, k, bias).reshape(*lead, n)

@@ -100,17 +100,17 @@ def test_which_tensors_are_quantized_and_their_blocks(tiny):
     w = model.weights
     # embedding (tied lm_head) Q8_0, projections Q4_0, bytes equal to quantizing transformers' tensor
     assert w.embed.format == "q8_0" and w.lm_head is w.embed
-    assert torch.equal(w.embed.data, quantize(sd["model.embed_tokens.weight"], "q8_0").data)
+    assert torch.equal(w.embed.to_layout("rows").data, quantize(sd["model.embed_tokens.weight"], "q8_0").data)
     l0, l2, l3 = w.layers[0], w.layers[2], w.layers[3]
-    assert torch.equal(l0.in_proj.data, quantize(sd["model.layers.0.conv.in_proj.weight"], "q4_0").data)
-    assert torch.equal(l0.w2.data, quantize(sd["model.layers.0.feed_forward.w2.weight"], "q4_0").data)
+    assert torch.equal(l0.in_proj.to_layout("rows").data, quantize(sd["model.layers.0.conv.in_proj.weight"], "q4_0").data)
+    assert torch.equal(l0.w2.to_layout("rows").data, quantize(sd["model.layers.0.feed_forward.w2.weight"], "q4_0").data)
     a = "model.layers.2.self_attn."
     qkv = torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]])
-    assert torch.equal(l2.qkv.data, quantize(qkv, "q4_0").data)
-    assert torch.equal(l2.out_proj.data, quantize(sd[a + "out_proj.weight"], "q4_0").data)
+    assert torch.equal(l2.qkv.to_layout("rows").data, quantize(qkv, "q4_0").data)
+    assert torch.equal(l2.out_proj.to_layout("rows").data, quantize(sd[a + "out_proj.weight"], "q4_0").data)
     ex = "model.layers.3.feed_forward.experts."
-    assert torch.equal(l3.gate_up_proj.data, quantize(sd[ex + "gate_up_proj"], "q4_0").data)
-    assert torch.equal(l3.down_proj.data, quantize(sd[ex + "down_proj"], "q4_0").data)
+    assert torch.equal(l3.gate_up_proj.to_layout("rows").data, quantize(sd[ex + "gate_up_proj"], "q4_0").data)
+    assert torch.equal(l3.down_proj.to_layout("rows").data, quantize(sd[ex + "down_proj"], "q4_0").data)
     for i, lw in enumerate(w.layers):
         for name in ("qkv", "out_proj", "in_proj", "conv_out", "w13", "w2", "gate_up_proj", "down_proj"):
             v = getattr(lw, name)
@@ -252,9 +252,9 @@ def test_default_model_quantized_is_the_float_one_quantized():
     f = default_model(num_layers=1, vocab_size=512, dtype=torch.bfloat16, progress=False)
     q = default_model(num_layers=1, vocab_size=512, dtype=torch.bfloat16, progress=False, quant="q4_0")
     fw, qw = f.weights, q.weights
-    assert torch.equal(qw.embed.data, quantize(fw.embed, "q8_0").data)
+    assert torch.equal(qw.embed.to_layout("rows").data, quantize(fw.embed, "q8_0").data)
     for name in ("in_proj", "conv_out", "w13", "w2"):
-        assert torch.equal(getattr(qw.layers[0], name).data, quantize(getattr(fw.layers[0], name), "q4_0").data), name
+        assert torch.equal(getattr(qw.layers[0], name).to_layout("rows").data, quantize(getattr(fw.layers[0], name), "q4_0").data), name
     assert torch.equal(qw.layers[0].conv, fw.layers[0].conv)
     assert torch.equal(qw.final_norm, fw.final_norm)
 

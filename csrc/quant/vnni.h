@@ -75,6 +75,52 @@ static inline void panel_tile(const uint8_t* pk, int64_t gstride, int64_t nb, co
     for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
 }
 
+// The x8-layout tile of quant/x8_avx2.h with vpdpbusd accumulating straight into int32 (Q4_0's
+// unsigned nibbles times x; Q8_0's |w| times x signed by w); the same exact integers, so the same bits.
+template <Format F, int G, int M>
+static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const int8_t* xq, int64_t ldq,
+                           const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
+  constexpr int64_t kGB = X8<F>::kGroupBlockBytes;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[G][M];
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < M; ++m) acc[g][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int g = 0; g < G; ++g) {
+      const uint8_t* blk = w + g * gstride + b * kGB;
+      __m256i s[M];
+      for (int m = 0; m < M; ++m) s[m] = _mm256_setzero_si256();
+      if (F == Format::Q4_0) {
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * j));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          for (int m = 0; m < M; ++m) {
+            const int8_t* x = xq + m * ldq + b * kBlock;
+            s[m] = LFMK_QVNNI_DPBUSD(s[m], lo, avx2::bcast4(x + 4 * j));
+            s[m] = LFMK_QVNNI_DPBUSD(s[m], hi, avx2::bcast4(x + 16 + 4 * j));
+          }
+        }
+      } else {
+        for (int j = 0; j < 8; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * j));
+          const __m256i aw = _mm256_abs_epi8(v);
+          for (int m = 0; m < M; ++m)
+            s[m] = LFMK_QVNNI_DPBUSD(s[m], aw, _mm256_sign_epi8(avx2::bcast4(xq + m * ldq + b * kBlock + 4 * j), v));
+        }
+      }
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+      for (int m = 0; m < M; ++m) {
+        __m256i isum = s[m];
+        if (F == Format::Q4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(xs8[m * lds + b]));
+        const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(xd[m * ldd + b]));
+        acc[g][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, acc[g][m]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
+}
+
 }  // namespace LFMK_QVNNI_NS
 }  // namespace quant
 }  // namespace lfmk

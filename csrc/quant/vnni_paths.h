@@ -3,6 +3,8 @@
 // at run time. Included at file scope by every translation unit that runs quantized tiles.
 #pragma once
 
+#include "quant/x8.h"  // outside the target regions: its portable code must run on any CPU
+
 #if defined(__clang__)
 #define LFMK_QVNNI_BEGIN(tgt) _Pragma("clang attribute push (__attribute__((target(" tgt "))), apply_to = function)")
 #define LFMK_QVNNI_END _Pragma("clang attribute pop")

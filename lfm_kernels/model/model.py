@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import decode_attention, linear, moe, short_conv
-from ..quant import QuantizedTensor
+from ..quant import _K_FORMATS, QuantizedTensor, _kernel_layout
 from .config import ModelConfig
 from .weights import SplitWeight, Weights, _expert, _nbytes
 
@@ -68,6 +68,7 @@ class LfmModel:
             raise NotImplementedError(
                 f"a quantized model runs on the CPU only (the quantized kernels are C++); its weights are on {self.device}"
             )
+        _use_kernel_layouts(weights)
         self.tokenizer = tokenizer
         self.path = path
         self.generation_defaults: dict = {}
@@ -117,7 +118,7 @@ class LfmModel:
         if not isinstance(table, QuantizedTensor):
             return F.embedding(ids, table)
         H = table.shape[-1]
-        blocks = table.data.index_select(0, ids.reshape(-1))
+        blocks = table._row_blocks(ids.reshape(-1))
         rows = QuantizedTensor(blocks, table.format, (blocks.shape[0], H)).dequantize(torch.float32)
         return rows.to(self.dtype).view(*ids.shape, H)
 
@@ -299,6 +300,19 @@ class LfmModel:
         return total
 
 
+def _use_kernel_layouts(w: Weights) -> None:
+    """Puts every Q8_0 / Q4_0 weight into the layout its kernels run fastest on (quant._kernel_layout),
+    tensor by tensor (memory peaks at one extra tensor). A tied embedding is converted once and stays
+    shared: its row lookups read the x8 layout directly."""
+    tied = w.lm_head is w.embed
+    w.embed = _kernel_layout(w.embed)
+    w.lm_head = w.embed if tied else _kernel_layout(w.lm_head)
+    for layer in w.layers:
+        for name, value in vars(layer).items():
+            if isinstance(value, QuantizedTensor) and not name.startswith("_"):
+                setattr(layer, name, _kernel_layout(value))
+
+
 # Formats the fused `moe` op takes (K-quants: gate_up and down each any of the three); other
 # quantized experts run expert by expert.
 _FUSED_MOE_FORMATS = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
@@ -310,8 +324,11 @@ def _fused_moe(gate_up, down) -> bool:
     different formats, down in another format than gate/up) runs expert by expert (`_moe_quant`)."""
     if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
         return True
-    return (isinstance(gate_up, QuantizedTensor) and isinstance(down, QuantizedTensor)
-            and gate_up.format == down.format and gate_up.format in _FUSED_MOE_FORMATS)
+    if not (isinstance(gate_up, QuantizedTensor) and isinstance(down, QuantizedTensor)):
+        return False
+    if gate_up.format in _K_FORMATS and down.format in _K_FORMATS:  # the K-quant op takes one format each
+        return True
+    return gate_up.format == down.format and gate_up.format in _FUSED_MOE_FORMATS and gate_up.layout == down.layout
 
 
 def _linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

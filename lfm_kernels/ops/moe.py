@@ -306,6 +306,41 @@ def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, to
     return hidden.new_empty(hidden.shape).contiguous()
 
 
+def _moe_experts_quant_x8_impl(
+    hidden: torch.Tensor,
+    gate_up_q: torch.Tensor,
+    down_q: torch.Tensor,
+    format: str,
+    num_experts: int,
+    intermediate: int,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """As _moe_experts_quant_impl, on weights in the x8 layout (lfm_kernels/quant.py)."""
+    if hidden.device.type != "cpu":
+        raise NotImplementedError(
+            f"quantized MoE experts ({format}) run on the CPU only (C++ kernels); hidden is on {hidden.device}"
+        )
+    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant_x8"):
+        return torch.ops.lfm_kernels_cpu.moe_experts_quant_x8(
+            hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights
+        )
+    h = hidden.shape[1]
+    gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), format, (num_experts, 2 * intermediate, h), "x8")
+    dn = QuantizedTensor(down_q.reshape(num_experts, h, -1), format, (num_experts, h, intermediate), "x8")
+    return reference.moe_experts_quant(hidden, gu.to_layout("rows"), dn.to_layout("rows"), topk_ids, topk_weights).to(hidden.dtype)
+
+
+_moe_experts_quant_x8_op = torch.library.custom_op(
+    "lfm_kernels::moe_experts_quant_x8", _moe_experts_quant_x8_impl, mutates_args=()
+)
+
+
+@_moe_experts_quant_x8_op.register_fake
+def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+    return hidden.new_empty(hidden.shape).contiguous()
+
+
 def _register_quant_cpp_fake() -> None:
     """Shape of the C++ op lfm_kernels_cpu::moe_experts_quant, for tracing it directly."""
     if _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant"):
@@ -314,6 +349,12 @@ def _register_quant_cpp_fake() -> None:
     @torch.library.register_fake("lfm_kernels_cpu::moe_experts_quant")
     def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
         return hidden.new_empty(hidden.shape).contiguous()
+
+    if hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant_x8"):
+
+        @torch.library.register_fake("lfm_kernels_cpu::moe_experts_quant_x8")
+        def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+            return hidden.new_empty(hidden.shape).contiguous()
 
 
 _register_quant_cpp_fake()
@@ -415,6 +456,11 @@ def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
             f"down_proj must be in gate_up_proj's format {gate_up_proj.format!r} (Q8_0 / Q4_0: one format for "
             f"both; K-quants: any of {_K_FORMATS} each), got {down_proj.format!r}"
         )
+    if down_proj.layout != gate_up_proj.layout:
+        raise ValueError(
+            f"down_proj must be in gate_up_proj's layout {gate_up_proj.layout!r} (one layout for both; "
+            f"QuantizedTensor.to_layout converts), got {down_proj.layout!r}"
+        )
     block = _BLOCK_SIZE[gate_up_proj.format]
     hidden_size = hidden.shape[1]
     if len(gate_up_proj.shape) != 3:
@@ -449,7 +495,8 @@ def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
         if not isinstance(w.data, torch.Tensor) or w.data.dtype != torch.uint8 or w.data.numel() != expected:
             got = f"{w.data.dtype} with {w.data.numel()} bytes" if isinstance(w.data, torch.Tensor) else type(w.data).__name__
             raise ValueError(
-                f"{name}.data must be uint8 holding {expected} bytes ({w.format} blocks of shape {list(w.shape)}), got {got}"
+                f"{name}.data must be uint8 holding {expected} bytes ({w.format} blocks of shape {list(w.shape)}, "
+                f"layout {w.layout!r}), got {got}"
             )
         if w.data.device != hidden.device:
             raise ValueError(f"{name} is on {w.data.device} but hidden is on {hidden.device}; put them on one device")
@@ -470,7 +517,11 @@ def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
         kop = _moe_experts_kquant_impl if _backend.eager_cpu_fast_path(hidden) else _moe_experts_kquant_op
         return kop(hidden, data_gu, data_dn, gate_up_proj.format, down_proj.format, gate_up_proj.shape[0],
                    gate_up_proj.shape[1] // 2, topk_ids, topk_weights)
-    op = _moe_experts_quant_impl if _backend.eager_cpu_fast_path(hidden) else _moe_experts_quant_op
+    eager = _backend.eager_cpu_fast_path(hidden)
+    if gate_up_proj.layout == "x8":
+        op = _moe_experts_quant_x8_impl if eager else _moe_experts_quant_x8_op
+    else:
+        op = _moe_experts_quant_impl if eager else _moe_experts_quant_op
     return op(
         hidden,
         data_gu,
