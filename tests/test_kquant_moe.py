@@ -131,7 +131,7 @@ def test_parity(isa, pair, n):
     # and the quantized experts stand for the float ones on the dequantized weights (but for the
     # outlier token, whose super-block's int8 step is 50 / 127)
     flt = reference.moe_experts(hidden, gu.dequantize(), dn.dequantize(), ids, weights)
-    # outlier token, whose super-block's int8 step is 50 / 127). The int8 rounding of hidden and of the
+    # The int8 rounding of hidden and of the
     # SwiGLU product is the whole difference: over 60 seeds at N=1 (q6_k both) its relative error had
     # median 2.2% and maximum 3.1%, so the bound is 4.5e-2 (a weight-format bug is far larger).
     keep = [r for r in range(n) if r != 2]
