@@ -271,6 +271,26 @@ def moe(
 # Experts on quantized weights (GGUF Q8_0 / Q4_0 blocks; csrc/moe_experts.cpp's quantized pass).
 
 
+def _run_quant_experts(layout, hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+    """The C++ op for this weight layout ("rows": moe_experts_quant, "x8": moe_experts_quant_x8), or without
+    the compiled extension the float64 reference (after the one warning) on the weights in rows."""
+    if hidden.device.type != "cpu":
+        raise NotImplementedError(
+            f"quantized MoE experts ({format}) run on the CPU only (C++ kernels); hidden is on {hidden.device}"
+        )
+    name = "moe_experts_quant" if layout == "rows" else "moe_experts_quant_x8"
+    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
+        return getattr(torch.ops.lfm_kernels_cpu, name)(
+            hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights
+        )
+    h = hidden.shape[1]
+    gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), format,
+                         (num_experts, 2 * intermediate, h), layout)
+    dn = QuantizedTensor(down_q.reshape(num_experts, h, -1), format, (num_experts, h, intermediate), layout)
+    return reference.moe_experts_quant(hidden, gu.to_layout("rows"), dn.to_layout("rows"), topk_ids,
+                                       topk_weights).to(hidden.dtype)
+
+
 def _moe_experts_quant_impl(
     hidden: torch.Tensor,
     gate_up_q: torch.Tensor,
@@ -281,19 +301,8 @@ def _moe_experts_quant_impl(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
-    if hidden.device.type != "cpu":
-        raise NotImplementedError(
-            f"quantized MoE experts ({format}) run on the CPU only (C++ kernels); hidden is on {hidden.device}"
-        )
-    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant"):
-        return torch.ops.lfm_kernels_cpu.moe_experts_quant(
-            hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights
-        )
-    # no compiled extension: the float64 reference, after the one warning
-    h = hidden.shape[1]
-    gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), format, (num_experts, 2 * intermediate, h))
-    dn = QuantizedTensor(down_q.reshape(num_experts, h, -1), format, (num_experts, h, intermediate))
-    return reference.moe_experts_quant(hidden, gu, dn, topk_ids, topk_weights).to(hidden.dtype)
+    return _run_quant_experts("rows", hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids,
+                              topk_weights)
 
 
 _moe_experts_quant_op = torch.library.custom_op(
@@ -317,18 +326,8 @@ def _moe_experts_quant_x8_impl(
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
     """As _moe_experts_quant_impl, on weights in the x8 layout (lfm_kernels/quant.py)."""
-    if hidden.device.type != "cpu":
-        raise NotImplementedError(
-            f"quantized MoE experts ({format}) run on the CPU only (C++ kernels); hidden is on {hidden.device}"
-        )
-    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant_x8"):
-        return torch.ops.lfm_kernels_cpu.moe_experts_quant_x8(
-            hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights
-        )
-    h = hidden.shape[1]
-    gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), format, (num_experts, 2 * intermediate, h), "x8")
-    dn = QuantizedTensor(down_q.reshape(num_experts, h, -1), format, (num_experts, h, intermediate), "x8")
-    return reference.moe_experts_quant(hidden, gu.to_layout("rows"), dn.to_layout("rows"), topk_ids, topk_weights).to(hidden.dtype)
+    return _run_quant_experts("x8", hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids,
+                              topk_weights)
 
 
 _moe_experts_quant_x8_op = torch.library.custom_op(
