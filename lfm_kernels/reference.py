@@ -162,7 +162,8 @@ def moe_experts_quant(
 ) -> torch.Tensor:
     """What the quantized experts compute, in float64: [N, H] float64.
 
-    gate_up_proj / down_proj are `lfm_kernels.QuantizedTensor` [E, 2I, H] / [E, H, I] (one format).
+    gate_up_proj / down_proj are `lfm_kernels.QuantizedTensor` [E, 2I, H] / [E, H, I] (one format, any
+    layout).
     The weights are dequantized exactly; the tokens are quantized per 32-block as the kernels do;
     act = silu(gate) * up is rounded to float32 (the kernels keep it in fp32) and quantized the same
     way for the down projection; products, sums and the weighted combine are float64. So a kernel
@@ -176,6 +177,7 @@ def moe_experts_quant(
         m, k = x.shape
         return (q.double().reshape(m, k // BLOCK, BLOCK) * d.double().unsqueeze(-1)).reshape(m, k)
 
+    gate_up_proj, down_proj = gate_up_proj.to_layout("rows"), down_proj.to_layout("rows")
     n_tokens, hidden_size = hidden.shape
     inter = gate_up_proj.shape[1] // 2
     h = dequant_act(hidden)

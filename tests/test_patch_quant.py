@@ -182,6 +182,17 @@ def test_logits_match_dequantized_reference(kind, mode, dtype):
     assert model.model.layers[1].self_attn.q_proj.weight_format == mode
     assert isinstance(model.model.embed_tokens, nn.Embedding) and model.model.embed_tokens.weight.dtype == dtype
     assert model.model.layers[0].conv.conv.weight.dtype == dtype
+    # the blocks sit in the kernels' fast layout where it applies, and are GGUF's blocks in row order
+    orig_modules = dict(original.named_modules())
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            assert m.weight_layout == ("x8" if m.out_features % 8 == 0 else "rows"), name
+            want = lfm_kernels.quantize(orig_modules[name].weight.detach(), m.weight_format).data
+            assert torch.equal(m.qweight.to_layout("rows").data, want), name
+        elif isinstance(m, QuantizedExperts):
+            assert m.weight_layout == m.q_gate_up_proj.layout == m.q_down_proj.layout
+            want = lfm_kernels.quantize(orig_modules[name].down_proj.detach(), m.weight_format).data
+            assert torch.equal(m.q_down_proj.to_layout("rows").data, want), name
 
     # count the quantized kernel calls (the modules look the op up per call)
     real_linear, real_experts = lfm_kernels.linear, lfm_kernels.moe_experts

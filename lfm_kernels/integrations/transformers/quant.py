@@ -6,6 +6,10 @@ and its hooks stay valid) and `QuantizedExperts` replaces `Lfm2MoeExperts` the s
 blocks as a persistent uint8 buffer (`weight_blocks`; `gate_up_proj_blocks` / `down_proj_blocks`), so
 `state_dict()` saves them and `load_state_dict()` into a model quantized the same way restores them,
 and builds the `lfm_kernels.QuantizedTensor` the ops take from that buffer.
+
+The blocks are GGUF's, in the layout the CPU kernels decode fastest from (`weight_layout`: "x8", rows
+interleaved by 8, where the row count is a multiple of 8, else "rows"; the same bytes either way, see
+`QuantizedTensor.to_layout`): `module.qweight.to_layout("rows").data` is GGUF's row order.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...quant import BLOCK, QuantizedTensor, quantize
+from ...quant import BLOCK, QuantizedTensor, _kernel_layout, quantize
 from . import _ledger
 from ._common import kernel
 
@@ -37,14 +41,14 @@ def _refuse_grad(module: nn.Module, what: str, **tensors) -> None:
         raise RuntimeError(_INFERENCE_ONLY.format(what=what, mode=module.quant_mode, names=", ".join(names)))
 
 
-def _cached_qt(module: nn.Module, slot: str, buffer_name: str, fmt: str, shape) -> QuantizedTensor:
+def _cached_qt(module: nn.Module, slot: str, buffer_name: str, fmt: str, shape, layout: str) -> QuantizedTensor:
     """The QuantizedTensor view of a blocks buffer, rebuilt only when the buffer object changed
     (`module.to(...)`, `load_state_dict` with assign=True): building it validates shapes, per call that is
     measurable on a decode step."""
     data = module._buffers[buffer_name]
     qt = module.__dict__.get(slot)
     if qt is None or qt.data is not data:
-        qt = QuantizedTensor(data, fmt, shape)
+        qt = QuantizedTensor(data, fmt, shape, layout)
         module.__dict__[slot] = qt
     return qt
 
@@ -53,8 +57,9 @@ class QuantizedLinear(nn.Module):
     """An `nn.Linear` whose weight was quantized by `patch(model, quant=...)`: `lfm_kernels.linear` on the
     QuantizedTensor `qweight` (CPU, int8 activations), the float bias kept. Inference only.
 
-    Attributes: in_features, out_features, weight_format ("q8_0" / "q4_0"), quant_mode (the patch's
-    mode), weight_blocks (uint8 buffer [out_features, in_features // 32 * block bytes]), bias. A tied
+    Attributes: in_features, out_features, weight_format ("q8_0" / "q4_0"), weight_layout ("x8" / "rows"),
+    quant_mode (the patch's mode), weight_blocks (uint8 buffer [out_features, in_features // 32 * block
+    bytes], in weight_layout), bias. A tied
     lm_head also keeps `weight`, the embedding's float Parameter it shares (no memory of its own), so
     that transformers' weight tying still finds it; it is not used to compute.
     """
@@ -64,7 +69,8 @@ class QuantizedLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedTensor:
-        return _cached_qt(self, "_qweight", "weight_blocks", self.weight_format, (self.out_features, self.in_features))
+        shape = (self.out_features, self.in_features)
+        return _cached_qt(self, "_qweight", "weight_blocks", self.weight_format, shape, self.weight_layout)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's argument name
         _refuse_grad(self, "this Linear", input=input, bias=self.bias)
@@ -95,12 +101,12 @@ class QuantizedExperts(nn.Module):
     @property
     def q_gate_up_proj(self) -> QuantizedTensor:
         shape = (self.num_experts, 2 * self.intermediate_dim, self.hidden_dim)
-        return _cached_qt(self, "_q_gate_up", "gate_up_proj_blocks", self.weight_format, shape)
+        return _cached_qt(self, "_q_gate_up", "gate_up_proj_blocks", self.weight_format, shape, self.weight_layout)
 
     @property
     def q_down_proj(self) -> QuantizedTensor:
         shape = (self.num_experts, self.hidden_dim, self.intermediate_dim)
-        return _cached_qt(self, "_q_down", "down_proj_blocks", self.weight_format, shape)
+        return _cached_qt(self, "_q_down", "down_proj_blocks", self.weight_format, shape, self.weight_layout)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         _refuse_grad(self, "this MoE experts module", hidden_states=hidden_states, top_k_weights=top_k_weights)
@@ -178,27 +184,31 @@ def _experts_fit(module) -> bool:
 
 
 def _quantize_linear(module: nn.Linear, fmt: str, mode: str, keep_weight: bool) -> None:
-    blocks = quantize(module.weight.detach(), fmt).data
+    qt = _kernel_layout(quantize(module.weight.detach(), fmt))
     module.__class__ = QuantizedLinear
     if not keep_weight:
         del module.weight  # the module held the only reference: the float storage is released here
-    module.register_buffer("weight_blocks", blocks)
+    module.register_buffer("weight_blocks", qt.data)
     module.weight_format = fmt
+    module.weight_layout = qt.layout
     module.quant_mode = mode
     _ledger.state.quantized.add(module)
 
 
 def _quantize_experts(module: nn.Module, mode: str) -> None:
-    gu = quantize(module.gate_up_proj.detach(), mode).data
-    dn = quantize(module.down_proj.detach(), mode).data
+    gu = _kernel_layout(quantize(module.gate_up_proj.detach(), mode))
+    dn = _kernel_layout(quantize(module.down_proj.detach(), mode))
+    if gu.layout != dn.layout:  # the fused experts op takes one layout for both
+        gu, dn = gu.to_layout("rows"), dn.to_layout("rows")
     e, two_i, h = module.gate_up_proj.shape
     module.__class__ = QuantizedExperts
     del module.gate_up_proj
     del module.down_proj
     module.num_experts, module.hidden_dim, module.intermediate_dim = e, h, two_i // 2
-    module.register_buffer("gate_up_proj_blocks", gu)
-    module.register_buffer("down_proj_blocks", dn)
+    module.register_buffer("gate_up_proj_blocks", gu.data)
+    module.register_buffer("down_proj_blocks", dn.data)
     module.weight_format = mode
+    module.weight_layout = gu.layout
     module.quant_mode = mode
     _ledger.state.quantized.add(module)
 
