@@ -1,0 +1,88 @@
+"""The model's RMSNorm (C++ op on the CPU) against transformers' formula: fp32 normalisation rounded to
+x's dtype, then the weight product rounded again. The op sums the squares in another order than eager
+PyTorch, so the reference takes the mean in float64 and the comparison allows what one last-bit change
+of the fp32 mean can do: a one-step rounding change in a few elements."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lfm_kernels import _backend
+from lfm_kernels.model.model import _cpu_rms_norm, rms_norm
+
+EPS = 1e-5
+
+pytestmark = pytest.mark.skipif(
+    _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "rms_norm"),
+    reason="needs the compiled CPU extension (lfm_kernels._C with the rms_norm op)",
+)
+
+
+def reference(x, w, eps):
+    xd = x.double()
+    r = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    normed = (xd * r).to(x.dtype)
+    return (w.double() * normed.double()).to(x.dtype)
+
+
+def ulps(a, b, dtype):
+    """|a - b| in units of dtype's spacing at |b| (0 where equal)."""
+    eps = torch.finfo(dtype).eps
+    scale = b.double().abs().clamp_min(torch.finfo(dtype).tiny) * eps
+    return ((a.double() - b.double()).abs() / scale)
+
+
+CASES = [  # (x shape, weight shape)
+    ((1, 2048), (2048,)),
+    ((3, 7, 2048), (2048,)),
+    ((2, 2051), (2051,)),
+    ((5,), (5,)),
+    ((2, 40, 64), (40, 64)),  # per-head weights stacked: q and k heads of a decode step
+    ((300, 256), (256,)),  # enough rows for the threaded path
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("xs,ws", CASES, ids=[f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}" for x, w in CASES])
+def test_rms_norm_matches_reference(xs, ws, dtype):
+    g = torch.Generator().manual_seed(hash((xs, ws)) % 2**31)
+    x = (torch.randn(xs, generator=g) * 3).to(dtype)
+    w = (1 + 0.5 * torch.randn(ws, generator=g)).to(dtype)
+    x_before = x.clone()
+    out = _cpu_rms_norm()(x, w, EPS)
+    assert torch.equal(x, x_before)
+    assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
+    ref = reference(x, w, EPS)
+    d = ulps(out, ref, dtype)
+    if dtype == torch.float32:
+        assert d.max() <= 4, d.max()
+    else:  # two roundings in dtype: a last-bit change of the fp32 mean moves a few elements one step
+        assert d.max() <= 2, d.max()
+        assert (out != ref).double().mean() < 0.01
+    # the model's entry point takes the op, and the eager formula it replaces agrees the same way
+    assert torch.equal(rms_norm(x, w, EPS), out)
+    eager = w * F.rms_norm(x, (x.shape[-1],), None, EPS)
+    assert ulps(out, eager, dtype).max() <= (4 if dtype == torch.float32 else 2)
+
+
+def test_rms_norm_is_thread_count_independent():
+    x = torch.randn(700, 2048).bfloat16()
+    w = torch.randn(2048).bfloat16()
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _cpu_rms_norm()(x, w, EPS)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(_cpu_rms_norm()(x, w, EPS), one)
+
+
+def test_rms_norm_bad_input():
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        _cpu_rms_norm()(x, torch.randn(32), EPS)
+    with pytest.raises(RuntimeError, match="dtype"):
+        _cpu_rms_norm()(x, torch.randn(64).bfloat16(), EPS)
+    # the model's entry point falls back to eager PyTorch for mixed dtypes (type promotion as transformers)
+    w = torch.randn(64, dtype=torch.float64)
+    assert rms_norm(x, w, EPS).dtype == torch.float64
