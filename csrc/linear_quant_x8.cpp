@@ -124,7 +124,8 @@ inline void groups_x_rows(const X8Args& a, int64_t g0, int64_t g1, int64_t m0) {
 
 template <class Kern, Format F, int M>
 void x8_gemv(const X8Args& a) {
-  constexpr int G = M == 1 ? 2 : 1;
+  // independent 8-row groups per tile: more streams in flight per core (see moe_tiles_quant.h)
+  constexpr int G = M == 1 ? 4 : M == 2 ? 2 : 1;
   const int64_t group_bytes = 8 * (a.K / kBlock) * Traits<F>::kBytes;
   const int64_t groups = a.N / 8;
   const int64_t threads = at::get_num_threads();

@@ -170,7 +170,7 @@ void experts_pass_quant(const int8_t* xq, const float* xd, const int32_t* xs8, c
 
 // The same pass on x8-layout weights (quant/x8.h): a work item's rows are whole 8-row groups (its
 // row range starts at a multiple of kUnits1 / kRows2, and I, H are multiples of 32), which the x8
-// tiles read in place for any token count: 2 groups x up to kQM tokens per tile, lane r = row r. No
+// tiles read in place for any token count: up to 4 groups x up to kQM tokens per tile, lane r = row r. No
 // repacking, and a result's bits do not depend on the token count, the thread count or the path.
 template <class Kern, quant::Format F>
 void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8, const uint8_t* gu, const uint8_t* dn,
@@ -182,24 +182,25 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
   const int64_t gsH = 8 * rowH, gsI = 8 * rowI;
   static_assert(kUnits1 % 8 == 0 && kRows2 % 8 == 0, "x8 work items hold whole groups");
 
-  // Phase 1: act[q, j] = silu(gate_j . x_q) * (up_j . x_q)
-  for_each_work_item(pl, active, I, kUnits1, [&](const WorkItem& it) {
+  // Phase 1: act[q, j] = silu(gate_j . x_q) * (up_j . x_q); items of 4 groups, so that a token's
+  // tile streams 4 groups at once (qx8_groups)
+  for_each_work_item(pl, active, I, 2 * kUnits1, [&](const WorkItem& it) {
     const int64_t j0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
     const uint8_t* Gp = gu + it.e * 2 * I * rowH + j0 * rowH;
     const uint8_t* Up = gu + it.e * 2 * I * rowH + (I + j0) * rowH;
-    alignas(32) float rg[kQM * 16], ru[kQM * 16];
+    alignas(32) float rg[kQM * kX8Res], ru[kQM * kX8Res];
     for (int64_t t = 0; t < me; t += kQM) {
       const int M = static_cast<int>(std::min<int64_t>(kQM, me - t));
       const int8_t* xm = xq + (q0 + t) * H;
       const float* dm = xd + (q0 + t) * nbH;
       const int32_t* sm = xs8 + (q0 + t) * nbH;
-      for (int64_t g0 = 0; g0 < ng; g0 += 2) {
-        const int Gn = static_cast<int>(std::min<int64_t>(2, ng - g0));
-        qx8<Kern, F>(Gn, M, Gp + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, rg);
-        qx8<Kern, F>(Gn, M, Up + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, ru);
+      for (int64_t g0 = 0, Gn = 0; g0 < ng; g0 += Gn) {
+        Gn = qx8_groups(M, ng - g0);
+        qx8<Kern, F>(static_cast<int>(Gn), M, Gp + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, rg);
+        qx8<Kern, F>(static_cast<int>(Gn), M, Up + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, ru);
         for (int m = 0; m < M; ++m)
           for (int c = 0; c < 8 * Gn; ++c)
-            act[(q0 + t + m) * I + j0 + 8 * g0 + c] = silu(rg[m * 16 + c]) * ru[m * 16 + c];
+            act[(q0 + t + m) * I + j0 + 8 * g0 + c] = silu(rg[m * kX8Res + c]) * ru[m * kX8Res + c];
       }
     }
   });
@@ -217,17 +218,17 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
   for_each_work_item(pl, active, H, kRows2, [&](const WorkItem& it) {
     const int64_t h0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
     const uint8_t* D = dn + it.e * H * rowI + h0 * rowI;
-    alignas(32) float res[kQM * 16];
+    alignas(32) float res[kQM * kX8Res];
     for (int64_t t = 0; t < me; t += kQM) {
       const int M = static_cast<int>(std::min<int64_t>(kQM, me - t));
       const int8_t* am = aq + (q0 + t) * I;
       const float* dm = ad + (q0 + t) * nbI;
       const int32_t* sm = as8 + (q0 + t) * nbI;
-      for (int64_t g0 = 0; g0 < ng; g0 += 2) {
-        const int Gn = static_cast<int>(std::min<int64_t>(2, ng - g0));
-        qx8<Kern, F>(Gn, M, D + g0 * gsI, gsI, nbI, am, I, dm, nbI, sm, nbI, res);
+      for (int64_t g0 = 0, Gn = 0; g0 < ng; g0 += Gn) {
+        Gn = qx8_groups(M, ng - g0);
+        qx8<Kern, F>(static_cast<int>(Gn), M, D + g0 * gsI, gsI, nbI, am, I, dm, nbI, sm, nbI, res);
         for (int m = 0; m < M; ++m)
-          for (int c = 0; c < 8 * Gn; ++c) y[(q0 + t + m) * H + h0 + 8 * g0 + c] = res[m * 16 + c];
+          for (int c = 0; c < 8 * Gn; ++c) y[(q0 + t + m) * H + h0 + 8 * g0 + c] = res[m * kX8Res + c];
       }
     }
   });
