@@ -76,10 +76,12 @@ def _always_unpatch():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_default_attention_is_replaced(kind):
-    """Without a request, a model built after patch() runs our attention entry (decode on the kernel)."""
+    """Without a request, a model built after patch() runs our attention entry (decode on the kernel),
+    under transformers' own name for the default."""
     lfm_kernels.patch()
     model = model_class(kind)(make_config(kind))
-    assert model.config._attn_implementation == integ.IMPL_NAME
+    assert model.config._attn_implementation == "sdpa"
+    assert integ.attention_implementation(model) == integ.IMPL_NAME
 
 
 @pytest.mark.parametrize("requested", ["eager", "sdpa"])
