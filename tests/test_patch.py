@@ -121,6 +121,10 @@ def originals():
         "dense_conv": modeling_lfm2.Lfm2ShortConv.__dict__["forward"],
         "moe_post_init": modeling_lfm2_moe.Lfm2MoePreTrainedModel.__dict__.get("post_init"),
         "dense_post_init": modeling_lfm2.Lfm2PreTrainedModel.__dict__.get("post_init"),
+        "moe_set_attn": modeling_lfm2_moe.Lfm2MoePreTrainedModel.__dict__.get("set_attn_implementation"),
+        "dense_set_attn": modeling_lfm2.Lfm2PreTrainedModel.__dict__.get("set_attn_implementation"),
+        "moe_attention_lookup": modeling_lfm2_moe.ALL_ATTENTION_FUNCTIONS,
+        "dense_attention_lookup": modeling_lfm2.ALL_ATTENTION_FUNCTIONS,
         "attention": dict(AttentionInterface._global_mapping),
         "masks": dict(AttentionMaskInterface._global_mapping),
         "experts": dict(ExpertsInterface._global_mapping),
@@ -148,7 +152,8 @@ def test_logits_match_and_kernels_run(kind, calls):
     with torch.no_grad():
         ref = model(ids).logits
     assert lfm_kernels.patch(model) is model
-    assert model.config._attn_implementation == integ.IMPL_NAME
+    assert model.config._attn_implementation == "sdpa"  # the default keeps its name ...
+    assert integ.attention_implementation(model) == integ.IMPL_NAME  # ... and runs ours
     with torch.no_grad():
         out = model(ids).logits
     assert rel_err(out, ref) < TOL[torch.float32]
@@ -263,7 +268,8 @@ def test_unpatch_restores_originals_and_bits():
     patched = make_model("moe", seed=3)  # built while patched: post_init patches it
     patched_dense = make_model("dense", seed=4)
     assert isinstance(patched.lm_head, integ.KernelLinear)
-    assert patched.config._attn_implementation == integ.IMPL_NAME
+    assert patched.config._attn_implementation == "sdpa"  # the default keeps its name ...
+    assert integ.attention_implementation(patched) == integ.IMPL_NAME  # ... and runs ours
     lfm_kernels.patch(patched)  # an already patched model: harmless
     lfm_kernels.patch(never_dense)
     ids = prompt(9)
@@ -295,7 +301,8 @@ def test_from_pretrained_patch_before_and_after(kind, tmp_path, calls):
 
     lfm_kernels.patch()
     loaded = cls.from_pretrained(tmp_path).eval()
-    assert loaded.config._attn_implementation == integ.IMPL_NAME
+    assert loaded.config._attn_implementation == "sdpa"  # the default keeps its name ...
+    assert integ.attention_implementation(loaded) == integ.IMPL_NAME  # ... and runs ours
     assert isinstance(loaded.lm_head, integ.KernelLinear)
     assert torch.equal(greedy(loaded, ids, n=12), ref)
     assert calls["short_conv"] > 0 and calls["decode_attention"] > 0
@@ -503,7 +510,8 @@ def test_from_pretrained_keeps_the_requested_attention(kind, asked, tmp_path, ca
     assert torch.equal(greedy(loaded, ids, n=6), ref)
     assert calls["decode_attention"] == 0 and calls["short_conv"] > 0  # the rest is still ours
     default = _dense_or_moe_cls(kind).from_pretrained(tmp_path).eval()
-    assert default.config._attn_implementation == integ.IMPL_NAME
+    assert default.config._attn_implementation == "sdpa"  # the default keeps its name ...
+    assert integ.attention_implementation(default) == integ.IMPL_NAME  # ... and runs ours
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -567,7 +575,8 @@ def test_deepcopy_of_patched_model_works_after_unpatch(how):
         model = make_model("moe")
     else:
         model = lfm_kernels.patch(make_model("moe"))
-    assert model.config._attn_implementation == integ.IMPL_NAME
+    assert model.config._attn_implementation == "sdpa"  # the default keeps its name ...
+    assert integ.attention_implementation(model) == integ.IMPL_NAME  # ... and runs ours
     twin = copy.deepcopy(model)
     ids = prompt(8)
     with torch.no_grad():

@@ -114,6 +114,9 @@ def load_hooks() -> Hooks:
         for name, cls in zip((conv_name, router_name, base_name, experts_name), classes):
             if name and cls is None:
                 missing.append(f"{module_name}.{name}")
+        # The attention layers look their function up through this module-level name (the patch's "sdpa").
+        if not hasattr(mod, "ALL_ATTENTION_FUNCTIONS"):
+            missing.append(f"{module_name}.ALL_ATTENTION_FUNCTIONS")
         modules[module_name] = (mod, *classes)
     if missing:
         raise _unsupported(version, missing)

@@ -21,6 +21,9 @@ class _State:
     # id(config) -> (weakref(config), attention asked for, experts asked for) as the config stood when the
     # first model was built from it while the classes were patched (None: the user left the default)
     requested: dict = field(default_factory=dict)
+    # id(config) -> (weakref(config),): configs whose "sdpa" is transformers' default, not a request. Kept
+    # here rather than on the config so that it never reaches config.json, to_dict() or config equality.
+    default_attn: dict = field(default_factory=dict)
     # modules patch(model, quant=...) quantized: their float weights are gone, so unpatch() refuses while any lives
     quantized: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)
 
@@ -61,17 +64,46 @@ def record_request(config) -> None:
         )
 
 
+def record_attn_request(config, name) -> None:
+    """An attention implementation asked for by name after the model was built (set_attn_implementation)."""
+    entry = state.requested.get(id(config))
+    experts = entry[2] if entry is not None and entry[0]() is config else MISSING
+    state.requested[id(config)] = (weakref.ref(config), name, experts)
+
+
 def requested(config, kind: str):
-    """(known, value): what the config asked for ("attn" or "experts"), when a patched __init__ saw it."""
+    """(known, value): what the config asked for ("attn" or "experts"), when a patched __init__ (or, for
+    attention, a patched set_attn_implementation) saw it."""
     entry = state.requested.get(id(config))
     if entry is None or entry[0]() is not config:
         return False, None
-    return True, entry[1] if kind == "attn" else entry[2]
+    value = entry[1] if kind == "attn" else entry[2]
+    if value is MISSING:
+        return False, None
+    return True, value
+
+
+def mark_default_attention(config) -> None:
+    """Record that config's "sdpa" is the implementation transformers chose by default."""
+    state.default_attn[id(config)] = (weakref.ref(config),)
+
+
+def unmark_default_attention(config) -> None:
+    """An implementation was asked for by name: config's "sdpa" (if it is one) now means torch's SDPA."""
+    entry = state.default_attn.get(id(config))
+    if entry is not None and entry[0]() is config:
+        del state.default_attn[id(config)]
+
+
+def default_attention(config) -> bool:
+    """True when config is on "sdpa" because nobody asked for an implementation (ours may run instead)."""
+    entry = state.default_attn.get(id(config))
+    return entry is not None and entry[0]() is config and config._attn_implementation == "sdpa"
 
 
 def copy_config_records(source, copy) -> None:
     """A copy of a recorded config gets the same records, so unpatch() restores the copy too."""
-    for table in (state.configs, state.requested):
+    for table in (state.configs, state.requested, state.default_attn):
         entry = table.get(id(source))
         if entry is not None and entry[0]() is source:
             table[id(copy)] = (weakref.ref(copy), *entry[1:])
@@ -103,6 +135,7 @@ def undo() -> None:
             config._experts_implementation_internal = "eager" if experts in (None, IMPL_NAME) else experts
     state.configs.clear()
     state.requested.clear()
+    state.default_attn.clear()
     for module in list(state.modules):
         if type(module) is KernelLinear:
             module.__class__ = nn.Linear

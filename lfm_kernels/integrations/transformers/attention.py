@@ -1,6 +1,15 @@
 """Attention: an AttentionInterface entry "lfm_kernels" that sends one-token decode steps to
-`lfm_kernels.decode_attention` and everything else to the implementation the model had before, and
-an AttentionMaskInterface entry that builds that implementation's mask."""
+`lfm_kernels.decode_attention` and everything else to the implementation the model had before, an
+AttentionMaskInterface entry that builds that implementation's mask, and the "sdpa" seen by the LFM2
+modeling modules, which runs that same entry for models left on transformers' default.
+
+A model nobody asked an implementation of keeps transformers' name for it, "sdpa" (so code and tests
+that read `config._attn_implementation` see what they see without the patch), yet runs our entry. The
+LFM2 modeling modules look their attention function up in a module-level `ALL_ATTENTION_FUNCTIONS`; the
+patch points that name at an AttentionInterface of its own whose local "sdpa" asks, per call, whether
+the module's config is on the unrequested default (a record in the ledger, never on the config) and
+otherwise runs transformers' global "sdpa", so an explicit "sdpa" is torch's SDPA. Other models,
+which look up transformers' own ALL_ATTENTION_FUNCTIONS, never see it."""
 
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ import torch
 from ...ops.decode_attention import _tuned_head_dim
 from ._common import KERNEL_DTYPES, kernel, kernel_device, no_grad_needed
 from ._hooks import load_hooks
-from ._ledger import IMPL_NAME, previous_impl
+from ._ledger import IMPL_NAME, default_attention, is_patched, previous_impl
 
 
 def _base_attention_name(config) -> str:
@@ -99,3 +108,52 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if fn is None:
         fn = hooks.sdpa_attention_forward
     return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def default_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
+    """The LFM2 modules' "sdpa": our entry for a model left on the default, transformers' sdpa otherwise."""
+    if default_attention(getattr(module, "config", None)):
+        return attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # Looked up per call: a "sdpa" registered globally after patch() is what an explicit request gets.
+    return load_hooks().AttentionInterface._global_mapping["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def make_local_interface(hooks):
+    """The AttentionInterface the LFM2 modeling modules get: transformers' entries, "sdpa" overridden."""
+    interface = hooks.AttentionInterface()
+    interface["sdpa"] = default_sdpa_forward  # a local entry: transformers' global mapping is untouched
+    interface._lfm_kernels_local = True
+    return interface
+
+
+def _head_dim(config) -> int | None:
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim:
+        return int(head_dim)
+    try:
+        return int(config.hidden_size) // int(config.num_attention_heads)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def attention_implementation(model) -> str:
+    """Which attention implementation a transformers model runs right now.
+
+    "lfm_kernels" when the patch routes it through our entry (one-token decode steps on
+    `lfm_kernels.decode_attention`, everything else on the implementation named before ours): the model
+    was left on transformers' default while patched, even though `config._attn_implementation` says
+    "sdpa", or it asked for "lfm_kernels" by name. Otherwise the name transformers runs: "sdpa" (torch's
+    SDPA), "eager", ... A model whose head size our kernel does not take reports the implementation our
+    entry falls back to, since that is what runs. Each call can still fall back for a case the kernel
+    does not cover (gradients needed, an unsupported dtype or device, sliding window).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise TypeError(f"model must be a transformers model (with a .config), got {type(model).__name__}")
+    name = config._attn_implementation
+    if not is_patched() or not (name == IMPL_NAME or default_attention(config)):
+        return name
+    head_dim = _head_dim(config)
+    if head_dim is None or not _tuned_head_dim(head_dim):
+        return _base_attention_name(config)
+    return IMPL_NAME

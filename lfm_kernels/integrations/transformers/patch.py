@@ -12,6 +12,8 @@ from ._hooks import Hooks, load_hooks
 from ._ledger import (
     IMPL_NAME,
     copy_config_records,
+    mark_default_attention,
+    record_attn_request,
     record_config,
     record_request,
     register,
@@ -20,8 +22,9 @@ from ._ledger import (
     state,
     track,
     undo,
+    unmark_default_attention,
 )
-from .attention import attention_forward, mask_function
+from .attention import attention_forward, make_local_interface, mask_function
 from .linear import KernelLinear
 from .moe import experts_forward, make_router_forward
 from .quant import alive_quantized, check_quantizable, quantize_model, resolve_mode
@@ -49,6 +52,34 @@ def _register_interfaces(hooks: Hooks) -> None:
     register(hooks.AttentionInterface._global_mapping, IMPL_NAME, attention_forward)
     register(hooks.AttentionMaskInterface._global_mapping, IMPL_NAME, mask_function)
     register(hooks.ExpertsInterface._global_mapping, IMPL_NAME, experts_forward)
+
+
+def _install_attention(hooks: Hooks) -> None:
+    """The LFM2 modeling modules' "sdpa" runs our entry for models left on the default (see attention.py),
+    and set_attn_implementation() on their models counts as a request by name."""
+    for mod, _conv_cls, _router_cls, base_cls, _experts_cls in hooks.modules.values():
+        if not getattr(mod.ALL_ATTENTION_FUNCTIONS, "_lfm_kernels_local", False):
+            set_class_attr(mod, "ALL_ATTENTION_FUNCTIONS", make_local_interface(hooks))
+        if not getattr(base_cls.set_attn_implementation, "_lfm_kernels_original", None):
+            set_class_attr(base_cls, "set_attn_implementation", _make_set_attn_implementation(base_cls.set_attn_implementation))
+
+
+def _make_set_attn_implementation(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        result = original(self, attn_implementation, *args, **kwargs)
+        # A dict without "" names sub-configs only (LFM2 has none): the model's own choice is unchanged.
+        asked = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+        if asked is not None:
+            for module in self.modules():
+                config = getattr(module, "config", None)
+                if config is not None and hasattr(module, "set_attn_implementation"):
+                    unmark_default_attention(config)  # from now on "sdpa" means torch's SDPA
+                    record_attn_request(config, asked)
+        return result
+
+    set_attn_implementation._lfm_kernels_original = original
+    return set_attn_implementation
 
 
 def _patch_classes(hooks: Hooks) -> None:
@@ -96,19 +127,23 @@ def _default_chosen(config, kind: str) -> bool:
     """True when the model runs the implementation transformers picked by default (ours may replace it).
 
     An implementation the user asked for (`attn_implementation=` in from_pretrained or the config,
-    a config set to "eager", `output_attentions`) is kept. For a model built before patch(), where the
-    request was not seen, "sdpa" / "grouped_mm" count as the default: they are what transformers picks
-    for these models, and an explicit request for them can no longer be told apart.
+    `set_attn_implementation()` while patched, a config set to "eager", `output_attentions`) is kept.
+    For a model built before patch(), where the request was not seen, "sdpa" / "grouped_mm" count as
+    the default: they are what transformers picks for these models, and an explicit request for them
+    can no longer be told apart.
     """
-    current = config._attn_implementation if kind == "attn" else config._experts_implementation
-    if kind == "attn" and getattr(config, "output_attentions", False):
-        return False
+    if kind == "attn":
+        if config._attn_implementation != "sdpa" or getattr(config, "output_attentions", False):
+            return False
+        known, asked = requested(config, kind)
+        return not known or asked is None
+    current = config._experts_implementation
     known, asked = requested(config, kind)
     if known:
         if asked is not None and asked != IMPL_NAME:
             return False
-        return current in (("sdpa", "eager") if kind == "attn" else ("grouped_mm", "eager", "batched_mm"))
-    return current in (("sdpa",) if kind == "attn" else ("grouped_mm",))
+        return current in ("grouped_mm", "eager", "batched_mm")
+    return current == "grouped_mm"
 
 
 def _make_post_init(original: Callable) -> Callable:
@@ -146,7 +181,8 @@ def _patch_model(model, hooks: Hooks, instance_forwards: bool) -> None:
     record_config(config, config._attn_implementation, config._experts_implementation)
     _hook_config_copies(config)
     if _default_chosen(config, "attn"):
-        model.set_attn_implementation(IMPL_NAME)
+        # The config keeps transformers' "sdpa"; the LFM2 modules' "sdpa" runs our entry for it.
+        mark_default_attention(config)
     if has_experts and _default_chosen(config, "experts"):
         model.set_experts_implementation(IMPL_NAME)
 
@@ -156,7 +192,13 @@ def patch(model=None, quant=None):
 
     patch(): patch the classes, so every model built afterwards (from_pretrained included) and the short
     conv / router of existing models use our kernels. patch(model): patch that model's modules and
-    settings only, and return it. Calling either twice is harmless; unpatch() undoes both.
+    settings only, and return it (both also register our interface entries and give the LFM2 modeling
+    modules their attention lookup, which change nothing for a model that is not patched). Calling
+    either twice is harmless; unpatch() undoes both.
+
+    A model left on its default attention keeps reporting transformers' "sdpa" and runs our entry; one
+    asked for by name (from_pretrained, the config, set_attn_implementation) runs exactly that:
+    `attention_implementation(model)` says which.
 
     patch(model, quant="q8_0" | "q4_0"): patch(model), and quantize the model's weights in place to GGUF's
     Q8_0 / Q4_0 blocks, run by the quantized CPU kernels (int8 activations, integer dot products):
@@ -200,6 +242,7 @@ def patch(model=None, quant=None):
     if quant is not None:
         check_quantizable(model, quant)
     _register_interfaces(hooks)
+    _install_attention(hooks)
     if model is None:
         _patch_classes(hooks)
         return None
