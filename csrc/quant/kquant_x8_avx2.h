@@ -96,31 +96,31 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
         for (int i = 0; i < 4; ++i) scv[i] = ld(blk + 1536 + 32 * i);
         __m256i S[M], O[M];
         for (int m = 0; m < M; ++m) S[m] = O[m] = _mm256_setzero_si256();
+        __m256i sc[16];  // sub-block j's scale in both int16 halves of each lane
+        for (int j = 0; j < 16; ++j) sc[j] = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[j / 4], dup[j % 4]), 8);
         for (int h = 0; h < 2; ++h)
-          for (int k = 0; k < 4; ++k)
-            for (int tp = 0; tp < 4; ++tp) {
-              // elements 128h + 32k + 4t .. + 3 for t = 2tp, 2tp + 1: sub-block of 16 j below
-              const int j = 8 * h + 2 * k + tp / 2;
-              __m256i p[M];
-              for (int m = 0; m < M; ++m) p[m] = _mm256_setzero_si256();
-              for (int t = 2 * tp; t < 2 * tp + 2; ++t) {
-                const __m256i l = ld(blk + 32 * (16 * h + 8 * (k & 1) + t));
-                const __m256i qh = ld(blk + 1024 + 32 * (8 * h + t));
-                const __m256i lo = k < 2 ? _mm256_and_si256(l, m4) : _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
-                __m256i hb;
-                switch (k) {
-                  case 0: hb = _mm256_slli_epi16(qh, 4); break;
-                  case 1: hb = _mm256_slli_epi16(qh, 2); break;
-                  case 2: hb = qh; break;
-                  default: hb = _mm256_srli_epi16(qh, 2); break;
-                }
-                const __m256i q = _mm256_or_si256(lo, _mm256_and_si256(hb, m30));
+          for (int tp = 0; tp < 4; ++tp) {
+            // elements 128h + 32k + 4t .. + 3 for k < 4 and t = 2tp, 2tp + 1: sub-block 8h + 2k + tp / 2
+            __m256i p[4][M];
+            for (int k = 0; k < 4; ++k)
+              for (int m = 0; m < M; ++m) p[k][m] = _mm256_setzero_si256();
+            for (int t = 2 * tp; t < 2 * tp + 2; ++t) {
+              const __m256i la = ld(blk + 32 * (16 * h + t)), lb = ld(blk + 32 * (16 * h + 8 + t));
+              const __m256i qh = ld(blk + 1024 + 32 * (8 * h + t));
+              const __m256i q[4] = {
+                  _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                  _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+                  _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4), _mm256_and_si256(qh, m30)),
+                  _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
+                                  _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30))};
+              for (int k = 0; k < 4; ++k)
                 for (int m = 0; m < M; ++m)
-                  p[m] = _mm256_add_epi16(p[m], _mm256_maddubs_epi16(q, bcast4(x[m] + 128 * h + 32 * k + 4 * t)));
-              }
-              const __m256i sc = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[j / 4], dup[j % 4]), 8);
-              for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(p[m], sc));
+                  p[k][m] = _mm256_add_epi16(p[k][m], _mm256_maddubs_epi16(q[k], bcast4(x[m] + 128 * h + 32 * k + 4 * t)));
             }
+            for (int k = 0; k < 4; ++k)
+              for (int m = 0; m < M; ++m)
+                S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(p[k][m], sc[8 * h + 2 * k + tp / 2]));
+          }
         // the -32 of every q: 32 * sum_j sc_j * sum(x_j), scales paired (sc_2i, sc_2i+1) as int16
         for (int i = 0; i < 8; ++i) {
           const __m256i sp = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[i / 2], pair[i % 2]), 8);
