@@ -1,6 +1,8 @@
 """K-quant `linear` decode and prefill rates on this machine, in one process.
 
-    python bench/kquant_decode.py [--layouts rows,x8] [--prefill]
+    PYTHONPATH=. python bench/kquant_decode.py [--layouts rows,x8] [--prefill]
+
+(from the repository root: PYTHONPATH makes it time this checkout's package, not an installed one).
 
 Prints, for Q4_K / Q5_K / Q6_K weights of the shapes a decoded LFM2.5-8B-A1B token reads ([N, K]:
 2048 x 2048 attention / conv projections, 3584 x 2048 an expert's gate_up, 2048 x 1792 its down):
