@@ -11,6 +11,13 @@
 // integers and fused fp32 steps, so every result is one fixed-order sum of its own row and token:
 // the bits depend neither on the thread count nor on the tokens an expert shares a pass with, and
 // the portable and AVX2 paths agree bit for bit.
+//
+// moe_experts_kquant_x8 is the same op on weights in the x8 layout (quant/kquant_x8.h: each expert's
+// rows interleaved in groups of 8, the same bytes; every work item's rows are whole groups): its
+// work items stream the groups through the x8 tile, kKM tokens at a time (phase 1: a gate group and
+// the matching up group in one tile), at any token count: an expert's prefill work item has too few
+// tokens (128 tokens x top-4 / 32 experts: about 16) to repay packing its rows into panels, which
+// measured 1.8x slower than these tiles. Same bits as on the rows layout.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -20,6 +27,7 @@
 #include "moe_plan.h"
 #include "quant/gemm_loops.h"
 #include "quant/kquant_kernels.h"
+#include "quant/kquant_x8_loops.h"
 #include "quant/quant.h"
 
 namespace lfmk {
@@ -37,18 +45,24 @@ constexpr int64_t kKPackMinTokens = 6;
 
 // Phase 1: act[q, j] = silu(gate_j . x_q) * (up_j . x_q) for every sorted pair q.
 template <class Kern, KFormat F>
-void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, float* act) {
+void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, float* act, bool x8) {
   const int64_t nsb = H / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
   for_each_work_item(pl, pl.active, I, kUnits1, [&](const WorkItem& it) {
     const int64_t j0 = it.r0, j1 = it.r1, q0 = it.q0, me = it.tokens, nu = j1 - j0;
     const uint8_t* G = gu + it.e * 2 * I * row;
     const uint8_t* U = G + I * row;
     if constexpr (Kern::kPacked) {
-      if (me >= kKPackMinTokens) {
+      if (me >= kKPackMinTokens && !x8) {
         const int64_t gs = nsb * Kern::template pack_bytes<F>(), ng = (nu + 7) / 8;
         quant::KAlignedBytes pk(2 * ng * gs);
-        quant::kpack_rows<Kern, F>(G + j0 * row, row, nu, nsb, pk.p);
-        quant::kpack_rows<Kern, F>(U + j0 * row, row, nu, nsb, pk.p + ng * gs);
+        if (x8) {
+          quant::KAlignedBytes scratch(8 * row);
+          quant::kpack_rows_x8<Kern, F>(G + j0 * row, row, nu, nsb, pk.p, scratch.p);
+          quant::kpack_rows_x8<Kern, F>(U + j0 * row, row, nu, nsb, pk.p + ng * gs, scratch.p);
+        } else {
+          quant::kpack_rows<Kern, F>(G + j0 * row, row, nu, nsb, pk.p);
+          quant::kpack_rows<Kern, F>(U + j0 * row, row, nu, nsb, pk.p + ng * gs);
+        }
         alignas(32) float rg[kKM * 8], ru[kKM * 8];
         for (int64_t t = 0; t < me; t += kKM) {
           const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
@@ -66,6 +80,24 @@ void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan
     if (me > kKM) {
       prefetch_block(G + j0 * row, nu * row);
       prefetch_block(U + j0 * row, nu * row);
+    }
+    if (x8) {
+      // gate group j / 8 and up group (I + j) / 8 as the two groups of one tile (I * row bytes apart)
+      alignas(32) float r2[kKM * 16];
+      for (int64_t t = 0; t < me; t += kKM) {
+        const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
+        for (int64_t j = j0; j < j1; j += 8) {
+          if (M == 1)
+            quant::kx8_tile_m<Kern, F, 2>(M, G + j * row, I * row, x, q0 + t, r2, 16);
+          else {
+            quant::kx8_tile_m<Kern, F, 1>(M, G + j * row, I * row, x, q0 + t, r2, 16);
+            quant::kx8_tile_m<Kern, F, 1>(M, U + j * row, I * row, x, q0 + t, r2 + 8, 16);
+          }
+          for (int m = 0; m < M; ++m)
+            for (int r = 0; r < 8; ++r) act[(q0 + t + m) * I + j + r] = silu(r2[m * 16 + r]) * r2[m * 16 + 8 + r];
+        }
+      }
+      return;
     }
     float rg[4 * kKM], ru[4 * kKM];
     for (int64_t t = 0; t < me; t += kKM) {
@@ -85,16 +117,21 @@ void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan
 
 // Phase 2: y[q, h] = down[e, h] . act[q] (act quantized into a).
 template <class Kern, KFormat F>
-void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, float* y) {
+void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, float* y, bool x8) {
   const int64_t nsb = I / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
   for_each_work_item(pl, pl.active, H, kRows2, [&](const WorkItem& it) {
     const int64_t h0 = it.r0, h1 = it.r1, q0 = it.q0, me = it.tokens, nh = h1 - h0;
     const uint8_t* D = dn + it.e * H * row;
     if constexpr (Kern::kPacked) {
-      if (me >= kKPackMinTokens) {
+      if (me >= kKPackMinTokens && !x8) {
         const int64_t gs = nsb * Kern::template pack_bytes<F>(), ng = (nh + 7) / 8;
         quant::KAlignedBytes pk(ng * gs);
-        quant::kpack_rows<Kern, F>(D + h0 * row, row, nh, nsb, pk.p);
+        if (x8) {
+          quant::KAlignedBytes scratch(8 * row);
+          quant::kpack_rows_x8<Kern, F>(D + h0 * row, row, nh, nsb, pk.p, scratch.p);
+        } else {
+          quant::kpack_rows<Kern, F>(D + h0 * row, row, nh, nsb, pk.p);
+        }
         alignas(32) float res[kKM * 8];
         for (int64_t t = 0; t < me; t += kKM) {
           const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
@@ -109,6 +146,13 @@ void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan
       }
     }
     if (me > kKM) prefetch_block(D + h0 * row, nh * row);
+    if (x8) {
+      for (int64_t t = 0; t < me; t += kKM) {
+        const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
+        quant::kx8_groups<Kern, F>(M, D, 8 * row, h0 / 8, h1 / 8, a, q0 + t, y + (q0 + t) * H, H);
+      }
+      return;
+    }
     float res[4 * kKM];
     for (int64_t t = 0; t < me; t += kKM) {
       const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
@@ -125,25 +169,28 @@ void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan
 }
 
 template <class Kern>
-void phase1_fmt(KFormat f, const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, float* act) {
+void phase1_fmt(KFormat f, const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, float* act,
+                bool x8) {
   switch (f) {
-    case KFormat::Q4_K: return kphase1<Kern, KFormat::Q4_K>(x, gu, H, I, pl, act);
-    case KFormat::Q5_K: return kphase1<Kern, KFormat::Q5_K>(x, gu, H, I, pl, act);
-    case KFormat::Q6_K: return kphase1<Kern, KFormat::Q6_K>(x, gu, H, I, pl, act);
+    case KFormat::Q4_K: return kphase1<Kern, KFormat::Q4_K>(x, gu, H, I, pl, act, x8);
+    case KFormat::Q5_K: return kphase1<Kern, KFormat::Q5_K>(x, gu, H, I, pl, act, x8);
+    case KFormat::Q6_K: return kphase1<Kern, KFormat::Q6_K>(x, gu, H, I, pl, act, x8);
   }
 }
 template <class Kern>
-void phase2_fmt(KFormat f, const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, float* y) {
+void phase2_fmt(KFormat f, const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, float* y,
+                bool x8) {
   switch (f) {
-    case KFormat::Q4_K: return kphase2<Kern, KFormat::Q4_K>(a, dn, H, I, pl, y);
-    case KFormat::Q5_K: return kphase2<Kern, KFormat::Q5_K>(a, dn, H, I, pl, y);
-    case KFormat::Q6_K: return kphase2<Kern, KFormat::Q6_K>(a, dn, H, I, pl, y);
+    case KFormat::Q4_K: return kphase2<Kern, KFormat::Q4_K>(a, dn, H, I, pl, y, x8);
+    case KFormat::Q5_K: return kphase2<Kern, KFormat::Q5_K>(a, dn, H, I, pl, y, x8);
+    case KFormat::Q6_K: return kphase2<Kern, KFormat::Q6_K>(a, dn, H, I, pl, y, x8);
   }
 }
 
 template <class Kern>
 void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, const uint8_t* gu, const uint8_t* dn,
-                            const int64_t* idp, const float* twp, int64_t E, int64_t I, int64_t k, at::Tensor& out) {
+                            const int64_t* idp, const float* twp, int64_t E, int64_t I, int64_t k, at::Tensor& out,
+                            bool x8) {
   const int64_t N = hidden.size(0), H = hidden.size(1);
   // every token once, whatever number of experts chose it
   KActs tok(N, H);
@@ -159,12 +206,12 @@ void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, co
     parallel_for(nt * k, std::max<int64_t>(1, (1 << 16) / H), [&](int64_t a, int64_t b) {
       for (int64_t q = a; q < b; ++q) xs.copy_row(q, tok, pl.tok[q]);
     });
-    phase1_fmt<Kern>(fg, xs, gu, H, I, pl, act.data());
+    phase1_fmt<Kern>(fg, xs, gu, H, I, pl, act.data(), x8);
     // act's rows (every pair of the chunk belongs to an active expert) -> int8 for phase 2
     parallel_for(nt * k, std::max<int64_t>(1, (1 << 14) / I), [&](int64_t a, int64_t b) {
       for (int64_t q = a; q < b; ++q) quant::quantize_act_k<Kern, float>(act.data() + q * I, as, q);
     });
-    phase2_fmt<Kern>(fd, as, dn, H, I, pl, y.data());
+    phase2_fmt<Kern>(fd, as, dn, H, I, pl, y.data(), x8);
     LFMK_DISPATCH_FLOAT(out.scalar_type(), "moe_experts_kquant", [&] {
       combine<scalar_t>(y.data(), twp, pl, n0, nt, k, H, mptr<scalar_t>(out));
     });
@@ -174,42 +221,42 @@ void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, co
 // gate_up_q: [E, 2I, H] in gate_up_format blocks, down_q: [E, H, I] in down_format blocks (raw
 // bytes, any uint8 shape with the right count). Validated in Python (lfm_kernels/ops/moe.py) with
 // friendlier messages; these checks guard the memory safety of a direct call.
-at::Tensor moe_experts_kquant_cpu(const at::Tensor& hidden_in, const at::Tensor& gate_up_q, const at::Tensor& down_q,
-                                  c10::string_view gate_up_format, c10::string_view down_format, int64_t E, int64_t I,
-                                  const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
+at::Tensor moe_experts_kquant_any(const char* op, bool x8, const at::Tensor& hidden_in, const at::Tensor& gate_up_q,
+                                  const at::Tensor& down_q, c10::string_view gate_up_format, c10::string_view down_format,
+                                  int64_t E, int64_t I, const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
   KFormat fg{}, fd{};
   TORCH_CHECK_VALUE(quant::parse_kformat(std::string(gate_up_format), &fg),
-                    "moe_experts_kquant: gate_up_format must be 'q4_k', 'q5_k' or 'q6_k', got '", gate_up_format, "'");
+                    op, ": gate_up_format must be 'q4_k', 'q5_k' or 'q6_k', got '", gate_up_format, "'");
   TORCH_CHECK_VALUE(quant::parse_kformat(std::string(down_format), &fd),
-                    "moe_experts_kquant: down_format must be 'q4_k', 'q5_k' or 'q6_k', got '", down_format, "'");
-  TORCH_CHECK_VALUE(hidden_in.dim() == 2, "moe_experts_kquant: hidden must be [N, H], got ", hidden_in.sizes());
+                    op, ": down_format must be 'q4_k', 'q5_k' or 'q6_k', got '", down_format, "'");
+  TORCH_CHECK_VALUE(hidden_in.dim() == 2, op, ": hidden must be [N, H], got ", hidden_in.sizes());
   const auto xdt = hidden_in.scalar_type();
   TORCH_CHECK_VALUE(xdt == at::kFloat || xdt == at::kBFloat16 || xdt == at::kHalf,
-                    "moe_experts_kquant: hidden must be float32, bfloat16 or float16, got ", xdt);
+                    op, ": hidden must be float32, bfloat16 or float16, got ", xdt);
   const int64_t N = hidden_in.size(0), H = hidden_in.size(1);
   TORCH_CHECK_VALUE(H > 0 && H % quant::kSuper == 0,
-                    "moe_experts_kquant: H (hidden's last dimension) must be a positive multiple of 256, got ", H);
-  TORCH_CHECK_VALUE(I > 0 && I % quant::kSuper == 0, "moe_experts_kquant: I must be a positive multiple of 256, got ", I);
-  TORCH_CHECK_VALUE(E > 0, "moe_experts_kquant: num_experts must be positive, got ", E);
+                    op, ": H (hidden's last dimension) must be a positive multiple of 256, got ", H);
+  TORCH_CHECK_VALUE(I > 0 && I % quant::kSuper == 0, op, ": I must be a positive multiple of 256, got ", I);
+  TORCH_CHECK_VALUE(E > 0, op, ": num_experts must be positive, got ", E);
   const int64_t gu_bytes = E * 2 * I * (H / quant::kSuper) * quant::kblock_bytes(fg);
   const int64_t dn_bytes = E * H * (I / quant::kSuper) * quant::kblock_bytes(fd);
   TORCH_CHECK_VALUE(gate_up_q.scalar_type() == at::kByte && gate_up_q.numel() == gu_bytes,
-                    "moe_experts_kquant: gate_up_q must be uint8 holding ", gu_bytes, " bytes (", gate_up_format,
+                    op, ": gate_up_q must be uint8 holding ", gu_bytes, " bytes (", gate_up_format,
                     " blocks of [", E, ", ", 2 * I, ", ", H, "]), got ", gate_up_q.scalar_type(), " with ",
                     gate_up_q.numel());
   TORCH_CHECK_VALUE(down_q.scalar_type() == at::kByte && down_q.numel() == dn_bytes,
-                    "moe_experts_kquant: down_q must be uint8 holding ", dn_bytes, " bytes (", down_format,
+                    op, ": down_q must be uint8 holding ", dn_bytes, " bytes (", down_format,
                     " blocks of [", E, ", ", H, ", ", I, "]), got ", down_q.scalar_type(), " with ", down_q.numel());
-  TORCH_CHECK_VALUE(topk_ids.dim() == 2 && topk_ids.size(0) == N, "moe_experts_kquant: topk_ids must be [N=", N,
+  TORCH_CHECK_VALUE(topk_ids.dim() == 2 && topk_ids.size(0) == N, op, ": topk_ids must be [N=", N,
                     ", k], got ", topk_ids.sizes());
   const int64_t k = topk_ids.size(1);
   TORCH_CHECK_VALUE(topk_weights.dim() == 2 && topk_weights.size(0) == N && topk_weights.size(1) == k,
-                    "moe_experts_kquant: topk_weights must be [N, k] = ", topk_ids.sizes(), ", got ",
+                    op, ": topk_weights must be [N, k] = ", topk_ids.sizes(), ", got ",
                     topk_weights.sizes());
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const int64_t* idp = ids.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N * k; ++i)
-    TORCH_CHECK_VALUE(idp[i] >= 0 && idp[i] < E, "moe_experts_kquant: topk_ids must be in [0, ", E, "), got ", idp[i]);
+    TORCH_CHECK_VALUE(idp[i] >= 0 && idp[i] < E, op, ": topk_ids must be in [0, ", E, "), got ", idp[i]);
   const at::Tensor tw = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor gu = gate_up_q.contiguous(), dn = down_q.contiguous();
@@ -219,10 +266,26 @@ at::Tensor moe_experts_kquant_cpu(const at::Tensor& hidden_in, const at::Tensor&
   const uint8_t *gp = gu.const_data_ptr<uint8_t>(), *dp = dn.const_data_ptr<uint8_t>();
   const float* twp = tw.const_data_ptr<float>();
   if (quant::active_isa() == 0)
-    moe_experts_kquant_run<quant::KKernPortable>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out);
+    moe_experts_kquant_run<quant::KKernPortable>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8);
   else
-    moe_experts_kquant_run<quant::KKernAvx2>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out);
+    moe_experts_kquant_run<quant::KKernAvx2>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8);
   return out;
+}
+
+at::Tensor moe_experts_kquant_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_q, const at::Tensor& down_q,
+                                  c10::string_view gate_up_format, c10::string_view down_format, int64_t E, int64_t I,
+                                  const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
+  return moe_experts_kquant_any("moe_experts_kquant", false, hidden, gate_up_q, down_q, gate_up_format, down_format, E, I,
+                                topk_ids, topk_weights);
+}
+
+// The same, on gate_up_q / down_q in the x8 layout (any H and I the op takes: both are multiples of 256,
+// so every expert's matrices are whole groups of 8 rows).
+at::Tensor moe_experts_kquant_x8_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_q, const at::Tensor& down_q,
+                                     c10::string_view gate_up_format, c10::string_view down_format, int64_t E, int64_t I,
+                                     const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
+  return moe_experts_kquant_any("moe_experts_kquant_x8", true, hidden, gate_up_q, down_q, gate_up_format, down_format, E,
+                                I, topk_ids, topk_weights);
 }
 
 }  // namespace
@@ -231,5 +294,10 @@ at::Tensor moe_experts_kquant_cpu(const at::Tensor& hidden_in, const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
   m.def("moe_experts_kquant(Tensor hidden, Tensor gate_up_q, Tensor down_q, str gate_up_format, str down_format, "
         "int num_experts, int intermediate, Tensor topk_ids, Tensor topk_weights) -> Tensor");
+  m.def("moe_experts_kquant_x8(Tensor hidden, Tensor gate_up_q, Tensor down_q, str gate_up_format, str down_format, "
+        "int num_experts, int intermediate, Tensor topk_ids, Tensor topk_weights) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) { m.impl("moe_experts_kquant", &lfmk::moe_experts_kquant_cpu); }
+TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) {
+  m.impl("moe_experts_kquant", &lfmk::moe_experts_kquant_cpu);
+  m.impl("moe_experts_kquant_x8", &lfmk::moe_experts_kquant_x8_cpu);
+}

@@ -35,6 +35,15 @@ Two byte layouts hold the same blocks (``QuantizedTensor.layout``):
   One vector load then feeds 8 rows' dot products (lane r = row r, no horizontal sums) and one
   128-bit load brings 8 scales.
 
+  For the K-quants (``q4_k`` / ``q5_k`` / ``q6_k``, any N) ``"x8"`` interleaves each group of 8 rows
+  super-block by super-block (``8 * block_bytes`` bytes each), keeping the block's fields in GGUF's
+  order: the field at byte offset o of length L fills bytes [8o, 8o + 8L), in pieces of p bytes
+  (p = 2 for the fp16 ``d`` / ``dmin``, 4 for the scales and quants): byte o + p * j + i of row r
+  goes to 8o + 8p * j + p * r + i. So the 8 rows' ``d`` are 8 consecutive fp16, and their scales
+  and quants vectors of 32 bytes with row r in bytes 4r .. 4r + 3. Where N is not a multiple of 8
+  the last N % 8 rows stay in GGUF's row layout after the groups (row n starts at byte
+  n * row_bytes in either layout).
+
 At run time the activations are quantized too, per block of 32 along K, to int8 with an fp32 scale
 (``d = max|x| / 127``, ``q = round-half-even(x / d)``), so the kernels' dot products are integer;
 `_quantize_activations` is the reference for that step.
@@ -72,7 +81,7 @@ class QuantizedTensor:
             blocks in K order; in layout "x8", the same bytes shuffled (see the module docstring).
         format: "q8_0" or "q4_0" (or a K-quant).
         shape: the logical shape (of the float weight it stands for), a torch.Size.
-        layout: "rows" (GGUF's) or "x8" (q8_0 / q4_0 with N a multiple of 8; `to_layout` converts).
+        layout: "rows" (GGUF's) or "x8" (K-quants; q8_0 / q4_0 with N a multiple of 8; `to_layout` converts).
 
     A plain object, not a tensor: it keeps one uint8 tensor, so a module that holds it as an
     attribute (or registers `data` as a buffer and rebuilds the object from it) stores the bytes
@@ -123,13 +132,20 @@ class QuantizedTensor:
 
     def to_layout(self, layout: str) -> "QuantizedTensor":
         """The same blocks in `layout` ("rows" or "x8"; see the module docstring): self when already
-        in it, else a new tensor (exact both ways). "x8" needs q8_0 / q4_0 and N a multiple of 8
-        (ValueError otherwise)."""
+        in it, else a new tensor (exact both ways). "x8" needs a K-quant, or q8_0 / q4_0 with N a
+        multiple of 8 (ValueError otherwise)."""
         _check_layout(layout, self.format, self.shape)
         if layout == self.layout:
             return self
         from . import _backend
 
+        if self.format in _K_FORMATS:
+            mats, n, k = self.shape[:-2].numel(), self.shape[-2], self.shape[-1]
+            if self.device.type == "cpu" and _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "kquant_relayout"):
+                data = torch.ops.lfm_kernels_cpu.kquant_relayout(self.data, self.format, mats, n, k, layout)
+            else:
+                data = _krelayout_reference(self.data, self.format, mats, n, k, layout)
+            return QuantizedTensor(data, self.format, self.shape, layout)
         rows = self.shape[:-1].numel()
         if self.device.type == "cpu" and _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "quant_relayout"):
             data = torch.ops.lfm_kernels_cpu.quant_relayout(self.data, self.format, rows, self.shape[-1], layout)
@@ -142,6 +158,8 @@ class QuantizedTensor:
         in either layout, reading only those rows' bytes (an embedding lookup)."""
         if self.layout == "rows":
             return self.data.index_select(0, ids)
+        if self.format in _K_FORMATS:
+            return _krow_blocks(self.data, self.format, self.shape[0], self.shape[1], ids)
         n, nb, bb = ids.numel(), self.shape[-1] // BLOCK, _BLOCK_BYTES[self.format]
         v = (bb - 2) // 4
         grp = self.data.view(self.shape[0] // 8, nb, 8 * bb).index_select(0, ids // 8)  # [n, nb, 8 bb]
@@ -179,9 +197,11 @@ _X8_FORMATS = ("q8_0", "q4_0")
 def _check_layout(layout, fmt: str, shape) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "x8":
+    if layout == "x8" and fmt not in _K_FORMATS:
         if fmt not in _X8_FORMATS:
-            raise ValueError(f"layout 'x8' is for formats {_X8_FORMATS}, got format {fmt!r} (keep layout 'rows')")
+            raise ValueError(
+                f"layout 'x8' is for formats {_X8_FORMATS + _K_FORMATS}, got format {fmt!r} (keep layout 'rows')"
+            )
         if shape[-2] % 8:
             raise ValueError(
                 f"layout 'x8' needs N (the second-to-last dimension of shape) to be a multiple of 8, got shape "
@@ -207,17 +227,78 @@ def _relayout_reference(data: torch.Tensor, fmt: str, rows: int, k: int, layout:
 
 
 def _kernel_layout(qt):
-    """The layout the CPU kernels run fastest on: `qt` in "x8" where that applies (a q8_0 / q4_0
-    QuantizedTensor on the CPU with N a multiple of 8), else `qt` itself (any other weight too)."""
+    """The layout the CPU kernels run fastest on: `qt` in "x8" where that applies (a QuantizedTensor on
+    the CPU: a K-quant, or q8_0 / q4_0 with N a multiple of 8), else `qt` itself (any other weight too)."""
     if (
         isinstance(qt, QuantizedTensor)
         and qt.layout == "rows"
-        and qt.format in _X8_FORMATS
-        and qt.shape[-2] % 8 == 0
+        and (qt.format in _K_FORMATS or (qt.format in _X8_FORMATS and qt.shape[-2] % 8 == 0))
         and qt.device.type == "cpu"
     ):
         return qt.to_layout("x8")
     return qt
+
+
+# K-quant x8 (module docstring): per format, the block's fields as (byte offset, length, piece bytes)
+_KX8_FIELDS = {
+    "q4_k": ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 4)),
+    "q5_k": ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 4), (48, 128, 4)),
+    "q6_k": ((0, 128, 4), (128, 64, 4), (192, 16, 4), (208, 2, 2)),
+}
+
+
+def _kx8_from_rows(rows: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Groups of 8 GGUF rows uint8 [G, 8, nsb, block_bytes] -> their x8 bytes [G, nsb, 8 * block_bytes]."""
+    g, _, nsb, _ = rows.shape
+    parts = [
+        rows[..., o : o + n].reshape(g, 8, nsb, n // p, p).permute(0, 2, 3, 1, 4).reshape(g, nsb, 8 * n)
+        for o, n, p in _KX8_FIELDS[fmt]
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def _kx8_to_rows(groups: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The inverse of _kx8_from_rows: [G, nsb, 8 * block_bytes] -> [G, 8, nsb, block_bytes]."""
+    g, nsb, _ = groups.shape
+    parts = [
+        groups[..., 8 * o : 8 * (o + n)].reshape(g, nsb, n // p, 8, p).permute(0, 3, 1, 2, 4).reshape(g, 8, nsb, n)
+        for o, n, p in _KX8_FIELDS[fmt]
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def _krelayout_reference(data: torch.Tensor, fmt: str, mats: int, n: int, k: int, layout: str) -> torch.Tensor:
+    """The K-quant layout conversion in torch (the reference for the C++ op kquant_relayout): `mats`
+    stacked [n, k] matrices in the other layout -> the same bytes in `layout`, data's shape."""
+    nsb, bb = k // QK_K, _BLOCK_BYTES[fmt]
+    d = data.reshape(mats, n, nsb * bb)
+    out = d.clone()
+    full = n // 8 * 8
+    if full:
+        body = d[:, :full]
+        if layout == "x8":
+            conv = _kx8_from_rows(body.reshape(-1, 8, nsb, bb), fmt)
+        else:
+            conv = _kx8_to_rows(body.reshape(-1, nsb, 8 * bb), fmt)
+        out[:, :full] = conv.reshape(mats, full, nsb * bb)
+    return out.reshape(data.shape)
+
+
+def _krow_blocks(data: torch.Tensor, fmt: str, n: int, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks of rows `ids` of a K-quant [n, k] weight in layout x8 (reading only their groups)."""
+    nsb, bb = k // QK_K, _BLOCK_BYTES[fmt]
+    d = data.reshape(n, nsb * bb)
+    full = n // 8 * 8
+    out = torch.empty(ids.numel(), nsb * bb, dtype=torch.uint8, device=data.device)
+    tail = ids >= full
+    if tail.any():
+        out[tail] = d.index_select(0, ids[tail])
+    body = ids[~tail]
+    if body.numel():
+        grp = d[:full].reshape(full // 8, 8 * nsb * bb).index_select(0, body // 8).reshape(-1, nsb, 8 * bb)
+        rows = _kx8_to_rows(grp, fmt)  # [n, 8, nsb, bb]
+        out[~tail] = rows[torch.arange(body.numel(), device=data.device), body % 8].reshape(-1, nsb * bb)
+    return out
 
 
 def _k_scale_min(sc12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,8 +524,9 @@ def _(x, qweight, format, n, k, bias):
 def _linear_quant_x8_impl(x: torch.Tensor, qweight: torch.Tensor, format: str, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
     from . import _backend
 
-    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_x8"):
-        return torch.ops.lfm_kernels_cpu.linear_quant_x8(x, qweight, format, n, k, bias)
+    name = "linear_kquant_x8" if format in _K_FORMATS else "linear_quant_x8"
+    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
+        return getattr(torch.ops.lfm_kernels_cpu, name)(x, qweight, format, n, k, bias)
     qt = QuantizedTensor(qweight.reshape(n, -1), format, (n, k), "x8")
     return _linear_reference(x, qt, bias).to(x.dtype)
 
@@ -477,6 +559,12 @@ def _register_cpp_fakes() -> None:
     if hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_x8"):
 
         @torch.library.register_fake("lfm_kernels_cpu::linear_quant_x8")
+        def _(x, qweight, format, n, k, bias):
+            return x.new_empty(x.shape[0], n)
+
+    if hasattr(torch.ops.lfm_kernels_cpu, "linear_kquant_x8"):
+
+        @torch.library.register_fake("lfm_kernels_cpu::linear_kquant_x8")
         def _(x, qweight, format, n, k, bias):
             return x.new_empty(x.shape[0], n)
 

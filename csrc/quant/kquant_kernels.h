@@ -4,8 +4,8 @@
 // path of the Q8_0 / Q4_0 kernels). AVX-VNNI / AVX512-VNNI CPUs run the AVX2 structs: the
 // K-quant tiles have no vpdpbusd variant yet.
 //
-// Each struct: quantize_row_k<T>, ktile<F, R, M> (kquant.h's contract) and, where kPacked, the
-// packed panels of kquant_avx2.h (pack_group<F>, panel_tile<F, M>, pack_bytes<F>()).
+// Each struct: quantize_row_k<T>, ktile<F, R, M> (kquant.h's contract), kx8_tile<F, G, M> (on the
+// x8 layout, kquant_x8.h's contract) and, where kPacked, the packed panels of kquant_avx2.h (pack_group<F>, panel_tile<F, M>, pack_bytes<F>()).
 //
 // Everything here sits in an anonymous namespace (see moe_tiles_avx2.h for why).
 #pragma once
@@ -15,10 +15,12 @@
 #include "common.h"
 #include "quant/kquant.h"
 #include "quant/kquant_portable.h"
+#include "quant/kquant_x8.h"
 
 LFMK_AVX2_BEGIN
 #include "simd_avx2.h"
 #include "quant/kquant_avx2.h"
+#include "quant/kquant_x8_avx2.h"
 LFMK_AVX2_END
 
 namespace lfmk {
@@ -35,6 +37,11 @@ struct KKernPortable {
   static void ktile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64_t ldq, const float* xd, int64_t ldd,
                     const int16_t* xs, int64_t lds, int64_t nsb, float* res) {
     kportable::ktile<F, R, M>(w, w_ld, xq, ldq, xd, ldd, xs, lds, nsb, res);
+  }
+  template <KFormat F, int G, int M>
+  static void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
+                       int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) {
+    kportable::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr);
   }
   // never called (kPacked is false); present so the templates over the struct compile
   template <KFormat F>
@@ -64,6 +71,11 @@ struct KKernAvx2 {
   static void ktile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64_t ldq, const float* xd, int64_t ldd,
                     const int16_t* xs, int64_t lds, int64_t nsb, float* res) {
     kavx2::ktile<F, R, M>(w, w_ld, xq, ldq, xd, ldd, xs, lds, nsb, res);
+  }
+  template <KFormat F, int G, int M>
+  static void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
+                       int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) {
+    kavx2::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr);
   }
   template <KFormat F>
   static constexpr int64_t pack_bytes() { return kavx2::KPack<F>::kBytes; }

@@ -68,6 +68,34 @@ static inline void load_kq(const uint8_t* blk, int32_t* q) {
   }
 }
 
+// One super-block of one weight row (blk, its q from load_kq) against one activation row's
+// super-block (x, its per-16 sums s, its scale dx): acc plus kquant.h's fused fp32 step.
+template <KFormat F>
+static inline float kblock_step(const uint8_t* blk, const int32_t* q, const int8_t* x, const int16_t* s, float dx,
+                                float acc) {
+  if (F == KFormat::Q6_K) {
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    int32_t S = 0;
+    for (int j = 0; j < 16; ++j) {
+      int32_t dot = 0;
+      for (int i = 0; i < 16; ++i) dot += q[16 * j + i] * x[16 * j + i];
+      S += sc[j] * (dot - 32 * s[j]);
+    }
+    return std::fma(dx * kq_half(blk + 208), static_cast<float>(S), acc);
+  }
+  int32_t sc[8], mn[8];
+  kq_scale_min(blk + 4, sc, mn);
+  int32_t S1 = 0;
+  for (int j = 0; j < 8; ++j) {
+    int32_t dot = 0;
+    for (int i = 0; i < 32; ++i) dot += q[32 * j + i] * x[32 * j + i];
+    S1 += sc[j] * dot;
+  }
+  const int32_t S2 = kq_min_term(mn, s);
+  const float t = std::fma(kq_half(blk), static_cast<float>(S1), -(kq_half(blk + 2) * static_cast<float>(S2)));
+  return std::fma(dx, t, acc);
+}
+
 template <KFormat F, int R, int M>
 static inline void ktile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64_t ldq, const float* xd, int64_t ldd,
                          const int16_t* xs, int64_t lds, int64_t nsb, float* res) {
@@ -78,33 +106,9 @@ static inline void ktile(const uint8_t* w, int64_t w_ld, const int8_t* xq, int64
       const uint8_t* blk = w + r * w_ld + b * kB;
       int32_t q[kSuper];
       load_kq<F>(blk, q);
-      for (int m = 0; m < M; ++m) {
-        const int8_t* x = xq + m * ldq + b * kSuper;
-        const int16_t* s = xs + m * lds + b * kSub16;
-        const float dx = xd[m * ldd + b];
-        if (F == KFormat::Q6_K) {
-          const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-          int32_t S = 0;
-          for (int j = 0; j < 16; ++j) {
-            int32_t dot = 0;
-            for (int i = 0; i < 16; ++i) dot += q[16 * j + i] * x[16 * j + i];
-            S += sc[j] * (dot - 32 * s[j]);
-          }
-          acc[r][m] = std::fma(dx * kq_half(blk + 208), static_cast<float>(S), acc[r][m]);
-        } else {
-          int32_t sc[8], mn[8];
-          kq_scale_min(blk + 4, sc, mn);
-          int32_t S1 = 0;
-          for (int j = 0; j < 8; ++j) {
-            int32_t dot = 0;
-            for (int i = 0; i < 32; ++i) dot += q[32 * j + i] * x[32 * j + i];
-            S1 += sc[j] * dot;
-          }
-          const int32_t S2 = kq_min_term(mn, s);
-          const float t = std::fma(kq_half(blk), static_cast<float>(S1), -(kq_half(blk + 2) * static_cast<float>(S2)));
-          acc[r][m] = std::fma(dx, t, acc[r][m]);
-        }
-      }
+      for (int m = 0; m < M; ++m)
+        acc[r][m] = kblock_step<F>(blk, q, xq + m * ldq + b * kSuper, xs + m * lds + b * kSub16, xd[m * ldd + b],
+                                   acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r)

@@ -325,9 +325,9 @@ class LfmModel:
 
 
 def _use_kernel_layouts(w: Weights) -> None:
-    """Puts every Q8_0 / Q4_0 weight into the layout its kernels run fastest on (quant._kernel_layout),
-    tensor by tensor (memory peaks at one extra tensor). A tied embedding is converted once and stays
-    shared: its row lookups read the x8 layout directly."""
+    """Puts every whole quantized weight (K-quants included) into the layout its kernels run fastest on
+    (quant._kernel_layout), tensor by tensor (memory peaks at one extra tensor). A tied embedding is
+    converted once and stays shared: its row lookups read the x8 layout directly."""
     tied = w.lm_head is w.embed
     w.embed = _kernel_layout(w.embed)
     w.lm_head = w.embed if tied else _kernel_layout(w.lm_head)

@@ -123,7 +123,7 @@ def _format_of(t) -> str:
 def _expert(w, e: int):
     """Expert e's [N, K] weight of a stacked [E, N, K] one, without a copy."""
     if isinstance(w, QuantizedTensor):
-        return QuantizedTensor(w.data[e], w.format, w.shape[1:])
+        return QuantizedTensor(w.data[e], w.format, w.shape[1:], w.layout)
     if isinstance(w, SplitWeight):
         return w.expert(e)
     return w[e]

@@ -375,6 +375,7 @@ def _moe_experts_kquant_reference(hidden, gate_up_proj, down_proj, topk_ids, top
         m, k = x.shape
         return (q.double().reshape(m, k // QK_K, QK_K) * d.double().unsqueeze(-1)).reshape(m, k)
 
+    gate_up_proj, down_proj = gate_up_proj.to_layout("rows"), down_proj.to_layout("rows")
     n_tokens, hidden_size = hidden.shape
     inter = gate_up_proj.shape[1] // 2
     h = dequant_act(hidden.float())
@@ -390,6 +391,26 @@ def _moe_experts_kquant_reference(hidden, gate_up_proj, down_proj, topk_ids, top
     return out
 
 
+def _run_kquant_experts(layout, hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate,
+                        topk_ids, topk_weights):
+    """The C++ op for this weight layout ("rows": moe_experts_kquant, "x8": moe_experts_kquant_x8), or without
+    the extension the float64 reference (after the one warning)."""
+    if hidden.device.type != "cpu":
+        raise NotImplementedError(
+            f"quantized MoE experts ({gate_up_format}) run on the CPU only (C++ kernels); hidden is on {hidden.device}"
+        )
+    name = "moe_experts_kquant" if layout == "rows" else "moe_experts_kquant_x8"
+    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
+        return getattr(torch.ops.lfm_kernels_cpu, name)(
+            hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights
+        )
+    h = hidden.shape[1]
+    gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), gate_up_format,
+                         (num_experts, 2 * intermediate, h), layout)
+    dn = QuantizedTensor(down_q.reshape(num_experts, h, -1), down_format, (num_experts, h, intermediate), layout)
+    return _moe_experts_kquant_reference(hidden, gu, dn, topk_ids, topk_weights).to(hidden.dtype)
+
+
 def _moe_experts_kquant_impl(
     hidden: torch.Tensor,
     gate_up_q: torch.Tensor,
@@ -401,20 +422,34 @@ def _moe_experts_kquant_impl(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
-    if hidden.device.type != "cpu":
-        raise NotImplementedError(
-            f"quantized MoE experts ({gate_up_format}) run on the CPU only (C++ kernels); hidden is on {hidden.device}"
-        )
-    if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_kquant"):
-        return torch.ops.lfm_kernels_cpu.moe_experts_kquant(
-            hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights
-        )
-    # no compiled extension: the float64 reference, after the one warning
-    h = hidden.shape[1]
-    gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), gate_up_format,
-                         (num_experts, 2 * intermediate, h))
-    dn = QuantizedTensor(down_q.reshape(num_experts, h, -1), down_format, (num_experts, h, intermediate))
-    return _moe_experts_kquant_reference(hidden, gu, dn, topk_ids, topk_weights).to(hidden.dtype)
+    return _run_kquant_experts("rows", hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts,
+                               intermediate, topk_ids, topk_weights)
+
+
+def _moe_experts_kquant_x8_impl(
+    hidden: torch.Tensor,
+    gate_up_q: torch.Tensor,
+    down_q: torch.Tensor,
+    gate_up_format: str,
+    down_format: str,
+    num_experts: int,
+    intermediate: int,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """As _moe_experts_kquant_impl, on weights in the x8 layout (lfm_kernels/quant.py)."""
+    return _run_kquant_experts("x8", hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts,
+                               intermediate, topk_ids, topk_weights)
+
+
+_moe_experts_kquant_x8_op = torch.library.custom_op(
+    "lfm_kernels::moe_experts_kquant_x8", _moe_experts_kquant_x8_impl, mutates_args=()
+)
+
+
+@_moe_experts_kquant_x8_op.register_fake
+def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights):
+    return hidden.new_empty(hidden.shape).contiguous()
 
 
 _moe_experts_kquant_op = torch.library.custom_op(
@@ -435,6 +470,13 @@ def _register_kquant_cpp_fake() -> None:
     @torch.library.register_fake("lfm_kernels_cpu::moe_experts_kquant")
     def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights):
         return hidden.new_empty(hidden.shape).contiguous()
+
+    if hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_kquant_x8"):
+
+        @torch.library.register_fake("lfm_kernels_cpu::moe_experts_kquant_x8")
+        def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids,
+              topk_weights):
+            return hidden.new_empty(hidden.shape).contiguous()
 
 
 _register_kquant_cpp_fake()
@@ -513,7 +555,11 @@ def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
     if not data_dn.is_contiguous():
         data_dn = data_dn.contiguous()
     if gate_up_proj.format in _K_FORMATS:
-        kop = _moe_experts_kquant_impl if _backend.eager_cpu_fast_path(hidden) else _moe_experts_kquant_op
+        eager = _backend.eager_cpu_fast_path(hidden)
+        if gate_up_proj.layout == "x8":
+            kop = _moe_experts_kquant_x8_impl if eager else _moe_experts_kquant_x8_op
+        else:
+            kop = _moe_experts_kquant_impl if eager else _moe_experts_kquant_op
         return kop(hidden, data_gu, data_dn, gate_up_proj.format, down_proj.format, gate_up_proj.shape[0],
                    gate_up_proj.shape[1] // 2, topk_ids, topk_weights)
     eager = _backend.eager_cpu_fast_path(hidden)

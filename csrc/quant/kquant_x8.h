@@ -1,0 +1,137 @@
+// The "x8" layout of K-quant weights (Q4_K / Q5_K / Q6_K; lfm_kernels.QuantizedTensor(layout="x8"))
+// and its portable tile. In GGUF's row-major super-blocks a decode GEMV is compute-bound: every
+// (row, super-block) pays a 6-bit scale decode, scalar fp16 conversions and a horizontal reduction
+// per activation row. x8 interleaves the rows of each matrix in groups of 8 so that one 32-byte
+// vector holds the same 4 bytes of 8 rows (row r in 32-bit lane r): one broadcast of 4 activation
+// bytes feeds 8 rows, lane r accumulates row r (no horizontal sums), the 8 rows' scales and mins
+// decode together with 32-bit vector masks and shifts, and their d / dmin arrive as one fp16 vector.
+//
+// Per (group of 8 rows, super-block), 8 * block bytes, groups in N order, super-blocks in K order
+// (a group occupies exactly the bytes its 8 rows occupy in GGUF's layout). The block's fields are
+// kept in GGUF's order; field at byte offset o of length L moves to bytes [8o, 8o + 8L) of the
+// group-block, in pieces of p bytes (p = 2 for the fp16 d / dmin, 4 for every other field):
+//   byte o + p * j + i of row r  ->  byte 8 * o + 8 * p * j + p * r + i        (0 <= i < p)
+// so an fp16 field becomes 8 consecutive fp16 (row r at 2r) and a 4n-byte field n vectors of 32.
+//   Q4_K (144): d @0, dmin @16, scales @32 (3 vectors), qs @128 (32 vectors)            = 1152
+//   Q5_K (176): d @0, dmin @16, scales @32 (3 vectors), qh @128 (8), qs @384 (32)       = 1408
+//   Q6_K (210): ql @0 (32 vectors), qh @1024 (16), scales @1536 (4), d @1664             = 1680
+// A matrix whose N is not a multiple of 8 keeps its last N % 8 rows in GGUF's row layout after the
+// groups: row n then starts at byte n * row_bytes in either layout, for every n. A stack [E, N, K]
+// interleaves each matrix on its own. No byte changes value: the conversion is a shuffle of 2- and
+// 4-byte pieces, exact both ways.
+//
+// x8 tile (every ISA path the same contract):
+//   kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr)
+//     res[m * ldr + g * 8 + r] = row (g, r) . activation row m over nsb super-blocks, for G groups
+//     (gstride bytes apart; w = the first group's first super-block) and M activation rows (xq rows
+//     ldq bytes apart, xd rows ldd floats apart, xs rows lds int16 apart holding the activation's
+//     sums per sub-block: per 32 for Q4_K / Q5_K, per 16 for Q6_K, as KActs::sub_sums).
+// Per (row, activation row, super-block) every path computes kquant.h's exact integers and fused
+// fp32 steps in super-block order, so an x8 result has the bits of the row-layout ktile's (and of
+// the packed prefill panels'), whatever G, M, the tile's position, the thread or the path.
+#pragma once
+
+#include "quant/kquant.h"
+#include "quant/kquant_portable.h"
+
+namespace lfmk {
+namespace quant {
+
+constexpr int kKX8Rows = 8;
+
+struct KX8Field {
+  int off, len, piece;
+};
+
+template <KFormat F>
+struct KX8;
+template <>
+struct KX8<KFormat::Q4_K> {
+  static constexpr int kFields = 4;
+  static constexpr KX8Field kField[kFields] = {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, 128, 4}};
+};
+template <>
+struct KX8<KFormat::Q5_K> {
+  static constexpr int kFields = 5;
+  static constexpr KX8Field kField[kFields] = {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, 32, 4}, {48, 128, 4}};
+};
+template <>
+struct KX8<KFormat::Q6_K> {
+  static constexpr int kFields = 4;
+  static constexpr KX8Field kField[kFields] = {{0, 128, 4}, {128, 64, 4}, {192, 16, 4}, {208, 2, 2}};
+};
+
+// A 2- or 4-byte piece, as a fixed-size copy (a variable-size memcpy is a library call per piece).
+static inline void kx8_piece(uint8_t* d, const uint8_t* s, int piece) {
+  if (piece == 4)
+    std::memcpy(d, s, 4);
+  else
+    std::memcpy(d, s, 2);
+}
+
+// One group of 8 rows (GGUF rows row_ld bytes apart) of nsb super-blocks -> x8 bytes at dst.
+template <KFormat F>
+inline void rows_to_kx8_group(const uint8_t* src, int64_t row_ld, int64_t nsb, uint8_t* dst) {
+  constexpr int kB = KTraits<F>::kBytes;
+  for (int64_t b = 0; b < nsb; ++b) {
+    uint8_t* o = dst + b * kKX8Rows * kB;
+    for (const KX8Field& f : KX8<F>::kField)
+      for (int r = 0; r < kKX8Rows; ++r) {
+        const uint8_t* blk = src + r * row_ld + b * kB;
+        for (int j = 0; j < f.len / f.piece; ++j)
+          kx8_piece(o + 8 * f.off + 8 * f.piece * j + f.piece * r, blk + f.off + f.piece * j, f.piece);
+      }
+  }
+}
+
+// The inverse: one x8 group of nsb super-blocks -> 8 GGUF rows (row_ld bytes apart) at dst.
+template <KFormat F>
+inline void kx8_to_rows_group(const uint8_t* src, int64_t nsb, uint8_t* dst, int64_t row_ld) {
+  constexpr int kB = KTraits<F>::kBytes;
+  for (int64_t b = 0; b < nsb; ++b) {
+    const uint8_t* in = src + b * kKX8Rows * kB;
+    for (const KX8Field& f : KX8<F>::kField)
+      for (int r = 0; r < kKX8Rows; ++r) {
+        uint8_t* blk = dst + r * row_ld + b * kB;
+        for (int j = 0; j < f.len / f.piece; ++j)
+          kx8_piece(blk + f.off + f.piece * j, in + 8 * f.off + 8 * f.piece * j + f.piece * r, f.piece);
+      }
+  }
+}
+
+namespace kportable {
+
+// The portable x8 tile: each (group, super-block) is put back into its 8 GGUF blocks and run
+// through ktile's per-block steps, so the bits are ktile's by construction.
+template <KFormat F, int G, int M>
+static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
+                            const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) {
+  constexpr int kB = KTraits<F>::kBytes;
+  // sub-block sums per 16 (what kblock_step reads) from the per-32 ones of Q4_K / Q5_K: only their
+  // pair sums enter the result, so any split of a 32-sum into two halves gives the same integers
+  constexpr bool kPer32 = F != KFormat::Q6_K;
+  float acc[G][M][kKX8Rows] = {};
+  uint8_t blk[kKX8Rows * kB];
+  for (int64_t b = 0; b < nsb; ++b) {
+    for (int g = 0; g < G; ++g) {
+      kx8_to_rows_group<F>(w + g * gstride + b * kKX8Rows * kB, 1, blk, kB);
+      for (int r = 0; r < kKX8Rows; ++r) {
+        int32_t q[kSuper];
+        load_kq<F>(blk + r * kB, q);
+        for (int m = 0; m < M; ++m) {
+          int16_t s16[kSub16];
+          const int16_t* sm = xs + m * lds + b * (kPer32 ? kSub16 / 2 : kSub16);
+          for (int j = 0; j < kSub16; ++j) s16[j] = kPer32 ? (j % 2 ? 0 : sm[j / 2]) : sm[j];
+          acc[g][m][r] = kblock_step<F>(blk + r * kB, q, xq + m * ldq + b * kSuper, s16, xd[m * ldd + b], acc[g][m][r]);
+        }
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < kKX8Rows; ++r) res[m * ldr + g * 8 + r] = acc[g][m][r];
+}
+
+}  // namespace kportable
+}  // namespace quant
+}  // namespace lfmk

@@ -1,0 +1,181 @@
+// AVX2 tile on x8-layout K-quant weights (layout and contract in quant/kquant_x8.h). Include only
+// between LFMK_AVX2_BEGIN and LFMK_AVX2_END, after quant/kquant_avx2.h.
+//
+// Lane r is row r throughout. Per (group, super-block):
+//  * Q4_K / Q5_K: the three scale vectors hold bytes 0..3, 4..7, 8..11 of each row's twelve scale
+//    bytes, so kquant.h's 32-bit mask-and-shift decode runs on 8 rows at once, leaving the scales
+//    in two vectors (sc0..3, sc4..7 as bytes of lane r) and the mins in two more. A vpshufb puts
+//    sub-block j's scale into both int16 halves of each lane for the vpmaddwd that weights its
+//    int16 sums; the mins, paired as int16 (mn_2i, mn_2i+1), meet a broadcast of the activation's
+//    per-32 sum pair in one vpmaddwd each. A qs vector (4 bytes of 8 rows) gives sub-block 2c in
+//    its low nibbles and 2c + 1 in its high ones against two broadcasts of 4 activation bytes;
+//    Q5_K ors in the fifth bit from its qh vector (the same element positions).
+//  * Q6_K: the 6-bit q of 4 elements per lane from one ql and one qh vector (as in load_q6); the
+//    int8 scales of lane r sit in four vectors (scales 4i..4i+3) and are sign-extended into int16
+//    halves by a vpshufb to the high byte and an arithmetic shift.
+// int16 sums are widened before they can overflow: a vpmaddubsw pair is at most 2 * 15 * 127
+// (Q4_K: 8 vectors summed), 2 * 31 * 127 (Q5_K: 4), 2 * 63 * 127 (Q6_K: 2). The fp32 steps are
+// kquant.h's, lane by lane.
+#pragma once
+
+#include "quant/kquant_x8.h"
+
+namespace lfmk {
+namespace quant {
+namespace kavx2 {
+
+// vpshufb control: in every 32-bit lane, byte k = that lane's byte b[k] (b[k] < 0: zero).
+static inline __m256i lane_bytes(int b0, int b1, int b2, int b3) {
+  const int b[4] = {b0, b1, b2, b3};
+  alignas(32) int8_t c[32];
+  for (int i = 0; i < 32; ++i) {
+    const int lane = (i / 4) % 4, k = i % 4;
+    c[i] = static_cast<int8_t>(b[k] < 0 ? -128 : 4 * lane + b[k]);
+  }
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
+}
+
+static inline __m256 half8(const uint8_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Q5_K: the fifth bit of sub-block s (bit s of each qh byte) moved to bit 4.
+template <int S>
+static inline __m256i q5_bit(__m256i qh) {
+  const __m256i bit = _mm256_set1_epi8(0x10);
+  if constexpr (S <= 4)
+    return _mm256_and_si256(_mm256_slli_epi16(qh, 4 - S), bit);
+  else
+    return _mm256_and_si256(_mm256_srli_epi16(qh, S - 4), bit);
+}
+
+template <KFormat F, int M, int C>
+static inline void kx8_q45_chunk(const uint8_t* blk, const int8_t* const* x, __m256i scl, __m256i sch, __m256i* S1) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;
+  constexpr int kFlush = F == KFormat::Q4_K ? 8 : 4;
+  for (int f = 0; f < 8; f += kFlush) {
+    __m256i pl[M], ph[M];
+    for (int m = 0; m < M; ++m) pl[m] = ph[m] = _mm256_setzero_si256();
+    for (int t = f; t < f + kFlush; ++t) {
+      const __m256i v = ld(blk + kQs + 32 * (8 * C + t));
+      __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      if constexpr (F == KFormat::Q5_K) {
+        const __m256i qh = ld(blk + 128 + 32 * t);
+        lo = _mm256_or_si256(lo, q5_bit<2 * C>(qh));
+        hi = _mm256_or_si256(hi, q5_bit<2 * C + 1>(qh));
+      }
+      for (int m = 0; m < M; ++m) {
+        pl[m] = _mm256_add_epi16(pl[m], _mm256_maddubs_epi16(lo, bcast4(x[m] + 64 * C + 4 * t)));
+        ph[m] = _mm256_add_epi16(ph[m], _mm256_maddubs_epi16(hi, bcast4(x[m] + 64 * C + 32 + 4 * t)));
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      S1[m] = _mm256_add_epi32(S1[m], _mm256_add_epi32(_mm256_madd_epi16(pl[m], scl), _mm256_madd_epi16(ph[m], sch)));
+  }
+}
+
+template <KFormat F, int G, int M>
+static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
+                            const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) {
+  constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
+  __m256 acc[G][M];
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < M; ++m) acc[g][m] = _mm256_setzero_ps();
+  if constexpr (F == KFormat::Q6_K) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    const __m256i dup[4] = {lane_bytes(-1, 0, -1, 0), lane_bytes(-1, 1, -1, 1), lane_bytes(-1, 2, -1, 2),
+                            lane_bytes(-1, 3, -1, 3)};
+    const __m256i pair[2] = {lane_bytes(-1, 0, -1, 1), lane_bytes(-1, 2, -1, 3)};
+    for (int64_t b = 0; b < nsb; ++b) {
+      const int8_t* x[M];
+      for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* blk = w + g * gstride + b * kGB;
+        __m256i scv[4];
+        for (int i = 0; i < 4; ++i) scv[i] = ld(blk + 1536 + 32 * i);
+        __m256i S[M], O[M];
+        for (int m = 0; m < M; ++m) S[m] = O[m] = _mm256_setzero_si256();
+        __m256i sc[16];  // sub-block j's scale in both int16 halves of each lane
+        for (int j = 0; j < 16; ++j) sc[j] = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[j / 4], dup[j % 4]), 8);
+        for (int h = 0; h < 2; ++h)
+          for (int tp = 0; tp < 4; ++tp) {
+            // elements 128h + 32k + 4t .. + 3 for k < 4 and t = 2tp, 2tp + 1: sub-block 8h + 2k + tp / 2
+            __m256i p[4][M];
+            for (int k = 0; k < 4; ++k)
+              for (int m = 0; m < M; ++m) p[k][m] = _mm256_setzero_si256();
+            for (int t = 2 * tp; t < 2 * tp + 2; ++t) {
+              const __m256i la = ld(blk + 32 * (16 * h + t)), lb = ld(blk + 32 * (16 * h + 8 + t));
+              const __m256i qh = ld(blk + 1024 + 32 * (8 * h + t));
+              const __m256i q[4] = {
+                  _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                  _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+                  _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4), _mm256_and_si256(qh, m30)),
+                  _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
+                                  _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30))};
+              for (int k = 0; k < 4; ++k)
+                for (int m = 0; m < M; ++m)
+                  p[k][m] = _mm256_add_epi16(p[k][m], _mm256_maddubs_epi16(q[k], bcast4(x[m] + 128 * h + 32 * k + 4 * t)));
+            }
+            for (int k = 0; k < 4; ++k)
+              for (int m = 0; m < M; ++m)
+                S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(p[k][m], sc[8 * h + 2 * k + tp / 2]));
+          }
+        // the -32 of every q: 32 * sum_j sc_j * sum(x_j), scales paired (sc_2i, sc_2i+1) as int16
+        for (int i = 0; i < 8; ++i) {
+          const __m256i sp = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[i / 2], pair[i % 2]), 8);
+          for (int m = 0; m < M; ++m)
+            O[m] = _mm256_add_epi32(O[m], _mm256_madd_epi16(sp, bcast4(xs + m * lds + b * kSub16 + 2 * i)));
+        }
+        const __m256 d = half8(blk + 1664);
+        for (int m = 0; m < M; ++m) {
+          const __m256i s = _mm256_sub_epi32(S[m], _mm256_slli_epi32(O[m], 5));
+          acc[g][m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(xd[m * ldd + b]), d), _mm256_cvtepi32_ps(s), acc[g][m]);
+        }
+      }
+    }
+  } else {
+    const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f),
+                  m2 = _mm256_set1_epi32(0x03030303);
+    const __m256i dup[4] = {lane_bytes(0, -1, 0, -1), lane_bytes(1, -1, 1, -1), lane_bytes(2, -1, 2, -1),
+                            lane_bytes(3, -1, 3, -1)};
+    const __m256i pair[2] = {lane_bytes(0, -1, 1, -1), lane_bytes(2, -1, 3, -1)};
+    for (int64_t b = 0; b < nsb; ++b) {
+      const int8_t* x[M];
+      for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* blk = w + g * gstride + b * kGB;
+        const __m256i u0 = ld(blk + 32), u1 = ld(blk + 64), u2 = ld(blk + 96);
+        const __m256i sc_lo = _mm256_and_si256(u0, m6);
+        const __m256i sc_hi = _mm256_or_si256(_mm256_and_si256(u2, m4),
+                                              _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4));
+        const __m256i mn_lo = _mm256_and_si256(u1, m6);
+        const __m256i mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
+                                              _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4));
+        __m256i S1[M], S2[M];
+        for (int m = 0; m < M; ++m) S1[m] = S2[m] = _mm256_setzero_si256();
+        kx8_q45_chunk<F, M, 0>(blk, x, _mm256_shuffle_epi8(sc_lo, dup[0]), _mm256_shuffle_epi8(sc_lo, dup[1]), S1);
+        kx8_q45_chunk<F, M, 1>(blk, x, _mm256_shuffle_epi8(sc_lo, dup[2]), _mm256_shuffle_epi8(sc_lo, dup[3]), S1);
+        kx8_q45_chunk<F, M, 2>(blk, x, _mm256_shuffle_epi8(sc_hi, dup[0]), _mm256_shuffle_epi8(sc_hi, dup[1]), S1);
+        kx8_q45_chunk<F, M, 3>(blk, x, _mm256_shuffle_epi8(sc_hi, dup[2]), _mm256_shuffle_epi8(sc_hi, dup[3]), S1);
+        const __m256i mp[4] = {_mm256_shuffle_epi8(mn_lo, pair[0]), _mm256_shuffle_epi8(mn_lo, pair[1]),
+                               _mm256_shuffle_epi8(mn_hi, pair[0]), _mm256_shuffle_epi8(mn_hi, pair[1])};
+        for (int m = 0; m < M; ++m) {
+          const int16_t* s = xs + m * lds + b * (kSub16 / 2);
+          for (int i = 0; i < 4; ++i) S2[m] = _mm256_add_epi32(S2[m], _mm256_madd_epi16(mp[i], bcast4(s + 2 * i)));
+        }
+        const __m256 d = half8(blk), dmin = half8(blk + 16);
+        for (int m = 0; m < M; ++m) {
+          const __m256 t = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(S1[m]), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(S2[m])));
+          acc[g][m] = _mm256_fmadd_ps(_mm256_set1_ps(xd[m * ldd + b]), t, acc[g][m]);
+        }
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
+}
+
+}  // namespace kavx2
+}  // namespace quant
+}  // namespace lfmk
