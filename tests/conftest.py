@@ -1,5 +1,6 @@
 """Shared test helpers. Triton kernels run under the interpreter on CPU tensors when there's no GPU."""
 
+import contextlib
 import os
 import zlib
 
@@ -77,6 +78,42 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
     tol = TOL[dtype or ref.dtype]
     err = rel_err(out, ref)
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
+
+
+_QUANT_ISA_NEEDS = {"avx2": "AVX2+FMA+F16C", "avxvnni": "AVX-VNNI", "avx512vnni": "AVX512-VNNI (+VL/BW)"}
+
+
+@contextlib.contextmanager
+def quant_isa_path(name: str):
+    """Runs the block on one quantized-kernel path ("portable", "avx2", "avxvnni", "avx512vnni"), or skips
+    visibly when the CPU lacks its instructions."""
+    from lfm_kernels import _backend
+
+    info = torch.ops.lfm_kernels_cpu._quant_isa_info
+    if name == "portable":
+        with _backend.force_portable_cpu():
+            assert info()[0] == "portable"
+            yield
+        return
+    if name not in info()[1:]:
+        pytest.skip(f"needs {_QUANT_ISA_NEEDS[name]}: this CPU does not have it, so the {name} path cannot run here")
+    torch.ops.lfm_kernels_cpu._quant_pin_isa(name)
+    try:
+        assert info()[0] == name
+        yield
+    finally:
+        torch.ops.lfm_kernels_cpu._quant_pin_isa("")
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to n for the block."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def dtype_id(dtype: torch.dtype) -> str:

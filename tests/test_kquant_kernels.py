@@ -10,13 +10,12 @@ output is rounded to bf16 / fp16. Every path computes the same integers and fuse
 the portable and AVX2 paths, 1 and 2 threads, and a row's position in the batch give equal bits.
 """
 
-import contextlib
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close, dtype_id, rel_err
+from conftest import assert_close, dtype_id, num_threads, quant_isa_path, rel_err
 from lfm_kernels import QuantizedTensor, _backend, linear, quantize
 from lfm_kernels.quant import _linear_reference, _quantize_activations
 
@@ -30,36 +29,6 @@ FORMATS = ["q4_k", "q5_k", "q6_k"]
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 FP32_TOL = 2e-6
 ISAS = ["portable", "avx2", "avxvnni", "avx512vnni"]
-_NEEDS = {"avx2": "AVX2+FMA+F16C", "avxvnni": "AVX-VNNI", "avx512vnni": "AVX512-VNNI (+VL/BW)"}
-
-
-@contextlib.contextmanager
-def _isa_path(name: str):
-    """Runs the block on one kernel path, or skips visibly when the CPU lacks its instructions."""
-    info = torch.ops.lfm_kernels_cpu._quant_isa_info
-    if name == "portable":
-        with _backend.force_portable_cpu():
-            assert info()[0] == "portable"
-            yield
-        return
-    if name not in info()[1:]:
-        pytest.skip(f"needs {_NEEDS[name]}: this CPU does not have it, so the {name} path cannot run here")
-    torch.ops.lfm_kernels_cpu._quant_pin_isa(name)
-    try:
-        assert info()[0] == name
-        yield
-    finally:
-        torch.ops.lfm_kernels_cpu._quant_pin_isa("")
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _gguf_dequantize(data: torch.Tensor, fmt: str) -> np.ndarray:
@@ -152,7 +121,7 @@ def test_linear_parity(isa, fmt, shape):
     qt = quantize(w, fmt)
     x = _act(m, k)
     ref = _linear_reference(x, qt)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = linear(x, qt)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     err = rel_err(out, ref)
@@ -189,7 +158,7 @@ def test_linear_low_precision_x_bias_and_leading_dims(isa, fmt, dtype, m):
     qt = quantize(_weight(n, k), fmt)
     x = torch.randn(2, m, k).to(dtype)
     bias = torch.randn(n).to(dtype)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = linear(x, qt, bias)
     assert out.dtype == dtype and out.shape == (2, m, n)
     ref = _linear_reference(x.reshape(-1, k), qt, bias).reshape(2, m, n)
@@ -208,13 +177,13 @@ def test_bits_equal_across_paths_threads_and_batch(fmt):
     for isa in ("portable", "avx2"):
         if isa == "avx2" and "avx2" not in torch.ops.lfm_kernels_cpu._quant_isa_info()[1:]:
             continue  # the portable-only checks below still run; avx2 is skipped visibly in test_linear_parity
-        with _isa_path(isa):
-            with _threads(1):
+        with quant_isa_path(isa):
+            with num_threads(1):
                 one = linear(x, qt)
                 row = linear(x[5:6], qt)
                 rows4 = linear(x[4:8], qt)
                 first9 = linear(x[:9], qt)
-            with _threads(2):
+            with num_threads(2):
                 two = linear(x, qt)
                 row2 = linear(x[5:6], qt)
         assert torch.equal(one, two) and torch.equal(row, row2), isa

@@ -16,12 +16,11 @@ Portable and AVX2 (plain tiles and packed panels alike) compute the same integer
 fp32 steps: their outputs are bit-equal, for 1 and 2 threads, and a token alone equals it in a batch.
 """
 
-import contextlib
 
 import pytest
 import torch
 
-from conftest import assert_close, dtype_id, rel_err
+from conftest import assert_close, dtype_id, num_threads, quant_isa_path, rel_err
 from lfm_kernels import QuantizedTensor, _backend, moe, moe_experts, moe_route, quantize
 from lfm_kernels import reference
 from lfm_kernels.ops.moe import _moe_experts_kquant_reference
@@ -34,7 +33,6 @@ FORMATS = ["q4_k", "q5_k", "q6_k"]
 PAIRS = [(f, f) for f in FORMATS] + [("q4_k", "q6_k"), ("q6_k", "q5_k")]
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 ISAS = ["portable", "avx2", "avxvnni", "avx512vnni"]
-_NEEDS = {"avx2": "AVX2+FMA+F16C", "avxvnni": "AVX-VNNI", "avx512vnni": "AVX512-VNNI (+VL/BW)"}
 ROW_TOL = 2e-6
 FLIP_TOL = 1e-2
 TOKENS = [1, 2, 3, 7, 64, 300]
@@ -52,35 +50,6 @@ def _assert_parity(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
         f"{what}: {len(off)} rows with relative error >= {ROW_TOL:g} (at most {allowed}), worst {row_err.max():.3g}"
     )
     assert row_err.max() < FLIP_TOL, f"{what}: row {int(row_err.argmax())} relative error {row_err.max():.3g} >= {FLIP_TOL:g}"
-
-
-@contextlib.contextmanager
-def _isa_path(name: str):
-    """Runs the block on one kernel path, or skips visibly when the CPU lacks its instructions."""
-    info = torch.ops.lfm_kernels_cpu._quant_isa_info
-    if name == "portable":
-        with _backend.force_portable_cpu():
-            assert info()[0] == "portable"
-            yield
-        return
-    if name not in info()[1:]:
-        pytest.skip(f"needs {_NEEDS[name]}: this CPU does not have it, so the {name} path cannot run here")
-    torch.ops.lfm_kernels_cpu._quant_pin_isa(name)
-    try:
-        assert info()[0] == name
-        yield
-    finally:
-        torch.ops.lfm_kernels_cpu._quant_pin_isa("")
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 _WEIGHTS = {}
@@ -124,7 +93,7 @@ def _case(n: int, fg: str, fd: str, *, e: int = 7, k: int = 3, h: int = 512, i: 
 def test_parity(isa, pair, n):
     hidden, gu, dn, ids, weights = _case(n, *pair)
     ref = _moe_experts_kquant_reference(hidden, gu, dn, ids, weights)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = moe_experts(hidden, gu, dn, ids, weights)
     assert out.dtype == torch.float32
     _assert_parity(out, ref, f"{isa} {pair} N={n}")
@@ -145,7 +114,7 @@ def test_parity_model_sizes(isa, n):
     """H = 2048 and I = 1792 (the model's: 8 and 7 super-blocks) in Q4_K_M's mix, few experts."""
     hidden, gu, dn, ids, weights = _case(n, "q4_k", "q6_k", e=3, k=2, h=2048, i=1792)
     ref = _moe_experts_kquant_reference(hidden, gu, dn, ids, weights)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = moe_experts(hidden, gu, dn, ids, weights)
     _assert_parity(out, ref, f"{isa} N={n} model sizes")
 
@@ -156,7 +125,7 @@ def test_parity_model_sizes(isa, n):
 def test_low_precision_hidden(isa, dtype):
     hidden, gu, dn, ids, weights = _case(9, "q4_k", "q6_k", dtype=dtype)
     ref = _moe_experts_kquant_reference(hidden, gu, dn, ids, weights)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = moe_experts(hidden, gu, dn, ids, weights.to(dtype))
     assert out.dtype == dtype
     assert_close(out, ref.to(dtype), dtype, what=f"{isa} {dtype}")
@@ -172,12 +141,12 @@ def test_bits_equal_across_paths_threads_and_batch(pair):
     for isa in ("portable", "avx2"):
         if isa == "avx2" and "avx2" not in torch.ops.lfm_kernels_cpu._quant_isa_info()[1:]:
             continue  # skipped visibly in test_parity
-        with _isa_path(isa):
-            with _threads(1):
+        with quant_isa_path(isa):
+            with num_threads(1):
                 one = moe_experts(hidden, gu, dn, ids, weights)
                 alone = moe_experts(hidden[5:6], gu, dn, ids[5:6], weights[5:6])
                 few = moe_experts(hidden[:9], gu, dn, ids[:9], weights[:9])
-            with _threads(2):
+            with num_threads(2):
                 two = moe_experts(hidden, gu, dn, ids, weights)
                 alone2 = moe_experts(hidden[5:6], gu, dn, ids[5:6], weights[5:6])
         assert torch.equal(one, two), isa
@@ -196,7 +165,7 @@ def test_moe_block(isa):
     gate = torch.randn(e, h) * 0.1
     bias = torch.randn(e) * 0.01
     gu, dn = _experts(e, h, i, "q4_k", "q6_k")
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = moe(hidden, gate, bias, gu, dn, k)
         weights, ids = moe_route(hidden, gate, bias, k)
     _assert_parity(out, _moe_experts_kquant_reference(hidden, gu, dn, ids, weights), f"{isa} moe")

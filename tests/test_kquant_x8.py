@@ -15,11 +15,11 @@ relative error < 2e-6; the MoE: per-token bounds of tests/test_kquant_moe.py).
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import num_threads, quant_isa_path, rel_err
 from lfm_kernels import QuantizedTensor, _backend, linear, moe_experts, quantize
 from lfm_kernels.ops.moe import _moe_experts_kquant_reference
 from lfm_kernels.quant import _kernel_layout, _krelayout_reference, _linear_reference
-from test_kquant_kernels import _act, _isa_path, _threads, _weight
+from test_kquant_kernels import _act, _weight
 from test_kquant_moe import _assert_parity, _case
 
 HAS_EXT = _backend._C is not None and hasattr(torch.ops.lfm_kernels_cpu, "linear_kquant_x8")
@@ -121,7 +121,7 @@ def test_linear_x8_parity(isa, fmt, m):
     x8 = qt.to_layout("x8")
     x = _act(m, k)
     bias = torch.randn(n)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         rows = linear(x, qt, bias)
         out = torch.full((m, n), float("nan"))
         out.copy_(linear(x, x8, bias))
@@ -143,12 +143,12 @@ def test_linear_x8_bits_equal_across_paths_threads_and_batch(fmt):
     for isa in ("portable", "avx2"):
         if isa == "avx2" and "avx2" not in torch.ops.lfm_kernels_cpu._quant_isa_info()[1:]:
             continue  # skipped visibly in test_linear_x8_parity
-        with _isa_path(isa):
-            with _threads(1):
+        with quant_isa_path(isa):
+            with num_threads(1):
                 one = linear(x, x8)
                 alone = [linear(x[i : i + 1], x8) for i in (0, 5, 36)]
                 pair = linear(x[3:5], x8)
-            with _threads(2):
+            with num_threads(2):
                 two = linear(x, x8)
             rows = linear(x, qt)
         assert torch.equal(one, two), isa
@@ -201,7 +201,7 @@ def test_moe_x8_parity(isa, pair, n):
     hidden, gu, dn, ids, weights = _case(n, *pair)
     gx, dx = _x8(gu, dn)
     ref = _moe_experts_kquant_reference(hidden, gu, dn, ids, weights)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         rows = moe_experts(hidden, gu, dn, ids, weights)
         out = moe_experts(hidden, gx, dx, ids, weights)
     _assert_parity(out, ref, f"{isa} {pair} N={n} x8")
@@ -217,12 +217,12 @@ def test_moe_x8_bits_equal_across_paths_threads_and_batch(pair):
     for isa in ("portable", "avx2"):
         if isa == "avx2" and "avx2" not in torch.ops.lfm_kernels_cpu._quant_isa_info()[1:]:
             continue  # skipped visibly in test_moe_x8_parity
-        with _isa_path(isa):
-            with _threads(1):
+        with quant_isa_path(isa):
+            with num_threads(1):
                 one = moe_experts(hidden, gx, dx, ids, weights)
                 alone = moe_experts(hidden[5:6], gx, dx, ids[5:6], weights[5:6])
                 few = moe_experts(hidden[:9], gx, dx, ids[:9], weights[:9])
-            with _threads(2):
+            with num_threads(2):
                 two = moe_experts(hidden, gx, dx, ids, weights)
         assert torch.equal(one, two), isa
         assert torch.equal(alone, one[5:6]) and torch.equal(few, one[:9]), isa

@@ -14,12 +14,11 @@ block, scale, tile tail or expert breaks many rows, or one row by far more. bf16
 house tolerance (1e-2) on the whole output.
 """
 
-import contextlib
 
 import pytest
 import torch
 
-from conftest import assert_close, dtype_id, rel_err
+from conftest import assert_close, dtype_id, num_threads, quant_isa_path, rel_err
 from lfm_kernels import QuantizedTensor, _backend, moe, moe_experts, moe_route, quantize
 from lfm_kernels import reference
 
@@ -28,7 +27,6 @@ needs_ext = pytest.mark.skipif(not HAS_EXT, reason="CPU extension (with moe_expe
 
 FORMATS = ["q8_0", "q4_0"]
 ISAS = ["portable", "avx2", "avxvnni", "avx512vnni"]
-_NEEDS = {"avx2": "AVX2+FMA+F16C", "avxvnni": "AVX-VNNI", "avx512vnni": "AVX512-VNNI (+VL/BW)"}
 ROW_TOL = 2e-6
 FLIP_TOL = 1e-2
 TOKENS = [1, 2, 3, 7, 64, 300]
@@ -44,35 +42,6 @@ def _assert_parity(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     allowed = max(2, out.shape[0] // 50)
     assert len(off) <= allowed, f"{what}: {len(off)} rows with relative error >= {ROW_TOL:g} (at most {allowed}), worst {row_err.max():.3g}"
     assert row_err.max() < FLIP_TOL, f"{what}: row {int(row_err.argmax())} relative error {row_err.max():.3g} >= {FLIP_TOL:g}"
-
-
-@contextlib.contextmanager
-def _isa_path(name: str):
-    """Runs the block on one kernel path, or skips visibly when the CPU lacks its instructions."""
-    info = torch.ops.lfm_kernels_cpu._quant_isa_info
-    if name == "portable":
-        with _backend.force_portable_cpu():
-            assert info()[0] == "portable"
-            yield
-        return
-    if name not in info()[1:]:
-        pytest.skip(f"needs {_NEEDS[name]}: this CPU does not have it, so the {name} path cannot run here")
-    torch.ops.lfm_kernels_cpu._quant_pin_isa(name)
-    try:
-        assert info()[0] == name
-        yield
-    finally:
-        torch.ops.lfm_kernels_cpu._quant_pin_isa("")
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _experts(e: int, h: int, i: int, fmt: str):
@@ -109,7 +78,7 @@ def test_parity(isa, fmt, n):
         qt.data[1].view(-1, 34 if fmt == "q8_0" else 18)[:, :2] = torch.tensor([0xFF, 0x7F], dtype=torch.uint8)
         qt.data[4].view(-1, 34 if fmt == "q8_0" else 18)[:, :2] = torch.tensor([0xFF, 0x7F], dtype=torch.uint8)
     ref = reference.moe_experts_quant(hidden, gu, dn, ids, weights)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = moe_experts(hidden, gu, dn, ids, weights)
     assert out.dtype == torch.float32
     _assert_parity(out, ref, f"{isa} {fmt} N={n}")
@@ -123,7 +92,7 @@ def test_parity_real_hidden_size(isa, fmt, n):
     """H = 2048 (the model's) and I = 224: many blocks per row, row tiles with tails."""
     hidden, gu, dn, ids, weights = _case(n, fmt, e=5, k=4, h=2048, i=224)
     ref = reference.moe_experts_quant(hidden, gu, dn, ids, weights)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = moe_experts(hidden, gu, dn, ids, weights)
     _assert_parity(out, ref, f"{isa} {fmt} N={n} H=2048")
 
@@ -136,7 +105,7 @@ def test_low_precision_hidden(isa, fmt, dtype):
     """bf16 / fp16 tokens: quantized from their exact fp32 values, output rounded once to their dtype."""
     hidden, gu, dn, ids, weights = _case(37, fmt, dtype=dtype)
     ref = reference.moe_experts_quant(hidden, gu, dn, ids, weights)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = moe_experts(hidden, gu, dn, ids, weights.to(dtype))
     assert out.dtype == dtype
     assert_close(out, ref.to(dtype), dtype, what=f"{isa} {fmt} {dtype}")
@@ -150,12 +119,12 @@ def test_bits_independent_of_threads_and_batch(isa, fmt):
     and token. Among experts with few tokens (plain tiles) a token also gives the same bits alone as
     in a batch; an expert with many tokens (packed panels on the SIMD paths) sums in another order."""
     hidden, gu, dn, ids, weights = _case(70, fmt, e=5, k=2, h=256, i=128)
-    with _isa_path(isa):
-        with _threads(1):
+    with quant_isa_path(isa):
+        with num_threads(1):
             one = moe_experts(hidden, gu, dn, ids, weights)
             alone = moe_experts(hidden[5:6], gu, dn, ids[5:6], weights[5:6])
             few = moe_experts(hidden[:2], gu, dn, ids[:2], weights[:2])
-        with _threads(2):
+        with num_threads(2):
             two = moe_experts(hidden, gu, dn, ids, weights)
             alone2 = moe_experts(hidden[5:6], gu, dn, ids[5:6], weights[5:6])
             few2 = moe_experts(hidden[:2], gu, dn, ids[:2], weights[:2])
@@ -170,12 +139,12 @@ def test_bits_independent_of_threads_and_batch(isa, fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_simd_paths_agree_with_portable(fmt):
     hidden, gu, dn, ids, weights = _case(40, fmt)
-    with _isa_path("portable"):
+    with quant_isa_path("portable"):
         ref = moe_experts(hidden, gu, dn, ids, weights)
     for isa in torch.ops.lfm_kernels_cpu._quant_isa_info()[1:]:
         if isa == "portable":
             continue
-        with _isa_path(isa):
+        with quant_isa_path(isa):
             out = moe_experts(hidden, gu, dn, ids, weights)
         _assert_parity(out, ref, f"{isa} vs portable")
 
@@ -190,7 +159,7 @@ def test_moe_block(isa, fmt):
     gate = torch.randn(e, h) * 0.1
     bias = torch.randn(e) * 0.01
     gu, dn = _experts(e, h, i, fmt)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = moe(hidden, gate, bias, gu, dn, k)
         weights, ids = moe_route(hidden, gate, bias, k)
     ref = reference.moe_experts_quant(hidden, gu, dn, ids, weights)

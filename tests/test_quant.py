@@ -8,13 +8,12 @@ over K / 32 scaled blocks (and the fp32 product of the two scales): relative err
 outputs, the house bf16/fp16 tolerance (1e-2) when the output is rounded to those.
 """
 
-import contextlib
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close, dtype_id, rel_err
+from conftest import assert_close, dtype_id, num_threads, quant_isa_path, rel_err
 from lfm_kernels import QuantizedTensor, _backend, linear, quantize
 from lfm_kernels.quant import _linear_reference, _quantize_activations
 
@@ -179,36 +178,6 @@ def test_quantized_tensor_bad_input():
 # Kernel paths
 
 ISAS = ["portable", "avx2", "avxvnni", "avx512vnni"]
-_NEEDS = {"avx2": "AVX2+FMA+F16C", "avxvnni": "AVX-VNNI", "avx512vnni": "AVX512-VNNI (+VL/BW)"}
-
-
-@contextlib.contextmanager
-def _isa_path(name: str):
-    """Runs the block on one kernel path, or skips visibly when the CPU lacks its instructions."""
-    info = torch.ops.lfm_kernels_cpu._quant_isa_info
-    if name == "portable":
-        with _backend.force_portable_cpu():
-            assert info()[0] == "portable"
-            yield
-        return
-    if name not in info()[1:]:
-        pytest.skip(f"needs {_NEEDS[name]}: this CPU does not have it, so the {name} path cannot run here")
-    torch.ops.lfm_kernels_cpu._quant_pin_isa(name)
-    try:
-        assert info()[0] == name
-        yield
-    finally:
-        torch.ops.lfm_kernels_cpu._quant_pin_isa("")
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _act_blocks(m: int, k: int, dtype) -> torch.Tensor:
@@ -230,7 +199,7 @@ def test_quantize_activations_bitwise(isa, dtype):
     x = _act_blocks(7, 160, dtype)
     x[3, 100] = float("nan")
     x[5, 10] = float("inf")
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         q, d = torch.ops.lfm_kernels_cpu.quantize_activations(x)
     q_ref, d_ref = _quantize_activations(x)
     assert q.dtype == torch.int8 and d.dtype == torch.float32
@@ -273,7 +242,7 @@ def test_linear_parity(isa, fmt, shape):
     qt = quantize(w, fmt)
     x = _act_blocks(m, k, torch.float32)
     ref = _linear_reference(x, qt)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = linear(x, qt)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     err = rel_err(out, ref)
@@ -291,7 +260,7 @@ def test_linear_low_precision_x_bias_and_leading_dims(isa, dtype, m):
     qt = quantize(torch.randn(n, k), "q4_0")
     x = torch.randn(2, m, k).to(dtype)
     bias = torch.randn(n).to(dtype)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out = linear(x, qt, bias)
     assert out.dtype == dtype and out.shape == (2, m, n)
     ref = _linear_reference(x.reshape(-1, k), qt, bias).reshape(2, m, n)
@@ -307,13 +276,13 @@ def test_bits_independent_of_threads_and_batch(isa, fmt):
     k, n, m = 2048, 301, 70
     qt = quantize(torch.randn(n, k), fmt)
     x = torch.randn(m, k)
-    with _isa_path(isa):
-        with _threads(1):
+    with quant_isa_path(isa):
+        with num_threads(1):
             one = linear(x, qt)
             first9 = linear(x[:9], qt)
             row = linear(x[5:6], qt)
             rows4 = linear(x[4:8], qt)
-        with _threads(2):
+        with num_threads(2):
             two = linear(x, qt)
             row2 = linear(x[5:6], qt)
     assert torch.equal(one, two) and torch.equal(row, row2)
@@ -329,7 +298,7 @@ def test_linear_paths_agree():
     k, n = 2048, 129
     qt = quantize(torch.randn(n, k), "q8_0")
     x = torch.randn(5, k)
-    with _isa_path("portable"):
+    with quant_isa_path("portable"):
         ref = linear(x, qt)
     assert rel_err(linear(x, qt), ref) < FP32_TOL
 

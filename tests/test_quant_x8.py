@@ -9,12 +9,11 @@ bit: every path (portable, AVX2, VNNI) computes each element as the same fma cha
 the thread counts, a row's position in the batch and the decode / prefill split give equal bits.
 """
 
-import contextlib
 
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import num_threads, quant_isa_path, rel_err
 from lfm_kernels import QuantizedTensor, _backend, linear, quantize
 from lfm_kernels.quant import _kernel_layout, _linear_reference, _relayout_reference
 
@@ -24,36 +23,6 @@ needs_ext = pytest.mark.skipif(not HAS_EXT, reason="CPU extension not built")
 FORMATS = ["q8_0", "q4_0"]
 FP32_TOL = 2e-6
 ISAS = ["portable", "avx2", "avxvnni", "avx512vnni"]
-_NEEDS = {"avx2": "AVX2+FMA+F16C", "avxvnni": "AVX-VNNI", "avx512vnni": "AVX512-VNNI (+VL/BW)"}
-
-
-@contextlib.contextmanager
-def _isa_path(name: str):
-    """Runs the block on one kernel path, or skips visibly when the CPU lacks its instructions."""
-    info = torch.ops.lfm_kernels_cpu._quant_isa_info
-    if name == "portable":
-        with _backend.force_portable_cpu():
-            assert info()[0] == "portable"
-            yield
-        return
-    if name not in info()[1:]:
-        pytest.skip(f"needs {_NEEDS[name]}: this CPU does not have it, so the {name} path cannot run here")
-    torch.ops.lfm_kernels_cpu._quant_pin_isa(name)
-    try:
-        assert info()[0] == name
-        yield
-    finally:
-        torch.ops.lfm_kernels_cpu._quant_pin_isa("")
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _random_qt(shape, fmt) -> QuantizedTensor:
@@ -147,7 +116,7 @@ def test_linear_x8_parity(isa, fmt, shape):
     x8 = qt.to_layout("x8")
     x = _x(m, k)
     ref = _linear_reference(x, qt)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         out_rows = linear(x, qt)
         out = linear(x, x8)
     assert out.dtype == torch.float32 and out.shape == (m, n) and not out.isnan().any()
@@ -156,7 +125,7 @@ def test_linear_x8_parity(isa, fmt, shape):
     assert rel_err(out, out_rows) < FP32_TOL
     # every path gives the portable path's bits
     if isa != "portable":
-        with _isa_path("portable"):
+        with quant_isa_path("portable"):
             assert torch.equal(linear(x, x8), out)
 
 
@@ -166,12 +135,12 @@ def test_linear_x8_bits_independent_of_threads_batch_and_path(fmt):
     k, n, m = 2048, 296, 70
     x8 = _random_qt((n, k), fmt).to_layout("x8")
     x = torch.randn(m, k)
-    with _threads(1):
+    with num_threads(1):
         one = linear(x, x8)
         row = linear(x[5:6], x8)
         rows4 = linear(x[4:8], x8)
         rows3 = linear(x[4:7], x8)
-    with _threads(2):
+    with num_threads(2):
         two = linear(x, x8)
         row2 = linear(x[5:6], x8)
     assert torch.equal(one, two) and torch.equal(row, row2)
@@ -229,10 +198,10 @@ def test_moe_experts_x8(isa, fmt, tokens):
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)])
     wts = torch.rand(tokens, k, generator=g)
     ref = reference.moe_experts_quant(x, gu, dn, ids, wts)
-    with _isa_path(isa):
+    with quant_isa_path(isa):
         rows = moe_experts(x, gu, dn, ids, wts)
         out = moe_experts(x, gu.to_layout("x8"), dn.to_layout("x8"), ids, wts)
-        with _threads(1):
+        with num_threads(1):
             one = moe_experts(x, gu.to_layout("x8"), dn.to_layout("x8"), ids, wts)
     assert out.shape == x.shape and not out.isnan().any()
     assert torch.equal(out, one)
@@ -241,7 +210,7 @@ def test_moe_experts_x8(isa, fmt, tokens):
     assert rel_err(out, ref) < 1e-4, f"{isa} {fmt} {tokens} tokens: {rel_err(out, ref):.3g}"
     assert rel_err(out, rows) < 1e-4
     if isa != "portable":
-        with _isa_path("portable"):
+        with quant_isa_path("portable"):
             assert torch.equal(moe_experts(x, gu.to_layout("x8"), dn.to_layout("x8"), ids, wts), out)
 
 

@@ -3,7 +3,6 @@ tensors): byte-identical blocks to gguf.quants (Q8_0 / Q4_0) and to our numpy K-
 (Q4_K / Q5_K / Q6_K) on random and adversarial weights, for fp32 / bf16 / fp16 input, the same
 bytes on 1 and 2 threads, and bad input."""
 
-import contextlib
 import zlib
 
 import numpy as np
@@ -15,6 +14,7 @@ from lfm_kernels.quant import _quantize_reference
 
 gguf_quants = pytest.importorskip("gguf.quants", reason="the gguf package is the Q8_0/Q4_0 oracle (pip install gguf)")
 from gguf import GGMLQuantizationType  # noqa: E402
+from conftest import num_threads
 
 HAS_OP = _backend._C is not None and hasattr(torch.ops.lfm_kernels_cpu, "quantize_rows")
 pytestmark = pytest.mark.skipif(not HAS_OP, reason="CPU extension (with quantize_rows) not built")
@@ -31,16 +31,6 @@ def _assert_same_blocks(ours: np.ndarray, ref: np.ndarray, block_bytes: int, wha
     assert ours.shape == ref.shape and ours.dtype == np.uint8, (ours.shape, ref.shape)
     bad = np.argwhere((ours.reshape(-1, block_bytes) != ref.reshape(-1, block_bytes)).any(1)).ravel()
     assert bad.size == 0, f"{what}: {bad.size} of {ours.size // block_bytes} blocks differ, first block {bad[0]}"
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 # ----------------------------------------------------------------------------------- Q8_0 / Q4_0
@@ -177,9 +167,9 @@ def test_k_quants_dtypes_and_3d(fmt, dtype):
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k", "q6_k"])
 def test_threads_give_identical_bytes(fmt):
     w = torch.randn(67, 1024)
-    with _threads(1):
+    with num_threads(1):
         one = _op(w, fmt)
-    with _threads(2):
+    with num_threads(2):
         two = _op(w, fmt)
     assert np.array_equal(one, two)
 
