@@ -14,6 +14,7 @@ decode_attention reads, which would need a per-row start offset the op does not 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,18 +43,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
+@functools.cache
 def _cpu_rms_norm():
     """The compiled RMSNorm op, or None without the extension (or with one built before it existed)."""
-    global _RMS_NORM_OP
-    if _RMS_NORM_OP is False:
-        from .. import _backend
+    from .. import _backend
 
-        ops = torch.ops.lfm_kernels_cpu
-        _RMS_NORM_OP = ops.rms_norm if _backend._C is not None and hasattr(ops, "rms_norm") else None
-    return _RMS_NORM_OP
-
-
-_RMS_NORM_OP = False  # not looked up yet
+    ops = torch.ops.lfm_kernels_cpu
+    return ops.rms_norm if _backend._C is not None and hasattr(ops, "rms_norm") else None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
