@@ -42,16 +42,36 @@
 #define LFMK_AVX512BF16_END _Pragma("GCC pop_options")
 #endif
 
+// Functions compiled for AVX-512 F/BW/VL/DQ (no BF16 instructions): the decode GEMVs and the short
+// conv, 16 fp32 lanes per instruction, called only when cpu_has_avx512(). On CPUs with slower memory
+// per core (server parts) the wider loads leave the core more room to keep loads in flight.
+#if defined(__clang__)
+#define LFMK_AVX512_BEGIN \
+  _Pragma("clang attribute push (__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c\"))), apply_to = function)")
+#define LFMK_AVX512_END _Pragma("clang attribute pop")
+#else
+#define LFMK_AVX512_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c\")")
+#define LFMK_AVX512_END _Pragma("GCC pop_options")
+#endif
+
 namespace lfmk {
 
 // True when the AVX2+FMA+F16C kernels may run: the CPU has them, the OS saves YMM state, and the
 // portable path has not been forced (tests force it to check both paths give the same answers).
 bool cpu_has_avx2();
-// Name of the path the next call will take: "avx2" or "portable".
+// True when the AVX-512 (F/BW/VL/DQ) kernels may run: CPU and OS support, the portable path not
+// forced and the AVX2 path not pinned.
+bool cpu_has_avx512();
+// Name of the path the next call will take: "avx512", "avx2" or "portable".
 const char* cpu_isa();
-// True when the AVX-512 BF16 kernels may run (CPU and OS support, and the portable path not forced).
+// True when the AVX-512 BF16 kernels may run (CPU and OS support, and the portable path not forced;
+// pinning AVX2 does not affect them: the kernel policy's thresholds choose them).
 bool cpu_has_avx512bf16();
 void set_force_portable(bool force);
+// Keeps the decode GEMVs and the short conv at AVX2 while true (cpu_has_avx512() false): the tests
+// compare the paths, and the kernel policy turns them off where they measure slower.
+void set_pin_avx2(bool pin);
 
 // ---- scalar conversions (portable; also used for vector tails) ----
 inline float to_f32(float v) { return v; }

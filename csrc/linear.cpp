@@ -5,7 +5,10 @@
 //    M times, so the op is a stream over the weight at memory bandwidth. Weight vectors are widened
 //    from bf16 to fp32 with a shift / mask in registers (x is stored permuted to match) and every x
 //    row is applied to each loaded vector, into several independent fp32 accumulators. Threads
-//    claim blocks of output columns N from a shared counter.
+//    claim blocks of output columns N from a shared counter. On CPUs with AVX-512: bf16 x on bf16
+//    weights with AVX512-BF16 at M <= 2 runs vdpbf16ps on the stored bits (no widening, x stays
+//    bf16), other dtypes at M = 2 a 16-lane twin of the AVX2 loop; the kernel policy can keep those
+//    calls on AVX2 where that measures faster (the op's avx512_max_rows).
 //  * Many rows (prefill): compute bound. A BLIS-style blocked GEMM: a panel of kNc weight rows x kKc
 //    columns is converted to fp32 and packed (transposed to [k][16]) once into an L2-sized buffer,
 //    then reused by every 6-row block of x through a 6x16 register-blocked micro-kernel (12 fp32
@@ -46,6 +49,18 @@ struct AlignedBuf {
   AlignedBuf(const AlignedBuf&) = delete;
   AlignedBuf& operator=(const AlignedBuf&) = delete;
 };
+
+// Weight rows per GEMV task (a multiple of R): tasks of up to 1 MiB of weight, at least two per thread.
+// Each task is one sequential sweep over its rows; measured on Zen 4 (2 threads, weights streamed
+// from DRAM), 1 MiB tasks read 1.2-1.45x faster than 64 KiB ones (lm_head 128000 x 2048: 53 vs
+// 36.5 GB/s; 6144 x 2048: 38.7 vs 30.0). Two per thread still balance a small weight (512 x 2048: one
+// task per thread read 22 GB/s).
+inline int64_t gemv_rows_per_task(int64_t N, int64_t row_bytes_in, int64_t R) {
+  const int64_t row_bytes = std::max<int64_t>(1, row_bytes_in);
+  const int64_t task_bytes = std::clamp<int64_t>(N * row_bytes / (2 * int64_t(at::get_num_threads())),
+                                                 int64_t(1) << 16, int64_t(1) << 20);
+  return std::max<int64_t>(R, task_bytes / row_bytes / R * R);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Portable path: plain C++ for CPUs without AVX2 (and the tests' cross-check). Weight rows are
@@ -237,14 +252,7 @@ void gemv_avx2(const LinearArgs& a) {
         out[m * N + n + r] = from_f32<TX>(res[r * M + m] + b);
       }
   };
-  // Tasks of up to 1 MiB of weight, at least two per thread. Each task is one sequential sweep over
-  // its rows; measured on Zen 4 (2 threads, weights streamed from DRAM), 1 MiB tasks read 1.2-1.45x
-  // faster than 64 KiB ones (lm_head 128000 x 2048: 53 vs 36.5 GB/s; 6144 x 2048: 38.7 vs 30.0).
-  // Two per thread still balance a small weight (512 x 2048: one task per thread read 22 GB/s).
-  const int64_t row_bytes = std::max<int64_t>(1, K * int64_t(sizeof(TW)));
-  const int64_t task_bytes = std::clamp<int64_t>(N * row_bytes / (2 * int64_t(at::get_num_threads())),
-                                                 int64_t(1) << 16, int64_t(1) << 20);
-  const int64_t rows_per_task = std::max<int64_t>(R, task_bytes / row_bytes / R * R);
+  const int64_t rows_per_task = gemv_rows_per_task(N, K * int64_t(sizeof(TW)), R);
   const int64_t ntasks = (N + rows_per_task - 1) / rows_per_task;
   parallel_workers(ntasks, [&](TaskQueue& queue) {
     float res[R * M];
@@ -437,11 +445,209 @@ static_assert(kGemvMaxRows == 4, "linear_avx2's switch covers M = 1..kGemvMaxRow
 }  // namespace lfmk
 LFMK_AVX2_END
 
+LFMK_AVX512_BEGIN
+#include "simd_avx512.h"
 namespace lfmk {
 namespace {
 
+// ---- AVX-512 GEMV (M <= 2): gemv_row_wide with 32 weight elements per load ----
+// Half the instructions per weight byte of the AVX2 loop, so a core keeps more loads in flight;
+// what a server core with high memory latency and few cores needs to reach its share of bandwidth.
+template <typename TW>
+struct WLoad512;
+template <>
+struct WLoad512<c10::BFloat16> {
+  static constexpr bool kInterleaved = true;
+  static inline void load32(const c10::BFloat16* p, __m512& even, __m512& odd) {
+    const __m512i v = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(avx512::shl16(v));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
+template <>
+struct WLoad512<float> {
+  static constexpr bool kInterleaved = false;
+  static inline void load32(const float* p, __m512& lo, __m512& hi) {
+    lo = _mm512_loadu_ps(p);
+    hi = _mm512_loadu_ps(p + 16);
+  }
+};
+template <>
+struct WLoad512<c10::Half> {
+  static constexpr bool kInterleaved = false;
+  static inline void load32(const c10::Half* p, __m512& lo, __m512& hi) {
+    lo = avx512::load16(p);
+    hi = avx512::load16(p + 16);
+  }
+};
+
+// x row -> fp32 in the element order WLoad512<TW> produces for each full block of 32 (tail in order).
+template <typename TX, bool kInterleaved>
+void pack_x32(const TX* src, float* dst, int64_t K) {
+  const int64_t kv = K & ~int64_t(31);
+  for (int64_t k = 0; k < kv; k += 32) {
+    for (int i = 0; i < 16; ++i) {
+      dst[k + i] = to_f32(src[k + (kInterleaved ? 2 * i : i)]);
+      dst[k + 16 + i] = to_f32(src[k + (kInterleaved ? 2 * i + 1 : 16 + i)]);
+    }
+  }
+  for (int64_t k = kv; k < K; ++k) dst[k] = to_f32(src[k]);
+}
+
+// One weight row as a single sequential stream, 32*U elements per step into U accumulators per x row.
+template <typename TW, int M, int U>
+inline void gemv_row_wide_avx512(const TW* w, int64_t K, const float* xf, float* res) {
+  __m512 acc[U][M];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+  const int64_t kvu = K - K % (32 * U);
+  for (int64_t k = 0; k < kvu; k += 32 * U) {
+    for (int u = 0; u < U; ++u) {
+      __m512 w0, w1;
+      WLoad512<TW>::load32(w + k + 32 * u, w0, w1);
+      for (int m = 0; m < M; ++m) {
+        acc[u][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xf + m * K + k + 32 * u), acc[u][m]);
+        acc[u][m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xf + m * K + k + 32 * u + 16), acc[u][m]);
+      }
+    }
+  }
+  const int64_t kv = K & ~int64_t(31);
+  for (int64_t k = kvu; k < kv; k += 32) {
+    __m512 w0, w1;
+    WLoad512<TW>::load32(w + k, w0, w1);
+    for (int m = 0; m < M; ++m) {
+      acc[0][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xf + m * K + k), acc[0][m]);
+      acc[0][m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xf + m * K + k + 16), acc[0][m]);
+    }
+  }
+  if (kv < K) {  // < 32 left, in order: up to two masked 16-lane steps
+    for (int64_t k = kv; k < K; k += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, K - k));
+      const __m512 wv = avx512::load_partial(w + k, n);
+      for (int m = 0; m < M; ++m) acc[0][m] = _mm512_fmadd_ps(wv, avx512::load_partial(xf + m * K + k, n), acc[0][m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = acc[0][m];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
+    res[m] = avx512::hsum(sum);
+  }
+}
+
+template <typename TX, typename TW, int M>
+void gemv_avx512(const LinearArgs& a) {
+  const TX* x = static_cast<const TX*>(a.x);
+  const TW* w = static_cast<const TW*>(a.w);
+  TX* out = static_cast<TX*>(a.out);
+  const int64_t K = a.K, N = a.N;
+  AlignedBuf xf(static_cast<size_t>(M * K) + 1);
+  for (int m = 0; m < M; ++m) pack_x32<TX, WLoad512<TW>::kInterleaved>(x + m * a.ldx, xf.p + m * K, K);
+  const int64_t rows_per_task = gemv_rows_per_task(N, K * int64_t(sizeof(TW)), 1);
+  const int64_t ntasks = (N + rows_per_task - 1) / rows_per_task;
+  parallel_workers(ntasks, [&](TaskQueue& queue) {
+    float res[M];
+    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
+      const int64_t n_end = std::min(N, (t + 1) * rows_per_task);
+      for (int64_t n = t * rows_per_task; n < n_end; ++n) {
+        gemv_row_wide_avx512<TW, M, 4>(w + n * K, K, xf.p, res);
+        const float b = a.bias ? a.bias[n] : 0.f;
+        for (int m = 0; m < M; ++m) out[m * N + n] = from_f32<TX>(res[m] + b);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace lfmk
+LFMK_AVX512_END
+
+LFMK_AVX512BF16_BEGIN
+namespace lfmk {
+namespace {
+
+// bf16 x and bf16 weights on a CPU with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds
+// them into 16 fp32 lanes in one instruction, on the stored bits of both (no widening, no x packing).
+// Products of two bf16 values are exact in fp32, so this is the fp32 sum in another order.
+template <int M, int U>
+inline void gemv_row_bf16dp(const c10::BFloat16* w, int64_t K, const c10::BFloat16* const* x, float* res) {
+  __m512 acc[U][M];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+  const int64_t kvu = K - K % (32 * U);
+  for (int64_t k = 0; k < kvu; k += 32 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
+      for (int m = 0; m < M; ++m)
+        acc[u][m] = _mm512_dpbf16_ps(acc[u][m], (__m512bh)_mm512_loadu_si512(x[m] + k + 32 * u), wv);
+    }
+  for (int64_t k = kvu; k < K; k += 32) {
+    const __mmask32 mk = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mk, w + k);
+    for (int m = 0; m < M; ++m)
+      acc[0][m] = _mm512_dpbf16_ps(acc[0][m], (__m512bh)_mm512_maskz_loadu_epi16(mk, x[m] + k), wv);
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = acc[0][m];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, sum);
+    float s = 0.f;
+    for (int i = 0; i < 16; ++i) s += lanes[i];
+    res[m] = s;
+  }
+}
+
+template <int M>
+void gemv_bf16dp(const LinearArgs& a) {
+  using bf16 = c10::BFloat16;
+  const bf16* x = static_cast<const bf16*>(a.x);
+  const bf16* w = static_cast<const bf16*>(a.w);
+  bf16* out = static_cast<bf16*>(a.out);
+  const int64_t K = a.K, N = a.N;
+  const bf16* xr[M];
+  for (int m = 0; m < M; ++m) xr[m] = x + m * a.ldx;
+  const int64_t rows_per_task = gemv_rows_per_task(N, K * 2, 1);
+  const int64_t ntasks = (N + rows_per_task - 1) / rows_per_task;
+  parallel_workers(ntasks, [&](TaskQueue& queue) {
+    float res[M];
+    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
+      const int64_t n_end = std::min(N, (t + 1) * rows_per_task);
+      for (int64_t n = t * rows_per_task; n < n_end; ++n) {
+        gemv_row_bf16dp<M, 4>(w + n * K, K, xr, res);
+        const float b = a.bias ? a.bias[n] : 0.f;
+        for (int m = 0; m < M; ++m) out[m * N + n] = from_f32<bf16>(res[m] + b);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace lfmk
+LFMK_AVX512BF16_END
+
+namespace lfmk {
+namespace {
+
+// Rows up to which an AVX-512 GEMV exists; the caller's avx512_max_rows (the kernel policy's,
+// measured per machine) may lower it.
+constexpr int64_t kAvx512GemvMaxRows = 2;
+
 template <typename TX, typename TW>
-void run(const LinearArgs& a) {
+void run(const LinearArgs& a, int64_t avx512_max_rows) {
+  const bool avx512 = a.M <= std::min(avx512_max_rows, kAvx512GemvMaxRows) && cpu_has_avx512();
+  if constexpr (std::is_same_v<TX, c10::BFloat16> && std::is_same_v<TW, c10::BFloat16>) {
+    // Zen 4, 2 threads, M = 1: 1.06-1.17x the AVX2 GEMV on 2048-wide weights, 2.2x at K = 7168 (bf16 x
+    // stays in L1 where AVX2's fp32 copy does not), equal on lm_head; M = 2: 1.15-1.7x
+    if (avx512 && cpu_has_avx512bf16()) {
+      if (a.M == 1) return gemv_bf16dp<1>(a);
+      return gemv_bf16dp<2>(a);
+    }
+  }
+  // The FMA twin only at M = 2: at M = 1 it measured 0.72-0.97x the AVX2 GEMV on Zen 4 (fp32 weights;
+  // a 512-bit load is split in two there), at M = 2 1.1-1.2x.
+  if (avx512 && a.M == 2) {
+    return gemv_avx512<TX, TW, 2>(a);
+  }
   if (cpu_has_avx2())
     linear_avx2<TX, TW>(a);
   else
@@ -450,7 +656,8 @@ void run(const LinearArgs& a) {
 
 // Shapes, dtypes and devices were validated in Python (lfm_kernels/ops/linear.py); the checks here
 // only guard the memory safety of this function if it is called directly.
-at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
+at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+                      int64_t avx512_max_rows) {
   TORCH_CHECK(x_in.dim() == 2, "linear: x must be [M, K]");
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(1) == x_in.size(1), "linear: weight must be [N, K]");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0);
@@ -485,7 +692,7 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const
   a.K = K;
   LFMK_DISPATCH_FLOAT(x.scalar_type(), "linear", [&] {
     using TX = scalar_t;
-    LFMK_DISPATCH_FLOAT(wdt, "linear", [&] { run<TX, scalar_t>(a); });
+    LFMK_DISPATCH_FLOAT(wdt, "linear", [&] { run<TX, scalar_t>(a, avx512_max_rows); });
   });
   return out;
 }
@@ -493,5 +700,9 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const
 }  // namespace
 }  // namespace lfmk
 
-TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) { m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+// avx512_max_rows: calls with at most this many rows (and at most 2) take the AVX-512 GEMV on CPUs that
+// have it; 0 keeps every call on the AVX2 / portable kernels.
+TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, int avx512_max_rows=2) -> Tensor");
+}
 TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) { m.impl("linear", &lfmk::linear_cpu); }

@@ -33,13 +33,32 @@ static bool detect_avx512bf16() {
 #endif
 }
 
+static bool detect_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return detect_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+static std::atomic<bool> g_pin_avx2{false};
 static const bool g_has_avx2 = detect_avx2();
+static const bool g_has_avx512 = detect_avx512();
 static const bool g_has_avx512bf16 = detect_avx512bf16();
 
 bool cpu_has_avx2() { return g_has_avx2 && !g_force_portable.load(std::memory_order_relaxed); }
+static bool avx512_allowed() {
+  return !g_force_portable.load(std::memory_order_relaxed) && !g_pin_avx2.load(std::memory_order_relaxed);
+}
+bool cpu_has_avx512() { return g_has_avx512 && avx512_allowed(); }
+// The AVX512-BF16 MoE tiles have their own switch (the policy's thresholds), so pinning AVX2 for the
+// decode kernels does not take them away from prefill.
 bool cpu_has_avx512bf16() { return g_has_avx512bf16 && !g_force_portable.load(std::memory_order_relaxed); }
-const char* cpu_isa() { return cpu_has_avx2() ? "avx2" : "portable"; }
+const char* cpu_isa() { return cpu_has_avx512() ? "avx512" : cpu_has_avx2() ? "avx2" : "portable"; }
 void set_force_portable(bool force) { g_force_portable.store(force); }
+void set_pin_avx2(bool pin) { g_pin_avx2.store(pin); }
 
 }  // namespace lfmk
 
@@ -47,10 +66,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lfm_kernels CPU extension";
   m.def("cpu_supports_avx2", [] { return lfmk::g_has_avx2; },
         "whether this CPU and OS support the AVX2+FMA+F16C kernels");
+  m.def("cpu_supports_avx512", [] { return lfmk::g_has_avx512; },
+        "whether this CPU and OS support the AVX-512 (F/BW/VL/DQ) kernels (decode GEMVs, short conv)");
   m.def("cpu_supports_avx512bf16", [] { return lfmk::g_has_avx512bf16; },
         "whether this CPU and OS support the AVX-512 BF16 kernels (MoE experts with many tokens)");
   m.def("cpu_isa", [] { return std::string(lfmk::cpu_isa()); }, "the path the kernels take now");
   m.def("set_force_portable", &lfmk::set_force_portable,
         "force the portable (non-AVX2) kernels; for tests comparing both paths");
+  m.def("set_pin_avx2", &lfmk::set_pin_avx2, "keep every kernel at AVX2 (no AVX-512 code); for tests and users");
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

@@ -85,7 +85,8 @@ def cpu_has_native_bf16_gemm() -> bool:
 
 
 def cpu_isa() -> str:
-    """The CPU path the next call takes: 'avx2', 'portable' or 'reference'."""
+    """The CPU path the next call takes: 'avx512' (the AVX-512 decode GEMVs; everything else AVX2),
+    'avx2', 'portable' or 'reference'."""
     return _C.cpu_isa() if _C is not None else "reference"
 
 
@@ -112,6 +113,7 @@ def backend_info() -> dict:
         "extension_error": _EXT_ERROR,
         "cpu_isa": cpu_isa(),
         "cpu_supports_avx2_fma": bool(_C.cpu_supports_avx2()) if _C is not None else None,
+        "cpu_supports_avx512": bool(_C.cpu_supports_avx512()) if _C is not None else None,
         "cpu_supports_avx512bf16": bool(_C.cpu_supports_avx512bf16()) if _C is not None else None,
         "cpu_native_bf16_gemm": cpu_has_native_bf16_gemm(),
         "cpu": _cpu_name(),

@@ -2,14 +2,15 @@
 
 The thresholds in `KernelPolicy` say from how many rows a bf16 call leaves our C++ kernels for
 another path (oneDNN for `linear`; our AVX512-BF16 dot / outer-product tiles, then oneDNN, for the
-MoE experts). Where they lie depends on the CPU, its memory and the thread count, so instead of
+MoE experts), and up to how many rows `linear` takes its AVX-512 GEMV rather than the AVX2 one. Where they lie depends on the CPU, its memory and the thread count, so instead of
 trusting the numbers measured on one machine, the chooser times the candidate paths:
 
 - per op and shape class (`linear`: the weight's [N, K]; experts: H and I), lazily, at the first
   call of that class, on the call's own weights (a slice of at most 8 Mi elements of a big `linear`
   weight; one expert at a time for the MoE, a different one each run, as decode reads them);
-- only where the CPU has more than one valid path: on a CPU without native bf16 dot products (no
-  AVX512-BF16, no AMX) every bf16 call has one path, nothing is timed and the defaults stay;
+- only where the CPU has more than one valid path: on a CPU without AVX-512 and without native bf16
+  dot products (no AVX512-BF16, no AMX) every bf16 call has one path, nothing is timed and the
+  defaults stay;
 - at row counts from a fixed ladder, each candidate once untimed, then the median of three runs
   (a class's first point is abandoned after the untimed runs if the timed ones would not fit);
   a path is dropped once the path that follows it (tiled -> dot -> outer product -> oneDNN) has
@@ -56,12 +57,13 @@ from . import _backend
 # A threshold no row count reaches: the path after it is never taken.
 NEVER = 1 << 30
 DEFAULT_BUDGET_S = 0.3
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: linear classes time the AVX-512 GEMV ("avx512") apart from the AVX2 kernel ("cpp")
 
 LINEAR_LADDER = (1, 2, 3, 4, 8, 16, 32, 64)
 MOE_LADDER = (1, 2, 3, 4, 8, 16, 32, 64, 128)
 # Each path in the order its row counts come (the C++ experts kernel's order).
-LINEAR_ROUTES = ("cpp", "onednn")
+LINEAR_ROUTES = ("avx512", "cpp", "onednn")
+AVX512_GEMV_MAX_ROWS = 2  # csrc/linear.cpp: the AVX-512 GEMV exists up to this many rows
 MOE_ROUTES = ("tiled", "dot", "outer", "onednn")
 # The C++ experts kernel's thresholds that put every expert on one route.
 _FORCE_MOE = {
@@ -221,9 +223,11 @@ class Chooser:
                            if r in _candidate_hook(op, key, 0))
             pairs_fit = True
         elif op == "linear":
-            if not (_backend.cpu_has_native_bf16_gemm() and _backend._C is not None):
+            if _backend._C is None:
                 return None
-            routes, pairs_fit = LINEAR_ROUTES, True
+            routes = tuple(r for r, ok in (("avx512", bool(_backend._C.cpu_supports_avx512())), ("cpp", True),
+                                           ("onednn", _backend.cpu_has_native_bf16_gemm())) if ok)
+            pairs_fit = True
         else:
             if not (_backend.cpu_has_native_bf16_gemm() and _backend._C is not None):
                 return None
@@ -249,13 +253,17 @@ class Chooser:
             x = torch.randn(n, k, generator=g, device="cpu").to(torch.bfloat16)
             turn = itertools.count()
 
+            def avx512():
+                return torch.ops.lfm_kernels_cpu.linear(x, slices[next(turn) % len(slices)], None, AVX512_GEMV_MAX_ROWS)
+
             def cpp():
-                return torch.ops.lfm_kernels_cpu.linear(x, slices[next(turn) % len(slices)], None)
+                return torch.ops.lfm_kernels_cpu.linear(x, slices[next(turn) % len(slices)], None, 0)
 
             def onednn():
                 return F.linear(x, slices[next(turn) % len(slices)])
 
-            return {"cpp": cpp, "onednn": onednn}
+            fns = {"avx512": avx512, "cpp": cpp, "onednn": onednn}
+            return {r: fns[r] for r in cls.routes if _valid(cls.op, r, n)}
         gu, dn = tensors["gate_up_proj"].detach(), tensors["down_proj"].detach()
         n_exp, h = gu.shape[0], gu.shape[2]
         hidden = torch.randn(n, h, generator=g, device="cpu").to(torch.bfloat16)
@@ -271,8 +279,8 @@ class Chooser:
         return {r: run(r) for r in cls.routes}
 
     def _live(self, cls: _Class, n: int) -> list[str]:
-        """The paths still worth timing at n rows: a path is dropped for good once a path that
-        follows it has been faster at _DROP_AFTER measured points in a row."""
+        """The paths still worth timing at n rows: those that exist at n rows, less those dropped for
+        good once a path that follows it has been faster at _DROP_AFTER measured points in a row."""
         live = list(cls.routes)
         streak = dict.fromkeys(cls.routes, 0)
         for m in sorted(m for m in cls.points if m < n):
@@ -287,7 +295,7 @@ class Chooser:
                 streak[route] = streak[route] + 1 if beaten else 0
                 if streak[route] >= _DROP_AFTER:
                     live.remove(route)
-        return live
+        return [r for r in live if _valid(cls.op, r, n)]
 
     def _decided(self, cls: _Class, n: int) -> bool:
         return len(self._live(cls, n)) < 2
@@ -407,6 +415,11 @@ class Chooser:
                                                   f"{self.cache_path} ({exc}); measurements stay in this process")
 
 
+def _valid(op: str, route: str, n: int) -> bool:
+    """Whether the path exists for n rows (the AVX-512 GEMV only up to AVX512_GEMV_MAX_ROWS)."""
+    return not (op == "linear" and route == "avx512" and n > AVX512_GEMV_MAX_ROWS)
+
+
 def _median_time(fn: Callable[[], object]) -> float:
     samples = []
     for _ in range(_REPEATS):
@@ -417,7 +430,7 @@ def _median_time(fn: Callable[[], object]) -> float:
 
 
 def _thresholds(p) -> dict:
-    names = ("linear_onednn_min_rows", "moe_bf16_min_rows", "moe_bf16_outer_min_rows",
+    names = ("linear_onednn_min_rows", "linear_avx512_max_rows", "moe_bf16_min_rows", "moe_bf16_outer_min_rows",
              "moe_bf16_outer_onednn_min_rows", "moe_bf16_dot_onednn_min_rows")
     return {n: getattr(p, n) for n in names}
 
@@ -454,12 +467,25 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
                 points.append((n, c.pairs_fit, {r: point.get(r, 2 * best) / best for r in c.routes}))
 
     if op == "linear":
-        best_t, best_cost = base.linear_onednn_min_rows, None
-        for t in values(base.linear_onednn_min_rows):
-            cst = sum(rel.get("onednn" if n >= t else "cpp", 2.0) for n, _, rel in points)
-            if best_cost is None or cst < best_cost - 1e-9:
-                best_t, best_cost = t, cst
-        return {"linear_onednn_min_rows": best_t}
+        has = {r for c in classes for r in c.routes}
+        # the row counts up to which the AVX-512 GEMV runs (the base first: ties keep it)
+        avx512_vals = ([base.linear_avx512_max_rows] + [a for a in range(AVX512_GEMV_MAX_ROWS + 1)
+                                                         if a != base.linear_avx512_max_rows]
+                       if "avx512" in has else [base.linear_avx512_max_rows])
+        onednn_vals = values(base.linear_onednn_min_rows) if "onednn" in has else [base.linear_onednn_min_rows]
+
+        def route(n, t, a):
+            if "onednn" in has and n >= t:
+                return "onednn"
+            return "avx512" if n <= min(a, AVX512_GEMV_MAX_ROWS) and "avx512" in has else "cpp"
+
+        best, best_cost = (base.linear_onednn_min_rows, base.linear_avx512_max_rows), None
+        for t in onednn_vals:
+            for a in avx512_vals:
+                cst = sum(rel.get(route(n, t, a), 2.0) for n, _, rel in points)
+                if best_cost is None or cst < best_cost - 1e-9:
+                    best, best_cost = (t, a), cst
+        return {"linear_onednn_min_rows": best[0], "linear_avx512_max_rows": best[1]}
 
     own_bf16 = any("dot" in c.routes for c in classes)
     defaults = base.moe_bf16_routes()

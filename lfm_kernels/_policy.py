@@ -7,6 +7,11 @@ enough rows runs faster on those units, so two ops choose per call:
 - `linear` (bf16 x and bf16 weight): from `linear_onednn_min_rows` rows on, torch's oneDNN GEMM
   (F.linear; a bias is then added in bf16, as F.linear does); fewer rows stay on the C++ kernel,
   which streams the weight once.
+- `linear` on a CPU with AVX-512 (any weight dtype): calls of up to `linear_avx512_max_rows` rows
+  (at most 2; 0: none) take the AVX-512 GEMV (with AVX512-BF16 for bf16 x on bf16 weights), the
+  others the AVX2 kernels. Both read the weight once; which keeps more loads in flight depends on
+  the core (measured on a Zen 4: the AVX512-BF16 GEMV 1.15-1.5x faster at 2 rows, within noise of
+  AVX2 at 1 row on 2048-wide weights).
 - `moe_experts` / `moe` (bf16 tokens and bf16 weights): per expert, from the number of tokens that
   chose it in the call. Below `moe_bf16_min_rows` tokens the expert stays on the AVX2 tiles (act in
   fp32). From there, with AVX512-BF16:
@@ -27,8 +32,8 @@ Zen 4 CPU (AVX512-BF16, 2 threads, LFM2.5-8B-A1B shapes); see the notes at `Kern
 
 Two switches change which code runs regardless of the thresholds:
 
-- `kernel_only=True`: every op stays on our AVX2 / portable kernels (no AVX512-BF16 kernels, no
-  oneDNN hand-off): one numerics everywhere, e.g. for comparing machines.
+- `kernel_only=True`: every op stays on our AVX2 / portable kernels (no AVX-512 GEMVs, no AVX512-BF16
+  kernels, no oneDNN hand-off): one numerics everywhere, e.g. for comparing machines.
 - `portable=True`: our portable C++ kernels instead of the AVX2 and AVX512-BF16 ones (tests compare
   both; the bf16 experts then take oneDNN as above).
 
@@ -76,6 +81,8 @@ class KernelPolicy:
     # N = K = 2048; ~2x on the 128k-row lm_head at M = 1); oneDNN is 1.2-1.5x faster at M = 3, 4 and ~2x
     # from M = 5 to 512.
     linear_onednn_min_rows: int = 3
+    # rows up to which `linear` takes the AVX-512 GEMV where the CPU has AVX-512 (0: never)
+    linear_avx512_max_rows: int = 2
     # Zen 4, 2 threads, one expert at the real shape, weights from DRAM: the AVX2 tiles are faster at 1
     # token (0.83 vs 1.22 ms for oneDNN) and at 2; from 3 tokens bf16 dot products win (1.3x at 3, 1.7x
     # at 16, 2.3x at 64).
@@ -97,8 +104,9 @@ class KernelPolicy:
                     raise TypeError(f"{f.name} must be a bool, got {type(value).__name__}")
             elif isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{f.name} must be an int (a row count), got {type(value).__name__}")
-            elif value < 1:
-                raise ValueError(f"{f.name} must be >= 1 (a row count), got {value}")
+            elif value < (0 if f.name == "linear_avx512_max_rows" else 1):
+                raise ValueError(f"{f.name} must be >= {0 if f.name == 'linear_avx512_max_rows' else 1} "
+                                 f"(a row count), got {value}")
 
     def moe_bf16_routes(self) -> tuple[int, int, int, int]:
         """The thresholds the C++ experts kernel takes, in its argument order."""

@@ -248,9 +248,11 @@ def test_bad_arguments(measured):
 
 
 def test_one_valid_path_times_nothing(measured, monkeypatch):
-    """On a CPU without native bf16 dot products every bf16 call has one path: nothing is timed."""
+    """On a CPU without AVX-512 and without native bf16 dot products every bf16 call has one path:
+    nothing is timed."""
     _, use = measured
     monkeypatch.setattr(_backend, "cpu_has_native_bf16_gemm", lambda: False)
+    monkeypatch.setattr(_backend._C, "cpu_supports_avx512", lambda: False)
     ch = use()
     x, w = _bf16_linear_args()
     gu, dn = _bf16_experts()
@@ -338,3 +340,45 @@ def test_bench_reports_the_path_and_the_runner_up():
     assert runner._path_cell({"path": "tiled"}) == "tiled (only path)"
     assert runner._path_cell({}) == "-"
     assert "path (runner-up)" in runner._HEADERS
+
+
+def test_the_avx512_gemv_is_chosen_only_where_it_is_faster(measured, monkeypatch):
+    """The AVX-512 GEMV exists up to 2 rows: timed there only, and used up to the rows where it won."""
+    _, use = measured
+    # faster than the AVX2 kernel at 1 row, slower at 2; oneDNN from 4 rows
+    hook = _Timings({"avx512": lambda n: 0.5e-4 if n == 1 else 3e-4, "cpp": lambda n: 1e-4 * n,
+                     "onednn": lambda n: 3.5e-4 + 0.01e-4 * n})
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    ch = use()
+    x, w = _bf16_linear_args()
+    p = _policy._policy_for_linear(x, w)
+    assert (p.linear_avx512_max_rows, p.linear_onednn_min_rows) == (1, 4), p
+    key = next(k for k in ch.report()["classes"] if k.startswith("linear"))
+    points = ch._classes[key].points
+    assert all(("avx512" in pt) == (n <= _chooser.AVX512_GEMV_MAX_ROWS) for n, pt in points.items()), points
+    # a fake slow AVX-512 GEMV is never chosen
+    monkeypatch.setattr(_chooser, "_candidate_hook",
+                        _Timings({"avx512": lambda n: 1e-2, "cpp": lambda n: 1e-4 * n, "onednn": lambda n: 1.0}))
+    use(budget_s=10.0)
+    x2, w2 = _bf16_linear_args(n=48, k=32)
+    assert _policy._policy_for_linear(x2, w2).linear_avx512_max_rows == 0
+    assert policy_report()["thresholds"]["linear_avx512_max_rows"] == 0
+
+
+def test_the_linear_op_follows_the_avx512_threshold(monkeypatch):
+    """linear's path at 1-2 rows follows linear_avx512_max_rows (and kernel_only) on an AVX-512 CPU."""
+    if not _backend._C.cpu_supports_avx512():
+        pytest.skip("needs AVX-512 (F/BW/VL/DQ): this CPU does not have it, so the AVX-512 GEMV cannot run here")
+    x, w = _bf16_linear_args()
+    dot = "avx512-bf16dot" if _backend._C.cpu_supports_avx512bf16() else "avx512"
+    with kernel_policy(DEFAULT_POLICY):
+        assert linear_mod._linear_path(x[:1], w) == dot and linear_mod._linear_path(x[:2], w) == dot
+    with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=1):
+        assert linear_mod._linear_path(x[:1], w) == dot and linear_mod._linear_path(x[:2], w) == "avx2"
+    with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=0):
+        assert linear_mod._linear_path(x[:1], w) == "avx2"
+    with kernel_policy(DEFAULT_POLICY, kernel_only=True):
+        assert linear_mod._linear_path(x[:1], w) == "avx2"
+    with kernel_policy(DEFAULT_POLICY):
+        assert linear_mod._linear_path(x[:2].float(), w) == "avx512"
+        assert linear_mod._linear_path(x[:1].float(), w) == "avx2"

@@ -253,3 +253,58 @@ def test_single_thread(m):
         assert_close(linear(x, w), _ref(x, w), torch.float32)
     finally:
         torch.set_num_threads(prev)
+
+
+# The AVX-512 GEMVs: K values around the 32-element steps, the 4x32 unrolled loop and the masked
+# tails; N odd. bf16 x on bf16 weights takes the AVX512-BF16 dot product (M <= 2) where the CPU has
+# it, other dtypes the FMA twin at M = 2 (M = 1 stays on AVX2, faster there).
+AVX512_SHAPES = [(1, 7, 15), (1, 33, 31), (2, 33, 33), (1, 65, 128), (2, 129, 777), (1, 300, 2048), (2, 17, 2049)]
+
+
+def _avx512_gemv():
+    if not HAS_EXT or not _backend._C.cpu_supports_avx512():
+        pytest.skip("needs AVX-512 (F/BW/VL/DQ): this CPU does not have it, so the AVX-512 GEMV cannot run here")
+    return kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=2)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", AVX512_SHAPES, ids=_ids)
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_avx512_gemv_parity(shape, x_dtype, w_dtype, with_bias):
+    m, n, k = shape
+    big = torch.randn(m, k + 5).to(x_dtype)
+    x = big[:, :k]  # row stride k + 5: the GEMV reads x through its stride
+    w = (torch.randn(n, k) / k**0.5).to(w_dtype)
+    b = torch.randn(n) if with_bias else None
+    with _avx512_gemv():
+        path = linear_mod._linear_path(x, w)
+        out = linear(x, w, b)
+    dot = x_dtype == w_dtype == torch.bfloat16 and _backend._C.cpu_supports_avx512bf16()
+    assert path == ("avx512-bf16dot" if dot else "avx512" if m == 2 else "avx2")
+    assert_close(out, _ref(x, w, b).to(x_dtype), x_dtype)
+    # the AVX2 kernel on the same call agrees within the same bound
+    with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=0):
+        assert linear_mod._linear_path(x, w) == "avx2"
+        assert_close(linear(x, w, b), _ref(x, w, b).to(x_dtype), x_dtype)
+
+
+@needs_ext
+def test_avx512_gemv_special_values():
+    """Inf and NaN in x propagate as in the reference; an all-zero weight row gives exactly the bias."""
+    x = torch.randn(2, 96).to(torch.bfloat16)
+    x[0, 5] = float("inf")
+    x[1, 7] = float("nan")
+    w = (torch.randn(40, 96) / 10).to(torch.bfloat16)
+    w[3] = 0
+    b = torch.randn(40)
+    with _avx512_gemv():
+        out = linear(x, w, b)
+    ref = _ref(x, w, b)
+    assert torch.isnan(out[1]).all() and torch.isnan(ref[1]).all()
+    # row 0: inf * w[n, 5] is +-inf for every n but 3, where inf * 0 is NaN
+    assert torch.equal(torch.isnan(out[0]), torch.isnan(ref[0])) and torch.isnan(out[0, 3])
+    assert torch.equal(torch.isinf(out[0]), torch.isinf(ref[0]))
+    inf = torch.isinf(ref[0])
+    assert torch.equal(out[0].float()[inf], ref[0].float()[inf])

@@ -56,7 +56,8 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                 if w_dtype == torch.bfloat16:
                     baselines = {"torch_bf16": lambda i: F.linear(i["x"], i["weight"]), **baselines}
                 if _backend._C is not None:
-                    baselines["cpp_kernel"] = lambda i: torch.ops.lfm_kernels_cpu.linear(i["x"], i["weight"], None)
+                    # the C++ kernel on its AVX2 / portable path, whatever the policy would choose
+                    baselines["cpp_kernel"] = lambda i: torch.ops.lfm_kernels_cpu.linear(i["x"], i["weight"], None, 0)
                 x_probe = torch.empty(m, k, dtype=torch.bfloat16)
                 backend = "torch-onednn" if linear_mod._use_torch_gemm(x_probe, torch.empty(0, dtype=w_dtype)) else ""
                 out.append(
@@ -75,7 +76,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                         compute_bound=m > 1,
                         backend=backend or _backend.backend_for(torch.empty(0, device=device)),
                         path=_path,
-                        paths=_paths(w_dtype),
+                        paths=_paths(w_dtype, m),
                     )
                 )
     out.extend(_quantized_cases(shapes, rows))
@@ -84,17 +85,25 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
 
 def _path(i: dict) -> str:
     """The path `linear` takes for these inputs (the policy's choice, see lfm_kernels/_policy.py)."""
-    return "onednn" if linear_mod._use_torch_gemm(i["x"], i["weight"]) else "cpp"
+    return linear_mod._linear_path(i["x"], i["weight"])
 
 
-def _paths(w_dtype: torch.dtype) -> dict:
-    """The valid paths by name (as baselines whose times they share): oneDNN is one only for bf16
-    x bf16 on CPUs with native bf16 dot products."""
+def _paths(w_dtype: torch.dtype, m: int) -> dict:
+    """The valid paths by name (a baseline name: the same call, its time shared; or a callable):
+    the AVX2 / portable kernel; the AVX-512 GEMV at 1-2 rows on CPUs with AVX-512; oneDNN only for
+    bf16 x bf16 on CPUs with native bf16 dot products."""
     if _backend._C is None:
         return {}
+    paths = {_backend.cpu_isa() if _backend.cpu_isa() != "avx512" else "avx2": "cpp_kernel"}
+    if m <= linear_mod._AVX512_GEMV_MAX_ROWS and _backend._C.cpu_supports_avx512():
+        # x is bf16 in every case: the AVX512-BF16 GEMV on bf16 weights, the FMA twin at 2 rows otherwise
+        dot = w_dtype == torch.bfloat16 and _backend._C.cpu_supports_avx512bf16()
+        if dot or m == 2:
+            paths["avx512-bf16dot" if dot else "avx512"] = lambda i: torch.ops.lfm_kernels_cpu.linear(
+                i["x"], i["weight"], None, 2)
     if w_dtype == torch.bfloat16 and _backend.cpu_has_native_bf16_gemm():
-        return {"cpp": "cpp_kernel", "onednn": "torch_bf16"}
-    return {"cpp": "cpp_kernel"}
+        paths["onednn"] = "torch_bf16"
+    return paths
 
 
 def _quant_backend() -> str:
@@ -124,8 +133,10 @@ def _random_kquant(shape: tuple, fmt: str, seed: int = 0) -> QuantizedTensor:
 
 def _quantized_cases(shapes, rows) -> list[Case]:
     """The same shapes with GGUF Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K weights (bytes_moved counts the
-    quantized blocks, so GB/s against the bandwidth floor stays honest). Baseline "linear_bf16": our
-    bf16 `linear` on the dequantized weight (the check, and the A/B against bf16 on the same shape)."""
+    quantized blocks, so GB/s against the bandwidth floor stays honest). The kernel runs on the x8
+    layout the model wrapper and the patch store (`QuantizedTensor.to_layout("x8")`), the path column
+    names the other layout, GGUF's rows, as the runner-up. Baseline "linear_bf16": our bf16 `linear`
+    on the dequantized weight (the check, and the A/B against bf16 on the same shape)."""
     out = []
     for fmt in ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k"):
         for name, n, k in shapes:
@@ -139,7 +150,8 @@ def _quantized_cases(shapes, rows) -> list[Case]:
                     else:
                         qweight = quantize(torch.randn(n, k) / k**0.5, fmt)
                     x = torch.randn(m, k, dtype=torch.bfloat16)
-                    return {"x": x, "qweight": qweight, "weight_bf16": qweight.dequantize(torch.bfloat16)}
+                    return {"x": x, "qweight": qweight.to_layout("x8"), "qweight_rows": qweight,
+                            "weight_bf16": qweight.dequantize(torch.bfloat16)}
 
                 out.append(
                     Case(
@@ -154,6 +166,8 @@ def _quantized_cases(shapes, rows) -> list[Case]:
                         flops=2 * m * n * k,
                         compute_bound=m > 1,
                         backend=_quant_backend(),
+                        path=lambda i: "x8",
+                        paths={"rows": lambda i: linear(i["x"], i["qweight_rows"])},
                     )
                 )
     return out

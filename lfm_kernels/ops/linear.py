@@ -23,11 +23,13 @@ from .._backend import cpu_has_native_bf16_gemm
 from ._checks import FLOAT_DTYPES, check_no_grad, check_same_device, check_tensor
 
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+_AVX512_GEMV_MAX_ROWS = 2  # csrc/linear.cpp, kAvx512GemvMaxRows
 
 
-def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor, policy: _policy.KernelPolicy | None = None) -> bool:
     """Whether the policy hands this call to torch's oneDNN GEMM (x already [M, K])."""
-    policy = _policy._policy_for_linear(x, weight)
+    if policy is None:
+        policy = _policy._policy_for_linear(x, weight)
     return (
         not policy.kernel_only
         and x.dtype == torch.bfloat16
@@ -35,6 +37,23 @@ def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.shape[0] >= policy.linear_onednn_min_rows
         and cpu_has_native_bf16_gemm()
     )
+
+
+def _linear_path(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The code a CPU call of these shapes and dtypes runs now (x [M, K]): "onednn", "avx512-bf16dot"
+    (AVX512-BF16 GEMV), "avx512", "avx2", "portable" or "reference" (for the bench and its tests)."""
+    if not _backend.cpu_extension_available():
+        return "reference"
+    policy = _policy._policy_for_linear(x, weight)
+    if _use_torch_gemm(x, weight, policy):
+        return "onednn"
+    isa = _backend.cpu_isa()  # "avx512" where the CPU has it and nothing pins AVX2
+    rows = 0 if policy.kernel_only else min(policy.linear_avx512_max_rows, _AVX512_GEMV_MAX_ROWS)
+    if isa != "avx512":
+        return isa
+    if x.shape[0] <= rows and x.dtype == weight.dtype == torch.bfloat16 and _backend._C.cpu_supports_avx512bf16():
+        return "avx512-bf16dot"
+    return "avx512" if x.shape[0] <= rows and x.shape[0] == 2 else "avx2"
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -47,8 +66,10 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.device.type == "cpu" and not _use_torch_gemm(x, weight) and _backend.cpu_extension_available():
-        return torch.ops.lfm_kernels_cpu.linear(x, weight, bias)
+    policy = _policy._policy_for_linear(x, weight) if x.device.type == "cpu" else None
+    if x.device.type == "cpu" and not _use_torch_gemm(x, weight, policy) and _backend.cpu_extension_available():
+        avx512_rows = 0 if policy.kernel_only else policy.linear_avx512_max_rows
+        return torch.ops.lfm_kernels_cpu.linear(x, weight, bias, avx512_rows)
     # CUDA: cuBLAS behind F.linear already runs bf16 GEMMs and GEMVs at the hardware's speed, so there
     # is no Triton kernel for this op. CPU with native bf16 GEMM instructions (bf16 x bf16, many rows):
     # oneDNN's GEMM is the faster one. CPU without the extension: F.linear after the one warning.
