@@ -562,41 +562,12 @@ void gemv_avx512(const LinearArgs& a) {
 LFMK_AVX512_END
 
 LFMK_AVX512BF16_BEGIN
+#include "row_dot_avx512bf16.h"
 namespace lfmk {
 namespace {
 
 // bf16 x and bf16 weights on a CPU with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds
 // them into 16 fp32 lanes in one instruction, on the stored bits of both (no widening, no x packing).
-// Products of two bf16 values are exact in fp32, so this is the fp32 sum in another order.
-template <int M, int U>
-inline void gemv_row_bf16dp(const c10::BFloat16* w, int64_t K, const c10::BFloat16* const* x, float* res) {
-  __m512 acc[U][M];
-  for (int u = 0; u < U; ++u)
-    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
-  const int64_t kvu = K - K % (32 * U);
-  for (int64_t k = 0; k < kvu; k += 32 * U)
-    for (int u = 0; u < U; ++u) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
-      for (int m = 0; m < M; ++m)
-        acc[u][m] = _mm512_dpbf16_ps(acc[u][m], (__m512bh)_mm512_loadu_si512(x[m] + k + 32 * u), wv);
-    }
-  for (int64_t k = kvu; k < K; k += 32) {
-    const __mmask32 mk = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
-    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mk, w + k);
-    for (int m = 0; m < M; ++m)
-      acc[0][m] = _mm512_dpbf16_ps(acc[0][m], (__m512bh)_mm512_maskz_loadu_epi16(mk, x[m] + k), wv);
-  }
-  for (int m = 0; m < M; ++m) {
-    __m512 sum = acc[0][m];
-    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, sum);
-    float s = 0.f;
-    for (int i = 0; i < 16; ++i) s += lanes[i];
-    res[m] = s;
-  }
-}
-
 template <int M>
 void gemv_bf16dp(const LinearArgs& a) {
   using bf16 = c10::BFloat16;
@@ -613,7 +584,7 @@ void gemv_bf16dp(const LinearArgs& a) {
     for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
       const int64_t n_end = std::min(N, (t + 1) * rows_per_task);
       for (int64_t n = t * rows_per_task; n < n_end; ++n) {
-        gemv_row_bf16dp<M, 4>(w + n * K, K, xr, res);
+        row_dot_bf16<M, 4>(w + n * K, K, xr, res);
         const float b = a.bias ? a.bias[n] : 0.f;
         for (int m = 0; m < M; ++m) out[m * N + n] = from_f32<bf16>(res[m] + b);
       }

@@ -44,7 +44,9 @@ namespace {
 using namespace moe;
 
 constexpr int64_t kGemmExpertsPerThread = 2;  // torch-GEMM experts per thread before one expert per thread
-constexpr int64_t kLanes = 16;  // tokens per block of the outer-product path (fp32 lanes of a zmm)
+constexpr int64_t kLanes = 16;
+// Tokens per expert up to which the dot-product path streams each row once (row_dot_bf16).
+constexpr int kStreamedTokens = 2;  // tokens per block of the outer-product path (fp32 lanes of a zmm)
 // Its work items: only the first tile of an item has no prefetch ahead of it, so they are larger than
 // the dot-product paths' (measured at 128 random tokens: 42.7 ms with 16 units / 32 rows per item,
 // 39.5 with 64 / 128; 8 / 16 was 44.9)
@@ -71,9 +73,11 @@ template <typename W>
 void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I, const Plan& pl,
                   const std::vector<int64_t>& active, float* act, float* y) {
   const TileFn<W> tile = pick_tile<W>();
+  const bool streamed = max_tokens(pl, active) <= kM;
+  const int64_t units1 = streamed ? kUnits1Streamed : kUnits1, rows2 = streamed ? kRows2Streamed : kRows2;
 
   // Phase 1: act[q, j] = silu(gate_j . x_q) * (up_j . x_q)
-  for_each_work_item(pl, active, I, kUnits1, [&](const WorkItem& it) {
+  for_each_work_item(pl, active, I, units1, [&](const WorkItem& it) {
     const float* xp[kM];
     const W* wp[kR];
     float res[kM * kR];
@@ -104,7 +108,7 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
   });
 
   // Phase 2: y[q, h] = down[e, h] . act[q]
-  for_each_work_item(pl, active, H, kRows2, [&](const WorkItem& it) {
+  for_each_work_item(pl, active, H, rows2, [&](const WorkItem& it) {
     const float* xp[kM];
     const W* wp[kR];
     float res[kM * kR];
@@ -133,7 +137,11 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
                          int64_t I, const Plan& pl, const std::vector<int64_t>& active, c10::BFloat16* act,
                          float* y) {
   using bf16 = c10::BFloat16;
-  for_each_work_item(pl, active, I, kUnits1, [&](const WorkItem& it) {
+  // Decode (at most kStreamedTokens tokens per expert): every row read once as a single stream by
+  // row_dot_bf16, in the larger streamed work items; otherwise the register tile on row pairs.
+  const bool streamed = max_tokens(pl, active) <= kStreamedTokens;
+  const int64_t units1 = streamed ? kUnits1Streamed : kUnits1, rows2 = streamed ? kRows2Streamed : kRows2;
+  for_each_work_item(pl, active, I, units1, [&](const WorkItem& it) {
     const int64_t j0 = it.r0, j1 = it.r1, nj = j1 - j0, q0 = it.q0, me = it.tokens;
     const bf16* G = gu + it.e * 2 * I * H;
     const bf16* U = G + I * H;
@@ -141,10 +149,22 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
     const bf16* xp[kMb];
     const bf16* wp[4];
     float res[kMb * 4];
+    std::vector<float> gbuf(me * units1), ubuf(me * units1);
+    if (streamed) {
+      for (int m = 0; m < me; ++m) xp[m] = X + pl.tok[q0 + m] * H;
+      const int M = static_cast<int>(me);
+      for (int64_t j = j0; j < j1; ++j) {
+        row_dot_bf16_m(G + j * H, H, xp, M, res);
+        for (int m = 0; m < M; ++m) gbuf[m * units1 + j - j0] = res[m];
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        row_dot_bf16_m(U + j * H, H, xp, M, res);
+        for (int m = 0; m < M; ++m) ubuf[m * units1 + j - j0] = res[m];
+      }
+    }
     // row pairs outer, token groups inner: a pair's four rows (16 KB at H = 2048) come from memory
     // once and stay in L1 while every token group passes over them
-    std::vector<float> gbuf(me * kUnits1), ubuf(me * kUnits1);
-    for (int64_t j = j0; j < j1; j += 2) {
+    for (int64_t j = j0; j < j1 && !streamed; j += 2) {
       const int nu = static_cast<int>(std::min<int64_t>(2, j1 - j));
       for (int u = 0; u < nu; ++u) {
         wp[u] = G + (j + u) * H;
@@ -162,21 +182,29 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
         tile_bf16dp(wp, 2 * nu, xp, M, H, res);
         for (int m = 0; m < M; ++m)
           for (int u = 0; u < nu; ++u) {
-            gbuf[(t + m) * kUnits1 + j - j0 + u] = res[m * 2 * nu + u];
-            ubuf[(t + m) * kUnits1 + j - j0 + u] = res[m * 2 * nu + nu + u];
+            gbuf[(t + m) * units1 + j - j0 + u] = res[m * 2 * nu + u];
+            ubuf[(t + m) * units1 + j - j0 + u] = res[m * 2 * nu + nu + u];
           }
       }
     }
     for (int64_t m = 0; m < me; ++m)
-      swiglu_row_avx2(&gbuf[m * kUnits1], &ubuf[m * kUnits1], act + (q0 + m) * I + j0, nj);
+      swiglu_row_avx2(&gbuf[m * units1], &ubuf[m * units1], act + (q0 + m) * I + j0, nj);
   });
-  for_each_work_item(pl, active, H, kRows2, [&](const WorkItem& it) {
+  for_each_work_item(pl, active, H, rows2, [&](const WorkItem& it) {
     const int64_t h0 = it.r0, h1 = it.r1, q0 = it.q0, me = it.tokens;
     const bf16* D = dn + it.e * H * I;
     const int64_t row_bytes = I * static_cast<int64_t>(sizeof(bf16));
     const bf16* xp[kMb];
     const bf16* wp[4];
     float res[kMb * 4];
+    if (streamed) {
+      for (int m = 0; m < me; ++m) xp[m] = act + (q0 + m) * I;
+      for (int64_t h = h0; h < h1; ++h) {
+        row_dot_bf16_m(D + h * I, I, xp, static_cast<int>(me), res);
+        for (int m = 0; m < me; ++m) y[(q0 + m) * H + h] = res[m];
+      }
+      return;
+    }
     for (int64_t h = h0; h < h1; h += 4) {
       const int R = static_cast<int>(std::min<int64_t>(4, h1 - h));
       for (int r = 0; r < R; ++r) wp[r] = D + (h + r) * I;

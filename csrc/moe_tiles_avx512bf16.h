@@ -10,6 +10,7 @@
 #include "common.h"
 
 LFMK_AVX512BF16_BEGIN
+#include "row_dot_avx512bf16.h"
 namespace lfmk {
 namespace {
 

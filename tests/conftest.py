@@ -106,6 +106,32 @@ def quant_isa_path(name: str):
 
 
 @contextlib.contextmanager
+def cpu_isa_path(name: str):
+    """Runs the block on one path of the plain-weight kernels: "portable", "avx2" (AVX-512 decode
+    kernels pinned off) or "avx512" (the AVX-512 decode kernels on; everything else AVX2), or skips
+    visibly when the CPU lacks its instructions. cpu_isa() then names that path."""
+    from lfm_kernels import _backend
+
+    if _backend._C is None:
+        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
+    if name == "portable":
+        with _backend.force_portable_cpu():
+            assert _backend.cpu_isa() == "portable"
+            yield
+        return
+    needs = {"avx2": ("cpu_supports_avx2", "AVX2+FMA+F16C"), "avx512": ("cpu_supports_avx512", "AVX-512 (F/BW/VL/DQ)")}
+    check, what = needs[name]
+    if not getattr(_backend._C, check)():
+        pytest.skip(f"needs {what}: this CPU does not have it, so the {name} path cannot run here")
+    _backend._C.set_pin_avx2(name == "avx2")
+    try:
+        assert _backend.cpu_isa() == name
+        yield
+    finally:
+        _backend._C.set_pin_avx2(False)
+
+
+@contextlib.contextmanager
 def num_threads(n: int):
     """torch's intra-op thread count set to n for the block."""
     old = torch.get_num_threads()

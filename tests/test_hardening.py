@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import HAS_TRITON, call_triton, rel_err
+from conftest import HAS_TRITON, call_triton, cpu_isa_path, rel_err
 
 import lfm_kernels
 from lfm_kernels import _backend, reference
@@ -22,8 +22,11 @@ def _cpu_paths():
     paths = [pytest.param("reference", id="reference")]
     if _backend.cpu_extension_available():
         paths.append(pytest.param("portable", id="portable"))
-        has_avx2 = _backend.cpu_isa() == "avx2"
+        has_avx2 = bool(_backend._C.cpu_supports_avx2())
+        has_avx512 = bool(_backend._C.cpu_supports_avx512())
         paths.append(pytest.param("avx2", id="avx2", marks=pytest.mark.skipif(not has_avx2, reason="CPU has no AVX2+FMA")))
+        paths.append(pytest.param("avx512", id="avx512", marks=pytest.mark.skipif(
+            not has_avx512, reason="needs AVX-512 (F/BW/VL/DQ): this CPU does not have it")))
     else:
         paths.append(pytest.param("portable", id="portable", marks=pytest.mark.skip(reason="no compiled extension")))
     return paths
@@ -32,10 +35,8 @@ def _cpu_paths():
 def _run_path(path, fn):
     if path == "reference":
         return fn(reference)
-    if path == "portable":
-        with _backend.force_portable_cpu():
-            return fn(lfm_kernels)
-    return fn(lfm_kernels)
+    with cpu_isa_path(path):
+        return fn(lfm_kernels)
 
 
 # ----------------------------------------------------------------------------- NaN in decode attention

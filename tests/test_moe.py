@@ -1,7 +1,6 @@
 """Parity and bad-input tests for lfm_kernels.moe_route / moe_experts / moe on the C++ (AVX2 and portable)
 and Triton paths, and equality of the whole block with transformers' Lfm2MoeSparseMoeBlock."""
 
-import contextlib
 import json
 
 import pytest
@@ -11,7 +10,7 @@ import lfm_kernels
 import lfm_kernels.ops.moe as moe_mod
 from lfm_kernels import _backend, reference
 from lfm_kernels._policy import DEFAULT_POLICY, get_policy, kernel_policy
-from conftest import HAS_TRITON, TOL, assert_close, call_triton, dtype_id, rel_err
+from conftest import HAS_TRITON, TOL, assert_close, call_triton, cpu_isa_path, dtype_id, rel_err
 
 NS = [1, 2, 7, 64, 513]
 SMALL_H, SMALL_I = 76, 36  # neither a multiple of the 8-lane vectors nor of 16: tails everywhere
@@ -37,11 +36,7 @@ def _min_rows(min_rows):
 
 
 def _cpu_ctx(impl):
-    if _backend._C is None:
-        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
-    if impl == "avx2" and not _backend._C.cpu_supports_avx2():
-        pytest.skip("CPU without AVX2")
-    return _backend.force_portable_cpu() if impl == "portable" else contextlib.nullcontext()
+    return cpu_isa_path(impl)
 
 
 def _router_inputs(n, e, h, dtype):
@@ -774,3 +769,24 @@ def test_benchmark_cases_structure():
     decode = next(c for c in cases if c.name.startswith("decode") and c.dtype == torch.bfloat16)
     assert decode.bytes_moved >= 4 * 3 * 2048 * 1792 * 2  # the 4 active experts' weights
     assert "eager" in decode.baselines or pytest.importorskip("transformers") is None
+
+
+# Decode: at most 2 tokens per expert, so each route streams every row once in the larger decode work
+# items (I > 128 units and H > 256 rows: several items per expert, the last one partial).
+DECODE_SHAPES = [(300, 260), (75, 36), (2048 + 17, 130)]
+
+
+@pytest.mark.parametrize("route,impl", [("tiled", "avx2"), ("tiled", "portable"), ("bf16-dot", "avx2")],
+                         ids=["tiled-avx2", "tiled-portable", "bf16-dot-avx2"])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("h,i", DECODE_SHAPES, ids=[f"H{h}-I{i}" for h, i in DECODE_SHAPES])
+def test_bf16_decode_routes(route, impl, n, h, i):
+    _needs_avx512bf16(route, impl)
+    e, k = 6, 4
+    hidden = torch.randn(n, h).to(torch.bfloat16)
+    gate_up, down = _expert_weights(e, h, i, torch.bfloat16)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k) + 0.1
+    with _cpu_ctx(impl):
+        out = _op(hidden, gate_up, down, ids, weights, FORCED_ROUTES[route])
+    assert_close(out, reference.moe_experts(hidden, gate_up, down, ids, weights), torch.bfloat16)

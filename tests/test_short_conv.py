@@ -1,13 +1,12 @@
 """Parity, state and bad-input tests for lfm_kernels.short_conv on the C++ (AVX2 and portable) and Triton paths."""
 
-import contextlib
 
 import pytest
 import torch
 
 import lfm_kernels
 from lfm_kernels import _backend, reference
-from conftest import HAS_CUDA, HAS_TRITON, assert_close, call_triton, dtype_id
+from conftest import HAS_CUDA, HAS_TRITON, assert_close, call_triton, cpu_isa_path, dtype_id
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IMPLS = ["avx2", "portable", "triton"]
@@ -29,11 +28,7 @@ def _run(impl, bcx, weight, bias=None, conv_state=None, attention_mask=None, poi
         return call_triton(short_conv_triton, bcx, weight, bias, conv_state, attention_mask, out=out)
     if _backend._C is None:
         pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
-    if impl == "avx2" and not _backend._C.cpu_supports_avx2():
-        pytest.skip("CPU without AVX2")
-    ctx = _backend.force_portable_cpu() if impl == "portable" else contextlib.nullcontext()
-    with ctx:
-        assert _backend.cpu_isa() == impl
+    with cpu_isa_path(impl):
         if poison:
             return torch.ops.lfm_kernels_cpu.short_conv(bcx, weight, bias, conv_state, attention_mask, out)
         return lfm_kernels.short_conv(bcx, weight, bias, conv_state, attention_mask)
