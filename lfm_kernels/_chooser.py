@@ -7,7 +7,9 @@ trusting the numbers measured on one machine, the chooser times the candidate pa
 
 - per op and shape class (`linear`: the weight's [N, K]; experts: H and I), lazily, at the first
   call of that class, on the call's own weights (a slice of at most 8 Mi elements of a big `linear`
-  weight; one expert at a time for the MoE, a different one each run, as decode reads them);
+  weight; one expert at a time for the MoE, a different one each run, as decode reads them), except
+  `linear` at 1-2 rows: a zero weight of 4x the last-level cache, so the GEMVs stream from memory as
+  in decode instead of timing the cores on a cache-resident slice;
 - only where the CPU has more than one valid path: on a CPU without AVX-512 and without native bf16
   dot products (no AVX512-BF16, no AMX) every bf16 call has one path, nothing is timed and the
   defaults stay;
@@ -15,7 +17,7 @@ trusting the numbers measured on one machine, the chooser times the candidate pa
   (a class's first point is abandoned after the untimed runs if the timed ones would not fit);
   a path is dropped once the path that follows it (tiled -> dot -> outer product -> oneDNN) has
   beaten it at two ladder points in a row, and timing stops when one path is left;
-- within a budget for the whole process (0.3 s by default): a point whose predicted cost (the
+- within a budget for the whole process (0.5 s by default): a point whose predicted cost (the
   last time of each path, scaled by the row ratio, with a 1.5x margin) does not fit in what is
   left is not started, and a later process goes on from the points already in the cache. The
   first point of a class is predicted from the cheapest first point of its op so far, and dropped
@@ -24,7 +26,8 @@ trusting the numbers measured on one machine, the chooser times the candidate pa
 
 The thresholds are then the ones under which the measured points cost least, summed over the
 shape classes in use as time relative to the fastest path at each point (so one slow shape does
-not outvote the others); a threshold the points cannot tell apart keeps its default.
+not outvote the others); thresholds the points cannot tell apart, or that would save less than 3%
+of that sum, keep their defaults.
 
 The timings are cached per CPU model (brand string, a hash of the CPU flags, torch and package
 versions; thread count in the shape class) in a small JSON file, by default
@@ -56,7 +59,7 @@ from . import _backend
 
 # A threshold no row count reaches: the path after it is never taken.
 NEVER = 1 << 30
-DEFAULT_BUDGET_S = 0.3
+DEFAULT_BUDGET_S = 0.5
 CACHE_FORMAT = 2  # 2: linear classes time the AVX-512 GEMV ("avx512") apart from the AVX2 kernel ("cpp")
 
 LINEAR_LADDER = (1, 2, 3, 4, 8, 16, 32, 64)
@@ -78,6 +81,10 @@ _LINEAR_SLICE_ELEMS = 8 << 20
 # overshoot cost more than the medians the prediction is made of.
 _MARGIN = 1.5
 _DROP_AFTER = 2  # ladder points in a row a later path must win before the earlier one is dropped
+# Thresholds other than the base's are taken only when they cost this much less over the measured
+# points: paths within noise of each other (a 2-core machine's timings drift by several percent)
+# keep the base instead of flipping from one measurement to the next.
+_SWITCH_MARGIN = 0.03
 
 # Private test hook: f(op, shape_class, rows) -> {route: callable or seconds} replaces the real
 # candidates and their validity check (rows 0: only the route names are read), so tests can time
@@ -212,6 +219,7 @@ class Chooser:
                     measured_now = self._measure(cls, key, missing, **tensors)
                 finally:
                     self._busy = False
+                    _stream_weights.clear()
             cls.source = "measured" if measured_now else ("cached" if cached else "measured")
             if measured_now:
                 self._save(key, cls)
@@ -248,8 +256,15 @@ class Chooser:
         if cls.op == "linear":
             w = tensors["weight"].detach()
             n_rows, k = w.shape
-            rows = max(1, min(n_rows, _LINEAR_SLICE_ELEMS // max(k, 1)))
-            slices = [w[i * rows:(i + 1) * rows] for i in range(max(1, min(4, n_rows // rows)))]
+            if n <= AVX512_GEMV_MAX_ROWS:
+                # decode rows: the GEMVs stream weights from memory, as in a decode step where every
+                # layer's weights pass once; slices of one weight would stay in the last-level cache
+                # and time the cores instead (the AVX-512 GEMV measured faster there on a Zen 4 and
+                # 10% slower end to end). A zero weight of several cache sizes stands in for it.
+                slices = [_streaming_weight(k)]
+            else:
+                rows = max(1, min(n_rows, _LINEAR_SLICE_ELEMS // max(k, 1)))
+                slices = [w[i * rows:(i + 1) * rows] for i in range(max(1, min(4, n_rows // rows)))]
             x = torch.randn(n, k, generator=g, device="cpu").to(torch.bfloat16)
             turn = itertools.count()
 
@@ -415,6 +430,28 @@ class Chooser:
                                                   f"{self.cache_path} ({exc}); measurements stay in this process")
 
 
+def _last_level_cache_bytes() -> int:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        return int(text.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+_stream_weights: dict[int, torch.Tensor] = {}
+
+
+def _streaming_weight(k: int) -> torch.Tensor:
+    """A bf16 [rows, k] zero weight of 4x the last-level cache (64-256 MiB), made once per k and dropped
+    with clear_streaming_weights() after the class is measured."""
+    if k not in _stream_weights:
+        nbytes = min(max(4 * _last_level_cache_bytes(), 64 << 20), 256 << 20)
+        _stream_weights[k] = torch.zeros(max(1, nbytes // (2 * max(k, 1))), max(k, 1), dtype=torch.bfloat16)[:, :k]
+    return _stream_weights[k]
+
+
 def _valid(op: str, route: str, n: int) -> bool:
     """Whether the path exists for n rows (the AVX-512 GEMV only up to AVX512_GEMV_MAX_ROWS)."""
     return not (op == "linear" and route == "avx512" and n > AVX512_GEMV_MAX_ROWS)
@@ -479,12 +516,16 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
                 return "onednn"
             return "avx512" if n <= min(a, AVX512_GEMV_MAX_ROWS) and "avx512" in has else "cpp"
 
-        best, best_cost = (base.linear_onednn_min_rows, base.linear_avx512_max_rows), None
+        base_t = (base.linear_onednn_min_rows, base.linear_avx512_max_rows)
+        best, best_cost = base_t, None
         for t in onednn_vals:
             for a in avx512_vals:
                 cst = sum(rel.get(route(n, t, a), 2.0) for n, _, rel in points)
                 if best_cost is None or cst < best_cost - 1e-9:
                     best, best_cost = (t, a), cst
+        base_cost = sum(rel.get(route(n, *base_t), 2.0) for n, _, rel in points)
+        if best_cost > base_cost * (1 - _SWITCH_MARGIN):
+            best = base_t
         return {"linear_onednn_min_rows": best[0], "linear_avx512_max_rows": best[1]}
 
     own_bf16 = any("dot" in c.routes for c in classes)
@@ -504,6 +545,9 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
                     cst = sum(rel.get(moe_route(n, a, b, c_, d, own_bf16, pf), 2.0) for n, pf, rel in points)
                     if best_cost is None or cst < best_cost - 1e-9:
                         best, best_cost = (a, b, c_, d), cst
+    base_cost = sum(rel.get(moe_route(n, *defaults, own_bf16, pf), 2.0) for n, pf, rel in points)
+    if best_cost > base_cost * (1 - _SWITCH_MARGIN):
+        best = defaults
     names = ("moe_bf16_min_rows", "moe_bf16_outer_min_rows", "moe_bf16_outer_onednn_min_rows",
              "moe_bf16_dot_onednn_min_rows")
     return dict(zip(names, best))

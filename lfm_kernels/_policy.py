@@ -9,9 +9,8 @@ enough rows runs faster on those units, so two ops choose per call:
   which streams the weight once.
 - `linear` on a CPU with AVX-512 (any weight dtype): calls of up to `linear_avx512_max_rows` rows
   (at most 2; 0: none) take the AVX-512 GEMV (with AVX512-BF16 for bf16 x on bf16 weights), the
-  others the AVX2 kernels. Both read the weight once; which keeps more loads in flight depends on
-  the core (measured on a Zen 4: the AVX512-BF16 GEMV 1.15-1.5x faster at 2 rows, within noise of
-  AVX2 at 1 row on 2048-wide weights).
+  others the AVX2 kernels. Both read the weight once; which streams faster depends on the core
+  (on a Zen 4 the AVX2 GEMV wins end to end, hence the default 0; the chooser measures it).
 - `moe_experts` / `moe` (bf16 tokens and bf16 weights): per expert, from the number of tokens that
   chose it in the call. Below `moe_bf16_min_rows` tokens the expert stays on the AVX2 tiles (act in
   fp32). From there, with AVX512-BF16:
@@ -81,8 +80,11 @@ class KernelPolicy:
     # N = K = 2048; ~2x on the 128k-row lm_head at M = 1); oneDNN is 1.2-1.5x faster at M = 3, 4 and ~2x
     # from M = 5 to 512.
     linear_onednn_min_rows: int = 3
-    # rows up to which `linear` takes the AVX-512 GEMV where the CPU has AVX-512 (0: never)
-    linear_avx512_max_rows: int = 2
+    # Rows up to which `linear` takes the AVX-512 GEMV where the CPU has AVX-512 (0: never). Zen 4, 2
+    # threads, full-size bf16 decode end to end (two runs, alternated): AVX2 GEMVs 7.73 and 9.57 tok/s,
+    # the AVX512-BF16 GEMV 7.29 and 8.55 (512-bit loads stream ~12% slower from DRAM there), so the
+    # default is AVX2 and the chooser switches where the AVX-512 GEMV streams faster.
+    linear_avx512_max_rows: int = 0
     # Zen 4, 2 threads, one expert at the real shape, weights from DRAM: the AVX2 tiles are faster at 1
     # token (0.83 vs 1.22 ms for oneDNN) and at 2; from 3 tokens bf16 dot products win (1.3x at 3, 1.7x
     # at 16, 2.3x at 64).
@@ -187,7 +189,7 @@ def _apply_portable(portable: bool) -> None:
 def use_measured_policy(cache_path: str | os.PathLike | None = None, *, budget_s: float | None = None) -> None:
     """Measure the thresholds on this machine (the default at import): at the first call of each
     bf16 shape class with more than one valid path, within `budget_s` seconds for the process
-    (default 0.3), cached per CPU model in `cache_path` (default
+    (default 0.5), cached per CPU model in `cache_path` (default
     ~/.cache/lfm_kernels/kernel_choice.json). Measurements made so far are dropped (those in the
     cache are read again)."""
     global _fixed, _chooser, _chooser_args

@@ -356,7 +356,8 @@ def test_the_avx512_gemv_is_chosen_only_where_it_is_faster(measured, monkeypatch
     key = next(k for k in ch.report()["classes"] if k.startswith("linear"))
     points = ch._classes[key].points
     assert all(("avx512" in pt) == (n <= _chooser.AVX512_GEMV_MAX_ROWS) for n, pt in points.items()), points
-    # a fake slow AVX-512 GEMV is never chosen
+    # a fake slow AVX-512 GEMV is never chosen, and one within noise of the AVX2 kernel keeps the default
+    assert DEFAULT_POLICY.linear_avx512_max_rows == 0
     monkeypatch.setattr(_chooser, "_candidate_hook",
                         _Timings({"avx512": lambda n: 1e-2, "cpp": lambda n: 1e-4 * n, "onednn": lambda n: 1.0}))
     use(budget_s=10.0)
@@ -371,14 +372,26 @@ def test_the_linear_op_follows_the_avx512_threshold(monkeypatch):
         pytest.skip("needs AVX-512 (F/BW/VL/DQ): this CPU does not have it, so the AVX-512 GEMV cannot run here")
     x, w = _bf16_linear_args()
     dot = "avx512-bf16dot" if _backend._C.cpu_supports_avx512bf16() else "avx512"
-    with kernel_policy(DEFAULT_POLICY):
+    with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=2):
         assert linear_mod._linear_path(x[:1], w) == dot and linear_mod._linear_path(x[:2], w) == dot
     with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=1):
         assert linear_mod._linear_path(x[:1], w) == dot and linear_mod._linear_path(x[:2], w) == "avx2"
     with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=0):
         assert linear_mod._linear_path(x[:1], w) == "avx2"
-    with kernel_policy(DEFAULT_POLICY, kernel_only=True):
+    with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=2, kernel_only=True):
         assert linear_mod._linear_path(x[:1], w) == "avx2"
-    with kernel_policy(DEFAULT_POLICY):
+    with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=2):
         assert linear_mod._linear_path(x[:2].float(), w) == "avx512"
         assert linear_mod._linear_path(x[:1].float(), w) == "avx2"
+
+
+def test_paths_within_noise_keep_the_defaults(measured, monkeypatch):
+    """A path 1% faster does not move a threshold (it would flip between runs on a noisy machine)."""
+    _, use = measured
+    monkeypatch.setattr(_chooser, "_candidate_hook", _Timings(
+        {"avx512": lambda n: 0.99e-4 * n, "cpp": lambda n: 1e-4 * n, "onednn": lambda n: 0.995e-4 * n}))
+    use()
+    x, w = _bf16_linear_args()
+    p = _policy._policy_for_linear(x, w)
+    assert (p.linear_avx512_max_rows, p.linear_onednn_min_rows) == (
+        DEFAULT_POLICY.linear_avx512_max_rows, DEFAULT_POLICY.linear_onednn_min_rows)
