@@ -60,7 +60,7 @@ from . import _backend
 # A threshold no row count reaches: the path after it is never taken.
 NEVER = 1 << 30
 DEFAULT_BUDGET_S = 0.5
-CACHE_FORMAT = 2  # 2: linear classes time the AVX-512 GEMV ("avx512") apart from the AVX2 kernel ("cpp")
+CACHE_FORMAT = 3  # 3: linear classes time the AVX-512 GEMV ("avx512") apart from the AVX2 kernel ("cpp"), on streamed weights at 1-2 rows
 
 LINEAR_LADDER = (1, 2, 3, 4, 8, 16, 32, 64)
 MOE_LADDER = (1, 2, 3, 4, 8, 16, 32, 64, 128)

@@ -38,10 +38,10 @@ Two switches change which code runs regardless of the thresholds:
 
 The thresholds are measured on the machine at hand by default (lfm_kernels/_chooser.py): at the
 first call of a bf16 shape class that has more than one valid path on this CPU, the candidates are
-timed (a few hundred ms at most per process, cached per CPU model in
+timed (0.5 s at most per process, cached per CPU model in
 ~/.cache/lfm_kernels/kernel_choice.json) and the thresholds under which they cost least are used.
-On a CPU with one path per op (no AVX512-BF16, no AMX) nothing is timed. A user who wants the same
-code on every run fixes the policy: `set_policy(...)` / `kernel_policy(...)` with an explicit
+On a CPU with one path per op (no AVX-512, no AVX512-BF16, no AMX) nothing is timed. A user who wants
+the same code on every run fixes the policy: `set_policy(...)` / `kernel_policy(...)` with an explicit
 `KernelPolicy` or changes (`kernel_only=True`, explicit thresholds) stop the measurement and are
 deterministic; `set_policy(DEFAULT_POLICY)` fixes the defaults. `use_measured_policy(cache_path=...,
 budget_s=...)` turns the measurement back on; `policy_report()` says which thresholds are in force
