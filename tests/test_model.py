@@ -512,3 +512,31 @@ def test_prefill_and_decode_parity_on_the_portable_cpu_path(tiny):
         assert rel_err(model.forward(ids), _hf_logits(hf, ids)) < LOGIT_TOL
         ours = model.generate(ids[:1], 8, temperature=0, repetition_penalty=1.0, eos_token_id=[])
     assert ours.tolist() == _hf_greedy(hf, ids[:1], 8).tolist()
+
+
+def test_big_weights_on_huge_pages_load_and_share_storage(tmp_path):
+    """A weight of >= 4 MiB is a span of a huge-page-aligned buffer (lfm_kernels/_memory.py): loading
+    fills it at the right offset and to_transformers' views point into it (their storage offsets are
+    absolute in that buffer)."""
+    import sys
+
+    from lfm_kernels import _memory
+
+    hf = _hf_model(_moe_config(vocab_size=24000))  # embedding 24000 x 48 fp32: 4.6 MB
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, progress=False)
+    embed = model.weights.embed
+    assert embed.numel() * embed.element_size() >= _memory._MIN_BYTES
+    if sys.platform.startswith("linux"):
+        assert embed.data_ptr() % _memory._HUGE == 0 and embed.storage_offset() > 0
+    assert torch.equal(embed, hf.model.embed_tokens.weight.detach().to(embed.dtype))
+    twin = to_transformers(model)
+    assert twin.model.embed_tokens.weight.data_ptr() == embed.data_ptr()
+    ids = torch.randint(0, 24000, (1, 8))
+    assert rel_err(_hf_logits(twin, ids), _hf_logits(hf, ids)) < 1e-6
+    # the helpers themselves: shape, dtype, contiguity, values; small tensors are left alone
+    src = torch.randn(1024, 1024)
+    moved = _memory.on_huge_pages(src)
+    assert moved.is_contiguous() and moved.dtype == src.dtype and torch.equal(moved, src)
+    small = torch.randn(10)
+    assert _memory.on_huge_pages(small) is small

@@ -265,7 +265,10 @@ def _views_by_name(model: LfmModel):
         if key is None:
             continue
         mine = ours[key]
-        out[name] = mine.as_strided(slot.dest.shape, slot.dest.stride(), slot.dest.storage_offset())
+        # as_strided's offset is absolute in the storage, and ours may start inside a larger buffer
+        # (big weights are spans of a huge-page-aligned buffer, lfm_kernels/_memory.py)
+        offset = mine.storage_offset() + slot.dest.storage_offset() - base.storage_offset()
+        out[name] = mine.as_strided(slot.dest.shape, slot.dest.stride(), offset)
     return out, slots, required
 
 

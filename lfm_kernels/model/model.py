@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import decode_attention, linear, moe, short_conv
+from .. import _memory, decode_attention, linear, moe, short_conv
 from ..quant import _K_FORMATS, QuantizedTensor, _kernel_layout
 from .config import ModelConfig
 from .weights import SplitWeight, Weights, _expert, _nbytes
@@ -325,12 +325,21 @@ def _use_kernel_layouts(w: Weights) -> None:
     (quant._kernel_layout), tensor by tensor (memory peaks at one extra tensor). A tied embedding is
     converted once and stays shared: its row lookups read the x8 layout directly."""
     tied = w.lm_head is w.embed
-    w.embed = _kernel_layout(w.embed)
-    w.lm_head = w.embed if tied else _kernel_layout(w.lm_head)
+    w.embed = _kernel_layout_on_huge_pages(w.embed)
+    w.lm_head = w.embed if tied else _kernel_layout_on_huge_pages(w.lm_head)
     for layer in w.layers:
         for name, value in vars(layer).items():
             if isinstance(value, QuantizedTensor) and not name.startswith("_"):
-                setattr(layer, name, _kernel_layout(value))
+                setattr(layer, name, _kernel_layout_on_huge_pages(value))
+
+
+def _kernel_layout_on_huge_pages(qt):
+    """_kernel_layout(qt), its new blocks moved onto huge pages (lfm_kernels/_memory.py; the relayout op
+    allocates its output itself)."""
+    out = _kernel_layout(qt)
+    if out is qt or not isinstance(out, QuantizedTensor):
+        return out
+    return QuantizedTensor(_memory.on_huge_pages(out.data), out.format, out.shape, out.layout)
 
 
 # Formats the fused `moe` op takes (K-quants: gate_up and down each any of the three); other

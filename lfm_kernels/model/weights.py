@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _memory
 from ..quant import QuantizedTensor, _row_bytes, quantize
 from .config import ModelConfig
 
@@ -268,13 +269,14 @@ def allocate(cfg: ModelConfig, dtype: torch.dtype, device="cpu", quant: str | No
         return default
 
     def empty(*shape, dt=dtype):
-        return torch.empty(*shape, dtype=dt, device=device)
+        # big weights on huge pages (lfm_kernels/_memory.py): decode streams them
+        return _memory.empty(*shape, dtype=dt, device=device)
 
     def matrix(*shape, fmt=quant):
         """A projection: float, or (quant given) the uninitialised blocks of a QuantizedTensor."""
         if fmt is None:
             return empty(*shape)
-        data = torch.empty(*shape[:-1], _row_bytes(fmt, shape[-1]), dtype=torch.uint8, device=device)
+        data = _memory.empty(*shape[:-1], _row_bytes(fmt, shape[-1]), dtype=torch.uint8, device=device)
         return QuantizedTensor(data, fmt, shape)
 
     def stacked(lead: tuple, parts: list[tuple[int, str | None]], k: int):
