@@ -42,9 +42,9 @@
 #define LFMK_AVX512BF16_END _Pragma("GCC pop_options")
 #endif
 
-// Functions compiled for AVX-512 F/BW/VL/DQ (no BF16 instructions): the decode GEMVs and the short
-// conv, 16 fp32 lanes per instruction, called only when cpu_has_avx512(). On CPUs with slower memory
-// per core (server parts) the wider loads leave the core more room to keep loads in flight.
+// Functions compiled for AVX-512 F/BW/VL/DQ (no BF16 instructions): the decode GEMVs of `linear`,
+// 16 fp32 lanes per instruction, called only when cpu_has_avx512(). On CPUs with slower memory per
+// core (server parts) the wider loads leave the core more room to keep loads in flight.
 #if defined(__clang__)
 #define LFMK_AVX512_BEGIN \
   _Pragma("clang attribute push (__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c\"))), apply_to = function)")
@@ -69,8 +69,8 @@ const char* cpu_isa();
 // pinning AVX2 does not affect them: the kernel policy's thresholds choose them).
 bool cpu_has_avx512bf16();
 void set_force_portable(bool force);
-// Keeps the decode GEMVs and the short conv at AVX2 while true (cpu_has_avx512() false): the tests
-// compare the paths, and the kernel policy turns them off where they measure slower.
+// Keeps the AVX-512 decode GEMVs off while true (cpu_has_avx512() false, cpu_isa() "avx2"): the tests
+// compare the paths with it; the kernel policy chooses per call through linear's avx512_max_rows.
 void set_pin_avx2(bool pin);
 
 // ---- scalar conversions (portable; also used for vector tails) ----

@@ -62,6 +62,28 @@ inline int64_t gemv_rows_per_task(int64_t N, int64_t row_bytes_in, int64_t R) {
   return std::max<int64_t>(R, task_bytes / row_bytes / R * R);
 }
 
+// The decode GEMVs that read one weight row at a time (the AVX-512 ones): the rows in tasks of
+// gemv_rows_per_task, claimed by the threads; row(n, res) leaves row n's M dot products in res, and
+// bias and the store in x's dtype follow.
+template <typename TX, int M, typename RowFn>
+void gemv_stream_rows(const LinearArgs& a, int64_t row_bytes, const RowFn& row) {
+  TX* out = static_cast<TX*>(a.out);
+  const int64_t N = a.N;
+  const int64_t rows_per_task = gemv_rows_per_task(N, row_bytes, 1);
+  const int64_t ntasks = (N + rows_per_task - 1) / rows_per_task;
+  parallel_workers(ntasks, [&](TaskQueue& queue) {
+    float res[M];
+    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
+      const int64_t n_end = std::min(N, (t + 1) * rows_per_task);
+      for (int64_t n = t * rows_per_task; n < n_end; ++n) {
+        row(n, res);
+        const float b = a.bias ? a.bias[n] : 0.f;
+        for (int m = 0; m < M; ++m) out[m * N + n] = from_f32<TX>(res[m] + b);
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------------------------
 // Portable path: plain C++ for CPUs without AVX2 (and the tests' cross-check). Weight rows are
 // widened to fp32 a block at a time so the dot products run on floats.
@@ -538,23 +560,11 @@ template <typename TX, typename TW, int M>
 void gemv_avx512(const LinearArgs& a) {
   const TX* x = static_cast<const TX*>(a.x);
   const TW* w = static_cast<const TW*>(a.w);
-  TX* out = static_cast<TX*>(a.out);
-  const int64_t K = a.K, N = a.N;
+  const int64_t K = a.K;
   AlignedBuf xf(static_cast<size_t>(M * K) + 1);
   for (int m = 0; m < M; ++m) pack_x32<TX, WLoad512<TW>::kInterleaved>(x + m * a.ldx, xf.p + m * K, K);
-  const int64_t rows_per_task = gemv_rows_per_task(N, K * int64_t(sizeof(TW)), 1);
-  const int64_t ntasks = (N + rows_per_task - 1) / rows_per_task;
-  parallel_workers(ntasks, [&](TaskQueue& queue) {
-    float res[M];
-    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
-      const int64_t n_end = std::min(N, (t + 1) * rows_per_task);
-      for (int64_t n = t * rows_per_task; n < n_end; ++n) {
-        gemv_row_wide_avx512<TW, M, 4>(w + n * K, K, xf.p, res);
-        const float b = a.bias ? a.bias[n] : 0.f;
-        for (int m = 0; m < M; ++m) out[m * N + n] = from_f32<TX>(res[m] + b);
-      }
-    }
-  });
+  gemv_stream_rows<TX, M>(a, K * int64_t(sizeof(TW)),
+                          [&](int64_t n, float* res) { gemv_row_wide_avx512<TW, M, 4>(w + n * K, K, xf.p, res); });
 }
 
 }  // namespace
@@ -573,23 +583,11 @@ void gemv_bf16dp(const LinearArgs& a) {
   using bf16 = c10::BFloat16;
   const bf16* x = static_cast<const bf16*>(a.x);
   const bf16* w = static_cast<const bf16*>(a.w);
-  bf16* out = static_cast<bf16*>(a.out);
-  const int64_t K = a.K, N = a.N;
+  const int64_t K = a.K;
   const bf16* xr[M];
   for (int m = 0; m < M; ++m) xr[m] = x + m * a.ldx;
-  const int64_t rows_per_task = gemv_rows_per_task(N, K * 2, 1);
-  const int64_t ntasks = (N + rows_per_task - 1) / rows_per_task;
-  parallel_workers(ntasks, [&](TaskQueue& queue) {
-    float res[M];
-    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
-      const int64_t n_end = std::min(N, (t + 1) * rows_per_task);
-      for (int64_t n = t * rows_per_task; n < n_end; ++n) {
-        row_dot_bf16<M, 4>(w + n * K, K, xr, res);
-        const float b = a.bias ? a.bias[n] : 0.f;
-        for (int m = 0; m < M; ++m) out[m * N + n] = from_f32<bf16>(res[m] + b);
-      }
-    }
-  });
+  gemv_stream_rows<bf16, M>(a, K * int64_t(sizeof(bf16)),
+                            [&](int64_t n, float* res) { row_dot_bf16<M, 4>(w + n * K, K, xr, res); });
 }
 
 }  // namespace

@@ -67,12 +67,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_supports_avx2", [] { return lfmk::g_has_avx2; },
         "whether this CPU and OS support the AVX2+FMA+F16C kernels");
   m.def("cpu_supports_avx512", [] { return lfmk::g_has_avx512; },
-        "whether this CPU and OS support the AVX-512 (F/BW/VL/DQ) kernels (decode GEMVs, short conv)");
+        "whether this CPU and OS support the AVX-512 (F/BW/VL/DQ) kernels (decode GEMVs)");
   m.def("cpu_supports_avx512bf16", [] { return lfmk::g_has_avx512bf16; },
         "whether this CPU and OS support the AVX-512 BF16 kernels (MoE experts with many tokens)");
   m.def("cpu_isa", [] { return std::string(lfmk::cpu_isa()); }, "the path the kernels take now");
   m.def("set_force_portable", &lfmk::set_force_portable,
         "force the portable (non-AVX2) kernels; for tests comparing both paths");
-  m.def("set_pin_avx2", &lfmk::set_pin_avx2, "keep every kernel at AVX2 (no AVX-512 code); for tests and users");
+  m.def("set_pin_avx2", &lfmk::set_pin_avx2, "keep the AVX-512 decode GEMVs off (the AVX512-BF16 MoE tiles keep their own switch); for tests");
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

@@ -44,9 +44,9 @@ namespace {
 using namespace moe;
 
 constexpr int64_t kGemmExpertsPerThread = 2;  // torch-GEMM experts per thread before one expert per thread
-constexpr int64_t kLanes = 16;
+constexpr int64_t kLanes = 16;  // tokens per block of the outer-product path (fp32 lanes of a zmm)
 // Tokens per expert up to which the dot-product path streams each row once (row_dot_bf16).
-constexpr int kStreamedTokens = 2;  // tokens per block of the outer-product path (fp32 lanes of a zmm)
+constexpr int kStreamedTokens = 2;
 // Its work items: only the first tile of an item has no prefetch ahead of it, so they are larger than
 // the dot-product paths' (measured at 128 random tokens: 42.7 ms with 16 units / 32 rows per item,
 // 39.5 with 64 / 128; 8 / 16 was 44.9)
@@ -161,30 +161,31 @@ void experts_pass_bf16dp(const c10::BFloat16* X, const c10::BFloat16* gu, const 
         row_dot_bf16_m(U + j * H, H, xp, M, res);
         for (int m = 0; m < M; ++m) ubuf[m * units1 + j - j0] = res[m];
       }
-    }
-    // row pairs outer, token groups inner: a pair's four rows (16 KB at H = 2048) come from memory
-    // once and stay in L1 while every token group passes over them
-    for (int64_t j = j0; j < j1 && !streamed; j += 2) {
-      const int nu = static_cast<int>(std::min<int64_t>(2, j1 - j));
-      for (int u = 0; u < nu; ++u) {
-        wp[u] = G + (j + u) * H;
-        wp[nu + u] = U + (j + u) * H;
-      }
-      // The next pair's rows (16 KB at H = 2048) start arriving while this pair computes: a small
-      // lookahead keeps memory and the dot products overlapped (a whole item's block requested up
-      // front would first wait for all of it).
-      const int64_t jn = std::min<int64_t>(j + 2, j1), nn = std::min<int64_t>(2, j1 - jn);
-      prefetch_block(G + jn * H, nn * row_bytes);
-      prefetch_block(U + jn * H, nn * row_bytes);
-      for (int64_t t = 0; t < me; t += kMb) {
-        const int M = static_cast<int>(std::min<int64_t>(kMb, me - t));
-        for (int m = 0; m < M; ++m) xp[m] = X + pl.tok[q0 + t + m] * H;
-        tile_bf16dp(wp, 2 * nu, xp, M, H, res);
-        for (int m = 0; m < M; ++m)
-          for (int u = 0; u < nu; ++u) {
-            gbuf[(t + m) * units1 + j - j0 + u] = res[m * 2 * nu + u];
-            ubuf[(t + m) * units1 + j - j0 + u] = res[m * 2 * nu + nu + u];
-          }
+    } else {
+      // row pairs outer, token groups inner: a pair's four rows (16 KB at H = 2048) come from memory
+      // once and stay in L1 while every token group passes over them
+      for (int64_t j = j0; j < j1; j += 2) {
+        const int nu = static_cast<int>(std::min<int64_t>(2, j1 - j));
+        for (int u = 0; u < nu; ++u) {
+          wp[u] = G + (j + u) * H;
+          wp[nu + u] = U + (j + u) * H;
+        }
+        // The next pair's rows (16 KB at H = 2048) start arriving while this pair computes: a small
+        // lookahead keeps memory and the dot products overlapped (a whole item's block requested up
+        // front would first wait for all of it).
+        const int64_t jn = std::min<int64_t>(j + 2, j1), nn = std::min<int64_t>(2, j1 - jn);
+        prefetch_block(G + jn * H, nn * row_bytes);
+        prefetch_block(U + jn * H, nn * row_bytes);
+        for (int64_t t = 0; t < me; t += kMb) {
+          const int M = static_cast<int>(std::min<int64_t>(kMb, me - t));
+          for (int m = 0; m < M; ++m) xp[m] = X + pl.tok[q0 + t + m] * H;
+          tile_bf16dp(wp, 2 * nu, xp, M, H, res);
+          for (int m = 0; m < M; ++m)
+            for (int u = 0; u < nu; ++u) {
+              gbuf[(t + m) * units1 + j - j0 + u] = res[m * 2 * nu + u];
+              ubuf[(t + m) * units1 + j - j0 + u] = res[m * 2 * nu + nu + u];
+            }
+        }
       }
     }
     for (int64_t m = 0; m < me; ++m)

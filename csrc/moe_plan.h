@@ -15,14 +15,14 @@ namespace moe {
 
 constexpr int64_t kUnits1 = 16;      // intermediate units (gate row + up row) per phase-1 work item
 constexpr int64_t kRows2 = 32;       // down rows per phase-2 work item
-constexpr int64_t kMaxPairs = 4096;
+constexpr int64_t kMaxPairs = 4096;  // pairs per pass: bounds the fp32 scratch (act, y) for long prompts
 // Decode: when no active expert has more tokens than one register tile takes, every weight row is read
 // from memory once, as a single stream, and larger items let each thread read long runs of
 // consecutive rows. Zen 4, 2 threads, bf16, 4 of 32 experts at H 2048, I 1792, one token: 128 / 256
 // read 1.18x faster than kUnits1 / kRows2 (64 / 128: 1.16x, 224 / 512: 1.11x). The quantized x8 passes
 // measured no difference (their tiles, not the reads, set their pace) and keep the plain sizes.
 constexpr int64_t kUnits1Streamed = 128;
-constexpr int64_t kRows2Streamed = 256;  // pairs per pass: bounds the fp32 scratch (act, y) for long prompts
+constexpr int64_t kRows2Streamed = 256;
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 

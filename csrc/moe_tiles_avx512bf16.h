@@ -10,6 +10,7 @@
 #include "common.h"
 
 LFMK_AVX512BF16_BEGIN
+#include "simd_avx512.h"
 #include "row_dot_avx512bf16.h"
 namespace lfmk {
 namespace {
@@ -17,20 +18,8 @@ namespace {
 constexpr int kMb = 6;  // tokens per AVX512-BF16 tile: 24 zmm accumulators + 4 weight rows + 1 input
 constexpr int kOpRows = 8;  // weight rows per outer-product tile: 4 units (gate + up) in phase 1
 
-// Sum of the 16 lanes. Through memory rather than AVX-512 shuffles: GCC 12 warns (-Wuninitialized)
-// about the undefined pass-through operand inside those intrinsics; this runs once per R x M tile.
-inline float hsum16(__m512 v) {
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, v);
-  __m256 h = _mm256_add_ps(_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8));
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
-}
-
 // The four lane sums of a, b, c, d into out[0..3] with one store instead of four: the in-lane
-// transposes (mask forms with a defined pass-through operand, for the same reason as above) leave
+// transposes (mask forms with a defined pass-through operand: see the GCC 12 note in simd_avx512.h) leave
 // per 128-bit block the partial sums [a, b, c, d], and four blocks are added.
 inline void hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
   const __mmask16 all = 0xFFFF;
@@ -73,7 +62,7 @@ void tile_bf16dp_t(const c10::BFloat16* const* w, const c10::BFloat16* const* x,
     if constexpr (R == 4) {
       hsum16x4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * 4);
     } else {
-      for (int r = 0; r < R; ++r) out[m * R + r] = hsum16(acc[m][r]);
+      for (int r = 0; r < R; ++r) out[m * R + r] = avx512::hsum(acc[m][r]);
     }
   }
 }
@@ -136,7 +125,7 @@ void tile_bf16op_t(const uint32_t* P, int64_t pstride, const c10::BFloat16* cons
       const __m512i wb = _mm512_set1_epi32(pair);
       for (int b = 0; b < NZ; ++b) accz[s][r][b] = _mm512_dpbf16_ps(accz[s][r][b], pz[b], (__m512bh)wb);
       if constexpr (NY > 0) {
-        __m256i wy;  // the low half; _mm512_castsi512_si256 trips GCC 12's -Wuninitialized (see hsum16)
+        __m256i wy;  // the low half; _mm512_castsi512_si256 trips GCC 12's -Wuninitialized (see simd_avx512.h)
         std::memcpy(&wy, &wb, sizeof(wy));
         for (int b = 0; b < NY; ++b) accy[s][r][b] = _mm256_dpbf16_ps(accy[s][r][b], py[b], (__m256bh)wy);
       }

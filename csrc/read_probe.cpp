@@ -45,7 +45,6 @@ uint64_t read_avx2(const uint64_t* p, int64_t n) {
 }  // namespace lfmk
 LFMK_AVX2_END
 
-
 namespace lfmk {
 namespace {
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "common.h"
+#include "simd_avx512.h"
 
 namespace lfmk {
 namespace {
@@ -31,13 +32,7 @@ inline void row_dot_bf16(const c10::BFloat16* w, int64_t K, const c10::BFloat16*
   for (int m = 0; m < M; ++m) {
     __m512 sum = acc[0][m];
     for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
-    alignas(64) float lanes[16];  // through memory: see hsum16 in moe_tiles_avx512bf16.h
-    _mm512_store_ps(lanes, sum);
-    __m256 h = _mm256_add_ps(_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8));
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_add_ss(q, _mm_movehdup_ps(q));
-    res[m] = _mm_cvtss_f32(q);
+    res[m] = avx512::hsum(sum);
   }
 }
 

@@ -445,10 +445,10 @@ _stream_weights: dict[int, torch.Tensor] = {}
 
 def _streaming_weight(k: int) -> torch.Tensor:
     """A bf16 [rows, k] zero weight of 4x the last-level cache (64-256 MiB), made once per k and dropped
-    with clear_streaming_weights() after the class is measured."""
+    when the class's measurement ends (Chooser._first_sight)."""
     if k not in _stream_weights:
         nbytes = min(max(4 * _last_level_cache_bytes(), 64 << 20), 256 << 20)
-        _stream_weights[k] = torch.zeros(max(1, nbytes // (2 * max(k, 1))), max(k, 1), dtype=torch.bfloat16)[:, :k]
+        _stream_weights[k] = torch.zeros(max(1, nbytes // (2 * max(k, 1))), k, dtype=torch.bfloat16)
     return _stream_weights[k]
 
 

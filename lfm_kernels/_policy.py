@@ -69,6 +69,10 @@ __all__ = [
 ]
 
 
+# Thresholds that may be 0 ("never"); every other row count is >= 1.
+_MIN_ROWS = {"linear_avx512_max_rows": 0}
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelPolicy:
     """Switches and thresholds of the kernel choice (see the module docstring). Rows are tokens of
@@ -106,9 +110,8 @@ class KernelPolicy:
                     raise TypeError(f"{f.name} must be a bool, got {type(value).__name__}")
             elif isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{f.name} must be an int (a row count), got {type(value).__name__}")
-            elif value < (0 if f.name == "linear_avx512_max_rows" else 1):
-                raise ValueError(f"{f.name} must be >= {0 if f.name == 'linear_avx512_max_rows' else 1} "
-                                 f"(a row count), got {value}")
+            elif value < _MIN_ROWS.get(f.name, 1):
+                raise ValueError(f"{f.name} must be >= {_MIN_ROWS.get(f.name, 1)} (a row count), got {value}")
 
     def moe_bf16_routes(self) -> tuple[int, int, int, int]:
         """The thresholds the C++ experts kernel takes, in its argument order."""

@@ -95,7 +95,7 @@ def _paths(w_dtype: torch.dtype, m: int) -> dict:
     if _backend._C is None:
         return {}
     paths = {_backend.cpu_isa() if _backend.cpu_isa() != "avx512" else "avx2": "cpp_kernel"}
-    if m <= linear_mod._AVX512_GEMV_MAX_ROWS and _backend._C.cpu_supports_avx512():
+    if m <= linear_mod.AVX512_GEMV_MAX_ROWS and _backend._C.cpu_supports_avx512():
         # x is bf16 in every case: the AVX512-BF16 GEMV on bf16 weights, the FMA twin at 2 rows otherwise
         dot = w_dtype == torch.bfloat16 and _backend._C.cpu_supports_avx512bf16()
         if dot or m == 2:

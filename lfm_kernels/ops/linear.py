@@ -20,10 +20,10 @@ from .. import _backend, _policy
 from .. import quant as _quant
 from ..quant import QuantizedTensor
 from .._backend import cpu_has_native_bf16_gemm
+from .._chooser import AVX512_GEMV_MAX_ROWS
 from ._checks import FLOAT_DTYPES, check_no_grad, check_same_device, check_tensor
 
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
-_AVX512_GEMV_MAX_ROWS = 2  # csrc/linear.cpp, kAvx512GemvMaxRows
 
 
 def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor, policy: _policy.KernelPolicy | None = None) -> bool:
@@ -48,7 +48,7 @@ def _linear_path(x: torch.Tensor, weight: torch.Tensor) -> str:
     if _use_torch_gemm(x, weight, policy):
         return "onednn"
     isa = _backend.cpu_isa()  # "avx512" where the CPU has it and nothing pins AVX2
-    rows = 0 if policy.kernel_only else min(policy.linear_avx512_max_rows, _AVX512_GEMV_MAX_ROWS)
+    rows = 0 if policy.kernel_only else min(policy.linear_avx512_max_rows, AVX512_GEMV_MAX_ROWS)
     if isa != "avx512":
         return isa
     if x.shape[0] <= rows and x.dtype == weight.dtype == torch.bfloat16 and _backend._C.cpu_supports_avx512bf16():
