@@ -73,6 +73,22 @@ void set_force_portable(bool force);
 // compare the paths with it; the kernel policy chooses per call through linear's avx512_max_rows.
 void set_pin_avx2(bool pin);
 
+// ---- software prefetch of a weight stream ----
+// The decode GEMVs read each weight row once, front to back. The hardware L2 streamer alone does not
+// keep enough of such a stream in flight on server cores with long memory latency, and it restarts at
+// every 4 KiB page boundary (one row of 2048 bf16 is a page). So the loops that stream rows also ask
+// for the bytes kStreamAhead past what they load, into L2 (prefetcht2; a prefetch never faults, so
+// running past the end of the weight is harmless). Measured on a 2-core Xeon (Sapphire Rapids class,
+// AMX), weights streamed from DRAM, share of the read-bandwidth floor: MoE decode experts 80 -> 99%
+// (1 KiB ahead 96-98%, 4 KiB 95%, 8 KiB 100%), linear 6144 x 2048 at one row 59 -> 88%, 2048 x 7168
+// 66 -> 83%. Earlier trials on a Zen 4 (0.5-2 KiB ahead) found neither a gain nor a loss there.
+constexpr int64_t kStreamAhead = 2048;
+// One prefetch per 64-byte line of [p + kStreamAhead, p + kStreamAhead + bytes).
+inline void prefetch_stream(const void* p, int bytes) {
+  const char* c = static_cast<const char*>(p) + kStreamAhead;
+  for (int o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T2);
+}
+
 // ---- scalar conversions (portable; also used for vector tails) ----
 inline float to_f32(float v) { return v; }
 inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }

@@ -218,7 +218,7 @@ inline void gemv_rows(const TW* w, int64_t K, const float* xf, float* res /* [R]
 }
 
 // One weight row read as a single sequential stream, 16*U elements per step into U independent
-// accumulators per x row: the hardware prefetcher sees one clean stream per thread.
+// accumulators per x row, with the stream prefetched kStreamAhead bytes ahead (common.h).
 template <typename TW, int M, int U>
 inline void gemv_row_wide(const TW* w, int64_t K, const float* xf, float* res) {
   static_assert(U * M + 4 <= 16, "U*M accumulators + 2 weight + 2 x vectors must fit the 16 registers");
@@ -227,6 +227,7 @@ inline void gemv_row_wide(const TW* w, int64_t K, const float* xf, float* res) {
     for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
   const int64_t kvu = K - K % (16 * U);
   for (int64_t k = 0; k < kvu; k += 16 * U) {
+    prefetch_stream(w + k, 16 * U * int(sizeof(TW)));
     for (int u = 0; u < U; ++u) {
       __m256 w0, w1;
       WLoad<TW>::load16(w + k + 16 * u, w0, w1);

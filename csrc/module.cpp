@@ -3,6 +3,12 @@
 // from their own translation units.
 #include <atomic>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include <torch/extension.h>
 
 #include "common.h"
@@ -43,10 +49,34 @@ static bool detect_avx512() {
 #endif
 }
 
+// AMX (tile, BF16 and INT8) that this process may use. CPUID alone is not enough: the OS must enable
+// the tile state in XCR0, and Linux (5.16+) hands the 8 KiB tile data area to a process only after it
+// asks with arch_prctl(ARCH_REQ_XCOMP_PERM); a VM can advertise AMX while its kernel refuses that
+// request, and an AMX instruction would then fault. So the answer is the request's result.
+static bool detect_amx() {
+#if defined(__linux__) && defined(__x86_64__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const unsigned amx_tile = 1u << 24, amx_bf16 = 1u << 22, amx_int8 = 1u << 25;
+  if ((edx & (amx_tile | amx_bf16 | amx_int8)) != (amx_tile | amx_bf16 | amx_int8)) return false;
+  unsigned xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const unsigned xtilecfg = 1u << 17, xtiledata = 1u << 18;
+  if ((xcr0_lo & (xtilecfg | xtiledata)) != (xtilecfg | xtiledata)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 static std::atomic<bool> g_pin_avx2{false};
 static const bool g_has_avx2 = detect_avx2();
 static const bool g_has_avx512 = detect_avx512();
 static const bool g_has_avx512bf16 = detect_avx512bf16();
+static const bool g_has_amx = detect_amx();
 
 bool cpu_has_avx2() { return g_has_avx2 && !g_force_portable.load(std::memory_order_relaxed); }
 static bool avx512_allowed() {
@@ -68,6 +98,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether this CPU and OS support the AVX2+FMA+F16C kernels");
   m.def("cpu_supports_avx512", [] { return lfmk::g_has_avx512; },
         "whether this CPU and OS support the AVX-512 (F/BW/VL/DQ) kernels (decode GEMVs)");
+  m.def("cpu_supports_amx", [] { return lfmk::g_has_amx; },
+        "AMX-BF16/INT8 usable: CPU flags, OS tile state in XCR0, and the kernel granted this process the tile data");
   m.def("cpu_supports_avx512bf16", [] { return lfmk::g_has_avx512bf16; },
         "whether this CPU and OS support the AVX-512 BF16 kernels (MoE experts with many tokens)");
   m.def("cpu_isa", [] { return std::string(lfmk::cpu_isa()); }, "the path the kernels take now");

@@ -78,9 +78,22 @@ def cpu_has_native_bf16_gemm() -> bool:
     ONEDNN_MAX_CPU_ISA does not forbid them). Without them its bf16 GEMM is several times slower than
     the C++ kernels; with them it is about twice as fast (linear and moe hand it their big bf16 GEMMs)."""
     try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        native = torch.cpu._is_avx512_bf16_supported() or cpu_has_amx()
         return bool(native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # noqa: BLE001 - private APIs: any failure means "don't rely on it"
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    """True when this process may run AMX-BF16/INT8 instructions: the CPU has them and the OS enabled
+    and granted the tile state (a VM can advertise AMX without that). Asked of the extension, which
+    makes the kernel's permission request; without the extension, torch's CPUID-only answer."""
+    if _C is not None and hasattr(_C, "cpu_supports_amx"):
+        return bool(_C.cpu_supports_amx())
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # noqa: BLE001 - private API: any failure means "don't rely on it"
         return False
 
 
@@ -115,6 +128,7 @@ def backend_info() -> dict:
         "cpu_supports_avx2_fma": bool(_C.cpu_supports_avx2()) if _C is not None else None,
         "cpu_supports_avx512": bool(_C.cpu_supports_avx512()) if _C is not None else None,
         "cpu_supports_avx512bf16": bool(_C.cpu_supports_avx512bf16()) if _C is not None else None,
+        "cpu_amx_usable": cpu_has_amx(),
         "cpu_native_bf16_gemm": cpu_has_native_bf16_gemm(),
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),

@@ -98,7 +98,8 @@ def test_ci_extraction_fails_loudly(tmp_path, text, message):
 @pytest.mark.parametrize("nbytes", [0, 8, 1000, (1 << 20) + 24, (3 << 20) + 8 * 37])
 def test_read_probe_reads_every_word(nbytes):
     """The bandwidth probe behind the floors XORs every 8-byte word (so no read can be skipped): the
-    same as numpy's XOR, on the AVX2 and the portable path, for sizes around its 1 MiB pieces."""
+    same as numpy's XOR, on the AVX2 path with and without software prefetch and on the portable path,
+    for sizes around its 1 MiB pieces."""
     import numpy as np
 
     buf = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
@@ -106,5 +107,6 @@ def test_read_probe_reads_every_word(nbytes):
     expect = int(np.bitwise_xor.reduce(words)) if words.size else 0
     expect = expect - (1 << 64) if expect >= 1 << 63 else expect  # the op returns a signed int64
     assert torch.ops.lfm_kernels_cpu._read_probe(buf) == expect
+    assert torch.ops.lfm_kernels_cpu._read_probe(buf, True) == expect
     with _backend.force_portable_cpu():
         assert torch.ops.lfm_kernels_cpu._read_probe(buf) == expect

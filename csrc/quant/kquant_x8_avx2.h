@@ -92,6 +92,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
       for (int g = 0; g < G; ++g) {
         const uint8_t* blk = w + g * gstride + b * kGB;
+        prefetch_stream(blk, static_cast<int>(kGB));  // common.h: decode streams these bytes once
         __m256i scv[4];
         for (int i = 0; i < 4; ++i) scv[i] = ld(blk + 1536 + 32 * i);
         __m256i S[M], O[M];
@@ -145,6 +146,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
       for (int g = 0; g < G; ++g) {
         const uint8_t* blk = w + g * gstride + b * kGB;
+        prefetch_stream(blk, static_cast<int>(kGB));  // common.h: decode streams these bytes once
         const __m256i u0 = ld(blk + 32), u1 = ld(blk + 64), u2 = ld(blk + 96);
         const __m256i sc_lo = _mm256_and_si256(u0, m6);
         const __m256i sc_hi = _mm256_or_si256(_mm256_and_si256(u2, m4),

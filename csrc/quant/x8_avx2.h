@@ -27,6 +27,7 @@ static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const 
   for (int64_t b = 0; b < nb; ++b) {
     for (int g = 0; g < G; ++g) {
       const uint8_t* blk = w + g * gstride + b * kGB;
+      prefetch_stream(blk, static_cast<int>(kGB));  // common.h: decode streams these bytes once
       __m256i s[M];
       for (int m = 0; m < M; ++m) s[m] = _mm256_setzero_si256();
       if (F == Format::Q4_0) {

@@ -64,11 +64,12 @@ def time_cuda(fn: Callable[[], Any]) -> float:
 
 def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second this machine reads from memory, with all threads, over a buffer far larger than
-    the last-level cache. On the CPU: the faster of two reads of the buffer, each the median of
-    `repeats`, alternated so a drift of the machine's bandwidth hits both: the extension's read probe
-    (256-bit loads, 1 MiB pieces claimed in turn by the threads, as the GEMVs read weights) and torch's
-    amax. torch's reductions alone read 15-35% below what the GEMVs stream on a 2-core Zen 4, which
-    would understate the floor. On CUDA: device-to-device copy, bytes read + written."""
+    the last-level cache. On the CPU: the fastest of three reads of the buffer, each the median of
+    `repeats`, alternated so a drift of the machine's bandwidth hits all: the extension's read probe
+    (256-bit loads, 1 MiB pieces claimed in turn by the threads, as the GEMVs read weights) without and
+    with the software prefetch the GEMVs use, and torch's amax. torch's reductions alone read 15-35%
+    below what the GEMVs stream on a 2-core Zen 4, and a read without prefetch stays below what a
+    2-core Xeon delivers: either would understate the floor. On CUDA: device-to-device copy, bytes read + written."""
     if device.startswith("cuda"):
         src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
         dst = torch.empty_like(src)
@@ -80,6 +81,7 @@ def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 30, repeats: 
 
     if _backend._C is not None:
         probes.append(lambda: torch.ops.lfm_kernels_cpu._read_probe(buf))
+        probes.append(lambda: torch.ops.lfm_kernels_cpu._read_probe(buf, True))
     samples = [[] for _ in probes]
     for probe in probes:
         probe()  # warm-up
