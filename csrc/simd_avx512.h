@@ -21,6 +21,40 @@ static inline __m512 load16(const c10::Half* p) {
   return _mm512_maskz_cvtph_ps(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(shl16(widen_u16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))));
+}
+
+// fp32 bits rounded to nearest even at bit 16 (bf16 in the high half; NaN -> quiet NaN), as
+// avx2::bf16_round_bits and c10::BFloat16 do.
+static inline __m512i bf16_round_bits(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, x, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+}
+
+// v rounded to T's precision and back (for values that must enter later steps as T holds them).
+static inline __m512 round_as(__m512 v, const float*) { return v; }
+static inline __m512 round_as(__m512 v, const c10::BFloat16*) {
+  return _mm512_castsi512_ps(_mm512_and_si512(bf16_round_bits(v), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+static inline __m512 round_as(__m512 v, const c10::Half*) {
+  return _mm512_maskz_cvtph_ps(kAll, _mm512_maskz_cvtps_ph(kAll, v, _MM_FROUND_TO_NEAREST_INT));
+}
+template <typename T>
+static inline __m512 round_as(__m512 v) { return round_as(v, static_cast<const T*>(nullptr)); }
+
+static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_maskz_cvtepi32_epi16(kAll, _mm512_maskz_srli_epi32(kAll, bf16_round_bits(v), 16)));
+}
+static inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtps_ph(kAll, v, _MM_FROUND_TO_NEAREST_INT));
+}
+
 // The first n (<= 16) lanes, zero in the rest; nothing past p + n is read (masked loads do not fault).
 static inline __m512 load_partial(const float* p, int n) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
