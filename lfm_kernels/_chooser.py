@@ -5,7 +5,8 @@ another path (oneDNN for `linear`; our AVX512-BF16 dot / outer-product tiles, th
 MoE experts), and up to how many rows `linear` takes its AVX-512 GEMV rather than the AVX2 one. Where they lie depends on the CPU, its memory and the thread count, so instead of
 trusting the numbers measured on one machine, the chooser times the candidate paths:
 
-- per op and shape class (`linear`: the weight's [N, K]; experts: H and I), lazily, at the first
+- per op and shape class (`linear`: bf16 x on bf16 weights, or fp32 weights, and the weight's [N, K];
+  experts: H and I), lazily, at the first
   call of that class, on the call's own weights (a slice of at most 8 Mi elements of a big `linear`
   weight; one expert at a time for the MoE, a different one each run, as decode reads them), except
   `linear` at 1-2 rows: a zero weight of 4x the last-level cache, so the GEMVs stream from memory as
@@ -68,6 +69,12 @@ MOE_LADDER = (1, 2, 3, 4, 8, 16, 32, 64, 128)
 LINEAR_ROUTES = ("avx512", "cpp", "onednn")
 AVX512_GEMV_MAX_ROWS = 2  # csrc/linear.cpp: the AVX-512 GEMV exists up to this many rows
 MOE_ROUTES = ("tiled", "dot", "outer", "onednn")
+# fp32 x fp32 `linear`: our kernels, then torch's fp32 GEMM from linear_fp32_torch_min_rows rows on
+LINEAR_FP32_ROUTES = ("cpp", "torch")
+_ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES}
+# fp32 weights from 3 rows: at 1-2 rows both stream the weight at the same speed (measured equal on a
+# Xeon), and timing them would stream a 256 MiB weight, half the budget.
+_LADDERS = {"linear": LINEAR_LADDER, "linear_fp32": LINEAR_LADDER[2:], "moe": MOE_LADDER}
 # The C++ experts kernel's thresholds that put every expert on one route.
 _FORCE_MOE = {
     "tiled": (0, 1, 1, 1),
@@ -149,7 +156,7 @@ class Chooser:
         self.spent_s = 0.0
         self.base = DEFAULT_POLICY if base is None else base
         self.policy = self.base
-        self.sources = {"linear": "default", "moe": "default"}
+        self.sources = {"linear": "default", "linear_fp32": "default", "moe": "default"}
         self._classes: dict[str, _Class] = {}
         self._seen: set[tuple] = set()  # (op, shape..., threads) already looked at
         self._lock = threading.RLock()
@@ -161,11 +168,17 @@ class Chooser:
     # ---------------------------------------------------------------- lookups from the ops
 
     def for_linear(self, x: torch.Tensor, weight: torch.Tensor):
-        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        if weight.dim() != 2:
             return self.policy
-        seen = ("linear", weight.shape[0], weight.shape[1], torch.get_num_threads())
+        if weight.dtype == torch.float32:  # any x: the fp32 hand-off computes in fp32
+            op, tag = "linear_fp32", "fp32"
+        elif x.dtype == weight.dtype == torch.bfloat16:
+            op, tag = "linear", "bf16"
+        else:
+            return self.policy
+        seen = (op, weight.shape[0], weight.shape[1], torch.get_num_threads())
         if seen not in self._seen:
-            self._first_sight(seen, f"linear:bf16:N{seen[1]}:K{seen[2]}:t{seen[3]}", weight=weight)
+            self._first_sight(seen, f"linear:{tag}:N{seen[1]}:K{seen[2]}:t{seen[3]}", weight=weight)
         return self.policy
 
     def for_moe(self, hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None):
@@ -184,6 +197,7 @@ class Chooser:
         return {
             "mode": "measured",
             "linear_source": self.sources["linear"],
+            "linear_fp32_source": self.sources["linear_fp32"],
             "moe_source": self.sources["moe"],
             "thresholds": _thresholds(p),
             "classes": {k: {"routes": list(c.routes), "rows": sorted(c.points), "source": c.source}
@@ -210,7 +224,7 @@ class Chooser:
             cached = self._cached.get(key)
             if cached:
                 cls.points.update(cached)
-            ladder = LINEAR_LADDER if op == "linear" else MOE_LADDER
+            ladder = _LADDERS[op]
             missing = [n for n in ladder if n not in cls.points]
             measured_now = False
             if missing and not self._decided(cls, missing[0]):
@@ -227,9 +241,12 @@ class Chooser:
 
     def _make_class(self, op: str, key: str, **tensors) -> _Class | None:
         if _candidate_hook is not None:
-            routes = tuple(r for r in (LINEAR_ROUTES if op == "linear" else MOE_ROUTES)
-                           if r in _candidate_hook(op, key, 0))
+            routes = tuple(r for r in _ROUTES[op] if r in _candidate_hook(op, key, 0))
             pairs_fit = True
+        elif op == "linear_fp32":
+            if _backend._C is None:
+                return None
+            routes, pairs_fit = LINEAR_FP32_ROUTES, True
         elif op == "linear":
             if _backend._C is None:
                 return None
@@ -253,7 +270,7 @@ class Chooser:
         if _candidate_hook is not None:
             return _candidate_hook(cls.op, key, n)
         g = torch.Generator(device="cpu").manual_seed(n)  # never the user's random stream
-        if cls.op == "linear":
+        if cls.op in ("linear", "linear_fp32"):
             w = tensors["weight"].detach()
             n_rows, k = w.shape
             if n <= AVX512_GEMV_MAX_ROWS:
@@ -261,11 +278,11 @@ class Chooser:
                 # layer's weights pass once; slices of one weight would stay in the last-level cache
                 # and time the cores instead (the AVX-512 GEMV measured faster there on a Zen 4 and
                 # 10% slower end to end). A zero weight of several cache sizes stands in for it.
-                slices = [_streaming_weight(k)]
+                slices = [_streaming_weight(k, w.dtype)]
             else:
                 rows = max(1, min(n_rows, _LINEAR_SLICE_ELEMS // max(k, 1)))
                 slices = [w[i * rows:(i + 1) * rows] for i in range(max(1, min(4, n_rows // rows)))]
-            x = torch.randn(n, k, generator=g, device="cpu").to(torch.bfloat16)
+            x = torch.randn(n, k, generator=g, device="cpu").to(w.dtype)
             turn = itertools.count()
 
             def avx512():
@@ -277,7 +294,7 @@ class Chooser:
             def onednn():
                 return F.linear(x, slices[next(turn) % len(slices)])
 
-            fns = {"avx512": avx512, "cpp": cpp, "onednn": onednn}
+            fns = {"avx512": avx512, "cpp": cpp, "onednn": onednn, "torch": onednn}
             return {r: fns[r] for r in cls.routes if _valid(cls.op, r, n)}
         gu, dn = tensors["gate_up_proj"].detach(), tensors["down_proj"].detach()
         n_exp, h = gu.shape[0], gu.shape[2]
@@ -368,7 +385,7 @@ class Chooser:
 
     def _derive(self) -> None:
         changes = {}
-        for op in ("linear", "moe"):
+        for op in ("linear", "linear_fp32", "moe"):
             classes = [c for c in self._classes.values() if c.op == op and c.points]
             if not classes:
                 continue
@@ -440,16 +457,17 @@ def _last_level_cache_bytes() -> int:
         return 32 << 20
 
 
-_stream_weights: dict[int, torch.Tensor] = {}
+_stream_weights: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
-def _streaming_weight(k: int) -> torch.Tensor:
-    """A bf16 [rows, k] zero weight of 4x the last-level cache (64-256 MiB), made once per k and dropped
-    when the class's measurement ends (Chooser._first_sight)."""
-    if k not in _stream_weights:
+def _streaming_weight(k: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A [rows, k] zero weight of 4x the last-level cache (64-256 MiB), made once per (k, dtype) and
+    dropped when the class's measurement ends (Chooser._first_sight)."""
+    if (k, dtype) not in _stream_weights:
         nbytes = min(max(4 * _last_level_cache_bytes(), 64 << 20), 256 << 20)
-        _stream_weights[k] = torch.zeros(max(1, nbytes // (2 * max(k, 1))), k, dtype=torch.bfloat16)
-    return _stream_weights[k]
+        size = torch.tensor([], dtype=dtype).element_size()
+        _stream_weights[k, dtype] = torch.zeros(max(1, nbytes // (size * max(k, 1))), k, dtype=dtype)
+    return _stream_weights[k, dtype]
 
 
 def _valid(op: str, route: str, n: int) -> bool:
@@ -467,8 +485,8 @@ def _median_time(fn: Callable[[], object]) -> float:
 
 
 def _thresholds(p) -> dict:
-    names = ("linear_onednn_min_rows", "linear_avx512_max_rows", "moe_bf16_min_rows", "moe_bf16_outer_min_rows",
-             "moe_bf16_outer_onednn_min_rows", "moe_bf16_dot_onednn_min_rows")
+    names = ("linear_onednn_min_rows", "linear_avx512_max_rows", "linear_fp32_torch_min_rows", "moe_bf16_min_rows",
+             "moe_bf16_outer_min_rows", "moe_bf16_outer_onednn_min_rows", "moe_bf16_dot_onednn_min_rows")
     return {n: getattr(p, n) for n in names}
 
 
@@ -502,6 +520,14 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
             if point:
                 best = min(point.values())
                 points.append((n, c.pairs_fit, {r: point.get(r, 2 * best) / best for r in c.routes}))
+
+    if op == "linear_fp32":
+        base_t = base.linear_fp32_torch_min_rows
+        cost = {t: sum(rel.get("torch" if n >= t else "cpp", 2.0) for n, _, rel in points) for t in values(base_t)}
+        best = min(cost, key=lambda t: (cost[t], t != base_t))
+        if cost[best] > cost[base_t] * (1 - _SWITCH_MARGIN):
+            best = base_t
+        return {"linear_fp32_torch_min_rows": best}
 
     if op == "linear":
         has = {r for c in classes for r in c.routes}

@@ -82,7 +82,8 @@ def _info(args) -> int:
 def _policy_line(report: dict) -> str:
     """The policy report in one line: where each op's thresholds came from, then the thresholds."""
     t = report["thresholds"]
-    line = (f"{report['mode']} (linear: {report['linear_source']}, moe: {report['moe_source']}); "
+    line = (f"{report['mode']} (linear: {report['linear_source']}, linear fp32: {report['linear_fp32_source']}, "
+            f"moe: {report['moe_source']}); "
             + ", ".join(f"{k}={v}" for k, v in t.items()))
     if report.get("kernel_only"):
         line += ", kernel_only"

@@ -100,6 +100,39 @@ def test_the_chosen_thresholds_follow_the_crossovers(measured, monkeypatch):
     assert linear_mod._use_torch_gemm(torch.randn(8, 24).to(torch.bfloat16), w)
 
 
+def test_fp32_weights_hand_off_to_torch_where_it_is_measured_faster(measured, monkeypatch):
+    """fp32 weights are their own class (any x dtype): torch's fp32 GEMM from the measured crossover,
+    never when it is slower, and never in the bf16 classes' thresholds."""
+    _, use = measured
+    hook = _Timings({"cpp": lambda n: 1e-4 * n, "torch": lambda n: 7.5e-4 + 0.05e-4 * n})  # crossover at 8
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    use()
+    w = torch.randn(40, 24)
+    p = _policy._policy_for_linear(torch.randn(2, 24).to(torch.bfloat16), w)
+    assert p.linear_fp32_torch_min_rows == 8
+    assert p.linear_onednn_min_rows == DEFAULT_POLICY.linear_onednn_min_rows
+    assert all(key.startswith("linear:fp32:") and n >= 3 for key, n in hook.points), hook.points
+    assert policy_report()["linear_fp32_source"] == "measured"
+    assert not linear_mod._use_torch_gemm(torch.randn(7, 24), w)
+    assert linear_mod._use_torch_gemm(torch.randn(8, 24), w)
+    assert not linear_mod._use_torch_gemm(torch.randn(64, 24).to(torch.bfloat16), w.to(torch.bfloat16)) or (
+        _backend.cpu_has_native_bf16_gemm())
+
+    set_policy(DEFAULT_POLICY)  # the default never hands fp32 off
+    assert not linear_mod._use_torch_gemm(torch.randn(512, 24), w)
+    with kernel_policy(linear_fp32_torch_min_rows=8, kernel_only=True):
+        assert not linear_mod._use_torch_gemm(torch.randn(512, 24), w)
+
+
+def test_fp32_slow_torch_is_never_chosen(measured, monkeypatch):
+    _, use = measured
+    monkeypatch.setattr(_chooser, "_candidate_hook",
+                        _Timings({"cpp": lambda n: 1e-4 * n, "torch": lambda n: 2e-4 * n}))
+    use()
+    p = _policy._policy_for_linear(torch.randn(5, 24), torch.randn(40, 24))
+    assert p.linear_fp32_torch_min_rows > max(_chooser.LINEAR_LADDER)
+
+
 def test_a_fixed_policy_overrides_the_measurement(measured, monkeypatch):
     _, use = measured
     hook = _Timings({"cpp": lambda n: 1e-3, "onednn": lambda n: 1e-5})  # oneDNN always "faster"
@@ -249,7 +282,7 @@ def test_bad_arguments(measured):
 
 def test_one_valid_path_times_nothing(measured, monkeypatch):
     """On a CPU without AVX-512 and without native bf16 dot products every bf16 call has one path:
-    nothing is timed."""
+    nothing is timed (fp32 weights are timed everywhere: torch's fp32 GEMM is always a path)."""
     _, use = measured
     monkeypatch.setattr(_backend, "cpu_has_native_bf16_gemm", lambda: False)
     monkeypatch.setattr(_backend._C, "cpu_supports_avx512", lambda: False)
@@ -259,10 +292,13 @@ def test_one_valid_path_times_nothing(measured, monkeypatch):
     _policy._policy_for_linear(x, w)
     _policy._policy_for_moe(torch.randn(5, 12).to(torch.bfloat16), gu, dn)
     assert ch.spent_s == 0 and ch.report()["classes"] == {}
-    assert ch.sources == {"linear": "default", "moe": "default"} and ch.policy == DEFAULT_POLICY
-    # fp32 calls never have a choice
+    assert ch.sources == {"linear": "default", "linear_fp32": "default", "moe": "default"}
+    assert ch.policy == DEFAULT_POLICY
+    # bf16 x on fp16 weights, fp16 x fp16: no choice either (fp32 weights always have two paths:
+    # our kernels and torch's fp32 GEMM)
     monkeypatch.setattr(_backend, "cpu_has_native_bf16_gemm", lambda: True)
-    _policy._policy_for_linear(x.float(), w.float())
+    _policy._policy_for_linear(x, w.half())
+    _policy._policy_for_linear(x.half(), w.half())
     assert ch.spent_s == 0
 
 

@@ -308,3 +308,23 @@ def test_avx512_gemv_special_values():
     assert torch.equal(torch.isinf(out[0]), torch.isinf(ref[0]))
     inf = torch.isinf(ref[0])
     assert torch.equal(out[0].float()[inf], ref[0].float()[inf])
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_fp32_weights_on_torch_gemm(x_dtype):
+    """The fp32-weight hand-off (policy threshold reached) keeps the op's contract: products and sums
+    in fp32, one rounding to x's dtype, bias in fp32; the caller's tensors unchanged."""
+    from lfm_kernels.ops.linear import _linear_path
+
+    x = torch.randn(9, 3, 64).to(x_dtype)
+    w, b = torch.randn(33, 64) / 8, torch.randn(33)
+    x0, w0 = x.clone(), w.clone()
+    with kernel_policy(DEFAULT_POLICY, linear_fp32_torch_min_rows=4):  # not this module's kernel_only
+        assert _linear_path(x.reshape(-1, 64), w) == "onednn"
+        out = linear(x, w, b)
+        small = linear(x[:1, :1], w, b)  # 1 row: our kernel
+    ref = (x.double() @ w.double().T + b.double()).to(x_dtype)
+    assert out.dtype == x_dtype and out.shape == (9, 3, 33)
+    assert_close(out, ref, x_dtype)
+    assert_close(small, ref[:1, :1], x_dtype)
+    assert torch.equal(x, x0) and torch.equal(w, w0)

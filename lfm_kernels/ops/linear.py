@@ -27,12 +27,17 @@ _WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
 
 def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor, policy: _policy.KernelPolicy | None = None) -> bool:
-    """Whether the policy hands this call to torch's oneDNN GEMM (x already [M, K])."""
+    """Whether the policy hands this call to torch's GEMM (x already [M, K]): bf16 x bf16 to oneDNN on
+    CPUs with native bf16 dot products, fp32 weights (any x dtype) to torch's fp32 GEMM, each from its
+    threshold on."""
     if policy is None:
         policy = _policy._policy_for_linear(x, weight)
+    if policy.kernel_only:
+        return False
+    if weight.dtype == torch.float32:
+        return x.shape[0] >= policy.linear_fp32_torch_min_rows
     return (
-        not policy.kernel_only
-        and x.dtype == torch.bfloat16
+        x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and x.shape[0] >= policy.linear_onednn_min_rows
         and cpu_has_native_bf16_gemm()
@@ -67,9 +72,14 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     policy = _policy._policy_for_linear(x, weight) if x.device.type == "cpu" else None
-    if x.device.type == "cpu" and not _use_torch_gemm(x, weight, policy) and _backend.cpu_extension_available():
-        avx512_rows = 0 if policy.kernel_only else policy.linear_avx512_max_rows
-        return torch.ops.lfm_kernels_cpu.linear(x, weight, bias, avx512_rows)
+    if x.device.type == "cpu" and _backend.cpu_extension_available():
+        if not _use_torch_gemm(x, weight, policy):
+            avx512_rows = 0 if policy.kernel_only else policy.linear_avx512_max_rows
+            return torch.ops.lfm_kernels_cpu.linear(x, weight, bias, avx512_rows)
+        if weight.dtype == torch.float32:
+            # the kernel's contract kept: products and sums in fp32, the output rounded to x's dtype once
+            b = bias.float() if bias is not None else None
+            return F.linear(x.float(), weight, b).to(x.dtype)
     # CUDA: cuBLAS behind F.linear already runs bf16 GEMMs and GEMVs at the hardware's speed, so there
     # is no Triton kernel for this op. CPU with native bf16 GEMM instructions (bf16 x bf16, many rows):
     # oneDNN's GEMM is the faster one. CPU without the extension: F.linear after the one warning.
@@ -98,8 +108,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     On the CPU the compiled kernel runs: for M <= 4 rows it streams the weight once near the memory
     bandwidth; for more rows it is a blocked GEMM that runs bf16 weights as fast as fp32 ones (except
-    bf16 x bf16 with enough rows on CPUs with AVX512-BF16/AMX, where torch's GEMM is faster and runs;
-    see lfm_kernels/_policy.py). On CUDA this is torch's F.linear (cuBLAS is already the right kernel
+    bf16 x bf16 with enough rows on CPUs with AVX512-BF16/AMX, and fp32 x fp32 with enough rows where
+    the chooser measured torch's fp32 GEMM faster: there torch's GEMM runs; see lfm_kernels/_policy.py). On CUDA this is torch's F.linear (cuBLAS is already the right kernel
     there), with weight and bias cast to x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
 
     weight may also be a `lfm_kernels.QuantizedTensor` [N, K] (GGUF Q8_0 / Q4_0 blocks): x is then
