@@ -38,6 +38,10 @@ class Case:
     # `paths` runs each valid path by name; the bench times the others and reports the runner-up.
     path: Callable[[dict], str] | None = None
     paths: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
+    # The check's relative-error bound when CHECK_TOL[dtype] does not describe the comparison (None:
+    # CHECK_TOL): quantized weights are checked against our bf16 op on their dequantized values, and
+    # the int8 activations (per 32, K-quants per 256) add their own rounding to bf16's.
+    check_tol: float | None = None
 
 
 def time_cpu(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3, min_time: float = 0.0) -> float:
@@ -108,6 +112,11 @@ OPS = ("short_conv", "moe", "decode_attention", "linear")
 # eager baseline computes in the model dtype, the kernels in float32), so the bound is the sum of two
 # rounding errors, a little above the tests' bound against the float32/float64 references.
 CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+# Quantized-weight cases against bf16 on the dequantized weights: int8 activation rounding (one scale
+# per 32 or 256 values, the K-quant cases' random blocks have wide value ranges) measured 1-2.5%
+# relative error on top of bf16's; the tests bound the kernels tightly against references that
+# quantize the activations the same way (tests/test_quant*.py, test_kquant*.py).
+QUANT_CHECK_TOL = 5e-2
 
 # Inputs larger than this are not cloned for the check: they are weights, which no op writes.
 _CLONE_LIMIT_BYTES = 256 << 20
@@ -182,7 +191,7 @@ class CheckResult:
 def check_case(case: Case) -> CheckResult:
     """Run the kernel and its eager baseline once on copies of the same fresh inputs and compare
     every output, and every input the eager baseline updates in place (states, caches)."""
-    tol = CHECK_TOL.get(case.dtype, 1e-2)
+    tol = case.check_tol if case.check_tol is not None else CHECK_TOL.get(case.dtype, 1e-2)
     if not case.baselines:
         return CheckResult(True, 0.0, tol, "", "no baseline to check against", checked=False)
     inputs = case.make_inputs()

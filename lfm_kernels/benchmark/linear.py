@@ -19,7 +19,7 @@ from .. import _backend
 from ..ops import linear as linear_mod
 from ..ops.linear import linear
 from ..quant import _BLOCK_BYTES, QK_K, QuantizedTensor, quantize
-from .core import Case
+from .core import QUANT_CHECK_TOL, Case
 
 HIDDEN = 2048
 # (name, N, K): the projections a token goes through in LFM2.5-8B-A1B
@@ -91,7 +91,7 @@ def _path(i: dict) -> str:
 def _paths(w_dtype: torch.dtype, m: int) -> dict:
     """The valid paths by name (a baseline name: the same call, its time shared; or a callable):
     the AVX2 / portable kernel; the AVX-512 GEMV at 1-2 rows on CPUs with AVX-512; oneDNN only for
-    bf16 x bf16 on CPUs with native bf16 dot products."""
+    bf16 x bf16 on CPUs with native bf16 dot products, and torch's fp32 GEMM for fp32 weights from 3 rows."""
     if _backend._C is None:
         return {}
     paths = {_backend.cpu_isa() if _backend.cpu_isa() != "avx512" else "avx2": "cpp_kernel"}
@@ -103,6 +103,8 @@ def _paths(w_dtype: torch.dtype, m: int) -> dict:
                 i["x"], i["weight"], None, 2)
     if w_dtype == torch.bfloat16 and _backend.cpu_has_native_bf16_gemm():
         paths["onednn"] = "torch_bf16"
+    if w_dtype == torch.float32 and m >= 3:  # the fp32 hand-off (from 3 rows, as the chooser times it)
+        paths["onednn"] = "torch_fp32"
     return paths
 
 
@@ -168,6 +170,7 @@ def _quantized_cases(shapes, rows) -> list[Case]:
                         backend=_quant_backend(),
                         path=lambda i: "x8",
                         paths={"rows": lambda i: linear(i["x"], i["qweight_rows"])},
+                        check_tol=QUANT_CHECK_TOL,
                     )
                 )
     return out

@@ -15,7 +15,7 @@ from .. import _backend, reference
 from ..ops import moe as moe_ops
 from ..ops.moe import moe_experts
 from ..quant import QuantizedTensor
-from .core import Case
+from .core import QUANT_CHECK_TOL, Case
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 1792, 32, 4
 
@@ -276,6 +276,7 @@ def _quantized_cases(sizes) -> list[Case]:
                     flops=n * TOP_K * 6 * HIDDEN * INTER,
                     compute_bound=n >= 128,
                     backend=_quant_backend(),
+                    check_tol=QUANT_CHECK_TOL,
                 )
             )
     return out
