@@ -72,9 +72,10 @@ MOE_ROUTES = ("tiled", "dot", "outer", "onednn")
 # fp32 x fp32 `linear`: our kernels, then torch's fp32 GEMM from linear_fp32_torch_min_rows rows on
 LINEAR_FP32_ROUTES = ("cpp", "torch")
 _ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES}
-# fp32 weights from 3 rows: at 1-2 rows both stream the weight at the same speed (measured equal on a
-# Xeon), and timing them would stream a 256 MiB weight, half the budget.
-_LADDERS = {"linear": LINEAR_LADDER, "linear_fp32": LINEAR_LADDER[2:], "moe": MOE_LADDER}
+# fp32 weights at 4, 16 and 64 rows only: at 1-2 rows both stream the weight at the same speed
+# (measured equal on a Xeon; timing them would stream a 256 MiB weight, half the budget), and the
+# GEMMs' crossover needs no finer grid, so a model's few fp32 shapes fit the budget of one process.
+_LADDERS = {"linear": LINEAR_LADDER, "linear_fp32": (4, 16, 64), "moe": MOE_LADDER}
 # The C++ experts kernel's thresholds that put every expert on one route.
 _FORCE_MOE = {
     "tiled": (0, 1, 1, 1),

@@ -105,8 +105,8 @@ class KernelPolicy:
     moe_bf16_dot_onednn_min_rows: int = 32
     # `linear` on fp32 x and fp32 weights: from this many rows on, torch's fp32 GEMM (F.linear: MKL /
     # oneDNN, with AVX-512 where the CPU has it) instead of our AVX2 kernels. Default: never (the value
-    # no row count reaches); the chooser measures it. A 2-core Xeon (AVX-512), 2 threads: torch 1.4-1.6x
-    # faster from 128 rows (in_proj 6144 x 2048 at 512 rows: 42 vs 64 ms), equal at one row.
+    # no row count reaches); the chooser measures it at 4, 16 and 64 rows. A 2-core Xeon (AVX-512), 2
+    # threads: torch 1.4-1.6x faster from 128 rows (in_proj 6144 x 2048 at 512 rows: 42 vs 64 ms).
     linear_fp32_torch_min_rows: int = 1 << 30
 
     def __post_init__(self) -> None:

@@ -104,7 +104,7 @@ def _paths(w_dtype: torch.dtype, m: int) -> dict:
     if w_dtype == torch.bfloat16 and _backend.cpu_has_native_bf16_gemm():
         paths["onednn"] = "torch_bf16"
     if w_dtype == torch.float32 and m >= 3:  # the fp32 hand-off (from 3 rows, as the chooser times it)
-        paths["onednn"] = "torch_fp32"
+        paths["torch-fp32"] = "torch_fp32"
     return paths
 
 

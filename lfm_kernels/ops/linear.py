@@ -45,13 +45,14 @@ def _use_torch_gemm(x: torch.Tensor, weight: torch.Tensor, policy: _policy.Kerne
 
 
 def _linear_path(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """The code a CPU call of these shapes and dtypes runs now (x [M, K]): "onednn", "avx512-bf16dot"
+    """The code a CPU call of these shapes and dtypes runs now (x [M, K]): "onednn", "torch-fp32"
+    (torch's fp32 GEMM for fp32 weights), "avx512-bf16dot"
     (AVX512-BF16 GEMV), "avx512", "avx2", "portable" or "reference" (for the bench and its tests)."""
     if not _backend.cpu_extension_available():
         return "reference"
     policy = _policy._policy_for_linear(x, weight)
     if _use_torch_gemm(x, weight, policy):
-        return "onednn"
+        return "torch-fp32" if weight.dtype == torch.float32 else "onednn"
     isa = _backend.cpu_isa()  # "avx512" where the CPU has it and nothing pins AVX2
     rows = 0 if policy.kernel_only else min(policy.linear_avx512_max_rows, AVX512_GEMV_MAX_ROWS)
     if isa != "avx512":
