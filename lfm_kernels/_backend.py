@@ -142,6 +142,13 @@ def backend_info() -> dict:
 
     # the thresholds in force and where they came from (default / measured / cached / fixed)
     info["kernel_policy"] = policy_report()
+    if _C is not None:
+        from ._chooser import cached_choice
+
+        try:
+            info["kernel_choice_cached"] = cached_choice()
+        except Exception as exc:  # noqa: BLE001 - a report must not fail on a bad cache file
+            info["kernel_choice_cached"] = {"error": f"{type(exc).__name__}: {exc}"}
     return info
 
 

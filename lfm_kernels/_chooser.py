@@ -448,6 +448,30 @@ class Chooser:
                                                   f"{self.cache_path} ({exc}); measurements stay in this process")
 
 
+def cached_choice(cache_path: str | None = None, base=None) -> dict | None:
+    """What the cache file says for this CPU model at the current thread count, without measuring:
+    the thresholds its shape classes give (per op, as the chooser derives them) and those classes;
+    None when it holds nothing for this machine. For `lfm-kernels info`: a process only uses the
+    classes it meets, so this is the choice for the shapes measured before."""
+    from ._policy import DEFAULT_POLICY
+
+    ch = Chooser(cache_path=cache_path, budget_s=0.0, base=DEFAULT_POLICY if base is None else base)
+    suffix = f":t{torch.get_num_threads()}"
+    keys = sorted(k for k in ch._cached if k.endswith(suffix) and ch._cached[k])
+    if not keys:
+        return None
+    changes = {}
+    for op, prefix in (("linear", "linear:bf16:"), ("linear_fp32", "linear:fp32:"), ("moe", "moe:bf16:")):
+        classes = []
+        for k in keys:
+            if k.startswith(prefix):
+                routes = tuple(r for r in _ROUTES[op] if any(r in p for p in ch._cached[k].values()))
+                classes.append(_Class(op, routes, points=dict(ch._cached[k]), source="cached"))
+        if classes:
+            changes.update(_best_thresholds(op, classes, ch.base))
+    return {"thresholds": _thresholds(dataclasses.replace(ch.base, **changes)), "classes": keys}
+
+
 def _last_level_cache_bytes() -> int:
     try:
         with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:

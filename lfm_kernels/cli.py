@@ -60,6 +60,7 @@ def _info(args) -> int:
         "cuda_device": "CUDA device",
         "benchmark_ops": "ops with benchmark cases",
         "kernel_policy": "kernel-path thresholds",
+        "kernel_choice_cached": "cached choice (this CPU)",
     }
     width = max(len(v) for v in labels.values())
     keys = list(labels) + [k for k in info if k not in labels]
@@ -71,12 +72,24 @@ def _info(args) -> int:
             continue  # no error to report
         if key == "kernel_policy":
             value = _policy_line(value)
+        elif key == "kernel_choice_cached":
+            value = _cached_line(value)
         elif isinstance(value, list):
             value = ", ".join(value) or "(none)"
         elif value is None:
             value = "-"
         print(f"{labels.get(key, key):<{width}}  {value}")
     return 0
+
+
+def _cached_line(cached: dict | None) -> str:
+    """The cache file's thresholds for this CPU model and thread count, and how many classes gave them."""
+    if cached is None:
+        return "nothing measured on this CPU model yet (the first calls of each shape measure it)"
+    if "error" in cached:
+        return f"unreadable ({cached['error']})"
+    t = ", ".join(f"{k}={v}" for k, v in cached["thresholds"].items())
+    return f"{t} (from {len(cached['classes'])} shape classes measured before)"
 
 
 def _policy_line(report: dict) -> str:

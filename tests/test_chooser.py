@@ -134,6 +134,32 @@ def test_fp32_slow_torch_is_never_chosen(measured, monkeypatch):
     assert p.linear_fp32_torch_min_rows > max(_chooser.LINEAR_LADDER)
 
 
+def test_cached_choice_reports_the_file_without_measuring(measured, monkeypatch):
+    """`lfm-kernels info`'s cached choice: the thresholds the file's classes give for this CPU model and
+    thread count, the same as a process that meets those classes derives; None for an empty file or
+    another thread count; nothing is timed."""
+    path, use = measured
+    assert _chooser.cached_choice(str(path)) is None
+    monkeypatch.setattr(_chooser, "_candidate_hook",
+                        _Timings({"cpp": lambda n: 1e-4 * n, "onednn": lambda n: 7.5e-4 + 0.05e-4 * n}))
+    use()
+    x, w = _bf16_linear_args()
+    want = _policy._policy_for_linear(x, w).linear_onednn_min_rows
+    assert want == 8
+    hook = _Timings({"cpp": lambda n: 1.0, "onednn": lambda n: 1.0})
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    got = _chooser.cached_choice(str(path))
+    assert not hook.points, "cached_choice must not time anything"
+    assert got["thresholds"]["linear_onednn_min_rows"] == want
+    assert got["classes"] == [f"linear:bf16:N40:K24:t{torch.get_num_threads()}"]
+    old = torch.get_num_threads()
+    torch.set_num_threads(old + 1)
+    try:
+        assert _chooser.cached_choice(str(path)) is None
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_a_fixed_policy_overrides_the_measurement(measured, monkeypatch):
     _, use = measured
     hook = _Timings({"cpp": lambda n: 1e-3, "onednn": lambda n: 1e-5})  # oneDNN always "faster"
