@@ -110,3 +110,14 @@ def test_read_probe_reads_every_word(nbytes):
     assert torch.ops.lfm_kernels_cpu._read_probe(buf, True) == expect
     with _backend.force_portable_cpu():
         assert torch.ops.lfm_kernels_cpu._read_probe(buf) == expect
+
+
+@pytest.mark.skipif(_backend._C is None, reason="CPU extension not built")
+def test_amx_check_is_no_looser_than_cpuid():
+    """AMX counts as usable only when the CPU has it (what torch's CPUID check says) and the kernel
+    granted the tile state; info reports that answer."""
+    ours = _backend._C.cpu_supports_amx()
+    assert isinstance(ours, bool)
+    if ours:
+        assert torch.cpu._is_amx_tile_supported()
+    assert _backend.backend_info()["cpu_amx_usable"] == ours
