@@ -66,6 +66,20 @@ void short_conv_block_portable(const ShortConvArgs& a, int64_t b, int64_t c0, in
   }
 }
 
+// Every (batch row, block of kChunk channels) in parallel: block(b, c0, cn) for channels [c0, c0 + cn).
+// One loop for every path; the path's block function (and so its instruction set) is the callable.
+template <typename Block>
+void for_each_block(const ShortConvArgs& a, int64_t batch, const Block& block) {
+  const int64_t chunks = (a.D + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kChunk * std::max<int64_t>(a.T, 1)));
+  parallel_for(batch * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / chunks, c0 = (i % chunks) * kChunk;
+      block(b, c0, std::min(kChunk, a.D - c0));
+    }
+  });
+}
+
 }  // namespace
 }  // namespace lfmk
 
@@ -78,39 +92,41 @@ namespace {
 // last L values of u and the taps held in registers: per step only bcx is loaded and y stored. hist
 // ([L][kChunk] fp32) carries the history from one time block to the next.
 template <typename T, int L, int NV>
-inline void short_conv_column_avx2(const ShortConvArgs& a, int64_t b, int64_t ch, int64_t t0, int64_t t1,
-                                   float (*hist)[kChunk], int64_t c) {
-  __m256 h[NV][L], w[NV][L], bias[NV];
-  for (int v = 0; v < NV; ++v) {
-    for (int j = 0; j < L; ++j) {
-      h[v][j] = _mm256_loadu_ps(&hist[j][c + 8 * v]);
-      w[v][j] = _mm256_loadu_ps(a.wt + j * a.wd + ch + 8 * v);
-    }
-    bias[v] = a.bias ? _mm256_loadu_ps(a.bias + ch + 8 * v) : _mm256_setzero_ps();
-  }
-  const T* row = static_cast<const T*>(a.bcx) + b * a.bcx_sb + t0 * a.bcx_st + ch;
-  T* yrow = static_cast<T*>(a.y) + (b * a.T + t0) * a.D + ch;
-  for (int64_t t = t0; t < t1; ++t, row += a.bcx_st, yrow += a.D) {
-    const bool keep = !a.mask || a.mask[b * a.T + t];
+struct ColumnAvx2 {
+  static void run(const ShortConvArgs& a, int64_t b, int64_t ch, int64_t t0, int64_t t1, float (*hist)[kChunk],
+                  int64_t c) {
+    __m256 h[NV][L], w[NV][L], bias[NV];
     for (int v = 0; v < NV; ++v) {
-      __m256 u = _mm256_setzero_ps(), cg = _mm256_setzero_ps();
-      if (keep) {
-        u = avx2::round_as<T>(_mm256_mul_ps(avx2::load8(row + 8 * v), avx2::load8(row + 2 * a.D + 8 * v)));
-        cg = avx2::load8(row + a.D + 8 * v);
+      for (int j = 0; j < L; ++j) {
+        h[v][j] = _mm256_loadu_ps(&hist[j][c + 8 * v]);
+        w[v][j] = _mm256_loadu_ps(a.wt + j * a.wd + ch + 8 * v);
       }
-      __m256 acc = bias[v];
-      for (int j = 0; j < L - 1; ++j) {
-        acc = _mm256_fmadd_ps(w[v][j], h[v][j + 1], acc);
-        h[v][j] = h[v][j + 1];
-      }
-      acc = _mm256_fmadd_ps(w[v][L - 1], u, acc);
-      h[v][L - 1] = u;
-      avx2::store8(yrow + 8 * v, _mm256_mul_ps(cg, acc));
+      bias[v] = a.bias ? _mm256_loadu_ps(a.bias + ch + 8 * v) : _mm256_setzero_ps();
     }
+    const T* row = static_cast<const T*>(a.bcx) + b * a.bcx_sb + t0 * a.bcx_st + ch;
+    T* yrow = static_cast<T*>(a.y) + (b * a.T + t0) * a.D + ch;
+    for (int64_t t = t0; t < t1; ++t, row += a.bcx_st, yrow += a.D) {
+      const bool keep = !a.mask || a.mask[b * a.T + t];
+      for (int v = 0; v < NV; ++v) {
+        __m256 u = _mm256_setzero_ps(), cg = _mm256_setzero_ps();
+        if (keep) {
+          u = avx2::round_as<T>(_mm256_mul_ps(avx2::load8(row + 8 * v), avx2::load8(row + 2 * a.D + 8 * v)));
+          cg = avx2::load8(row + a.D + 8 * v);
+        }
+        __m256 acc = bias[v];
+        for (int j = 0; j < L - 1; ++j) {
+          acc = _mm256_fmadd_ps(w[v][j], h[v][j + 1], acc);
+          h[v][j] = h[v][j + 1];
+        }
+        acc = _mm256_fmadd_ps(w[v][L - 1], u, acc);
+        h[v][L - 1] = u;
+        avx2::store8(yrow + 8 * v, _mm256_mul_ps(cg, acc));
+      }
+    }
+    for (int v = 0; v < NV; ++v)
+      for (int j = 0; j < L; ++j) _mm256_storeu_ps(&hist[j][c + 8 * v], h[v][j]);
   }
-  for (int v = 0; v < NV; ++v)
-    for (int j = 0; j < L; ++j) _mm256_storeu_ps(&hist[j][c + 8 * v], h[v][j]);
-}
+};
 
 // Time steps per pass over a block's columns. One column running through every step touched a new
 // 4 KiB page per row and stream (rows of bcx are 3D elements apart), more pages than the TLBs hold,
@@ -119,14 +135,6 @@ inline void short_conv_column_avx2(const ShortConvArgs& a, int64_t b, int64_t ch
 // for all columns of the block, and the history moves between blocks through hist (L1). Measured
 // there: 8 steps 0.42 ms, 4: 0.52, 16: 0.48, 32-64: 0.48-0.51 (bf16; fp32 0.41 ms at 8).
 constexpr int64_t kTimeBlock = 8;
-
-template <typename T, int L, int NV>
-struct ColumnAvx2 {
-  static void run(const ShortConvArgs& a, int64_t b, int64_t ch, int64_t t0, int64_t t1, float (*hist)[kChunk],
-                  int64_t c) {
-    short_conv_column_avx2<T, L, NV>(a, b, ch, t0, t1, hist, c);
-  }
-};
 
 // The block on vector columns (Column<T, L, NV>::run(a, b, ch, t0, t1, hist, c) for NV vectors of
 // kLanes channels) in time blocks; a rest of 8 channels takes the 8-lane AVX2 column (FMA, so every
@@ -155,14 +163,7 @@ void short_conv_block_vec(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t
 
 template <typename T, int L>
 void run_avx2(const ShortConvArgs& a, int64_t batch) {
-  const int64_t chunks = (a.D + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (kChunk * std::max<int64_t>(a.T, 1)));
-  parallel_for(batch * chunks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / chunks, c0 = (i % chunks) * kChunk;
-      short_conv_block_vec<T, L, ColumnAvx2, 8>(a, b, c0, std::min(kChunk, a.D - c0));
-    }
-  });
+  for_each_block(a, batch, [&](int64_t b, int64_t c0, int64_t cn) { short_conv_block_vec<T, L, ColumnAvx2, 8>(a, b, c0, cn); });
 }
 
 }  // namespace
@@ -216,14 +217,7 @@ struct ColumnAvx512 {
 
 template <typename T, int L>
 void run_avx512(const ShortConvArgs& a, int64_t batch) {
-  const int64_t chunks = (a.D + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (kChunk * std::max<int64_t>(a.T, 1)));
-  parallel_for(batch * chunks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / chunks, c0 = (i % chunks) * kChunk;
-      short_conv_block_vec<T, L, ColumnAvx512, 16>(a, b, c0, std::min(kChunk, a.D - c0));
-    }
-  });
+  for_each_block(a, batch, [&](int64_t b, int64_t c0, int64_t cn) { short_conv_block_vec<T, L, ColumnAvx512, 16>(a, b, c0, cn); });
 }
 
 }  // namespace
@@ -235,14 +229,7 @@ namespace {
 
 template <typename T, int L>
 void run_portable(const ShortConvArgs& a, int64_t batch) {
-  const int64_t chunks = (a.D + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (kChunk * std::max<int64_t>(a.T, 1)));
-  parallel_for(batch * chunks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / chunks, c0 = (i % chunks) * kChunk;
-      short_conv_block_portable<T, L>(a, b, c0, std::min(kChunk, a.D - c0));
-    }
-  });
+  for_each_block(a, batch, [&](int64_t b, int64_t c0, int64_t cn) { short_conv_block_portable<T, L>(a, b, c0, cn); });
 }
 
 template <typename T, int L>
