@@ -72,6 +72,8 @@ MOE_ROUTES = ("tiled", "dot", "outer", "onednn")
 # fp32 x fp32 `linear`: our kernels, then torch's fp32 GEMM from linear_fp32_torch_min_rows rows on
 LINEAR_FP32_ROUTES = ("cpp", "torch")
 _ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES}
+# How each op's shape-class keys begin (the cache's keys; the shape and thread count follow)
+_CLASS_TAG = {"linear": "linear:bf16", "linear_fp32": "linear:fp32", "moe": "moe:bf16"}
 # fp32 weights at 4, 16 and 64 rows only: at 1-2 rows both stream the weight at the same speed
 # (measured equal on a Xeon; timing them would stream a 256 MiB weight, half the budget), and the
 # GEMMs' crossover needs no finer grid, so a model's few fp32 shapes fit the budget of one process.
@@ -172,14 +174,14 @@ class Chooser:
         if weight.dim() != 2:
             return self.policy
         if weight.dtype == torch.float32:  # any x: the fp32 hand-off computes in fp32
-            op, tag = "linear_fp32", "fp32"
+            op = "linear_fp32"
         elif x.dtype == weight.dtype == torch.bfloat16:
-            op, tag = "linear", "bf16"
+            op = "linear"
         else:
             return self.policy
         seen = (op, weight.shape[0], weight.shape[1], torch.get_num_threads())
         if seen not in self._seen:
-            self._first_sight(seen, f"linear:{tag}:N{seen[1]}:K{seen[2]}:t{seen[3]}", weight=weight)
+            self._first_sight(seen, f"{_CLASS_TAG[op]}:N{seen[1]}:K{seen[2]}:t{seen[3]}", weight=weight)
         return self.policy
 
     def for_moe(self, hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None):
@@ -188,7 +190,7 @@ class Chooser:
             return self.policy  # down_proj None: a label lookup, not a call to measure for
         seen = ("moe", gate_up_proj.shape[2], gate_up_proj.shape[1] // 2, torch.get_num_threads())
         if seen not in self._seen:
-            self._first_sight(seen, f"moe:bf16:H{seen[1]}:I{seen[2]}:t{seen[3]}", gate_up_proj=gate_up_proj,
+            self._first_sight(seen, f"{_CLASS_TAG['moe']}:H{seen[1]}:I{seen[2]}:t{seen[3]}", gate_up_proj=gate_up_proj,
                               down_proj=down_proj)
         return self.policy
 
@@ -292,10 +294,10 @@ class Chooser:
             def cpp():
                 return torch.ops.lfm_kernels_cpu.linear(x, slices[next(turn) % len(slices)], None, 0)
 
-            def onednn():
+            def torch_gemm():  # oneDNN for bf16, torch's fp32 GEMM for fp32 weights
                 return F.linear(x, slices[next(turn) % len(slices)])
 
-            fns = {"avx512": avx512, "cpp": cpp, "onednn": onednn, "torch": onednn}
+            fns = {"avx512": avx512, "cpp": cpp, "onednn": torch_gemm, "torch": torch_gemm}
             return {r: fns[r] for r in cls.routes if _valid(cls.op, r, n)}
         gu, dn = tensors["gate_up_proj"].detach(), tensors["down_proj"].detach()
         n_exp, h = gu.shape[0], gu.shape[2]
@@ -461,10 +463,10 @@ def cached_choice(cache_path: str | None = None, base=None) -> dict | None:
     if not keys:
         return None
     changes = {}
-    for op, prefix in (("linear", "linear:bf16:"), ("linear_fp32", "linear:fp32:"), ("moe", "moe:bf16:")):
+    for op, tag in _CLASS_TAG.items():
         classes = []
         for k in keys:
-            if k.startswith(prefix):
+            if k.startswith(tag + ":"):
                 routes = tuple(r for r in _ROUTES[op] if any(r in p for p in ch._cached[k].values()))
                 classes.append(_Class(op, routes, points=dict(ch._cached[k]), source="cached"))
         if classes:
