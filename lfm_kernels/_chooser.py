@@ -69,7 +69,7 @@ MOE_LADDER = (1, 2, 3, 4, 8, 16, 32, 64, 128)
 LINEAR_ROUTES = ("avx512", "cpp", "onednn")
 AVX512_GEMV_MAX_ROWS = 2  # csrc/linear.cpp: the AVX-512 GEMV exists up to this many rows
 MOE_ROUTES = ("tiled", "dot", "outer", "onednn")
-# fp32 x fp32 `linear`: our kernels, then torch's fp32 GEMM from linear_fp32_torch_min_rows rows on
+# `linear` on fp32 weights (any x dtype): our kernels, then torch's fp32 GEMM from linear_fp32_torch_min_rows rows on
 LINEAR_FP32_ROUTES = ("cpp", "torch")
 _ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES}
 # How each op's shape-class keys begin (the cache's keys; the shape and thread count follow)

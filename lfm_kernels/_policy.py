@@ -7,7 +7,7 @@ enough rows runs faster on those units, so two ops choose per call:
 - `linear` (bf16 x and bf16 weight): from `linear_onednn_min_rows` rows on, torch's oneDNN GEMM
   (F.linear; a bias is then added in bf16, as F.linear does); fewer rows stay on the C++ kernel,
   which streams the weight once.
-- `linear` (fp32 x and fp32 weight): from `linear_fp32_torch_min_rows` rows on, torch's fp32 GEMM
+- `linear` on fp32 weights (any x dtype, computed in fp32): from `linear_fp32_torch_min_rows` rows on, torch's fp32 GEMM
   (F.linear); by default never, the chooser sets it where torch's GEMM is measured faster.
 - `linear` on a CPU with AVX-512 (any weight dtype): calls of up to `linear_avx512_max_rows` rows
   (at most 2; 0: none) take the AVX-512 GEMV (with AVX512-BF16 for bf16 x on bf16 weights), the
@@ -103,7 +103,7 @@ class KernelPolicy:
     moe_bf16_outer_onednn_min_rows: int = 64
     # the dot-product tile alone (H or I odd): 16 tokens 55 ms for both, 64 tokens 157 vs 130 for oneDNN
     moe_bf16_dot_onednn_min_rows: int = 32
-    # `linear` on fp32 x and fp32 weights: from this many rows on, torch's fp32 GEMM (F.linear: MKL /
+    # `linear` on fp32 weights (any x dtype): from this many rows on, torch's fp32 GEMM (F.linear: MKL /
     # oneDNN, with AVX-512 where the CPU has it) instead of our AVX2 kernels. Default: never (the value
     # no row count reaches); the chooser measures it at 4, 16 and 64 rows. A 2-core Xeon (AVX-512), 2
     # threads: torch 1.4-1.6x faster from 128 rows (in_proj 6144 x 2048 at 512 rows: 42 vs 64 ms).

@@ -109,7 +109,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     On the CPU the compiled kernel runs: for M <= 4 rows it streams the weight once near the memory
     bandwidth; for more rows it is a blocked GEMM that runs bf16 weights as fast as fp32 ones (except
-    bf16 x bf16 with enough rows on CPUs with AVX512-BF16/AMX, and fp32 x fp32 with enough rows where
+    bf16 x bf16 with enough rows on CPUs with AVX512-BF16/AMX, and fp32 weights with enough rows where
     the chooser measured torch's fp32 GEMM faster: there torch's GEMM runs; see lfm_kernels/_policy.py). On CUDA this is torch's F.linear (cuBLAS is already the right kernel
     there), with weight and bias cast to x's dtype if they differ. Without the compiled extension it is F.linear after one warning.
 
