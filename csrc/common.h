@@ -55,6 +55,18 @@
 #define LFMK_AVX512_END _Pragma("GCC pop_options")
 #endif
 
+// AMX-INT8 kernels, with the AVX-512 helpers their fix-ups use. Only where cpu_has_amx() (the OS has
+// granted the tile state to this process).
+#if defined(__clang__)
+#define LFMK_AMX_BEGIN \
+  _Pragma("clang attribute push (__attribute__((target(\"amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c\"))), apply_to = function)")
+#define LFMK_AMX_END _Pragma("clang attribute pop")
+#else
+#define LFMK_AMX_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c\")")
+#define LFMK_AMX_END _Pragma("GCC pop_options")
+#endif
+
 namespace lfmk {
 
 // True when the AVX2+FMA+F16C kernels may run: the CPU has them, the OS saves YMM state, and the
@@ -68,6 +80,7 @@ const char* cpu_isa();
 // True when the AVX-512 BF16 kernels may run (CPU and OS support, and the portable path not forced;
 // pinning AVX2 does not affect them: the kernel policy's thresholds choose them).
 bool cpu_has_avx512bf16();
+bool cpu_has_amx();  // AMX tiles usable (the OS granted the tile state) and the portable path not forced
 void set_force_portable(bool force);
 // Keeps the AVX-512 decode GEMVs off while true (cpu_has_avx512() false, cpu_isa() "avx2"): the tests
 // compare the paths with it; the kernel policy chooses per call through linear's avx512_max_rows.

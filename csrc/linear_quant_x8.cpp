@@ -92,6 +92,10 @@ LFMK_X8_VNNI_KERNELS(X8Avx512Vnni, avx512vnni)
 LFMK_QVNNI_END
 #undef LFMK_X8_VNNI_KERNELS
 
+LFMK_AMX_BEGIN
+#include "quant/amx.h"
+LFMK_AMX_END
+
 namespace lfmk {
 namespace quant {
 namespace {
@@ -104,6 +108,7 @@ struct X8Args {
   const int8_t* xq;   // [M, K]
   const float* xd;    // [M, K / 32]
   const int32_t* xs8; // [M, K / 32]
+  bool amx;           // the many-row product on AMX-INT8 tiles (cpu_has_amx())
 };
 
 // Groups [g0, g1) against activation rows [m0, m0 + M), G groups at a time, straight into out.
@@ -166,8 +171,34 @@ void x8_gemm(const X8Args& a) {
   });
 }
 
+// Many rows on AMX: tasks of group pairs, each against all M rows (tiles of 16), the pair's B blocks
+// packed once and kept in L1 / L2 across the row tiles.
+template <Format F>
+void x8_gemm_amx(const X8Args& a) {
+  const int64_t nb = a.K / kBlock, gs = nb * X8<F>::kGroupBlockBytes;
+  const int64_t total = a.N / 8, Mpad = (a.M + amx::kRows - 1) / amx::kRows * amx::kRows;
+  std::vector<float> dxT(static_cast<size_t>(nb * Mpad));
+  std::vector<int32_t> sT(static_cast<size_t>(nb * Mpad));
+  amx::transpose_scales(a.xd, F == Format::Q4_0 ? a.xs8 : nullptr, nb, a.M, Mpad, nb, dxT.data(), sT.data());
+  const amx::Acts acts{a.xq, a.K, dxT.data(), sT.data(), Mpad};
+  const int64_t pairs = (total + 1) / 2;
+  parallel_workers(pairs, [&](TaskQueue& queue) {
+    std::vector<uint8_t> raw(static_cast<size_t>(amx::b_scratch_bytes(nb) + 64));
+    uint8_t* bs = raw.data() + (64 - reinterpret_cast<uintptr_t>(raw.data()) % 64) % 64;
+    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
+      const int64_t g = 2 * t;
+      const int G = static_cast<int>(std::min<int64_t>(2, total - g));
+      amx::x8_groups_amx<F>(G, a.w + g * gs, gs, nb, acts, a.M, bs, a.out + 8 * g, a.N);
+      if (a.bias)
+        for (int64_t m = 0; m < a.M; ++m)
+          for (int64_t n = 8 * g; n < 8 * (g + G); ++n) a.out[m * a.N + n] += a.bias[n];
+    }
+  });
+}
+
 template <class Kern, Format F>
 void x8_run(const X8Args& a) {
+  if (a.amx) return x8_gemm_amx<F>(a);
   switch (a.M) {
     case 1: return x8_gemv<Kern, F, 1>(a);
     case 2: return x8_gemv<Kern, F, 2>(a);
@@ -181,7 +212,9 @@ static_assert(kX8GemvMaxRows == 4, "x8_run's switch covers M = 1..kX8GemvMaxRows
 template <class Kern>
 void x8_run_kern(Format f, const at::Tensor& x, X8Args a) {
   const int64_t nb = a.K / kBlock;
-  std::vector<int8_t> xq(static_cast<size_t>(a.M * a.K));
+  // the AMX tiles read activation rows in 16s: zero rows up to the next multiple of 16
+  const int64_t rows = a.amx ? (a.M + amx::kRows - 1) / amx::kRows * amx::kRows : a.M;
+  std::vector<int8_t> xq(static_cast<size_t>(rows * a.K));
   std::vector<float> xd(static_cast<size_t>(a.M * nb));
   std::vector<int32_t> xs8(static_cast<size_t>(a.M * nb));
   const int64_t ldx = a.M <= 1 ? a.K : x.stride(0);
@@ -211,9 +244,12 @@ Format x8_parse_format(c10::string_view s, const char* op) {
 
 // Shapes and dtypes were validated in Python (lfm_kernels/quant.py); these checks guard the memory
 // safety of a direct call.
+// amx_min_rows: from this many rows of x on, the product runs on AMX-INT8 tiles where the CPU has them
+// (0: never); the same bits as the other paths.
 at::Tensor linear_quant_x8_cpu(const at::Tensor& x_in, const at::Tensor& qweight, c10::string_view format, int64_t N,
-                               int64_t K, const std::optional<at::Tensor>& bias) {
+                               int64_t K, const std::optional<at::Tensor>& bias, int64_t amx_min_rows) {
   const Format f = x8_parse_format(format, "linear_quant_x8");
+  TORCH_CHECK_VALUE(amx_min_rows >= 0, "linear_quant_x8: amx_min_rows must be >= 0 (0: never), got ", amx_min_rows);
   TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "linear_quant_x8: x must be [M, K=", K, "], got ", x_in.sizes());
   TORCH_CHECK_VALUE(K > 0 && K % kBlock == 0, "linear_quant_x8: K must be a positive multiple of 32, got ", K);
   TORCH_CHECK_VALUE(N > 0 && N % 8 == 0, "linear_quant_x8: N must be a positive multiple of 8, got ", N);
@@ -243,6 +279,9 @@ at::Tensor linear_quant_x8_cpu(const at::Tensor& x_in, const at::Tensor& qweight
   a.M = M;
   a.N = N;
   a.K = K;
+  // the AMX tiles replace the integer tiles of the active path: they run where that path is not the
+  // portable one (forced portable keeps everything portable)
+  a.amx = amx_min_rows > 0 && M >= amx_min_rows && cpu_has_amx() && active_isa() > 0;
   switch (active_isa()) {
     case 3: x8_run_kern<X8Avx512Vnni>(f, x, a); break;
     case 2: x8_run_kern<X8AvxVnni>(f, x, a); break;
@@ -293,7 +332,7 @@ at::Tensor quant_relayout_cpu(const at::Tensor& data, c10::string_view format, i
 }  // namespace lfmk
 
 TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
-  m.def("linear_quant_x8(Tensor x, Tensor qweight, str format, int N, int K, Tensor? bias) -> Tensor");
+  m.def("linear_quant_x8(Tensor x, Tensor qweight, str format, int N, int K, Tensor? bias, int amx_min_rows=0) -> Tensor");
   m.def("quant_relayout(Tensor data, str format, int rows, int K, str to) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) {

@@ -83,6 +83,7 @@ static bool avx512_allowed() {
   return !g_force_portable.load(std::memory_order_relaxed) && !g_pin_avx2.load(std::memory_order_relaxed);
 }
 bool cpu_has_avx512() { return g_has_avx512 && avx512_allowed(); }
+bool cpu_has_amx() { return g_has_amx && g_has_avx512 && !g_force_portable.load(std::memory_order_relaxed); }
 // The AVX512-BF16 MoE tiles have their own switch (the policy's thresholds), so pinning AVX2 for the
 // decode kernels does not take them away from prefill.
 bool cpu_has_avx512bf16() { return g_has_avx512bf16 && !g_force_portable.load(std::memory_order_relaxed); }

@@ -25,6 +25,7 @@
 
 #include "common.h"
 #include "moe_plan.h"
+#include "quant_dequant_gemm.h"
 #include "quant/gemm_loops.h"
 #include "quant/kquant_kernels.h"
 #include "quant/kquant_x8_loops.h"
@@ -45,9 +46,10 @@ constexpr int64_t kKPackMinTokens = 6;
 
 // Phase 1: act[q, j] = silu(gate_j . x_q) * (up_j . x_q) for every sorted pair q.
 template <class Kern, KFormat F>
-void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, float* act, bool x8) {
+void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& experts,
+            float* act, bool x8) {
   const int64_t nsb = H / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
-  for_each_work_item(pl, pl.active, I, kUnits1, [&](const WorkItem& it) {
+  for_each_work_item(pl, experts, I, kUnits1, [&](const WorkItem& it) {
     const int64_t j0 = it.r0, j1 = it.r1, q0 = it.q0, me = it.tokens, nu = j1 - j0;
     const uint8_t* G = gu + it.e * 2 * I * row;
     const uint8_t* U = G + I * row;
@@ -117,9 +119,10 @@ void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan
 
 // Phase 2: y[q, h] = down[e, h] . act[q] (act quantized into a).
 template <class Kern, KFormat F>
-void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, float* y, bool x8) {
+void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& experts,
+            float* y, bool x8) {
   const int64_t nsb = I / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
-  for_each_work_item(pl, pl.active, H, kRows2, [&](const WorkItem& it) {
+  for_each_work_item(pl, experts, H, kRows2, [&](const WorkItem& it) {
     const int64_t h0 = it.r0, h1 = it.r1, q0 = it.q0, me = it.tokens, nh = h1 - h0;
     const uint8_t* D = dn + it.e * H * row;
     if constexpr (Kern::kPacked) {
@@ -169,28 +172,31 @@ void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan
 }
 
 template <class Kern>
-void phase1_fmt(KFormat f, const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, float* act,
-                bool x8) {
+void phase1_fmt(KFormat f, const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl,
+                const std::vector<int64_t>& experts, float* act, bool x8) {
   switch (f) {
-    case KFormat::Q4_K: return kphase1<Kern, KFormat::Q4_K>(x, gu, H, I, pl, act, x8);
-    case KFormat::Q5_K: return kphase1<Kern, KFormat::Q5_K>(x, gu, H, I, pl, act, x8);
-    case KFormat::Q6_K: return kphase1<Kern, KFormat::Q6_K>(x, gu, H, I, pl, act, x8);
+    case KFormat::Q4_K: return kphase1<Kern, KFormat::Q4_K>(x, gu, H, I, pl, experts, act, x8);
+    case KFormat::Q5_K: return kphase1<Kern, KFormat::Q5_K>(x, gu, H, I, pl, experts, act, x8);
+    case KFormat::Q6_K: return kphase1<Kern, KFormat::Q6_K>(x, gu, H, I, pl, experts, act, x8);
   }
 }
 template <class Kern>
-void phase2_fmt(KFormat f, const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, float* y,
-                bool x8) {
+void phase2_fmt(KFormat f, const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl,
+                const std::vector<int64_t>& experts, float* y, bool x8) {
   switch (f) {
-    case KFormat::Q4_K: return kphase2<Kern, KFormat::Q4_K>(a, dn, H, I, pl, y, x8);
-    case KFormat::Q5_K: return kphase2<Kern, KFormat::Q5_K>(a, dn, H, I, pl, y, x8);
-    case KFormat::Q6_K: return kphase2<Kern, KFormat::Q6_K>(a, dn, H, I, pl, y, x8);
+    case KFormat::Q4_K: return kphase2<Kern, KFormat::Q4_K>(a, dn, H, I, pl, experts, y, x8);
+    case KFormat::Q5_K: return kphase2<Kern, KFormat::Q5_K>(a, dn, H, I, pl, experts, y, x8);
+    case KFormat::Q6_K: return kphase2<Kern, KFormat::Q6_K>(a, dn, H, I, pl, experts, y, x8);
   }
 }
 
 template <class Kern>
 void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, const uint8_t* gu, const uint8_t* dn,
                             const int64_t* idp, const float* twp, int64_t E, int64_t I, int64_t k, at::Tensor& out,
-                            bool x8) {
+                            bool x8, int64_t gemm_min_rows) {
+  const auto wformat = [](KFormat f) {
+    return f == KFormat::Q4_K ? quant::WFormat::Q4_K : f == KFormat::Q5_K ? quant::WFormat::Q5_K : quant::WFormat::Q6_K;
+  };
   const int64_t N = hidden.size(0), H = hidden.size(1);
   // every token once, whatever number of experts chose it
   KActs tok(N, H);
@@ -206,12 +212,18 @@ void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, co
     parallel_for(nt * k, std::max<int64_t>(1, (1 << 16) / H), [&](int64_t a, int64_t b) {
       for (int64_t q = a; q < b; ++q) xs.copy_row(q, tok, pl.tok[q]);
     });
-    phase1_fmt<Kern>(fg, xs, gu, H, I, pl, act.data(), x8);
-    // act's rows (every pair of the chunk belongs to an active expert) -> int8 for phase 2
-    parallel_for(nt * k, std::max<int64_t>(1, (1 << 14) / I), [&](int64_t a, int64_t b) {
-      for (int64_t q = a; q < b; ++q) quant::quantize_act_k<Kern, float>(act.data() + q * I, as, q);
-    });
-    phase2_fmt<Kern>(fd, as, dn, H, I, pl, y.data(), x8);
+    std::vector<int64_t> gemm, rest;
+    quant::split_dequant_gemm(pl, gemm_min_rows, hidden.scalar_type() == at::kBFloat16, &gemm, &rest);
+    quant::experts_dequant_gemm(hidden, gu, wformat(fg), dn, wformat(fd), x8, H, I, pl, gemm, y.data());
+    if (!rest.empty()) {
+      phase1_fmt<Kern>(fg, xs, gu, H, I, pl, rest, act.data(), x8);
+      // the pass's act rows -> int8 for phase 2
+      const std::vector<int64_t> pairs = pairs_of(pl, rest);
+      parallel_for(static_cast<int64_t>(pairs.size()), std::max<int64_t>(1, (1 << 14) / I), [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i) quant::quantize_act_k<Kern, float>(act.data() + pairs[i] * I, as, pairs[i]);
+      });
+      phase2_fmt<Kern>(fd, as, dn, H, I, pl, rest, y.data(), x8);
+    }
     LFMK_DISPATCH_FLOAT(out.scalar_type(), "moe_experts_kquant", [&] {
       combine<scalar_t>(y.data(), twp, pl, n0, nt, k, H, mptr<scalar_t>(out));
     });
@@ -223,7 +235,9 @@ void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, co
 // friendlier messages; these checks guard the memory safety of a direct call.
 at::Tensor moe_experts_kquant_any(const char* op, bool x8, const at::Tensor& hidden_in, const at::Tensor& gate_up_q,
                                   const at::Tensor& down_q, c10::string_view gate_up_format, c10::string_view down_format,
-                                  int64_t E, int64_t I, const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
+                                  int64_t E, int64_t I, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                                  int64_t gemm_min_rows) {
+  TORCH_CHECK_VALUE(gemm_min_rows >= 0, op, ": dequant_gemm_min_rows must be >= 0 (0: never), got ", gemm_min_rows);
   KFormat fg{}, fd{};
   TORCH_CHECK_VALUE(quant::parse_kformat(std::string(gate_up_format), &fg),
                     op, ": gate_up_format must be 'q4_k', 'q5_k' or 'q6_k', got '", gate_up_format, "'");
@@ -266,26 +280,27 @@ at::Tensor moe_experts_kquant_any(const char* op, bool x8, const at::Tensor& hid
   const uint8_t *gp = gu.const_data_ptr<uint8_t>(), *dp = dn.const_data_ptr<uint8_t>();
   const float* twp = tw.const_data_ptr<float>();
   if (quant::active_isa() == 0)
-    moe_experts_kquant_run<quant::KKernPortable>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8);
+    moe_experts_kquant_run<quant::KKernPortable>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8, gemm_min_rows);
   else
-    moe_experts_kquant_run<quant::KKernAvx2>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8);
+    moe_experts_kquant_run<quant::KKernAvx2>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8, gemm_min_rows);
   return out;
 }
 
 at::Tensor moe_experts_kquant_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_q, const at::Tensor& down_q,
                                   c10::string_view gate_up_format, c10::string_view down_format, int64_t E, int64_t I,
-                                  const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
+                                  const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t dequant_gemm_min_rows) {
   return moe_experts_kquant_any("moe_experts_kquant", false, hidden, gate_up_q, down_q, gate_up_format, down_format, E, I,
-                                topk_ids, topk_weights);
+                                topk_ids, topk_weights, dequant_gemm_min_rows);
 }
 
 // The same, on gate_up_q / down_q in the x8 layout (any H and I the op takes: both are multiples of 256,
 // so every expert's matrices are whole groups of 8 rows).
 at::Tensor moe_experts_kquant_x8_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_q, const at::Tensor& down_q,
                                      c10::string_view gate_up_format, c10::string_view down_format, int64_t E, int64_t I,
-                                     const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
+                                     const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                                     int64_t dequant_gemm_min_rows) {
   return moe_experts_kquant_any("moe_experts_kquant_x8", true, hidden, gate_up_q, down_q, gate_up_format, down_format, E,
-                                I, topk_ids, topk_weights);
+                                I, topk_ids, topk_weights, dequant_gemm_min_rows);
 }
 
 }  // namespace
@@ -293,9 +308,9 @@ at::Tensor moe_experts_kquant_x8_cpu(const at::Tensor& hidden, const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
   m.def("moe_experts_kquant(Tensor hidden, Tensor gate_up_q, Tensor down_q, str gate_up_format, str down_format, "
-        "int num_experts, int intermediate, Tensor topk_ids, Tensor topk_weights) -> Tensor");
+        "int num_experts, int intermediate, Tensor topk_ids, Tensor topk_weights, int dequant_gemm_min_rows=0) -> Tensor");
   m.def("moe_experts_kquant_x8(Tensor hidden, Tensor gate_up_q, Tensor down_q, str gate_up_format, str down_format, "
-        "int num_experts, int intermediate, Tensor topk_ids, Tensor topk_weights) -> Tensor");
+        "int num_experts, int intermediate, Tensor topk_ids, Tensor topk_weights, int dequant_gemm_min_rows=0) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) {
   m.impl("moe_experts_kquant", &lfmk::moe_experts_kquant_cpu);

@@ -8,6 +8,11 @@
 #include "common.h"
 #include "moe_plan.h"
 #include "moe_tiles_quant.h"
+#include "quant_dequant_gemm.h"
+
+LFMK_AMX_BEGIN
+#include "quant/amx.h"
+LFMK_AMX_END
 
 namespace lfmk {
 namespace {
@@ -47,6 +52,11 @@ inline void block_sums8(const int8_t* q, int64_t nb, int32_t* s8) {
     s8[b] = 8 * s;
   }
 }
+
+// quant/amx.h's x8_groups_amx where the CPU has AMX (callers check cpu_has_amx()).
+template <quant::Format F>
+void amx_groups(int G, const uint8_t* w, int64_t gs, int64_t nb, const quant::amx::Acts& x, int64_t M, uint8_t* bs,
+                float* res, int64_t ldr);
 
 template <class Kern, quant::Format F>
 void experts_pass_quant(const int8_t* xq, const float* xd, const int32_t* xs8, const uint8_t* gu, const uint8_t* dn,
@@ -113,10 +123,12 @@ void experts_pass_quant(const int8_t* xq, const float* xd, const int32_t* xs8, c
     }
   });
 
-  // act's rows (every pair of the chunk belongs to an active expert) -> int8 blocks for phase 2
-  const int64_t P = pl.offs.back();
-  parallel_for(P, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, I)), [&](int64_t a, int64_t b) {
-    for (int64_t q = a; q < b; ++q) {
+  // the pass's act rows -> int8 blocks for phase 2
+  const std::vector<int64_t> pairs = pairs_of(pl, active);
+  parallel_for(static_cast<int64_t>(pairs.size()), std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, I)),
+               [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t q = pairs[i];
       Kern::template quantize_row<float>(act + q * I, I, aq + q * I, ad + q * nbI);
       block_sums8(aq + q * I, nbI, as8 + q * nbI);
     }
@@ -175,7 +187,7 @@ void experts_pass_quant(const int8_t* xq, const float* xd, const int32_t* xs8, c
 template <class Kern, quant::Format F>
 void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8, const uint8_t* gu, const uint8_t* dn,
                            int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& active, float* act,
-                           int8_t* aq, float* ad, int32_t* as8, float* y) {
+                           int8_t* aq, float* ad, int32_t* as8, float* y, int64_t amx_min_rows) {
   constexpr int64_t kB = quant::Traits<F>::kBytes;
   const int64_t nbH = H / quant::kBlock, nbI = I / quant::kBlock;
   const int64_t rowH = nbH * kB, rowI = nbI * kB;
@@ -184,10 +196,38 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
 
   // Phase 1: act[q, j] = silu(gate_j . x_q) * (up_j . x_q); items of 4 groups, so that a token's
   // tile streams 4 groups at once (qx8_groups)
+  // Experts with at least amx_min_rows tokens run on AMX-INT8 tiles (quant/amx.h: the same bits);
+  // the tiles read the tokens' scales transposed, and activation rows up to 16 past the last pair.
+  const int64_t P = pl.offs.back(), Ppad = P + quant::amx::kRows;
+  bool any_amx = false;
+  for (const int64_t e : active) any_amx |= amx_min_rows > 0 && pl.offs[e + 1] - pl.offs[e] >= amx_min_rows;
+  std::vector<float> dxT, adT;
+  std::vector<int32_t> sxT, saT;
+  if (any_amx) {
+    dxT.resize(nbH * Ppad);
+    sxT.resize(nbH * Ppad);
+    quant::amx::transpose_scales(xd, F == quant::Format::Q4_0 ? xs8 : nullptr, nbH, P, Ppad, nbH, dxT.data(), sxT.data());
+  }
+  const auto use_amx = [&](int64_t tokens) { return any_amx && tokens >= amx_min_rows; };
+
   for_each_work_item(pl, active, I, 2 * kUnits1, [&](const WorkItem& it) {
     const int64_t j0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
     const uint8_t* Gp = gu + it.e * 2 * I * rowH + j0 * rowH;
     const uint8_t* Up = gu + it.e * 2 * I * rowH + (I + j0) * rowH;
+    if (use_amx(me)) {
+      const quant::amx::Acts x{xq + q0 * H, H, dxT.data() + q0, sxT.data() + q0, Ppad};
+      std::vector<float> g(me * 8 * ng), u(me * 8 * ng);
+      std::vector<uint8_t> raw(quant::amx::b_scratch_bytes(nbH) + 64);
+      uint8_t* bs = raw.data() + (64 - reinterpret_cast<uintptr_t>(raw.data()) % 64) % 64;
+      for (int64_t g0 = 0; g0 < ng; g0 += 2) {
+        const int G = static_cast<int>(std::min<int64_t>(2, ng - g0));
+        amx_groups<F>(G, Gp + g0 * gsH, gsH, nbH, x, me, bs, g.data() + 8 * g0, 8 * ng);
+        amx_groups<F>(G, Up + g0 * gsH, gsH, nbH, x, me, bs, u.data() + 8 * g0, 8 * ng);
+      }
+      for (int64_t m = 0; m < me; ++m)
+        for (int64_t c = 0; c < 8 * ng; ++c) act[(q0 + m) * I + j0 + c] = silu(g[m * 8 * ng + c]) * u[m * 8 * ng + c];
+      return;
+    }
     alignas(32) float rg[kQM * kX8Res], ru[kQM * kX8Res];
     for (int64_t t = 0; t < me; t += kQM) {
       const int M = static_cast<int>(std::min<int64_t>(kQM, me - t));
@@ -205,19 +245,35 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
     }
   });
 
-  // act's rows -> int8 blocks for phase 2
-  const int64_t P = pl.offs.back();
-  parallel_for(P, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, I)), [&](int64_t a, int64_t b) {
-    for (int64_t q = a; q < b; ++q) {
+  // the pass's act rows -> int8 blocks for phase 2
+  const std::vector<int64_t> pairs = pairs_of(pl, active);
+  parallel_for(static_cast<int64_t>(pairs.size()), std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, I)),
+               [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t q = pairs[i];
       Kern::template quantize_row<float>(act + q * I, I, aq + q * I, ad + q * nbI);
       block_sums8(aq + q * I, nbI, as8 + q * nbI);
     }
   });
+  if (any_amx) {
+    adT.resize(nbI * Ppad);
+    saT.resize(nbI * Ppad);
+    quant::amx::transpose_scales(ad, F == quant::Format::Q4_0 ? as8 : nullptr, nbI, P, Ppad, nbI, adT.data(), saT.data());
+  }
 
   // Phase 2: y[q, h] = down[e, h] . act[q]
   for_each_work_item(pl, active, H, kRows2, [&](const WorkItem& it) {
     const int64_t h0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
     const uint8_t* D = dn + it.e * H * rowI + h0 * rowI;
+    if (use_amx(me)) {
+      const quant::amx::Acts a{aq + q0 * I, I, adT.data() + q0, saT.data() + q0, Ppad};
+      std::vector<uint8_t> raw(quant::amx::b_scratch_bytes(nbI) + 64);
+      uint8_t* bs = raw.data() + (64 - reinterpret_cast<uintptr_t>(raw.data()) % 64) % 64;
+      for (int64_t g0 = 0; g0 < ng; g0 += 2)
+        amx_groups<F>(static_cast<int>(std::min<int64_t>(2, ng - g0)), D + g0 * gsI, gsI, nbI, a, me, bs,
+                      y + q0 * H + h0 + 8 * g0, H);
+      return;
+    }
     alignas(32) float res[kQM * kX8Res];
     for (int64_t t = 0; t < me; t += kQM) {
       const int M = static_cast<int>(std::min<int64_t>(kQM, me - t));
@@ -236,7 +292,9 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
 
 template <class Kern, quant::Format F>
 void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const uint8_t* dn, const int64_t* idp,
-                           const float* twp, int64_t E, int64_t I, int64_t k, bool x8, at::Tensor& out) {
+                           const float* twp, int64_t E, int64_t I, int64_t k, bool x8, int64_t gemm_min_rows,
+                           int64_t amx_min_rows, at::Tensor& out) {
+  constexpr quant::WFormat wf = F == quant::Format::Q8_0 ? quant::WFormat::Q8_0 : quant::WFormat::Q4_0;
   const int64_t N = hidden.size(0), H = hidden.size(1);
   const int64_t nbH = H / quant::kBlock, nbI = I / quant::kBlock;
   // every token once, whatever number of experts chose it
@@ -254,7 +312,8 @@ void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const ui
   });
   const int64_t chunk = std::max<int64_t>(1, kMaxPairs / k);
   const int64_t pmax = std::min(N, chunk) * k;
-  std::vector<int8_t> xq(pmax * H), aq(pmax * I);
+  // 16 rows past the last pair: the AMX tiles read activation rows in 16s
+  std::vector<int8_t> xq((pmax + quant::amx::kRows) * H), aq((pmax + quant::amx::kRows) * I);
   std::vector<float> xd(pmax * nbH), ad(pmax * nbI), act(pmax * I), y(pmax * H);
   std::vector<int32_t> xs8(pmax * nbH), as8(pmax * nbI);
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
@@ -267,12 +326,18 @@ void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const ui
         std::memcpy(xs8.data() + q * nbH, xs8_tok.data() + pl.tok[q] * nbH, nbH * sizeof(int32_t));
       }
     });
-    if (x8)
-      experts_pass_quant_x8<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, pl.active, act.data(),
-                                     aq.data(), ad.data(), as8.data(), y.data());
-    else
-      experts_pass_quant<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, pl.active, act.data(),
+    std::vector<int64_t> gemm, rest;
+    quant::split_dequant_gemm(pl, gemm_min_rows, hidden.scalar_type() == at::kBFloat16, &gemm, &rest);
+    quant::experts_dequant_gemm(hidden, gu, wf, dn, wf, x8, H, I, pl, gemm, y.data());
+    if (rest.empty()) {
+      // every expert took the GEMM route
+    } else if (x8) {
+      experts_pass_quant_x8<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, rest, act.data(),
+                                     aq.data(), ad.data(), as8.data(), y.data(), amx_min_rows);
+    } else {
+      experts_pass_quant<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, rest, act.data(),
                                   aq.data(), ad.data(), as8.data(), y.data());
+    }
     LFMK_DISPATCH_FLOAT(out.scalar_type(), "moe_experts_quant", [&] {
       combine<scalar_t>(y.data(), twp, pl, n0, nt, k, H, mptr<scalar_t>(out));
     });
@@ -282,11 +347,13 @@ void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const ui
 template <class Kern>
 void moe_experts_quant_isa(quant::Format f, const at::Tensor& hidden, const uint8_t* gu, const uint8_t* dn,
                            const int64_t* idp, const float* twp, int64_t E, int64_t I, int64_t k, bool x8,
-                           at::Tensor& out) {
+                           int64_t gemm_min_rows, int64_t amx_min_rows, at::Tensor& out) {
   if (f == quant::Format::Q8_0)
-    moe_experts_quant_run<Kern, quant::Format::Q8_0>(hidden, gu, dn, idp, twp, E, I, k, x8, out);
+    moe_experts_quant_run<Kern, quant::Format::Q8_0>(hidden, gu, dn, idp, twp, E, I, k, x8, gemm_min_rows, amx_min_rows,
+                                                     out);
   else
-    moe_experts_quant_run<Kern, quant::Format::Q4_0>(hidden, gu, dn, idp, twp, E, I, k, x8, out);
+    moe_experts_quant_run<Kern, quant::Format::Q4_0>(hidden, gu, dn, idp, twp, E, I, k, x8, gemm_min_rows, amx_min_rows,
+                                                     out);
 }
 
 // gate_up_q: [E, 2I, H] and down_q: [E, H, I] in `format` blocks (raw bytes, any uint8 shape with the
@@ -295,7 +362,13 @@ void moe_experts_quant_isa(quant::Format f, const at::Tensor& hidden, const uint
 // x8: the weights are in the x8 layout (quant/x8.h; the same byte counts).
 at::Tensor moe_experts_quant_any(const at::Tensor& hidden_in, const at::Tensor& gate_up_q, const at::Tensor& down_q,
                                  c10::string_view format, int64_t E, int64_t I, const at::Tensor& topk_ids,
-                                 const at::Tensor& topk_weights, bool x8) {
+                                 const at::Tensor& topk_weights, bool x8, int64_t gemm_min_rows,
+                                 int64_t amx_min_rows) {
+  TORCH_CHECK_VALUE(gemm_min_rows >= 0, "moe_experts_quant: dequant_gemm_min_rows must be >= 0 (0: never), got ",
+                    gemm_min_rows);
+  TORCH_CHECK_VALUE(amx_min_rows >= 0, "moe_experts_quant: amx_min_rows must be >= 0 (0: never), got ", amx_min_rows);
+  // the AMX tiles stand in for the active path's integer tiles (x8 layout; not on the forced portable path)
+  const int64_t amx = x8 && cpu_has_amx() && quant::active_isa() > 0 ? amx_min_rows : 0;
   quant::Format f;
   if (format == "q8_0") {
     f = quant::Format::Q8_0;
@@ -339,34 +412,53 @@ at::Tensor moe_experts_quant_any(const at::Tensor& hidden_in, const at::Tensor& 
   const uint8_t *gp = gu.const_data_ptr<uint8_t>(), *dp = dn.const_data_ptr<uint8_t>();
   const float* twp = tw.const_data_ptr<float>();
   switch (quant::active_isa()) {
-    case 3: moe_experts_quant_isa<QTilesAvx512Vnni>(f, hidden, gp, dp, idp, twp, E, I, k, x8, out); break;
-    case 2: moe_experts_quant_isa<QTilesAvxVnni>(f, hidden, gp, dp, idp, twp, E, I, k, x8, out); break;
-    case 1: moe_experts_quant_isa<QTilesAvx2>(f, hidden, gp, dp, idp, twp, E, I, k, x8, out); break;
-    default: moe_experts_quant_isa<QTilesPortable>(f, hidden, gp, dp, idp, twp, E, I, k, x8, out); break;
+    case 3: moe_experts_quant_isa<QTilesAvx512Vnni>(f, hidden, gp, dp, idp, twp, E, I, k, x8, gemm_min_rows, amx, out); break;
+    case 2: moe_experts_quant_isa<QTilesAvxVnni>(f, hidden, gp, dp, idp, twp, E, I, k, x8, gemm_min_rows, amx, out); break;
+    case 1: moe_experts_quant_isa<QTilesAvx2>(f, hidden, gp, dp, idp, twp, E, I, k, x8, gemm_min_rows, amx, out); break;
+    default: moe_experts_quant_isa<QTilesPortable>(f, hidden, gp, dp, idp, twp, E, I, k, x8, gemm_min_rows, amx, out); break;
   }
   return out;
 }
 
 at::Tensor moe_experts_quant_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_q, const at::Tensor& down_q,
                                  c10::string_view format, int64_t E, int64_t I, const at::Tensor& topk_ids,
-                                 const at::Tensor& topk_weights) {
-  return moe_experts_quant_any(hidden, gate_up_q, down_q, format, E, I, topk_ids, topk_weights, false);
+                                 const at::Tensor& topk_weights, int64_t dequant_gemm_min_rows, int64_t amx_min_rows) {
+  return moe_experts_quant_any(hidden, gate_up_q, down_q, format, E, I, topk_ids, topk_weights, false,
+                               dequant_gemm_min_rows, amx_min_rows);
 }
 
 at::Tensor moe_experts_quant_x8_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_q, const at::Tensor& down_q,
                                     c10::string_view format, int64_t E, int64_t I, const at::Tensor& topk_ids,
-                                    const at::Tensor& topk_weights) {
-  return moe_experts_quant_any(hidden, gate_up_q, down_q, format, E, I, topk_ids, topk_weights, true);
+                                    const at::Tensor& topk_weights, int64_t dequant_gemm_min_rows,
+                                    int64_t amx_min_rows) {
+  return moe_experts_quant_any(hidden, gate_up_q, down_q, format, E, I, topk_ids, topk_weights, true,
+                               dequant_gemm_min_rows, amx_min_rows);
 }
 
 }  // namespace
 }  // namespace lfmk
 
+LFMK_AMX_BEGIN
+namespace lfmk {
+namespace {
+template <quant::Format F>
+void amx_groups(int G, const uint8_t* w, int64_t gs, int64_t nb, const quant::amx::Acts& x, int64_t M, uint8_t* bs,
+                float* res, int64_t ldr) {
+  quant::amx::x8_groups_amx<F>(G, w, gs, nb, x, M, bs, res, ldr);
+}
+template void amx_groups<quant::Format::Q8_0>(int, const uint8_t*, int64_t, int64_t, const quant::amx::Acts&, int64_t,
+                                              uint8_t*, float*, int64_t);
+template void amx_groups<quant::Format::Q4_0>(int, const uint8_t*, int64_t, int64_t, const quant::amx::Acts&, int64_t,
+                                              uint8_t*, float*, int64_t);
+}  // namespace
+}  // namespace lfmk
+LFMK_AMX_END
+
 TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
   m.def("moe_experts_quant(Tensor hidden, Tensor gate_up_q, Tensor down_q, str format, int num_experts, "
-        "int intermediate, Tensor topk_ids, Tensor topk_weights) -> Tensor");
+        "int intermediate, Tensor topk_ids, Tensor topk_weights, int dequant_gemm_min_rows=0, int amx_min_rows=0) -> Tensor");
   m.def("moe_experts_quant_x8(Tensor hidden, Tensor gate_up_q, Tensor down_q, str format, int num_experts, "
-        "int intermediate, Tensor topk_ids, Tensor topk_weights) -> Tensor");
+        "int intermediate, Tensor topk_ids, Tensor topk_weights, int dequant_gemm_min_rows=0, int amx_min_rows=0) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) {
   m.impl("moe_experts_quant", &lfmk::moe_experts_quant_cpu);

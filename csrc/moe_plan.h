@@ -42,6 +42,15 @@ struct Plan {
   std::vector<int64_t> active;  // experts with at least one pair, ascending
 };
 
+// The sorted pair positions of the experts in `experts` (all of pl's pairs when it is pl.active).
+inline std::vector<int64_t> pairs_of(const Plan& pl, const std::vector<int64_t>& experts) {
+  std::vector<int64_t> out;
+  out.reserve(pl.offs.back());
+  for (const int64_t e : experts)
+    for (int64_t q = pl.offs[e]; q < pl.offs[e + 1]; ++q) out.push_back(q);
+  return out;
+}
+
 inline Plan make_plan(const int64_t* ids, int64_t n0, int64_t nt, int64_t k, int64_t E) {
   Plan pl;
   const int64_t P = nt * k;

@@ -108,6 +108,30 @@ class KernelPolicy:
     # no row count reaches); the chooser measures it at 4, 16 and 64 rows. A 2-core Xeon (AVX-512), 2
     # threads: torch 1.4-1.6x faster from 128 rows (in_proj 6144 x 2048 at 512 rows: 42 vs 64 ms).
     linear_fp32_torch_min_rows: int = 1 << 30
+    # Quantized weights (GGUF blocks) on CPUs with usable AMX. Two routes leave our integer-dot
+    # kernels (AVX2 / VNNI) for many rows, both counted in rows of the call (`linear`) or tokens per
+    # expert (`moe_experts` / `moe`):
+    #   * AMX-INT8 tiles (Q8_0 / Q4_0 in the x8 layout, any x dtype): the same integer dots and the
+    #     same bits as the integer kernels, from `*_quant_amx_min_rows` on;
+    #   * bf16 GEMM (bf16 x, any format): the weight dequantized to bf16 panel by panel and multiplied
+    #     by oneDNN on AMX-BF16 tiles (a bf16 model's numerics on the dequantized weights), from
+    #     `*_quant_gemm_min_rows` (Q8_0 / Q4_0) or `*_kquant_gemm_min_rows` (Q4_K / Q5_K / Q6_K) on;
+    #     where both apply, this one wins.
+    # A 2-core Xeon with AMX, 2 threads (ms; integer kernels / AMX-INT8 / bf16 GEMM route; bf16 weights):
+    #   linear 6144 x 2048, Q8_0:  16 rows 1.4 / 0.74 / 1.6 (0.85); 128 rows 10.1 / 2.9 / 3.2 (1.8);
+    #                              512 rows 41 / 10.3 / 7.3 (5.5); Q4_0 the same within 20%
+    #   linear 6144 x 2048, Q4_K:  16 rows 2.5 / - / 1.9; 64 rows 5.8 / - / 4.5
+    #   experts, 32 of H 2048, I 1792, 4 of 32 per token, N tokens (16 per expert at N = 128):
+    #     N 128: Q8_0 47 / 34 / 56, Q4_0 29 / 31 / 50, Q4_K + Q6_K 63 / - / 64 (bf16 36)
+    #     N 512: Q8_0 174 / 86 / 83, Q4_0 103 / 78 / 73, Q4_K + Q6_K 228 / - / 94 (bf16 60)
+    # Without AMX neither route is taken (oneDNN's bf16 GEMM would run on AVX512-BF16 at a fraction of
+    # the rate); the chooser does not time them yet.
+    linear_quant_amx_min_rows: int = 16
+    linear_quant_gemm_min_rows: int = 256
+    linear_kquant_gemm_min_rows: int = 16
+    moe_quant_amx_min_rows: int = 16
+    moe_quant_gemm_min_rows: int = 64
+    moe_kquant_gemm_min_rows: int = 32
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -167,6 +191,25 @@ def _policy_for_moe(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj:
     if _fixed is not None:
         return _fixed
     return _measured().for_moe(hidden, gate_up_proj, down_proj)
+
+
+@torch.compiler.assume_constant_result
+def _amx_usable() -> bool:
+    # a constant of the process: torch.compile folds it instead of tracing into the extension
+    return bool(_backend.cpu_extension_available() and _backend.cpu_has_amx())
+
+
+def quant_routes(op: str, x: torch.Tensor, kquant: bool) -> tuple[int, int]:
+    """(bf16 GEMM route from, AMX-INT8 tiles from) in rows ("linear") or tokens per expert ("moe") for
+    quantized weights (K-quants: kquant) and this x; 0: never (no AMX, `kernel_only`, x not on the CPU,
+    no extension; the GEMM route also needs bf16 x, the AMX tiles Q8_0 / Q4_0)."""
+    policy = get_policy()
+    if policy.kernel_only or x.device.type != "cpu" or not _amx_usable():
+        return 0, 0
+    p = "linear" if op == "linear" else "moe"
+    gemm = getattr(policy, f"{p}_{'kquant' if kquant else 'quant'}_gemm_min_rows") if x.dtype == torch.bfloat16 else 0
+    amx = 0 if kquant else getattr(policy, f"{p}_quant_amx_min_rows")
+    return gemm, amx
 
 
 def set_policy(policy: KernelPolicy | None = None, **changes) -> KernelPolicy:

@@ -169,9 +169,24 @@ class QuantizedTensor:
         return torch.cat([scales, quants.reshape(n, nb, 4 * v)], dim=2).reshape(n, nb * bb)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight the blocks stand for, in `dtype` (values exact in float32)."""
+        """The float weight the blocks stand for, in `dtype` (values exact in float32; bfloat16 is the
+        float32 value rounded to nearest even)."""
+        from . import _backend
+
+        if (self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "quant_dequantize")):
+            n, k = self.shape[-2], self.shape[-1]
+            mats = 1
+            for e in self.shape[:-2]:
+                mats *= e
+            out = torch.ops.lfm_kernels_cpu.quant_dequantize(self.data, self.format, self.layout, mats, n, k, dtype)
+            return out.reshape(self.shape)
+        return self._dequantize_torch(dtype)
+
+    def _dequantize_torch(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """dequantize in torch operations: the reference for the C++ op (and the path without it)."""
         if self.layout != "rows":
-            return self.to_layout("rows").dequantize(dtype)
+            return self.to_layout("rows")._dequantize_torch(dtype)
         if self.format in _K_FORMATS:
             return _dequantize_k(self.data.reshape(-1, _BLOCK_BYTES[self.format]), self.format).reshape(self.shape).to(dtype)
         blocks = self.data.reshape(-1, _BLOCK_BYTES[self.format])
@@ -521,12 +536,15 @@ def _(x, qweight, format, n, k, bias):
     return x.new_empty(x.shape[0], n)
 
 
-def _linear_quant_x8_impl(x: torch.Tensor, qweight: torch.Tensor, format: str, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear_quant_x8_impl(x: torch.Tensor, qweight: torch.Tensor, format: str, n: int, k: int, bias: torch.Tensor | None,
+                          amx_min_rows: int = 0) -> torch.Tensor:
     from . import _backend
 
     name = "linear_kquant_x8" if format in _K_FORMATS else "linear_quant_x8"
     if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
-        return getattr(torch.ops.lfm_kernels_cpu, name)(x, qweight, format, n, k, bias)
+        if format in _K_FORMATS:
+            return torch.ops.lfm_kernels_cpu.linear_kquant_x8(x, qweight, format, n, k, bias)
+        return torch.ops.lfm_kernels_cpu.linear_quant_x8(x, qweight, format, n, k, bias, amx_min_rows)
     qt = QuantizedTensor(qweight.reshape(n, -1), format, (n, k), "x8")
     return _linear_reference(x, qt, bias).to(x.dtype)
 
@@ -535,7 +553,7 @@ _linear_quant_x8_op = torch.library.custom_op("lfm_kernels::linear_quant_x8", _l
 
 
 @_linear_quant_x8_op.register_fake
-def _(x, qweight, format, n, k, bias):
+def _(x, qweight, format, n, k, bias, amx_min_rows=0):
     return x.new_empty(x.shape[0], n)
 
 
@@ -559,7 +577,7 @@ def _register_cpp_fakes() -> None:
     if hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_x8"):
 
         @torch.library.register_fake("lfm_kernels_cpu::linear_quant_x8")
-        def _(x, qweight, format, n, k, bias):
+        def _(x, qweight, format, n, k, bias, amx_min_rows=0):
             return x.new_empty(x.shape[0], n)
 
     if hasattr(torch.ops.lfm_kernels_cpu, "linear_kquant_x8"):
@@ -567,6 +585,16 @@ def _register_cpp_fakes() -> None:
         @torch.library.register_fake("lfm_kernels_cpu::linear_kquant_x8")
         def _(x, qweight, format, n, k, bias):
             return x.new_empty(x.shape[0], n)
+
+    if hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_dequant_gemm"):
+
+        @torch.library.register_fake("lfm_kernels_cpu::linear_quant_dequant_gemm")
+        def _(x, qweight, format, layout, n, k, bias):
+            return x.new_empty(x.shape[0], n)
+
+        @torch.library.register_fake("lfm_kernels_cpu::quant_dequantize")
+        def _(data, format, layout, mats, n, k, dtype):
+            return data.new_empty(mats, n, k, dtype=dtype)
 
     @torch.library.register_fake("lfm_kernels_cpu::quantize_activations")
     def _(x):
@@ -579,7 +607,7 @@ _register_cpp_fakes()
 def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """lfm_kernels.linear with a QuantizedTensor weight [N, K]: x [..., K] float32 / bfloat16 / float16
     -> [..., N] in x's dtype. CPU only."""
-    from . import _backend
+    from . import _backend, _policy
     from .ops._checks import FLOAT_DTYPES, check_tensor
 
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
@@ -604,6 +632,13 @@ def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     eager = _backend.eager_cpu_fast_path(x2)
+    gemm_rows, amx_rows = _policy.quant_routes("linear", x2, qweight.format in _K_FORMATS)
+    if gemm_rows and x2.shape[0] >= gemm_rows and hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_dequant_gemm"):
+        return torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm(
+            x2, qweight.data, qweight.format, qweight.layout, n, k, bias).reshape(*lead, n)
+    if qweight.layout == "x8" and qweight.format not in _K_FORMATS:
+        op = _linear_quant_x8_impl if eager else _linear_quant_x8_op
+        return op(x2, qweight.data, qweight.format, n, k, bias, amx_rows).reshape(*lead, n)
     if qweight.layout == "x8":
         op = _linear_quant_x8_impl if eager else _linear_quant_x8_op
     else:

@@ -271,7 +271,8 @@ def moe(
 # Experts on quantized weights (GGUF Q8_0 / Q4_0 blocks; csrc/moe_experts.cpp's quantized pass).
 
 
-def _run_quant_experts(layout, hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+def _run_quant_experts(layout, hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights,
+                       dequant_gemm_min_rows=0, amx_min_rows=0):
     """The C++ op for this weight layout ("rows": moe_experts_quant, "x8": moe_experts_quant_x8), or without
     the compiled extension the float64 reference (after the one warning) on the weights in rows."""
     if hidden.device.type != "cpu":
@@ -281,7 +282,8 @@ def _run_quant_experts(layout, hidden, gate_up_q, down_q, format, num_experts, i
     name = "moe_experts_quant" if layout == "rows" else "moe_experts_quant_x8"
     if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
         return getattr(torch.ops.lfm_kernels_cpu, name)(
-            hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights
+            hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows,
+            amx_min_rows
         )
     h = hidden.shape[1]
     gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), format,
@@ -300,9 +302,11 @@ def _moe_experts_quant_impl(
     intermediate: int,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
+    dequant_gemm_min_rows: int = 0,
+    amx_min_rows: int = 0,
 ) -> torch.Tensor:
     return _run_quant_experts("rows", hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids,
-                              topk_weights)
+                              topk_weights, dequant_gemm_min_rows, amx_min_rows)
 
 
 _moe_experts_quant_op = torch.library.custom_op(
@@ -311,7 +315,8 @@ _moe_experts_quant_op = torch.library.custom_op(
 
 
 @_moe_experts_quant_op.register_fake
-def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows=0,
+      amx_min_rows=0):
     return hidden.new_empty(hidden.shape).contiguous()
 
 
@@ -324,10 +329,12 @@ def _moe_experts_quant_x8_impl(
     intermediate: int,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
+    dequant_gemm_min_rows: int = 0,
+    amx_min_rows: int = 0,
 ) -> torch.Tensor:
     """As _moe_experts_quant_impl, on weights in the x8 layout (lfm_kernels/quant.py)."""
     return _run_quant_experts("x8", hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids,
-                              topk_weights)
+                              topk_weights, dequant_gemm_min_rows, amx_min_rows)
 
 
 _moe_experts_quant_x8_op = torch.library.custom_op(
@@ -336,7 +343,8 @@ _moe_experts_quant_x8_op = torch.library.custom_op(
 
 
 @_moe_experts_quant_x8_op.register_fake
-def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows=0,
+      amx_min_rows=0):
     return hidden.new_empty(hidden.shape).contiguous()
 
 
@@ -346,13 +354,15 @@ def _register_quant_cpp_fake() -> None:
         return  # no extension, or one built before this op existed
 
     @torch.library.register_fake("lfm_kernels_cpu::moe_experts_quant")
-    def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+    def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows=0,
+      amx_min_rows=0):
         return hidden.new_empty(hidden.shape).contiguous()
 
     if hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant_x8"):
 
         @torch.library.register_fake("lfm_kernels_cpu::moe_experts_quant_x8")
-        def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights):
+        def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows=0,
+      amx_min_rows=0):
             return hidden.new_empty(hidden.shape).contiguous()
 
 
@@ -392,7 +402,7 @@ def _moe_experts_kquant_reference(hidden, gate_up_proj, down_proj, topk_ids, top
 
 
 def _run_kquant_experts(layout, hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate,
-                        topk_ids, topk_weights):
+                        topk_ids, topk_weights, dequant_gemm_min_rows=0):
     """The C++ op for this weight layout ("rows": moe_experts_kquant, "x8": moe_experts_kquant_x8), or without
     the extension the float64 reference (after the one warning)."""
     if hidden.device.type != "cpu":
@@ -402,7 +412,8 @@ def _run_kquant_experts(layout, hidden, gate_up_q, down_q, gate_up_format, down_
     name = "moe_experts_kquant" if layout == "rows" else "moe_experts_kquant_x8"
     if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
         return getattr(torch.ops.lfm_kernels_cpu, name)(
-            hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights
+            hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights,
+            dequant_gemm_min_rows
         )
     h = hidden.shape[1]
     gu = QuantizedTensor(gate_up_q.reshape(num_experts, 2 * intermediate, -1), gate_up_format,
@@ -421,9 +432,10 @@ def _moe_experts_kquant_impl(
     intermediate: int,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
+    dequant_gemm_min_rows: int = 0,
 ) -> torch.Tensor:
     return _run_kquant_experts("rows", hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts,
-                               intermediate, topk_ids, topk_weights)
+                               intermediate, topk_ids, topk_weights, dequant_gemm_min_rows)
 
 
 def _moe_experts_kquant_x8_impl(
@@ -436,10 +448,11 @@ def _moe_experts_kquant_x8_impl(
     intermediate: int,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
+    dequant_gemm_min_rows: int = 0,
 ) -> torch.Tensor:
     """As _moe_experts_kquant_impl, on weights in the x8 layout (lfm_kernels/quant.py)."""
     return _run_kquant_experts("x8", hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts,
-                               intermediate, topk_ids, topk_weights)
+                               intermediate, topk_ids, topk_weights, dequant_gemm_min_rows)
 
 
 _moe_experts_kquant_x8_op = torch.library.custom_op(
@@ -448,7 +461,8 @@ _moe_experts_kquant_x8_op = torch.library.custom_op(
 
 
 @_moe_experts_kquant_x8_op.register_fake
-def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights):
+def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights,
+      dequant_gemm_min_rows=0):
     return hidden.new_empty(hidden.shape).contiguous()
 
 
@@ -458,7 +472,8 @@ _moe_experts_kquant_op = torch.library.custom_op(
 
 
 @_moe_experts_kquant_op.register_fake
-def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights):
+def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights,
+      dequant_gemm_min_rows=0):
     return hidden.new_empty(hidden.shape).contiguous()
 
 
@@ -468,14 +483,15 @@ def _register_kquant_cpp_fake() -> None:
         return
 
     @torch.library.register_fake("lfm_kernels_cpu::moe_experts_kquant")
-    def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights):
+    def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights,
+      dequant_gemm_min_rows=0):
         return hidden.new_empty(hidden.shape).contiguous()
 
     if hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_kquant_x8"):
 
         @torch.library.register_fake("lfm_kernels_cpu::moe_experts_kquant_x8")
         def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids,
-              topk_weights):
+              topk_weights, dequant_gemm_min_rows=0):
             return hidden.new_empty(hidden.shape).contiguous()
 
 
@@ -549,6 +565,7 @@ def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
 
 
 def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+    gemm_rows, amx_rows = _policy.quant_routes("moe", hidden, gate_up_proj.format in _K_FORMATS)
     data_gu, data_dn = gate_up_proj.data, down_proj.data
     if not data_gu.is_contiguous():
         data_gu = data_gu.contiguous()
@@ -561,7 +578,7 @@ def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
         else:
             kop = _moe_experts_kquant_impl if eager else _moe_experts_kquant_op
         return kop(hidden, data_gu, data_dn, gate_up_proj.format, down_proj.format, gate_up_proj.shape[0],
-                   gate_up_proj.shape[1] // 2, topk_ids, topk_weights)
+                   gate_up_proj.shape[1] // 2, topk_ids, topk_weights, gemm_rows)
     eager = _backend.eager_cpu_fast_path(hidden)
     if gate_up_proj.layout == "x8":
         op = _moe_experts_quant_x8_impl if eager else _moe_experts_quant_x8_op
@@ -576,6 +593,8 @@ def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
         gate_up_proj.shape[1] // 2,
         topk_ids,
         topk_weights,
+        gemm_rows,
+        amx_rows,
     )
 
 
