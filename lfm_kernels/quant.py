@@ -604,6 +604,21 @@ def _register_cpp_fakes() -> None:
 _register_cpp_fakes()
 
 
+def _linear_route(x: torch.Tensor, qweight: QuantizedTensor) -> str:
+    """The code a CPU call on these inputs runs now (x [M, K]), for the bench: "bf16-gemm" (dequantized
+    bf16 panels through oneDNN), "amx-int8" (AMX tiles on the x8 layout), or the integer-dot kernels
+    on the weight's layout, "x8" / "rows"."""
+    from . import _policy
+
+    gemm_rows, amx_rows = _policy.quant_routes("linear", x, qweight.format in _K_FORMATS)
+    m = x.shape[0]
+    if gemm_rows and m >= gemm_rows:
+        return "bf16-gemm"
+    if amx_rows and m >= amx_rows and qweight.layout == "x8":
+        return "amx-int8"
+    return qweight.layout
+
+
 def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """lfm_kernels.linear with a QuantizedTensor weight [N, K]: x [..., K] float32 / bfloat16 / float16
     -> [..., N] in x's dtype. CPU only."""

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from .. import _backend
 from ..ops import linear as linear_mod
 from ..ops.linear import linear
+from .. import quant as _quant
+from .._policy import kernel_policy
 from ..quant import _BLOCK_BYTES, QK_K, QuantizedTensor, quantize
 from .core import QUANT_CHECK_TOL, Case
 
@@ -133,11 +135,22 @@ def _random_kquant(shape: tuple, fmt: str, seed: int = 0) -> QuantizedTensor:
     return QuantizedTensor(data.reshape(*lead, nb * _BLOCK_BYTES[fmt]), fmt, tuple(shape))
 
 
+def _quant_paths() -> dict:
+    """The quantized runner-ups: the integer-dot kernels on x8 (what the AMX / bf16 GEMM routes
+    replace for many rows; kernel_only keeps them) and on GGUF's rows layout."""
+    def integer(i):
+        with kernel_policy(kernel_only=True):
+            return linear(i["x"], i["qweight"])
+
+    return {"x8": integer, "rows": lambda i: linear(i["x"], i["qweight_rows"])}
+
+
 def _quantized_cases(shapes, rows) -> list[Case]:
     """The same shapes with GGUF Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K weights (bytes_moved counts the
     quantized blocks, so GB/s against the bandwidth floor stays honest). The kernel runs on the x8
-    layout the model wrapper and the patch store (`QuantizedTensor.to_layout("x8")`), the path column
-    names the other layout, GGUF's rows, as the runner-up. Baseline "linear_bf16": our bf16 `linear`
+    layout the model wrapper and the patch store (`QuantizedTensor.to_layout("x8")`); the path column
+    names the route it took (integer-dot "x8", "amx-int8" or "bf16-gemm", see `_linear_route`) and the
+    runner-up among the integer kernels on x8 and on GGUF's rows layout. Baseline "linear_bf16": our bf16 `linear`
     on the dequantized weight (the check, and the A/B against bf16 on the same shape)."""
     out = []
     for fmt in ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k"):
@@ -168,8 +181,8 @@ def _quantized_cases(shapes, rows) -> list[Case]:
                         flops=2 * m * n * k,
                         compute_bound=m > 1,
                         backend=_quant_backend(),
-                        path=lambda i: "x8",
-                        paths={"rows": lambda i: linear(i["x"], i["qweight_rows"])},
+                        path=lambda i: _quant._linear_route(i["x"], i["qweight"]),
+                        paths=_quant_paths(),
                         check_tol=QUANT_CHECK_TOL,
                     )
                 )

@@ -229,6 +229,13 @@ def _quant_backend() -> str:
     return torch.ops.lfm_kernels_cpu._quant_isa_info()[0]
 
 
+def _integer_experts(i: dict):
+    """The quantized experts on the integer-dot kernels only (what the AMX / bf16 GEMM routes replace
+    for experts with many tokens; kernel_only keeps them): the runner-up."""
+    with moe_ops._policy.kernel_policy(kernel_only=True):
+        return moe_experts(i["hidden"], i["q_gate_up"], i["q_down"], i["ids"], i["weights"])
+
+
 def _quantized_cases(sizes) -> list[Case]:
     """The experts with Q8_0 / Q4_0 / K-quant (Q4_K, and Q4_K_M's Q4_K gate_up with Q6_K down) weights
     and bf16 tokens. bytes_moved counts the quantized blocks
@@ -276,6 +283,8 @@ def _quantized_cases(sizes) -> list[Case]:
                     flops=n * TOP_K * 6 * HIDDEN * INTER,
                     compute_bound=n >= 128,
                     backend=_quant_backend(),
+                    path=lambda i: moe_ops._quant_routes_used(i["hidden"], i["q_gate_up"], i["ids"]),
+                    paths={"x8": _integer_experts},
                     check_tol=QUANT_CHECK_TOL,
                 )
             )

@@ -598,6 +598,25 @@ def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
     )
 
 
+def _quant_routes_used(hidden, gate_up_proj, topk_ids) -> str:
+    """The routes the experts of a quantized call take now, for the bench: "bf16-gemm", "amx-int8"
+    and the integer-dot kernels ("x8" / "rows", the weights' layout), joined by "+" (fewest tokens
+    last)."""
+    gemm_rows, amx_rows = _policy.quant_routes("moe", hidden, gate_up_proj.format in _K_FORMATS)
+    counts = torch.bincount(topk_ids.flatten().cpu(), minlength=gate_up_proj.shape[0]).tolist()
+    used = set()
+    for n in counts:
+        if n == 0:
+            continue
+        if gemm_rows and n >= gemm_rows:
+            used.add("bf16-gemm")
+        elif amx_rows and n >= amx_rows and gate_up_proj.layout == "x8":
+            used.add("amx-int8")
+        else:
+            used.add(gate_up_proj.layout)
+    return "+".join(r for r in ("bf16-gemm", "amx-int8", "x8", "rows") if r in used)
+
+
 def _moe_experts_quantized(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
     """`moe_experts` on QuantizedTensor weights [E, 2I, H] / [E, H, I] (Q8_0 or Q4_0, the same for both;
     or Q4_K / Q5_K / Q6_K, each its own, with 256-blocks for the activations instead of 32-blocks).
