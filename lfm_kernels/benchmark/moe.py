@@ -191,7 +191,8 @@ _qweights: dict = {}  # one format's quantized experts and their bf16 dequantiza
 
 
 def _quantized_expert_weights(fmt: str):
-    """fmt: one format for both weights ("q8_0"), or "gate_up/down" ("q4_k/q6_k": Q4_K_M's mix)."""
+    """fmt: one format for both weights ("q8_0"), or "gate_up/down" ("q4_k/q6_k": Q4_K_M's mix). The
+    quantized experts come in the x8 layout, as the model wrapper and the patch store them."""
     if fmt not in _qweights:
         from ..quant import quantize
         from .linear import _random_kquant
@@ -205,7 +206,7 @@ def _quantized_expert_weights(fmt: str):
                                    for e in range(EXPERTS)])
             down = torch.stack([QuantizedTensor(q_down.data[e], fd, (HIDDEN, INTER)).dequantize(torch.bfloat16)
                                 for e in range(EXPERTS)])
-            _qweights[fmt] = (q_gate_up, q_down, gate_up, down)
+            _qweights[fmt] = (q_gate_up.to_layout("x8"), q_down.to_layout("x8"), gate_up, down)
             return _qweights[fmt]
         gate_up = torch.empty(EXPERTS, 2 * INTER, HIDDEN, dtype=torch.bfloat16)
         down = torch.empty(EXPERTS, HIDDEN, INTER, dtype=torch.bfloat16)
@@ -219,7 +220,7 @@ def _quantized_expert_weights(fmt: str):
             dn_blocks.append(d.data)
         q_gate_up = QuantizedTensor(torch.stack(gu_blocks), fmt, (EXPERTS, 2 * INTER, HIDDEN))
         q_down = QuantizedTensor(torch.stack(dn_blocks), fmt, (EXPERTS, HIDDEN, INTER))
-        _qweights[fmt] = (q_gate_up, q_down, gate_up, down)
+        _qweights[fmt] = (q_gate_up.to_layout("x8"), q_down.to_layout("x8"), gate_up, down)
     return _qweights[fmt]
 
 
