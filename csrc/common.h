@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <immintrin.h>
 
 #if defined(__clang__)
@@ -151,6 +152,26 @@ inline void parallel_workers(int64_t ntasks, const W& worker) {
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) worker(queue);
   });
+}
+
+// Scratch of n elements of T that stays allocated for the calling thread between calls (slot: one
+// buffer per use in a call). A prefill's MoE pass needs tens of MB of it; a fresh allocation would
+// page-fault those in on every call (and std::vector would zero them), about a tenth of a 512-token
+// experts call. The contents are left as they are: callers write before they read.
+template <typename T>
+inline T* thread_scratch(int slot, size_t n) {
+  constexpr int kSlots = 8;
+  struct Buf {
+    std::unique_ptr<T[]> p;
+    size_t n = 0;
+  };
+  thread_local Buf bufs[kSlots];
+  Buf& b = bufs[slot];
+  if (b.n < n) {
+    b.p.reset(new T[n]);
+    b.n = n;
+  }
+  return b.p.get();
 }
 
 // body(i) for every i in [0, n), items claimed one at a time (see parallel_workers).

@@ -205,7 +205,9 @@ void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, co
   const int64_t chunk = std::max<int64_t>(1, kMaxPairs / k);
   const int64_t pmax = std::min(N, chunk) * k;
   KActs xs(pmax, H), as(pmax, I);
-  std::vector<float> act(pmax * I), y(pmax * H);
+  // the two big fp32 buffers: written for every pair of a chunk before they are read
+  float* act = thread_scratch<float>(0, pmax * I);
+  float* y = thread_scratch<float>(1, pmax * H);
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t nt = std::min(chunk, N - n0);
     const Plan pl = make_plan(idp, n0, nt, k, E);
@@ -214,18 +216,18 @@ void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, co
     });
     std::vector<int64_t> gemm, rest;
     quant::split_dequant_gemm(pl, gemm_min_rows, hidden.scalar_type() == at::kBFloat16, &gemm, &rest);
-    quant::experts_dequant_gemm(hidden, gu, wformat(fg), dn, wformat(fd), x8, H, I, pl, gemm, y.data());
+    quant::experts_dequant_gemm(hidden, gu, wformat(fg), dn, wformat(fd), x8, H, I, pl, gemm, y);
     if (!rest.empty()) {
-      phase1_fmt<Kern>(fg, xs, gu, H, I, pl, rest, act.data(), x8);
+      phase1_fmt<Kern>(fg, xs, gu, H, I, pl, rest, act, x8);
       // the pass's act rows -> int8 for phase 2
       const std::vector<int64_t> pairs = pairs_of(pl, rest);
       parallel_for(static_cast<int64_t>(pairs.size()), std::max<int64_t>(1, (1 << 14) / I), [&](int64_t a, int64_t b) {
-        for (int64_t i = a; i < b; ++i) quant::quantize_act_k<Kern, float>(act.data() + pairs[i] * I, as, pairs[i]);
+        for (int64_t i = a; i < b; ++i) quant::quantize_act_k<Kern, float>(act + pairs[i] * I, as, pairs[i]);
       });
-      phase2_fmt<Kern>(fd, as, dn, H, I, pl, rest, y.data(), x8);
+      phase2_fmt<Kern>(fd, as, dn, H, I, pl, rest, y, x8);
     }
     LFMK_DISPATCH_FLOAT(out.scalar_type(), "moe_experts_kquant", [&] {
-      combine<scalar_t>(y.data(), twp, pl, n0, nt, k, H, mptr<scalar_t>(out));
+      combine<scalar_t>(y, twp, pl, n0, nt, k, H, mptr<scalar_t>(out));
     });
   }
 }

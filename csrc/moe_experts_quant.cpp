@@ -314,7 +314,10 @@ void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const ui
   const int64_t pmax = std::min(N, chunk) * k;
   // 16 rows past the last pair: the AMX tiles read activation rows in 16s
   std::vector<int8_t> xq((pmax + quant::amx::kRows) * H), aq((pmax + quant::amx::kRows) * I);
-  std::vector<float> xd(pmax * nbH), ad(pmax * nbI), act(pmax * I), y(pmax * H);
+  std::vector<float> xd(pmax * nbH), ad(pmax * nbI);
+  // the two big fp32 buffers: written for every pair of a chunk before they are read
+  float* act = thread_scratch<float>(0, pmax * I);
+  float* y = thread_scratch<float>(1, pmax * H);
   std::vector<int32_t> xs8(pmax * nbH), as8(pmax * nbI);
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t nt = std::min(chunk, N - n0);
@@ -328,18 +331,18 @@ void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const ui
     });
     std::vector<int64_t> gemm, rest;
     quant::split_dequant_gemm(pl, gemm_min_rows, hidden.scalar_type() == at::kBFloat16, &gemm, &rest);
-    quant::experts_dequant_gemm(hidden, gu, wf, dn, wf, x8, H, I, pl, gemm, y.data());
+    quant::experts_dequant_gemm(hidden, gu, wf, dn, wf, x8, H, I, pl, gemm, y);
     if (rest.empty()) {
       // every expert took the GEMM route
     } else if (x8) {
-      experts_pass_quant_x8<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, rest, act.data(),
-                                     aq.data(), ad.data(), as8.data(), y.data(), amx_min_rows);
+      experts_pass_quant_x8<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, rest, act, aq.data(),
+                                     ad.data(), as8.data(), y, amx_min_rows);
     } else {
-      experts_pass_quant<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, rest, act.data(),
-                                  aq.data(), ad.data(), as8.data(), y.data());
+      experts_pass_quant<Kern, F>(xq.data(), xd.data(), xs8.data(), gu, dn, H, I, pl, rest, act, aq.data(),
+                                  ad.data(), as8.data(), y);
     }
     LFMK_DISPATCH_FLOAT(out.scalar_type(), "moe_experts_quant", [&] {
-      combine<scalar_t>(y.data(), twp, pl, n0, nt, k, H, mptr<scalar_t>(out));
+      combine<scalar_t>(y, twp, pl, n0, nt, k, H, mptr<scalar_t>(out));
     });
   }
 }
