@@ -513,7 +513,9 @@ def _median_time(fn: Callable[[], object]) -> float:
 
 def _thresholds(p) -> dict:
     names = ("linear_onednn_min_rows", "linear_avx512_max_rows", "linear_fp32_torch_min_rows", "moe_bf16_min_rows",
-             "moe_bf16_outer_min_rows", "moe_bf16_outer_onednn_min_rows", "moe_bf16_dot_onednn_min_rows")
+             "moe_bf16_outer_min_rows", "moe_bf16_outer_onednn_min_rows", "moe_bf16_dot_onednn_min_rows",
+             "linear_quant_amx_min_rows", "linear_quant_gemm_min_rows", "linear_kquant_gemm_min_rows",
+             "moe_quant_amx_min_rows", "moe_quant_gemm_min_rows", "moe_kquant_gemm_min_rows")
     return {n: getattr(p, n) for n in names}
 
 

@@ -89,9 +89,14 @@ def quant_isa_path(name: str):
     visibly when the CPU lacks its instructions."""
     from lfm_kernels import _backend
 
+    from lfm_kernels._policy import kernel_policy
+
     info = torch.ops.lfm_kernels_cpu._quant_isa_info
+    # the path itself for every row count: no AMX-INT8 tiles or bf16 GEMM route taking many rows over
+    never = 1 << 30
+    own_path = kernel_policy(**{f: never for f in _QUANT_ROUTE_FIELDS})
     if name == "portable":
-        with _backend.force_portable_cpu():
+        with _backend.force_portable_cpu(), own_path:
             assert info()[0] == "portable"
             yield
         return
@@ -99,10 +104,15 @@ def quant_isa_path(name: str):
         pytest.skip(f"needs {_QUANT_ISA_NEEDS[name]}: this CPU does not have it, so the {name} path cannot run here")
     torch.ops.lfm_kernels_cpu._quant_pin_isa(name)
     try:
-        assert info()[0] == name
-        yield
+        with own_path:
+            assert info()[0] == name
+            yield
     finally:
         torch.ops.lfm_kernels_cpu._quant_pin_isa("")
+
+
+_QUANT_ROUTE_FIELDS = ("linear_quant_amx_min_rows", "linear_quant_gemm_min_rows", "linear_kquant_gemm_min_rows",
+                       "moe_quant_amx_min_rows", "moe_quant_gemm_min_rows", "moe_kquant_gemm_min_rows")
 
 
 @contextlib.contextmanager
