@@ -1,5 +1,8 @@
 """The measured kernel-path choice: the policy's thresholds timed on the machine at hand.
 
+(Also the quantized routes on CPUs with AMX: the integer-dot kernels, the AMX-INT8 tiles and the bf16
+GEMM route, per quantized shape class with bf16 tokens; `Chooser.for_quant`.)
+
 The thresholds in `KernelPolicy` say from how many rows a bf16 call leaves our C++ kernels for
 another path (oneDNN for `linear`; our AVX512-BF16 dot / outer-product tiles, then oneDNN, for the
 MoE experts), and up to how many rows `linear` takes its AVX-512 GEMV rather than the AVX2 one. Where they lie depends on the CPU, its memory and the thread count, so instead of
@@ -71,13 +74,31 @@ AVX512_GEMV_MAX_ROWS = 2  # csrc/linear.cpp: the AVX-512 GEMV exists up to this 
 MOE_ROUTES = ("tiled", "dot", "outer", "onednn")
 # `linear` on fp32 weights (any x dtype): our kernels, then torch's fp32 GEMM from linear_fp32_torch_min_rows rows on
 LINEAR_FP32_ROUTES = ("cpp", "torch")
-_ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES}
+# Quantized weights on AMX CPUs (bf16 tokens): the integer-dot kernels ("x8", on either layout), then the
+# AMX-INT8 tiles (Q8_0 / Q4_0 in x8), then the bf16 GEMM route; K-quants have no AMX-INT8 tiles.
+QUANT_ROUTES = ("x8", "amx", "gemm")
+KQUANT_ROUTES = ("x8", "gemm")
+# per quantized op: the policy fields of its AMX-INT8 and bf16 GEMM thresholds
+_QUANT_FIELDS = {
+    "linear_quant": ("linear_quant_amx_min_rows", "linear_quant_gemm_min_rows"),
+    "linear_kquant": (None, "linear_kquant_gemm_min_rows"),
+    "moe_quant": ("moe_quant_amx_min_rows", "moe_quant_gemm_min_rows"),
+    "moe_kquant": (None, "moe_kquant_gemm_min_rows"),
+}
+_ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES,
+           "linear_quant": QUANT_ROUTES, "linear_kquant": KQUANT_ROUTES, "moe_quant": QUANT_ROUTES,
+           "moe_kquant": KQUANT_ROUTES}
 # How each op's shape-class keys begin (the cache's keys; the shape and thread count follow)
-_CLASS_TAG = {"linear": "linear:bf16", "linear_fp32": "linear:fp32", "moe": "moe:bf16"}
+_CLASS_TAG = {"linear": "linear:bf16", "linear_fp32": "linear:fp32", "moe": "moe:bf16",
+              "linear_quant": "linear:quant", "linear_kquant": "linear:kquant", "moe_quant": "moe:quant",
+              "moe_kquant": "moe:kquant"}
 # fp32 weights at 4, 16 and 64 rows only: at 1-2 rows both stream the weight at the same speed
 # (measured equal on a Xeon; timing them would stream a 256 MiB weight, half the budget), and the
 # GEMMs' crossover needs no finer grid, so a model's few fp32 shapes fit the budget of one process.
-_LADDERS = {"linear": LINEAR_LADDER, "linear_fp32": (4, 16, 64), "moe": MOE_LADDER}
+_LADDERS = {"linear": LINEAR_LADDER, "linear_fp32": (4, 16, 64), "moe": MOE_LADDER,
+            # quantized: rows of the call / tokens of one expert, around the routes' crossovers
+            "linear_quant": (16, 64, 256), "linear_kquant": (16, 64, 256),
+            "moe_quant": (8, 16, 32, 64), "moe_kquant": (8, 16, 32, 64)}
 # The C++ experts kernel's thresholds that put every expert on one route.
 _FORCE_MOE = {
     "tiled": (0, 1, 1, 1),
@@ -159,7 +180,7 @@ class Chooser:
         self.spent_s = 0.0
         self.base = DEFAULT_POLICY if base is None else base
         self.policy = self.base
-        self.sources = {"linear": "default", "linear_fp32": "default", "moe": "default"}
+        self.sources = dict.fromkeys(_ROUTES, "default")
         self._classes: dict[str, _Class] = {}
         self._seen: set[tuple] = set()  # (op, shape..., threads) already looked at
         self._lock = threading.RLock()
@@ -194,6 +215,22 @@ class Chooser:
                               down_proj=down_proj)
         return self.policy
 
+    def for_quant(self, op: str, x: torch.Tensor, weight, down=None):
+        """op: a key of _QUANT_FIELDS; weight: the QuantizedTensor (`linear`) or gate_up (experts, with
+        down). Measured for bf16 tokens (a model's); other tokens use the thresholds as they stand."""
+        if x.dtype != torch.bfloat16:
+            return self.policy
+        threads = torch.get_num_threads()
+        if op.startswith("linear"):
+            seen = (op, weight.format, weight.layout, weight.shape[0], weight.shape[1], threads)
+            key = f"{_CLASS_TAG[op]}:{weight.format}:{weight.layout}:N{seen[3]}:K{seen[4]}:t{threads}"
+        else:
+            seen = (op, weight.format, down.format, weight.layout, weight.shape[2], weight.shape[1] // 2, threads)
+            key = f"{_CLASS_TAG[op]}:{seen[1]}+{seen[2]}:{seen[3]}:H{seen[4]}:I{seen[5]}:t{threads}"
+        if seen not in self._seen:
+            self._first_sight(seen, key, weight=weight, down=down)
+        return self.policy
+
     def report(self) -> dict:
         """Thresholds, their source per op, the shape classes measured and the time spent."""
         p = self.policy
@@ -202,6 +239,7 @@ class Chooser:
             "linear_source": self.sources["linear"],
             "linear_fp32_source": self.sources["linear_fp32"],
             "moe_source": self.sources["moe"],
+            "quant_source": _combined_source([self.sources[op] for op in _QUANT_FIELDS]),
             "thresholds": _thresholds(p),
             "classes": {k: {"routes": list(c.routes), "rows": sorted(c.points), "source": c.source}
                         for k, c in self._classes.items()},
@@ -250,6 +288,11 @@ class Chooser:
             if _backend._C is None:
                 return None
             routes, pairs_fit = LINEAR_FP32_ROUTES, True
+        elif op in _QUANT_FIELDS:
+            if _backend._C is None or not _backend.cpu_has_amx():
+                return None  # both routes need AMX: the integer kernels are the only path
+            routes = _ROUTES[op] if tensors["weight"].layout == "x8" else KQUANT_ROUTES
+            pairs_fit = True
         elif op == "linear":
             if _backend._C is None:
                 return None
@@ -273,6 +316,8 @@ class Chooser:
         if _candidate_hook is not None:
             return _candidate_hook(cls.op, key, n)
         g = torch.Generator(device="cpu").manual_seed(n)  # never the user's random stream
+        if cls.op in _QUANT_FIELDS:
+            return _quant_candidates(cls, n, tensors, g)
         if cls.op in ("linear", "linear_fp32"):
             w = tensors["weight"].detach()
             n_rows, k = w.shape
@@ -388,7 +433,7 @@ class Chooser:
 
     def _derive(self) -> None:
         changes = {}
-        for op in ("linear", "linear_fp32", "moe"):
+        for op in _ROUTES:
             classes = [c for c in self._classes.values() if c.op == op and c.points]
             if not classes:
                 continue
@@ -550,6 +595,31 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
                 best = min(point.values())
                 points.append((n, c.pairs_fit, {r: point.get(r, 2 * best) / best for r in c.routes}))
 
+    if op in _QUANT_FIELDS:
+        amx_f, gemm_f = _QUANT_FIELDS[op]
+        has = {r for c in classes for r in c.routes}
+        base_t = (getattr(base, amx_f) if amx_f else None, getattr(base, gemm_f))
+        a_vals = values(base_t[0]) if amx_f and "amx" in has else [base_t[0]]
+        g_vals = values(base_t[1]) if "gemm" in has else [base_t[1]]
+
+        def quant_route(n, a, g_):
+            if "gemm" in has and n >= g_:
+                return "gemm"
+            return "amx" if a is not None and "amx" in has and n >= a else "x8"
+
+        def cost(a, g_):
+            return sum(rel.get(quant_route(n, a, g_), 2.0) for n, _, rel in points)
+
+        best, best_cost = base_t, None
+        for a in a_vals:
+            for g_ in g_vals:
+                c_ = cost(a, g_)
+                if best_cost is None or c_ < best_cost - 1e-9:
+                    best, best_cost = (a, g_), c_
+        if best_cost > cost(*base_t) * (1 - _SWITCH_MARGIN):
+            best = base_t
+        return {gemm_f: best[1], **({amx_f: best[0]} if amx_f else {})}
+
     if op == "linear_fp32":
         base_t = base.linear_fp32_torch_min_rows
         cost = {t: sum(rel.get("torch" if n >= t else "cpp", 2.0) for n, _, rel in points) for t in values(base_t)}
@@ -606,3 +676,53 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
     names = ("moe_bf16_min_rows", "moe_bf16_outer_min_rows", "moe_bf16_outer_onednn_min_rows",
              "moe_bf16_dot_onednn_min_rows")
     return dict(zip(names, best))
+
+
+def _combined_source(sources: list[str]) -> str:
+    for s in ("measured", "cached"):
+        if s in sources:
+            return s
+    return "default"
+
+
+def _quant_candidates(cls: _Class, n: int, tensors: dict, g: torch.Generator) -> dict:
+    """The quantized routes at n rows (`linear`: a slice of at most 8 Mi weights; experts: one expert
+    with n tokens, a different one each run), each forced through the ops' thresholds."""
+    ops = torch.ops.lfm_kernels_cpu
+    if cls.op.startswith("linear"):
+        w = tensors["weight"]
+        n_rows, k = w.shape
+        rows = min(n_rows, max(8, _LINEAR_SLICE_ELEMS // max(k, 1) // 8 * 8))
+        data = w.data.reshape(n_rows, -1)[:rows]
+        x = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        fmt, layout = w.format, w.layout
+        kq = cls.op == "linear_kquant"
+
+        def integer():
+            if layout == "x8":
+                return ops.linear_kquant_x8(x, data, fmt, rows, k, None) if kq else ops.linear_quant_x8(
+                    x, data, fmt, rows, k, None, 0)
+            return (ops.linear_kquant if kq else ops.linear_quant)(x, data, fmt, rows, k, None)
+
+        fns = {"x8": integer,
+               "amx": lambda: ops.linear_quant_x8(x, data, fmt, rows, k, None, 1),
+               "gemm": lambda: ops.linear_quant_dequant_gemm(x, data, fmt, layout, rows, k, None)}
+        return {r: fns[r] for r in cls.routes}
+    gu, dn = tensors["weight"], tensors["down"]
+    n_exp, h, inter = gu.shape[0], gu.shape[2], gu.shape[1] // 2
+    hidden = torch.randn(n, h, generator=g).to(torch.bfloat16)
+    weights = torch.ones(n, 1)
+    ids = [torch.full((n, 1), e, dtype=torch.int64) for e in range(min(n_exp, 8))]
+    turn = itertools.count()
+    kq = cls.op == "moe_kquant"
+    name = ("moe_experts_kquant" if kq else "moe_experts_quant") + ("_x8" if gu.layout == "x8" else "")
+    fmts = (gu.format, dn.format) if kq else (gu.format,)
+    forced = {"x8": (0, 0), "amx": (0, 1), "gemm": (1, 0)}
+
+    def run(route):
+        gemm, amx = forced[route]
+        extra = (gemm,) if kq else (gemm, amx)
+        return lambda: getattr(ops, name)(hidden, gu.data, dn.data, *fmts, n_exp, inter,
+                                          ids[next(turn) % len(ids)], weights, *extra)
+
+    return {r: run(r) for r in cls.routes}

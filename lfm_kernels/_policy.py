@@ -125,7 +125,8 @@ class KernelPolicy:
     #     N 128: Q8_0 47 / 34 / 56, Q4_0 29 / 31 / 50, Q4_K + Q6_K 63 / - / 64 (bf16 36)
     #     N 512: Q8_0 174 / 86 / 83, Q4_0 103 / 78 / 73, Q4_K + Q6_K 228 / - / 94 (bf16 60)
     # Without AMX neither route is taken (oneDNN's bf16 GEMM would run on AVX512-BF16 at a fraction of
-    # the rate); the chooser does not time them yet.
+    # the rate). With AMX the chooser times the routes per shape class (bf16 tokens; `linear` at 16,
+    # 64, 256 rows, one expert at 8-64 tokens) and these defaults stand where it cannot tell them apart.
     linear_quant_amx_min_rows: int = 16
     linear_quant_gemm_min_rows: int = 256
     linear_kquant_gemm_min_rows: int = 16
@@ -199,14 +200,20 @@ def _amx_usable() -> bool:
     return bool(_backend.cpu_extension_available() and _backend.cpu_has_amx())
 
 
-def quant_routes(op: str, x: torch.Tensor, kquant: bool) -> tuple[int, int]:
+def quant_routes(op: str, x: torch.Tensor, weight, down=None) -> tuple[int, int]:
     """(bf16 GEMM route from, AMX-INT8 tiles from) in rows ("linear") or tokens per expert ("moe") for
-    quantized weights (K-quants: kquant) and this x; 0: never (no AMX, `kernel_only`, x not on the CPU,
-    no extension; the GEMM route also needs bf16 x, the AMX tiles Q8_0 / Q4_0)."""
+    the quantized weight (the experts' gate_up, with down) and this x; 0: never (no AMX, `kernel_only`,
+    x not on the CPU, no extension; the GEMM route also needs bf16 x, the AMX tiles Q8_0 / Q4_0). In
+    the measured mode the first call of a shape class times the routes (bf16 x only)."""
+    from .quant import _K_FORMATS
+
     policy = get_policy()
     if policy.kernel_only or x.device.type != "cpu" or not _amx_usable():
         return 0, 0
+    kquant = weight.format in _K_FORMATS
     p = "linear" if op == "linear" else "moe"
+    if _fixed is None and not torch.compiler.is_compiling():
+        policy = _measured().for_quant(f"{p}_{'kquant' if kquant else 'quant'}", x, weight, down)
     gemm = getattr(policy, f"{p}_{'kquant' if kquant else 'quant'}_gemm_min_rows") if x.dtype == torch.bfloat16 else 0
     amx = 0 if kquant else getattr(policy, f"{p}_quant_amx_min_rows")
     return gemm, amx
@@ -263,12 +270,14 @@ def policy_report() -> dict:
 
     if _fixed is not None:
         return {"mode": "fixed", "linear_source": "fixed", "linear_fp32_source": "fixed", "moe_source": "fixed",
+                "quant_source": "fixed",
                 "thresholds": _thresholds(_fixed),
                 "kernel_only": _fixed.kernel_only, "portable": _fixed.portable}
     if _chooser is None:
         from ._chooser import DEFAULT_BUDGET_S, default_cache_path
 
         return {"mode": "measured", "linear_source": "default", "linear_fp32_source": "default", "moe_source": "default",
+                "quant_source": "default",
                 "thresholds": _thresholds(DEFAULT_POLICY), "classes": {}, "spent_s": 0.0,
                 "budget_s": _chooser_args.get("budget_s", DEFAULT_BUDGET_S),
                 "cache": _chooser_args.get("cache_path") or default_cache_path()}

@@ -610,7 +610,7 @@ def _linear_route(x: torch.Tensor, qweight: QuantizedTensor) -> str:
     on the weight's layout, "x8" / "rows"."""
     from . import _policy
 
-    gemm_rows, amx_rows = _policy.quant_routes("linear", x, qweight.format in _K_FORMATS)
+    gemm_rows, amx_rows = _policy.quant_routes("linear", x, qweight)
     m = x.shape[0]
     if gemm_rows and m >= gemm_rows:
         return "bf16-gemm"
@@ -647,7 +647,7 @@ def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     eager = _backend.eager_cpu_fast_path(x2)
-    gemm_rows, amx_rows = _policy.quant_routes("linear", x2, qweight.format in _K_FORMATS)
+    gemm_rows, amx_rows = _policy.quant_routes("linear", x2, qweight)
     if gemm_rows and x2.shape[0] >= gemm_rows and hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_dequant_gemm"):
         return torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm(
             x2, qweight.data, qweight.format, qweight.layout, n, k, bias).reshape(*lead, n)

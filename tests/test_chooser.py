@@ -319,7 +319,7 @@ def test_one_valid_path_times_nothing(measured, monkeypatch):
     _policy._policy_for_linear(x, w)
     _policy._policy_for_moe(torch.randn(5, 12).to(torch.bfloat16), gu, dn)
     assert ch.spent_s == 0 and ch.report()["classes"] == {}
-    assert ch.sources == {"linear": "default", "linear_fp32": "default", "moe": "default"}
+    assert set(ch.sources.values()) == {"default"}
     assert ch.policy == DEFAULT_POLICY
     # bf16 x on fp16 weights, fp16 x fp16: no choice either (fp32 weights always have two paths:
     # our kernels and torch's fp32 GEMM)
@@ -458,3 +458,49 @@ def test_paths_within_noise_keep_the_defaults(measured, monkeypatch):
     p = _policy._policy_for_linear(x, w)
     assert (p.linear_avx512_max_rows, p.linear_onednn_min_rows) == (
         DEFAULT_POLICY.linear_avx512_max_rows, DEFAULT_POLICY.linear_onednn_min_rows)
+
+
+def _quant_weights():
+    from lfm_kernels import quantize
+
+    lin = quantize(torch.randn(16, 64) / 8, "q8_0").to_layout("x8")
+    gu = quantize(torch.randn(4, 32, 256) / 16, "q4_k").to_layout("x8")
+    dn = quantize(torch.randn(4, 256, 16 * 16) / 16, "q6_k").to_layout("x8")
+    return lin, gu, dn
+
+
+def test_quantized_routes_follow_the_crossovers(measured, monkeypatch):
+    _, use = measured
+    # linear (rows 16, 64, 256): AMX-INT8 best at 16, the bf16 GEMM route from 64
+    hook = _Timings({"x8": lambda n: 1e-4 * n, "amx": lambda n: 3e-5 * n, "gemm": lambda n: 1e-3 + 1e-6 * n})
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    ch = use()
+    lin, gu, dn = _quant_weights()
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    ch.for_quant("linear_quant", x, lin)
+    assert ch.policy.linear_quant_amx_min_rows <= 16 and ch.policy.linear_quant_gemm_min_rows == 64
+    assert ch.sources["linear_quant"] == "measured"
+    assert {k for k, _ in hook.points} == {"linear:quant:q8_0:x8:N16:K64:t%d" % torch.get_num_threads()}
+    # K-quant experts (tokens 8..64): the GEMM route from 16 tokens; no AMX route exists for them
+    monkeypatch.setattr(_chooser, "_candidate_hook", _Timings(
+        {"x8": lambda n: 1e-3 * n, "gemm": lambda n: 1.2e-2 + 1e-4 * n}))
+    ch.for_quant("moe_kquant", torch.randn(3, 256).to(torch.bfloat16), gu, dn)
+    assert ch.policy.moe_kquant_gemm_min_rows == 16
+    assert ch.policy.moe_quant_gemm_min_rows == DEFAULT_POLICY.moe_quant_gemm_min_rows  # another op: untouched
+
+
+def test_a_slow_quantized_route_is_never_chosen(measured, monkeypatch):
+    _, use = measured
+    # the AMX-INT8 tiles and the GEMM route both slower than the integer kernels everywhere
+    monkeypatch.setattr(_chooser, "_candidate_hook", _Timings(
+        {"x8": lambda n: 1e-5 * n, "amx": lambda n: 3e-5 * n, "gemm": lambda n: 5e-5 * n}))
+    ch = use()
+    lin, _, _ = _quant_weights()
+    ch.for_quant("linear_quant", torch.randn(3, 64).to(torch.bfloat16), lin)
+    p = ch.policy
+    for n in _chooser._LADDERS["linear_quant"]:
+        assert n < p.linear_quant_amx_min_rows and n < p.linear_quant_gemm_min_rows
+    # fp32 tokens are never measured (the GEMM route needs bf16 tokens)
+    before = len(ch._classes)
+    ch.for_quant("linear_quant", torch.randn(3, 64), _quant_weights()[0].to_layout("rows"))
+    assert len(ch._classes) == before

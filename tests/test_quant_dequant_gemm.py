@@ -237,22 +237,23 @@ def test_moe_route_bad_threshold():
 
 def test_policy_gates_the_routes():
     x16, x32 = torch.zeros(4, 64).bfloat16(), torch.zeros(4, 64)
+    q8, qk = _weights((8, 256), "q8_0"), _weights((8, 256), "q4_k")
     fixed = dict(linear_quant_gemm_min_rows=5, linear_kquant_gemm_min_rows=6, linear_quant_amx_min_rows=7,
                  moe_quant_gemm_min_rows=8, moe_kquant_gemm_min_rows=9, moe_quant_amx_min_rows=10)
     with kernel_policy(**fixed):
         if _backend.cpu_has_amx():
-            assert _policy.quant_routes("linear", x16, False) == (5, 7)
-            assert _policy.quant_routes("linear", x16, True) == (6, 0)  # no AMX-INT8 tiles for K-quants
-            assert _policy.quant_routes("moe", x16, False) == (8, 10)
-            assert _policy.quant_routes("moe", x16, True) == (9, 0)
-            assert _policy.quant_routes("linear", x32, False) == (0, 7)  # the GEMM route needs bf16 x
+            assert _policy.quant_routes("linear", x16, q8) == (5, 7)
+            assert _policy.quant_routes("linear", x16, qk) == (6, 0)  # no AMX-INT8 tiles for K-quants
+            assert _policy.quant_routes("moe", x16, q8, q8) == (8, 10)
+            assert _policy.quant_routes("moe", x16, qk, qk) == (9, 0)
+            assert _policy.quant_routes("linear", x32, q8) == (0, 7)  # the GEMM route needs bf16 x
         else:
             for op in ("linear", "moe"):
-                for kq in (False, True):
-                    assert _policy.quant_routes(op, x16, kq) == (0, 0)
+                for w in (q8, qk):
+                    assert _policy.quant_routes(op, x16, w, w) == (0, 0)
     with kernel_policy(kernel_only=True):
-        assert _policy.quant_routes("linear", x16, False) == (0, 0)
-        assert _policy.quant_routes("moe", x16, True) == (0, 0)
+        assert _policy.quant_routes("linear", x16, q8) == (0, 0)
+        assert _policy.quant_routes("moe", x16, qk, qk) == (0, 0)
 
 
 @pytest.mark.skipif(not (_backend._C is not None and _backend.cpu_has_amx()),

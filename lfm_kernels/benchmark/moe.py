@@ -284,7 +284,7 @@ def _quantized_cases(sizes) -> list[Case]:
                     flops=n * TOP_K * 6 * HIDDEN * INTER,
                     compute_bound=n >= 128,
                     backend=_quant_backend(),
-                    path=lambda i: moe_ops._quant_routes_used(i["hidden"], i["q_gate_up"], i["ids"]),
+                    path=lambda i: moe_ops._quant_routes_used(i["hidden"], i["q_gate_up"], i["q_down"], i["ids"]),
                     paths={"x8": _integer_experts},
                     check_tol=QUANT_CHECK_TOL,
                 )

@@ -565,7 +565,7 @@ def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
 
 
 def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
-    gemm_rows, amx_rows = _policy.quant_routes("moe", hidden, gate_up_proj.format in _K_FORMATS)
+    gemm_rows, amx_rows = _policy.quant_routes("moe", hidden, gate_up_proj, down_proj)
     data_gu, data_dn = gate_up_proj.data, down_proj.data
     if not data_gu.is_contiguous():
         data_gu = data_gu.contiguous()
@@ -598,11 +598,11 @@ def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
     )
 
 
-def _quant_routes_used(hidden, gate_up_proj, topk_ids) -> str:
+def _quant_routes_used(hidden, gate_up_proj, down_proj, topk_ids) -> str:
     """The routes the experts of a quantized call take now, for the bench: "bf16-gemm", "amx-int8"
     and the integer-dot kernels ("x8" / "rows", the weights' layout), joined by "+" (fewest tokens
     last)."""
-    gemm_rows, amx_rows = _policy.quant_routes("moe", hidden, gate_up_proj.format in _K_FORMATS)
+    gemm_rows, amx_rows = _policy.quant_routes("moe", hidden, gate_up_proj, down_proj)
     counts = torch.bincount(topk_ids.flatten().cpu(), minlength=gate_up_proj.shape[0]).tolist()
     used = set()
     for n in counts:
