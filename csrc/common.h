@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <immintrin.h>
 
 #if defined(__clang__)
@@ -153,6 +154,17 @@ inline void parallel_workers(int64_t ntasks, const W& worker) {
     for (int64_t i = begin; i < end; ++i) worker(queue);
   });
 }
+
+// 64-byte aligned scratch bytes for one call (packed panels are read with aligned loads; AMX tile
+// loads want their rows aligned). At least 64 bytes, so a zero-size request still has an address.
+struct AlignedBytes {
+  explicit AlignedBytes(int64_t n)
+      : p(static_cast<uint8_t*>(::operator new(static_cast<size_t>(std::max<int64_t>(n, 64)), std::align_val_t(64)))) {}
+  ~AlignedBytes() { ::operator delete(p, std::align_val_t(64)); }
+  AlignedBytes(const AlignedBytes&) = delete;
+  AlignedBytes& operator=(const AlignedBytes&) = delete;
+  uint8_t* p;
+};
 
 // Scratch of n elements of T that stays allocated for the calling thread between calls (slot: one
 // buffer per use in a call). A prefill's MoE pass needs tens of MB of it; a fresh allocation would

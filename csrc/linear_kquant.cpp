@@ -155,8 +155,8 @@ void kgemm_packed(const KArgs& a, const KActs& x) {
   const int64_t mc = ((a.M + mchunks - 1) / mchunks + 3) / 4 * 4;
   mchunks = (a.M + mc - 1) / mc;
   parallel_workers(npanels * mchunks, [&](TaskQueue& queue) {
-    KAlignedBytes pk(groups * gs);
-    KAlignedBytes scratch(a.x8 ? 8 * w_ld : 0);  // an x8 group back in rows, for pack_group
+    AlignedBytes pk(groups * gs);
+    AlignedBytes scratch(a.x8 ? 8 * w_ld : 0);  // an x8 group back in rows, for pack_group
     alignas(32) float res[kKM * 8];
     for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
       const int64_t p = t / mchunks, c = t % mchunks;

@@ -183,8 +183,8 @@ void x8_gemm_amx(const X8Args& a) {
   const amx::Acts acts{a.xq, a.K, dxT.data(), sT.data(), Mpad};
   const int64_t pairs = (total + 1) / 2;
   parallel_workers(pairs, [&](TaskQueue& queue) {
-    std::vector<uint8_t> raw(static_cast<size_t>(amx::b_scratch_bytes(nb) + 64));
-    uint8_t* bs = raw.data() + (64 - reinterpret_cast<uintptr_t>(raw.data()) % 64) % 64;
+    AlignedBytes scratch(amx::b_scratch_bytes(nb));
+    uint8_t* bs = scratch.p;
     for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
       const int64_t g = 2 * t;
       const int G = static_cast<int>(std::min<int64_t>(2, total - g));

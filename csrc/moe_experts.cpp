@@ -356,17 +356,8 @@ void expert_torch_gemm(const at::Tensor& hidden, const at::Tensor& gu, const at:
   at::Tensor act = at::empty({me, I}, g.options());
   const c10::BFloat16* gp = cptr<c10::BFloat16>(g);
   c10::BFloat16* ap = mptr<c10::BFloat16>(act);
-  const bool avx2 = cpu_has_avx2();
   parallel_for(me, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const c10::BFloat16 *gr = gp + m * 2 * I, *ur = gr + I;
-      c10::BFloat16* ar = ap + m * I;
-      if (avx2) {
-        swiglu_row_avx2(gr, ur, ar, I);
-      } else {
-        for (int64_t j = 0; j < I; ++j) ar[j] = c10::BFloat16(silu(static_cast<float>(gr[j])) * static_cast<float>(ur[j]));
-      }
-    }
+    for (int64_t m = m0; m < m1; ++m) swiglu_row_bf16(gp + m * 2 * I, gp + m * 2 * I + I, ap + m * I, I);
   });
   // the expert's rows of y (fp32) take the bf16 output; copy_ widens exactly
   at::from_blob(y + q0 * H, {me, H}, hidden.options().dtype(at::kFloat)).copy_(at::mm(act, dn[e].t()));

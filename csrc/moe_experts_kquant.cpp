@@ -56,9 +56,9 @@ void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan
     if constexpr (Kern::kPacked) {
       if (me >= kKPackMinTokens && !x8) {
         const int64_t gs = nsb * Kern::template pack_bytes<F>(), ng = (nu + 7) / 8;
-        quant::KAlignedBytes pk(2 * ng * gs);
+        AlignedBytes pk(2 * ng * gs);
         if (x8) {
-          quant::KAlignedBytes scratch(8 * row);
+          AlignedBytes scratch(8 * row);
           quant::kpack_rows_x8<Kern, F>(G + j0 * row, row, nu, nsb, pk.p, scratch.p);
           quant::kpack_rows_x8<Kern, F>(U + j0 * row, row, nu, nsb, pk.p + ng * gs, scratch.p);
         } else {
@@ -128,9 +128,9 @@ void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan
     if constexpr (Kern::kPacked) {
       if (me >= kKPackMinTokens && !x8) {
         const int64_t gs = nsb * Kern::template pack_bytes<F>(), ng = (nh + 7) / 8;
-        quant::KAlignedBytes pk(ng * gs);
+        AlignedBytes pk(ng * gs);
         if (x8) {
-          quant::KAlignedBytes scratch(8 * row);
+          AlignedBytes scratch(8 * row);
           quant::kpack_rows_x8<Kern, F>(D + h0 * row, row, nh, nsb, pk.p, scratch.p);
         } else {
           quant::kpack_rows<Kern, F>(D + h0 * row, row, nh, nsb, pk.p);
@@ -194,9 +194,6 @@ template <class Kern>
 void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, const uint8_t* gu, const uint8_t* dn,
                             const int64_t* idp, const float* twp, int64_t E, int64_t I, int64_t k, at::Tensor& out,
                             bool x8, int64_t gemm_min_rows) {
-  const auto wformat = [](KFormat f) {
-    return f == KFormat::Q4_K ? quant::WFormat::Q4_K : f == KFormat::Q5_K ? quant::WFormat::Q5_K : quant::WFormat::Q6_K;
-  };
   const int64_t N = hidden.size(0), H = hidden.size(1);
   // every token once, whatever number of experts chose it
   KActs tok(N, H);
@@ -216,7 +213,7 @@ void moe_experts_kquant_run(KFormat fg, KFormat fd, const at::Tensor& hidden, co
     });
     std::vector<int64_t> gemm, rest;
     quant::split_dequant_gemm(pl, gemm_min_rows, hidden.scalar_type() == at::kBFloat16, &gemm, &rest);
-    quant::experts_dequant_gemm(hidden, gu, wformat(fg), dn, wformat(fd), x8, H, I, pl, gemm, y);
+    quant::experts_dequant_gemm(hidden, gu, quant::to_wformat(fg), dn, quant::to_wformat(fd), x8, H, I, pl, gemm, y);
     if (!rest.empty()) {
       phase1_fmt<Kern>(fg, xs, gu, H, I, pl, rest, act, x8);
       // the pass's act rows -> int8 for phase 2

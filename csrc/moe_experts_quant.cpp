@@ -35,15 +35,6 @@ using namespace moe;
 // of the plain tile's instructions.
 constexpr int64_t kQPackMinTokens = 6;
 
-// 64-byte aligned scratch (the packed panels are read with aligned loads).
-struct AlignedBytes {
-  explicit AlignedBytes(int64_t n) : p(static_cast<uint8_t*>(::operator new(static_cast<size_t>(n), std::align_val_t(64)))) {}
-  ~AlignedBytes() { ::operator delete(p, std::align_val_t(64)); }
-  AlignedBytes(const AlignedBytes&) = delete;
-  AlignedBytes& operator=(const AlignedBytes&) = delete;
-  uint8_t* p;
-};
-
 // s8[b] = 8 * sum of block b's int8 values: the packed Q4_0 panels take the -8 offset off with it.
 inline void block_sums8(const int8_t* q, int64_t nb, int32_t* s8) {
   for (int64_t b = 0; b < nb; ++b) {
@@ -217,8 +208,8 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
     if (use_amx(me)) {
       const quant::amx::Acts x{xq + q0 * H, H, dxT.data() + q0, sxT.data() + q0, Ppad};
       std::vector<float> g(me * 8 * ng), u(me * 8 * ng);
-      std::vector<uint8_t> raw(quant::amx::b_scratch_bytes(nbH) + 64);
-      uint8_t* bs = raw.data() + (64 - reinterpret_cast<uintptr_t>(raw.data()) % 64) % 64;
+      AlignedBytes scratch(quant::amx::b_scratch_bytes(nbH));
+      uint8_t* bs = scratch.p;
       for (int64_t g0 = 0; g0 < ng; g0 += 2) {
         const int G = static_cast<int>(std::min<int64_t>(2, ng - g0));
         amx_groups<F>(G, Gp + g0 * gsH, gsH, nbH, x, me, bs, g.data() + 8 * g0, 8 * ng);
@@ -267,8 +258,8 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
     const uint8_t* D = dn + it.e * H * rowI + h0 * rowI;
     if (use_amx(me)) {
       const quant::amx::Acts a{aq + q0 * I, I, adT.data() + q0, saT.data() + q0, Ppad};
-      std::vector<uint8_t> raw(quant::amx::b_scratch_bytes(nbI) + 64);
-      uint8_t* bs = raw.data() + (64 - reinterpret_cast<uintptr_t>(raw.data()) % 64) % 64;
+      AlignedBytes scratch(quant::amx::b_scratch_bytes(nbI));
+      uint8_t* bs = scratch.p;
       for (int64_t g0 = 0; g0 < ng; g0 += 2)
         amx_groups<F>(static_cast<int>(std::min<int64_t>(2, ng - g0)), D + g0 * gsI, gsI, nbI, a, me, bs,
                       y + q0 * H + h0 + 8 * g0, H);
@@ -294,7 +285,7 @@ template <class Kern, quant::Format F>
 void moe_experts_quant_run(const at::Tensor& hidden, const uint8_t* gu, const uint8_t* dn, const int64_t* idp,
                            const float* twp, int64_t E, int64_t I, int64_t k, bool x8, int64_t gemm_min_rows,
                            int64_t amx_min_rows, at::Tensor& out) {
-  constexpr quant::WFormat wf = F == quant::Format::Q8_0 ? quant::WFormat::Q8_0 : quant::WFormat::Q4_0;
+  const quant::WFormat wf = quant::to_wformat(F);
   const int64_t N = hidden.size(0), H = hidden.size(1);
   const int64_t nbH = H / quant::kBlock, nbI = I / quant::kBlock;
   // every token once, whatever number of experts chose it

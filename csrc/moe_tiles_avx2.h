@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "moe_plan.h"
 
 namespace lfmk {
 namespace {
@@ -177,6 +178,16 @@ LFMK_AVX2_END
 
 namespace lfmk {
 namespace {
+
+// a[j] = bf16(silu(g[j]) * u[j]) for bf16 gate and up rows (the oneDNN GEMMs' output), on AVX2 where
+// the CPU has it.
+inline void swiglu_row_bf16(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat16* a, int64_t n) {
+  if (cpu_has_avx2()) {
+    swiglu_row_avx2(g, u, a, n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) a[j] = c10::BFloat16(moe::silu(static_cast<float>(g[j])) * static_cast<float>(u[j]));
+  }
+}
 
 template <typename W>
 TileFn<W> pick_tile() {

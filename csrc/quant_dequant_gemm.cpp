@@ -64,6 +64,18 @@ static inline void put16(float* out, __m128i q, float s, float m) { _mm512_store
 static inline void put16(c10::BFloat16* out, __m128i q, float s, float m) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(expand16(q, s, m))));
 }
+// One Q4_0 block's 16 nibble bytes (element j low, j + 16 high) / one Q8_0 block's two 16-byte halves.
+template <typename T>
+static inline void put_q4_0(T* out, __m128i v, float d) {
+  const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  put16(out, _mm_sub_epi8(_mm_and_si128(v, low4), eight), d, 0.0f);
+  put16(out + 16, _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), eight), d, 0.0f);
+}
+template <typename T>
+static inline void put_q8_0(T* out, __m128i lo, __m128i hi, float d) {
+  put16(out, lo, d, 0.0f);
+  put16(out + 16, hi, d, 0.0f);
+}
 static inline float half_at(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
@@ -92,8 +104,7 @@ static inline __m128i row_of(const __m256i q[4], int r) {
 // without putting the rows back in GGUF's layout first.
 template <WFormat F, typename T>
 void dequant_group_x8_avx512(const uint8_t* grp, int64_t nb, T* out, int64_t ld) {
-  constexpr int64_t kGB = 8 * (F == WFormat::Q8_0 ? 34 : 18);
-  const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  constexpr int64_t kGB = X8<F == WFormat::Q8_0 ? Format::Q8_0 : Format::Q4_0>::kGroupBlockBytes;
   alignas(32) float d[8];
   __m256i q[4], q2[4];
   for (int64_t b = 0; b < nb; ++b) {
@@ -103,14 +114,10 @@ void dequant_group_x8_avx512(const uint8_t* grp, int64_t nb, T* out, int64_t ld)
     if constexpr (F == WFormat::Q8_0) transpose_x8_4(g + 16 + 128, q2);
     for (int r = 0; r < 8; ++r) {
       T* o = out + r * ld + b * kBlock;
-      const __m128i v = row_of(q, r);
-      if constexpr (F == WFormat::Q8_0) {
-        put16(o, v, d[r], 0.0f);
-        put16(o + 16, row_of(q2, r), d[r], 0.0f);
-      } else {
-        put16(o, _mm_sub_epi8(_mm_and_si128(v, low4), eight), d[r], 0.0f);
-        put16(o + 16, _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), eight), d[r], 0.0f);
-      }
+      if constexpr (F == WFormat::Q8_0)
+        put_q8_0(o, row_of(q, r), row_of(q2, r), d[r]);
+      else
+        put_q4_0(o, row_of(q, r), d[r]);
     }
   }
 }
@@ -156,14 +163,9 @@ void dequant_row_avx512(const uint8_t* src, int64_t nb, T* out) {
     const uint8_t* blk = src + b * wblock_bytes(F);
     if constexpr (n == kSuper) block_scales<F>(blk, s, m);
     if constexpr (F == WFormat::Q8_0) {
-      const float d = half_at(blk);
-      put16(out, load128(blk + 2), d, 0.0f);
-      put16(out + 16, load128(blk + 18), d, 0.0f);
+      put_q8_0(out, load128(blk + 2), load128(blk + 18), half_at(blk));
     } else if constexpr (F == WFormat::Q4_0) {
-      const __m128i v = load128(blk + 2), eight = _mm_set1_epi8(8);
-      const float d = half_at(blk);
-      put16(out, _mm_sub_epi8(_mm_and_si128(v, low4), eight), d, 0.0f);
-      put16(out + 16, _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), eight), d, 0.0f);
+      put_q4_0(out, load128(blk + 2), half_at(blk));
     } else if constexpr (F == WFormat::Q6_K) {
       const __m128i k32 = _mm_set1_epi8(32), three = _mm_set1_epi8(3);
       for (int h = 0; h < 2; ++h)
@@ -283,14 +285,6 @@ int64_t panel_rows(int64_t N, int64_t K) {
   return std::min(by_bytes, by_threads);
 }
 
-void swiglu_bf16_row(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat16* a, int64_t n, bool avx2) {
-  if (avx2) {
-    swiglu_row_avx2(g, u, a, n);
-  } else {
-    for (int64_t j = 0; j < n; ++j) a[j] = c10::BFloat16(moe::silu(static_cast<float>(g[j])) * static_cast<float>(u[j]));
-  }
-}
-
 bool parse_layout(c10::string_view layout, const char* op) {
   TORCH_CHECK_VALUE(layout == "x8" || layout == "rows", op, ": layout must be 'rows' or 'x8', got '", layout, "'");
   return layout == "x8";
@@ -394,7 +388,6 @@ void experts_dequant_gemm(const at::Tensor& hidden, const uint8_t* gu, WFormat f
   const at::Tensor xs = hidden.index_select(0, rows);
   at::Tensor act = at::empty({pairs, I}, opt);
   c10::BFloat16* ap = mptr<c10::BFloat16>(act);
-  const bool avx2 = cpu_has_avx2();
   // Phase 1, per (expert, panel of P1 intermediate units): gate and up rows -> one [2 p, H] panel
   const int64_t P1 = std::max<int64_t>(8, std::min<int64_t>(kPanelBytes / (4 * H) / 8 * 8, (I + 7) / 8 * 8));
   const int64_t n1 = (I + P1 - 1) / P1;
@@ -411,7 +404,7 @@ void experts_dequant_gemm(const at::Tensor& hidden, const uint8_t* gu, WFormat f
       dequant_rows(fgu, x8, G, 2 * I, H, I + j0, I + j0 + p, pp + p * H, H, group.data());
       const at::Tensor g = at::mm(xs.narrow(0, q0, me), panel.narrow(0, 0, 2 * p).t());
       const c10::BFloat16* gp = cptr<c10::BFloat16>(g);
-      for (int64_t i = 0; i < me; ++i) swiglu_bf16_row(gp + i * 2 * p, gp + i * 2 * p + p, ap + (q0 + i) * I + j0, p, avx2);
+      for (int64_t i = 0; i < me; ++i) swiglu_row_bf16(gp + i * 2 * p, gp + i * 2 * p + p, ap + (q0 + i) * I + j0, p);
     }
   });
   // Phase 2, per (expert, panel of P2 down rows): y[q, h0:h0 + p] = act[q] . down[h0:h0 + p]

@@ -113,16 +113,6 @@ inline void kpack_rows(const uint8_t* w, int64_t w_ld, int64_t rows, int64_t nsb
                                  dst + g * gs);
 }
 
-// 64-byte aligned scratch (the packed panels are read with aligned loads).
-struct KAlignedBytes {
-  explicit KAlignedBytes(int64_t n)
-      : p(static_cast<uint8_t*>(::operator new(static_cast<size_t>(std::max<int64_t>(n, 64)), std::align_val_t(64)))) {}
-  ~KAlignedBytes() { ::operator delete(p, std::align_val_t(64)); }
-  KAlignedBytes(const KAlignedBytes&) = delete;
-  KAlignedBytes& operator=(const KAlignedBytes&) = delete;
-  uint8_t* p;
-};
-
 }  // namespace
 }  // namespace quant
 }  // namespace lfmk
