@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._policy import QUANT_ROUTE_FIELDS
 
 # A threshold no row count reaches: the path after it is never taken.
 NEVER = 1 << 30
@@ -78,13 +79,6 @@ LINEAR_FP32_ROUTES = ("cpp", "torch")
 # AMX-INT8 tiles (Q8_0 / Q4_0 in x8), then the bf16 GEMM route; K-quants have no AMX-INT8 tiles.
 QUANT_ROUTES = ("x8", "amx", "gemm")
 KQUANT_ROUTES = ("x8", "gemm")
-# per quantized op: the policy fields of its AMX-INT8 and bf16 GEMM thresholds
-_QUANT_FIELDS = {
-    "linear_quant": ("linear_quant_amx_min_rows", "linear_quant_gemm_min_rows"),
-    "linear_kquant": (None, "linear_kquant_gemm_min_rows"),
-    "moe_quant": ("moe_quant_amx_min_rows", "moe_quant_gemm_min_rows"),
-    "moe_kquant": (None, "moe_kquant_gemm_min_rows"),
-}
 _ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES,
            "linear_quant": QUANT_ROUTES, "linear_kquant": KQUANT_ROUTES, "moe_quant": QUANT_ROUTES,
            "moe_kquant": KQUANT_ROUTES}
@@ -216,7 +210,7 @@ class Chooser:
         return self.policy
 
     def for_quant(self, op: str, x: torch.Tensor, weight, down=None):
-        """op: a key of _QUANT_FIELDS; weight: the QuantizedTensor (`linear`) or gate_up (experts, with
+        """op: a key of QUANT_ROUTE_FIELDS; weight: the QuantizedTensor (`linear`) or gate_up (experts, with
         down). Measured for bf16 tokens (a model's); other tokens use the thresholds as they stand."""
         if x.dtype != torch.bfloat16:
             return self.policy
@@ -239,7 +233,7 @@ class Chooser:
             "linear_source": self.sources["linear"],
             "linear_fp32_source": self.sources["linear_fp32"],
             "moe_source": self.sources["moe"],
-            "quant_source": _combined_source([self.sources[op] for op in _QUANT_FIELDS]),
+            "quant_source": _combined_source([self.sources[op] for op in QUANT_ROUTE_FIELDS]),
             "thresholds": _thresholds(p),
             "classes": {k: {"routes": list(c.routes), "rows": sorted(c.points), "source": c.source}
                         for k, c in self._classes.items()},
@@ -288,7 +282,7 @@ class Chooser:
             if _backend._C is None:
                 return None
             routes, pairs_fit = LINEAR_FP32_ROUTES, True
-        elif op in _QUANT_FIELDS:
+        elif op in QUANT_ROUTE_FIELDS:
             if _backend._C is None or not _backend.cpu_has_amx():
                 return None  # both routes need AMX: the integer kernels are the only path
             routes = _ROUTES[op] if tensors["weight"].layout == "x8" else KQUANT_ROUTES
@@ -316,7 +310,7 @@ class Chooser:
         if _candidate_hook is not None:
             return _candidate_hook(cls.op, key, n)
         g = torch.Generator(device="cpu").manual_seed(n)  # never the user's random stream
-        if cls.op in _QUANT_FIELDS:
+        if cls.op in QUANT_ROUTE_FIELDS:
             return _quant_candidates(cls, n, tensors, g)
         if cls.op in ("linear", "linear_fp32"):
             w = tensors["weight"].detach()
@@ -595,8 +589,8 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
                 best = min(point.values())
                 points.append((n, c.pairs_fit, {r: point.get(r, 2 * best) / best for r in c.routes}))
 
-    if op in _QUANT_FIELDS:
-        amx_f, gemm_f = _QUANT_FIELDS[op]
+    if op in QUANT_ROUTE_FIELDS:
+        amx_f, gemm_f = QUANT_ROUTE_FIELDS[op]
         has = {r for c in classes for r in c.routes}
         base_t = (getattr(base, amx_f) if amx_f else None, getattr(base, gemm_f))
         a_vals = values(base_t[0]) if amx_f and "amx" in has else [base_t[0]]

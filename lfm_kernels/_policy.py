@@ -194,6 +194,16 @@ def _policy_for_moe(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj:
     return _measured().for_moe(hidden, gate_up_proj, down_proj)
 
 
+# Per quantized op (the chooser's op classes): the policy fields of its AMX-INT8 and bf16 GEMM
+# thresholds (K-quants have no AMX-INT8 tiles).
+QUANT_ROUTE_FIELDS = {
+    "linear_quant": ("linear_quant_amx_min_rows", "linear_quant_gemm_min_rows"),
+    "linear_kquant": (None, "linear_kquant_gemm_min_rows"),
+    "moe_quant": ("moe_quant_amx_min_rows", "moe_quant_gemm_min_rows"),
+    "moe_kquant": (None, "moe_kquant_gemm_min_rows"),
+}
+
+
 @torch.compiler.assume_constant_result
 def _amx_usable() -> bool:
     # a constant of the process: torch.compile folds it instead of tracing into the extension
@@ -210,13 +220,12 @@ def quant_routes(op: str, x: torch.Tensor, weight, down=None) -> tuple[int, int]
     policy = get_policy()
     if policy.kernel_only or x.device.type != "cpu" or not _amx_usable():
         return 0, 0
-    kquant = weight.format in _K_FORMATS
-    p = "linear" if op == "linear" else "moe"
+    name = f"{'linear' if op == 'linear' else 'moe'}_{'kquant' if weight.format in _K_FORMATS else 'quant'}"
     if _fixed is None and not torch.compiler.is_compiling():
-        policy = _measured().for_quant(f"{p}_{'kquant' if kquant else 'quant'}", x, weight, down)
-    gemm = getattr(policy, f"{p}_{'kquant' if kquant else 'quant'}_gemm_min_rows") if x.dtype == torch.bfloat16 else 0
-    amx = 0 if kquant else getattr(policy, f"{p}_quant_amx_min_rows")
-    return gemm, amx
+        policy = _measured().for_quant(name, x, weight, down)
+    amx_field, gemm_field = QUANT_ROUTE_FIELDS[name]
+    gemm = getattr(policy, gemm_field) if x.dtype == torch.bfloat16 else 0
+    return gemm, getattr(policy, amx_field) if amx_field else 0
 
 
 def set_policy(policy: KernelPolicy | None = None, **changes) -> KernelPolicy:

@@ -622,7 +622,7 @@ def _linear_route(x: torch.Tensor, qweight: QuantizedTensor) -> str:
 def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """lfm_kernels.linear with a QuantizedTensor weight [N, K]: x [..., K] float32 / bfloat16 / float16
     -> [..., N] in x's dtype. CPU only."""
-    from . import _backend, _policy
+    from . import _backend
     from .ops._checks import FLOAT_DTYPES, check_tensor
 
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
@@ -647,15 +647,13 @@ def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     eager = _backend.eager_cpu_fast_path(x2)
-    gemm_rows, amx_rows = _policy.quant_routes("linear", x2, qweight)
-    if gemm_rows and x2.shape[0] >= gemm_rows and hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_dequant_gemm"):
+    route = _linear_route(x2, qweight)
+    if route == "bf16-gemm" and hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_dequant_gemm"):
         return torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm(
             x2, qweight.data, qweight.format, qweight.layout, n, k, bias).reshape(*lead, n)
-    if qweight.layout == "x8" and qweight.format not in _K_FORMATS:
-        op = _linear_quant_x8_impl if eager else _linear_quant_x8_op
-        return op(x2, qweight.data, qweight.format, n, k, bias, amx_rows).reshape(*lead, n)
     if qweight.layout == "x8":
         op = _linear_quant_x8_impl if eager else _linear_quant_x8_op
-    else:
-        op = _linear_quant_impl if eager else _linear_quant_op
+        # the op's AMX threshold: every row of this call, or none
+        return op(x2, qweight.data, qweight.format, n, k, bias, int(route == "amx-int8")).reshape(*lead, n)
+    op = _linear_quant_impl if eager else _linear_quant_op
     return op(x2, qweight.data, qweight.format, n, k, bias).reshape(*lead, n)

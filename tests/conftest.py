@@ -89,12 +89,12 @@ def quant_isa_path(name: str):
     visibly when the CPU lacks its instructions."""
     from lfm_kernels import _backend
 
-    from lfm_kernels._policy import kernel_policy
+    from lfm_kernels._policy import QUANT_ROUTE_FIELDS, kernel_policy
 
     info = torch.ops.lfm_kernels_cpu._quant_isa_info
     # the path itself for every row count: no AMX-INT8 tiles or bf16 GEMM route taking many rows over
     never = 1 << 30
-    own_path = kernel_policy(**{f: never for f in _QUANT_ROUTE_FIELDS})
+    own_path = kernel_policy(**{f: never for pair in QUANT_ROUTE_FIELDS.values() for f in pair if f})
     if name == "portable":
         with _backend.force_portable_cpu(), own_path:
             assert info()[0] == "portable"
@@ -110,9 +110,6 @@ def quant_isa_path(name: str):
     finally:
         torch.ops.lfm_kernels_cpu._quant_pin_isa("")
 
-
-_QUANT_ROUTE_FIELDS = ("linear_quant_amx_min_rows", "linear_quant_gemm_min_rows", "linear_kquant_gemm_min_rows",
-                       "moe_quant_amx_min_rows", "moe_quant_gemm_min_rows", "moe_kquant_gemm_min_rows")
 
 
 @contextlib.contextmanager
