@@ -381,30 +381,37 @@ void experts_dequant_gemm(const at::Tensor& hidden, const uint8_t* gu, WFormat f
   const int64_t rbH = row_bytes(fgu, H), rbI = row_bytes(fdn, I);
   const int64_t mat_gu = 2 * I * rbH, mat_dn = H * rbI;
   const auto opt = hidden.options();
-  // every pair's token row, in sorted order (only the experts' own rows are read)
-  const int64_t pairs = pl.offs.back();
-  at::Tensor rows = at::empty({pairs}, opt.dtype(at::kLong));
-  std::memcpy(rows.mutable_data_ptr<int64_t>(), pl.tok.data(), pairs * sizeof(int64_t));
+  // the token rows of these experts' pairs only, expert after expert; xs row first[i] is expert
+  // experts[i]'s first pair
+  const int64_t ne = static_cast<int64_t>(experts.size());
+  std::vector<int64_t> first(ne);
+  std::vector<int64_t> tok;
+  for (int64_t i = 0; i < ne; ++i) {
+    first[i] = static_cast<int64_t>(tok.size());
+    tok.insert(tok.end(), pl.tok.begin() + pl.offs[experts[i]], pl.tok.begin() + pl.offs[experts[i] + 1]);
+  }
+  at::Tensor rows = at::empty({static_cast<int64_t>(tok.size())}, opt.dtype(at::kLong));
+  std::memcpy(rows.mutable_data_ptr<int64_t>(), tok.data(), tok.size() * sizeof(int64_t));
   const at::Tensor xs = hidden.index_select(0, rows);
+  const int64_t pairs = pl.offs.back();
   at::Tensor act = at::empty({pairs, I}, opt);
   c10::BFloat16* ap = mptr<c10::BFloat16>(act);
   // Phase 1, per (expert, panel of P1 intermediate units): gate and up rows -> one [2 p, H] panel
   const int64_t P1 = std::max<int64_t>(8, std::min<int64_t>(kPanelBytes / (4 * H) / 8 * 8, (I + 7) / 8 * 8));
   const int64_t n1 = (I + P1 - 1) / P1;
-  const int64_t ne = static_cast<int64_t>(experts.size());
   parallel_workers(ne * n1, [&](TaskQueue& queue) {
     at::Tensor panel = at::empty({2 * P1, H}, opt);
     c10::BFloat16* pp = mptr<c10::BFloat16>(panel);
     std::vector<uint8_t> group(x8 ? 8 * rbH : 0);
     for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
-      const int64_t e = experts[t / n1], j0 = t % n1 * P1, p = std::min(P1, I - j0);
+      const int64_t i = t / n1, e = experts[i], j0 = t % n1 * P1, p = std::min(P1, I - j0);
       const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
       const uint8_t* G = gu + e * mat_gu;
       dequant_rows(fgu, x8, G, 2 * I, H, j0, j0 + p, pp, H, group.data());
       dequant_rows(fgu, x8, G, 2 * I, H, I + j0, I + j0 + p, pp + p * H, H, group.data());
-      const at::Tensor g = at::mm(xs.narrow(0, q0, me), panel.narrow(0, 0, 2 * p).t());
+      const at::Tensor g = at::mm(xs.narrow(0, first[i], me), panel.narrow(0, 0, 2 * p).t());
       const c10::BFloat16* gp = cptr<c10::BFloat16>(g);
-      for (int64_t i = 0; i < me; ++i) swiglu_row_bf16(gp + i * 2 * p, gp + i * 2 * p + p, ap + (q0 + i) * I + j0, p);
+      for (int64_t m = 0; m < me; ++m) swiglu_row_bf16(gp + m * 2 * p, gp + m * 2 * p + p, ap + (q0 + m) * I + j0, p);
     }
   });
   // Phase 2, per (expert, panel of P2 down rows): y[q, h0:h0 + p] = act[q] . down[h0:h0 + p]
