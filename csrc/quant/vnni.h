@@ -82,6 +82,7 @@ static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const 
                            const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
   constexpr int64_t kGB = X8<F>::kGroupBlockBytes;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i m4hi = _mm256_set1_epi8(static_cast<char>(0xF0));
   __m256 acc[G][M];
   for (int g = 0; g < G; ++g)
     for (int m = 0; m < M; ++m) acc[g][m] = _mm256_setzero_ps();
@@ -92,15 +93,20 @@ static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const 
       __m256i s[M];
       for (int m = 0; m < M; ++m) s[m] = _mm256_setzero_si256();
       if (F == Format::Q4_0) {
+        // Decode is bound by these ALU ops: the high nibbles stay in place (16 * q_hi, one AND, no
+        // shift) and their sums, exact multiples of 16 (|sum| < 2^19), shift back once per block.
+        __m256i s16[M];
+        for (int m = 0; m < M; ++m) s16[m] = _mm256_setzero_si256();
         for (int j = 0; j < 4; ++j) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * j));
-          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          const __m256i lo = _mm256_and_si256(v, m4), hi16 = _mm256_and_si256(v, m4hi);
           for (int m = 0; m < M; ++m) {
             const int8_t* x = xq + m * ldq + b * kBlock;
             s[m] = LFMK_QVNNI_DPBUSD(s[m], lo, avx2::bcast4(x + 4 * j));
-            s[m] = LFMK_QVNNI_DPBUSD(s[m], hi, avx2::bcast4(x + 16 + 4 * j));
+            s16[m] = LFMK_QVNNI_DPBUSD(s16[m], hi16, avx2::bcast4(x + 16 + 4 * j));
           }
         }
+        for (int m = 0; m < M; ++m) s[m] = _mm256_add_epi32(s[m], _mm256_srai_epi32(s16[m], 4));
       } else {
         for (int j = 0; j < 8; ++j) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * j));
