@@ -217,11 +217,13 @@ class Chooser:
         threads = torch.get_num_threads()
         if op.startswith("linear"):
             seen = (op, weight.format, weight.layout, weight.shape[0], weight.shape[1], threads)
-            key = f"{_CLASS_TAG[op]}:{weight.format}:{weight.layout}:N{seen[3]}:K{seen[4]}:t{threads}"
         else:
             seen = (op, weight.format, down.format, weight.layout, weight.shape[2], weight.shape[1] // 2, threads)
-            key = f"{_CLASS_TAG[op]}:{seen[1]}+{seen[2]}:{seen[3]}:H{seen[4]}:I{seen[5]}:t{threads}"
-        if seen not in self._seen:
+        if seen not in self._seen:  # a decode step asks this about 75 times: the key string only once
+            if op.startswith("linear"):
+                key = f"{_CLASS_TAG[op]}:{weight.format}:{weight.layout}:N{seen[3]}:K{seen[4]}:t{threads}"
+            else:
+                key = f"{_CLASS_TAG[op]}:{seen[1]}+{seen[2]}:{seen[3]}:H{seen[4]}:I{seen[5]}:t{threads}"
             self._first_sight(seen, key, weight=weight, down=down)
         return self.policy
 

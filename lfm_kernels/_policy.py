@@ -171,6 +171,19 @@ def _measured():
     return _chooser
 
 
+def allow_measuring(budget_s: float) -> bool:
+    """In the measured mode, lets this process spend up to `budget_s` seconds in all measuring the
+    paths (never less than it may already); False, changing nothing, when a policy is fixed. For the
+    bench: it meets dozens of shape classes, and past the default budget the later ones would run on
+    the defaults, which a model's few classes do not (they are measured within a process or two,
+    through the cache)."""
+    if _fixed is not None:
+        return False
+    ch = _measured()
+    ch.budget_s = max(ch.budget_s, float(budget_s))
+    return True
+
+
 def get_policy() -> KernelPolicy:
     """The policy the next op call follows (the measured thresholds so far, unless one is fixed)."""
     if _fixed is not None:

@@ -53,6 +53,9 @@ from __future__ import annotations
 
 import torch
 
+from . import _backend, _policy
+from .ops._checks import FLOAT_DTYPES, check_tensor
+
 BLOCK = 32
 # K-quants: super-blocks of 256 weights
 QK_K = 256
@@ -137,7 +140,6 @@ class QuantizedTensor:
         _check_layout(layout, self.format, self.shape)
         if layout == self.layout:
             return self
-        from . import _backend
 
         if self.format in _K_FORMATS:
             mats, n, k = self.shape[:-2].numel(), self.shape[-2], self.shape[-1]
@@ -171,7 +173,6 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight the blocks stand for, in `dtype` (values exact in float32; bfloat16 is the
         float32 value rounded to nearest even)."""
-        from . import _backend
 
         if (self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                 and _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "quant_dequantize")):
@@ -391,8 +392,6 @@ def _non_finite_error(chunk: torch.Tensor, r0: int, fmt: str) -> ValueError:
 
 
 def _cpp_quantizer_available(weight: torch.Tensor) -> bool:
-    from . import _backend
-
     return (weight.device.type == "cpu" and _backend._C is not None
             and hasattr(torch.ops.lfm_kernels_cpu, "quantize_rows"))
 
@@ -518,10 +517,8 @@ def _linear_reference(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Ten
 
 
 def _linear_quant_impl(x: torch.Tensor, qweight: torch.Tensor, format: str, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
-    from . import _backend
-
     if _backend.cpu_extension_available():
-        op = torch.ops.lfm_kernels_cpu.linear_kquant if format in _K_FORMATS else torch.ops.lfm_kernels_cpu.linear_quant
+        op = torch.ops.lfm_kernels_cpu.linear_kquant.default if format in _K_FORMATS else torch.ops.lfm_kernels_cpu.linear_quant.default
         return op(x, qweight, format, n, k, bias)
     # no compiled extension: the float64 reference, after the one warning
     qt = QuantizedTensor(qweight, format, (n, k))
@@ -538,13 +535,12 @@ def _(x, qweight, format, n, k, bias):
 
 def _linear_quant_x8_impl(x: torch.Tensor, qweight: torch.Tensor, format: str, n: int, k: int, bias: torch.Tensor | None,
                           amx_min_rows: int = 0) -> torch.Tensor:
-    from . import _backend
 
     name = "linear_kquant_x8" if format in _K_FORMATS else "linear_quant_x8"
     if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
         if format in _K_FORMATS:
-            return torch.ops.lfm_kernels_cpu.linear_kquant_x8(x, qweight, format, n, k, bias)
-        return torch.ops.lfm_kernels_cpu.linear_quant_x8(x, qweight, format, n, k, bias, amx_min_rows)
+            return torch.ops.lfm_kernels_cpu.linear_kquant_x8.default(x, qweight, format, n, k, bias)
+        return torch.ops.lfm_kernels_cpu.linear_quant_x8.default(x, qweight, format, n, k, bias, amx_min_rows)
     qt = QuantizedTensor(qweight.reshape(n, -1), format, (n, k), "x8")
     return _linear_reference(x, qt, bias).to(x.dtype)
 
@@ -559,7 +555,6 @@ def _(x, qweight, format, n, k, bias, amx_min_rows=0):
 
 def _register_cpp_fakes() -> None:
     """Shapes of the C++ ops (lfm_kernels_cpu::linear_quant / quantize_activations) for tracing."""
-    from . import _backend
 
     if _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "linear_quant"):
         return  # no extension, or one built before these ops existed
@@ -608,8 +603,6 @@ def _linear_route(x: torch.Tensor, qweight: QuantizedTensor) -> str:
     """The code a CPU call on these inputs runs now (x [M, K]), for the bench: "bf16-gemm" (dequantized
     bf16 panels through oneDNN), "amx-int8" (AMX tiles on the x8 layout), or the integer-dot kernels
     on the weight's layout, "x8" / "rows"."""
-    from . import _policy
-
     gemm_rows, amx_rows = _policy.quant_routes("linear", x, qweight)
     m = x.shape[0]
     if gemm_rows and m >= gemm_rows:
@@ -622,8 +615,6 @@ def _linear_route(x: torch.Tensor, qweight: QuantizedTensor) -> str:
 def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """lfm_kernels.linear with a QuantizedTensor weight [N, K]: x [..., K] float32 / bfloat16 / float16
     -> [..., N] in x's dtype. CPU only."""
-    from . import _backend
-    from .ops._checks import FLOAT_DTYPES, check_tensor
 
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape_hint="[..., K]")
     if x.dim() < 1:
@@ -649,7 +640,7 @@ def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None
     eager = _backend.eager_cpu_fast_path(x2)
     route = _linear_route(x2, qweight)
     if route == "bf16-gemm" and hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_dequant_gemm"):
-        return torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm(
+        return torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm.default(
             x2, qweight.data, qweight.format, qweight.layout, n, k, bias).reshape(*lead, n)
     if qweight.layout == "x8":
         op = _linear_quant_x8_impl if eager else _linear_quant_x8_op

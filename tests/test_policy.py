@@ -95,3 +95,18 @@ def test_a_measured_table_fills_the_same_fields():
         assert p.moe_bf16_routes() == (2, 6, 96, DEFAULT_POLICY.moe_bf16_dot_onednn_min_rows)
     assert set(measured) <= {f.name for f in dataclasses.fields(KernelPolicy)}
     assert _policy.__doc__ and "moe_bf16_outer_min_rows" in _policy.__doc__
+
+
+def test_allow_measuring_raises_the_budget_only_in_the_measured_mode(tmp_path):
+    before = get_policy()
+    try:
+        # a fixed policy (the tests' own) stays fixed: nothing to measure for
+        assert _policy.allow_measuring(30.0) is False
+        assert get_policy() is before
+        _policy.use_measured_policy(tmp_path / "choice.json", budget_s=2.0)
+        assert _policy.allow_measuring(30.0) is True
+        assert _policy.policy_report()["budget_s"] == 30.0
+        assert _policy.allow_measuring(1.0) is True  # never lowered
+        assert _policy.policy_report()["budget_s"] == 30.0
+    finally:
+        set_policy(before)

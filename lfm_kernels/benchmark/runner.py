@@ -19,6 +19,11 @@ from contextlib import nullcontext
 # timed with a smaller budget, so one slow reference cannot dominate the run.
 _SLOW_BASELINES = ("reference",)
 
+# Seconds the kernel-choice policy may spend measuring paths in one bench run (a model process: 0.5 s,
+# then the cache): the bench meets dozens of shape classes, and one left unmeasured would run on the
+# defaults and show a path no model would take.
+BENCH_CHOICE_BUDGET_S = 60.0
+
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -332,7 +337,7 @@ def run(args) -> int:
 
     import torch
 
-    from .. import _backend
+    from .. import _backend, _policy
     from .core import OPS, discover_cases
 
     if args.ops is None:
@@ -366,6 +371,9 @@ def run(args) -> int:
     if not info["extension_loaded"]:
         _log(f"note: the CPU extension is not loaded ({info['extension_error']}); CPU rows run the references")
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.25)
+    if not args.quick and _policy.allow_measuring(BENCH_CHOICE_BUDGET_S):
+        # every case's path as a model process gets it once its classes are measured
+        out["choice_budget_s"] = BENCH_CHOICE_BUDGET_S
     rows: list[dict] = []
     portable = _backend.force_portable_cpu() if args.portable else nullcontext()
     with portable:
@@ -406,6 +414,7 @@ def run(args) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()
     out["rows"] = rows
+    out["kernel_policy_after"] = _policy.policy_report()  # machine.kernel_policy is the state before the cases
 
     sections = []
     if args.e2e or args.patched:
@@ -422,6 +431,10 @@ def run(args) -> int:
     for device, m in out["devices"].items():
         print(f"  {device}: floor = bytes / {m['bandwidth'] / 1e9:.1f} GB/s ({m['bandwidth_what']})")
         print(f"  {device}: compute ceiling {m['compute_peak'] / 1e9:.0f} GFLOP/s (measured {m['compute_peak_what']})")
+    if out.get("choice_budget_s"):
+        spent = _policy.policy_report().get("spent_s", 0.0)
+        print(f"  kernel choice: measured per shape class on this CPU ({spent:.1f} s spent of the run's "
+              f"{out['choice_budget_s']:.0f} s; a model process has 0.5 s and goes on from the cache)")
     good = [r for r in rows if "failed" not in r]
     if good:
         print()

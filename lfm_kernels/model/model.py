@@ -49,7 +49,7 @@ def _cpu_rms_norm():
     from .. import _backend
 
     ops = torch.ops.lfm_kernels_cpu
-    return ops.rms_norm if _backend._C is not None and hasattr(ops, "rms_norm") else None
+    return ops.rms_norm.default if _backend._C is not None and hasattr(ops, "rms_norm") else None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ def _decode_attention_impl(
 
         return decode_attention_triton(q, k_cache, v_cache, seq_lens, scale)
     if q.device.type == "cpu" and _backend.cpu_extension_available():
-        return torch.ops.lfm_kernels_cpu.decode_attention(q, k_cache, v_cache, seq_lens, scale)
+        return torch.ops.lfm_kernels_cpu.decode_attention.default(q, k_cache, v_cache, seq_lens, scale)
     return reference.decode_attention(q, k_cache, v_cache, seq_lens, scale)
 
 

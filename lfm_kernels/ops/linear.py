@@ -76,7 +76,7 @@ def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if x.device.type == "cpu" and _backend.cpu_extension_available():
         if not _use_torch_gemm(x, weight, policy):
             avx512_rows = 0 if policy.kernel_only else policy.linear_avx512_max_rows
-            return torch.ops.lfm_kernels_cpu.linear(x, weight, bias, avx512_rows)
+            return torch.ops.lfm_kernels_cpu.linear.default(x, weight, bias, avx512_rows)
         if weight.dtype == torch.float32:
             # the kernel's contract kept: products and sums in fp32, the output rounded to x's dtype once
             b = bias.float() if bias is not None else None

@@ -58,7 +58,7 @@ def _moe_route_impl(
 
         return moe_route_triton(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor)
     if hidden.device.type == "cpu" and _backend.cpu_extension_available():
-        return torch.ops.lfm_kernels_cpu.moe_route(
+        return torch.ops.lfm_kernels_cpu.moe_route.default(
             hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor
         )
     weights, ids = reference.moe_route(hidden, gate_weight, expert_bias, top_k, norm_topk_prob, routed_scaling_factor)
@@ -86,7 +86,7 @@ def _moe_experts_impl(
 
         return moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if hidden.device.type == "cpu" and _backend.cpu_extension_available():
-        return torch.ops.lfm_kernels_cpu.moe_experts(
+        return torch.ops.lfm_kernels_cpu.moe_experts.default(
             hidden, gate_up_proj, down_proj, topk_ids, topk_weights, *_bf16_routes(hidden, gate_up_proj, down_proj)
         )
     if topk_ids.device.type == "cpu":
@@ -281,7 +281,7 @@ def _run_quant_experts(layout, hidden, gate_up_q, down_q, format, num_experts, i
         )
     name = "moe_experts_quant" if layout == "rows" else "moe_experts_quant_x8"
     if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
-        return getattr(torch.ops.lfm_kernels_cpu, name)(
+        return getattr(torch.ops.lfm_kernels_cpu, name).default(
             hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows,
             amx_min_rows
         )
@@ -411,7 +411,7 @@ def _run_kquant_experts(layout, hidden, gate_up_q, down_q, gate_up_format, down_
         )
     name = "moe_experts_kquant" if layout == "rows" else "moe_experts_kquant_x8"
     if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
-        return getattr(torch.ops.lfm_kernels_cpu, name)(
+        return getattr(torch.ops.lfm_kernels_cpu, name).default(
             hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights,
             dequant_gemm_min_rows
         )
