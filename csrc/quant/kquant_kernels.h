@@ -1,8 +1,9 @@
 // The K-quant kernels (Q4_K / Q5_K / Q6_K, see quant/kquant.h) wrapped as one struct per path, so
 // that linear_kquant.cpp and moe_experts_kquant.cpp are each written once, as templates over the
 // struct, and pick it at run time from quant::active_isa() (the choice, pin and forced portable
-// path of the Q8_0 / Q4_0 kernels). AVX-VNNI / AVX512-VNNI CPUs run the AVX2 structs: the
-// K-quant tiles have no vpdpbusd variant yet.
+// path of the Q8_0 / Q4_0 kernels). AVX-VNNI / AVX512-VNNI CPUs run the AVX2 structs with the x8
+// decode tile replaced by its vpdpbusd variant (quant/kquant_x8_vnni.h: Q4_K, Q6_K; Q5_K and the
+// prefill panels stay AVX2).
 //
 // Each struct: quantize_row_k<T>, ktile<F, R, M> (kquant.h's contract), kx8_tile<F, G, M> (on the
 // x8 layout, kquant_x8.h's contract) and, where kPacked, the packed panels of kquant_avx2.h (pack_group<F>, panel_tile<F, M>, pack_bytes<F>()).
@@ -16,6 +17,7 @@
 #include "quant/kquant.h"
 #include "quant/kquant_portable.h"
 #include "quant/kquant_x8.h"
+#include "quant/vnni_target.h"
 
 LFMK_AVX2_BEGIN
 #include "simd_avx2.h"
@@ -93,3 +95,38 @@ struct KKernAvx2 {
 }  // namespace quant
 }  // namespace lfmk
 LFMK_AVX2_END
+
+// The VNNI structs: KKernAvx2 with the x8 tile of quant/kquant_x8_vnni.h (the same bits).
+#define LFMK_KX8_VNNI_KERN(Name, ns)                                                                             \
+  namespace lfmk {                                                                                             \
+  namespace quant {                                                                                            \
+  namespace {                                                                                                  \
+  struct Name : KKernAvx2 {                                                                                    \
+    template <KFormat F, int G, int M>                                                                         \
+    static void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,       \
+                         const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) { \
+      ns::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr);                             \
+    }                                                                                                          \
+  };                                                                                                           \
+  }                                                                                                            \
+  }                                                                                                            \
+  }
+
+LFMK_QVNNI_BEGIN("avx2,fma,f16c,avxvnni")
+#define LFMK_QVNNI_NS avxvnni
+#define LFMK_QVNNI_DPBUSD _mm256_dpbusd_avx_epi32
+#include "quant/kquant_x8_vnni.h"
+#undef LFMK_QVNNI_NS
+#undef LFMK_QVNNI_DPBUSD
+LFMK_KX8_VNNI_KERN(KKernAvxVnni, avxvnni)
+LFMK_QVNNI_END
+
+LFMK_QVNNI_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define LFMK_QVNNI_NS avx512vnni
+#define LFMK_QVNNI_DPBUSD _mm256_dpbusd_epi32
+#include "quant/kquant_x8_vnni.h"
+#undef LFMK_QVNNI_NS
+#undef LFMK_QVNNI_DPBUSD
+LFMK_KX8_VNNI_KERN(KKernAvx512Vnni, avx512vnni)
+LFMK_QVNNI_END
+#undef LFMK_KX8_VNNI_KERN

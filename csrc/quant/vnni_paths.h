@@ -5,14 +5,7 @@
 
 #include "quant/x8.h"  // outside the target regions: its portable code must run on any CPU
 
-#if defined(__clang__)
-#define LFMK_QVNNI_BEGIN(tgt) _Pragma("clang attribute push (__attribute__((target(" tgt "))), apply_to = function)")
-#define LFMK_QVNNI_END _Pragma("clang attribute pop")
-#else
-#define LFMK_QVNNI_PRAGMA(x) _Pragma(#x)
-#define LFMK_QVNNI_BEGIN(tgt) _Pragma("GCC push_options") LFMK_QVNNI_PRAGMA(GCC target(tgt))
-#define LFMK_QVNNI_END _Pragma("GCC pop_options")
-#endif
+#include "quant/vnni_target.h"
 
 LFMK_QVNNI_BEGIN("avx2,fma,f16c,avxvnni")
 #define LFMK_QVNNI_NS avxvnni
