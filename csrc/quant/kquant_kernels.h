@@ -2,8 +2,8 @@
 // that linear_kquant.cpp and moe_experts_kquant.cpp are each written once, as templates over the
 // struct, and pick it at run time from quant::active_isa() (the choice, pin and forced portable
 // path of the Q8_0 / Q4_0 kernels). AVX-VNNI / AVX512-VNNI CPUs run the AVX2 structs with the x8
-// decode tile replaced by its vpdpbusd variant (quant/kquant_x8_vnni.h: Q4_K, Q6_K; Q5_K and the
-// prefill panels stay AVX2).
+// decode tile replaced by its vpdpbusd variant (quant/kquant_x8_vnni.h; the prefill panels stay
+// AVX2).
 //
 // Each struct: quantize_row_k<T>, ktile<F, R, M> (kquant.h's contract), kx8_tile<F, G, M> (on the
 // x8 layout, kquant_x8.h's contract) and, where kPacked, the packed panels of kquant_avx2.h (pack_group<F>, panel_tile<F, M>, pack_bytes<F>()).

@@ -13,7 +13,9 @@
 // 32 * 15 * 127, |S1| < 2^25), so the bits are the AVX2 tile's.
 // Q6_K: the same for its 6-bit q (unpacked as the AVX2 tile does): one vpdpbusd per vector into
 // each 16-element sub-block's int32 sum (<= 16 * 63 * 127), times its sign-extended int8 scale
-// (|S| < 2^29). Q5_K runs the AVX2 tile.
+// (|S| < 2^29).
+// Q5_K: as Q4_K, its fifth bits ored in from the qh vectors (so its high nibbles are shifted down:
+// a fifth bit has no room above an in-place nibble); sub-block dots <= 32 * 31 * 127.
 
 namespace lfmk {
 namespace quant {
@@ -22,9 +24,7 @@ namespace LFMK_QVNNI_NS {
 template <KFormat F, int G, int M>
 static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
                             const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) {
-  if constexpr (F == KFormat::Q5_K) {
-    kavx2::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr);
-  } else if constexpr (F == KFormat::Q6_K) {
+  if constexpr (F == KFormat::Q6_K) {
     constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     // byte j of each lane to the lane's top byte: an arithmetic shift then sign-extends it to int32
@@ -86,6 +86,12 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
   } else {
     constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
+    constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;  // Q5_K: 8 qh vectors before the qs
+    const __m256i bit4 = _mm256_set1_epi8(0x10);
+    // qh shifted left by n bits (right by -n) in 16-bit lanes; n is a constant once the loop unrolls
+    const auto shift_bits = [](__m256i v, int n) {
+      return n >= 0 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(n)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(-n));
+    };
     const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f),
                   m2 = _mm256_set1_epi32(0x03030303), m4hi = _mm256_set1_epi8(static_cast<char>(0xF0));
     // byte j of each lane zero-extended to the lane's int32: sub-block j's scale (j < 4 of a vector)
@@ -118,16 +124,27 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
           __m256i sa[M], sb16[M];
           for (int m = 0; m < M; ++m) sa[m] = sb16[m] = _mm256_setzero_si256();
           for (int t = 0; t < 8; ++t) {
-            const __m256i v = kavx2::ld(blk + 128 + 32 * (8 * c + t));
-            const __m256i lo = _mm256_and_si256(v, m4), hi16 = _mm256_and_si256(v, m4hi);
+            const __m256i v = kavx2::ld(blk + kQs + 32 * (8 * c + t));
+            __m256i lo = _mm256_and_si256(v, m4), hi;
+            if constexpr (F == KFormat::Q5_K) {
+              // the fifth bit of sub-blocks 2c and 2c + 1 (bits 2c, 2c + 1 of each qh byte) to bit 4
+              const __m256i qh = kavx2::ld(blk + 128 + 32 * t);
+              lo = _mm256_or_si256(lo, _mm256_and_si256(shift_bits(qh, 4 - 2 * c), bit4));
+              hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                   _mm256_and_si256(shift_bits(qh, 3 - 2 * c), bit4));
+            } else {
+              hi = _mm256_and_si256(v, m4hi);  // 16 * q: shifted back once per sub-block below
+            }
             for (int m = 0; m < M; ++m) {
               sa[m] = LFMK_QVNNI_DPBUSD(sa[m], lo, kavx2::bcast4(x[m] + 64 * c + 4 * t));
-              sb16[m] = LFMK_QVNNI_DPBUSD(sb16[m], hi16, kavx2::bcast4(x[m] + 64 * c + 32 + 4 * t));
+              sb16[m] = LFMK_QVNNI_DPBUSD(sb16[m], hi, kavx2::bcast4(x[m] + 64 * c + 32 + 4 * t));
             }
           }
-          for (int m = 0; m < M; ++m)
+          for (int m = 0; m < M; ++m) {
+            const __m256i sb = F == KFormat::Q5_K ? sb16[m] : _mm256_srai_epi32(sb16[m], 4);
             S1[m] = _mm256_add_epi32(S1[m], _mm256_add_epi32(_mm256_mullo_epi32(sa[m], sc_a),
-                                                             _mm256_mullo_epi32(_mm256_srai_epi32(sb16[m], 4), sc_b)));
+                                                             _mm256_mullo_epi32(sb, sc_b)));
+          }
         }
         const __m256i mp[4] = {_mm256_shuffle_epi8(mn_lo, pair[0]), _mm256_shuffle_epi8(mn_lo, pair[1]),
                                _mm256_shuffle_epi8(mn_hi, pair[0]), _mm256_shuffle_epi8(mn_hi, pair[1])};
