@@ -240,12 +240,7 @@ at::Tensor linear_kquant_any(const char* op, bool x8, const at::Tensor& x_in, co
   a.N = N;
   a.K = K;
   a.x8 = x8;
-  switch (active_isa()) {
-    case 3: run_kern_k<KKernAvx512Vnni>(f, x, a); break;
-    case 2: run_kern_k<KKernAvxVnni>(f, x, a); break;
-    case 1: run_kern_k<KKernAvx2>(f, x, a); break;
-    default: run_kern_k<KKernPortable>(f, x, a); break;
-  }
+  with_kquant_kern([&](auto kern) { run_kern_k<decltype(kern)>(f, x, a); });
   if (xdt != at::kFloat) out.copy_(out_f);
   return out;
 }

@@ -278,12 +278,9 @@ at::Tensor moe_experts_kquant_any(const char* op, bool x8, const at::Tensor& hid
   if (k == 0) return out.zero_();
   const uint8_t *gp = gu.const_data_ptr<uint8_t>(), *dp = dn.const_data_ptr<uint8_t>();
   const float* twp = tw.const_data_ptr<float>();
-  switch (quant::active_isa()) {
-    case 3: moe_experts_kquant_run<quant::KKernAvx512Vnni>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8, gemm_min_rows); break;
-    case 2: moe_experts_kquant_run<quant::KKernAvxVnni>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8, gemm_min_rows); break;
-    case 1: moe_experts_kquant_run<quant::KKernAvx2>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8, gemm_min_rows); break;
-    default: moe_experts_kquant_run<quant::KKernPortable>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8, gemm_min_rows); break;
-  }
+  quant::with_kquant_kern([&](auto kern) {
+    moe_experts_kquant_run<decltype(kern)>(fg, fd, hidden, gp, dp, idp, twp, E, I, k, out, x8, gemm_min_rows);
+  });
   return out;
 }
 

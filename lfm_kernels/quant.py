@@ -535,7 +535,6 @@ def _(x, qweight, format, n, k, bias):
 
 def _linear_quant_x8_impl(x: torch.Tensor, qweight: torch.Tensor, format: str, n: int, k: int, bias: torch.Tensor | None,
                           amx_min_rows: int = 0) -> torch.Tensor:
-
     name = "linear_kquant_x8" if format in _K_FORMATS else "linear_quant_x8"
     if _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, name):
         if format in _K_FORMATS:

@@ -17,6 +17,7 @@
 #include "quant/kquant.h"
 #include "quant/kquant_portable.h"
 #include "quant/kquant_x8.h"
+#include "quant/quant.h"
 #include "quant/vnni_target.h"
 
 LFMK_AVX2_BEGIN
@@ -130,3 +131,21 @@ LFMK_QVNNI_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 LFMK_KX8_VNNI_KERN(KKernAvx512Vnni, avx512vnni)
 LFMK_QVNNI_END
 #undef LFMK_KX8_VNNI_KERN
+
+namespace lfmk {
+namespace quant {
+namespace {
+// fn(Kern{}) with the struct of the quantized path in force (active_isa(): its choice, pin or forced
+// portable path), so each op picks its K-quant struct in one place.
+template <typename Fn>
+inline void with_kquant_kern(const Fn& fn) {
+  switch (active_isa()) {
+    case 3: fn(KKernAvx512Vnni{}); break;
+    case 2: fn(KKernAvxVnni{}); break;
+    case 1: fn(KKernAvx2{}); break;
+    default: fn(KKernPortable{}); break;
+  }
+}
+}  // namespace
+}  // namespace quant
+}  // namespace lfmk

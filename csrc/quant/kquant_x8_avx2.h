@@ -49,6 +49,87 @@ static inline __m256i q5_bit(__m256i qh) {
     return _mm256_and_si256(_mm256_srli_epi16(qh, S - 4), bit);
 }
 
+// v shifted left by n bits (right by -n) in 16-bit lanes; n is a constant where the caller's loop unrolls.
+static inline __m256i shift16(__m256i v, int n) {
+  return n >= 0 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(n)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(-n));
+}
+
+// Pieces of one (group, super-block) step shared with the VNNI tile (quant/kquant_x8_vnni.h), which
+// differs only in how it sums the products: the same exact integers, so the same bits.
+
+// Q4_K / Q5_K: the 8 rows' six-bit sub-block scales (sc_lo: sub-blocks 0..3 as bytes 0..3 of lane r,
+// sc_hi: 4..7) and mins (mn_lo, mn_hi), decoded from the three scale vectors as kquant.h does.
+struct KX8Scales45 {
+  __m256i sc_lo, sc_hi, mn_lo, mn_hi;
+};
+static inline KX8Scales45 kx8_scales45(const uint8_t* blk) {
+  const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f),
+                m2 = _mm256_set1_epi32(0x03030303);
+  const __m256i u0 = ld(blk + 32), u1 = ld(blk + 64), u2 = ld(blk + 96);
+  return {_mm256_and_si256(u0, m6),
+          _mm256_or_si256(_mm256_and_si256(u2, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4)),
+          _mm256_and_si256(u1, m6),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
+                          _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4))};
+}
+
+// Q4_K / Q5_K, the rest of a step once S1 is summed: S2 = sum_j mn_j * sum(x_j) (mins paired as int16
+// against the activation's per-32 sum pairs; pair = kx8_pair45()), then
+// acc += dx * (d * S1 - dmin * S2).
+static inline void kx8_pair45(__m256i pair[2]) {
+  pair[0] = lane_bytes(0, -1, 1, -1);
+  pair[1] = lane_bytes(2, -1, 3, -1);
+}
+template <int M>
+static inline void kx8_finish45(const uint8_t* blk, const KX8Scales45& s, const __m256i pair[2], const int16_t* xs,
+                                int64_t lds, const float* xd, int64_t ldd, int64_t b, const __m256i* S1, __m256* acc) {
+  const __m256i mp[4] = {_mm256_shuffle_epi8(s.mn_lo, pair[0]), _mm256_shuffle_epi8(s.mn_lo, pair[1]),
+                         _mm256_shuffle_epi8(s.mn_hi, pair[0]), _mm256_shuffle_epi8(s.mn_hi, pair[1])};
+  const __m256 d = half8(blk), dmin = half8(blk + 16);
+  for (int m = 0; m < M; ++m) {
+    const int16_t* x = xs + m * lds + b * (kSub16 / 2);
+    __m256i S2 = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) S2 = _mm256_add_epi32(S2, _mm256_madd_epi16(mp[i], bcast4(x + 2 * i)));
+    const __m256 t = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(S1[m]), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(S2)));
+    acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(xd[m * ldd + b]), t, acc[m]);
+  }
+}
+
+// Q6_K: the 6-bit q of elements 128h + 32k + 4t .. + 3 (k = 0..3) of the 8 rows, from one ql pair
+// and one qh vector (as in load_q6).
+static inline void kx8_q6(const uint8_t* blk, int h, int t, __m256i q[4]) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+  const __m256i la = ld(blk + 32 * (16 * h + t)), lb = ld(blk + 32 * (16 * h + 8 + t));
+  const __m256i qh = ld(blk + 1024 + 32 * (8 * h + t));
+  q[0] = _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+  q[1] = _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+  q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4), _mm256_and_si256(qh, m30));
+  q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+}
+
+// Q6_K, the rest of a step once S = sum_j sc_j * dot(q_j, x_j) is summed: the -32 of every q, 32 *
+// sum_j sc_j * sum(x_j) (int8 scales scv paired as int16; pair = kx8_pair6()), then acc += dx * d * s.
+static inline void kx8_pair6(__m256i pair[2]) {
+  pair[0] = lane_bytes(-1, 0, -1, 1);
+  pair[1] = lane_bytes(-1, 2, -1, 3);
+}
+template <int M>
+static inline void kx8_finish6(const uint8_t* blk, const __m256i scv[4], const __m256i pair[2], const int16_t* xs,
+                               int64_t lds, const float* xd, int64_t ldd, int64_t b, const __m256i* S, __m256* acc) {
+  __m256i O[M];
+  for (int m = 0; m < M; ++m) O[m] = _mm256_setzero_si256();
+  for (int i = 0; i < 8; ++i) {
+    const __m256i sp = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[i / 2], pair[i % 2]), 8);
+    for (int m = 0; m < M; ++m)
+      O[m] = _mm256_add_epi32(O[m], _mm256_madd_epi16(sp, bcast4(xs + m * lds + b * kSub16 + 2 * i)));
+  }
+  const __m256 d = half8(blk + 1664);
+  for (int m = 0; m < M; ++m) {
+    const __m256i s = _mm256_sub_epi32(S[m], _mm256_slli_epi32(O[m], 5));
+    acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(xd[m * ldd + b]), d), _mm256_cvtepi32_ps(s), acc[m]);
+  }
+}
+
 template <KFormat F, int M, int C>
 static inline void kx8_q45_chunk(const uint8_t* blk, const int8_t* const* x, __m256i scl, __m256i sch, __m256i* S1) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -83,10 +164,10 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
   for (int g = 0; g < G; ++g)
     for (int m = 0; m < M; ++m) acc[g][m] = _mm256_setzero_ps();
   if constexpr (F == KFormat::Q6_K) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     const __m256i dup[4] = {lane_bytes(-1, 0, -1, 0), lane_bytes(-1, 1, -1, 1), lane_bytes(-1, 2, -1, 2),
                             lane_bytes(-1, 3, -1, 3)};
-    const __m256i pair[2] = {lane_bytes(-1, 0, -1, 1), lane_bytes(-1, 2, -1, 3)};
+    __m256i pair[2];
+    kx8_pair6(pair);
     for (int64_t b = 0; b < nsb; ++b) {
       const int8_t* x[M];
       for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
@@ -95,8 +176,8 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
         prefetch_stream(blk, static_cast<int>(kGB));  // common.h: decode streams these bytes once
         __m256i scv[4];
         for (int i = 0; i < 4; ++i) scv[i] = ld(blk + 1536 + 32 * i);
-        __m256i S[M], O[M];
-        for (int m = 0; m < M; ++m) S[m] = O[m] = _mm256_setzero_si256();
+        __m256i S[M];
+        for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
         __m256i sc[16];  // sub-block j's scale in both int16 halves of each lane
         for (int j = 0; j < 16; ++j) sc[j] = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[j / 4], dup[j % 4]), 8);
         for (int h = 0; h < 2; ++h)
@@ -106,14 +187,8 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
             for (int k = 0; k < 4; ++k)
               for (int m = 0; m < M; ++m) p[k][m] = _mm256_setzero_si256();
             for (int t = 2 * tp; t < 2 * tp + 2; ++t) {
-              const __m256i la = ld(blk + 32 * (16 * h + t)), lb = ld(blk + 32 * (16 * h + 8 + t));
-              const __m256i qh = ld(blk + 1024 + 32 * (8 * h + t));
-              const __m256i q[4] = {
-                  _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-                  _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-                  _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4), _mm256_and_si256(qh, m30)),
-                  _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
-                                  _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30))};
+              __m256i q[4];
+              kx8_q6(blk, h, t, q);
               for (int k = 0; k < 4; ++k)
                 for (int m = 0; m < M; ++m)
                   p[k][m] = _mm256_add_epi16(p[k][m], _mm256_maddubs_epi16(q[k], bcast4(x[m] + 128 * h + 32 * k + 4 * t)));
@@ -122,55 +197,28 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
               for (int m = 0; m < M; ++m)
                 S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(p[k][m], sc[8 * h + 2 * k + tp / 2]));
           }
-        // the -32 of every q: 32 * sum_j sc_j * sum(x_j), scales paired (sc_2i, sc_2i+1) as int16
-        for (int i = 0; i < 8; ++i) {
-          const __m256i sp = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[i / 2], pair[i % 2]), 8);
-          for (int m = 0; m < M; ++m)
-            O[m] = _mm256_add_epi32(O[m], _mm256_madd_epi16(sp, bcast4(xs + m * lds + b * kSub16 + 2 * i)));
-        }
-        const __m256 d = half8(blk + 1664);
-        for (int m = 0; m < M; ++m) {
-          const __m256i s = _mm256_sub_epi32(S[m], _mm256_slli_epi32(O[m], 5));
-          acc[g][m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(xd[m * ldd + b]), d), _mm256_cvtepi32_ps(s), acc[g][m]);
-        }
+        kx8_finish6<M>(blk, scv, pair, xs, lds, xd, ldd, b, S, acc[g]);
       }
     }
   } else {
-    const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f),
-                  m2 = _mm256_set1_epi32(0x03030303);
     const __m256i dup[4] = {lane_bytes(0, -1, 0, -1), lane_bytes(1, -1, 1, -1), lane_bytes(2, -1, 2, -1),
                             lane_bytes(3, -1, 3, -1)};
-    const __m256i pair[2] = {lane_bytes(0, -1, 1, -1), lane_bytes(2, -1, 3, -1)};
+    __m256i pair[2];
+    kx8_pair45(pair);
     for (int64_t b = 0; b < nsb; ++b) {
       const int8_t* x[M];
       for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
       for (int g = 0; g < G; ++g) {
         const uint8_t* blk = w + g * gstride + b * kGB;
         prefetch_stream(blk, static_cast<int>(kGB));  // common.h: decode streams these bytes once
-        const __m256i u0 = ld(blk + 32), u1 = ld(blk + 64), u2 = ld(blk + 96);
-        const __m256i sc_lo = _mm256_and_si256(u0, m6);
-        const __m256i sc_hi = _mm256_or_si256(_mm256_and_si256(u2, m4),
-                                              _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4));
-        const __m256i mn_lo = _mm256_and_si256(u1, m6);
-        const __m256i mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
-                                              _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4));
-        __m256i S1[M], S2[M];
-        for (int m = 0; m < M; ++m) S1[m] = S2[m] = _mm256_setzero_si256();
-        kx8_q45_chunk<F, M, 0>(blk, x, _mm256_shuffle_epi8(sc_lo, dup[0]), _mm256_shuffle_epi8(sc_lo, dup[1]), S1);
-        kx8_q45_chunk<F, M, 1>(blk, x, _mm256_shuffle_epi8(sc_lo, dup[2]), _mm256_shuffle_epi8(sc_lo, dup[3]), S1);
-        kx8_q45_chunk<F, M, 2>(blk, x, _mm256_shuffle_epi8(sc_hi, dup[0]), _mm256_shuffle_epi8(sc_hi, dup[1]), S1);
-        kx8_q45_chunk<F, M, 3>(blk, x, _mm256_shuffle_epi8(sc_hi, dup[2]), _mm256_shuffle_epi8(sc_hi, dup[3]), S1);
-        const __m256i mp[4] = {_mm256_shuffle_epi8(mn_lo, pair[0]), _mm256_shuffle_epi8(mn_lo, pair[1]),
-                               _mm256_shuffle_epi8(mn_hi, pair[0]), _mm256_shuffle_epi8(mn_hi, pair[1])};
-        for (int m = 0; m < M; ++m) {
-          const int16_t* s = xs + m * lds + b * (kSub16 / 2);
-          for (int i = 0; i < 4; ++i) S2[m] = _mm256_add_epi32(S2[m], _mm256_madd_epi16(mp[i], bcast4(s + 2 * i)));
-        }
-        const __m256 d = half8(blk), dmin = half8(blk + 16);
-        for (int m = 0; m < M; ++m) {
-          const __m256 t = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(S1[m]), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(S2[m])));
-          acc[g][m] = _mm256_fmadd_ps(_mm256_set1_ps(xd[m * ldd + b]), t, acc[g][m]);
-        }
+        const KX8Scales45 sv = kx8_scales45(blk);
+        __m256i S1[M];
+        for (int m = 0; m < M; ++m) S1[m] = _mm256_setzero_si256();
+        kx8_q45_chunk<F, M, 0>(blk, x, _mm256_shuffle_epi8(sv.sc_lo, dup[0]), _mm256_shuffle_epi8(sv.sc_lo, dup[1]), S1);
+        kx8_q45_chunk<F, M, 1>(blk, x, _mm256_shuffle_epi8(sv.sc_lo, dup[2]), _mm256_shuffle_epi8(sv.sc_lo, dup[3]), S1);
+        kx8_q45_chunk<F, M, 2>(blk, x, _mm256_shuffle_epi8(sv.sc_hi, dup[0]), _mm256_shuffle_epi8(sv.sc_hi, dup[1]), S1);
+        kx8_q45_chunk<F, M, 3>(blk, x, _mm256_shuffle_epi8(sv.sc_hi, dup[2]), _mm256_shuffle_epi8(sv.sc_hi, dup[3]), S1);
+        kx8_finish45<M>(blk, sv, pair, xs, lds, xd, ldd, b, S1, acc[g]);
       }
     }
   }

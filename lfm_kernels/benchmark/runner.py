@@ -432,7 +432,7 @@ def run(args) -> int:
         print(f"  {device}: floor = bytes / {m['bandwidth'] / 1e9:.1f} GB/s ({m['bandwidth_what']})")
         print(f"  {device}: compute ceiling {m['compute_peak'] / 1e9:.0f} GFLOP/s (measured {m['compute_peak_what']})")
     if out.get("choice_budget_s"):
-        spent = _policy.policy_report().get("spent_s", 0.0)
+        spent = out["kernel_policy_after"].get("spent_s", 0.0)
         print(f"  kernel choice: measured per shape class on this CPU ({spent:.1f} s spent of the run's "
               f"{out['choice_budget_s']:.0f} s; a model process has 0.5 s and goes on from the cache)")
     good = [r for r in rows if "failed" not in r]
