@@ -460,6 +460,8 @@ def test_save_pretrained_round_trip(tmp_path, shard):
     model = LfmModel(cfg, weights, torch.bfloat16)
     save_pretrained(model, tmp_path, max_shard_bytes=shard)
     assert os.path.isfile(tmp_path / "model.safetensors.index.json") == (shard < 1 << 30)
+    # published checkpoints name their class; llama.cpp's converter needs it
+    assert json.load(open(tmp_path / "config.json"))["architectures"] == ["Lfm2MoeForCausalLM"]
     again = from_pretrained(tmp_path, progress=False)
     assert again.dtype == torch.bfloat16 and again.config.layer_types == model.config.layer_types
     for (n1, a), (n2, b) in zip(model.weights.tensors(), again.weights.tensors()):

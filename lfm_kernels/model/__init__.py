@@ -245,6 +245,8 @@ def save_pretrained(model: LfmModel, path: str, max_shard_bytes: int = 4 << 30) 
     hf_cfg = cfg.to_transformers()
     d = hf_cfg.to_dict()
     d["dtype"] = str(model.dtype).replace("torch.", "")
+    # as in published checkpoints: llama.cpp's converter picks its model class from this field
+    d["architectures"] = ["Lfm2MoeForCausalLM" if cfg.is_moe else "Lfm2ForCausalLM"]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(d, f, indent=1)
 
