@@ -133,15 +133,16 @@ def test_linear_x8_parity(isa, fmt, m):
 @needs_ext
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_linear_x8_bits_equal_across_paths_threads_and_batch(fmt):
-    """Portable == AVX2, 1 thread == 2 threads, a row alone (decode tile) == itself in a prefill batch
-    (packed panels made from x8 groups), x8 == rows: one set of bits everywhere."""
+    """Every path (portable, AVX2, each VNNI the CPU has) the same, 1 thread == 2 threads, a row alone
+    (decode tile) == itself in a prefill batch (packed panels made from x8 groups), x8 == rows: one set
+    of bits everywhere."""
     n, k = 203, 512
     qt = _qt(fmt, n, k)
     x8 = qt.to_layout("x8")
     x = _act(37, k)
     results = {}
-    for isa in ("portable", "avx2"):
-        if isa == "avx2" and "avx2" not in torch.ops.lfm_kernels_cpu._quant_isa_info()[1:]:
+    for isa in ISAS:
+        if isa != "portable" and isa not in torch.ops.lfm_kernels_cpu._quant_isa_info()[1:]:
             continue  # skipped visibly in test_linear_x8_parity
         with quant_isa_path(isa):
             with num_threads(1):
@@ -157,8 +158,8 @@ def test_linear_x8_bits_equal_across_paths_threads_and_batch(fmt):
             assert torch.equal(a, one[i : i + 1]), (isa, i)
         assert torch.equal(pair, one[3:5]), isa
         results[isa] = one
-    if "avx2" in results:
-        assert torch.equal(results["avx2"], results["portable"])
+    for isa, out in results.items():
+        assert torch.equal(out, results["portable"]), isa
 
 
 @needs_ext
@@ -214,8 +215,8 @@ def test_moe_x8_bits_equal_across_paths_threads_and_batch(pair):
     hidden, gu, dn, ids, weights = _case(70, *pair, e=5, k=2, h=512, i=256)
     gx, dx = _x8(gu, dn)
     results = {}
-    for isa in ("portable", "avx2"):
-        if isa == "avx2" and "avx2" not in torch.ops.lfm_kernels_cpu._quant_isa_info()[1:]:
+    for isa in ISAS:
+        if isa != "portable" and isa not in torch.ops.lfm_kernels_cpu._quant_isa_info()[1:]:
             continue  # skipped visibly in test_moe_x8_parity
         with quant_isa_path(isa):
             with num_threads(1):
@@ -227,8 +228,8 @@ def test_moe_x8_bits_equal_across_paths_threads_and_batch(pair):
         assert torch.equal(one, two), isa
         assert torch.equal(alone, one[5:6]) and torch.equal(few, one[:9]), isa
         results[isa] = one
-    if "avx2" in results:
-        assert torch.equal(results["avx2"], results["portable"])
+    for isa, out in results.items():
+        assert torch.equal(out, results["portable"]), isa
 
 
 @needs_ext

@@ -291,6 +291,32 @@ static inline __m256i bcast4(const void* p) {
   return _mm256_set1_epi32(v);
 }
 
+// The rest of a packed super-block once S (sum_j sc_j * dot_j, exact int32 per row lane) is summed:
+// O = the mins (Q4_K / Q5_K) or scales (Q6_K, for the -32 of every q) against the activation's
+// sub-block sums, then the fp32 steps into acc. Shared with the VNNI panel (quant/kquant_x8_vnni.h).
+template <KFormat F, int M>
+static inline void kpanel_finish(const uint8_t* blk, const int16_t* xp, int64_t ldp, const float* xd, int64_t ldd,
+                                 int64_t b, const __m256i* S, __m256* acc) {
+  using P = KPack<F>;
+  const __m256 d = _mm256_load_ps(reinterpret_cast<const float*>(blk + P::kDOff));
+  for (int m = 0; m < M; ++m) {
+    const int16_t* xs = xp + m * ldp + b * P::kSubs;
+    __m256i O = _mm256_setzero_si256();
+    for (int i = 0; i < P::kSubs / 2; ++i)
+      O = _mm256_add_epi32(O, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(blk + P::kPairOff + 32 * i)),
+                                                bcast4(xs + 2 * i)));
+    const __m256 dx = _mm256_set1_ps(xd[m * ldd + b]);
+    if (F == KFormat::Q6_K) {
+      const __m256i s = _mm256_sub_epi32(S[m], _mm256_slli_epi32(O, 5));
+      acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(s), acc[m]);
+    } else {
+      const __m256 dmin = _mm256_load_ps(reinterpret_cast<const float*>(blk + P::kDOff + 32));
+      const __m256 t = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(S[m]), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(O)));
+      acc[m] = _mm256_fmadd_ps(dx, t, acc[m]);
+    }
+  }
+}
+
 // res[m * ldr + r] = row r of one packed group . activation row m, for M rows over nsb
 // super-blocks. xp rows (ldp int16 apart) hold the activation's sums per sub-block (Q4_K / Q5_K:
 // per 32, see kq_sub32_sums; Q6_K: per 16, the s of quantize_act_row_k).
@@ -318,23 +344,7 @@ static inline void kpanel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq,
         for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(t[m], scv));
       }
     }
-    const __m256 d = _mm256_load_ps(reinterpret_cast<const float*>(blk + P::kDOff));
-    for (int m = 0; m < M; ++m) {
-      const int16_t* xs = xp + m * ldp + b * P::kSubs;
-      __m256i O = _mm256_setzero_si256();
-      for (int i = 0; i < P::kSubs / 2; ++i)
-        O = _mm256_add_epi32(O, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(blk + P::kPairOff + 32 * i)),
-                                                  bcast4(xs + 2 * i)));
-      const __m256 dx = _mm256_set1_ps(xd[m * ldd + b]);
-      if (F == KFormat::Q6_K) {
-        const __m256i s = _mm256_sub_epi32(S[m], _mm256_slli_epi32(O, 5));
-        acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(s), acc[m]);
-      } else {
-        const __m256 dmin = _mm256_load_ps(reinterpret_cast<const float*>(blk + P::kDOff + 32));
-        const __m256 t = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(S[m]), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(O)));
-        acc[m] = _mm256_fmadd_ps(dx, t, acc[m]);
-      }
-    }
+    kpanel_finish<F, M>(blk, xp, ldp, xd, ldd, b, S, acc);
   }
   for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr, acc[m]);
 }

@@ -2,8 +2,8 @@
 // that linear_kquant.cpp and moe_experts_kquant.cpp are each written once, as templates over the
 // struct, and pick it at run time from quant::active_isa() (the choice, pin and forced portable
 // path of the Q8_0 / Q4_0 kernels). AVX-VNNI / AVX512-VNNI CPUs run the AVX2 structs with the x8
-// decode tile replaced by its vpdpbusd variant (quant/kquant_x8_vnni.h; the prefill panels stay
-// AVX2).
+// decode tile and the packed prefill panel replaced by their vpdpbusd variants
+// (quant/kquant_x8_vnni.h; activation quantization and packing stay AVX2).
 //
 // Each struct: quantize_row_k<T>, ktile<F, R, M> (kquant.h's contract), kx8_tile<F, G, M> (on the
 // x8 layout, kquant_x8.h's contract) and, where kPacked, the packed panels of kquant_avx2.h (pack_group<F>, panel_tile<F, M>, pack_bytes<F>()).
@@ -97,7 +97,8 @@ struct KKernAvx2 {
 }  // namespace lfmk
 LFMK_AVX2_END
 
-// The VNNI structs: KKernAvx2 with the x8 tile of quant/kquant_x8_vnni.h (the same bits).
+// The VNNI structs: KKernAvx2 with the x8 tile and the packed panel of quant/kquant_x8_vnni.h (the same
+// bits; the packing is the AVX2 one).
 #define LFMK_KX8_VNNI_KERN(Name, ns)                                                                             \
   namespace lfmk {                                                                                             \
   namespace quant {                                                                                            \
@@ -107,6 +108,11 @@ LFMK_AVX2_END
     static void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,       \
                          const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) { \
       ns::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr);                             \
+    }                                                                                                          \
+    template <KFormat F, int M>                                                                                \
+    static void panel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,     \
+                           int64_t ldd, const int16_t* xp, int64_t ldp, float* res, int64_t ldr) {             \
+      ns::kpanel_tile<F, M>(pk, nsb, xq, ldq, xd, ldd, xp, ldp, res, ldr);                                     \
     }                                                                                                          \
   };                                                                                                           \
   }                                                                                                            \

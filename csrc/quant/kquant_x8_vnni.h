@@ -1,8 +1,8 @@
-// VNNI variant of the x8 K-quant tile (layout and contract in quant/kquant_x8.h; the AVX2 tile it
-// replaces is quant/kquant_x8_avx2.h). Included twice by quant/kquant_kernels.h, between target
-// pragmas that enable AVX2+FMA+F16C plus either AVX-VNNI or AVX512-VNNI+VL, with LFMK_QVNNI_NS
-// naming the namespace and LFMK_QVNNI_DPBUSD the intrinsic of that variant; call only when the CPU
-// has it.
+// VNNI variants of the K-quant tiles: the x8 decode tile (layout and contract in quant/kquant_x8.h;
+// the AVX2 tile it replaces is quant/kquant_x8_avx2.h) and the packed prefill panel (kquant_avx2.h's
+// kpanel_tile, at the end). Included twice by quant/kquant_kernels.h, between target pragmas that
+// enable AVX2+FMA+F16C plus either AVX-VNNI or AVX512-VNNI+VL, with LFMK_QVNNI_NS naming the
+// namespace and LFMK_QVNNI_DPBUSD the intrinsic of that variant; call only when the CPU has it.
 //
 // Q4_K: decode of Q4_K weights is bound by the tile's vector ALU ops, not by memory, on the server
 // cores measured. The AVX2 tile spends two per qs vector and row of x on vpmaddubsw + an int16 add,
@@ -109,6 +109,36 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
   }
   for (int g = 0; g < G; ++g)
     for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
+}
+
+// The packed prefill panel of quant/kquant_avx2.h (KPack, packed by kavx2::pack_kgroup): one vpdpbusd
+// per weight vector into the sub-block's int32 dot, times the sub-block's scale once (vpmulld), in
+// place of vpmaddubsw + int16 adds flushed through vpmaddwd. The same exact S, so the AVX2 panel's bits.
+template <KFormat F, int M>
+static inline void kpanel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
+                               int64_t ldd, const int16_t* xp, int64_t ldp, float* res, int64_t ldr) {
+  using P = kavx2::KPack<F>;
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nsb; ++b) {
+    const uint8_t* blk = pk + b * P::kBytes;
+    __m256i S[M];
+    for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
+    for (int j = 0; j < P::kSubs; ++j) {
+      // the scale sits in both int16 halves of a lane: the high one, sign-extended, is the int32 scale
+      const __m256i sc = _mm256_srai_epi32(kavx2::ld(blk + P::kScOff + 32 * j), 16);
+      __m256i t[M];
+      for (int m = 0; m < M; ++m) t[m] = _mm256_setzero_si256();
+      for (int u = 0; u < P::kVecsPerSub; ++u) {
+        const int v = j * P::kVecsPerSub + u;
+        const __m256i wv = kavx2::ld(blk + 32 * v);
+        for (int m = 0; m < M; ++m) t[m] = LFMK_QVNNI_DPBUSD(t[m], wv, kavx2::bcast4(xq + m * ldq + b * kSuper + 4 * v));
+      }
+      for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_mullo_epi32(t[m], sc));
+    }
+    kavx2::kpanel_finish<F, M>(blk, xp, ldp, xd, ldd, b, S, acc);
+  }
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr, acc[m]);
 }
 
 }  // namespace LFMK_QVNNI_NS
