@@ -359,3 +359,69 @@ def test_gguf_file_loads_quantized(tiny, tmp_path, fmt):
         assert rel_err(model.forward(ids), st.forward(ids)) < 1e-6
     else:  # the file's embedding is Q4_0 (ours Q8_0): against its own dequantized weights
         assert rel_err(model.forward(ids), _dequantized_twin(model).forward(ids)) < LOGIT_TOL
+
+
+def _decode_logits(model, steps=4):
+    state = model.new_state(2, 16)
+    tok = torch.tensor([3, 7])
+    out = []
+    for _ in range(steps):
+        logits = model.decode_step(tok, state, check=False)
+        out.append(logits)
+        tok = logits.argmax(-1)
+    return torch.stack(out)
+
+
+def _public_only(monkeypatch):
+    from lfm_kernels.model.direct import DirectOps
+
+    begin = DirectOps.begin_step
+
+    def off(self, x):
+        begin(self, x)
+        self._on = False
+
+    monkeypatch.setattr(DirectOps, "begin_step", off)
+
+
+@pytest.fixture(scope="module")
+def tiny_256(tmp_path_factory):
+    # every K a multiple of 256: the K-quant mix applies to every tensor
+    path = tmp_path_factory.mktemp("tiny_moe_256")
+    cfg = _moe_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.02)
+    _hf_model(cfg).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k_m"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_step_direct_calls_equal_the_public_ops(tiny_256, quant, dtype, monkeypatch):
+    # model/direct.py calls the C++ ops itself in a decode step: bit for bit what the public ops give
+    path = tiny_256
+    model = from_pretrained(path, dtype=dtype, quant=quant, progress=False, tokenizer=False)
+    direct = _decode_logits(model)
+    with monkeypatch.context() as mp:
+        _public_only(mp)
+        public = _decode_logits(model)
+    assert torch.equal(direct, public)
+
+
+def test_decode_step_direct_calls_follow_the_policy(tiny_256, monkeypatch):
+    # a policy that sends one-row calls to the bf16 GEMM route (dequantized panels) changes the
+    # logits; the direct calls must take that route too, not their integer tiles
+    from lfm_kernels import _policy
+    from lfm_kernels._policy import QUANT_ROUTE_FIELDS, kernel_policy
+
+    if not _policy._amx_usable():
+        pytest.skip("needs AMX (the bf16 GEMM and AMX-INT8 routes exist only there): this CPU has no usable AMX")
+    path = tiny_256
+    model = from_pretrained(path, dtype=torch.bfloat16, quant="q4_0", progress=False, tokenizer=False)
+    tiles = _decode_logits(model)
+    everything_routed = {f: 1 for amx, gemm in QUANT_ROUTE_FIELDS.values() for f in (gemm,) if f}
+    with kernel_policy(**everything_routed):
+        direct = _decode_logits(model)
+        with monkeypatch.context() as mp:
+            _public_only(mp)
+            public = _decode_logits(model)
+    assert not torch.equal(direct, tiles)  # the route changes the bits: the comparison below can fail
+    assert torch.equal(direct, public)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import _memory, decode_attention, linear, moe, short_conv
+from .. import _memory, linear, moe, short_conv
 from ..quant import _K_FORMATS, QuantizedTensor, _kernel_layout
 from .config import ModelConfig
+from .direct import DirectOps
 from .weights import SplitWeight, Weights, _expert, _nbytes
 
 
@@ -94,6 +95,7 @@ class LfmModel:
         self.generation_defaults: dict = {}
         self._rope = None  # (cos, sin): one tuple, swapped in one assignment (see _rope_tables)
         self._scale = config.head_dim**-0.5
+        self._direct = DirectOps()  # decode_step's op calls (see direct.py)
 
     # ------------------------------------------------------------------ state and RoPE
     def new_state(self, batch: int, max_len: int) -> State:
@@ -142,10 +144,14 @@ class LfmModel:
         rows = QuantizedTensor(blocks, table.format, (blocks.shape[0], H)).dequantize(torch.float32)
         return rows.to(self.dtype).view(*ids.shape, H)
 
-    def _ffn(self, lw, h: torch.Tensor) -> torch.Tensor:
+    def _ffn(self, lw, h: torch.Tensor, direct: DirectOps | None = None) -> torch.Tensor:
         cfg = self.config
         if lw.moe and not _fused_moe(lw.gate_up_proj, lw.down_proj):
             return _moe_quant(h, lw, cfg)
+        if lw.moe and direct is not None:
+            shape = h.shape
+            return direct.moe(h.reshape(-1, shape[-1]), lw, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                              cfg.routed_scaling_factor).view(shape)
         if lw.moe:
             shape = h.shape
             out = moe(
@@ -160,15 +166,16 @@ class LfmModel:
             )
             return out.view(shape)
         inter = lw.w2.shape[1]
-        g = _linear(h, lw.w13)
-        return linear(F.silu(g[..., :inter]) * g[..., inter:], lw.w2)
+        lin = linear if direct is None else direct.linear
+        g = _linear(h, lw.w13, lin=lin)
+        return lin(F.silu(g[..., :inter]) * g[..., inter:], lw.w2)
 
-    def _qkv(self, lw, h: torch.Tensor):
+    def _qkv(self, lw, h: torch.Tensor, lin=None):
         """qk [.., Hq + Hkv, D] (q heads, then k heads) with the per-head RMSNorm applied, and v
         [.., Hkv, D]. q and k are normalised in one op with the per-head weights stacked."""
         cfg = self.config
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv = _linear(h, lw.qkv)
+        qkv = _linear(h, lw.qkv, lin=lin)
         lead = qkv.shape[:-1]
         qk = qkv[..., : (Hq + Hkv) * D].view(*lead, Hq + Hkv, D)
         v = qkv[..., (Hq + Hkv) * D :].view(*lead, Hkv, D)
@@ -258,25 +265,28 @@ class LfmModel:
         cos_t, sin_t = self._rope_tables(state.max_len)
         cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # [B, 1, D]: broadcast over heads
         x = self._embed(tokens).unsqueeze(1)  # [B, 1, H]
+        direct = self._direct
+        direct.begin_step(x)
+        lin = direct.linear
         for i, lw in enumerate(w.layers):
             h = rms_norm(x, lw.operator_norm, cfg.norm_eps)
             if lw.attention:
-                qk, v = self._qkv(lw, h[:, 0])  # [B, heads, D]
+                qk, v = self._qkv(lw, h[:, 0], lin)  # [B, heads, D]
                 qk = apply_rope(qk, cos, sin)
                 q, k = qk[:, :Hq].contiguous(), qk[:, Hq:]
                 state.k_cache[i][rows, :, pos] = k
                 state.v_cache[i][rows, :, pos] = v
                 # lengths come from the state (in [1, max_len]): no check, so no device sync
-                o = decode_attention(q, state.k_cache[i], state.v_cache[i], new_lens, self._scale, check_lengths=False)
-                out = linear(o.reshape(B, 1, -1), lw.out_proj)
+                o = direct.decode_attention(q, state.k_cache[i], state.v_cache[i], new_lens, self._scale)
+                out = lin(o.reshape(B, 1, -1), lw.out_proj)
             else:
-                bcx = linear(h, lw.in_proj, lw.in_proj_bias)
-                y = short_conv(bcx, lw.conv, lw.conv_bias, state.conv_state[i], None)
-                out = linear(y, lw.conv_out, lw.conv_out_bias)
+                bcx = lin(h, lw.in_proj, lw.in_proj_bias)
+                y = direct.short_conv(bcx, lw.conv, lw.conv_bias, state.conv_state[i])
+                out = lin(y, lw.conv_out, lw.conv_out_bias)
             x = x + out
-            x = x + self._ffn(lw, rms_norm(x, lw.ffn_norm, cfg.norm_eps))
+            x = x + self._ffn(lw, rms_norm(x, lw.ffn_norm, cfg.norm_eps), direct)
         state.seq_lens.copy_(new_lens)
-        return linear(rms_norm(x[:, 0], w.final_norm, cfg.norm_eps), w.lm_head)
+        return lin(rms_norm(x[:, 0], w.final_norm, cfg.norm_eps), w.lm_head)
 
     # ------------------------------------------------------------------ conveniences
     @torch.inference_mode()
@@ -360,15 +370,17 @@ def _fused_moe(gate_up, down) -> bool:
     return gate_up.format == down.format and gate_up.format in _FUSED_MOE_FORMATS and gate_up.layout == down.layout
 
 
-def _linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`linear` on any weight of ours: a SplitWeight (parts of different formats stacked along the output
-    rows) is one `linear` per part, outputs concatenated in row order."""
+def _linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, lin=None) -> torch.Tensor:
+    """`linear` (or `lin`, DirectOps.linear in a decode step) on any weight of ours: a SplitWeight (parts of
+    different formats stacked along the output rows) is one call per part, outputs concatenated in row
+    order."""
+    lin = linear if lin is None else lin  # looked up per call: tests substitute the module's `linear`
     if not isinstance(w, SplitWeight):
-        return linear(x, w, bias)
+        return lin(x, w, bias)
     outs, r0 = [], 0
     for p in w.parts:
         n = int(p.shape[-2])
-        outs.append(linear(x, p, None if bias is None else bias[r0 : r0 + n]))
+        outs.append(lin(x, p, None if bias is None else bias[r0 : r0 + n]))
         r0 += n
     return torch.cat(outs, dim=-1)
 
