@@ -129,6 +129,39 @@ def test_linear_x8_parity(isa, fmt, shape):
             assert torch.equal(linear(x, x8), out)
 
 
+def _raw_block_qt(n, k, fmt, seed) -> QuantizedTensor:
+    """Blocks no quantizer makes: every quant byte uniform over 0..255 (Q8_0's -128 included, every
+    nibble), scales fp16 in [0.5, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    bb = {"q8_0": 34, "q4_0": 18}[fmt]
+    data = torch.randint(0, 256, (n, k // 32, bb), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // 32, generator=g) * 1.5 + 0.5).half()
+    data[..., :2] = scales.view(torch.uint8).view(n, k // 32, 2)
+    return QuantizedTensor(data.view(n, -1), fmt, (n, k))
+
+
+@needs_ext
+@pytest.mark.parametrize("m", [1, 2, 4, 7])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_x8_full_byte_range(isa, fmt, m):
+    # The SIMD tiles offset or sign-split the operands of an unsigned x signed product (Q8_0's
+    # -128 is where |w| and w + 128 differ from naive tricks): the exact integers must survive
+    # every byte value, and activations at the int8 extremes.
+    n, k = 24, 256
+    qt = _raw_block_qt(n, k, fmt, seed=m)
+    x = torch.randn(m, k)
+    x[:, ::7] = 50.0  # each block's max: quantizes to +127
+    x[:, 3::7] = -50.0  # and -127
+    ref = _linear_reference(x, qt)
+    with quant_isa_path(isa):
+        out = linear(x, qt.to_layout("x8"))
+    assert rel_err(out, ref) < FP32_TOL, f"{isa} {fmt} M{m}: {rel_err(out, ref):.3g}"
+    if isa != "portable":
+        with quant_isa_path("portable"):
+            assert torch.equal(linear(x, qt.to_layout("x8")), out)
+
+
 @needs_ext
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_linear_x8_bits_independent_of_threads_batch_and_path(fmt):
