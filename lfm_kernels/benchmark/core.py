@@ -73,13 +73,19 @@ def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 30, repeats: 
     (256-bit loads, 1 MiB pieces claimed in turn by the threads, as the GEMVs read weights) without and
     with the software prefetch the GEMVs use, and torch's amax. torch's reductions alone read 15-35%
     below what the GEMVs stream on a 2-core Zen 4, and a read without prefetch stays below what a
-    2-core Xeon delivers: either would understate the floor. On CUDA: device-to-device copy, bytes read + written."""
+    2-core Xeon delivers: either would understate the floor. The buffer sits on huge pages where the
+    OS grants them, as the model's weights do (lfm_kernels._memory): on 4 KiB pages the same reads
+    measured 5-7% slower on a 2-core Xeon, and slower still once memory was fragmented, which would
+    understate the floor for weights that stream from huge pages. On CUDA: device-to-device copy,
+    bytes read + written."""
     if device.startswith("cuda"):
         src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
         dst = torch.empty_like(src)
         t = time_cuda(lambda: dst.copy_(src))
         return 2 * nbytes / t
-    buf = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    from .. import _memory
+
+    buf = _memory.empty(nbytes // 4, dtype=torch.float32).uniform_()
     probes = [lambda: buf.amax()]
     from .. import _backend
 

@@ -72,7 +72,8 @@ def _measure_machine(device: str, quick: bool) -> dict:
         _log("measuring CPU memory read bandwidth ...")
         nbytes = (256 << 20) if quick else (1 << 30)
         m["bandwidth"] = measure_read_bandwidth("cpu", nbytes=nbytes)
-        m["bandwidth_what"] = f"measured CPU read bandwidth: sum of a {nbytes >> 20} MiB buffer, all threads"
+        m["bandwidth_what"] = (f"measured CPU read bandwidth: sum of a {nbytes >> 20} MiB buffer on huge pages "
+                               "(as the weights), all threads")
     else:
         _log("measuring CUDA device-to-device copy bandwidth ...")
         m["bandwidth"] = measure_read_bandwidth(device, nbytes=(256 << 20) if quick else (1 << 30))
