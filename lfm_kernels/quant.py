@@ -632,18 +632,23 @@ def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None
             raise NotImplementedError(
                 f"quantized weights run on the CPU only ({qweight.format} kernels are C++); {name} is on {t.device}"
             )
-    lead = x.shape[:-1]
-    x2 = x.reshape(lead.numel(), k)
+    x2 = x.reshape(-1, k)
+    return _linear_on_route(x2, qweight, bias, _linear_route(x2, qweight)).reshape(*x.shape[:-1], n)
+
+
+def _linear_on_route(x2: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None, route: str) -> torch.Tensor:
+    """`_linear` on checked arguments, x2 [M, K], along `route` (`_linear_route(x2, qweight)`, which a
+    caller making many calls of one shape class may ask once: the model's decode step)."""
+    n, k = qweight.shape
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    eager = _backend.eager_cpu_fast_path(x2)
-    route = _linear_route(x2, qweight)
     if route == "bf16-gemm" and hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_dequant_gemm"):
         return torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm.default(
-            x2, qweight.data, qweight.format, qweight.layout, n, k, bias).reshape(*lead, n)
+            x2, qweight.data, qweight.format, qweight.layout, n, k, bias)
+    eager = _backend.eager_cpu_fast_path(x2)
     if qweight.layout == "x8":
         op = _linear_quant_x8_impl if eager else _linear_quant_x8_op
         # the op's AMX threshold: every row of this call, or none
-        return op(x2, qweight.data, qweight.format, n, k, bias, int(route == "amx-int8")).reshape(*lead, n)
+        return op(x2, qweight.data, qweight.format, n, k, bias, int(route == "amx-int8"))
     op = _linear_quant_impl if eager else _linear_quant_op
-    return op(x2, qweight.data, qweight.format, n, k, bias).reshape(*lead, n)
+    return op(x2, qweight.data, qweight.format, n, k, bias)

@@ -564,8 +564,10 @@ def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
     return n_experts
 
 
-def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
-    gemm_rows, amx_rows = _policy.quant_routes("moe", hidden, gate_up_proj, down_proj)
+def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, routes=None):
+    """The experts on checked QuantizedTensor weights; routes: `_policy.quant_routes("moe", ...)` for
+    these arguments when the caller has it already (the model's decode step asks once per step)."""
+    gemm_rows, amx_rows = _policy.quant_routes("moe", hidden, gate_up_proj, down_proj) if routes is None else routes
     data_gu, data_dn = gate_up_proj.data, down_proj.data
     if not data_gu.is_contiguous():
         data_gu = data_gu.contiguous()
