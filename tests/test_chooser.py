@@ -489,6 +489,23 @@ def test_quantized_routes_follow_the_crossovers(measured, monkeypatch):
     assert ch.policy.moe_quant_gemm_min_rows == DEFAULT_POLICY.moe_quant_gemm_min_rows  # another op: untouched
 
 
+def test_expert_crossover_between_8_and_16_tokens_is_found(measured, monkeypatch):
+    # A 128-token prompt gives the experts 9-25 tokens each: a crossover at ~10 tokens (the Q8_0
+    # AMX-INT8 tiles on a Xeon) must not round up to 16, which leaves half the experts on the slower
+    # integer kernels. x8 wins at 8 tokens, AMX from 12.
+    _, use = measured
+    monkeypatch.setattr(_chooser, "_candidate_hook", _Timings(
+        {"x8": lambda n: 1e-4 * n, "amx": lambda n: 3e-4 + 7e-5 * n, "gemm": lambda n: 1e-2 + 1e-4 * n}))
+    ch = use()
+    from lfm_kernels import quantize
+
+    gu = quantize(torch.randn(4, 64, 64) / 8, "q8_0").to_layout("x8")
+    dn = quantize(torch.randn(4, 64, 32) / 8, "q8_0").to_layout("x8")
+    ch.for_quant("moe_quant", torch.randn(3, 64).to(torch.bfloat16), gu, dn)
+    assert ch.policy.moe_quant_amx_min_rows == 12
+    assert ch.policy.moe_quant_gemm_min_rows > max(_chooser._LADDERS["moe_quant"])
+
+
 def test_a_slow_quantized_route_is_never_chosen(measured, monkeypatch):
     _, use = measured
     # the AMX-INT8 tiles and the GEMM route both slower than the integer kernels everywhere
