@@ -73,23 +73,27 @@ MOE_LADDER = (1, 2, 3, 4, 8, 16, 32, 64, 128)
 LINEAR_ROUTES = ("avx512", "cpp", "onednn")
 AVX512_GEMV_MAX_ROWS = 2  # csrc/linear.cpp: the AVX-512 GEMV exists up to this many rows
 MOE_ROUTES = ("tiled", "dot", "outer", "onednn")
+# The experts on fp32 weights (any token dtype): our fp32 tiles, then torch's fp32 GEMM from moe_fp32_torch_min_rows on
+MOE_FP32_ROUTES = ("tiled", "torch")
 # `linear` on fp32 weights (any x dtype): our kernels, then torch's fp32 GEMM from linear_fp32_torch_min_rows rows on
 LINEAR_FP32_ROUTES = ("cpp", "torch")
 # Quantized weights on AMX CPUs (bf16 tokens): the integer-dot kernels ("x8", on either layout), then the
 # AMX-INT8 tiles (Q8_0 / Q4_0 in x8), then the bf16 GEMM route; K-quants have no AMX-INT8 tiles.
 QUANT_ROUTES = ("x8", "amx", "gemm")
 KQUANT_ROUTES = ("x8", "gemm")
-_ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES,
+_ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES, "moe_fp32": MOE_FP32_ROUTES,
            "linear_quant": QUANT_ROUTES, "linear_kquant": KQUANT_ROUTES, "moe_quant": QUANT_ROUTES,
            "moe_kquant": KQUANT_ROUTES}
 # How each op's shape-class keys begin (the cache's keys; the shape and thread count follow)
-_CLASS_TAG = {"linear": "linear:bf16", "linear_fp32": "linear:fp32", "moe": "moe:bf16",
+_CLASS_TAG = {"linear": "linear:bf16", "linear_fp32": "linear:fp32", "moe": "moe:bf16", "moe_fp32": "moe:fp32",
               "linear_quant": "linear:quant", "linear_kquant": "linear:kquant", "moe_quant": "moe:quant",
               "moe_kquant": "moe:kquant"}
 # fp32 weights at 4, 16 and 64 rows only: at 1-2 rows both stream the weight at the same speed
 # (measured equal on a Xeon; timing them would stream a 256 MiB weight, half the budget), and the
 # GEMMs' crossover needs no finer grid, so a model's few fp32 shapes fit the budget of one process.
 _LADDERS = {"linear": LINEAR_LADDER, "linear_fp32": (4, 16, 64), "moe": MOE_LADDER,
+            # fp32 experts: one expert's weights are 44 MB at the real shape, so few points
+            "moe_fp32": (8, 16, 32, 64),
             # quantized: rows of the call / tokens of one expert, around the routes' crossovers. A
             # 128-token prompt gives experts 9-25 tokens (16 on average), so the experts' ladder is
             # finer there: on a Xeon the Q8_0 AMX-INT8 crossover sits at 9-10 tokens, and with points
@@ -204,12 +208,17 @@ class Chooser:
         return self.policy
 
     def for_moe(self, hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None):
-        if (hidden.dtype != torch.bfloat16 or gate_up_proj.dtype != torch.bfloat16 or gate_up_proj.dim() != 3
-                or down_proj is None):
+        if gate_up_proj.dim() != 3 or down_proj is None:
             return self.policy  # down_proj None: a label lookup, not a call to measure for
-        seen = ("moe", gate_up_proj.shape[2], gate_up_proj.shape[1] // 2, torch.get_num_threads())
+        if gate_up_proj.dtype == torch.float32:  # any hidden: fp32 experts compute in fp32
+            op = "moe_fp32"
+        elif hidden.dtype == gate_up_proj.dtype == torch.bfloat16:
+            op = "moe"
+        else:
+            return self.policy
+        seen = (op, gate_up_proj.shape[2], gate_up_proj.shape[1] // 2, torch.get_num_threads())
         if seen not in self._seen:
-            self._first_sight(seen, f"{_CLASS_TAG['moe']}:H{seen[1]}:I{seen[2]}:t{seen[3]}", gate_up_proj=gate_up_proj,
+            self._first_sight(seen, f"{_CLASS_TAG[op]}:H{seen[1]}:I{seen[2]}:t{seen[3]}", gate_up_proj=gate_up_proj,
                               down_proj=down_proj)
         return self.policy
 
@@ -239,6 +248,7 @@ class Chooser:
             "linear_source": self.sources["linear"],
             "linear_fp32_source": self.sources["linear_fp32"],
             "moe_source": self.sources["moe"],
+            "moe_fp32_source": self.sources["moe_fp32"],
             "quant_source": _combined_source([self.sources[op] for op in QUANT_ROUTE_FIELDS]),
             "thresholds": _thresholds(p),
             "classes": {k: {"routes": list(c.routes), "rows": sorted(c.points), "source": c.source}
@@ -284,10 +294,10 @@ class Chooser:
         if _candidate_hook is not None:
             routes = tuple(r for r in _ROUTES[op] if r in _candidate_hook(op, key, 0))
             pairs_fit = True
-        elif op == "linear_fp32":
+        elif op in ("linear_fp32", "moe_fp32"):
             if _backend._C is None:
                 return None
-            routes, pairs_fit = LINEAR_FP32_ROUTES, True
+            routes, pairs_fit = _ROUTES[op], True
         elif op in QUANT_ROUTE_FIELDS:
             if _backend._C is None or not _backend.cpu_has_amx():
                 return None  # both routes need AMX: the integer kernels are the only path
@@ -346,13 +356,16 @@ class Chooser:
             return {r: fns[r] for r in cls.routes if _valid(cls.op, r, n)}
         gu, dn = tensors["gate_up_proj"].detach(), tensors["down_proj"].detach()
         n_exp, h = gu.shape[0], gu.shape[2]
-        hidden = torch.randn(n, h, generator=g, device="cpu").to(torch.bfloat16)
+        hidden = torch.randn(n, h, generator=g, device="cpu").to(gu.dtype)
         weights = torch.ones(n, 1, device="cpu")
         ids = [torch.full((n, 1), e, dtype=torch.int64, device="cpu") for e in range(min(n_exp, 8))]
         turn = itertools.count()
 
         def run(route):
             # one expert per run, a different one each time: its weights come from memory, as in decode
+            if cls.op == "moe_fp32":
+                return lambda: torch.ops.lfm_kernels_cpu.moe_experts(
+                    hidden, gu, dn, ids[next(turn) % len(ids)], weights, 0, 0, 0, 0, int(route == "torch"))
             return lambda: torch.ops.lfm_kernels_cpu.moe_experts(
                 hidden, gu, dn, ids[next(turn) % len(ids)], weights, *_FORCE_MOE[route])
 
@@ -557,7 +570,8 @@ def _median_time(fn: Callable[[], object]) -> float:
 
 
 def _thresholds(p) -> dict:
-    names = ("linear_onednn_min_rows", "linear_avx512_max_rows", "linear_fp32_torch_min_rows", "moe_bf16_min_rows",
+    names = ("linear_onednn_min_rows", "linear_avx512_max_rows", "linear_fp32_torch_min_rows", "moe_fp32_torch_min_rows",
+             "moe_bf16_min_rows",
              "moe_bf16_outer_min_rows", "moe_bf16_outer_onednn_min_rows", "moe_bf16_dot_onednn_min_rows",
              "linear_quant_amx_min_rows", "linear_quant_gemm_min_rows", "linear_kquant_gemm_min_rows",
              "moe_quant_amx_min_rows", "moe_quant_gemm_min_rows", "moe_kquant_gemm_min_rows")
@@ -620,13 +634,14 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
             best = base_t
         return {gemm_f: best[1], **({amx_f: best[0]} if amx_f else {})}
 
-    if op == "linear_fp32":
-        base_t = base.linear_fp32_torch_min_rows
-        cost = {t: sum(rel.get("torch" if n >= t else "cpp", 2.0) for n, _, rel in points) for t in values(base_t)}
+    if op in ("linear_fp32", "moe_fp32"):
+        field, ours = ("linear_fp32_torch_min_rows", "cpp") if op == "linear_fp32" else ("moe_fp32_torch_min_rows", "tiled")
+        base_t = getattr(base, field)
+        cost = {t: sum(rel.get("torch" if n >= t else ours, 2.0) for n, _, rel in points) for t in values(base_t)}
         best = min(cost, key=lambda t: (cost[t], t != base_t))
         if cost[best] > cost[base_t] * (1 - _SWITCH_MARGIN):
             best = base_t
-        return {"linear_fp32_torch_min_rows": best}
+        return {field: best}
 
     if op == "linear":
         has = {r for c in classes for r in c.routes}

@@ -13,6 +13,9 @@ enough rows runs faster on those units, so two ops choose per call:
   (at most 2; 0: none) take the AVX-512 GEMV (with AVX512-BF16 for bf16 x on bf16 weights), the
   others the AVX2 kernels. Both read the weight once; which streams faster depends on the core
   (on a Zen 4 the AVX2 GEMV wins end to end, hence the default 0; the chooser measures it).
+- `moe_experts` / `moe` on fp32 weights (any token dtype, computed in fp32): experts with at least
+  `moe_fp32_torch_min_rows` tokens run on torch's fp32 GEMM (two per expert, our SwiGLU between);
+  by default never, the chooser sets it where torch's GEMM is measured faster.
 - `moe_experts` / `moe` (bf16 tokens and bf16 weights): per expert, from the number of tokens that
   chose it in the call. Below `moe_bf16_min_rows` tokens the expert stays on the AVX2 tiles (act in
   fp32). From there, with AVX512-BF16:
@@ -108,6 +111,11 @@ class KernelPolicy:
     # no row count reaches); the chooser measures it at 4, 16 and 64 rows. A 2-core Xeon (AVX-512), 2
     # threads: torch 1.4-1.6x faster from 128 rows (in_proj 6144 x 2048 at 512 rows: 42 vs 64 ms).
     linear_fp32_torch_min_rows: int = 1 << 30
+    # The experts on fp32 weights (any token dtype): from this many tokens per expert on, torch's fp32
+    # GEMM instead of our fp32 tiles. Default: never; the chooser measures one expert at 8-64 tokens.
+    # A 2-core Xeon (AVX-512), 2 threads, 32 experts at H 2048, I 1792 with n tokens each (ms; ours /
+    # torch per expert): n 2: 56 / 64, n 16: 137 / 182, n 64: 341 / 266.
+    moe_fp32_torch_min_rows: int = 1 << 30
     # Quantized weights (GGUF blocks) on CPUs with usable AMX. Two routes leave our integer-dot
     # kernels (AVX2 / VNNI) for many rows, both counted in rows of the call (`linear`) or tokens per
     # expert (`moe_experts` / `moe`):
@@ -292,6 +300,7 @@ def policy_report() -> dict:
 
     if _fixed is not None:
         return {"mode": "fixed", "linear_source": "fixed", "linear_fp32_source": "fixed", "moe_source": "fixed",
+                "moe_fp32_source": "fixed",
                 "quant_source": "fixed",
                 "thresholds": _thresholds(_fixed),
                 "kernel_only": _fixed.kernel_only, "portable": _fixed.portable}
@@ -299,6 +308,7 @@ def policy_report() -> dict:
         from ._chooser import DEFAULT_BUDGET_S, default_cache_path
 
         return {"mode": "measured", "linear_source": "default", "linear_fp32_source": "default", "moe_source": "default",
+                "moe_fp32_source": "default",
                 "quant_source": "default",
                 "thresholds": _thresholds(DEFAULT_POLICY), "classes": {}, "spent_s": 0.0,
                 "budget_s": _chooser_args.get("budget_s", DEFAULT_BUDGET_S),

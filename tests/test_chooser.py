@@ -125,6 +125,21 @@ def test_fp32_weights_hand_off_to_torch_where_it_is_measured_faster(measured, mo
         assert not linear_mod._use_torch_gemm(torch.randn(512, 24), w)
 
 
+def test_fp32_experts_hand_off_to_torch_where_it_is_measured_faster(measured, monkeypatch):
+    """fp32 experts are their own class (any hidden dtype), with their own threshold."""
+    _, use = measured
+    hook = _Timings({"tiled": lambda n: 1e-4 * n, "torch": lambda n: 1.2e-3 + 0.2e-4 * n})  # crossover at 15
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    use()
+    gu, dn = torch.randn(4, 64, 24), torch.randn(4, 24, 32)
+    p = _policy._policy_for_moe(torch.randn(3, 24).to(torch.bfloat16), gu, dn)
+    assert p.moe_fp32_torch_min_rows == 16
+    assert p.moe_bf16_routes() == DEFAULT_POLICY.moe_bf16_routes()
+    assert all(key.startswith("moe:fp32:") for key, _ in hook.points), hook.points
+    assert policy_report()["moe_fp32_source"] == "measured"
+    assert moe_mod._fp32_torch_min_rows(torch.randn(3, 24), gu, dn) == 16
+
+
 def test_fp32_slow_torch_is_never_chosen(measured, monkeypatch):
     _, use = measured
     monkeypatch.setattr(_chooser, "_candidate_hook",

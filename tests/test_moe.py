@@ -347,6 +347,58 @@ def test_bf16_every_route(route, impl, h, i):
         assert_close(out[rows], ref[rows], torch.bfloat16, f"expert with {count} tokens")
 
 
+FP32_TORCH_CASES = [(1, 8, 2, 1), (40, 8, 2, 4), (64, 4, 4, 64), (130, 32, 4, 5)]
+
+
+@pytest.mark.parametrize("impl", ["avx2", "portable"])
+@pytest.mark.parametrize("hdt", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("n,e,k,min_rows", FP32_TORCH_CASES, ids=[f"N{n}-E{e}-k{k}-min{r}" for n, e, k, r in FP32_TORCH_CASES])
+def test_fp32_torch_route_matches_reference(impl, hdt, n, e, k, min_rows):
+    """fp32 experts with at least fp32_torch_min_rows tokens run on torch's fp32 GEMM: the same
+    fp32 contract as the tiles (products and sums in fp32, output rounded once to hidden's dtype), the
+    caller's tensors unchanged; the experts below the threshold stay on the tiles, bit for bit."""
+    hidden = torch.randn(n, SMALL_H).to(hdt)
+    gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.float32)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k) + 0.1
+    saved = [t.clone() for t in (hidden, gate_up, down, ids, weights)]
+    with _cpu_ctx(impl):
+        tiled = _op(hidden, gate_up, down, ids, weights, (0, 0, 0, 0))
+        mixed = torch.ops.lfm_kernels_cpu.moe_experts(hidden, gate_up, down, ids, weights, 0, 0, 0, 0, min_rows)
+    ref = reference.moe_experts(hidden, gate_up, down, ids, weights)
+    assert mixed.dtype == hdt
+    assert_close(mixed, ref, hdt)
+    counts = torch.bincount(ids.flatten(), minlength=e)
+    on_tiles = counts[ids].lt(min_rows).all(1)  # tokens whose every expert stayed on the tiles
+    assert torch.equal(mixed[on_tiles], tiled[on_tiles])
+    if hdt == torch.float32 and counts.max() >= min_rows:
+        assert not torch.equal(mixed, tiled)  # the route was taken (another summation order)
+    for t, t0 in zip((hidden, gate_up, down, ids, weights), saved):
+        assert torch.equal(t, t0)
+
+
+def test_fp32_torch_route_follows_the_policy():
+    """The public op passes the policy's moe_fp32_torch_min_rows for fp32 weights only, and none
+    under kernel_only; a negative threshold is a clear error."""
+    n, e, k = 64, 4, 2
+    hidden = torch.randn(n, SMALL_H)
+    gate_up, down = _expert_weights(e, SMALL_H, SMALL_I, torch.float32)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k)
+    tiled = _op(hidden, gate_up, down, ids, weights, (0, 0, 0, 0))
+    gemm = torch.ops.lfm_kernels_cpu.moe_experts(hidden, gate_up, down, ids, weights, 0, 0, 0, 0, 1)
+    with kernel_policy(DEFAULT_POLICY, moe_fp32_torch_min_rows=2):
+        assert moe_mod._fp32_torch_min_rows(hidden, gate_up, down) == 2
+        assert moe_mod._fp32_torch_min_rows(hidden, gate_up.bfloat16(), down.bfloat16()) == 0
+        assert torch.equal(lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights), gemm)
+    with kernel_policy(DEFAULT_POLICY, moe_fp32_torch_min_rows=2, kernel_only=True):
+        assert torch.equal(lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights), tiled)
+    with kernel_policy(DEFAULT_POLICY):  # the default never hands fp32 experts off
+        assert torch.equal(lfm_kernels.moe_experts(hidden, gate_up, down, ids, weights), tiled)
+    with pytest.raises(RuntimeError, match="fp32_torch_min_rows"):
+        torch.ops.lfm_kernels_cpu.moe_experts(hidden, gate_up, down, ids, weights, 0, 0, 0, 0, -1)
+
+
 @pytest.mark.parametrize("impl", ["avx2", "portable"])
 def test_bf16_forced_routes_take_effect(impl):
     """The thresholds really move experts: oneDNN rounds gate, up and the expert output to bf16 and the

@@ -98,22 +98,34 @@ def _path(i: dict) -> str:
     hidden, gate_up = i["hidden"], i["gate_up_proj"]
     if hidden.device.type != "cpu" or _backend._C is None:
         return ""
+    counts = torch.bincount(i["ids"].flatten().cpu(), minlength=gate_up.shape[0]).tolist()
+    if gate_up.dtype == torch.float32:
+        t = moe_ops._fp32_torch_min_rows(hidden, gate_up)
+        used = {"torch" if 0 < t <= n else "tiled" for n in counts if n > 0}
+        return "+".join(r for r in ("tiled", "torch") if r in used)
     thresholds = moe_ops._bf16_routes(hidden, gate_up)
     if thresholds[0] == 0:
         return "tiled"
     own = bool(_backend._C.cpu_supports_avx512bf16()) and not moe_ops._policy.get_policy().portable
     pairs_fit = gate_up.shape[2] % 2 == 0 and (gate_up.shape[1] // 2) % 2 == 0
-    counts = torch.bincount(i["ids"].flatten().cpu(), minlength=gate_up.shape[0]).tolist()
     used = {moe_route(n, *thresholds, own, pairs_fit) for n in counts if n > 0}
     return "+".join(r for r in MOE_ROUTES if r in used)
 
 
 def _paths(dtype: torch.dtype, device: str) -> dict:
-    """Every expert on one route, for each route valid for bf16 experts on this CPU (none to choose
-    from: empty)."""
+    """Every expert on one route, for each route valid for these experts on this CPU (bf16: ours and
+    oneDNN's; fp32: our tiles and torch's fp32 GEMM; none to choose from: empty)."""
     from .._chooser import _FORCE_MOE
 
-    if device != "cpu" or _backend._C is None or dtype != torch.bfloat16 or not _backend.cpu_has_native_bf16_gemm():
+    if device != "cpu" or _backend._C is None:
+        return {}
+    if dtype == torch.float32:  # our fp32 tiles or torch's fp32 GEMM for every expert
+        def forced32(torch_gemm):
+            return lambda i: torch.ops.lfm_kernels_cpu.moe_experts(
+                i["hidden"], i["gate_up_proj"], i["down_proj"], i["ids"], i["weights"], 0, 0, 0, 0, int(torch_gemm))
+
+        return {"tiled": forced32(False), "torch": forced32(True)}
+    if dtype != torch.bfloat16 or not _backend.cpu_has_native_bf16_gemm():
         return {}
     routes = ["tiled", "dot", "outer", "onednn"] if _backend._C.cpu_supports_avx512bf16() else ["tiled", "onednn"]
 

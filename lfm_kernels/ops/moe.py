@@ -40,6 +40,15 @@ def _bf16_routes(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: to
     return _NO_BF16_ROUTES
 
 
+def _fp32_torch_min_rows(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None) -> int:
+    """The C++ experts kernel's fp32_torch_min_rows: tokens per expert from which fp32 experts take
+    torch's fp32 GEMM; 0 (never) for other weights or under kernel_only."""
+    if gate_up_proj.dtype != torch.float32:
+        return 0
+    policy = _policy._policy_for_moe(hidden, gate_up_proj, down_proj)
+    return 0 if policy.kernel_only else policy.moe_fp32_torch_min_rows
+
+
 def _bf16_dot_min_rows(hidden: torch.Tensor, gate_up_proj: torch.Tensor) -> int:
     """0 (never) or the token count from which an expert runs on bf16 dot products (the benchmark's label)."""
     return _bf16_routes(hidden, gate_up_proj)[0]
@@ -87,7 +96,8 @@ def _moe_experts_impl(
         return moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if hidden.device.type == "cpu" and _backend.cpu_extension_available():
         return torch.ops.lfm_kernels_cpu.moe_experts.default(
-            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, *_bf16_routes(hidden, gate_up_proj, down_proj)
+            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, *_bf16_routes(hidden, gate_up_proj, down_proj),
+            _fp32_torch_min_rows(hidden, gate_up_proj, down_proj),
         )
     if topk_ids.device.type == "cpu":
         _check_ids_in_range(topk_ids, gate_up_proj.shape[0])
