@@ -341,18 +341,24 @@ void experts_pass_bf16op(const c10::BFloat16* X, const c10::BFloat16* gu, const 
   });
 }
 
+// The rows of x (tokens) that chose expert e, in the plan's order, as a new [tokens, H] tensor.
+at::Tensor expert_tokens(const at::Tensor& x, const Plan& pl, int64_t e) {
+  const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
+  at::Tensor rows = at::empty({me}, x.options().dtype(at::kLong));
+  std::memcpy(rows.mutable_data_ptr<int64_t>(), pl.tok.data() + q0, me * sizeof(int64_t));
+  return x.index_select(0, rows);
+}
+
 // One expert's tokens through oneDNN: g = X_e @ gate_up[e]^T, act = silu(g_gate) * g_up, y_e =
 // act @ down[e]^T. The GEMMs take and return bf16 (what F.linear computes in a bf16 model), so gate,
 // up, act and the expert output are each rounded to bf16 once; accumulation inside them is fp32.
-// The mm calls run outside any parallel region: oneDNN spreads each one over all threads itself.
+// Scheduled by run_torch_gemm_experts: alone, each GEMM spread over all threads by oneDNN; with many
+// experts, one expert per thread with single-threaded GEMMs.
 void expert_torch_gemm(const at::Tensor& hidden, const at::Tensor& gu, const at::Tensor& dn, int64_t e,
                        const Plan& pl, float* y) {
   const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
   const int64_t H = hidden.size(1), I = dn.size(2);
-  at::Tensor rows = at::empty({me}, hidden.options().dtype(at::kLong));
-  std::memcpy(rows.mutable_data_ptr<int64_t>(), pl.tok.data() + q0, me * sizeof(int64_t));
-  const at::Tensor xe = hidden.index_select(0, rows);
-  const at::Tensor g = at::mm(xe, gu[e].t());
+  const at::Tensor g = at::mm(expert_tokens(hidden, pl, e), gu[e].t());
   at::Tensor act = at::empty({me, I}, g.options());
   const c10::BFloat16* gp = cptr<c10::BFloat16>(g);
   c10::BFloat16* ap = mptr<c10::BFloat16>(act);
@@ -366,15 +372,13 @@ void expert_torch_gemm(const at::Tensor& hidden, const at::Tensor& gu, const at:
 // One expert's tokens on fp32 weights through torch's fp32 GEMM (MKL / oneDNN, AVX-512 where the CPU
 // has it): g = X_e @ gate_up[e]^T, act = silu(g_gate) * g_up, y_e = act @ down[e]^T, all fp32. With
 // tens of tokens per expert its blocked GEMMs outrun our fp32 tiles, which reread the weights per
-// 4-token tile (a 2-core Xeon, 32 experts, 64 tokens each: 266 vs 341 ms). Same single-thread rule as
-// expert_torch_gemm when it runs inside our parallel region.
+// 4-token tile (a 2-core Xeon, 32 experts, 64 tokens each: 266 vs 341 ms). Scheduled as
+// expert_torch_gemm is (run_torch_gemm_experts).
 void expert_torch_gemm_fp32(const at::Tensor& X, const at::Tensor& gu, const at::Tensor& dn, int64_t e,
                             const Plan& pl, float* y) {
   const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
   const int64_t H = X.size(1), I = dn.size(2);
-  at::Tensor rows = at::empty({me}, X.options().dtype(at::kLong));
-  std::memcpy(rows.mutable_data_ptr<int64_t>(), pl.tok.data() + q0, me * sizeof(int64_t));
-  const at::Tensor g = at::mm(X.index_select(0, rows), gu[e].t());
+  const at::Tensor g = at::mm(expert_tokens(X, pl, e), gu[e].t());
   at::Tensor act = at::empty({me, I}, g.options());
   const float* gp = g.const_data_ptr<float>();
   float* ap = act.mutable_data_ptr<float>();
@@ -382,6 +386,24 @@ void expert_torch_gemm_fp32(const at::Tensor& X, const at::Tensor& gu, const at:
     for (int64_t j = 0; j < I; ++j) ap[m * I + j] = silu(gp[m * 2 * I + j]) * gp[m * 2 * I + I + j];
   at::Tensor ye = at::from_blob(y + q0 * H, {me, H}, X.options());
   at::mm_out(ye, act, dn[e].t());
+}
+
+// run(e) for each expert of `experts` that goes to torch's GEMMs. Many experts (prefill): one expert
+// per thread at a time, each GEMM single-threaded (nested in our parallel region). A single thread's
+// GEMM computes while the hardware prefetcher streams its weights, so the cores overlap compute and
+// memory; splitting every GEMM over all threads instead leaves each expert first bandwidth- then
+// compute-bound. Largest first, so the last experts claimed are the short ones. Few experts: one
+// after another, each GEMM spread over all threads by torch.
+template <typename F>
+void run_torch_gemm_experts(std::vector<int64_t>& experts, const Plan& pl, const F& run) {
+  if (static_cast<int64_t>(experts.size()) < kGemmExpertsPerThread * at::get_num_threads()) {
+    for (const int64_t e : experts) run(e);
+    return;
+  }
+  std::stable_sort(experts.begin(), experts.end(), [&](int64_t a, int64_t b) {
+    return pl.offs[a + 1] - pl.offs[a] > pl.offs[b + 1] - pl.offs[b];
+  });
+  parallel_dynamic(static_cast<int64_t>(experts.size()), [&](int64_t i) { run(experts[i]); });
 }
 
 // The passes an expert can take.
@@ -475,29 +497,8 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
     if (!dot.empty())
       experts_pass_bf16dp(cptr<c10::BFloat16>(hidden_c), cptr<c10::BFloat16>(gu), cptr<c10::BFloat16>(dn), H, I, pl,
                           dot, mptr<c10::BFloat16>(act16), yp);
-    if (static_cast<int64_t>(gemm.size()) >= kGemmExpertsPerThread * at::get_num_threads()) {
-      // Many experts (prefill): one expert per thread at a time, each GEMM single-threaded (nested
-      // in our parallel region). A single thread's GEMM computes while the hardware prefetcher
-      // streams its weights, so the cores overlap compute and memory; splitting every GEMM over all
-      // threads instead leaves each expert first bandwidth- then compute-bound. Largest first, so the
-      // last experts claimed are the short ones.
-      std::stable_sort(gemm.begin(), gemm.end(), [&](int64_t a, int64_t b) {
-        return pl.offs[a + 1] - pl.offs[a] > pl.offs[b + 1] - pl.offs[b];
-      });
-      parallel_dynamic(static_cast<int64_t>(gemm.size()),
-                       [&](int64_t i) { expert_torch_gemm(hidden_c, gu, dn, gemm[i], pl, yp); });
-    } else {
-      for (const int64_t e : gemm) expert_torch_gemm(hidden_c, gu, dn, e, pl, yp);
-    }
-    if (static_cast<int64_t>(gemm32.size()) >= kGemmExpertsPerThread * at::get_num_threads()) {
-      std::stable_sort(gemm32.begin(), gemm32.end(), [&](int64_t a, int64_t b) {
-        return pl.offs[a + 1] - pl.offs[a] > pl.offs[b + 1] - pl.offs[b];
-      });
-      parallel_dynamic(static_cast<int64_t>(gemm32.size()),
-                       [&](int64_t i) { expert_torch_gemm_fp32(X, gu, dn, gemm32[i], pl, yp); });
-    } else {
-      for (const int64_t e : gemm32) expert_torch_gemm_fp32(X, gu, dn, e, pl, yp);
-    }
+    run_torch_gemm_experts(gemm, pl, [&](int64_t e) { expert_torch_gemm(hidden_c, gu, dn, e, pl, yp); });
+    run_torch_gemm_experts(gemm32, pl, [&](int64_t e) { expert_torch_gemm_fp32(X, gu, dn, e, pl, yp); });
     LFMK_DISPATCH_FLOAT(gu.scalar_type(), "moe_experts", [&] {
       experts_pass<scalar_t>(X.const_data_ptr<float>(), cptr<scalar_t>(gu), cptr<scalar_t>(dn), H, I, pl, tiled,
                              act.mutable_data_ptr<float>(), y.mutable_data_ptr<float>());
