@@ -402,6 +402,35 @@ def test_info_reports_the_thresholds_and_their_source(measured, monkeypatch, cap
     assert "linear: measured" in line and "linear_onednn_min_rows=8" in line and "moe: default" in line
 
 
+def test_bench_forced_quantized_routes_take_effect():
+    """The bench's runner-up candidates for quantized weights are the routes forced one by one: the
+    AMX-INT8 tiles give the integer kernels' bits, the bf16 GEMM route a bf16 model's (different) bits."""
+    from lfm_kernels import _policy as policy_mod
+    from lfm_kernels.benchmark import linear as bench_linear, moe as bench_moe
+    from lfm_kernels.quant import quantize
+
+    if not policy_mod._amx_usable():
+        pytest.skip("AMX (usable tile state) missing: only the integer-dot route exists here")
+    torch.manual_seed(0)
+    e, h, i, k, n = 8, 256, 128, 2, 48
+    gu = quantize(torch.randn(e, 2 * i, h) / 16, "q8_0").to_layout("x8")
+    dn = quantize(torch.randn(e, h, i) / 16, "q8_0").to_layout("x8")
+    inputs = {"hidden": torch.randn(n, h).to(torch.bfloat16), "q_gate_up": gu, "q_down": dn,
+              "ids": torch.stack([torch.randperm(e)[:k] for _ in range(n)]), "weights": torch.rand(n, k)}
+    paths = bench_moe._forced_quant_experts("q8_0")
+    assert sorted(paths) == ["amx-int8", "bf16-gemm", "x8"]
+    ref = paths["x8"](inputs)
+    assert torch.equal(paths["amx-int8"](inputs), ref)
+    assert not torch.equal(paths["bf16-gemm"](inputs), ref)
+    assert sorted(bench_moe._forced_quant_experts("q4_k")) == ["bf16-gemm", "x8"]
+    qw = quantize(torch.randn(64, 256) / 16, "q4_0")
+    li = {"x": torch.randn(32, 256).to(torch.bfloat16), "qweight": qw.to_layout("x8"), "qweight_rows": qw}
+    lpaths = bench_linear._quant_paths("q4_0")
+    lref = lpaths["x8"](li)
+    assert torch.equal(lpaths["amx-int8"](li), lref) and torch.equal(lpaths["rows"](li), lref)
+    assert not torch.equal(lpaths["bf16-gemm"](li), lref)
+
+
 def test_bench_reports_the_path_and_the_runner_up():
     from lfm_kernels.benchmark import runner
     from lfm_kernels.benchmark.core import Case

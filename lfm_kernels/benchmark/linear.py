@@ -135,14 +135,30 @@ def _random_kquant(shape: tuple, fmt: str, seed: int = 0) -> QuantizedTensor:
     return QuantizedTensor(data.reshape(*lead, nb * _BLOCK_BYTES[fmt]), fmt, tuple(shape))
 
 
-def _quant_paths() -> dict:
+def _quant_paths(fmt: str) -> dict:
     """The quantized runner-ups: the integer-dot kernels on x8 (what the AMX / bf16 GEMM routes
-    replace for many rows; kernel_only keeps them) and on GGUF's rows layout."""
+    replace for many rows; kernel_only keeps them) and on GGUF's rows layout; with usable AMX also
+    the AMX-INT8 tiles (Q8_0 / Q4_0) and the bf16 GEMM route, each forced."""
+    from .._policy import DEFAULT_POLICY, _amx_usable
+
     def integer(i):
         with kernel_policy(kernel_only=True):
             return linear(i["x"], i["qweight"])
 
-    return {"x8": integer, "rows": lambda i: linear(i["x"], i["qweight_rows"])}
+    def forced(**thresholds):
+        def run(i):
+            with kernel_policy(DEFAULT_POLICY, **thresholds):
+                return linear(i["x"], i["qweight"])
+        return run
+
+    out = {"x8": integer, "rows": lambda i: linear(i["x"], i["qweight_rows"])}
+    if _backend._C is not None and _amx_usable():
+        if fmt in _KQUANT_SCALES:
+            out["bf16-gemm"] = forced(linear_kquant_gemm_min_rows=1)
+        else:
+            out["amx-int8"] = forced(linear_quant_amx_min_rows=1, linear_quant_gemm_min_rows=1 << 30)
+            out["bf16-gemm"] = forced(linear_quant_gemm_min_rows=1)
+    return out
 
 
 def _quantized_cases(shapes, rows) -> list[Case]:
@@ -150,7 +166,7 @@ def _quantized_cases(shapes, rows) -> list[Case]:
     quantized blocks, so GB/s against the bandwidth floor stays honest). The kernel runs on the x8
     layout the model wrapper and the patch store (`QuantizedTensor.to_layout("x8")`); the path column
     names the route it took (integer-dot "x8", "amx-int8" or "bf16-gemm", see `_linear_route`) and the
-    runner-up among the integer kernels on x8 and on GGUF's rows layout. Baseline "linear_bf16": our bf16 `linear`
+    runner-up among the other routes, each forced (`_quant_paths`). Baseline "linear_bf16": our bf16 `linear`
     on the dequantized weight (the check, and the A/B against bf16 on the same shape)."""
     out = []
     for fmt in ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k"):
@@ -182,7 +198,7 @@ def _quantized_cases(shapes, rows) -> list[Case]:
                         compute_bound=m > 1,
                         backend=_quant_backend(),
                         path=lambda i: _quant._linear_route(i["x"], i["qweight"]),
-                        paths=_quant_paths(),
+                        paths=_quant_paths(fmt),
                         check_tol=QUANT_CHECK_TOL,
                     )
                 )

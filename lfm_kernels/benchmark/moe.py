@@ -244,6 +244,31 @@ def _integer_experts(i: dict):
         return moe_experts(i["hidden"], i["q_gate_up"], i["q_down"], i["ids"], i["weights"])
 
 
+def _forced_quant_experts(fmt: str) -> dict:
+    """The quantized experts' routes, each forced for every expert, that exist on this CPU for this
+    format (the runner-ups): the integer-dot kernels always; with usable AMX the AMX-INT8 tiles (Q8_0 /
+    Q4_0) and the bf16 GEMM route (bf16 tokens, every format)."""
+    from .._policy import DEFAULT_POLICY, _amx_usable, kernel_policy
+
+    never = 1 << 30
+    kquant = fmt.startswith("q4_k") or fmt.startswith("q5_k") or fmt.startswith("q6_k")
+
+    def forced(**thresholds):
+        def run(i):
+            with kernel_policy(DEFAULT_POLICY, **thresholds):
+                return moe_experts(i["hidden"], i["q_gate_up"], i["q_down"], i["ids"], i["weights"])
+        return run
+
+    out = {"x8": _integer_experts}
+    if _backend._C is not None and _amx_usable():
+        if kquant:
+            out["bf16-gemm"] = forced(moe_kquant_gemm_min_rows=1)
+        else:
+            out["amx-int8"] = forced(moe_quant_amx_min_rows=1, moe_quant_gemm_min_rows=never)
+            out["bf16-gemm"] = forced(moe_quant_gemm_min_rows=1)
+    return out
+
+
 def _quantized_cases(sizes) -> list[Case]:
     """The experts with Q8_0 / Q4_0 / K-quant (Q4_K, and Q4_K_M's Q4_K gate_up with Q6_K down) weights
     and bf16 tokens. bytes_moved counts the quantized blocks
@@ -292,7 +317,7 @@ def _quantized_cases(sizes) -> list[Case]:
                     compute_bound=n >= 128,
                     backend=_quant_backend(),
                     path=lambda i: moe_ops._quant_routes_used(i["hidden"], i["q_gate_up"], i["q_down"], i["ids"]),
-                    paths={"x8": _integer_experts},
+                    paths=_forced_quant_experts(fg),
                     check_tol=QUANT_CHECK_TOL,
                 )
             )
