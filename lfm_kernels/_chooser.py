@@ -108,6 +108,8 @@ _FORCE_MOE = {
     "outer": (1, 1, NEVER, NEVER),
     "onednn": (1, 1, 1, 1),
 }
+# ... and, for fp32 experts, those (bf16 routes off, then fp32_torch_min_rows) of the fp32 routes.
+_FORCE_MOE_FP32 = {"tiled": (0, 0, 0, 0, 0), "torch": (0, 0, 0, 0, 1)}
 _REPEATS = 3
 _LINEAR_SLICE_ELEMS = 8 << 20
 # A point starts only if its predicted cost times this fits: the warm-up run, timer and sleep
@@ -363,11 +365,9 @@ class Chooser:
 
         def run(route):
             # one expert per run, a different one each time: its weights come from memory, as in decode
-            if cls.op == "moe_fp32":
-                return lambda: torch.ops.lfm_kernels_cpu.moe_experts(
-                    hidden, gu, dn, ids[next(turn) % len(ids)], weights, 0, 0, 0, 0, int(route == "torch"))
+            force = _FORCE_MOE_FP32 if cls.op == "moe_fp32" else _FORCE_MOE
             return lambda: torch.ops.lfm_kernels_cpu.moe_experts(
-                hidden, gu, dn, ids[next(turn) % len(ids)], weights, *_FORCE_MOE[route])
+                hidden, gu, dn, ids[next(turn) % len(ids)], weights, *force[route])
 
         return {r: run(r) for r in cls.routes}
 

@@ -124,6 +124,26 @@ CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 # quantize the activations the same way (tests/test_quant*.py, test_kquant*.py).
 QUANT_CHECK_TOL = 5e-2
 
+
+def forced_quant_routes(op: str, fmt: str) -> dict[str, dict]:
+    """For a quantized `linear` ("linear") or experts ("moe") call in format fmt: the routes other than
+    the integer-dot kernels that exist on this CPU, each as the policy changes that put every call /
+    expert on it (the policy's own fields, `_policy.QUANT_ROUTE_FIELDS`): the AMX-INT8 tiles (not for
+    K-quants) and the bf16 GEMM route; none without usable AMX."""
+    from .. import _backend
+    from .._chooser import NEVER
+    from .._policy import QUANT_ROUTE_FIELDS, _amx_usable
+    from ..quant import _K_FORMATS
+
+    if _backend._C is None or not _amx_usable():
+        return {}
+    amx_field, gemm_field = QUANT_ROUTE_FIELDS[f"{op}_{'kquant' if fmt in _K_FORMATS else 'quant'}"]
+    out = {}
+    if amx_field:
+        out["amx-int8"] = {amx_field: 1, gemm_field: NEVER}
+    out["bf16-gemm"] = {gemm_field: 1}
+    return out
+
 # Inputs larger than this are not cloned for the check: they are weights, which no op writes.
 _CLONE_LIMIT_BYTES = 256 << 20
 

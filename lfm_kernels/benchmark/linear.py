@@ -21,7 +21,7 @@ from ..ops.linear import linear
 from .. import quant as _quant
 from .._policy import kernel_policy
 from ..quant import _BLOCK_BYTES, QK_K, QuantizedTensor, quantize
-from .core import QUANT_CHECK_TOL, Case
+from .core import QUANT_CHECK_TOL, Case, forced_quant_routes
 
 HIDDEN = 2048
 # (name, N, K): the projections a token goes through in LFM2.5-8B-A1B
@@ -137,27 +137,22 @@ def _random_kquant(shape: tuple, fmt: str, seed: int = 0) -> QuantizedTensor:
 
 def _quant_paths(fmt: str) -> dict:
     """The quantized runner-ups: the integer-dot kernels on x8 (what the AMX / bf16 GEMM routes
-    replace for many rows; kernel_only keeps them) and on GGUF's rows layout; with usable AMX also
-    the AMX-INT8 tiles (Q8_0 / Q4_0) and the bf16 GEMM route, each forced."""
-    from .._policy import DEFAULT_POLICY, _amx_usable
+    replace for many rows; kernel_only keeps them) and on GGUF's rows layout, and each other route
+    this CPU has, forced (`forced_quant_routes`)."""
+    from .._policy import DEFAULT_POLICY
 
     def integer(i):
         with kernel_policy(kernel_only=True):
             return linear(i["x"], i["qweight"])
 
-    def forced(**thresholds):
+    def forced(changes):
         def run(i):
-            with kernel_policy(DEFAULT_POLICY, **thresholds):
+            with kernel_policy(DEFAULT_POLICY, **changes):
                 return linear(i["x"], i["qweight"])
         return run
 
     out = {"x8": integer, "rows": lambda i: linear(i["x"], i["qweight_rows"])}
-    if _backend._C is not None and _amx_usable():
-        if fmt in _KQUANT_SCALES:
-            out["bf16-gemm"] = forced(linear_kquant_gemm_min_rows=1)
-        else:
-            out["amx-int8"] = forced(linear_quant_amx_min_rows=1, linear_quant_gemm_min_rows=1 << 30)
-            out["bf16-gemm"] = forced(linear_quant_gemm_min_rows=1)
+    out.update({route: forced(changes) for route, changes in forced_quant_routes("linear", fmt).items()})
     return out
 
 

@@ -15,7 +15,7 @@ from .. import _backend, reference
 from ..ops import moe as moe_ops
 from ..ops.moe import moe_experts
 from ..quant import QuantizedTensor
-from .core import QUANT_CHECK_TOL, Case
+from .core import QUANT_CHECK_TOL, Case, forced_quant_routes
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 1792, 32, 4
 
@@ -115,23 +115,21 @@ def _path(i: dict) -> str:
 def _paths(dtype: torch.dtype, device: str) -> dict:
     """Every expert on one route, for each route valid for these experts on this CPU (bf16: ours and
     oneDNN's; fp32: our tiles and torch's fp32 GEMM; none to choose from: empty)."""
-    from .._chooser import _FORCE_MOE
+    from .._chooser import _FORCE_MOE, _FORCE_MOE_FP32
 
     if device != "cpu" or _backend._C is None:
         return {}
     if dtype == torch.float32:  # our fp32 tiles or torch's fp32 GEMM for every expert
-        def forced32(torch_gemm):
-            return lambda i: torch.ops.lfm_kernels_cpu.moe_experts(
-                i["hidden"], i["gate_up_proj"], i["down_proj"], i["ids"], i["weights"], 0, 0, 0, 0, int(torch_gemm))
-
-        return {"tiled": forced32(False), "torch": forced32(True)}
-    if dtype != torch.bfloat16 or not _backend.cpu_has_native_bf16_gemm():
+        force, routes = _FORCE_MOE_FP32, ["tiled", "torch"]
+    elif dtype == torch.bfloat16 and _backend.cpu_has_native_bf16_gemm():
+        force = _FORCE_MOE
+        routes = ["tiled", "dot", "outer", "onednn"] if _backend._C.cpu_supports_avx512bf16() else ["tiled", "onednn"]
+    else:
         return {}
-    routes = ["tiled", "dot", "outer", "onednn"] if _backend._C.cpu_supports_avx512bf16() else ["tiled", "onednn"]
 
     def forced(route):
         return lambda i: torch.ops.lfm_kernels_cpu.moe_experts(
-            i["hidden"], i["gate_up_proj"], i["down_proj"], i["ids"], i["weights"], *_FORCE_MOE[route])
+            i["hidden"], i["gate_up_proj"], i["down_proj"], i["ids"], i["weights"], *force[route])
 
     return {r: forced(r) for r in routes}
 
@@ -246,26 +244,17 @@ def _integer_experts(i: dict):
 
 def _forced_quant_experts(fmt: str) -> dict:
     """The quantized experts' routes, each forced for every expert, that exist on this CPU for this
-    format (the runner-ups): the integer-dot kernels always; with usable AMX the AMX-INT8 tiles (Q8_0 /
-    Q4_0) and the bf16 GEMM route (bf16 tokens, every format)."""
-    from .._policy import DEFAULT_POLICY, _amx_usable, kernel_policy
+    format (the runner-ups): the integer-dot kernels always, and `forced_quant_routes`."""
+    from .._policy import DEFAULT_POLICY, kernel_policy
 
-    never = 1 << 30
-    kquant = fmt.startswith("q4_k") or fmt.startswith("q5_k") or fmt.startswith("q6_k")
-
-    def forced(**thresholds):
+    def forced(changes):
         def run(i):
-            with kernel_policy(DEFAULT_POLICY, **thresholds):
+            with kernel_policy(DEFAULT_POLICY, **changes):
                 return moe_experts(i["hidden"], i["q_gate_up"], i["q_down"], i["ids"], i["weights"])
         return run
 
     out = {"x8": _integer_experts}
-    if _backend._C is not None and _amx_usable():
-        if kquant:
-            out["bf16-gemm"] = forced(moe_kquant_gemm_min_rows=1)
-        else:
-            out["amx-int8"] = forced(moe_quant_amx_min_rows=1, moe_quant_gemm_min_rows=never)
-            out["bf16-gemm"] = forced(moe_quant_gemm_min_rows=1)
+    out.update({route: forced(changes) for route, changes in forced_quant_routes("moe", fmt).items()})
     return out
 
 

@@ -23,12 +23,13 @@ _ID_DTYPES = (torch.int64, torch.int32)
 _NO_BF16_ROUTES = (0, 0, 0, 0)
 
 
-def _bf16_routes(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None
-                 ) -> tuple[int, int, int, int]:
+def _bf16_routes(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None,
+                 policy=None) -> tuple[int, int, int, int]:
     """The policy's bf16 thresholds for the C++ experts kernel, or zeros (every expert on the AVX2
     tiles) when the call is not bf16 x bf16, the CPU has no native bf16 dot products, or the policy
-    says kernel_only."""
-    policy = _policy._policy_for_moe(hidden, gate_up_proj, down_proj)
+    says kernel_only. policy: the one for this call when the caller has it already."""
+    if policy is None:
+        policy = _policy._policy_for_moe(hidden, gate_up_proj, down_proj)
     if (
         not policy.kernel_only
         and hidden.dtype == torch.bfloat16
@@ -40,12 +41,14 @@ def _bf16_routes(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: to
     return _NO_BF16_ROUTES
 
 
-def _fp32_torch_min_rows(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None) -> int:
+def _fp32_torch_min_rows(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor | None = None,
+                         policy=None) -> int:
     """The C++ experts kernel's fp32_torch_min_rows: tokens per expert from which fp32 experts take
-    torch's fp32 GEMM; 0 (never) for other weights or under kernel_only."""
+    torch's fp32 GEMM; 0 (never) for other weights or under kernel_only. policy: as for _bf16_routes."""
     if gate_up_proj.dtype != torch.float32:
         return 0
-    policy = _policy._policy_for_moe(hidden, gate_up_proj, down_proj)
+    if policy is None:
+        policy = _policy._policy_for_moe(hidden, gate_up_proj, down_proj)
     return 0 if policy.kernel_only else policy.moe_fp32_torch_min_rows
 
 
@@ -95,9 +98,11 @@ def _moe_experts_impl(
 
         return moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if hidden.device.type == "cpu" and _backend.cpu_extension_available():
+        policy = _policy._policy_for_moe(hidden, gate_up_proj, down_proj)  # one lookup for both
         return torch.ops.lfm_kernels_cpu.moe_experts.default(
-            hidden, gate_up_proj, down_proj, topk_ids, topk_weights, *_bf16_routes(hidden, gate_up_proj, down_proj),
-            _fp32_torch_min_rows(hidden, gate_up_proj, down_proj),
+            hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
+            *_bf16_routes(hidden, gate_up_proj, down_proj, policy),
+            _fp32_torch_min_rows(hidden, gate_up_proj, down_proj, policy),
         )
     if topk_ids.device.type == "cpu":
         _check_ids_in_range(topk_ids, gate_up_proj.shape[0])
