@@ -616,13 +616,16 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
         a_vals = values(base_t[0]) if amx_f and "amx" in has else [base_t[0]]
         g_vals = values(base_t[1]) if "gemm" in has else [base_t[1]]
 
-        def quant_route(n, a, g_):
+        def quant_route(n, a, g_, rel):
+            # the route a call takes; a class without the AMX route (a Q8_0 / Q4_0 weight in the rows
+            # layout) stays on the integer kernels where x8 weights take AMX, as quant._linear_route
+            # and the C++ experts do
             if "gemm" in has and n >= g_:
                 return "gemm"
-            return "amx" if a is not None and "amx" in has and n >= a else "x8"
+            return "amx" if a is not None and "amx" in rel and n >= a else "x8"
 
         def cost(a, g_):
-            return sum(rel.get(quant_route(n, a, g_), 2.0) for n, _, rel in points)
+            return sum(rel.get(quant_route(n, a, g_, rel), 2.0) for n, _, rel in points)
 
         best, best_cost = base_t, None
         for a in a_vals:

@@ -533,6 +533,32 @@ def test_quantized_routes_follow_the_crossovers(measured, monkeypatch):
     assert ch.policy.moe_quant_gemm_min_rows == DEFAULT_POLICY.moe_quant_gemm_min_rows  # another op: untouched
 
 
+def test_a_rows_layout_weight_does_not_pull_the_x8_thresholds(measured, monkeypatch):
+    # The AMX-INT8 tiles run on the x8 layout only: a Q8_0 weight left in GGUF's rows layout takes the
+    # integer kernels wherever an x8 one would take AMX. Both layouts in one process (the bench times
+    # the rows layout beside x8) must not be scored as if the rows weight could not run at all there:
+    # that pushed the AMX threshold up (or the GEMM one down) for every x8 weight. Timings: AMX 1.25x
+    # faster than the integer kernels at 16 rows, the GEMM route best from 64.
+    _, use = measured
+    times = {"x8": lambda n: 1e-4 * n, "amx": lambda n: 0.8e-4 * n, "gemm": lambda n: 3e-3 + 1e-6 * n}
+
+    def hook(op, key, n):
+        out = _Timings(times)(op, key, n)
+        return {r: t for r, t in out.items() if r != "amx" or ":x8:" in key}  # rows: no AMX route
+
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    ch = use()
+    from lfm_kernels import quantize
+
+    rows = quantize(torch.randn(16, 64) / 8, "q8_0")
+    x8 = rows.to_layout("x8")
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    ch.for_quant("linear_quant", x, x8)
+    ch.for_quant("linear_quant", x, rows)
+    assert {k.split(":")[3] for k in ch.report()["classes"] if k.startswith("linear:quant")} == {"x8", "rows"}
+    assert ch.policy.linear_quant_amx_min_rows <= 16 and ch.policy.linear_quant_gemm_min_rows == 64
+
+
 def test_expert_crossover_between_8_and_16_tokens_is_found(measured, monkeypatch):
     # A 128-token prompt gives the experts 9-25 tokens each: a crossover at ~10 tokens (the Q8_0
     # AMX-INT8 tiles on a Xeon) must not round up to 16, which leaves half the experts on the slower

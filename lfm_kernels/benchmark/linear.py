@@ -141,9 +141,11 @@ def _quant_paths(fmt: str) -> dict:
     this CPU has, forced (`forced_quant_routes`)."""
     from .._policy import DEFAULT_POLICY
 
-    def integer(i):
+    def integer(i, key="qweight"):
+        # kernel_only: the integer kernels themselves, and no chooser class for the rows layout, whose
+        # timings would enter the thresholds of the x8 weights the kernel column runs
         with kernel_policy(kernel_only=True):
-            return linear(i["x"], i["qweight"])
+            return linear(i["x"], i[key])
 
     def forced(changes):
         def run(i):
@@ -151,7 +153,7 @@ def _quant_paths(fmt: str) -> dict:
                 return linear(i["x"], i["qweight"])
         return run
 
-    out = {"x8": integer, "rows": lambda i: linear(i["x"], i["qweight_rows"])}
+    out = {"x8": integer, "rows": lambda i: integer(i, "qweight_rows")}
     out.update({route: forced(changes) for route, changes in forced_quant_routes("linear", fmt).items()})
     return out
 
