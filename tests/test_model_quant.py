@@ -393,7 +393,7 @@ def tiny_256(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k_m"])
+@pytest.mark.parametrize("quant", [None, "q8_0", "q4_0", "q4_k_m"], ids=["float", "q8_0", "q4_0", "q4_k_m"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_decode_step_direct_calls_equal_the_public_ops(tiny_256, quant, dtype, monkeypatch):
     # model/direct.py calls the C++ ops itself in a decode step: bit for bit what the public ops give
@@ -403,6 +403,27 @@ def test_decode_step_direct_calls_equal_the_public_ops(tiny_256, quant, dtype, m
     with monkeypatch.context() as mp:
         _public_only(mp)
         public = _decode_logits(model)
+    assert torch.equal(direct, public)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_step_direct_float_linear_follows_the_policy(tiny_256, dtype, monkeypatch):
+    # float weights: a policy that hands two-row calls to torch's GEMM (oneDNN for bf16, torch's fp32
+    # GEMM for fp32) changes the logits; the direct calls must take that route too
+    from lfm_kernels import _backend
+    from lfm_kernels._policy import kernel_policy
+
+    if dtype == torch.bfloat16 and not _backend.cpu_has_native_bf16_gemm():
+        pytest.skip("needs AVX512-BF16 or AMX: without them bf16 calls never leave the C++ kernel")
+    model = from_pretrained(tiny_256, dtype=dtype, progress=False, tokenizer=False)
+    kernel = _decode_logits(model)
+    field = "linear_onednn_min_rows" if dtype == torch.bfloat16 else "linear_fp32_torch_min_rows"
+    with kernel_policy(**{field: 1}):
+        direct = _decode_logits(model)
+        with monkeypatch.context() as mp:
+            _public_only(mp)
+            public = _decode_logits(model)
+    assert not torch.equal(direct, kernel)  # the route changes the bits: the comparison below can fail
     assert torch.equal(direct, public)
 
 

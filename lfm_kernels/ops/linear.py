@@ -71,20 +71,33 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    policy = _policy._policy_for_linear(x, weight) if x.device.type == "cpu" else None
-    if x.device.type == "cpu" and _backend.cpu_extension_available():
-        if not _use_torch_gemm(x, weight, policy):
-            avx512_rows = 0 if policy.kernel_only else policy.linear_avx512_max_rows
-            return torch.ops.lfm_kernels_cpu.linear.default(x, weight, bias, avx512_rows)
-        if weight.dtype == torch.float32:
-            # the kernel's contract kept: products and sums in fp32, the output rounded to x's dtype once
-            b = bias.float() if bias is not None else None
-            return F.linear(x.float(), weight, b).to(x.dtype)
+def _linear_route(x: torch.Tensor, weight: torch.Tensor) -> int | None:
+    """The kernel's AVX-512 row limit (its last argument) when the C++ kernel takes this call (x
+    [M, K] on the CPU), None when torch's GEMM does (the policy's choice, `_use_torch_gemm`, or no CPU
+    extension). A pure function of the shapes, dtypes and policy: a decode step asks it once per shape."""
+    if x.device.type != "cpu" or not _backend.cpu_extension_available():
+        return None
+    policy = _policy._policy_for_linear(x, weight)
+    if _use_torch_gemm(x, weight, policy):
+        return None
+    return 0 if policy.kernel_only else policy.linear_avx512_max_rows
+
+
+def _linear_on_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, avx512_rows: int | None):
+    if avx512_rows is not None:
+        return torch.ops.lfm_kernels_cpu.linear.default(x, weight, bias, avx512_rows)
+    if x.device.type == "cpu" and weight.dtype == torch.float32 and _backend.cpu_extension_available():
+        # the kernel's contract kept: products and sums in fp32, the output rounded to x's dtype once
+        b = bias.float() if bias is not None else None
+        return F.linear(x.float(), weight, b).to(x.dtype)
     # CUDA: cuBLAS behind F.linear already runs bf16 GEMMs and GEMVs at the hardware's speed, so there
     # is no Triton kernel for this op. CPU with native bf16 GEMM instructions (bf16 x bf16, many rows):
     # oneDNN's GEMM is the faster one. CPU without the extension: F.linear after the one warning.
     return _torch_linear(x, weight, bias)
+
+
+def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear_on_route(x, weight, bias, _linear_route(x, weight))
 
 
 _linear_op = torch.library.custom_op("lfm_kernels::linear", _linear_impl, mutates_args=())
