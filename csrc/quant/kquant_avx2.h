@@ -320,33 +320,26 @@ static inline void kpanel_finish(const uint8_t* blk, const int16_t* xp, int64_t 
 // res[m * ldr + r] = row r of one packed group . activation row m, for M rows over nsb
 // super-blocks. xp rows (ldp int16 apart) hold the activation's sums per sub-block (Q4_K / Q5_K:
 // per 32, see kq_sub32_sums; Q6_K: per 16, the s of quantize_act_row_k).
+#include "quant/kpanel_frame.h"
+
 template <KFormat F, int M>
 static inline void kpanel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
                                int64_t ldd, const int16_t* xp, int64_t ldp, float* res, int64_t ldr) {
   using P = KPack<F>;
-  __m256 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nsb; ++b) {
-    const uint8_t* blk = pk + b * P::kBytes;
-    __m256i S[M];
-    for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
-    for (int j = 0; j < P::kSubs; ++j) {
-      const __m256i scv = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + P::kScOff + 32 * j));
-      for (int f = 0; f < P::kVecsPerSub; f += P::kFlush) {
-        __m256i t[M];
-        for (int m = 0; m < M; ++m) t[m] = _mm256_setzero_si256();
-        for (int u = 0; u < P::kFlush; ++u) {
-          const int v = j * P::kVecsPerSub + f + u;
-          const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + 32 * v));
-          for (int m = 0; m < M; ++m)
-            t[m] = _mm256_add_epi16(t[m], _mm256_maddubs_epi16(wv, bcast4(xq + m * ldq + b * kSuper + 4 * v)));
-        }
-        for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(t[m], scv));
+  kpanel_frame<F, M>(pk, nsb, xd, ldd, xp, ldp, res, ldr, [&](const uint8_t* blk, int64_t b, int j, __m256i* S) {
+    const __m256i scv = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + P::kScOff + 32 * j));
+    for (int f = 0; f < P::kVecsPerSub; f += P::kFlush) {
+      __m256i t[M];
+      for (int m = 0; m < M; ++m) t[m] = _mm256_setzero_si256();
+      for (int u = 0; u < P::kFlush; ++u) {
+        const int v = j * P::kVecsPerSub + f + u;
+        const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + 32 * v));
+        for (int m = 0; m < M; ++m)
+          t[m] = _mm256_add_epi16(t[m], _mm256_maddubs_epi16(wv, bcast4(xq + m * ldq + b * kSuper + 4 * v)));
       }
+      for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(t[m], scv));
     }
-    kpanel_finish<F, M>(blk, xp, ldp, xd, ldd, b, S, acc);
-  }
-  for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr, acc[m]);
+  });
 }
 
 }  // namespace kavx2

@@ -114,31 +114,24 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
 // The packed prefill panel of quant/kquant_avx2.h (KPack, packed by kavx2::pack_kgroup): one vpdpbusd
 // per weight vector into the sub-block's int32 dot, times the sub-block's scale once (vpmulld), in
 // place of vpmaddubsw + int16 adds flushed through vpmaddwd. The same exact S, so the AVX2 panel's bits.
+#include "quant/kpanel_frame.h"
+
 template <KFormat F, int M>
 static inline void kpanel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
                                int64_t ldd, const int16_t* xp, int64_t ldp, float* res, int64_t ldr) {
   using P = kavx2::KPack<F>;
-  __m256 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nsb; ++b) {
-    const uint8_t* blk = pk + b * P::kBytes;
-    __m256i S[M];
-    for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
-    for (int j = 0; j < P::kSubs; ++j) {
-      // the scale sits in both int16 halves of a lane: the high one, sign-extended, is the int32 scale
-      const __m256i sc = _mm256_srai_epi32(kavx2::ld(blk + P::kScOff + 32 * j), 16);
-      __m256i t[M];
-      for (int m = 0; m < M; ++m) t[m] = _mm256_setzero_si256();
-      for (int u = 0; u < P::kVecsPerSub; ++u) {
-        const int v = j * P::kVecsPerSub + u;
-        const __m256i wv = kavx2::ld(blk + 32 * v);
-        for (int m = 0; m < M; ++m) t[m] = LFMK_QVNNI_DPBUSD(t[m], wv, kavx2::bcast4(xq + m * ldq + b * kSuper + 4 * v));
-      }
-      for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_mullo_epi32(t[m], sc));
+  kpanel_frame<F, M>(pk, nsb, xd, ldd, xp, ldp, res, ldr, [&](const uint8_t* blk, int64_t b, int j, __m256i* S) {
+    // the scale sits in both int16 halves of a lane: the high one, sign-extended, is the int32 scale
+    const __m256i sc = _mm256_srai_epi32(kavx2::ld(blk + P::kScOff + 32 * j), 16);
+    __m256i t[M];
+    for (int m = 0; m < M; ++m) t[m] = _mm256_setzero_si256();
+    for (int u = 0; u < P::kVecsPerSub; ++u) {
+      const int v = j * P::kVecsPerSub + u;
+      const __m256i wv = kavx2::ld(blk + 32 * v);
+      for (int m = 0; m < M; ++m) t[m] = LFMK_QVNNI_DPBUSD(t[m], wv, kavx2::bcast4(xq + m * ldq + b * kSuper + 4 * v));
     }
-    kavx2::kpanel_finish<F, M>(blk, xp, ldp, xd, ldd, b, S, acc);
-  }
-  for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr, acc[m]);
+    for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_mullo_epi32(t[m], sc));
+  });
 }
 
 }  // namespace LFMK_QVNNI_NS
