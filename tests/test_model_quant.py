@@ -384,6 +384,17 @@ def _public_only(monkeypatch):
     monkeypatch.setattr(DirectOps, "begin_step", off)
 
 
+def _direct_and_public(model, monkeypatch, **policy):
+    """Decode logits under a policy: through the decode step's direct calls, and through the public ops."""
+    from lfm_kernels._policy import kernel_policy
+
+    with kernel_policy(**policy):
+        direct = _decode_logits(model)
+        with monkeypatch.context() as mp:
+            _public_only(mp)
+            return direct, _decode_logits(model)
+
+
 @pytest.fixture(scope="module")
 def tiny_256(tmp_path_factory):
     # every K a multiple of 256: the K-quant mix applies to every tensor
@@ -411,18 +422,13 @@ def test_decode_step_direct_float_linear_follows_the_policy(tiny_256, dtype, mon
     # float weights: a policy that hands two-row calls to torch's GEMM (oneDNN for bf16, torch's fp32
     # GEMM for fp32) changes the logits; the direct calls must take that route too
     from lfm_kernels import _backend
-    from lfm_kernels._policy import kernel_policy
 
     if dtype == torch.bfloat16 and not _backend.cpu_has_native_bf16_gemm():
         pytest.skip("needs AVX512-BF16 or AMX: without them bf16 calls never leave the C++ kernel")
     model = from_pretrained(tiny_256, dtype=dtype, progress=False, tokenizer=False)
     kernel = _decode_logits(model)
     field = "linear_onednn_min_rows" if dtype == torch.bfloat16 else "linear_fp32_torch_min_rows"
-    with kernel_policy(**{field: 1}):
-        direct = _decode_logits(model)
-        with monkeypatch.context() as mp:
-            _public_only(mp)
-            public = _decode_logits(model)
+    direct, public = _direct_and_public(model, monkeypatch, **{field: 1})
     assert not torch.equal(direct, kernel)  # the route changes the bits: the comparison below can fail
     assert torch.equal(direct, public)
 
@@ -431,7 +437,7 @@ def test_decode_step_direct_calls_follow_the_policy(tiny_256, monkeypatch):
     # a policy that sends one-row calls to the bf16 GEMM route (dequantized panels) changes the
     # logits; the direct calls must take that route too, not their integer tiles
     from lfm_kernels import _policy
-    from lfm_kernels._policy import QUANT_ROUTE_FIELDS, kernel_policy
+    from lfm_kernels._policy import QUANT_ROUTE_FIELDS
 
     if not _policy._amx_usable():
         pytest.skip("needs AMX (the bf16 GEMM and AMX-INT8 routes exist only there): this CPU has no usable AMX")
@@ -439,10 +445,6 @@ def test_decode_step_direct_calls_follow_the_policy(tiny_256, monkeypatch):
     model = from_pretrained(path, dtype=torch.bfloat16, quant="q4_0", progress=False, tokenizer=False)
     tiles = _decode_logits(model)
     everything_routed = {f: 1 for amx, gemm in QUANT_ROUTE_FIELDS.values() for f in (gemm,) if f}
-    with kernel_policy(**everything_routed):
-        direct = _decode_logits(model)
-        with monkeypatch.context() as mp:
-            _public_only(mp)
-            public = _decode_logits(model)
+    direct, public = _direct_and_public(model, monkeypatch, **everything_routed)
     assert not torch.equal(direct, tiles)  # the route changes the bits: the comparison below can fail
     assert torch.equal(direct, public)
