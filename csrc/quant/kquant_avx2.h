@@ -317,11 +317,11 @@ static inline void kpanel_finish(const uint8_t* blk, const int16_t* xp, int64_t 
   }
 }
 
+#include "quant/kpanel_frame.h"
+
 // res[m * ldr + r] = row r of one packed group . activation row m, for M rows over nsb
 // super-blocks. xp rows (ldp int16 apart) hold the activation's sums per sub-block (Q4_K / Q5_K:
 // per 32, see kq_sub32_sums; Q6_K: per 16, the s of quantize_act_row_k).
-#include "quant/kpanel_frame.h"
-
 template <KFormat F, int M>
 static inline void kpanel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
                                int64_t ldd, const int16_t* xp, int64_t ldp, float* res, int64_t ldr) {

@@ -111,11 +111,11 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
     for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
 }
 
+#include "quant/kpanel_frame.h"
+
 // The packed prefill panel of quant/kquant_avx2.h (KPack, packed by kavx2::pack_kgroup): one vpdpbusd
 // per weight vector into the sub-block's int32 dot, times the sub-block's scale once (vpmulld), in
 // place of vpmaddubsw + int16 adds flushed through vpmaddwd. The same exact S, so the AVX2 panel's bits.
-#include "quant/kpanel_frame.h"
-
 template <KFormat F, int M>
 static inline void kpanel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
                                int64_t ldd, const int16_t* xp, int64_t ldp, float* res, int64_t ldr) {
