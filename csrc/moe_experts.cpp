@@ -31,6 +31,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -349,43 +350,39 @@ at::Tensor expert_tokens(const at::Tensor& x, const Plan& pl, int64_t e) {
   return x.index_select(0, rows);
 }
 
-// One expert's tokens through oneDNN: g = X_e @ gate_up[e]^T, act = silu(g_gate) * g_up, y_e =
-// act @ down[e]^T. The GEMMs take and return bf16 (what F.linear computes in a bf16 model), so gate,
-// up, act and the expert output are each rounded to bf16 once; accumulation inside them is fp32.
-// Scheduled by run_torch_gemm_experts: alone, each GEMM spread over all threads by oneDNN; with many
+// One expert's tokens through torch's GEMMs, in the weights' dtype T: g = X_e @ gate_up[e]^T,
+// act = silu(g_gate) * g_up, y_e = act @ down[e]^T.
+// bf16 (oneDNN): the GEMMs take and return bf16 (what F.linear computes in a bf16 model), so gate, up,
+// act and the expert output are each rounded to bf16 once; accumulation inside them is fp32.
+// fp32 (MKL / oneDNN, AVX-512 where the CPU has it): all fp32. With tens of tokens per expert its
+// blocked GEMMs outrun our fp32 tiles, which reread the weights per 4-token tile (a 2-core Xeon, 32
+// experts, 64 tokens each: 266 vs 341 ms).
+// Scheduled by run_torch_gemm_experts: alone, each GEMM spread over all threads by torch; with many
 // experts, one expert per thread with single-threaded GEMMs.
-void expert_torch_gemm(const at::Tensor& hidden, const at::Tensor& gu, const at::Tensor& dn, int64_t e,
-                       const Plan& pl, float* y) {
-  const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
-  const int64_t H = hidden.size(1), I = dn.size(2);
-  const at::Tensor g = at::mm(expert_tokens(hidden, pl, e), gu[e].t());
-  at::Tensor act = at::empty({me, I}, g.options());
-  const c10::BFloat16* gp = cptr<c10::BFloat16>(g);
-  c10::BFloat16* ap = mptr<c10::BFloat16>(act);
-  parallel_for(me, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) swiglu_row_bf16(gp + m * 2 * I, gp + m * 2 * I + I, ap + m * I, I);
-  });
-  // the expert's rows of y (fp32) take the bf16 output; copy_ widens exactly
-  at::from_blob(y + q0 * H, {me, H}, hidden.options().dtype(at::kFloat)).copy_(at::mm(act, dn[e].t()));
-}
-
-// One expert's tokens on fp32 weights through torch's fp32 GEMM (MKL / oneDNN, AVX-512 where the CPU
-// has it): g = X_e @ gate_up[e]^T, act = silu(g_gate) * g_up, y_e = act @ down[e]^T, all fp32. With
-// tens of tokens per expert its blocked GEMMs outrun our fp32 tiles, which reread the weights per
-// 4-token tile (a 2-core Xeon, 32 experts, 64 tokens each: 266 vs 341 ms). Scheduled as
-// expert_torch_gemm is (run_torch_gemm_experts).
-void expert_torch_gemm_fp32(const at::Tensor& X, const at::Tensor& gu, const at::Tensor& dn, int64_t e,
-                            const Plan& pl, float* y) {
+template <typename T>
+void expert_torch_gemm(const at::Tensor& X, const at::Tensor& gu, const at::Tensor& dn, int64_t e, const Plan& pl,
+                       float* y) {
   const int64_t q0 = pl.offs[e], me = pl.offs[e + 1] - q0;
   const int64_t H = X.size(1), I = dn.size(2);
   const at::Tensor g = at::mm(expert_tokens(X, pl, e), gu[e].t());
   at::Tensor act = at::empty({me, I}, g.options());
-  const float* gp = g.const_data_ptr<float>();
-  float* ap = act.mutable_data_ptr<float>();
-  for (int64_t m = 0; m < me; ++m)
-    for (int64_t j = 0; j < I; ++j) ap[m * I + j] = silu(gp[m * 2 * I + j]) * gp[m * 2 * I + I + j];
-  at::Tensor ye = at::from_blob(y + q0 * H, {me, H}, X.options());
-  at::mm_out(ye, act, dn[e].t());
+  const T* gp = cptr<T>(g);
+  T* ap = mptr<T>(act);
+  parallel_for(me, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t j = 0; j < I; ++j) ap[m * I + j] = silu(gp[m * 2 * I + j]) * gp[m * 2 * I + I + j];
+      } else {
+        swiglu_row_bf16(gp + m * 2 * I, gp + m * 2 * I + I, ap + m * I, I);
+      }
+    }
+  });
+  // the expert's rows of y (fp32): fp32 GEMMs write them, a bf16 output is widened exactly by copy_
+  at::Tensor ye = at::from_blob(y + q0 * H, {me, H}, X.options().dtype(at::kFloat));
+  if constexpr (std::is_same_v<T, float>)
+    at::mm_out(ye, act, dn[e].t());
+  else
+    ye.copy_(at::mm(act, dn[e].t()));
 }
 
 // run(e) for each expert of `experts` that goes to torch's GEMMs. Many experts (prefill): one expert
@@ -464,7 +461,7 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
                           bf16_dot_onednn_min_rows};
   TORCH_CHECK(fp32_torch_min_rows >= 0, "moe_experts: fp32_torch_min_rows must be >= 0 (0: never)");
   // fp32 weights (any hidden dtype; computed in fp32): experts with this many tokens or more go to
-  // torch's fp32 GEMM (expert_torch_gemm_fp32)
+  // torch's fp32 GEMM (expert_torch_gemm<float>)
   const int64_t fp32_gemm_rows = gu.scalar_type() == at::kFloat ? fp32_torch_min_rows : 0;
   const bool own_bf16_tile = bf16_dot && cpu_has_avx512bf16();
   const bool pairs_fit = H % 2 == 0 && I % 2 == 0;
@@ -497,8 +494,8 @@ at::Tensor moe_experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_p
     if (!dot.empty())
       experts_pass_bf16dp(cptr<c10::BFloat16>(hidden_c), cptr<c10::BFloat16>(gu), cptr<c10::BFloat16>(dn), H, I, pl,
                           dot, mptr<c10::BFloat16>(act16), yp);
-    run_torch_gemm_experts(gemm, pl, [&](int64_t e) { expert_torch_gemm(hidden_c, gu, dn, e, pl, yp); });
-    run_torch_gemm_experts(gemm32, pl, [&](int64_t e) { expert_torch_gemm_fp32(X, gu, dn, e, pl, yp); });
+    run_torch_gemm_experts(gemm, pl, [&](int64_t e) { expert_torch_gemm<c10::BFloat16>(hidden_c, gu, dn, e, pl, yp); });
+    run_torch_gemm_experts(gemm32, pl, [&](int64_t e) { expert_torch_gemm<float>(X, gu, dn, e, pl, yp); });
     LFMK_DISPATCH_FLOAT(gu.scalar_type(), "moe_experts", [&] {
       experts_pass<scalar_t>(X.const_data_ptr<float>(), cptr<scalar_t>(gu), cptr<scalar_t>(dn), H, I, pl, tiled,
                              act.mutable_data_ptr<float>(), y.mutable_data_ptr<float>());
