@@ -96,7 +96,7 @@ def _policy_line(report: dict) -> str:
     """The policy report in one line: where each op's thresholds came from, then the thresholds."""
     t = report["thresholds"]
     line = (f"{report['mode']} (linear: {report['linear_source']}, linear fp32: {report['linear_fp32_source']}, "
-            f"moe: {report['moe_source']}, moe fp32: {report.get('moe_fp32_source', 'default')}); "
+            f"moe: {report['moe_source']}, moe fp32: {report['moe_fp32_source']}); "
             + ", ".join(f"{k}={v}" for k, v in t.items()))
     if report.get("kernel_only"):
         line += ", kernel_only"

@@ -125,24 +125,32 @@ CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 QUANT_CHECK_TOL = 5e-2
 
 
-def forced_quant_routes(op: str, fmt: str) -> dict[str, dict]:
+def forced_quant_paths(op: str, fmt: str, call) -> dict:
     """For a quantized `linear` ("linear") or experts ("moe") call in format fmt: the routes other than
-    the integer-dot kernels that exist on this CPU, each as the policy changes that put every call /
-    expert on it (the policy's own fields, `_policy.QUANT_ROUTE_FIELDS`): the AMX-INT8 tiles (not for
-    K-quants) and the bf16 GEMM route; none without usable AMX."""
+    the integer-dot kernels that exist on this CPU (the AMX-INT8 tiles, not for K-quants, and the bf16
+    GEMM route; none without usable AMX), each as a runner-up path: call(inputs) under the policy
+    changes that put every call / expert on that route (the policy's own fields,
+    `_policy.QUANT_ROUTE_FIELDS`)."""
     from .. import _backend
     from .._chooser import NEVER
-    from .._policy import QUANT_ROUTE_FIELDS, _amx_usable
+    from .._policy import DEFAULT_POLICY, QUANT_ROUTE_FIELDS, _amx_usable, kernel_policy
     from ..quant import _K_FORMATS
 
     if _backend._C is None or not _amx_usable():
         return {}
     amx_field, gemm_field = QUANT_ROUTE_FIELDS[f"{op}_{'kquant' if fmt in _K_FORMATS else 'quant'}"]
-    out = {}
+    routes = {}
     if amx_field:
-        out["amx-int8"] = {amx_field: 1, gemm_field: NEVER}
-    out["bf16-gemm"] = {gemm_field: 1}
-    return out
+        routes["amx-int8"] = {amx_field: 1, gemm_field: NEVER}
+    routes["bf16-gemm"] = {gemm_field: 1}
+
+    def forced(changes):
+        def run(i):
+            with kernel_policy(DEFAULT_POLICY, **changes):
+                return call(i)
+        return run
+
+    return {route: forced(changes) for route, changes in routes.items()}
 
 # Inputs larger than this are not cloned for the check: they are weights, which no op writes.
 _CLONE_LIMIT_BYTES = 256 << 20

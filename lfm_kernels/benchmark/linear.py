@@ -21,7 +21,7 @@ from ..ops.linear import linear
 from .. import quant as _quant
 from .._policy import kernel_policy
 from ..quant import _BLOCK_BYTES, QK_K, QuantizedTensor, quantize
-from .core import QUANT_CHECK_TOL, Case, forced_quant_routes
+from .core import QUANT_CHECK_TOL, Case, forced_quant_paths
 
 HIDDEN = 2048
 # (name, N, K): the projections a token goes through in LFM2.5-8B-A1B
@@ -138,8 +138,7 @@ def _random_kquant(shape: tuple, fmt: str, seed: int = 0) -> QuantizedTensor:
 def _quant_paths(fmt: str) -> dict:
     """The quantized runner-ups: the integer-dot kernels on x8 (what the AMX / bf16 GEMM routes
     replace for many rows; kernel_only keeps them) and on GGUF's rows layout, and each other route
-    this CPU has, forced (`forced_quant_routes`)."""
-    from .._policy import DEFAULT_POLICY
+    this CPU has, forced (`forced_quant_paths`)."""
 
     def integer(i, key="qweight"):
         # kernel_only: the integer kernels themselves, and no chooser class for the rows layout, whose
@@ -147,14 +146,8 @@ def _quant_paths(fmt: str) -> dict:
         with kernel_policy(kernel_only=True):
             return linear(i["x"], i[key])
 
-    def forced(changes):
-        def run(i):
-            with kernel_policy(DEFAULT_POLICY, **changes):
-                return linear(i["x"], i["qweight"])
-        return run
-
     out = {"x8": integer, "rows": lambda i: integer(i, "qweight_rows")}
-    out.update({route: forced(changes) for route, changes in forced_quant_routes("linear", fmt).items()})
+    out.update(forced_quant_paths("linear", fmt, lambda i: linear(i["x"], i["qweight"])))
     return out
 
 

@@ -15,7 +15,7 @@ from .. import _backend, reference
 from ..ops import moe as moe_ops
 from ..ops.moe import moe_experts
 from ..quant import QuantizedTensor
-from .core import QUANT_CHECK_TOL, Case, forced_quant_routes
+from .core import QUANT_CHECK_TOL, Case, forced_quant_paths
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 1792, 32, 4
 
@@ -244,17 +244,10 @@ def _integer_experts(i: dict):
 
 def _forced_quant_experts(fmt: str) -> dict:
     """The quantized experts' routes, each forced for every expert, that exist on this CPU for this
-    format (the runner-ups): the integer-dot kernels always, and `forced_quant_routes`."""
-    from .._policy import DEFAULT_POLICY, kernel_policy
-
-    def forced(changes):
-        def run(i):
-            with kernel_policy(DEFAULT_POLICY, **changes):
-                return moe_experts(i["hidden"], i["q_gate_up"], i["q_down"], i["ids"], i["weights"])
-        return run
-
+    format (the runner-ups): the integer-dot kernels always, and `forced_quant_paths`."""
     out = {"x8": _integer_experts}
-    out.update({route: forced(changes) for route, changes in forced_quant_routes("moe", fmt).items()})
+    out.update(forced_quant_paths(
+        "moe", fmt, lambda i: moe_experts(i["hidden"], i["q_gate_up"], i["q_down"], i["ids"], i["weights"])))
     return out
 
 
