@@ -87,6 +87,14 @@ void set_force_portable(bool force);
 // Keeps the AVX-512 decode GEMVs off while true (cpu_has_avx512() false, cpu_isa() "avx2"): the tests
 // compare the paths with it; the kernel policy chooses per call through linear's avx512_max_rows.
 void set_pin_avx2(bool pin);
+// Activation rows up to which the x8 integer tiles (Q8_0 / Q4_0 / K-quants in the x8 layout) read one
+// 8-row group at a time per thread, a single sequential stream, instead of several groups interleaved
+// (four at one row, two at two rows; K-quants two at one row). Only the pace changes: every output
+// is its own row's fixed-order sum either way (same bits). Which is faster depends on the CPU's
+// memory system (one stream measured 10-13% faster per decoded token on a 2-core Zen 4, four streams
+// 10-20% faster than two on an AVX2-only EPYC), so the kernel policy measures it (lfm_kernels/_policy.py).
+int64_t x8_one_stream_max_rows();
+void set_x8_one_stream_max_rows(int64_t rows);
 
 // ---- software prefetch of a weight stream ----
 // The decode GEMVs read each weight row once, front to back. The hardware L2 streamer alone does not

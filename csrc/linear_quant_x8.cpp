@@ -127,10 +127,20 @@ inline void groups_x_rows(const X8Args& a, int64_t g0, int64_t g1, int64_t m0) {
       for (int64_t n = 8 * g0; n < 8 * g1; ++n) out[m * a.N + n] += a.bias[n];
 }
 
+template <class Kern, Format F, int M, int G>
+void x8_gemv_groups(const X8Args& a);
+
+// Independent 8-row groups per tile: more streams in flight per core (see moe_tiles_quant.h), or one
+// where the policy measured a single stream faster (common.h, x8_one_stream_max_rows).
 template <class Kern, Format F, int M>
 void x8_gemv(const X8Args& a) {
-  // independent 8-row groups per tile: more streams in flight per core (see moe_tiles_quant.h)
-  constexpr int G = M == 1 ? 4 : M == 2 ? 2 : 1;
+  constexpr int kG = M == 1 ? 4 : M == 2 ? 2 : 1;
+  if (kG > 1 && M <= x8_one_stream_max_rows()) return x8_gemv_groups<Kern, F, M, 1>(a);
+  x8_gemv_groups<Kern, F, M, kG>(a);
+}
+
+template <class Kern, Format F, int M, int G>
+void x8_gemv_groups(const X8Args& a) {
   const int64_t group_bytes = 8 * (a.K / kBlock) * Traits<F>::kBytes;
   const int64_t groups = a.N / 8;
   const int64_t threads = at::get_num_threads();

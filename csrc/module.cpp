@@ -90,6 +90,12 @@ bool cpu_has_avx512bf16() { return g_has_avx512bf16 && !g_force_portable.load(st
 const char* cpu_isa() { return cpu_has_avx512() ? "avx512" : cpu_has_avx2() ? "avx2" : "portable"; }
 void set_force_portable(bool force) { g_force_portable.store(force); }
 void set_pin_avx2(bool pin) { g_pin_avx2.store(pin); }
+static std::atomic<int64_t> g_x8_one_stream_max_rows{0};
+int64_t x8_one_stream_max_rows() { return g_x8_one_stream_max_rows.load(std::memory_order_relaxed); }
+void set_x8_one_stream_max_rows(int64_t rows) {
+  if (rows < 0) throw std::invalid_argument("x8_one_stream_max_rows must be >= 0, got " + std::to_string(rows));
+  g_x8_one_stream_max_rows.store(rows);
+}
 
 }  // namespace lfmk
 
@@ -106,6 +112,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(lfmk::cpu_isa()); }, "the path the kernels take now");
   m.def("set_force_portable", &lfmk::set_force_portable,
         "force the portable (non-AVX2) kernels; for tests comparing both paths");
+  m.def("set_x8_one_stream_max_rows", &lfmk::set_x8_one_stream_max_rows,
+        "activation rows up to which the x8 integer tiles stream one 8-row group at a time (0: never); set by the kernel policy");
+  m.def("x8_one_stream_max_rows", &lfmk::x8_one_stream_max_rows);
   m.def("set_pin_avx2", &lfmk::set_pin_avx2, "keep the AVX-512 decode GEMVs off (the AVX512-BF16 MoE tiles keep their own switch); for tests");
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

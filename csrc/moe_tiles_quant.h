@@ -171,9 +171,11 @@ inline void qpanel(int G, int M, const uint8_t* pk, int64_t gs, int64_t nb, cons
 // res[m * kX8Res + g * 8 + r].
 constexpr int kX8Res = 32;
 // Groups per x8 tile for M activation rows and n groups left: each group is its own stream through
-// memory, and one core's streaming rate grows with the streams in flight (measured on an AVX2 EPYC:
-// 4 streams read ~10-20% faster than 2 at one token); G * M accumulators must fit the registers.
+// memory, and on some cores the streaming rate grows with the streams in flight (measured on an AVX2
+// EPYC: 4 streams read ~10-20% faster than 2 at one token), on others one stream reads fastest
+// (common.h, x8_one_stream_max_rows); G * M accumulators must fit the registers.
 inline int qx8_groups(int M, int64_t n) {
+  if (M <= x8_one_stream_max_rows()) return 1;
   const int64_t g = std::min<int64_t>(M == 1 ? 4 : 2, n);
   return g >= 4 ? 4 : g >= 2 ? 2 : 1;
 }

@@ -1,7 +1,9 @@
 """The measured kernel-path choice: the policy's thresholds timed on the machine at hand.
 
 (Also the quantized routes on CPUs with AMX: the integer-dot kernels, the AMX-INT8 tiles and the bf16
-GEMM route, per quantized shape class with bf16 tokens; `Chooser.for_quant`.)
+GEMM route, per quantized shape class with bf16 tokens; `Chooser.for_quant`. And on every CPU, how
+many 8-row groups the x8 integer tiles stream at once at one row, per format and K on weights
+streamed from memory; `Chooser.for_quant_stream`.)
 
 The thresholds in `KernelPolicy` say from how many rows a bf16 call leaves our C++ kernels for
 another path (oneDNN for `linear`; our AVX512-BF16 dot / outer-product tiles, then oneDNN, for the
@@ -59,7 +61,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _backend, _memory
 from ._policy import QUANT_ROUTE_FIELDS
 
 # A threshold no row count reaches: the path after it is never taken.
@@ -81,13 +83,16 @@ LINEAR_FP32_ROUTES = ("cpp", "torch")
 # AMX-INT8 tiles (Q8_0 / Q4_0 in x8), then the bf16 GEMM route; K-quants have no AMX-INT8 tiles.
 QUANT_ROUTES = ("x8", "amx", "gemm")
 KQUANT_ROUTES = ("x8", "gemm")
+# Quantized x8 weights at 1-2 rows (every CPU): the integer tiles reading one 8-row group at a time
+# per thread ("x8_one", up to quant_x8_one_stream_max_rows rows), then several interleaved ("x8").
+QUANT_STREAM_ROUTES = ("x8_one", "x8")
 _ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES, "moe_fp32": MOE_FP32_ROUTES,
            "linear_quant": QUANT_ROUTES, "linear_kquant": KQUANT_ROUTES, "moe_quant": QUANT_ROUTES,
-           "moe_kquant": KQUANT_ROUTES}
+           "moe_kquant": KQUANT_ROUTES, "quant_stream": QUANT_STREAM_ROUTES}
 # How each op's shape-class keys begin (the cache's keys; the shape and thread count follow)
 _CLASS_TAG = {"linear": "linear:bf16", "linear_fp32": "linear:fp32", "moe": "moe:bf16", "moe_fp32": "moe:fp32",
               "linear_quant": "linear:quant", "linear_kquant": "linear:kquant", "moe_quant": "moe:quant",
-              "moe_kquant": "moe:kquant"}
+              "moe_kquant": "moe:kquant", "quant_stream": "quant:stream"}
 # fp32 weights at 4, 16 and 64 rows only: at 1-2 rows both stream the weight at the same speed
 # (measured equal on a Xeon; timing them would stream a 256 MiB weight, half the budget), and the
 # GEMMs' crossover needs no finer grid, so a model's few fp32 shapes fit the budget of one process.
@@ -100,7 +105,10 @@ _LADDERS = {"linear": LINEAR_LADDER, "linear_fp32": (4, 16, 64), "moe": MOE_LADD
             # only at 8 and 16 the tie at 8 kept 16, leaving half the experts on the integer kernels
             # (a 128-token MoE call 48-55 ms instead of 40).
             "linear_quant": (16, 64, 256), "linear_kquant": (16, 64, 256),
-            "moe_quant": (8, 12, 16, 24, 32, 64), "moe_kquant": (8, 12, 16, 24, 32, 64)}
+            "moe_quant": (8, 12, 16, 24, 32, 64), "moe_kquant": (8, 12, 16, 24, 32, 64),
+            # the x8 tiles' streams, at one row (decode of one sequence; the multi-group tiles also
+            # exist at 2 rows, which keep the default unless fixed): a point per format costs ~30 ms
+            "quant_stream": (1,)}
 # The C++ experts kernel's thresholds that put every expert on one route.
 _FORCE_MOE = {
     "tiled": (0, 1, 1, 1),
@@ -242,6 +250,17 @@ class Chooser:
             self._first_sight(seen, key, weight=weight, down=down)
         return self.policy
 
+    def for_quant_stream(self, x: torch.Tensor, weight):
+        """`linear` on an x8 QuantizedTensor with bf16 x: the first call of each format and K times the
+        x8 tiles' one-stream and interleaved reads at one row (quant_x8_one_stream_max_rows) on weights
+        of that format and shape streamed from memory; the choice serves every x8 call, the experts'
+        included."""
+        threads = torch.get_num_threads()
+        seen = ("quant_stream", weight.format, weight.shape[1], threads)
+        if seen not in self._seen:
+            self._first_sight(seen, f"{_CLASS_TAG['quant_stream']}:{weight.format}:K{seen[2]}:t{threads}", weight=weight)
+        return self.policy
+
     def report(self) -> dict:
         """Thresholds, their source per op, the shape classes measured and the time spent."""
         p = self.policy
@@ -251,7 +270,7 @@ class Chooser:
             "linear_fp32_source": self.sources["linear_fp32"],
             "moe_source": self.sources["moe"],
             "moe_fp32_source": self.sources["moe_fp32"],
-            "quant_source": _combined_source([self.sources[op] for op in QUANT_ROUTE_FIELDS]),
+            "quant_source": _combined_source([self.sources[op] for op in (*QUANT_ROUTE_FIELDS, "quant_stream")]),
             "thresholds": _thresholds(p),
             "classes": {k: {"routes": list(c.routes), "rows": sorted(c.points), "source": c.source}
                         for k, c in self._classes.items()},
@@ -300,6 +319,10 @@ class Chooser:
             if _backend._C is None:
                 return None
             routes, pairs_fit = _ROUTES[op], True
+        elif op == "quant_stream":
+            if _backend._C is None or not hasattr(_backend._C, "set_x8_one_stream_max_rows"):
+                return None
+            routes, pairs_fit = QUANT_STREAM_ROUTES, True
         elif op in QUANT_ROUTE_FIELDS:
             if _backend._C is None or not _backend.cpu_has_amx():
                 return None  # both routes need AMX: the integer kernels are the only path
@@ -330,6 +353,8 @@ class Chooser:
         g = torch.Generator(device="cpu").manual_seed(n)  # never the user's random stream
         if cls.op in QUANT_ROUTE_FIELDS:
             return _quant_candidates(cls, n, tensors, g)
+        if cls.op == "quant_stream":
+            return _quant_stream_candidates(n, tensors["weight"], g)
         if cls.op in ("linear", "linear_fp32"):
             w = tensors["weight"].detach()
             n_rows, k = w.shape
@@ -574,7 +599,8 @@ def _thresholds(p) -> dict:
              "moe_bf16_min_rows",
              "moe_bf16_outer_min_rows", "moe_bf16_outer_onednn_min_rows", "moe_bf16_dot_onednn_min_rows",
              "linear_quant_amx_min_rows", "linear_quant_gemm_min_rows", "linear_kquant_gemm_min_rows",
-             "moe_quant_amx_min_rows", "moe_quant_gemm_min_rows", "moe_kquant_gemm_min_rows")
+             "moe_quant_amx_min_rows", "moe_quant_gemm_min_rows", "moe_kquant_gemm_min_rows",
+             "quant_x8_one_stream_max_rows")
     return {n: getattr(p, n) for n in names}
 
 
@@ -636,6 +662,15 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
         if best_cost > cost(*base_t) * (1 - _SWITCH_MARGIN):
             best = base_t
         return {gemm_f: best[1], **({amx_f: best[0]} if amx_f else {})}
+
+    if op == "quant_stream":
+        base_t = base.quant_x8_one_stream_max_rows
+        vals = [base_t] + [v for v in range(max(rows) + 1) if v != base_t]
+        cost = {v: sum(rel.get("x8_one" if n <= v else "x8", 2.0) for n, _, rel in points) for v in vals}
+        best = min(vals, key=lambda v: cost[v])  # min keeps the first of equals: the base
+        if cost[best] > cost[base_t] * (1 - _SWITCH_MARGIN):
+            best = base_t
+        return {"quant_x8_one_stream_max_rows": best}
 
     if op in ("linear_fp32", "moe_fp32"):
         field, ours = ("linear_fp32_torch_min_rows", "cpp") if op == "linear_fp32" else ("moe_fp32_torch_min_rows", "tiled")
@@ -744,3 +779,43 @@ def _quant_candidates(cls: _Class, n: int, tensors: dict, g: torch.Generator) ->
                                           ids[next(turn) % len(ids)], weights, *extra)
 
     return {r: run(r) for r in cls.routes}
+
+
+def _quant_stream_candidates(n: int, weight, g: torch.Generator) -> dict:
+    """The x8 tiles at n rows reading one group at a time or several, as a decode step calls them: many
+    short calls, each on a weight of a few MB streamed from memory. A run is one call on each of
+    several zero copies of the class's weight (format, K and rows; at most half the total) adding up
+    to 2x the last-level cache (64-128 MiB; fewer bytes for weights under 1-2 MiB, at most 64 copies);
+    the extension's setting is put back after each run."""
+    from .quant import _K_FORMATS, _row_bytes
+
+    ops = torch.ops.lfm_kernels_cpu
+    fmt, k = weight.format, int(weight.shape[-1])
+    row_bytes = _row_bytes(fmt, k)
+    total = min(max(2 * _last_level_cache_bytes(), 64 << 20), 128 << 20)
+    rows = max(8, min(int(weight.shape[-2]), total // 2 // row_bytes) // 8 * 8)
+    key = (k, fmt, rows)
+    if key not in _stream_weights:
+        copies = max(2, min(64, -(-total // (rows * row_bytes))))  # a small weight: at most 64 calls
+        # on huge pages, as the model keeps its weights (lfm_kernels/_memory.py): on 4 KiB pages the
+        # single stream stalls at every page and the choice flips (measured on a Zen 4)
+        _stream_weights[key] = _memory.empty(copies, rows, row_bytes, dtype=torch.uint8).zero_()
+    data = _stream_weights[key]
+    x = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    kq = fmt in _K_FORMATS
+    setter, in_force = _backend._C.set_x8_one_stream_max_rows, _backend._C.x8_one_stream_max_rows()
+
+    def run(one_stream_rows):
+        def f():
+            setter(one_stream_rows)
+            try:
+                for w in data:
+                    if kq:
+                        ops.linear_kquant_x8(x, w, fmt, rows, k, None)
+                    else:
+                        ops.linear_quant_x8(x, w, fmt, rows, k, None, 0)
+            finally:
+                setter(in_force)  # what the policy handed over, whatever it is
+        return f
+
+    return {"x8_one": run(n), "x8": run(0)}

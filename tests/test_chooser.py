@@ -425,7 +425,7 @@ def test_bench_forced_quantized_routes_take_effect():
     assert sorted(bench_moe._forced_quant_experts("q4_k")) == ["bf16-gemm", "x8"]
     qw = quantize(torch.randn(64, 256) / 16, "q4_0")
     li = {"x": torch.randn(32, 256).to(torch.bfloat16), "qweight": qw.to_layout("x8"), "qweight_rows": qw}
-    lpaths = bench_linear._quant_paths("q4_0")
+    lpaths = bench_linear._quant_paths("q4_0", 32)
     lref = lpaths["x8"](li)
     assert torch.equal(lpaths["amx-int8"](li), lref) and torch.equal(lpaths["rows"](li), lref)
     assert not torch.equal(lpaths["bf16-gemm"](li), lref)
@@ -591,3 +591,63 @@ def test_a_slow_quantized_route_is_never_chosen(measured, monkeypatch):
     before = len(ch._classes)
     ch.for_quant("linear_quant", torch.randn(3, 64), _quant_weights()[0].to_layout("rows"))
     assert len(ch._classes) == before
+
+
+def test_the_x8_streams_follow_the_timings(measured, monkeypatch):
+    """quant_x8_one_stream_max_rows: timed at one row per format and K on the first bf16 `linear` call
+    of an x8 weight, set where one stream was faster, handed to the extension."""
+    path, use = measured
+    # one stream faster at one row
+    hook = _Timings({"x8_one": lambda n: 0.8e-4 if n == 1 else 3e-4, "x8": lambda n: 1e-4 * n})
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    ch = use()
+    lin, gu, dn = _quant_weights()
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    _policy.quant_routes("linear", x, lin)
+    assert ch.policy.quant_x8_one_stream_max_rows == 1 and _backend._C.x8_one_stream_max_rows() == 1
+    assert hook.points == [(f"quant:stream:q8_0:K64:t{torch.get_num_threads()}", 1)]
+    assert policy_report()["thresholds"]["quant_x8_one_stream_max_rows"] == 1
+    # fp32 x, the rows layout and the experts measure nothing more (one choice serves every x8 call)
+    _policy.quant_routes("linear", x.float(), lin)
+    _policy.quant_routes("linear", x, lin.to_layout("rows"))
+    _policy.quant_routes("moe", torch.randn(1, 256).to(torch.bfloat16), gu, dn)
+    assert len(hook.points) == 1
+    # a slow single stream is never chosen, one within noise keeps the default
+    for one in (lambda n: 1e-3, lambda n: 0.99e-4 * n):
+        monkeypatch.setattr(_chooser, "_candidate_hook", _Timings({"x8_one": one, "x8": lambda n: 1e-4 * n}))
+        path.unlink()  # measure again, not the timings cached above
+        ch = use()
+        _policy.quant_routes("linear", x, lin)
+        assert ch.policy.quant_x8_one_stream_max_rows == DEFAULT_POLICY.quant_x8_one_stream_max_rows == 0
+        assert _backend._C.x8_one_stream_max_rows() == 0
+    # a fixed policy overrides the measurement and is handed over as it is
+    hook = _Timings({"x8_one": lambda n: 1e-5, "x8": lambda n: 1e-4})
+    monkeypatch.setattr(_chooser, "_candidate_hook", hook)
+    use()
+    with kernel_policy(DEFAULT_POLICY, quant_x8_one_stream_max_rows=2):
+        _policy.quant_routes("linear", x, lin)
+        assert _backend._C.x8_one_stream_max_rows() == 2
+    assert hook.points == []
+
+
+def test_real_x8_stream_measurement(measured):
+    """The real candidates on this CPU: both read a zero weight streamed from memory, the extension's
+    setting is the policy's after the measurement, and the result has the same bits either way."""
+    if _backend._C is None:
+        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
+    from lfm_kernels import quantize
+
+    _, use = measured
+    lin = quantize(torch.randn(24, 64) / 8, "q4_0").to_layout("x8")
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with kernel_policy(DEFAULT_POLICY):
+        ref = lfm_kernels.linear(x, lin)
+    ch = use(budget_s=5.0)
+    out = lfm_kernels.linear(x, lin)
+    rep = ch.report()
+    key = f"quant:stream:q4_0:K64:t{torch.get_num_threads()}"
+    assert key in rep["classes"] and rep["classes"][key]["rows"] == [1], rep
+    assert rep["quant_source"] == "measured"
+    assert _backend._C.x8_one_stream_max_rows() == ch.policy.quant_x8_one_stream_max_rows in (0, 1)
+    assert torch.equal(out, ref)
+    assert _chooser._stream_weights == {}  # the streamed weight is dropped after the measurement

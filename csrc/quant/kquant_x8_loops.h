@@ -32,12 +32,13 @@ inline void kx8_tile_m(int M, const uint8_t* w, int64_t gstride, const KActs& x,
 
 // Groups [g0, g1) of an x8 matrix at w (group g at byte g * group_bytes) against activation rows
 // [m0, m0 + M): out[m * ldo + 8 * g + r] for row 8g + r. One activation row shares each
-// broadcast between two groups; more rows already reuse each weight vector M times.
+// broadcast between two groups (unless the policy measured one stream faster: common.h,
+// x8_one_stream_max_rows); more rows already reuse each weight vector M times.
 template <class Kern, KFormat F>
 inline void kx8_groups(int M, const uint8_t* w, int64_t group_bytes, int64_t g0, int64_t g1, const KActs& x,
                        int64_t m0, float* out, int64_t ldo) {
   int64_t g = g0;
-  if (M == 1)
+  if (M == 1 && M > x8_one_stream_max_rows())
     for (; g + 2 <= g1; g += 2) kx8_tile_m<Kern, F, 2>(M, w + g * group_bytes, group_bytes, x, m0, out + 8 * g, ldo);
   for (; g < g1; ++g) kx8_tile_m<Kern, F, 1>(M, w + g * group_bytes, group_bytes, x, m0, out + 8 * g, ldo);
 }

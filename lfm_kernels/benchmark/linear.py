@@ -19,7 +19,7 @@ from .. import _backend
 from ..ops import linear as linear_mod
 from ..ops.linear import linear
 from .. import quant as _quant
-from .._policy import kernel_policy
+from .._policy import get_policy, kernel_policy
 from ..quant import _BLOCK_BYTES, QK_K, QuantizedTensor, quantize
 from .core import QUANT_CHECK_TOL, Case, forced_quant_paths
 
@@ -135,20 +135,40 @@ def _random_kquant(shape: tuple, fmt: str, seed: int = 0) -> QuantizedTensor:
     return QuantizedTensor(data.reshape(*lead, nb * _BLOCK_BYTES[fmt]), fmt, tuple(shape))
 
 
-def _quant_paths(fmt: str) -> dict:
+def _quant_paths(fmt: str, m: int) -> dict:
     """The quantized runner-ups: the integer-dot kernels on x8 (what the AMX / bf16 GEMM routes
-    replace for many rows; kernel_only keeps them) and on GGUF's rows layout, and each other route
-    this CPU has, forced (`forced_quant_paths`)."""
+    replace for many rows; kernel_only keeps them; at 1-2 rows with several 8-row groups streamed at
+    once, "x8", and with one, "x8-1stream") and on GGUF's rows layout, and each other route this CPU
+    has, forced (`forced_quant_paths`)."""
 
-    def integer(i, key="qweight"):
+    def integer(i, key="qweight", **streams):
         # kernel_only: the integer kernels themselves, and no chooser class for the rows layout, whose
         # timings would enter the thresholds of the x8 weights the kernel column runs
-        with kernel_policy(kernel_only=True):
+        with kernel_policy(kernel_only=True, **streams):
             return linear(i["x"], i[key])
 
-    out = {"x8": integer, "rows": lambda i: integer(i, "qweight_rows")}
+    out = {"rows": lambda i: integer(i, "qweight_rows")}
+    if m <= _STREAM_ROWS:
+        out["x8"] = lambda i: integer(i, quant_x8_one_stream_max_rows=0)
+        out["x8-1stream"] = lambda i: integer(i, quant_x8_one_stream_max_rows=_STREAM_ROWS)
+    else:
+        out["x8"] = integer
     out.update(forced_quant_paths("linear", fmt, lambda i: linear(i["x"], i["qweight"])))
     return out
+
+
+# Rows up to which the x8 tiles have a several-groups-at-once variant (csrc/linear_quant_x8.cpp)
+_STREAM_ROWS = 2
+
+
+def _quant_path(i: dict) -> str:
+    """The route of a quantized call (`_linear_route`); the integer kernels on x8 at 1-2 rows are
+    "x8-1stream" where the policy has them read one 8-row group at a time."""
+    route = _quant._linear_route(i["x"], i["qweight"])
+    m = i["x"].shape[0]
+    if route == "x8" and m <= min(_STREAM_ROWS, get_policy().quant_x8_one_stream_max_rows):
+        return "x8-1stream"
+    return route
 
 
 def _quantized_cases(shapes, rows) -> list[Case]:
@@ -187,8 +207,8 @@ def _quantized_cases(shapes, rows) -> list[Case]:
                         flops=2 * m * n * k,
                         compute_bound=m > 1,
                         backend=_quant_backend(),
-                        path=lambda i: _quant._linear_route(i["x"], i["qweight"]),
-                        paths=_quant_paths(fmt),
+                        path=_quant_path,
+                        paths=_quant_paths(fmt, m),
                         check_tol=QUANT_CHECK_TOL,
                     )
                 )
