@@ -153,6 +153,9 @@ def test_kquant_file_runs_quantized_with_the_logits_of_its_dequantized_weights(c
             runs = [f for j, f in enumerate(want) if j == 0 or want[j - 1] != f]  # equal neighbours stay stacked
             assert _formats(v) == tuple(runs), (i, attr, want)
             assert isinstance(v, SplitWeight) == (len(runs) > 1), (i, attr)
+            # every quantized weight, a SplitWeight's parts included, runs from the x8 layout
+            assert all(p.layout == "x8" for p in (v.parts if isinstance(v, SplitWeight) else (v,))
+                       if hasattr(p, "layout")), (i, attr, _formats(v))
     if ftype == "Q4_K_M":  # the mix really mixes: the test covers split qkv and Q6_K beside Q4_K
         assert w.embed.format == ("q6_k" if cfg.tie_word_embeddings else "q4_k")
         assert any(isinstance(lw.qkv, SplitWeight) for lw in w.layers if lw.attention)
@@ -223,10 +226,13 @@ def test_weights_are_the_files_blocks_with_no_dequantized_copy(moe_q4_k_m):
         assert isinstance(qt, QuantizedTensor) and qt.layout == "x8", name
         assert torch.equal(qt.to_layout("rows").data.reshape(-1), raw[name].reshape(-1)), name
     assert w.lm_head is w.embed
-    # a split qkv: v (Q6_K) in place on the map, q and k (Q4_K) copied into one stacked part
+    # a split qkv: each part rearranged into x8 like a whole weight (decode reads the rows layout's
+    # K-quant tiles several times slower): v the file's Q6_K blocks, q and k its Q4_K blocks stacked
     qk, v = w.layers[3].qkv.parts
-    assert _in_mapping(v.data, reader) and not _in_mapping(qk.data, reader)
-    assert torch.equal(qk.data, torch.cat([raw["blk.3.attn_q.weight"], raw["blk.3.attn_k.weight"]]))
+    assert qk.layout == v.layout == "x8" and not _in_mapping(v.data, reader)
+    assert torch.equal(v.to_layout("rows").data.reshape(-1), raw["blk.3.attn_v.weight"].reshape(-1))
+    assert torch.equal(qk.to_layout("rows").data,
+                       torch.cat([raw["blk.3.attn_q.weight"], raw["blk.3.attn_k.weight"]]))
     # nothing is float but the small tensors, and what is not on the map is only the stacked copies
     stacked_bytes = 0
     for name, t in w.tensors():
