@@ -89,7 +89,8 @@ void set_force_portable(bool force);
 void set_pin_avx2(bool pin);
 // Activation rows up to which the x8 integer tiles (Q8_0 / Q4_0 / K-quants in the x8 layout) read one
 // 8-row group at a time per thread, a single sequential stream, instead of several groups interleaved
-// (four at one row, two at two rows; K-quants two at one row). Only the pace changes: every output
+// (four at one row, two at two rows and, in the experts' tiles, at three and four; K-quants two at
+// one row). Only the pace changes: every output
 // is its own row's fixed-order sum either way (same bits). Which is faster depends on the CPU's
 // memory system (one stream measured 10-13% faster per decoded token on a 2-core Zen 4, four streams
 // 10-20% faster than two on an AVX2-only EPYC), so the kernel policy measures it (lfm_kernels/_policy.py).

@@ -147,8 +147,8 @@ class KernelPolicy:
     moe_kquant_gemm_min_rows: int = 32
     # Quantized weights in the x8 layout (Q8_0 / Q4_0 / K-quants, every CPU): calls of up to this many
     # activation rows (tokens per expert for the experts) read one 8-row group at a time per thread,
-    # a single sequential stream, instead of several interleaved (four at one row, two at two rows;
-    # K-quants two at one row). The same bits either way; only the pace changes, and which is faster
+    # a single sequential stream, instead of several interleaved (four at one row, two at two rows
+    # and, in the experts' tiles, at three and four; K-quants two at one row). The same bits either way; only the pace changes, and which is faster
     # depends on the memory system. A 2-core Zen 4, full-size decode steps alternated in one process
     # (10 rounds each): one stream 10-13% faster a token for Q4_0, Q8_0 and Q4_K_M (Q4_0 44.6 vs
     # 51.2 ms), and 15% slower (47.8 vs 41.6 ms) in the same A/B half an hour later, the VM's memory
@@ -267,16 +267,12 @@ def quant_routes(op: str, x: torch.Tensor, weight, down=None) -> tuple[int, int]
     return gemm, getattr(policy, amx_field) if amx_field else 0
 
 
-_x8_streams_in_cpp = 0  # the extension's x8_one_stream_max_rows as last set from here (its default)
-
-
 def _sync_x8_streams(rows: int) -> None:
     """Hands the policy's quant_x8_one_stream_max_rows to the extension (a process-wide setting of the
-    x8 tiles, like the portable switch) when it changed; every quantized call passes here first."""
-    global _x8_streams_in_cpp
-    if rows != _x8_streams_in_cpp and _backend._C is not None and hasattr(_backend._C, "set_x8_one_stream_max_rows"):
-        _backend._C.set_x8_one_stream_max_rows(rows)
-        _x8_streams_in_cpp = rows
+    x8 tiles, like the portable switch) when it differs; every quantized call passes here first."""
+    ext = _backend._C
+    if ext is not None and hasattr(ext, "set_x8_one_stream_max_rows") and ext.x8_one_stream_max_rows() != rows:
+        ext.set_x8_one_stream_max_rows(rows)
 
 
 def set_policy(policy: KernelPolicy | None = None, **changes) -> KernelPolicy:
