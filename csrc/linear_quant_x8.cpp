@@ -40,8 +40,8 @@ struct X8Portable {
   static void quantize_row(const T* x, int64_t K, int8_t* q, float* d) { portable::quantize_act_row(x, K, q, d); }
   template <Format F, int G, int M>
   static void tile(const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
-                   int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
-    portable::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);
+                   int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr, int64_t pf) {
+    portable::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr, pf);
   }
 };
 
@@ -58,8 +58,8 @@ struct X8Avx2 {
   static void quantize_row(const T* x, int64_t K, int8_t* q, float* d) { avx2::quantize_act_row(x, K, q, d); }
   template <Format F, int G, int M>
   static void tile(const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
-                   int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
-    avx2::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);
+                   int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr, int64_t pf) {
+    avx2::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr, pf);
   }
 };
 }  // namespace
@@ -76,8 +76,8 @@ LFMK_AVX2_END
     static void quantize_row(const T* x, int64_t K, int8_t* q, float* d) { avx2::quantize_act_row(x, K, q, d); } \
     template <Format F, int G, int M>                                                                          \
     static void tile(const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd, \
-                     int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {                  \
-      ns::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);                                   \
+                     int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr, int64_t pf) {      \
+      ns::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr, pf);                               \
     }                                                                                                          \
   };                                                                                                           \
   }                                                                                                            \
@@ -120,8 +120,13 @@ inline void groups_x_rows(const X8Args& a, int64_t g0, int64_t g1, int64_t m0) {
   const int32_t* xs8 = a.xs8 + m0 * nb;
   float* out = a.out + m0 * a.N;
   int64_t g = g0;
-  for (; g + G <= g1; g += G) Kern::template tile<F, G, M>(a.w + g * gs, gs, nb, xq, a.K, xd, nb, xs8, nb, out + 8 * g, a.N);
-  for (; g < g1; ++g) Kern::template tile<F, 1, M>(a.w + g * gs, gs, nb, xq, a.K, xd, nb, xs8, nb, out + 8 * g, a.N);
+  // each tile prefetches the next one's bytes, the last its own stream's (common.h, tile_prefetch)
+  for (; g + G <= g1; g += G)
+    Kern::template tile<F, G, M>(a.w + g * gs, gs, nb, xq, a.K, xd, nb, xs8, nb, out + 8 * g, a.N,
+                                 tile_prefetch(g + G < g1, G * gs));
+  for (; g < g1; ++g)
+    Kern::template tile<F, 1, M>(a.w + g * gs, gs, nb, xq, a.K, xd, nb, xs8, nb, out + 8 * g, a.N,
+                                 tile_prefetch(g + 1 < g1, gs));
   if (a.bias)
     for (int m = 0; m < M; ++m)
       for (int64_t n = 8 * g0; n < 8 * g1; ++n) out[m * a.N + n] += a.bias[n];

@@ -49,7 +49,7 @@ template <class Kern, KFormat F>
 void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& experts,
             float* act, bool x8) {
   const int64_t nsb = H / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
-  for_each_work_item(pl, experts, I, kUnits1, [&](const WorkItem& it) {
+  for_each_work_item(pl, experts, I, x8_item_rows(x8, pl, experts, kUnits1, kUnits1Streamed), [&](const WorkItem& it) {
     const int64_t j0 = it.r0, j1 = it.r1, q0 = it.q0, me = it.tokens, nu = j1 - j0;
     const uint8_t* G = gu + it.e * 2 * I * row;
     const uint8_t* U = G + I * row;
@@ -89,11 +89,12 @@ void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan
       for (int64_t t = 0; t < me; t += kKM) {
         const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
         for (int64_t j = j0; j < j1; j += 8) {
+          const int64_t pf = tile_prefetch(j + 8 < j1, 8 * row);  // the next gate and up groups
           if (M == 1)
-            quant::kx8_tile_m<Kern, F, 2>(M, G + j * row, I * row, x, q0 + t, r2, 16);
+            quant::kx8_tile_m<Kern, F, 2>(M, G + j * row, I * row, x, q0 + t, r2, 16, pf);
           else {
-            quant::kx8_tile_m<Kern, F, 1>(M, G + j * row, I * row, x, q0 + t, r2, 16);
-            quant::kx8_tile_m<Kern, F, 1>(M, U + j * row, I * row, x, q0 + t, r2 + 8, 16);
+            quant::kx8_tile_m<Kern, F, 1>(M, G + j * row, I * row, x, q0 + t, r2, 16, pf);
+            quant::kx8_tile_m<Kern, F, 1>(M, U + j * row, I * row, x, q0 + t, r2 + 8, 16, pf);
           }
           for (int m = 0; m < M; ++m)
             for (int r = 0; r < 8; ++r) act[(q0 + t + m) * I + j + r] = silu(r2[m * 16 + r]) * r2[m * 16 + 8 + r];
@@ -122,7 +123,7 @@ template <class Kern, KFormat F>
 void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& experts,
             float* y, bool x8) {
   const int64_t nsb = I / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
-  for_each_work_item(pl, experts, H, kRows2, [&](const WorkItem& it) {
+  for_each_work_item(pl, experts, H, x8_item_rows(x8, pl, experts, kRows2, kRows2Streamed), [&](const WorkItem& it) {
     const int64_t h0 = it.r0, h1 = it.r1, q0 = it.q0, me = it.tokens, nh = h1 - h0;
     const uint8_t* D = dn + it.e * H * row;
     if constexpr (Kern::kPacked) {

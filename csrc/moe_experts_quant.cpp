@@ -183,7 +183,8 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
   const int64_t nbH = H / quant::kBlock, nbI = I / quant::kBlock;
   const int64_t rowH = nbH * kB, rowI = nbI * kB;
   const int64_t gsH = 8 * rowH, gsI = 8 * rowI;
-  static_assert(kUnits1 % 8 == 0 && kRows2 % 8 == 0, "x8 work items hold whole groups");
+  static_assert(kUnits1 % 8 == 0 && kRows2 % 8 == 0 && kUnits1Streamed % 8 == 0 && kRows2Streamed % 8 == 0,
+                "x8 work items hold whole groups");
 
   // Phase 1: act[q, j] = silu(gate_j . x_q) * (up_j . x_q); items of 4 groups, so that a token's
   // tile streams 4 groups at once (qx8_groups)
@@ -201,7 +202,7 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
   }
   const auto use_amx = [&](int64_t tokens) { return any_amx && tokens >= amx_min_rows; };
 
-  for_each_work_item(pl, active, I, 2 * kUnits1, [&](const WorkItem& it) {
+  for_each_work_item(pl, active, I, x8_item_rows(true, pl, active, 2 * kUnits1, kUnits1Streamed), [&](const WorkItem& it) {
     const int64_t j0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
     const uint8_t* Gp = gu + it.e * 2 * I * rowH + j0 * rowH;
     const uint8_t* Up = gu + it.e * 2 * I * rowH + (I + j0) * rowH;
@@ -227,8 +228,9 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
       const int32_t* sm = xs8 + (q0 + t) * nbH;
       for (int64_t g0 = 0, Gn = 0; g0 < ng; g0 += Gn) {
         Gn = qx8_groups(M, ng - g0);
-        qx8<Kern, F>(static_cast<int>(Gn), M, Gp + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, rg);
-        qx8<Kern, F>(static_cast<int>(Gn), M, Up + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, ru);
+        const int64_t pf = tile_prefetch(g0 + Gn < ng, Gn * gsH);
+        qx8<Kern, F>(static_cast<int>(Gn), M, Gp + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, rg, pf);
+        qx8<Kern, F>(static_cast<int>(Gn), M, Up + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, ru, pf);
         for (int m = 0; m < M; ++m)
           for (int c = 0; c < 8 * Gn; ++c)
             act[(q0 + t + m) * I + j0 + 8 * g0 + c] = silu(rg[m * kX8Res + c]) * ru[m * kX8Res + c];
@@ -253,7 +255,7 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
   }
 
   // Phase 2: y[q, h] = down[e, h] . act[q]
-  for_each_work_item(pl, active, H, kRows2, [&](const WorkItem& it) {
+  for_each_work_item(pl, active, H, x8_item_rows(true, pl, active, kRows2, kRows2Streamed), [&](const WorkItem& it) {
     const int64_t h0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
     const uint8_t* D = dn + it.e * H * rowI + h0 * rowI;
     if (use_amx(me)) {
@@ -273,7 +275,8 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
       const int32_t* sm = as8 + (q0 + t) * nbI;
       for (int64_t g0 = 0, Gn = 0; g0 < ng; g0 += Gn) {
         Gn = qx8_groups(M, ng - g0);
-        qx8<Kern, F>(static_cast<int>(Gn), M, D + g0 * gsI, gsI, nbI, am, I, dm, nbI, sm, nbI, res);
+        qx8<Kern, F>(static_cast<int>(Gn), M, D + g0 * gsI, gsI, nbI, am, I, dm, nbI, sm, nbI, res,
+                     tile_prefetch(g0 + Gn < ng, Gn * gsI));
         for (int m = 0; m < M; ++m)
           for (int c = 0; c < 8 * Gn; ++c) y[(q0 + t + m) * H + h0 + 8 * g0 + c] = res[m * kX8Res + c];
       }

@@ -20,7 +20,8 @@ constexpr int64_t kMaxPairs = 4096;  // pairs per pass: bounds the fp32 scratch 
 // from memory once, as a single stream, and larger items let each thread read long runs of
 // consecutive rows. Zen 4, 2 threads, bf16, 4 of 32 experts at H 2048, I 1792, one token: 128 / 256
 // read 1.18x faster than kUnits1 / kRows2 (64 / 128: 1.16x, 224 / 512: 1.11x). The quantized x8 passes
-// measured no difference (their tiles, not the reads, set their pace) and keep the plain sizes.
+// take them too: their tiles prefetch the next tile of the item (common.h, prefetch_ahead), which
+// needs items of several tiles (x8_item_rows).
 constexpr int64_t kUnits1Streamed = 128;
 constexpr int64_t kRows2Streamed = 256;
 
@@ -108,6 +109,13 @@ inline int64_t max_tokens(const Plan& pl, const std::vector<int64_t>& active) {
   int64_t m = 0;
   for (int64_t e : active) m = std::max(m, pl.offs[e + 1] - pl.offs[e]);
   return m;
+}
+
+// Rows per work item of a quantized experts pass: the streamed sizes on the x8 layout when no active
+// expert has more tokens than one x8 tile takes (4, the M of quant::kKM and kQM: decode), else plain.
+inline int64_t x8_item_rows(bool x8, const Plan& pl, const std::vector<int64_t>& active, int64_t plain,
+                            int64_t streamed) {
+  return x8 && max_tokens(pl, active) <= 4 ? streamed : plain;
 }
 
 template <typename T>

@@ -40,8 +40,8 @@ struct QTilesPortable {
   }
   template <quant::Format F, int G, int M>
   static void x8_tile(const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
-                      int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
-    quant::portable::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);
+                      int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr, int64_t pf) {
+    quant::portable::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr, pf);
   }
 };
 
@@ -71,8 +71,8 @@ struct QTilesAvx2 {
   }
   template <quant::Format F, int G, int M>
   static void x8_tile(const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
-                      int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
-    quant::avx2::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);
+                      int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr, int64_t pf) {
+    quant::avx2::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr, pf);
   }
 };
 }  // namespace
@@ -106,8 +106,8 @@ LFMK_AVX2_END
     template <quant::Format F, int G, int M>                                                                   \
     static void x8_tile(const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq,              \
                         const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res,             \
-                        int64_t ldr) {                                                                         \
-      quant::ns::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr);                            \
+                        int64_t ldr, int64_t pf) {                                                             \
+      quant::ns::x8_tile<F, G, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr, pf);                        \
     }                                                                                                          \
   };                                                                                                           \
   }                                                                                                            \
@@ -181,23 +181,23 @@ inline int qx8_groups(int M, int64_t n) {
 }
 template <class Kern, quant::Format F, int M>
 inline void qx8_g(int G, const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
-                  int64_t ldd, const int32_t* xs8, int64_t lds, float* res) {
+                  int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t pf) {
   if constexpr (M == 1) {
-    if (G == 4) return Kern::template x8_tile<F, 4, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, kX8Res);
+    if (G == 4) return Kern::template x8_tile<F, 4, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, kX8Res, pf);
   }
   if (G == 2)
-    Kern::template x8_tile<F, 2, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, kX8Res);
+    Kern::template x8_tile<F, 2, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, kX8Res, pf);
   else
-    Kern::template x8_tile<F, 1, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, kX8Res);
+    Kern::template x8_tile<F, 1, M>(w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, kX8Res, pf);
 }
 template <class Kern, quant::Format F>
 inline void qx8(int G, int M, const uint8_t* w, int64_t gs, int64_t nb, const int8_t* xq, int64_t ldq, const float* xd,
-                int64_t ldd, const int32_t* xs8, int64_t lds, float* res) {
+                int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t pf) {
   switch (M) {
-    case 4: return qx8_g<Kern, F, 4>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
-    case 3: return qx8_g<Kern, F, 3>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
-    case 2: return qx8_g<Kern, F, 2>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
-    default: return qx8_g<Kern, F, 1>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res);
+    case 4: return qx8_g<Kern, F, 4>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, pf);
+    case 3: return qx8_g<Kern, F, 3>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, pf);
+    case 2: return qx8_g<Kern, F, 2>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, pf);
+    default: return qx8_g<Kern, F, 1>(G, w, gs, nb, xq, ldq, xd, ldd, xs8, lds, res, pf);
   }
 }
 

@@ -105,7 +105,8 @@ namespace kportable {
 // through ktile's per-block steps, so the bits are ktile's by construction.
 template <KFormat F, int G, int M>
 static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
-                            const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) {
+                            const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
+                            int64_t /*pf*/) {
   constexpr int kB = KTraits<F>::kBytes;
   // sub-block sums per 16 (what kblock_step reads) from the per-32 ones of Q4_K / Q5_K: only their
   // pair sums enter the result, so any split of a 32-sum into two halves gives the same integers

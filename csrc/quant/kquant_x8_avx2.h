@@ -86,9 +86,11 @@ static inline void kx8_finish45(const uint8_t* blk, const KX8Scales45& s, const 
   const __m256i mp[4] = {_mm256_shuffle_epi8(s.mn_lo, pair[0]), _mm256_shuffle_epi8(s.mn_lo, pair[1]),
                          _mm256_shuffle_epi8(s.mn_hi, pair[0]), _mm256_shuffle_epi8(s.mn_hi, pair[1])};
   const __m256 d = half8(blk), dmin = half8(blk + 16);
+  #pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
     const int16_t* x = xs + m * lds + b * (kSub16 / 2);
     __m256i S2 = _mm256_setzero_si256();
+    #pragma GCC unroll 16
     for (int i = 0; i < 4; ++i) S2 = _mm256_add_epi32(S2, _mm256_madd_epi16(mp[i], bcast4(x + 2 * i)));
     const __m256 t = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(S1[m]), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(S2)));
     acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(xd[m * ldd + b]), t, acc[m]);
@@ -117,13 +119,17 @@ template <int M>
 static inline void kx8_finish6(const uint8_t* blk, const __m256i scv[4], const __m256i pair[2], const int16_t* xs,
                                int64_t lds, const float* xd, int64_t ldd, int64_t b, const __m256i* S, __m256* acc) {
   __m256i O[M];
+  #pragma GCC unroll 16
   for (int m = 0; m < M; ++m) O[m] = _mm256_setzero_si256();
+  #pragma GCC unroll 16
   for (int i = 0; i < 8; ++i) {
     const __m256i sp = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[i / 2], pair[i % 2]), 8);
+    #pragma GCC unroll 16
     for (int m = 0; m < M; ++m)
       O[m] = _mm256_add_epi32(O[m], _mm256_madd_epi16(sp, bcast4(xs + m * lds + b * kSub16 + 2 * i)));
   }
   const __m256 d = half8(blk + 1664);
+  #pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
     const __m256i s = _mm256_sub_epi32(S[m], _mm256_slli_epi32(O[m], 5));
     acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(xd[m * ldd + b]), d), _mm256_cvtepi32_ps(s), acc[m]);
@@ -137,7 +143,9 @@ static inline void kx8_q45_chunk(const uint8_t* blk, const int8_t* const* x, __m
   constexpr int kFlush = F == KFormat::Q4_K ? 8 : 4;
   for (int f = 0; f < 8; f += kFlush) {
     __m256i pl[M], ph[M];
+    #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) pl[m] = ph[m] = _mm256_setzero_si256();
+    #pragma GCC unroll 16
     for (int t = f; t < f + kFlush; ++t) {
       const __m256i v = ld(blk + kQs + 32 * (8 * C + t));
       __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -146,11 +154,13 @@ static inline void kx8_q45_chunk(const uint8_t* blk, const int8_t* const* x, __m
         lo = _mm256_or_si256(lo, q5_bit<2 * C>(qh));
         hi = _mm256_or_si256(hi, q5_bit<2 * C + 1>(qh));
       }
+      #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
         pl[m] = _mm256_add_epi16(pl[m], _mm256_maddubs_epi16(lo, bcast4(x[m] + 64 * C + 4 * t)));
         ph[m] = _mm256_add_epi16(ph[m], _mm256_maddubs_epi16(hi, bcast4(x[m] + 64 * C + 32 + 4 * t)));
       }
     }
+    #pragma GCC unroll 16
     for (int m = 0; m < M; ++m)
       S1[m] = _mm256_add_epi32(S1[m], _mm256_add_epi32(_mm256_madd_epi16(pl[m], scl), _mm256_madd_epi16(ph[m], sch)));
   }
@@ -158,10 +168,12 @@ static inline void kx8_q45_chunk(const uint8_t* blk, const int8_t* const* x, __m
 
 template <KFormat F, int G, int M>
 static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
-                            const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) {
+                            const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
+                            int64_t pf) {
   constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
   __m256 acc[G][M];
   for (int g = 0; g < G; ++g)
+    #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[g][m] = _mm256_setzero_ps();
   if constexpr (F == KFormat::Q6_K) {
     const __m256i dup[4] = {lane_bytes(-1, 0, -1, 0), lane_bytes(-1, 1, -1, 1), lane_bytes(-1, 2, -1, 2),
@@ -170,30 +182,41 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
     kx8_pair6(pair);
     for (int64_t b = 0; b < nsb; ++b) {
       const int8_t* x[M];
+      #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
       for (int g = 0; g < G; ++g) {
         const uint8_t* blk = w + g * gstride + b * kGB;
-        prefetch_stream(blk, static_cast<int>(kGB));  // common.h: decode streams these bytes once
+        prefetch_ahead(blk, pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
         __m256i scv[4];
+        #pragma GCC unroll 16
         for (int i = 0; i < 4; ++i) scv[i] = ld(blk + 1536 + 32 * i);
         __m256i S[M];
+        #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
         __m256i sc[16];  // sub-block j's scale in both int16 halves of each lane
+        #pragma GCC unroll 16
         for (int j = 0; j < 16; ++j) sc[j] = _mm256_srai_epi16(_mm256_shuffle_epi8(scv[j / 4], dup[j % 4]), 8);
         for (int h = 0; h < 2; ++h)
           for (int tp = 0; tp < 4; ++tp) {
             // elements 128h + 32k + 4t .. + 3 for k < 4 and t = 2tp, 2tp + 1: sub-block 8h + 2k + tp / 2
             __m256i p[4][M];
+            #pragma GCC unroll 16
             for (int k = 0; k < 4; ++k)
+              #pragma GCC unroll 16
               for (int m = 0; m < M; ++m) p[k][m] = _mm256_setzero_si256();
+            #pragma GCC unroll 16
             for (int t = 2 * tp; t < 2 * tp + 2; ++t) {
               __m256i q[4];
               kx8_q6(blk, h, t, q);
+              #pragma GCC unroll 16
               for (int k = 0; k < 4; ++k)
+                #pragma GCC unroll 16
                 for (int m = 0; m < M; ++m)
                   p[k][m] = _mm256_add_epi16(p[k][m], _mm256_maddubs_epi16(q[k], bcast4(x[m] + 128 * h + 32 * k + 4 * t)));
             }
+            #pragma GCC unroll 16
             for (int k = 0; k < 4; ++k)
+              #pragma GCC unroll 16
               for (int m = 0; m < M; ++m)
                 S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(p[k][m], sc[8 * h + 2 * k + tp / 2]));
           }
@@ -207,12 +230,14 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
     kx8_pair45(pair);
     for (int64_t b = 0; b < nsb; ++b) {
       const int8_t* x[M];
+      #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
       for (int g = 0; g < G; ++g) {
         const uint8_t* blk = w + g * gstride + b * kGB;
-        prefetch_stream(blk, static_cast<int>(kGB));  // common.h: decode streams these bytes once
+        prefetch_ahead(blk, pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
         const KX8Scales45 sv = kx8_scales45(blk);
         __m256i S1[M];
+        #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S1[m] = _mm256_setzero_si256();
         kx8_q45_chunk<F, M, 0>(blk, x, _mm256_shuffle_epi8(sv.sc_lo, dup[0]), _mm256_shuffle_epi8(sv.sc_lo, dup[1]), S1);
         kx8_q45_chunk<F, M, 1>(blk, x, _mm256_shuffle_epi8(sv.sc_lo, dup[2]), _mm256_shuffle_epi8(sv.sc_lo, dup[3]), S1);
@@ -223,6 +248,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
     }
   }
   for (int g = 0; g < G; ++g)
+    #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
 }
 

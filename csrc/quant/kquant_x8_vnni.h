@@ -23,7 +23,8 @@ namespace LFMK_QVNNI_NS {
 
 template <KFormat F, int G, int M>
 static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
-                            const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr) {
+                            const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
+                            int64_t pf) {
   constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
   constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;  // Q5_K: 8 qh vectors before the qs
   const __m256i m4 = _mm256_set1_epi8(0x0F), m4hi = _mm256_set1_epi8(static_cast<char>(0xF0)),
@@ -31,6 +32,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
   // byte j of each lane zero-extended to the lane's int32 (Q4_K / Q5_K's unsigned scales), or moved
   // to its top byte for an arithmetic shift to sign-extend (Q6_K's int8 scales)
   __m256i pick[4];
+  #pragma GCC unroll 16
   for (int j = 0; j < 4; ++j)
     pick[j] = F == KFormat::Q6_K ? kavx2::lane_bytes(-1, -1, -1, j) : kavx2::lane_bytes(j, -1, -1, -1);
   __m256i pair[2];
@@ -40,34 +42,45 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
     kavx2::kx8_pair45(pair);
   __m256 acc[G][M];
   for (int g = 0; g < G; ++g)
+    #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[g][m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nsb; ++b) {
     const int8_t* x[M];
+    #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
     for (int g = 0; g < G; ++g) {
       const uint8_t* blk = w + g * gstride + b * kGB;
-      prefetch_stream(blk, static_cast<int>(kGB));  // common.h: decode streams these bytes once
+      prefetch_ahead(blk, pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
       __m256i S[M];
+      #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
       if constexpr (F == KFormat::Q6_K) {
         __m256i scv[4];
+        #pragma GCC unroll 16
         for (int i = 0; i < 4; ++i) scv[i] = kavx2::ld(blk + 1536 + 32 * i);
         for (int h = 0; h < 2; ++h)
           for (int half = 0; half < 2; ++half) {
             // elements 128h + 32k + 4t .. + 3 for k < 4, t in [4 half, 4 half + 4): sub-block 8h + 2k + half
             __m256i p[4][M];
+            #pragma GCC unroll 16
             for (int k = 0; k < 4; ++k)
+              #pragma GCC unroll 16
               for (int m = 0; m < M; ++m) p[k][m] = _mm256_setzero_si256();
+            #pragma GCC unroll 16
             for (int t = 4 * half; t < 4 * half + 4; ++t) {
               __m256i q[4];
               kavx2::kx8_q6(blk, h, t, q);
+              #pragma GCC unroll 16
               for (int k = 0; k < 4; ++k)
+                #pragma GCC unroll 16
                 for (int m = 0; m < M; ++m)
                   p[k][m] = LFMK_QVNNI_DPBUSD(p[k][m], q[k], kavx2::bcast4(x[m] + 128 * h + 32 * k + 4 * t));
             }
+            #pragma GCC unroll 16
             for (int k = 0; k < 4; ++k) {
               const int j = 8 * h + 2 * k + half;
               const __m256i sc = _mm256_srai_epi32(_mm256_shuffle_epi8(scv[j / 4], pick[j % 4]), 24);
+              #pragma GCC unroll 16
               for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_mullo_epi32(p[k][m], sc));
             }
           }
@@ -80,7 +93,9 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
           const __m256i sc_a = _mm256_shuffle_epi8(scv, pick[(2 * c) % 4]);
           const __m256i sc_b = _mm256_shuffle_epi8(scv, pick[(2 * c + 1) % 4]);
           __m256i sa[M], sb[M];
+          #pragma GCC unroll 16
           for (int m = 0; m < M; ++m) sa[m] = sb[m] = _mm256_setzero_si256();
+          #pragma GCC unroll 16
           for (int t = 0; t < 8; ++t) {
             const __m256i v = kavx2::ld(blk + kQs + 32 * (8 * c + t));
             __m256i lo = _mm256_and_si256(v, m4), hi;
@@ -93,11 +108,13 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
             } else {
               hi = _mm256_and_si256(v, m4hi);  // 16 * q: shifted back once per sub-block below
             }
+            #pragma GCC unroll 16
             for (int m = 0; m < M; ++m) {
               sa[m] = LFMK_QVNNI_DPBUSD(sa[m], lo, kavx2::bcast4(x[m] + 64 * c + 4 * t));
               sb[m] = LFMK_QVNNI_DPBUSD(sb[m], hi, kavx2::bcast4(x[m] + 64 * c + 32 + 4 * t));
             }
           }
+          #pragma GCC unroll 16
           for (int m = 0; m < M; ++m) {
             const __m256i b16 = F == KFormat::Q5_K ? sb[m] : _mm256_srai_epi32(sb[m], 4);
             S[m] = _mm256_add_epi32(S[m], _mm256_add_epi32(_mm256_mullo_epi32(sa[m], sc_a), _mm256_mullo_epi32(b16, sc_b)));
@@ -108,6 +125,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
     }
   }
   for (int g = 0; g < G; ++g)
+    #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
 }
 

@@ -81,7 +81,8 @@ namespace portable {
 
 template <Format F, int G, int M>
 static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const int8_t* xq, int64_t ldq,
-                           const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
+                           const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr,
+                           int64_t /*pf*/) {
   float acc[G][M][kX8Rows] = {};
   for (int64_t b = 0; b < nb; ++b) {
     for (int g = 0; g < G; ++g) {

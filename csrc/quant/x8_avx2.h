@@ -17,7 +17,8 @@ namespace avx2 {
 
 template <Format F, int G, int M>
 static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const int8_t* xq, int64_t ldq,
-                           const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr) {
+                           const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr,
+                           int64_t pf) {
   constexpr int64_t kGB = X8<F>::kGroupBlockBytes;
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -27,7 +28,7 @@ static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const 
   for (int64_t b = 0; b < nb; ++b) {
     for (int g = 0; g < G; ++g) {
       const uint8_t* blk = w + g * gstride + b * kGB;
-      prefetch_stream(blk, static_cast<int>(kGB));  // common.h: decode streams these bytes once
+      prefetch_ahead(blk, pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
       __m256i s[M];
       for (int m = 0; m < M; ++m) s[m] = _mm256_setzero_si256();
       if (F == Format::Q4_0) {
