@@ -90,8 +90,8 @@ void set_pin_avx2(bool pin);
 // Activation rows up to which the x8 integer tiles (Q8_0 / Q4_0 / K-quants in the x8 layout) read one
 // 8-row group at a time per thread, a single sequential stream, instead of several groups interleaved
 // (four at one row, two at two rows and, in the experts' tiles, at three and four; K-quants two at
-// one row). Only the pace changes: every output
-// is its own row's fixed-order sum either way (same bits). Which is faster depends on the CPU's
+// one row). Only the pace changes: every output is its own row's fixed-order sum either way (same
+// bits). Which is faster depends on the CPU's
 // memory system (one stream measured 10-13% faster per decoded token on a 2-core Zen 4, four streams
 // 10-20% faster than two on an AVX2-only EPYC), so the kernel policy measures it (lfm_kernels/_policy.py).
 int64_t x8_one_stream_max_rows();
@@ -107,11 +107,6 @@ void set_x8_one_stream_max_rows(int64_t rows);
 // (1 KiB ahead 96-98%, 4 KiB 95%, 8 KiB 100%), linear 6144 x 2048 at one row 59 -> 88%, 2048 x 7168
 // 66 -> 83%. Earlier trials on a Zen 4 (0.5-2 KiB ahead) found neither a gain nor a loss there.
 constexpr int64_t kStreamAhead = 2048;
-// One prefetch per 64-byte line of [p + kStreamAhead, p + kStreamAhead + bytes).
-inline void prefetch_stream(const void* p, int bytes) {
-  const char* c = static_cast<const char*>(p) + kStreamAhead;
-  for (int o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T2);
-}
 
 // The x8 decode tiles (quant/x8.h, quant/kquant_x8.h) prefetch, with each block they load, the
 // block pf bytes further on, where the caller says its thread reads next. A thread of the x8 GEMVs
@@ -130,6 +125,8 @@ inline void prefetch_ahead(const void* blk, int64_t pf, int bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(blk) + static_cast<uintptr_t>(pf);
   for (int o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(a + o), _MM_HINT_T2);
 }
+// One prefetch per 64-byte line of [p + kStreamAhead, p + kStreamAhead + bytes).
+inline void prefetch_stream(const void* p, int bytes) { prefetch_ahead(p, kStreamAhead, bytes); }
 // pf for an x8 tile: the next tile, tile_bytes on, when the thread reads it next (more tiles follow in
 // its task), else kStreamAhead.
 inline int64_t tile_prefetch(bool more, int64_t tile_bytes) { return more ? tile_bytes : kStreamAhead; }

@@ -49,7 +49,7 @@ template <class Kern, KFormat F>
 void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& experts,
             float* act, bool x8) {
   const int64_t nsb = H / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
-  for_each_work_item(pl, experts, I, x8_item_rows(x8, pl, experts, kUnits1, kUnits1Streamed), [&](const WorkItem& it) {
+  for_each_work_item(pl, experts, I, x8_item_rows(x8, pl, experts, kKM, kUnits1, kUnits1Streamed), [&](const WorkItem& it) {
     const int64_t j0 = it.r0, j1 = it.r1, q0 = it.q0, me = it.tokens, nu = j1 - j0;
     const uint8_t* G = gu + it.e * 2 * I * row;
     const uint8_t* U = G + I * row;
@@ -123,7 +123,7 @@ template <class Kern, KFormat F>
 void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& experts,
             float* y, bool x8) {
   const int64_t nsb = I / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
-  for_each_work_item(pl, experts, H, x8_item_rows(x8, pl, experts, kRows2, kRows2Streamed), [&](const WorkItem& it) {
+  for_each_work_item(pl, experts, H, x8_item_rows(x8, pl, experts, kKM, kRows2, kRows2Streamed), [&](const WorkItem& it) {
     const int64_t h0 = it.r0, h1 = it.r1, q0 = it.q0, me = it.tokens, nh = h1 - h0;
     const uint8_t* D = dn + it.e * H * row;
     if constexpr (Kern::kPacked) {

@@ -202,7 +202,7 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
   }
   const auto use_amx = [&](int64_t tokens) { return any_amx && tokens >= amx_min_rows; };
 
-  for_each_work_item(pl, active, I, x8_item_rows(true, pl, active, 2 * kUnits1, kUnits1Streamed), [&](const WorkItem& it) {
+  for_each_work_item(pl, active, I, x8_item_rows(true, pl, active, kQM, 2 * kUnits1, kUnits1Streamed), [&](const WorkItem& it) {
     const int64_t j0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
     const uint8_t* Gp = gu + it.e * 2 * I * rowH + j0 * rowH;
     const uint8_t* Up = gu + it.e * 2 * I * rowH + (I + j0) * rowH;
@@ -255,7 +255,7 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
   }
 
   // Phase 2: y[q, h] = down[e, h] . act[q]
-  for_each_work_item(pl, active, H, x8_item_rows(true, pl, active, kRows2, kRows2Streamed), [&](const WorkItem& it) {
+  for_each_work_item(pl, active, H, x8_item_rows(true, pl, active, kQM, kRows2, kRows2Streamed), [&](const WorkItem& it) {
     const int64_t h0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
     const uint8_t* D = dn + it.e * H * rowI + h0 * rowI;
     if (use_amx(me)) {

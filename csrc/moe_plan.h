@@ -112,10 +112,10 @@ inline int64_t max_tokens(const Plan& pl, const std::vector<int64_t>& active) {
 }
 
 // Rows per work item of a quantized experts pass: the streamed sizes on the x8 layout when no active
-// expert has more tokens than one x8 tile takes (4, the M of quant::kKM and kQM: decode), else plain.
-inline int64_t x8_item_rows(bool x8, const Plan& pl, const std::vector<int64_t>& active, int64_t plain,
-                            int64_t streamed) {
-  return x8 && max_tokens(pl, active) <= 4 ? streamed : plain;
+// expert has more tokens than one x8 tile takes (tile_tokens: decode), else plain.
+inline int64_t x8_item_rows(bool x8, const Plan& pl, const std::vector<int64_t>& active, int64_t tile_tokens,
+                            int64_t plain, int64_t streamed) {
+  return x8 && max_tokens(pl, active) <= tile_tokens ? streamed : plain;
 }
 
 template <typename T>

@@ -148,7 +148,8 @@ class KernelPolicy:
     # Quantized weights in the x8 layout (Q8_0 / Q4_0 / K-quants, every CPU): calls of up to this many
     # activation rows (tokens per expert for the experts) read one 8-row group at a time per thread,
     # a single sequential stream, instead of several interleaved (four at one row, two at two rows
-    # and, in the experts' tiles, at three and four; K-quants two at one row). The same bits either way; only the pace changes, and which is faster
+    # and, in the experts' tiles, at three and four; K-quants two at one row). The same bits either
+    # way; only the pace changes, and which is faster
     # depends on the memory system. A 2-core Zen 4, full-size decode steps alternated in one process
     # (10 rounds each): one stream 10-13% faster a token for Q4_0, Q8_0 and Q4_K_M (Q4_0 44.6 vs
     # 51.2 ms), and 15% slower (47.8 vs 41.6 ms) in the same A/B half an hour later, the VM's memory

@@ -6,7 +6,8 @@
 // (quant/kquant_x8_vnni.h; activation quantization and packing stay AVX2).
 //
 // Each struct: quantize_row_k<T>, ktile<F, R, M> (kquant.h's contract), kx8_tile<F, G, M> (on the
-// x8 layout, kquant_x8.h's contract, plus the prefetch offset pf of common.h's prefetch_ahead) and, where kPacked, the packed panels of kquant_avx2.h (pack_group<F>, panel_tile<F, M>, pack_bytes<F>()).
+// x8 layout, kquant_x8.h's contract, plus the prefetch offset pf of common.h's prefetch_ahead) and,
+// where kPacked, the packed panels of kquant_avx2.h (pack_group<F>, panel_tile<F, M>, pack_bytes<F>()).
 //
 // Everything here sits in an anonymous namespace (see moe_tiles_avx2.h for why).
 #pragma once
