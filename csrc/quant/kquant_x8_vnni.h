@@ -10,7 +10,12 @@
 // into int32, the high nibbles stay in place (one AND: 16 * q, its exact sums shifted back once per
 // sub-block), and the sub-block scale multiplies the int32 sum once (vpmulld) instead of weighting
 // int16 partial sums with vpmaddwd. The integers are kquant.h's exact S1 / S2 (|sub-block dot| <=
-// 32 * 15 * 127, |S1| < 2^25), so the bits are the AVX2 tile's.
+// 32 * 15 * 127, |S1| < 2^25), so the bits are the AVX2 tile's. The G groups of a call go through a
+// block's sub-blocks together: each 4-byte broadcast of x is then loaded once for all G groups instead
+// of once per group. At G = 2 that is a third fewer loads per weight vector (two broadcasts shared,
+// one weight load each), which is what limited this tile: on a Zen 4 core, weights in L2, it went
+// from 35 to 41-42 GB/s at M = 1 and from 17 to 20 GB/s at M = 4 (Q6_K, bound by its unpacking
+// instead, gained 2% the same way and keeps one group at a time).
 // Q6_K: the same for its 6-bit q (unpacked as the AVX2 tile does): one vpdpbusd per vector into
 // each 16-element sub-block's int32 sum (<= 16 * 63 * 127), times its sign-extended int8 scale
 // (|S| < 2^29).
@@ -48,13 +53,13 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
     const int8_t* x[M];
     #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
-    for (int g = 0; g < G; ++g) {
-      const uint8_t* blk = w + g * gstride + b * kGB;
-      prefetch_ahead(blk, pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
-      __m256i S[M];
-      #pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
-      if constexpr (F == KFormat::Q6_K) {
+    if constexpr (F == KFormat::Q6_K) {
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* blk = w + g * gstride + b * kGB;
+        prefetch_ahead(blk, pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
+        __m256i S[M];
+        #pragma GCC unroll 16
+        for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
         __m256i scv[4];
         #pragma GCC unroll 16
         for (int i = 0; i < 4; ++i) scv[i] = kavx2::ld(blk + 1536 + 32 * i);
@@ -85,23 +90,43 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
             }
           }
         kavx2::kx8_finish6<M>(blk, scv, pair, xs, lds, xd, ldd, b, S, acc[g]);
-      } else {
-        const kavx2::KX8Scales45 sv = kavx2::kx8_scales45(blk);
-        for (int c = 0; c < 4; ++c) {
-          // qs vectors 8c..8c+7: sub-block 2c in the low nibbles, 2c + 1 in the high ones
-          const __m256i scv = c < 2 ? sv.sc_lo : sv.sc_hi;
-          const __m256i sc_a = _mm256_shuffle_epi8(scv, pick[(2 * c) % 4]);
-          const __m256i sc_b = _mm256_shuffle_epi8(scv, pick[(2 * c + 1) % 4]);
-          __m256i sa[M], sb[M];
+      }
+    } else {
+      // The G groups go through each sub-block together, so that every broadcast of x is loaded once
+      // for all of them (see the top of this file).
+      const uint8_t* blk[G];
+      kavx2::KX8Scales45 sv[G];
+      __m256i S[G][M];
+      #pragma GCC unroll 16
+      for (int g = 0; g < G; ++g) {
+        blk[g] = w + g * gstride + b * kGB;
+        prefetch_ahead(blk[g], pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
+        sv[g] = kavx2::kx8_scales45(blk[g]);
+        #pragma GCC unroll 16
+        for (int m = 0; m < M; ++m) S[g][m] = _mm256_setzero_si256();
+      }
+      for (int c = 0; c < 4; ++c) {
+        // qs vectors 8c..8c+7: sub-block 2c in the low nibbles, 2c + 1 in the high ones
+        __m256i sa[G][M], sb[G][M];
+        #pragma GCC unroll 16
+        for (int g = 0; g < G; ++g)
           #pragma GCC unroll 16
-          for (int m = 0; m < M; ++m) sa[m] = sb[m] = _mm256_setzero_si256();
+          for (int m = 0; m < M; ++m) sa[g][m] = sb[g][m] = _mm256_setzero_si256();
+        #pragma GCC unroll 16
+        for (int t = 0; t < 8; ++t) {
+          __m256i xa[M], xb[M];
           #pragma GCC unroll 16
-          for (int t = 0; t < 8; ++t) {
-            const __m256i v = kavx2::ld(blk + kQs + 32 * (8 * c + t));
+          for (int m = 0; m < M; ++m) {
+            xa[m] = kavx2::bcast4(x[m] + 64 * c + 4 * t);
+            xb[m] = kavx2::bcast4(x[m] + 64 * c + 32 + 4 * t);
+          }
+          #pragma GCC unroll 16
+          for (int g = 0; g < G; ++g) {
+            const __m256i v = kavx2::ld(blk[g] + kQs + 32 * (8 * c + t));
             __m256i lo = _mm256_and_si256(v, m4), hi;
             if constexpr (F == KFormat::Q5_K) {
               // the fifth bit of sub-blocks 2c and 2c + 1 (bits 2c, 2c + 1 of each qh byte) to bit 4
-              const __m256i qh = kavx2::ld(blk + 128 + 32 * t);
+              const __m256i qh = kavx2::ld(blk[g] + 128 + 32 * t);
               lo = _mm256_or_si256(lo, _mm256_and_si256(kavx2::shift16(qh, 4 - 2 * c), bit4));
               hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
                                    _mm256_and_si256(kavx2::shift16(qh, 3 - 2 * c), bit4));
@@ -110,18 +135,26 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
             }
             #pragma GCC unroll 16
             for (int m = 0; m < M; ++m) {
-              sa[m] = LFMK_QVNNI_DPBUSD(sa[m], lo, kavx2::bcast4(x[m] + 64 * c + 4 * t));
-              sb[m] = LFMK_QVNNI_DPBUSD(sb[m], hi, kavx2::bcast4(x[m] + 64 * c + 32 + 4 * t));
+              sa[g][m] = LFMK_QVNNI_DPBUSD(sa[g][m], lo, xa[m]);
+              sb[g][m] = LFMK_QVNNI_DPBUSD(sb[g][m], hi, xb[m]);
             }
           }
+        }
+        #pragma GCC unroll 16
+        for (int g = 0; g < G; ++g) {
+          const __m256i scv = c < 2 ? sv[g].sc_lo : sv[g].sc_hi;
+          const __m256i sc_a = _mm256_shuffle_epi8(scv, pick[(2 * c) % 4]);
+          const __m256i sc_b = _mm256_shuffle_epi8(scv, pick[(2 * c + 1) % 4]);
           #pragma GCC unroll 16
           for (int m = 0; m < M; ++m) {
-            const __m256i b16 = F == KFormat::Q5_K ? sb[m] : _mm256_srai_epi32(sb[m], 4);
-            S[m] = _mm256_add_epi32(S[m], _mm256_add_epi32(_mm256_mullo_epi32(sa[m], sc_a), _mm256_mullo_epi32(b16, sc_b)));
+            const __m256i b16 = F == KFormat::Q5_K ? sb[g][m] : _mm256_srai_epi32(sb[g][m], 4);
+            S[g][m] = _mm256_add_epi32(S[g][m],
+                                       _mm256_add_epi32(_mm256_mullo_epi32(sa[g][m], sc_a), _mm256_mullo_epi32(b16, sc_b)));
           }
         }
-        kavx2::kx8_finish45<M>(blk, sv, pair, xs, lds, xd, ldd, b, S, acc[g]);
       }
+      #pragma GCC unroll 16
+      for (int g = 0; g < G; ++g) kavx2::kx8_finish45<M>(blk[g], sv[g], pair, xs, lds, xd, ldd, b, S[g], acc[g]);
     }
   }
   for (int g = 0; g < G; ++g)
