@@ -7,7 +7,7 @@ decode step, whose weight streams have just evicted the interpreter's working se
 of a 48 ms Q4_0 token on a 2-core Xeon). The model checked its weights when it was built, its state
 is shaped by `new_state`, and a quantized weight's route depends only on its shape class, the row
 count and the policy, so `DirectOps` asks each class for its route once per step and then runs the
-code the public op runs after its checks (`quant._linear_on_route`, `ops.moe._quant_experts`, the
+code the public op runs after its checks (`quant._linear_call`, `ops.moe._quant_experts_call`, the
 ops' `_impl` bodies): the same route, the same kernels, bit-identical outputs (the C++ ops keep their
 own checks of shapes, dtypes and aliasing). Float weights too: `linear` asks its route (C++ kernel
 with its AVX-512 row limit, or torch's GEMM) once per shape and step, and the MoE block runs the
@@ -30,9 +30,9 @@ from .. import _backend, _policy, decode_attention, linear, moe, short_conv
 from ..ops.decode_attention import _decode_attention_impl
 from ..ops.linear import _linear_on_route as _float_linear_on_route
 from ..ops.linear import _linear_route as _float_linear_route
-from ..ops.moe import _experts, _quant_experts, _route
+from ..ops.moe import _experts, _quant_experts_call, _route
 from ..ops.short_conv import _short_conv_impl
-from ..quant import QuantizedTensor, _linear_on_route, _linear_route
+from ..quant import QuantizedTensor, _linear_call, _linear_route
 
 
 class DirectOps:
@@ -53,14 +53,14 @@ class DirectOps:
             return linear(x, w, bias)
         n, k = w.shape
         x2 = x.reshape(-1, k)
-        if isinstance(w, QuantizedTensor):
-            key = ("linear", w.format, w.layout, n, k, x2.shape[0], x2.dtype)
-            route = self._routes.get(key)
-            if route is None:
-                route = self._routes[key] = _linear_route(x2, w)
-            return _linear_on_route(x2, w, bias, route).view(*x.shape[:-1], n)
         if k > 1 and x2.stride(1) != 1:
-            x2 = x2.contiguous()  # as the public op does: the kernel reads rows with unit stride
+            x2 = x2.contiguous()  # as the public ops do: the kernels read rows with unit stride
+        if isinstance(w, QuantizedTensor):
+            key = (w.format, w.layout, n, k, x2.shape[0], x2.dtype)
+            call = self._routes.get(key)
+            if call is None:
+                call = self._routes[key] = _linear_call(w, _linear_route(x2, w), True)
+            return call(x2, w.data, bias).view(*x.shape[:-1], n)
         key = ("linear", w.dtype, n, k, x2.shape[0], x2.dtype)
         if key not in self._routes:
             self._routes[key] = _float_linear_route(x2, w)
@@ -76,10 +76,10 @@ class DirectOps:
         if not isinstance(gu, QuantizedTensor):
             return _experts(h, gu, dn, ids, weights)  # its thresholds come from the C++ op's arguments
         key = ("moe", gu.format, dn.format, gu.layout, tuple(gu.shape), h.shape[0], h.dtype)
-        routes = self._routes.get(key)
-        if routes is None:
-            routes = self._routes[key] = _policy.quant_routes("moe", h, gu, dn)
-        return _quant_experts(h, gu, dn, ids, weights, routes)
+        call = self._routes.get(key)
+        if call is None:
+            call = self._routes[key] = _quant_experts_call(gu, dn, _policy.quant_routes("moe", h, gu, dn), True)
+        return call(h, gu.data, dn.data, ids, weights)
 
     def short_conv(self, bcx: torch.Tensor, weight: torch.Tensor, bias, conv_state: torch.Tensor) -> torch.Tensor:
         """short_conv's decode step (the C++ op checks the state's shape, dtype and aliasing itself)."""
