@@ -6,14 +6,14 @@ the router: about 10-15 us per call with warm caches, and measured at 30-60 us p
 decode step, whose weight streams have just evicted the interpreter's working set from L2 (about 2 ms
 of a 48 ms Q4_0 token on a 2-core Xeon). The model checked its weights when it was built, its state
 is shaped by `new_state`, and a quantized weight's route depends only on its shape class, the row
-count and the policy, so `DirectOps` asks each class for its route once per step and then runs the
-code the public op runs after its checks (`quant._linear_call`, `ops.moe._quant_experts_call`, the
+count and the policy, so `DirectOps` asks each class for its route once per step and then makes the
+call the public op makes after its checks (`quant._linear_call`, `ops.moe._quant_experts_call`, the
 ops' `_impl` bodies): the same route, the same kernels, bit-identical outputs (the C++ ops keep their
 own checks of shapes, dtypes and aliasing). Float weights too: `linear` asks its route (C++ kernel
 with its AVX-512 row limit, or torch's GEMM) once per shape and step, and the MoE block runs the
-router's and the experts' bodies (the bf16 experts' thresholds are the C++ op's arguments, looked up
-inside). Everything goes through the public ops when the step is not eager on the CPU (tensors
-elsewhere, tracing by torch.compile, no compiled extension).
+router's body and the experts' C++ op with the policy's thresholds, asked once per shape class and
+step (`ops.moe._cpu_experts_call`). Everything goes through the public ops when the step is not eager
+on the CPU (tensors elsewhere, tracing by torch.compile, no compiled extension).
 
 Why it matters more than the 10-15 us suggest: on a server core the decode step's weight streams
 evict the interpreter's and the dispatcher's working set from L2 (and, for long streams, from the
@@ -30,7 +30,7 @@ from .. import _backend, _policy, decode_attention, linear, moe, short_conv
 from ..ops.decode_attention import _decode_attention_impl
 from ..ops.linear import _linear_on_route as _float_linear_on_route
 from ..ops.linear import _linear_route as _float_linear_route
-from ..ops.moe import _experts, _quant_experts_call, _route
+from ..ops.moe import _cpu_experts_call, _quant_experts_call, _route
 from ..ops.short_conv import _short_conv_impl
 from ..quant import QuantizedTensor, _linear_call, _linear_route
 
@@ -74,7 +74,11 @@ class DirectOps:
             return moe(h, lw.gate, lw.expert_bias, gu, dn, top_k, norm_topk_prob, scaling)
         weights, ids = _route(h, lw.gate, lw.expert_bias, top_k, bool(norm_topk_prob), float(scaling))
         if not isinstance(gu, QuantizedTensor):
-            return _experts(h, gu, dn, ids, weights)  # its thresholds come from the C++ op's arguments
+            key = ("moe", gu.dtype, dn.dtype, tuple(gu.shape), tuple(dn.shape), h.shape[0], h.dtype)
+            call = self._routes.get(key)
+            if call is None:
+                call = self._routes[key] = _cpu_experts_call(h, gu, dn)
+            return call(h, gu, dn, ids, weights)
         key = ("moe", gu.format, dn.format, gu.layout, tuple(gu.shape), h.shape[0], h.dtype)
         call = self._routes.get(key)
         if call is None:

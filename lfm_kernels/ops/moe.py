@@ -98,15 +98,21 @@ def _moe_experts_impl(
 
         return moe_experts_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if hidden.device.type == "cpu" and _backend.cpu_extension_available():
-        policy = _policy._policy_for_moe(hidden, gate_up_proj, down_proj)  # one lookup for both
-        return torch.ops.lfm_kernels_cpu.moe_experts.default(
-            hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
-            *_bf16_routes(hidden, gate_up_proj, down_proj, policy),
-            _fp32_torch_min_rows(hidden, gate_up_proj, down_proj, policy),
-        )
+        return _cpu_experts_call(hidden, gate_up_proj, down_proj)(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if topk_ids.device.type == "cpu":
         _check_ids_in_range(topk_ids, gate_up_proj.shape[0])
     return reference.moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
+
+
+def _cpu_experts_call(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
+    """The C++ experts op with the policy's thresholds for calls like this one (float weights, CPU,
+    extension loaded) bound: a function (hidden, gate_up_proj, down_proj, topk_ids, topk_weights) -> out.
+    The model's decode step asks it once per shape class and step (model/direct.py)."""
+    policy = _policy._policy_for_moe(hidden, gate_up_proj, down_proj)  # one lookup for both
+    thresholds = (*_bf16_routes(hidden, gate_up_proj, down_proj, policy),
+                  _fp32_torch_min_rows(hidden, gate_up_proj, down_proj, policy))
+    op = torch.ops.lfm_kernels_cpu.moe_experts.default
+    return lambda h, gu, dn, ids, weights: op(h, gu, dn, ids, weights, *thresholds)
 
 
 def _check_ids_in_range(topk_ids: torch.Tensor, n_experts: int) -> None:
