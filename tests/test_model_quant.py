@@ -454,6 +454,25 @@ def test_decode_step_direct_float_linear_follows_the_policy(tiny_256, dtype, mon
     assert torch.equal(direct, public)
 
 
+def test_decode_step_direct_float_experts_follow_the_policy(tiny_256, monkeypatch):
+    # bf16 experts: a policy that sends every expert to oneDNN's GEMMs (which round gate, up and their
+    # product to bf16 each) changes the logits; the thresholds the direct calls bind once per step
+    # must be that policy's, and a policy set between steps must reach the next step
+    from lfm_kernels import _backend
+    from lfm_kernels._policy import kernel_policy
+
+    if not _backend.cpu_has_native_bf16_gemm():
+        pytest.skip("needs AVX512-BF16 or AMX: without them bf16 experts never leave the AVX2 tiles")
+    model = from_pretrained(tiny_256, dtype=torch.bfloat16, progress=False, tokenizer=False)
+    default = _decode_logits(model)
+    onednn = dict(moe_bf16_min_rows=1, moe_bf16_outer_min_rows=1, moe_bf16_outer_onednn_min_rows=1,
+                  moe_bf16_dot_onednn_min_rows=1)
+    direct, public = _direct_and_public(model, monkeypatch, **onednn)
+    assert torch.equal(direct, public)
+    assert not torch.equal(direct, default)  # the policy took effect
+    assert torch.equal(_decode_logits(model), default)  # and is gone with the context
+
+
 def test_decode_step_direct_calls_follow_the_policy(tiny_256, monkeypatch):
     # a policy that sends one-row calls to the bf16 GEMM route (dequantized panels) changes the
     # logits; the direct calls must take that route too, not their integer tiles
