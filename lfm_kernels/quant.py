@@ -648,24 +648,16 @@ def _linear_call(qweight: QuantizedTensor, route: str, eager: bool):
     shape: a function (x2, blocks, bias) -> out of x2 [M, K] with unit stride along K and a weight's
     blocks. The model's decode step asks it once per shape class and step and calls it for every
     weight of that class (model/direct.py): the same op with the same arguments, without the Python
-    layers in between (about 4-11 us a call, 53 calls a step). eager: run the custom ops' bodies (the
-    C++ op itself when the extension has it) instead of the registered ops (torch.compile's view)."""
+    layers in between. eager: run the custom ops' bodies instead of the registered ops (which
+    torch.compile must see)."""
     n, k = qweight.shape
     fmt, layout = qweight.format, qweight.layout
-    ops = torch.ops.lfm_kernels_cpu
-    if route == "bf16-gemm" and hasattr(ops, "linear_quant_dequant_gemm"):
-        gemm = ops.linear_quant_dequant_gemm.default
+    if route == "bf16-gemm" and hasattr(torch.ops.lfm_kernels_cpu, "linear_quant_dequant_gemm"):
+        gemm = torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm.default
         return lambda x2, blocks, bias: gemm(x2, blocks, fmt, layout, n, k, bias)
     if layout == "x8":
-        amx_min_rows = int(route == "amx-int8")  # the op's AMX threshold: every row of this call, or none
-        kquant = fmt in _K_FORMATS
-        name = "linear_kquant_x8" if kquant else "linear_quant_x8"
-        if eager and _backend.cpu_extension_available() and hasattr(ops, name):
-            op = getattr(ops, name).default
-            if kquant:
-                return lambda x2, blocks, bias: op(x2, blocks, fmt, n, k, bias)
-            return lambda x2, blocks, bias: op(x2, blocks, fmt, n, k, bias, amx_min_rows)
         f = _linear_quant_x8_impl if eager else _linear_quant_x8_op
+        amx_min_rows = int(route == "amx-int8")  # the op's AMX threshold: every row of this call, or none
         return lambda x2, blocks, bias: f(x2, blocks, fmt, n, k, bias, amx_min_rows)
     f = _linear_quant_impl if eager else _linear_quant_op
     return lambda x2, blocks, bias: f(x2, blocks, fmt, n, k, bias)

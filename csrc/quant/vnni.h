@@ -79,7 +79,7 @@ static inline void panel_tile(const uint8_t* pk, int64_t gstride, int64_t nb, co
 // unsigned nibbles times x; Q8_0's |w| times x signed by w); the same exact integers, so the same bits.
 // The G groups go through a block together, so each 4-byte broadcast of x is loaded once for all of
 // them rather than once per group (as in the K-quant tiles, quant/kquant_x8_vnni.h). One Zen 4 core,
-// weights in L2: Q4_0 56-57 -> 62-63 GB/s at M = 1 and 15.5 -> 18.5 at M = 4; Q8_0 unchanged at M = 1
+// weights in L2: Q4_0 56-58 -> 62-63 GB/s at M = 1 and 15.5 -> 18.5 at M = 4; Q8_0 unchanged at M = 1
 // (its sign per weight vector, not loads, is the cost), +4-6% at M = 2-4.
 template <Format F, int G, int M>
 static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const int8_t* xq, int64_t ldq,

@@ -585,50 +585,41 @@ def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
     return n_experts
 
 
-def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, routes=None):
-    """The experts on checked QuantizedTensor weights; routes: `_policy.quant_routes("moe", ...)` for
-    these arguments."""
-    if routes is None:
-        routes = _policy.quant_routes("moe", hidden, gate_up_proj, down_proj)
+def _quant_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+    """The experts on checked QuantizedTensor weights."""
+    routes = _policy.quant_routes("moe", hidden, gate_up_proj, down_proj)
     call = _quant_experts_call(gate_up_proj, down_proj, routes, _backend.eager_cpu_fast_path(hidden))
     return call(hidden, gate_up_proj.data, down_proj.data, topk_ids, topk_weights)
 
 
 def _quant_experts_call(gate_up_proj, down_proj, routes, eager: bool):
     """The call `_quant_experts` makes for expert weights of these formats, layout and shapes on these
-    routes: a function (hidden, gate_up blocks, down blocks, topk_ids, topk_weights) -> out. The model's
-    decode step asks it once per shape class and step and calls it for every MoE layer of that class
-    (model/direct.py). eager: run the custom ops' bodies (the C++ op itself when the extension has it)
-    instead of the registered ops."""
+    routes (`_policy.quant_routes("moe", ...)`): a function (hidden, gate_up blocks, down blocks,
+    topk_ids, topk_weights) -> out. The model's decode step asks it once per shape class and step and
+    calls it for every MoE layer of that class (model/direct.py). eager: run the custom ops' bodies
+    instead of the registered ops (which torch.compile must see)."""
     gemm_rows, amx_rows = routes
-    fmt_gu, fmt_dn, layout = gate_up_proj.format, down_proj.format, gate_up_proj.layout
     E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
-    kquant = fmt_gu in _K_FORMATS
-    name = ("moe_experts_kquant" if kquant else "moe_experts_quant") + ("_x8" if layout == "x8" else "")
-    ops = torch.ops.lfm_kernels_cpu
-    if eager and _backend.cpu_extension_available() and hasattr(ops, name):
-        op = getattr(ops, name).default
-        tail = (fmt_gu, fmt_dn, E, I) if kquant else (fmt_gu, E, I)
-        extra = (gemm_rows,) if kquant else (gemm_rows, amx_rows)
-    elif kquant:
-        if layout == "x8":
+    x8 = gate_up_proj.layout == "x8"
+    if gate_up_proj.format in _K_FORMATS:
+        if x8:
             op = _moe_experts_kquant_x8_impl if eager else _moe_experts_kquant_x8_op
         else:
             op = _moe_experts_kquant_impl if eager else _moe_experts_kquant_op
-        tail, extra = (fmt_gu, fmt_dn, E, I), (gemm_rows,)
+        formats, thresholds = (gate_up_proj.format, down_proj.format), (gemm_rows,)
     else:
-        if layout == "x8":
+        if x8:
             op = _moe_experts_quant_x8_impl if eager else _moe_experts_quant_x8_op
         else:
             op = _moe_experts_quant_impl if eager else _moe_experts_quant_op
-        tail, extra = (fmt_gu, E, I), (gemm_rows, amx_rows)
+        formats, thresholds = (gate_up_proj.format,), (gemm_rows, amx_rows)
 
     def call(hidden, data_gu, data_dn, topk_ids, topk_weights):
         if not data_gu.is_contiguous():
             data_gu = data_gu.contiguous()
         if not data_dn.is_contiguous():
             data_dn = data_dn.contiguous()
-        return op(hidden, data_gu, data_dn, *tail, topk_ids, topk_weights, *extra)
+        return op(hidden, data_gu, data_dn, *formats, E, I, topk_ids, topk_weights, *thresholds)
 
     return call
 
