@@ -170,6 +170,27 @@ class QuantizedTensor:
         quants = grp[:, :, 16:].reshape(n, nb, v, 8, 4).permute(0, 3, 1, 2, 4)[pick]  # [n, nb, v, 4]
         return torch.cat([scales, quants.reshape(n, nb, 4 * v)], dim=2).reshape(n, nb * bb)
 
+    def _dequantize_rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `ids` [n] of a [N, K] weight dequantized -> [n, K] in `dtype` (an embedding lookup), the
+        values of `dequantize()`. In the x8 layout with N a multiple of 8 the C++ op dequantizes the
+        8-row groups holding them and the rows are picked from those: four dispatches instead of the
+        dozen that regrouping the blocks takes, which matters once per decoded token."""
+        n, k = self.shape
+        if (self.layout == "x8" and n % 8 == 0 and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "quant_dequantize")):
+            groups = self.data.view(n // 8, -1)
+            if ids.numel() == 1:  # a decode step of one row: slices, no index tensors
+                i = int(ids)
+                if not 0 <= i < n:
+                    raise IndexError(f"index {i} is out of range for a table of {n} rows")
+                rows = torch.ops.lfm_kernels_cpu.quant_dequantize(groups[i // 8: i // 8 + 1], self.format, "x8", 1, 8, k, dtype)
+                return rows.view(8, k)[i % 8: i % 8 + 1]
+            grp = groups.index_select(0, ids // 8)
+            rows = torch.ops.lfm_kernels_cpu.quant_dequantize(grp, self.format, "x8", 1, 8 * ids.numel(), k, dtype)
+            return rows.view(ids.numel(), 8, k)[torch.arange(ids.numel(), device=ids.device), ids % 8]
+        blocks = self._row_blocks(ids)
+        return QuantizedTensor(blocks, self.format, (blocks.shape[0], k)).dequantize(dtype)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight the blocks stand for, in `dtype` (values exact in float32; bfloat16 is the
         float32 value rounded to nearest even)."""

@@ -91,6 +91,10 @@ def test_round_trip_dequantize_and_row_lookup(fmt, shape):
     if len(shape) == 2:
         ids = torch.tensor([0, n - 1, 7 % n, 8 % n, n // 2, n // 2, 3 % n])
         assert torch.equal(x8._row_blocks(ids), qt.data.index_select(0, ids))
+        full = qt.dequantize()
+        for one in (torch.tensor([0]), torch.tensor([n - 1])):  # a decode step's lookup
+            assert torch.equal(x8._dequantize_rows(one), full.index_select(0, one))
+        assert torch.equal(x8._dequantize_rows(ids), full.index_select(0, ids))
     # what the model wrapper does at load: every K-quant weight on the CPU goes to x8
     assert _kernel_layout(qt).layout == "x8"
 

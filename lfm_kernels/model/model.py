@@ -140,9 +140,7 @@ class LfmModel:
         if not isinstance(table, QuantizedTensor):
             return F.embedding(ids, table)
         H = table.shape[-1]
-        blocks = table._row_blocks(ids.reshape(-1))
-        rows = QuantizedTensor(blocks, table.format, (blocks.shape[0], H)).dequantize(torch.float32)
-        return rows.to(self.dtype).view(*ids.shape, H)
+        return table._dequantize_rows(ids.reshape(-1), torch.float32).to(self.dtype).view(*ids.shape, H)
 
     def _ffn(self, lw, h: torch.Tensor, direct: DirectOps | None = None) -> torch.Tensor:
         cfg = self.config
