@@ -85,6 +85,26 @@ def test_a_fake_slow_path_is_never_chosen(measured, monkeypatch):
         assert route == fastest, (n, route, fastest, p)
 
 
+def test_candidates_are_timed_in_turns(monkeypatch):
+    """A machine that is slow for its first runs and fast after (a VM's memory bandwidth flips like
+    that): two paths of equal cost must come out equal, which they do not when one path's runs all
+    come before the other's."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(_chooser.time, "perf_counter", lambda: clock[0])
+
+    def path(name):
+        def run():
+            calls.append(name)
+            clock[0] += 3.0 if len(calls) <= 2 else 1.0
+        return run
+
+    medians = _chooser._interleaved_medians({"a": path("a"), "b": path("b")})
+    assert medians == {"a": 1.0, "b": 1.0}
+    assert calls.count("a") == calls.count("b") == _chooser._REPEATS
+    assert calls[:2] in (["a", "b"], ["b", "a"]) and calls[2:4] != calls[:2]  # the order rotates
+    assert _chooser._interleaved_medians({}) == {}
+
+
 def test_the_chosen_thresholds_follow_the_crossovers(measured, monkeypatch):
     _, use = measured
     # our kernel wins below 8 rows, oneDNN from 8 on
