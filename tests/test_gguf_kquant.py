@@ -449,6 +449,21 @@ def test_bench_e2e_model_file(moe_q4_k_m, tmp_path, fast_machine):
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
 
 
+def test_bench_e2e_floor_takes_probes_before_and_after(moe_q4_k_m, tmp_path, fast_machine, monkeypatch):
+    from lfm_kernels.benchmark import e2e
+
+    probes = iter([20e9, 30e9])
+    monkeypatch.setattr(e2e, "measure_read_bandwidth", lambda *a, **k: next(probes))
+    _, file = moe_q4_k_m
+    rc, data = _bench(tmp_path, "--model", file, "--prompt-len", "8")
+    assert rc == 0
+    r = data["e2e"][0]
+    assert (r["bandwidth_before_GBs"], r["bandwidth_after_GBs"], r["bandwidth_GBs"]) == (20.0, 30.0, 25.0)
+    assert r["bandwidth_steady"] is False  # 1.5x apart: flagged
+    assert r["floor_tok_s"] == pytest.approx(25e9 / r["bytes_per_token"])
+    assert r["decode_vs_floor"] == pytest.approx(r["decode_tok_s"] / r["floor_tok_s"])
+
+
 def test_bench_e2e_quant_q4_k_m_quick(tmp_path, fast_machine, monkeypatch):
     # the --quick default has a 128k vocabulary at hidden 2048: its Q6_K embedding alone takes minutes
     # in numpy, so every tensor is quantized from its first 64 rows, repeated (the layout and the bytes
