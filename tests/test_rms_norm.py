@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lfm_kernels import _backend
-from lfm_kernels.model.model import _cpu_rms_norm, rms_norm
+from lfm_kernels.model.model import _cpu_rms_norm, add_rms_norm, rms_norm
 
 EPS = 1e-5
 
@@ -86,3 +86,38 @@ def test_rms_norm_bad_input():
     # the model's entry point falls back to eager PyTorch for mixed dtypes (type promotion as transformers)
     w = torch.randn(64, dtype=torch.float64)
     assert rms_norm(x, w, EPS).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("xs,ws", CASES, ids=[f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}" for x, w in CASES])
+def test_add_rms_norm_is_the_add_then_the_norm(xs, ws, dtype):
+    """The fused residual add: the sum exactly as `x + residual` rounds it, the norm exactly the op's."""
+    g = torch.Generator().manual_seed(hash((xs, ws, 1)) % 2**31)
+    x = (torch.randn(xs, generator=g) * 3).to(dtype)
+    r = (torch.randn(xs, generator=g) * 3).to(dtype)
+    w = (1 + 0.5 * torch.randn(ws, generator=g)).to(dtype)
+    before = (x.clone(), r.clone())
+    s, y = torch.ops.lfm_kernels_cpu.add_rms_norm(x, r, w, EPS)
+    assert torch.equal(x, before[0]) and torch.equal(r, before[1])
+    assert s.dtype == y.dtype == dtype and s.shape == y.shape == x.shape
+    assert torch.equal(s, x + r)
+    assert torch.equal(y, _cpu_rms_norm()(x + r, w, EPS))
+    s2, y2 = add_rms_norm(x, r, w, EPS)  # the model's entry point takes the op
+    assert torch.equal(s2, s) and torch.equal(y2, y)
+    # a non-contiguous input reads the same values
+    xt = x.unsqueeze(0).expand(2, *x.shape)[1]
+    assert torch.equal(torch.ops.lfm_kernels_cpu.add_rms_norm(xt, r, w, EPS)[1], y)
+
+
+def test_add_rms_norm_bad_input():
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        torch.ops.lfm_kernels_cpu.add_rms_norm(x, torch.randn(1, 64), torch.randn(64), EPS)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        torch.ops.lfm_kernels_cpu.add_rms_norm(x, torch.randn(2, 64).bfloat16(), torch.randn(64), EPS)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.lfm_kernels_cpu.add_rms_norm(x, x, torch.randn(32), EPS)
+    # the model's entry point falls back to eager PyTorch where the op does not apply (broadcasting)
+    r, w = torch.randn(1, 64), torch.randn(64)
+    s, y = add_rms_norm(x, r, w, EPS)
+    assert torch.equal(s, x + r) and torch.equal(y, rms_norm(x + r, w, EPS))
