@@ -70,6 +70,16 @@ def _cpu_add_rms_norm():
 
 
 @functools.cache
+def _cpu_rope_cache_write():
+    """The C++ op that rotates a decode step's q and k heads and writes k and v to the caches
+    (csrc/rope_cache.cpp: the bits of apply_rope and the index writes), or None without it."""
+    from .. import _backend
+
+    ops = torch.ops.lfm_kernels_cpu
+    return ops.rope_cache_write.default if _backend._C is not None and hasattr(ops, "rope_cache_write") else None
+
+
+@functools.cache
 def _cpu_rms_norm():
     """The compiled RMSNorm op, or None without the extension (or with one built before it existed)."""
     from .. import _backend
@@ -286,8 +296,9 @@ class LfmModel:
         new_lens = pos + 1
         Hq = cfg.num_attention_heads
         cos_t, sin_t = self._rope_tables(state.max_len)
-        cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # [B, 1, D]: broadcast over heads
+        cos = sin = None
         x = self._embed(tokens).unsqueeze(1)  # [B, 1, H]
+        rope_write = _cpu_rope_cache_write() if x.device.type == "cpu" else None
         direct = self._direct
         direct.begin_step(x)
         lin = direct.linear
@@ -296,10 +307,15 @@ class LfmModel:
         for i, lw in enumerate(layers):
             if lw.attention:
                 qk, v = self._qkv(lw, h[:, 0], lin)  # [B, heads, D]
-                qk = apply_rope(qk, cos, sin)
-                q, k = qk[:, :Hq].contiguous(), qk[:, Hq:]
-                state.k_cache[i][rows, :, pos] = k
-                state.v_cache[i][rows, :, pos] = v
+                if rope_write is not None:  # the rotation and both cache writes in one C++ call
+                    q = rope_write(qk, v, cos_t, sin_t, state.k_cache[i], state.v_cache[i], pos, Hq)
+                else:
+                    if cos is None:
+                        cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # [B, 1, D]: over heads
+                    qk = apply_rope(qk, cos, sin)
+                    q, k = qk[:, :Hq].contiguous(), qk[:, Hq:]
+                    state.k_cache[i][rows, :, pos] = k
+                    state.v_cache[i][rows, :, pos] = v
                 # lengths come from the state (in [1, max_len]): no check, so no device sync
                 o = direct.decode_attention(q, state.k_cache[i], state.v_cache[i], new_lens, self._scale)
                 out = lin(o.reshape(B, 1, -1), lw.out_proj)
