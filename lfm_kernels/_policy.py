@@ -47,7 +47,7 @@ Two switches change which code runs regardless of the thresholds:
 
 The thresholds are measured on the machine at hand by default (lfm_kernels/_chooser.py): at the
 first call of a bf16 shape class that has more than one valid path on this CPU, the candidates are
-timed (0.5 s at most per process, cached per CPU model in
+timed in turns (0.5 s at most per process, cached per CPU model in
 ~/.cache/lfm_kernels/kernel_choice.json) and the thresholds under which they cost least are used.
 On a CPU with one path per op (no AVX-512, no AVX512-BF16, no AMX) nothing is timed. A user who wants
 the same code on every run fixes the policy: `set_policy(...)` / `kernel_policy(...)` with an explicit
