@@ -67,16 +67,21 @@ void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t d, int64_
   }
 }
 
-at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "rms_norm: x must have a non-empty last dim");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: weight dtype ", weight.scalar_type(),
+// Checks x and the norm weight for `op`; returns the weight's rows (1 for [D], R for [R, D]).
+int64_t norm_weight_rows(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dim");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
               " must equal x's ", x.scalar_type());
   const int64_t d = x.size(-1);
   TORCH_CHECK(weight.dim() >= 1 && weight.dim() <= 2 && weight.size(-1) == d,
-              "rms_norm: weight must be [D] or [R, D] with D = x.size(-1) = ", d);
+              op, ": weight must be [D] or [R, D] with D = x.size(-1) = ", d);
   const int64_t w_rows = weight.dim() == 2 ? weight.size(0) : 1;
-  TORCH_CHECK(weight.dim() == 1 || (x.dim() >= 2 && x.size(-2) == w_rows),
-              "rms_norm: a [R, D] weight needs x [..., R, D]");
+  TORCH_CHECK(weight.dim() == 1 || (x.dim() >= 2 && x.size(-2) == w_rows), op, ": a [R, D] weight needs x [..., R, D]");
+  return w_rows;
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t w_rows = norm_weight_rows("rms_norm", x, weight), d = x.size(-1);
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight.contiguous();
   at::Tensor y = at::empty_like(xc);
@@ -95,15 +100,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const a
   TORCH_CHECK_VALUE(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
                     "add_rms_norm: residual must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(),
                     ", got ", residual.sizes(), " ", residual.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "add_rms_norm: x must have a non-empty last dim");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "add_rms_norm: weight dtype ", weight.scalar_type(),
-              " must equal x's ", x.scalar_type());
-  const int64_t d = x.size(-1);
-  TORCH_CHECK(weight.dim() >= 1 && weight.dim() <= 2 && weight.size(-1) == d,
-              "add_rms_norm: weight must be [D] or [R, D] with D = x.size(-1) = ", d);
-  const int64_t w_rows = weight.dim() == 2 ? weight.size(0) : 1;
-  TORCH_CHECK(weight.dim() == 1 || (x.dim() >= 2 && x.size(-2) == w_rows),
-              "add_rms_norm: a [R, D] weight needs x [..., R, D]");
+  const int64_t w_rows = norm_weight_rows("add_rms_norm", x, weight), d = x.size(-1);
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), wc = weight.contiguous();
   at::Tensor sum = at::empty_like(xc), y = at::empty_like(xc);
   const int64_t rows = xc.numel() / d;
