@@ -30,7 +30,7 @@ from .. import _backend, _policy, decode_attention, linear, moe, short_conv
 from ..ops.decode_attention import _decode_attention_impl
 from ..ops.linear import _linear_on_route as _float_linear_on_route
 from ..ops.linear import _linear_route as _float_linear_route
-from ..ops.moe import _cpu_experts_call, _quant_experts_call, _route
+from ..ops.moe import _cpu_experts_call, _moe_route_impl, _quant_experts_call
 from ..ops.short_conv import _short_conv_impl
 from ..quant import QuantizedTensor, _linear_call, _linear_route
 
@@ -72,7 +72,7 @@ class DirectOps:
         gu, dn = lw.gate_up_proj, lw.down_proj
         if not self._on:
             return moe(h, lw.gate, lw.expert_bias, gu, dn, top_k, norm_topk_prob, scaling)
-        weights, ids = _route(h, lw.gate, lw.expert_bias, top_k, bool(norm_topk_prob), float(scaling))
+        weights, ids = _moe_route_impl(h, lw.gate, lw.expert_bias, top_k, bool(norm_topk_prob), float(scaling))
         if not isinstance(gu, QuantizedTensor):
             key = ("moe", gu.dtype, dn.dtype, tuple(gu.shape), tuple(dn.shape), h.shape[0], h.dtype)
             call = self._routes.get(key)

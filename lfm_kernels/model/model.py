@@ -292,7 +292,6 @@ class LfmModel:
         pos = state.seq_lens
         if check and int(pos.max()) >= state.max_len:
             raise ValueError(f"the state is full (max_len {state.max_len}); make a longer one")
-        rows = torch.arange(B, device=self.device)
         new_lens = pos + 1
         Hq = cfg.num_attention_heads
         cos_t, sin_t = self._rope_tables(state.max_len)
@@ -314,6 +313,7 @@ class LfmModel:
                         cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # [B, 1, D]: over heads
                     qk = apply_rope(qk, cos, sin)
                     q, k = qk[:, :Hq].contiguous(), qk[:, Hq:]
+                    rows = torch.arange(B, device=self.device)
                     state.k_cache[i][rows, :, pos] = k
                     state.v_cache[i][rows, :, pos] = v
                 # lengths come from the state (in [1, max_len]): no check, so no device sync
