@@ -63,7 +63,11 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
         __m256i scv[4];
         #pragma GCC unroll 16
         for (int i = 0; i < 4; ++i) scv[i] = kavx2::ld(blk + 1536 + 32 * i);
+        // unrolled: the sub-block index j = 8h + 2k + half then picks its scale vector and shuffle at
+        // compile time (left as loops, both were indexed arrays in memory on every sub-block)
+        #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h)
+          #pragma GCC unroll 2
           for (int half = 0; half < 2; ++half) {
             // elements 128h + 32k + 4t .. + 3 for k < 4, t in [4 half, 4 half + 4): sub-block 8h + 2k + half
             __m256i p[4][M];
@@ -105,6 +109,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
         #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S[g][m] = _mm256_setzero_si256();
       }
+      #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         // qs vectors 8c..8c+7: sub-block 2c in the low nibbles, 2c + 1 in the high ones
         __m256i sa[G][M], sb[G][M];
