@@ -123,9 +123,6 @@ constexpr int64_t kStreamAhead = 2048;
 // past the end (a prefetch never faults).
 inline void prefetch_ahead(const void* blk, int64_t pf, int bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(blk) + static_cast<uintptr_t>(pf);
-  // unrolled: the tiles pass their block size as a constant (18-26 lines for the K-quants), and a
-  // loop's counter and branch per line were a tenth of a Q6_K tile's instructions
-  #pragma GCC unroll 32
   for (int o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(a + o), _MM_HINT_T2);
 }
 // One prefetch per 64-byte line of [p + kStreamAhead, p + kStreamAhead + bytes).
