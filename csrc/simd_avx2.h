@@ -7,6 +7,12 @@
 namespace lfmk {
 namespace avx2 {
 
+// An empty asm that takes v in a register and may change it: the compiler must finish v's sum here
+// and cannot reorder it. The int16 sums are exact, so GCC reassociates their add chains into trees
+// that compute every vpmaddubsw of a flush first; with AVX2's 16 registers those products went to
+// the stack and back (in the K-quant x8 tile, a sixth of its instructions were such moves).
+static inline void in_register(__m256i& v) { asm("" : "+x"(v)); }
+
 // 8 lanes of float from float / bf16 / fp16 memory.
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const c10::BFloat16* p) {

@@ -44,16 +44,6 @@ static inline __m256 half8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Q5_K: the fifth bit of sub-block s (bit s of each qh byte) moved to bit 4.
-template <int S>
-static inline __m256i q5_bit(__m256i qh) {
-  const __m256i bit = _mm256_set1_epi8(0x10);
-  if constexpr (S <= 4)
-    return _mm256_and_si256(_mm256_slli_epi16(qh, 4 - S), bit);
-  else
-    return _mm256_and_si256(_mm256_srli_epi16(qh, S - 4), bit);
-}
-
 // v shifted left by n bits (right by -n) in 16-bit lanes; n is a constant where the caller's loop unrolls.
 static inline __m256i shift16(__m256i v, int n) {
   return n >= 0 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(n)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(-n));
@@ -141,36 +131,6 @@ static inline void kx8_finish6(const uint8_t* blk, const __m256i scv[4], const _
   }
 }
 
-template <KFormat F, int M, int C>
-static inline void kx8_q45_chunk(const uint8_t* blk, const int8_t* const* x, __m256i scl, __m256i sch, __m256i* S1) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;
-  constexpr int kFlush = F == KFormat::Q4_K ? 8 : 4;
-  for (int f = 0; f < 8; f += kFlush) {
-    __m256i pl[M], ph[M];
-    #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) pl[m] = ph[m] = _mm256_setzero_si256();
-    #pragma GCC unroll 16
-    for (int t = f; t < f + kFlush; ++t) {
-      const __m256i v = ld(blk + kQs + 32 * (8 * C + t));
-      __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      if constexpr (F == KFormat::Q5_K) {
-        const __m256i qh = ld(blk + 128 + 32 * t);
-        lo = _mm256_or_si256(lo, q5_bit<2 * C>(qh));
-        hi = _mm256_or_si256(hi, q5_bit<2 * C + 1>(qh));
-      }
-      #pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) {
-        pl[m] = _mm256_add_epi16(pl[m], _mm256_maddubs_epi16(lo, bcast4(x[m] + 64 * C + 4 * t)));
-        ph[m] = _mm256_add_epi16(ph[m], _mm256_maddubs_epi16(hi, bcast4(x[m] + 64 * C + 32 + 4 * t)));
-      }
-    }
-    #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m)
-      S1[m] = _mm256_add_epi32(S1[m], _mm256_add_epi32(_mm256_madd_epi16(pl[m], scl), _mm256_madd_epi16(ph[m], sch)));
-  }
-}
-
 template <KFormat F, int G, int M>
 static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
                             const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
@@ -218,8 +178,10 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
               #pragma GCC unroll 16
               for (int k = 0; k < 4; ++k)
                 #pragma GCC unroll 16
-                for (int m = 0; m < M; ++m)
+                for (int m = 0; m < M; ++m) {
                   p[k][m] = _mm256_add_epi16(p[k][m], _mm256_maddubs_epi16(q[k], bcast4(x[m] + 128 * h + 32 * k + 4 * t)));
+                  lfmk::avx2::in_register(p[k][m]);
+                }
             }
             #pragma GCC unroll 16
             for (int k = 0; k < 4; ++k)
@@ -235,23 +197,80 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
                             lane_bytes(3, -1, 3, -1)};
     __m256i pair[2];
     kx8_pair45(pair);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+    constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;  // Q5_K: 8 qh vectors before the qs
+    constexpr int kFlush = F == KFormat::Q4_K ? 8 : 4;   // int16 sums widened before they can overflow
     for (int64_t b = 0; b < nsb; ++b) {
       const int8_t* x[M];
       #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
+      // The G groups go through each sub-block pair together, so that every broadcast of x is loaded
+      // once for all of them (one group at a time, the compiler kept the group loop rolled and loaded
+      // each broadcast G times: a fifth of the tile's instructions at G = 2).
+      const uint8_t* blk[G];
+      __m256i S1[G][M];
+      #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
-        const uint8_t* blk = w + g * gstride + b * kGB;
-        prefetch_ahead(blk, pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
-        const KX8Scales45 sv = kx8_scales45(blk);
-        __m256i S1[M];
+        blk[g] = w + g * gstride + b * kGB;
+        prefetch_ahead(blk[g], pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
         #pragma GCC unroll 16
-        for (int m = 0; m < M; ++m) S1[m] = _mm256_setzero_si256();
-        kx8_q45_chunk<F, M, 0>(blk, x, _mm256_shuffle_epi8(sv.sc_lo, dup[0]), _mm256_shuffle_epi8(sv.sc_lo, dup[1]), S1);
-        kx8_q45_chunk<F, M, 1>(blk, x, _mm256_shuffle_epi8(sv.sc_lo, dup[2]), _mm256_shuffle_epi8(sv.sc_lo, dup[3]), S1);
-        kx8_q45_chunk<F, M, 2>(blk, x, _mm256_shuffle_epi8(sv.sc_hi, dup[0]), _mm256_shuffle_epi8(sv.sc_hi, dup[1]), S1);
-        kx8_q45_chunk<F, M, 3>(blk, x, _mm256_shuffle_epi8(sv.sc_hi, dup[2]), _mm256_shuffle_epi8(sv.sc_hi, dup[3]), S1);
-        kx8_finish45<M>(blk, sv, pair, xs, lds, xd, ldd, b, S1, acc[g]);
+        for (int m = 0; m < M; ++m) S1[g][m] = _mm256_setzero_si256();
       }
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        // qs vectors 8c..8c+7: sub-block 2c in the low nibbles, 2c + 1 in the high ones
+        #pragma GCC unroll 2
+        for (int f = 0; f < 8; f += kFlush) {
+          __m256i pl[G][M], ph[G][M];
+          #pragma GCC unroll 16
+          for (int g = 0; g < G; ++g)
+            #pragma GCC unroll 16
+            for (int m = 0; m < M; ++m) pl[g][m] = ph[g][m] = _mm256_setzero_si256();
+          #pragma GCC unroll 16
+          for (int t = f; t < f + kFlush; ++t) {
+            __m256i xa[M], xb[M];
+            #pragma GCC unroll 16
+            for (int m = 0; m < M; ++m) {
+              xa[m] = bcast4(x[m] + 64 * c + 4 * t);
+              xb[m] = bcast4(x[m] + 64 * c + 32 + 4 * t);
+            }
+            #pragma GCC unroll 16
+            for (int g = 0; g < G; ++g) {
+              const __m256i v = ld(blk[g] + kQs + 32 * (8 * c + t));
+              __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+              if constexpr (F == KFormat::Q5_K) {
+                // the fifth bit of sub-blocks 2c and 2c + 1 (bits 2c, 2c + 1 of each qh byte) to bit 4
+                const __m256i qh = ld(blk[g] + 128 + 32 * t);
+                lo = _mm256_or_si256(lo, _mm256_and_si256(shift16(qh, 4 - 2 * c), bit4));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(shift16(qh, 3 - 2 * c), bit4));
+              }
+              #pragma GCC unroll 16
+              for (int m = 0; m < M; ++m) {
+                pl[g][m] = _mm256_add_epi16(pl[g][m], _mm256_maddubs_epi16(lo, xa[m]));
+                ph[g][m] = _mm256_add_epi16(ph[g][m], _mm256_maddubs_epi16(hi, xb[m]));
+                lfmk::avx2::in_register(pl[g][m]);
+                lfmk::avx2::in_register(ph[g][m]);
+              }
+            }
+          }
+          // the scales are decoded again where they are used: kept for the whole super-block, the
+          // G groups' scale and min vectors did not fit in AVX2's 16 registers beside the sums and
+          // the compiler spilled and reloaded them around every weight vector
+          #pragma GCC unroll 16
+          for (int g = 0; g < G; ++g) {
+            const KX8Scales45 sv = kx8_scales45(blk[g]);
+            const __m256i scv = c < 2 ? sv.sc_lo : sv.sc_hi;
+            const __m256i scl = _mm256_shuffle_epi8(scv, dup[(2 * c) % 4]);
+            const __m256i sch = _mm256_shuffle_epi8(scv, dup[(2 * c + 1) % 4]);
+            #pragma GCC unroll 16
+            for (int m = 0; m < M; ++m)
+              S1[g][m] = _mm256_add_epi32(S1[g][m], _mm256_add_epi32(_mm256_madd_epi16(pl[g][m], scl),
+                                                                     _mm256_madd_epi16(ph[g][m], sch)));
+          }
+        }
+      }
+      #pragma GCC unroll 16
+      for (int g = 0; g < G; ++g) kx8_finish45<M>(blk[g], kx8_scales45(blk[g]), pair, xs, lds, xd, ldd, b, S1[g], acc[g]);
     }
   }
   for (int g = 0; g < G; ++g)

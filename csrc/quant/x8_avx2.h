@@ -40,6 +40,7 @@ static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const 
             const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(x + 4 * j)),
                                                _mm256_maddubs_epi16(hi, bcast4(x + 16 + 4 * j)));
             s[m] = _mm256_add_epi16(s[m], p);
+            lfmk::avx2::in_register(s[m]);  // simd_avx2.h: keeps the sum's order, and its registers
           }
         }
       } else {
@@ -49,6 +50,7 @@ static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const 
           for (int m = 0; m < M; ++m) {
             const __m256i sx = _mm256_sign_epi8(bcast4(xq + m * ldq + b * kBlock + 4 * j), v);
             s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones));
+            lfmk::avx2::in_register(s[m]);
           }
         }
       }
