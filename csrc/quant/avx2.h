@@ -160,8 +160,10 @@ static inline void panel_tile(const uint8_t* pk, int64_t gstride, int64_t nb, co
       for (int j = 0; j < 8; ++j) {
         const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + 32 * j));
         if (F == Format::Q4_0) {
-          for (int m = 0; m < M; ++m)
+          for (int m = 0; m < M; ++m) {
             s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(wv, bcast4(xq + m * ldq + b * kBlock + 4 * j)));
+            lfmk::avx2::in_register(s[m]);  // simd_avx2.h: keeps the sum's order, and its registers
+          }
         } else {
           const __m256i aw = _mm256_abs_epi8(wv);
           for (int m = 0; m < M; ++m) {

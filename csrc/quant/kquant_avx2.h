@@ -334,8 +334,10 @@ static inline void kpanel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq,
       for (int u = 0; u < P::kFlush; ++u) {
         const int v = j * P::kVecsPerSub + f + u;
         const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + 32 * v));
-        for (int m = 0; m < M; ++m)
+        for (int m = 0; m < M; ++m) {
           t[m] = _mm256_add_epi16(t[m], _mm256_maddubs_epi16(wv, bcast4(xq + m * ldq + b * kSuper + 4 * v)));
+          lfmk::avx2::in_register(t[m]);  // simd_avx2.h: keeps the sum's order, and its registers
+        }
       }
       for (int m = 0; m < M; ++m) S[m] = _mm256_add_epi32(S[m], _mm256_madd_epi16(t[m], scv));
     }
