@@ -79,7 +79,7 @@ class DecodeGraph:
         with torch.cuda.graph(graph):
             self.logits = model.decode_step(self.tokens, state, check=False)
         # the graph reads these by address: keep them alive even if a longer state regrows the tables
-        self._rope = (model._cos, model._sin)
+        self._rope = model._rope_tables(state.max_len)
         self.graph = graph
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
