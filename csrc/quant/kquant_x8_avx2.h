@@ -208,11 +208,13 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       // once for all of them (one group at a time, the compiler kept the group loop rolled and loaded
       // each broadcast G times: a fifth of the tile's instructions at G = 2).
       const uint8_t* blk[G];
+      KX8Scales45 sv[G];
       __m256i S1[G][M];
       #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         blk[g] = w + g * gstride + b * kGB;
         prefetch_ahead(blk[g], pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
+        sv[g] = kx8_scales45(blk[g]);
         #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S1[g][m] = _mm256_setzero_si256();
       }
@@ -253,13 +255,9 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
               }
             }
           }
-          // the scales are decoded again where they are used: kept for the whole super-block, the
-          // G groups' scale and min vectors did not fit in AVX2's 16 registers beside the sums and
-          // the compiler spilled and reloaded them around every weight vector
           #pragma GCC unroll 16
           for (int g = 0; g < G; ++g) {
-            const KX8Scales45 sv = kx8_scales45(blk[g]);
-            const __m256i scv = c < 2 ? sv.sc_lo : sv.sc_hi;
+            const __m256i scv = c < 2 ? sv[g].sc_lo : sv[g].sc_hi;
             const __m256i scl = _mm256_shuffle_epi8(scv, dup[(2 * c) % 4]);
             const __m256i sch = _mm256_shuffle_epi8(scv, dup[(2 * c + 1) % 4]);
             #pragma GCC unroll 16
@@ -270,7 +268,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
         }
       }
       #pragma GCC unroll 16
-      for (int g = 0; g < G; ++g) kx8_finish45<M>(blk[g], kx8_scales45(blk[g]), pair, xs, lds, xd, ldd, b, S1[g], acc[g]);
+      for (int g = 0; g < G; ++g) kx8_finish45<M>(blk[g], sv[g], pair, xs, lds, xd, ldd, b, S1[g], acc[g]);
     }
   }
   for (int g = 0; g < G; ++g)
