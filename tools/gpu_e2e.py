@@ -45,7 +45,32 @@ def _tiny_model():
     return LfmModel(cfg, w, torch.float32)
 
 
-def run_batch(model, batch, prompt_len, steps, graph_modes, log=print):
+def _kernel_profile(step, tok, dev, steps: int = 4, top: int = 12) -> dict:
+    """Device time per decode step by kernel name (torch.profiler over `steps` steps): where a step's
+    time goes, and how much of the step no kernel covers (launch gaps, syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(dev)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = step(tok).argmax(-1)
+        _sync(dev)
+    wall = (time.perf_counter() - t0) / steps
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t and getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
+            rows.append((t / steps / 1e6, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    return {"step_wall_s": wall, "kernel_time_s": total, "kernels_per_step": sum(r[1] for r in rows),
+            "top": [{"name": n[:90], "s": t, "calls": c} for t, c, n in rows[:top]]}
+
+
+def run_batch(model, batch, prompt_len, steps, graph_modes, log=print, profile=False):
     from lfm_kernels.model.cuda_graph import decode_stepper
 
     dev = model.device
@@ -76,6 +101,8 @@ def run_batch(model, batch, prompt_len, steps, graph_modes, log=print):
             seq.append(tok)
         tokens[graph] = torch.stack(seq, 1).cpu()
         key = "graph" if graph else "eager"
+        if profile and dev.type == "cuda":
+            row[f"kernels_{key}"] = _kernel_profile(step, tok, dev)
         row[f"prefill_s_{key}"] = prefill_s
         row[f"first_step_s_{key}"] = first_s
         row[f"decode_step_s_{key}"] = statistics.median(times) if times else None
@@ -132,7 +159,11 @@ def main(argv=None) -> int:
         prompt_len, steps = args.prompt_len, args.steps
     save()
     for b in batches:
-        row = run_batch(model, b, prompt_len, steps, graph_modes)
+        try:
+            row = run_batch(model, b, prompt_len, steps, graph_modes, profile=(b == batches[0]))
+        except Exception as exc:  # noqa: BLE001 - the profile is extra: never lose the timings to it
+            print(f"B={b}: with the kernel profile failed ({type(exc).__name__}: {exc}); again without it")
+            row = run_batch(model, b, prompt_len, steps, graph_modes)
         nbytes = model.bytes_per_decoded_token(b)
         row["bytes_per_step"] = nbytes
         bw = result.get("bandwidth")
@@ -154,6 +185,15 @@ def main(argv=None) -> int:
         print(f"| {r['batch']} | {r['prefill_tok_per_s']:.0f} | {ms(r.get('decode_step_s_eager'))} | "
               f"{ms(r.get('decode_step_s_graph'))} | {pct(r.get('share_of_floor_eager'))} / {pct(r.get('share_of_floor_graph'))} | "
               f"{r.get('same_tokens', '-')} |")
+    for r in result["rows"]:
+        for key in ("eager", "graph"):
+            kp = r.get(f"kernels_{key}")
+            if not kp:
+                continue
+            print(f"\nB={r['batch']} {key}: {kp['kernels_per_step']:.0f} kernels a step, {kp['kernel_time_s'] * 1e3:.3f} ms "
+                  f"of kernel time in a {kp['step_wall_s'] * 1e3:.3f} ms step (profiled)")
+            for k in kp["top"]:
+                print(f"  {k['s'] * 1e6:8.1f} us  {k['calls']:5.1f}x  {k['name']}")
     bad = [r for r in result["rows"] if r.get("same_tokens") is False]
     return 1 if bad else 0
 

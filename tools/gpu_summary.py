@@ -60,6 +60,17 @@ def bench_section(data, device) -> list[str]:
             f"| {r['op']} | {r['case']} | {r['dtype']} | {r.get('backend')} | {_t(kt)} | "
             f"{_n(100 * share if share else None, '.0f', '%')} | {_n(r.get('speedup_vs_eager'), '.2f', 'x')} | "
             f"{_n(r.get('speedup_vs_best'), '.2f', 'x')} ({r.get('best_baseline')}) | {check} |")
+    graphed = [r for r in data.get("rows", []) if r.get("device") == device and r.get("graph_times_s")]
+    if graphed:
+        out += ["", "Replayed as CUDA graphs (device time, no launch cost; L2 flushed between replays):", "",
+                "| op | case | eager call | graph | best baseline (graph) | vs best | share of floor | not capturable |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in graphed:
+            g, best, share = r["graph_times_s"], r.get("best_baseline_graph"), r.get("share_of_floor_graph")
+            out.append(
+                f"| {r['op']} | {r['case']} | {_t(r.get('times_s', {}).get('kernel'))} | {_t(g.get('kernel'))} | "
+                f"{_t(g.get(best)) + ' ' + best if best else '-'} | {_n(r.get('speedup_vs_best_graph'), '.2f', 'x')} | "
+                f"{_n(100 * share if share else None, '.0f', '%')} | {', '.join(r.get('not_capturable', [])) or '-'} |")
     return out
 
 
@@ -79,6 +90,15 @@ def e2e_section(data) -> list[str]:
         out.append(f"| {r['batch']} | {r['prompt_len']} | {_n(r.get('prefill_tok_per_s'), '.0f')} | "
                    f"{_t(r.get('decode_step_s_eager'))} | {_t(r.get('decode_step_s_graph'))} | "
                    f"{pct(r.get('share_of_floor_eager'))} / {pct(r.get('share_of_floor_graph'))} | {r.get('same_tokens', '-')} |")
+    for r in data.get("rows", []):
+        for key in ("eager", "graph"):
+            kp = r.get(f"kernels_{key}")
+            if not kp:
+                continue
+            out += ["", f"Batch {r['batch']}, {key}: {kp['kernels_per_step']:.0f} kernels a step, "
+                    f"{_t(kp['kernel_time_s'])} of kernel time in a {_t(kp['step_wall_s'])} step (profiled):", "",
+                    "| device time a step | calls | kernel |", "| ---: | ---: | --- |"]
+            out += [f"| {_t(k['s'])} | {k['calls']:.1f} | `{k['name']}` |" for k in kp["top"]]
     return out
 
 

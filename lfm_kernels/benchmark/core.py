@@ -38,6 +38,9 @@ class Case:
     # `paths` runs each valid path by name; the bench times the others and reports the runner-up.
     path: Callable[[dict], str] | None = None
     paths: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
+    # Candidates that wait for the host (data-dependent shapes, `.tolist()`): on CUDA the bench does
+    # not try to capture them as a graph (a capture they break is torn down, which is best avoided).
+    host_sync: frozenset = frozenset()
     # The check's relative-error bound when CHECK_TOL[dtype] does not describe the comparison (None:
     # CHECK_TOL): quantized weights are checked against our bf16 op on their dequantized values, and
     # the int8 activations (per 32, K-quants per 256) add their own rounding to bf16's.
@@ -64,6 +67,37 @@ def time_cuda(fn: Callable[[], Any]) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def time_cuda_graph(fn: Callable[[], Any], *, replays: int = 60) -> float | None:
+    """Median device time in seconds of fn() captured once as a CUDA graph and replayed, the L2 cache
+    flushed between replays (outside the timed span); None when fn cannot be captured (it waits for
+    the host, e.g. a `.item()`, or copies to it).
+
+    This is the kernels' own time: a decode step replayed as a graph pays no launch or Python cost
+    per op. A single eager call of a small op is bound by its launch (tens of microseconds of host
+    work against a few of device work), which `time_adaptive` measures; the bench reports both."""
+    fn()  # compiles and allocates outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            fn()
+    except Exception:  # noqa: BLE001 - not capturable: the caller keeps the eager figure
+        torch.cuda.synchronize()
+        return None
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # several times any GPU's L2 (H200: 50 MB)
+    graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    del graph, flush
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
 
 
 def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -181,6 +181,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     make_inputs=make,
                     kernel=lambda i: moe_experts(i["hidden"], i["gate_up_proj"], i["down_proj"], i["ids"], i["weights"]),
                     baselines=_baselines(has_transformers),
+                    host_sync=frozenset({"eager"}),  # transformers' loop asks which experts were hit
                     bytes_moved=moved,
                     flops=n * TOP_K * 6 * HIDDEN * INTER,
                     compute_bound=n >= 128,

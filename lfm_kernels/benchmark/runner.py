@@ -118,6 +118,10 @@ def _bench_case(case, machine: dict, min_time: float) -> dict:
         row["times_s"][name] = t
         row["repeats"][name] = n
     _time_paths(case, inputs, row, min_time)
+    if case.device.startswith("cuda"):
+        _time_graphs([(n, f) for n, f in candidates if n not in _SLOW_BASELINES and n not in case.host_sync],
+                     inputs, row)
+        row["not_capturable"] += [n for n, _ in candidates if n in case.host_sync]
     del inputs
     kt = row["times_s"].get("kernel")
     base = {k: v for k, v in row["times_s"].items() if k != "kernel"}
@@ -131,7 +135,36 @@ def _bench_case(case, machine: dict, min_time: float) -> dict:
         floor = floor_seconds(case, machine["bandwidth"], machine["compute_peak"])
         row["floor_s"] = None if math.isnan(floor) else floor
         row["share_of_floor"] = None if math.isnan(floor) else floor / kt
+    kg = row.get("graph_times_s", {}).get("kernel")
+    if kg:
+        graph_base = {k: v for k, v in row["graph_times_s"].items() if k != "kernel"}
+        row["best_baseline_graph"] = min(graph_base, key=graph_base.get) if graph_base else None
+        row["speedup_vs_best_graph"] = graph_base[row["best_baseline_graph"]] / kg if graph_base else None
+        row["GBps_graph"] = gbps(case, kg) if case.bytes_moved else None
+        floor = floor_seconds(case, machine["bandwidth"], machine["compute_peak"])
+        row["share_of_floor_graph"] = None if math.isnan(floor) else floor / kg
     return row
+
+
+def _time_graphs(candidates, inputs: dict, row: dict) -> None:
+    """On CUDA, each candidate's device time replayed as a CUDA graph (no launch cost), beside the
+    eager call times; a candidate that cannot be captured (it syncs with the host) is left out and
+    named in row["not_capturable"]."""
+    from .core import time_cuda_graph
+
+    row["graph_times_s"], row["not_capturable"] = {}, []
+    for name, fn in candidates:
+        if name not in row["times_s"]:
+            continue
+        try:
+            t = time_cuda_graph(lambda fn=fn: fn(inputs))
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            row["errors"][f"graph {name}"] = f"{type(exc).__name__}: {exc}"
+            continue
+        if t is None:
+            row["not_capturable"].append(name)
+        else:
+            row["graph_times_s"][name] = t
 
 
 def _time_paths(case, inputs: dict, row: dict, min_time: float) -> None:
@@ -165,6 +198,26 @@ def _path_cell(r: dict) -> str:
     if not r.get("runner_up"):
         return f"{r['path']} (only path)"
     return f"{r['path']} ({r['runner_up']} {_fmt_time(r['runner_up_s'])})"
+
+
+_GRAPH_HEADERS = ["op", "shape", "dtype", "eager call", "graph", "best baseline (graph)", "vs best", "GB/s", "floor"]
+
+
+def _graph_cells(r: dict) -> list[str]:
+    g = r["graph_times_s"]
+    best = r.get("best_baseline_graph")
+    share = r.get("share_of_floor_graph")
+    return [
+        r["op"],
+        r["case"],
+        f"{r['dtype']} {r['device']}",
+        _fmt_time(r["times_s"].get("kernel")),
+        _fmt_time(g.get("kernel")),
+        f"{_fmt_time(g[best])} {best}" if best else "-",
+        _fmt_num(r.get("speedup_vs_best_graph"), ".2f", "x"),
+        _fmt_num(r.get("GBps_graph"), ".1f", " GB/s"),
+        _fmt_num(100 * share if share is not None else None, ".0f", "%"),
+    ]
 
 
 def _row_cells(r: dict) -> list[str]:
@@ -445,6 +498,13 @@ def run(args) -> int:
         print("vs eager / vs best: eager time / kernel time, best baseline time / kernel time (medians).\n"
               "floor: the hardware lower bound (bytes / bandwidth, or FLOPs / GEMM peak) as a share of the kernel "
               "time;\nover 100% means the data stayed in cache between runs.")
+        graphed = [r for r in good if r.get("graph_times_s")]
+        if graphed:
+            print()
+            print(_table(_GRAPH_HEADERS, [_graph_cells(r) for r in graphed], right={3, 4, 5, 6, 7}))
+            print("graph: each call captured once as a CUDA graph and replayed (L2 flushed between replays): the\n"
+                  "device time without launch or Python cost, as a decode step replayed as a graph runs it; eager call:\n"
+                  "the kernel column above. Baselines that sync with the host cannot be captured and are left out.")
     for r in rows:
         if "failed" in r:
             print(f"FAILED {r['op']} {r['case']} on {r['device']}: {r['failed']}")
