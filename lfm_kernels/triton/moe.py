@@ -1,8 +1,8 @@
 """Triton kernels for the top-k MoE (GPU; run interpreted in the CPU tests).
 
-Router: one program per token computes the E logits, rounds logits and sigmoid to the hidden dtype
-as transformers does, adds expert_bias, and picks the top k by repeated argmax (ties to the lower
-index), normalising the unbiased weights: one launch, nothing in between goes to memory.
+Router: a program per (token, expert) computes one logit (fp32 accumulation, rounded to the hidden
+dtype as transformers does), then a program per token rounds the sigmoid likewise, adds expert_bias
+and picks the top k by repeated argmax (ties to the lower index), normalising the unbiased weights.
 
 Experts:
   1. align: one single-program launch sorts the N*k (token, slot) pairs by expert (stable) and pads
@@ -48,25 +48,37 @@ _DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 
 
 @triton.jit
-def _moe_route_kernel(
-    p_x, p_w, p_bias, p_wout, p_iout,
-    E, s_xn, s_we, scale,
-    H: tl.constexpr, TOP_K: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _moe_router_logits_kernel(
+    p_x, p_w, p_logits,
+    E, s_xn, s_we,
+    H: tl.constexpr, HDT: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """logits[n, e] = x[n] . w[e], accumulated in fp32 and rounded to the model dtype."""
+    i_n = tl.program_id(0).to(tl.int64)
+    i_e = tl.program_id(1).to(tl.int64)
+    b_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):  # one trip up to H = 8192
+        o_h = h0 + tl.arange(0, BLOCK_H)
+        m_h = o_h < H
+        b_x = tl.load(p_x + i_n * s_xn + o_h, mask=m_h, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + i_e * s_we + o_h, mask=m_h, other=0.0).to(tl.float32)
+        b_acc += b_x * b_w
+    # transformers computes the router in the model dtype: round where it rounds
+    tl.store(p_logits + i_n * E + i_e, round_to(tl.sum(b_acc, axis=0), HDT))
+
+
+@triton.jit
+def _moe_route_topk_kernel(
+    p_logits, p_bias, p_wout, p_iout,
+    E, scale,
+    TOP_K: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
     HDT: tl.constexpr, CDT: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < E
-    b_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        o_h = h0 + tl.arange(0, BLOCK_H)
-        m_h = o_h < H
-        b_x = tl.load(p_x + i_n * s_xn + o_h, mask=m_h, other=0.0).to(tl.float32)
-        b_w = tl.load(p_w + o_e[:, None] * s_we + o_h[None, :], mask=m_e[:, None] & m_h[None, :], other=0.0)
-        b_acc += tl.sum(b_w.to(tl.float32) * b_x[None, :], axis=1)
-    # transformers computes the router in the model dtype: round where it rounds
-    b_l = round_to(b_acc, HDT)
+    b_l = tl.load(p_logits + i_n * E + o_e, mask=m_e, other=0.0)
     b_s = round_to(tl.sigmoid(b_l), HDT)
     b_c = b_s
     if HAS_BIAS:
@@ -96,7 +108,12 @@ def _moe_route_kernel(
 
 
 def moe_route_triton(hidden, gate_weight, expert_bias, top_k, norm_topk_prob=True, routed_scaling_factor=1.0):
-    """(topk_weights fp32 [N, k], topk_ids int64 [N, k]); see lfm_kernels.moe_route."""
+    """(topk_weights fp32 [N, k], topk_ids int64 [N, k]); see lfm_kernels.moe_route.
+
+    Two kernels: the router logits with a program per (token, expert), then the selection with a
+    program per token. One program per token that also walked the [E, H] weight (the first version)
+    read it as one serial stream: about 30 us a call at batch 1 on an H200, more than the experts'
+    own kernels, since a lone program cannot keep enough loads in flight."""
     n_tokens, hidden_size = hidden.shape
     n_experts = gate_weight.shape[0]
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -105,15 +122,18 @@ def moe_route_triton(hidden, gate_weight, expert_bias, top_k, norm_topk_prob=Tru
     ids = torch.empty(n_tokens, top_k, dtype=torch.int64, device=hidden.device)
     if n_tokens == 0:
         return weights, ids
+    logits = torch.empty(n_tokens, n_experts, dtype=torch.float32, device=hidden.device)
+    _moe_router_logits_kernel[(n_tokens, n_experts)](
+        x, w, logits, n_experts, x.stride(0), w.stride(0),
+        H=hidden_size, HDT=tl_dtype(hidden.dtype), BLOCK_H=min(triton.next_power_of_2(hidden_size), 8192),
+    )
     cdt = hidden.dtype if expert_bias is None else torch.promote_types(hidden.dtype, expert_bias.dtype)
-    block_e = triton.next_power_of_2(n_experts)
-    block_h = max(16, min(triton.next_power_of_2(hidden_size), 8192 // block_e))
-    _moe_route_kernel[(n_tokens,)](
-        x, w, expert_bias if expert_bias is not None else w, weights, ids,
-        n_experts, x.stride(0), w.stride(0), float(routed_scaling_factor),
-        H=hidden_size, TOP_K=top_k, NORM=bool(norm_topk_prob), HAS_BIAS=expert_bias is not None,
+    _moe_route_topk_kernel[(n_tokens,)](
+        logits, expert_bias if expert_bias is not None else logits, weights, ids,
+        n_experts, float(routed_scaling_factor),
+        TOP_K=top_k, NORM=bool(norm_topk_prob), HAS_BIAS=expert_bias is not None,
         HDT=tl_dtype(hidden.dtype), CDT=tl_dtype(cdt),
-        BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_K=max(2, triton.next_power_of_2(top_k)),
+        BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=max(2, triton.next_power_of_2(top_k)),
     )
     return weights, ids
 
