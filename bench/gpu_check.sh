@@ -107,7 +107,8 @@ else
   if "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
   # the files that hold `cuda` tests, not all of tests/: the machine's transformers (5.17) is older
   # than the integration tests need, and a module that fails to import would stop the whole session
-  step cuda_tests 120 "$PY" -m pytest tests/test_cuda.py tests/test_short_conv.py tests/test_linear.py -m cuda \
+  step cuda_tests 120 "$PY" -m pytest tests/test_cuda.py tests/test_short_conv.py tests/test_linear.py \
+    tests/test_rms_norm_triton.py -m cuda \
     -q -rfEs --tb=short -p no:cacheprovider --continue-on-collection-errors ${XDIST[@]+"${XDIST[@]}"} \
     --junitxml="$WORK/logs/cuda_tests.xml"
   step bench 110 "$PY" -m lfm_kernels.cli bench --device cuda --json "$OUT/bench.json"

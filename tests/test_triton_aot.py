@@ -36,7 +36,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     want = {
         "_short_conv_prefill_kernel", "_short_conv_state_kernel", "_short_conv_decode_kernel",
         "_moe_router_logits_kernel", "_moe_route_topk_kernel", "_moe_align_kernel", "_moe_gate_up_kernel",
-        "_moe_down_kernel", "_moe_combine_kernel",
+        "_moe_down_kernel", "_moe_combine_kernel", "_add_rms_norm_kernel",
         "_decode_attn_stage1", "_decode_attn_stage2",
     }
     assert want <= kernels, f"kernels never compiled: {sorted(want - kernels)}"

@@ -165,6 +165,7 @@ def cases(dtypes):
     """(name, callable) pairs: each calls a launcher the way the ops layer does, on meta tensors."""
     from lfm_kernels.triton.decode_attention import decode_attention_triton
     from lfm_kernels.triton.moe import moe_experts_triton, moe_route_triton
+    from lfm_kernels.triton.rms_norm import add_rms_norm_triton
     from lfm_kernels.triton.short_conv import short_conv_triton
 
     out = []
@@ -190,6 +191,13 @@ def cases(dtypes):
                 moe_experts_triton(hidden, _meta(E, 2 * I, H, dtype=d), _meta(E, H, I, dtype=d), ids, w)
 
             out.append((f"moe N={n} {name}", moe_case))
+        for rows, width, heads in ((1, H, 0), (512, H, 0), (1, HEAD_D, HQ + HKV)):
+            def norm_case(rows=rows, width=width, heads=heads, d=dt):
+                shape = (rows, heads, width) if heads else (rows, width)
+                w = _meta(heads, width, dtype=d) if heads else _meta(width, dtype=d)
+                add_rms_norm_triton(_meta(*shape, dtype=d), None if heads else _meta(*shape, dtype=d), w, 1e-5)
+
+            out.append((f"rms_norm rows={rows} D={width}{' per-head' if heads else ''} {name}", norm_case))
         for batch in (1, 64):
             for ctx in (1024, 8192, 32768, 131072):
                 out.append((

@@ -39,6 +39,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # one C++ call instead of ~10 eager dispatches (55 per decode step); it differs from the eager
         # ops only in the order of the fp32 sum of squares
         return _cpu_rms_norm()(x, weight, eps)
+    if _triton_norm(x, weight):
+        return _triton_add_rms_norm(x, None, weight, eps)[1]
     # F.rms_norm normalises in fp32 and rounds once to x's dtype (bit-identical to transformers'
     # x.float() ... .to(dtype)).
     return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
@@ -56,8 +58,32 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         and _cpu_add_rms_norm() is not None
     ):
         return _cpu_add_rms_norm()(x, residual, weight, eps)
+    if residual.shape == x.shape and residual.dtype == x.dtype and _triton_norm(x, weight, residual):
+        return _triton_add_rms_norm(x, residual, weight, eps)
     s = x + residual
     return s, rms_norm(s, weight, eps)
+
+
+def _triton_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """Whether the norm (and add) run as one Triton kernel: CUDA tensors, no autograd (the kernel has
+    no backward), not while torch.compile traces (it sees the eager ops), a shape the kernel takes."""
+    if x.device.type != "cuda" or weight.device != x.device or x.requires_grad or weight.requires_grad:
+        return False
+    if residual is not None and residual.requires_grad:
+        return False
+    from .. import _backend
+
+    if not _backend.triton_available() or torch.compiler.is_compiling():
+        return False
+    from ..triton.rms_norm import supports
+
+    return supports(x, weight)
+
+
+def _triton_add_rms_norm(x, residual, weight, eps):
+    from ..triton.rms_norm import add_rms_norm_triton
+
+    return add_rms_norm_triton(x, residual, weight, eps)
 
 
 @functools.cache
