@@ -214,6 +214,18 @@ def get_policy() -> KernelPolicy:
     return _chooser.policy if _chooser is not None else DEFAULT_POLICY
 
 
+def route_token() -> tuple:
+    """What a cached route depends on: the fixed policy, the chooser and the policy in force. A route
+    asked under one token is valid while every element is the same object (hold the token: its
+    objects then cannot be freed and their ids reused): set_policy, use_measured_policy and every
+    change the chooser makes replace one of them."""
+    return (_fixed, _chooser, get_policy())
+
+
+def same_route_token(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] is b[1] and a[2] is b[2]
+
+
 def _policy_for_linear(x: torch.Tensor, weight: torch.Tensor) -> KernelPolicy:
     """get_policy() for a linear call; in the measured mode the first call of a weight shape
     measures its paths first."""

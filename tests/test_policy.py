@@ -110,3 +110,41 @@ def test_allow_measuring_raises_the_budget_only_in_the_measured_mode(tmp_path):
         assert _policy.policy_report()["budget_s"] == 30.0
     finally:
         set_policy(before)
+
+
+def test_route_token_changes_with_every_policy_change(tmp_path):
+    """Cached routes (the public quantized `linear`) are valid while the token is the same: every way
+    to change the policy gives a new one, a call under an unchanged policy keeps it."""
+    saved = get_policy()
+    try:
+        set_policy(DEFAULT_POLICY)
+        t0 = _policy.route_token()
+        assert _policy.same_route_token(t0, _policy.route_token())
+        with kernel_policy(DEFAULT_POLICY):  # the very same policy: the same routes
+            assert _policy.same_route_token(t0, _policy.route_token())
+        with kernel_policy(DEFAULT_POLICY, linear_onednn_min_rows=DEFAULT_POLICY.linear_onednn_min_rows + 1):
+            assert not _policy.same_route_token(t0, _policy.route_token())
+        assert _policy.same_route_token(t0, _policy.route_token())
+        _policy.use_measured_policy(tmp_path / "choices.json", budget_s=0.0)
+        t1 = _policy.route_token()
+        assert not _policy.same_route_token(t0, t1)
+        set_policy(DEFAULT_POLICY)
+        assert not _policy.same_route_token(t1, _policy.route_token())
+    finally:
+        set_policy(saved)
+
+
+@pytest.mark.skipif(_backend._C is None, reason="needs the compiled CPU extension")
+def test_public_quantized_linear_caches_routes_boundedly():
+    from lfm_kernels import linear, quantize
+    from lfm_kernels import quant
+
+    w = quantize(torch.randn(16, 64), "q4_0").to_layout("x8")
+    with kernel_policy(DEFAULT_POLICY):
+        ref = [linear(torch.ones(m, 64), w) for m in (1, 2)]
+        for m in range(1, quant._PUBLIC_CALLS_MAX + 40):  # more row counts than the cache holds
+            linear(torch.ones(m, 64), w)
+        assert 0 < len(quant._PUBLIC_CALLS) <= quant._PUBLIC_CALLS_MAX
+        # cached or not, the same call: the same bits (3-D x takes the reshaping path)
+        assert torch.equal(linear(torch.ones(1, 64), w), ref[0])
+        assert torch.equal(linear(torch.ones(1, 2, 64), w)[0], ref[1])
