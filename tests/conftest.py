@@ -171,6 +171,11 @@ def dtype_id(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def case_seed(*key) -> int:
+    """A seed of a test case's own parameters, the same in every process (hash() of a str is not)."""
+    return zlib.crc32(repr(key).encode())
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # A different but reproducible seed per test: fresh inputs per check, replayable failures.

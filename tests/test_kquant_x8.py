@@ -15,7 +15,7 @@ relative error < 2e-6; the MoE: per-token bounds of tests/test_kquant_moe.py).
 import pytest
 import torch
 
-from conftest import num_threads, quant_isa_path, rel_err
+from conftest import case_seed, num_threads, quant_isa_path, rel_err
 from lfm_kernels import QuantizedTensor, _backend, linear, moe_experts, quantize
 from lfm_kernels.ops.moe import _moe_experts_kquant_reference
 from lfm_kernels.quant import _kernel_layout, _krelayout_reference, _linear_reference
@@ -43,7 +43,7 @@ _QT = {}
 def _qt(fmt: str, n: int, k: int) -> QuantizedTensor:
     key = (fmt, n, k)
     if key not in _QT:
-        torch.manual_seed(hash(key) % 2**31)
+        torch.manual_seed(case_seed(*key))
         _QT[key] = quantize(_weight(n, k), fmt)
     return _QT[key]
 

@@ -10,6 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from conftest import case_seed
+
 gguf = pytest.importorskip("gguf")
 
 from lfm_kernels import kquants  # noqa: E402
@@ -31,13 +33,15 @@ def _rel_rmse(x, y):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", [(1, 256), (7, 512), (3, 5, 2048)])
 def test_gguf_reads_our_blocks_back(fmt, shape):
-    rng = np.random.default_rng(abs(hash((fmt, shape))) % 2**32)
+    rng = np.random.default_rng(case_seed(fmt, shape))
     x = (rng.standard_normal(shape) * rng.uniform(0.01, 3)).astype(np.float32)
     q = kquants.quantize(x, fmt)
     assert q.dtype == np.uint8 and q.shape == (*shape[:-1], shape[-1] // 256 * kquants.BLOCK_BYTES[fmt])
     y = _dequant(q, fmt)
     assert y.shape == x.shape and np.isfinite(y).all()
-    assert _rel_rmse(x, y) < REL_RMSE_BOUND[fmt] * (1.3 if x.size <= 512 else 1.0)
+    # a few super-blocks are a small sample of the error: over 120 seeds, one super-block reached
+    # 1.13x the bound and 14 of them 1.003x, 120 of them at most 0.969x; the slack shrinks with the count
+    assert _rel_rmse(x, y) < REL_RMSE_BOUND[fmt] * (1 + 0.3 / np.sqrt(x.size // 256))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
