@@ -86,7 +86,7 @@ def _measure_machine(device: str, quick: bool) -> dict:
 
 
 def _bench_case(case, machine: dict, min_time: float) -> dict:
-    from .core import check_case, dtype_name, floor_seconds, gbps, gflops, time_adaptive
+    from .core import check_case, dtype_name, floor_seconds, gflops, time_adaptive
 
     row = {
         "op": case.op,
@@ -119,42 +119,47 @@ def _bench_case(case, machine: dict, min_time: float) -> dict:
         row["repeats"][name] = n
     _time_paths(case, inputs, row, min_time)
     if case.device.startswith("cuda"):
-        _time_graphs([(n, f) for n, f in candidates if n not in _SLOW_BASELINES and n not in case.host_sync],
-                     inputs, row)
-        row["not_capturable"] += [n for n, _ in candidates if n in case.host_sync]
+        _time_graphs(case, candidates, inputs, row)
     del inputs
+    floor = floor_seconds(case, machine["bandwidth"], machine["compute_peak"])
+    floor = None if math.isnan(floor) else floor
     kt = row["times_s"].get("kernel")
-    base = {k: v for k, v in row["times_s"].items() if k != "kernel"}
-    best = min(base, key=base.get) if base else None
-    row["best_baseline"] = best
-    row["speedup_vs_eager"] = base["eager"] / kt if kt and "eager" in base else None
-    row["speedup_vs_best"] = base[best] / kt if kt and best else None
+    row["best_baseline"], row["speedup_vs_best"], row["GBps"], row["share_of_floor"] = _against(
+        case, row["times_s"], floor)
+    row["speedup_vs_eager"] = row["times_s"]["eager"] / kt if kt and "eager" in row["times_s"] else None
     if kt:
-        row["GBps"] = gbps(case, kt) if case.bytes_moved else None
         row["GFLOPs"] = gflops(case, kt) if case.flops else None
-        floor = floor_seconds(case, machine["bandwidth"], machine["compute_peak"])
-        row["floor_s"] = None if math.isnan(floor) else floor
-        row["share_of_floor"] = None if math.isnan(floor) else floor / kt
-    kg = row.get("graph_times_s", {}).get("kernel")
-    if kg:
-        graph_base = {k: v for k, v in row["graph_times_s"].items() if k != "kernel"}
-        row["best_baseline_graph"] = min(graph_base, key=graph_base.get) if graph_base else None
-        row["speedup_vs_best_graph"] = graph_base[row["best_baseline_graph"]] / kg if graph_base else None
-        row["GBps_graph"] = gbps(case, kg) if case.bytes_moved else None
-        floor = floor_seconds(case, machine["bandwidth"], machine["compute_peak"])
-        row["share_of_floor_graph"] = None if math.isnan(floor) else floor / kg
+        row["floor_s"] = floor
+    if row.get("graph_times_s", {}).get("kernel"):
+        (row["best_baseline_graph"], row["speedup_vs_best_graph"], row["GBps_graph"],
+         row["share_of_floor_graph"]) = _against(case, row["graph_times_s"], floor)
     return row
 
 
-def _time_graphs(candidates, inputs: dict, row: dict) -> None:
+def _against(case, times: dict, floor: float | None) -> tuple:
+    """(best baseline, its time / the kernel's, the kernel's GB/s, floor / the kernel's time) from one
+    set of times (eager calls, or graph replays); None where a figure has nothing to stand on."""
+    from .core import gbps
+
+    kt = times.get("kernel")
+    base = {k: v for k, v in times.items() if k != "kernel"}
+    best = min(base, key=base.get) if base else None
+    if not kt:
+        return best, None, None, None
+    return (best, base[best] / kt if best else None, gbps(case, kt) if case.bytes_moved else None,
+            None if floor is None else floor / kt)
+
+
+def _time_graphs(case, candidates, inputs: dict, row: dict) -> None:
     """On CUDA, each candidate's device time replayed as a CUDA graph (no launch cost), beside the
-    eager call times; a candidate that cannot be captured (it syncs with the host) is left out and
-    named in row["not_capturable"]."""
+    eager call times; a candidate that cannot be captured (it syncs with the host, by the case's
+    `host_sync` or by failing its capture) is left out and named in row["not_capturable"]. The slow
+    oracle is not replayed."""
     from .core import time_cuda_graph
 
-    row["graph_times_s"], row["not_capturable"] = {}, []
+    row["graph_times_s"], row["not_capturable"] = {}, [n for n, _ in candidates if n in case.host_sync]
     for name, fn in candidates:
-        if name not in row["times_s"]:
+        if name not in row["times_s"] or name in _SLOW_BASELINES or name in case.host_sync:
             continue
         try:
             t = time_cuda_graph(lambda fn=fn: fn(inputs))
