@@ -660,16 +660,7 @@ def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None
     if not _backend.eager_cpu_fast_path(x2):
         out = _linear_on_route(x2, qweight, bias, _linear_route(x2, qweight))
         return out if flat else out.reshape(*x.shape[:-1], n)
-    key = (qweight.format, qweight.layout, n, k, x2.shape[0], x2.dtype, torch.get_num_threads())
-    token = _policy.route_token()
-    hit = _PUBLIC_CALLS.get(key)
-    if hit is None or not _policy.same_route_token(hit[0], token):
-        call = _linear_call(qweight, _linear_route(x2, qweight), True)
-        if len(_PUBLIC_CALLS) >= _PUBLIC_CALLS_MAX:
-            _PUBLIC_CALLS.clear()
-        # the token after the route: asking it may have measured a first-seen class
-        hit = _PUBLIC_CALLS[key] = (_policy.route_token(), call)
-    out = hit[1](x2, qweight.data, bias)
+    out = _eager_linear_call(x2, qweight)(x2, qweight.data, bias)
     return out if flat else out.reshape(*x.shape[:-1], n)
 
 
@@ -680,6 +671,22 @@ def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None
 # into transformers). Bounded, so calls at many row counts (prefills) cannot grow it without end.
 _PUBLIC_CALLS: dict = {}
 _PUBLIC_CALLS_MAX = 256
+
+
+def _eager_linear_call(x2: torch.Tensor, qweight: QuantizedTensor):
+    """`_linear_call` along the route a call with x2 [M, K] (on the eager CPU path) takes now, from
+    _PUBLIC_CALLS while the policy state it was asked under holds (`lfm_kernels.linear` and the
+    model's decode step both take it from here)."""
+    n, k = qweight.shape
+    key = (qweight.format, qweight.layout, n, k, x2.shape[0], x2.dtype, torch.get_num_threads())
+    hit = _PUBLIC_CALLS.get(key)
+    if hit is None or not _policy.same_route_token(hit[0], _policy.route_token()):
+        call = _linear_call(qweight, _linear_route(x2, qweight), True)
+        if len(_PUBLIC_CALLS) >= _PUBLIC_CALLS_MAX:
+            _PUBLIC_CALLS.clear()
+        # the token after the route: asking it may have measured a first-seen class
+        hit = _PUBLIC_CALLS[key] = (_policy.route_token(), call)
+    return hit[1]
 
 
 def _linear_on_route(x2: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None, route: str) -> torch.Tensor:

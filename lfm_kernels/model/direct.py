@@ -6,9 +6,10 @@ the router: about 10-15 us per call with warm caches, and measured at 30-60 us p
 decode step, whose weight streams have just evicted the interpreter's working set from L2 (about 2 ms
 of a 48 ms Q4_0 token on a 2-core Xeon). The model checked its weights when it was built, its state
 is shaped by `new_state`, and a quantized weight's route depends only on its shape class, the row
-count and the policy, so `DirectOps` asks each class for its route once per step and then makes the
-call the public op makes after its checks (`quant._linear_call`, `ops.moe._quant_experts_call`, the
-ops' `_impl` bodies): the same route, the same kernels, bit-identical outputs (the C++ ops keep their
+count and the policy, so `DirectOps` asks each class for its route once per step (quantized
+`linear`: once per policy state, from the public op's own cache) and then makes the call the public
+op makes after its checks (`quant._eager_linear_call`, `ops.moe._quant_experts_call`, the ops'
+`_impl` bodies): the same route, the same kernels, bit-identical outputs (the C++ ops keep their
 own checks of shapes, dtypes and aliasing). Float weights too: `linear` asks its route (C++ kernel
 with its AVX-512 row limit, or torch's GEMM) once per shape and step, and the MoE block runs the
 router's body and the experts' C++ op with the policy's thresholds, asked once per shape class and
@@ -32,7 +33,7 @@ from ..ops.linear import _linear_on_route as _float_linear_on_route
 from ..ops.linear import _linear_route as _float_linear_route
 from ..ops.moe import _cpu_experts_call, _moe_route_impl, _quant_experts_call
 from ..ops.short_conv import _short_conv_impl
-from ..quant import QuantizedTensor, _linear_call, _linear_route
+from ..quant import QuantizedTensor, _eager_linear_call
 
 
 class DirectOps:
@@ -55,12 +56,8 @@ class DirectOps:
         x2 = x.reshape(-1, k)
         if k > 1 and x2.stride(1) != 1:
             x2 = x2.contiguous()  # as the public ops do: the kernels read rows with unit stride
-        if isinstance(w, QuantizedTensor):
-            key = (w.format, w.layout, n, k, x2.shape[0], x2.dtype)
-            call = self._routes.get(key)
-            if call is None:
-                call = self._routes[key] = _linear_call(w, _linear_route(x2, w), True)
-            return call(x2, w.data, bias).view(*x.shape[:-1], n)
+        if isinstance(w, QuantizedTensor):  # the public op's call, from its route cache
+            return _eager_linear_call(x2, w)(x2, w.data, bias).view(*x.shape[:-1], n)
         key = ("linear", w.dtype, n, k, x2.shape[0], x2.dtype)
         if key not in self._routes:
             self._routes[key] = _float_linear_route(x2, w)
