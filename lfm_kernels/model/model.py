@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import _memory, linear, moe, short_conv
+from .. import _backend, _memory, linear, moe, short_conv
 from ..quant import _K_FORMATS, QuantizedTensor, _kernel_layout
 from .config import ModelConfig
 from .direct import DirectOps
@@ -71,11 +71,9 @@ def _triton_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor |
         return False
     if residual is not None and residual.requires_grad:
         return False
-    from .. import _backend
-
     if not _backend.triton_available() or torch.compiler.is_compiling():
         return False
-    from ..triton.rms_norm import supports
+    from ..triton.rms_norm import supports  # Triton is imported only where it can run
 
     return supports(x, weight)
 
@@ -89,8 +87,6 @@ def _triton_add_rms_norm(x, residual, weight, eps):
 @functools.cache
 def _cpu_add_rms_norm():
     """The compiled fused op, or None without the extension (or with one built before it existed)."""
-    from .. import _backend
-
     ops = torch.ops.lfm_kernels_cpu
     return ops.add_rms_norm.default if _backend._C is not None and hasattr(ops, "add_rms_norm") else None
 
@@ -99,8 +95,6 @@ def _cpu_add_rms_norm():
 def _cpu_rope_cache_write():
     """The C++ op that rotates a decode step's q and k heads and writes k and v to the caches
     (csrc/rope_cache.cpp: the bits of apply_rope and the index writes), or None without it."""
-    from .. import _backend
-
     ops = torch.ops.lfm_kernels_cpu
     return ops.rope_cache_write.default if _backend._C is not None and hasattr(ops, "rope_cache_write") else None
 
@@ -108,8 +102,6 @@ def _cpu_rope_cache_write():
 @functools.cache
 def _cpu_rms_norm():
     """The compiled RMSNorm op, or None without the extension (or with one built before it existed)."""
-    from .. import _backend
-
     ops = torch.ops.lfm_kernels_cpu
     return ops.rms_norm.default if _backend._C is not None and hasattr(ops, "rms_norm") else None
 

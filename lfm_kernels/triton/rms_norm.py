@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._checks import FLOAT_DTYPES
 from ._common import round_to, tl_dtype
 
 MAX_D = 16384  # one row in one block of registers; wider rows stay on the eager ops
@@ -50,7 +51,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel takes this call: x [..., D] (or [..., R, D] with weight [R, D]) in a
     float dtype, weight in x's dtype, D up to MAX_D."""
     D = x.shape[-1] if x.dim() else 0
-    if not (1 <= D <= MAX_D) or weight.dtype != x.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not (1 <= D <= MAX_D) or weight.dtype != x.dtype or x.dtype not in FLOAT_DTYPES:
         return False
     if weight.dim() == 1:
         return weight.shape[0] == D
