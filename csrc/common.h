@@ -108,19 +108,16 @@ void set_x8_one_stream_max_rows(int64_t rows);
 // 66 -> 83%. Earlier trials on a Zen 4 (0.5-2 KiB ahead) found neither a gain nor a loss there.
 constexpr int64_t kStreamAhead = 2048;
 
-// The x8 decode tiles (quant/x8.h, quant/kquant_x8.h) prefetch, with each block they load, the
-// block pf bytes further on, where the caller says its thread reads next. A thread of the x8 GEMVs
-// reads G groups of 8 rows per tile, each group a contiguous run of gstride bytes, then the next G
-// groups of its task (or work item): pf = G * gstride is a whole tile ahead (27 KB for two Q6_K
-// groups at K = 2048), at the pace the tile consumes, whatever K and G. A task's last tile would
-// prefetch the next task, which another thread usually claims: it prefetches its own stream
-// kStreamAhead ahead instead (tile_prefetch). The fixed kStreamAhead alone is too short for these
-// compute-heavy tiles (2 KiB is about one K-quant block of the group: 75 ns of work against ~100 ns
-// of DRAM latency), and a longer fixed distance lands, at some K, inside a group the tile is already
-// reading. One Zen 4 core, Q6_K / Q4_K at one row from DRAM: 10-16 GB/s with 2 KiB ahead, 18-25 GB/s
-// a tile ahead (20-24 against 14-15 for Q6_K at K = 7168); 12-24 KiB ahead was as fast at K = 2048
-// and slower at 7168. The address past the weight's end is formed as an integer, not as a pointer
-// past the end (a prefetch never faults).
+// The x8 decode tiles of Q4_0 / Q8_0 (quant/x8.h) prefetch, with each block they load, the block pf
+// bytes further on, where the caller says its thread reads next. A thread of the x8 GEMVs reads G
+// groups of 8 rows per tile, each group a contiguous run of gstride bytes, then the next G groups of
+// its task (or work item): pf = G * gstride is a whole tile ahead, at the pace the tile consumes,
+// whatever K and G. A task's last tile would prefetch the next task, which another thread usually
+// claims: it prefetches its own stream kStreamAhead ahead instead (tile_prefetch). A longer fixed
+// distance would land, at some K, inside a group the tile is already reading. (The K-quant x8 tiles,
+// whose blocks are 4-8x larger and slower to compute, follow their own read order:
+// quant/kquant_x8.h, KX8Ahead.) The address past the weight's end is formed as an integer, not as a
+// pointer past the end (a prefetch never faults).
 inline void prefetch_ahead(const void* blk, int64_t pf, int bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(blk) + static_cast<uintptr_t>(pf);
   for (int o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(a + o), _MM_HINT_T2);

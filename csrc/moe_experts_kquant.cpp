@@ -89,12 +89,12 @@ void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan
       for (int64_t t = 0; t < me; t += kKM) {
         const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
         for (int64_t j = j0; j < j1; j += 8) {
-          const int64_t pf = tile_prefetch(j + 8 < j1, 8 * row);  // the next gate and up groups
+          const int64_t next = quant::kx8_next(j + 8 < j1, 8 * row);  // the next gate and up groups
           if (M == 1)
-            quant::kx8_tile_m<Kern, F, 2>(M, G + j * row, I * row, x, q0 + t, r2, 16, pf);
+            quant::kx8_tile_m<Kern, F, 2>(M, G + j * row, I * row, x, q0 + t, r2, 16, next);
           else {
-            quant::kx8_tile_m<Kern, F, 1>(M, G + j * row, I * row, x, q0 + t, r2, 16, pf);
-            quant::kx8_tile_m<Kern, F, 1>(M, U + j * row, I * row, x, q0 + t, r2 + 8, 16, pf);
+            quant::kx8_tile_m<Kern, F, 1>(M, G + j * row, I * row, x, q0 + t, r2, 16, next);
+            quant::kx8_tile_m<Kern, F, 1>(M, U + j * row, I * row, x, q0 + t, r2 + 8, 16, next);
           }
           for (int m = 0; m < M; ++m)
             for (int r = 0; r < 8; ++r) act[(q0 + t + m) * I + j + r] = silu(r2[m * 16 + r]) * r2[m * 16 + 8 + r];

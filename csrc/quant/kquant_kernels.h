@@ -6,7 +6,7 @@
 // (quant/kquant_x8_vnni.h; activation quantization and packing stay AVX2).
 //
 // Each struct: quantize_row_k<T>, ktile<F, R, M> (kquant.h's contract), kx8_tile<F, G, M> (on the
-// x8 layout, kquant_x8.h's contract, plus the prefetch offset pf of common.h's prefetch_ahead) and,
+// x8 layout, kquant_x8.h's contract) and,
 // where kPacked, the packed panels of kquant_avx2.h (pack_group<F>, panel_tile<F, M>, pack_bytes<F>()).
 //
 // Everything here sits in an anonymous namespace (see moe_tiles_avx2.h for why).
@@ -44,8 +44,8 @@ struct KKernPortable {
   }
   template <KFormat F, int G, int M>
   static void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
-                       int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr, int64_t pf) {
-    kportable::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr, pf);
+                       int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr, int64_t next) {
+    kportable::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr, next);
   }
   // never called (kPacked is false); present so the templates over the struct compile
   template <KFormat F>
@@ -78,8 +78,8 @@ struct KKernAvx2 {
   }
   template <KFormat F, int G, int M>
   static void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,
-                       int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr, int64_t pf) {
-    kavx2::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr, pf);
+                       int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr, int64_t next) {
+    kavx2::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr, next);
   }
   template <KFormat F>
   static constexpr int64_t pack_bytes() { return kavx2::KPack<F>::kBytes; }
@@ -108,8 +108,8 @@ LFMK_AVX2_END
     template <KFormat F, int G, int M>                                                                         \
     static void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,       \
                          const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr, \
-                         int64_t pf) {                                                                         \
-      ns::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr, pf);                         \
+                         int64_t next) {                                                                         \
+      ns::kx8_tile<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr, next);                         \
     }                                                                                                          \
     template <KFormat F, int M>                                                                                \
     static void panel_tile(const uint8_t* pk, int64_t nsb, const int8_t* xq, int64_t ldq, const float* xd,     \

@@ -134,8 +134,9 @@ static inline void kx8_finish6(const uint8_t* blk, const __m256i scv[4], const _
 template <KFormat F, int G, int M>
 static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
                             const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
-                            int64_t pf) {
+                            int64_t next) {
   constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
+  const KX8Ahead ahead(w, gstride, nsb, next, G * kGB);
   __m256 acc[G][M];
   for (int g = 0; g < G; ++g)
     #pragma GCC unroll 16
@@ -151,7 +152,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
       for (int g = 0; g < G; ++g) {
         const uint8_t* blk = w + g * gstride + b * kGB;
-        prefetch_ahead(blk, pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
+        const uintptr_t pa = ahead.at(b, g, kGB);
         __m256i scv[4];
         #pragma GCC unroll 16
         for (int i = 0; i < 4; ++i) scv[i] = ld(blk + 1536 + 32 * i);
@@ -166,6 +167,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
           #pragma GCC unroll 4
           for (int tp = 0; tp < 4; ++tp) {
             // elements 128h + 32k + 4t .. + 3 for k < 4 and t = 2tp, 2tp + 1: sub-block 8h + 2k + tp / 2
+            kx8_prefetch_piece<kGB, 8>(pa, 4 * h + tp);
             __m256i p[4][M];
             #pragma GCC unroll 16
             for (int k = 0; k < 4; ++k)
@@ -209,17 +211,20 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       // each broadcast G times: a fifth of the tile's instructions at G = 2).
       const uint8_t* blk[G];
       KX8Scales45 sv[G];
+      uintptr_t pa[G];
       __m256i S1[G][M];
       #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         blk[g] = w + g * gstride + b * kGB;
-        prefetch_ahead(blk[g], pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
+        pa[g] = ahead.at(b, g, kGB);
         sv[g] = kx8_scales45(blk[g]);
         #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S1[g][m] = _mm256_setzero_si256();
       }
       #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
+        #pragma GCC unroll 16
+        for (int g = 0; g < G; ++g) kx8_prefetch_piece<kGB, 4>(pa[g], c);
         // qs vectors 8c..8c+7: sub-block 2c in the low nibbles, 2c + 1 in the high ones
         #pragma GCC unroll 2
         for (int f = 0; f < 8; f += kFlush) {

@@ -14,29 +14,29 @@ namespace lfmk {
 namespace quant {
 namespace {
 
-// kx8_tile<F, G, M> for run-time M in 1..kKM, activation rows [m0, m0 + M) of x; pf: common.h,
-// prefetch_ahead.
+// kx8_tile<F, G, M> for run-time M in 1..kKM, activation rows [m0, m0 + M) of x; next: the next
+// tile's offset from w, or 0 (quant/kquant_x8.h, KX8Ahead).
 template <class Kern, KFormat F, int G>
 inline void kx8_tile_m(int M, const uint8_t* w, int64_t gstride, const KActs& x, int64_t m0, float* res, int64_t ldr,
-                       int64_t pf) {
+                       int64_t next) {
   const int64_t nsb = x.nsb();
   const int8_t* q = x.qr(m0);
   const float* d = x.dr(m0);
   const int16_t* s = x.template sub_sums<F>(m0);
   const int64_t ls = x.template sub_ld<F>();
   switch (M) {
-    case 4: return Kern::template kx8_tile<F, G, 4>(w, gstride, nsb, q, x.K, d, nsb, s, ls, res, ldr, pf);
-    case 3: return Kern::template kx8_tile<F, G, 3>(w, gstride, nsb, q, x.K, d, nsb, s, ls, res, ldr, pf);
-    case 2: return Kern::template kx8_tile<F, G, 2>(w, gstride, nsb, q, x.K, d, nsb, s, ls, res, ldr, pf);
-    default: return Kern::template kx8_tile<F, G, 1>(w, gstride, nsb, q, x.K, d, nsb, s, ls, res, ldr, pf);
+    case 4: return Kern::template kx8_tile<F, G, 4>(w, gstride, nsb, q, x.K, d, nsb, s, ls, res, ldr, next);
+    case 3: return Kern::template kx8_tile<F, G, 3>(w, gstride, nsb, q, x.K, d, nsb, s, ls, res, ldr, next);
+    case 2: return Kern::template kx8_tile<F, G, 2>(w, gstride, nsb, q, x.K, d, nsb, s, ls, res, ldr, next);
+    default: return Kern::template kx8_tile<F, G, 1>(w, gstride, nsb, q, x.K, d, nsb, s, ls, res, ldr, next);
   }
 }
 
 // Groups [g0, g1) of an x8 matrix at w (group g at byte g * group_bytes) against activation rows
 // [m0, m0 + M): out[m * ldo + 8 * g + r] for row 8g + r. One activation row shares each
 // broadcast between two groups (unless the policy measured one stream faster: common.h,
-// x8_one_stream_max_rows); more rows already reuse each weight vector M times. Each tile prefetches
-// the next one's bytes, the last its own stream's (common.h, tile_prefetch).
+// x8_one_stream_max_rows); more rows already reuse each weight vector M times. Each tile is told
+// where the next one starts, for its prefetch (quant/kquant_x8.h, KX8Ahead).
 template <class Kern, KFormat F>
 inline void kx8_groups(int M, const uint8_t* w, int64_t group_bytes, int64_t g0, int64_t g1, const KActs& x,
                        int64_t m0, float* out, int64_t ldo) {
@@ -44,10 +44,10 @@ inline void kx8_groups(int M, const uint8_t* w, int64_t group_bytes, int64_t g0,
   if (M == 1 && M > x8_one_stream_max_rows())
     for (; g + 2 <= g1; g += 2)
       kx8_tile_m<Kern, F, 2>(M, w + g * group_bytes, group_bytes, x, m0, out + 8 * g, ldo,
-                             tile_prefetch(g + 2 < g1, 2 * group_bytes));
+                             kx8_next(g + 2 < g1, 2 * group_bytes));
   for (; g < g1; ++g)
     kx8_tile_m<Kern, F, 1>(M, w + g * group_bytes, group_bytes, x, m0, out + 8 * g, ldo,
-                           tile_prefetch(g + 1 < g1, group_bytes));
+                           kx8_next(g + 1 < g1, group_bytes));
 }
 
 // Rows [0, rows) of an x8 matrix at w (its first row starts a group; rows of a group of fewer than 8

@@ -29,8 +29,9 @@ namespace LFMK_QVNNI_NS {
 template <KFormat F, int G, int M>
 static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
                             const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
-                            int64_t pf) {
+                            int64_t next) {
   constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
+  const KX8Ahead ahead(w, gstride, nsb, next, G * kGB);
   constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;  // Q5_K: 8 qh vectors before the qs
   const __m256i m4 = _mm256_set1_epi8(0x0F), m4hi = _mm256_set1_epi8(static_cast<char>(0xF0)),
                 bit4 = _mm256_set1_epi8(0x10);
@@ -56,7 +57,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
     if constexpr (F == KFormat::Q6_K) {
       for (int g = 0; g < G; ++g) {
         const uint8_t* blk = w + g * gstride + b * kGB;
-        prefetch_ahead(blk, pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
+        const uintptr_t pa = ahead.at(b, g, kGB);
         __m256i S[M];
         #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
@@ -70,6 +71,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
           #pragma GCC unroll 2
           for (int half = 0; half < 2; ++half) {
             // elements 128h + 32k + 4t .. + 3 for k < 4, t in [4 half, 4 half + 4): sub-block 8h + 2k + half
+            kx8_prefetch_piece<kGB, 4>(pa, 2 * h + half);
             __m256i p[4][M];
             #pragma GCC unroll 16
             for (int k = 0; k < 4; ++k)
@@ -100,17 +102,20 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       // for all of them (see the top of this file).
       const uint8_t* blk[G];
       kavx2::KX8Scales45 sv[G];
+      uintptr_t pa[G];
       __m256i S[G][M];
       #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         blk[g] = w + g * gstride + b * kGB;
-        prefetch_ahead(blk[g], pf, static_cast<int>(kGB));  // pf: the caller's (common.h)
+        pa[g] = ahead.at(b, g, kGB);
         sv[g] = kavx2::kx8_scales45(blk[g]);
         #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S[g][m] = _mm256_setzero_si256();
       }
       #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
+        #pragma GCC unroll 16
+        for (int g = 0; g < G; ++g) kx8_prefetch_piece<kGB, 4>(pa[g], c);
         // qs vectors 8c..8c+7: sub-block 2c in the low nibbles, 2c + 1 in the high ones
         __m256i sa[G][M], sb[G][M];
         #pragma GCC unroll 16
