@@ -85,10 +85,35 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
     const int64_t j0 = it.r0, j1 = it.r1, q0 = it.q0, me = it.tokens;
     const W* G = gu + it.e * 2 * I * H;
     const W* U = G + I * H;
-    if (me > kM) {
-      prefetch_block(G + j0 * H, (j1 - j0) * H * static_cast<int64_t>(sizeof(W)));
-      prefetch_block(U + j0 * H, (j1 - j0) * H * static_cast<int64_t>(sizeof(W)));
+    if (me <= kM) {
+      // Decode: a chunk of the item's gate rows, then the same up rows, row by row: two sequential
+      // streams, each row prefetching into the next (row_avx2, kStreamAhead). In the tile order below
+      // (gate j, j + 1, up j, j + 1, gate j + 2, ...) every jump between the two matrices started
+      // cold, two DRAM latencies per 8 KB of bf16 rows. The same per-row dots, so the same bits.
+      // Zen 3 (AVX2), 2 threads, full-size bf16 decode step, both orders alternated in one process:
+      // the experts 95.9 -> 90.4 ms a token (76 -> 80% of the read probe).
+      const int M = static_cast<int>(me);
+      for (int m = 0; m < M; ++m) xp[m] = X + pl.tok[q0 + m] * H;
+      constexpr int64_t kChunk = 64;
+      float g[kChunk * kM], u[kChunk * kM];
+      for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+        const int64_t c1 = std::min(j1, c0 + kChunk);
+        for (int64_t j = c0; j < c1; ++j) {
+          const W* row = G + j * H;
+          tile(&row, 1, xp, M, H, g + (j - c0) * kM);
+        }
+        for (int64_t j = c0; j < c1; ++j) {
+          const W* row = U + j * H;
+          tile(&row, 1, xp, M, H, u + (j - c0) * kM);
+        }
+        for (int m = 0; m < M; ++m)
+          for (int64_t j = c0; j < c1; ++j)
+            act[(q0 + m) * I + j] = silu(g[(j - c0) * kM + m]) * u[(j - c0) * kM + m];
+      }
+      return;
     }
+    prefetch_block(G + j0 * H, (j1 - j0) * H * static_cast<int64_t>(sizeof(W)));
+    prefetch_block(U + j0 * H, (j1 - j0) * H * static_cast<int64_t>(sizeof(W)));
     // token triples outside, row tiles inside: the triple's inputs stay in L1 while the item's
     // rows (kUnits1 * 2 rows, L2-resident after the first triple) stream past them
     for (int64_t t = 0; t < me; t += kM) {
@@ -100,7 +125,7 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
           wp[u] = G + (j + u) * H;
           wp[nu + u] = U + (j + u) * H;
         }
-        run_tile(tile, wp, 2 * nu, xp, M, H, res, me <= kM);
+        tile(wp, 2 * nu, xp, M, H, res);
         for (int m = 0; m < M; ++m)
           for (int u = 0; u < nu; ++u)
             act[(q0 + t + m) * I + j + u] = silu(res[m * 2 * nu + u]) * res[m * 2 * nu + nu + u];

@@ -347,6 +347,29 @@ def test_bf16_every_route(route, impl, h, i):
         assert_close(out[rows], ref[rows], torch.bfloat16, f"expert with {count} tokens")
 
 
+@pytest.mark.parametrize("impl", ["avx2", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_decode_experts_wide_items(impl, dtype, tokens):
+    """Decode (at most 3 tokens per expert) on our tiles streams each work item's gate rows, then its
+    up rows, in chunks: an intermediate size of 300 gives items of several chunks and a short tail.
+    Every expert's rows against the reference, and the same bits as the expert computed alone."""
+    e, h, i = 4, 72, 300
+    hidden = torch.randn(tokens * e, h).to(dtype)
+    ids = torch.arange(tokens * e).remainder(e).unsqueeze(1)  # `tokens` tokens for each expert, k = 1
+    weights = torch.rand(tokens * e, 1) + 0.1
+    gate_up, down = _expert_weights(e, h, i, dtype)
+    with _cpu_ctx(impl):
+        out = _op(hidden, gate_up, down, ids, weights, FORCED_ROUTES["tiled"])
+        first = (ids[:, 0] == 0).nonzero().squeeze(1)  # expert 0's tokens
+        alone = _op(hidden[first], gate_up, down, ids[first], weights[first], FORCED_ROUTES["tiled"])
+    ref = reference.moe_experts(hidden, gate_up, down, ids, weights)
+    for x in range(e):
+        rows = (ids[:, 0] == x).nonzero().squeeze(1)
+        assert_close(out[rows], ref[rows], dtype, f"expert {x}")
+    assert torch.equal(out[first], alone)
+
+
 FP32_TORCH_CASES = [(1, 8, 2, 1), (40, 8, 2, 4), (64, 4, 4, 64), (130, 32, 4, 5)]
 
 
