@@ -121,12 +121,13 @@ inline void kx8_to_rows_group(const uint8_t* src, int64_t nsb, uint8_t* dst, int
 constexpr int64_t kKX8AheadBytes = 8192;
 struct KX8Ahead {
   uintptr_t w;
-  int64_t gstride, nsb, next, D;
-  KX8Ahead(const uint8_t* w_, int64_t gstride_, int64_t nsb_, int64_t next_, int64_t step_bytes)
-      : w(reinterpret_cast<uintptr_t>(w_)), gstride(gstride_), nsb(nsb_), next(next_),
-        D(std::max<int64_t>(1, kKX8AheadBytes / step_bytes)) {}
+  int64_t gstride, nsb, next, kgb, D;
+  // for a tile of G groups of kGB-byte blocks
+  KX8Ahead(const uint8_t* w_, int64_t gstride_, int64_t nsb_, int64_t next_, int64_t kGB, int G)
+      : w(reinterpret_cast<uintptr_t>(w_)), gstride(gstride_), nsb(nsb_), next(next_), kgb(kGB),
+        D(std::max<int64_t>(1, kKX8AheadBytes / (G * kGB))) {}
   // the address of the block read D steps after step b of group g, 0 where there is none to prefetch
-  __attribute__((always_inline)) inline uintptr_t at(int64_t b, int g, int64_t kGB) const {
+  __attribute__((always_inline)) inline uintptr_t at(int64_t b, int g) const {
     int64_t bb = b + D;
     uintptr_t a = w + static_cast<uintptr_t>(g * gstride);
     if (bb >= nsb) {
@@ -135,7 +136,7 @@ struct KX8Ahead {
       bb -= nsb;
       if (bb >= nsb) return 0;  // more than a tile ahead (a short K): leave it to the next steps
     }
-    return a + static_cast<uintptr_t>(bb * kGB);
+    return a + static_cast<uintptr_t>(bb * kgb);
   }
 };
 // Piece p of kParts of the kGB-byte block at a (from KX8Ahead::at; 0: nothing). Always inlined: GCC

@@ -136,7 +136,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
                             const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
                             int64_t next) {
   constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
-  const KX8Ahead ahead(w, gstride, nsb, next, G * kGB);
+  const KX8Ahead ahead(w, gstride, nsb, next, kGB, G);
   __m256 acc[G][M];
   for (int g = 0; g < G; ++g)
     #pragma GCC unroll 16
@@ -152,7 +152,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       for (int m = 0; m < M; ++m) x[m] = xq + m * ldq + b * kSuper;
       for (int g = 0; g < G; ++g) {
         const uint8_t* blk = w + g * gstride + b * kGB;
-        const uintptr_t pa = ahead.at(b, g, kGB);
+        const uintptr_t pa = ahead.at(b, g);
         __m256i scv[4];
         #pragma GCC unroll 16
         for (int i = 0; i < 4; ++i) scv[i] = ld(blk + 1536 + 32 * i);
@@ -216,7 +216,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         blk[g] = w + g * gstride + b * kGB;
-        pa[g] = ahead.at(b, g, kGB);
+        pa[g] = ahead.at(b, g);
         sv[g] = kx8_scales45(blk[g]);
         #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S1[g][m] = _mm256_setzero_si256();

@@ -31,7 +31,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
                             const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
                             int64_t next) {
   constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
-  const KX8Ahead ahead(w, gstride, nsb, next, G * kGB);
+  const KX8Ahead ahead(w, gstride, nsb, next, kGB, G);
   constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;  // Q5_K: 8 qh vectors before the qs
   const __m256i m4 = _mm256_set1_epi8(0x0F), m4hi = _mm256_set1_epi8(static_cast<char>(0xF0)),
                 bit4 = _mm256_set1_epi8(0x10);
@@ -57,7 +57,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
     if constexpr (F == KFormat::Q6_K) {
       for (int g = 0; g < G; ++g) {
         const uint8_t* blk = w + g * gstride + b * kGB;
-        const uintptr_t pa = ahead.at(b, g, kGB);
+        const uintptr_t pa = ahead.at(b, g);
         __m256i S[M];
         #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S[m] = _mm256_setzero_si256();
@@ -107,7 +107,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
       #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         blk[g] = w + g * gstride + b * kGB;
-        pa[g] = ahead.at(b, g, kGB);
+        pa[g] = ahead.at(b, g);
         sv[g] = kavx2::kx8_scales45(blk[g]);
         #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) S[g][m] = _mm256_setzero_si256();
