@@ -97,6 +97,8 @@ void set_x8_one_stream_max_rows(int64_t rows) {
   g_x8_one_stream_max_rows.store(rows);
 }
 
+void register_op_replay(py::module_& m);  // op_replay.cpp
+
 }  // namespace lfmk
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -117,4 +119,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("x8_one_stream_max_rows", &lfmk::x8_one_stream_max_rows);
   m.def("set_pin_avx2", &lfmk::set_pin_avx2, "keep the AVX-512 decode GEMVs off (the AVX512-BF16 MoE tiles keep their own switch); for tests");
   m.def("num_threads", [] { return at::get_num_threads(); });
+  lfmk::register_op_replay(m);
 }

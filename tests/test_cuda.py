@@ -230,6 +230,28 @@ def test_cuda_graph_decode_step_equals_eager(cuda_model, batch):
         tok = want.argmax(-1)
 
 
+def test_cuda_graph_recaptures_after_the_state_grows(cuda_model):
+    """generate() grows a state by replacing its caches and RoPE tables; a graph still pointing at the
+    old ones would write past them. It captures again on the grown state."""
+    from lfm_kernels.model.cuda_graph import DecodeGraph
+    from lfm_kernels.model.generate import _grow_state
+
+    model = cuda_model
+    eager_state = model.new_state(1, 12)
+    model.prefill(torch.randint(0, 32768, (1, 8), device="cuda"), torch.tensor([8]), eager_state)
+    graph_state = _clone_state(eager_state)
+    runner = DecodeGraph(model, graph_state)
+    tok = torch.randint(0, 32768, (1,), device="cuda")
+    for step in range(8):  # past the first length (12) only after the growth at step 2
+        if step == 2:
+            _grow_state(model, eager_state, 24)
+            _grow_state(model, graph_state, 24)
+        want = model.decode_step(tok, eager_state)
+        got = runner(tok).clone()
+        assert rel_err(got.float(), want.float()) < 1e-3, f"step {step}: replayed logits differ"
+        tok = want.argmax(-1)
+
+
 def test_cuda_decode_step_never_syncs(cuda_model):
     """The wrapper's decode step with check=False asks the device for nothing (sync debug mode makes
     any synchronising call an error)."""

@@ -49,6 +49,13 @@ def _restore(state: State, saved: dict) -> None:
         state.v_cache[i][rows, :, pos] = v
 
 
+def _buffer_ids(state: State) -> tuple:
+    """What a captured graph reads by address besides the weights: the state's buffers (and its
+    length, which sizes the RoPE tables)."""
+    return (state.max_len, *(t.data_ptr() for t in (state.seq_lens, *state.k_cache.values(),
+                                                     *state.v_cache.values(), *state.conv_state.values())))
+
+
 class DecodeGraph:
     """model.decode_step(tokens, state) captured as one CUDA graph for this state (batch, max_len)."""
 
@@ -61,6 +68,7 @@ class DecodeGraph:
         self._next_pos: int | None = None  # the longest row's next position, counted on the host
         self.tokens = torch.zeros(state.batch, dtype=torch.int64, device=model.device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._buffers: tuple = ()
         self.logits: torch.Tensor | None = None
 
     def _capture(self) -> None:
@@ -91,17 +99,27 @@ class DecodeGraph:
         if tuple(tokens.shape) != (self.state.batch,):
             raise ValueError(f"tokens must have shape [B={self.state.batch}], got {tuple(tokens.shape)}")
         self.tokens.copy_(tokens)
+        if self.graph is not None and self._buffers != _buffer_ids(self.state):
+            self.graph = None  # generate() grew the state: new caches and RoPE tables, capture again
         if self.graph is None:
             self._capture()
+            self._buffers = _buffer_ids(self.state)
         self.graph.replay()
         self._next_pos += 1
         return self.logits
 
 
-def decode_stepper(model: LfmModel, state: State, cuda_graph: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+def decode_stepper(model: LfmModel, state: State, cuda_graph: bool = True,
+                   cpu_graph: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """tokens [B] -> logits [B, V], one decode step on `state`, for a loop that sized the state itself
     (so the per-step "state is full" check, a device sync, is skipped). On CUDA with cuda_graph=True
-    the step is captured at its first call and replayed after."""
+    the step is captured at its first call and replayed after; on the CPU with cpu_graph=True its op
+    calls are recorded at the first two and replayed from C++ after (cpu_graph.py). Same bits."""
     if cuda_graph and model.device.type == "cuda":
         return DecodeGraph(model, state)
+    if cpu_graph:
+        from .cpu_graph import CpuDecodeGraph, cpu_graph_available
+
+        if cpu_graph_available(model):
+            return CpuDecodeGraph(model, state)
     return lambda tokens: model.decode_step(tokens, state, check=False)

@@ -263,6 +263,7 @@ def generate(
     timings: dict | None = None,
     attention_mask: torch.Tensor | None = None,
     cuda_graph: bool = True,
+    cpu_graph: bool = True,
 ):
     """Generate up to max_new_tokens per prompt.
 
@@ -282,6 +283,8 @@ def generate(
     ValueError or TypeError naming the argument.
     timings: a dict to receive {"prefill_s", "decode_s", "prompt_tokens", "decode_steps"}.
     cuda_graph: on CUDA, capture the decode step once as a CUDA graph and replay it (see cuda_graph.py).
+    cpu_graph: on the CPU, record the decode step's op calls once and replay them from C++ (see
+        cpu_graph.py); the same bits, less interpreter time per token.
 
     Returns, for id inputs, the new ids only as a LongTensor [B, new] where new is the longest row's
     count; a row that stopped on an end-of-sequence token keeps that token and is padded after it with
@@ -338,7 +341,7 @@ def generate(
 
     from .cuda_graph import decode_stepper
 
-    step_fn = decode_stepper(model, state, cuda_graph)
+    step_fn = decode_stepper(model, state, cuda_graph, cpu_graph)
     t0 = time.perf_counter()
     logits = model.prefill(ids, lens, state)
     t1 = time.perf_counter()

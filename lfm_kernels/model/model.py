@@ -305,16 +305,20 @@ class LfmModel:
         """One new token per row (tokens [B] int64) at position seq_lens[b]; returns logits [B, V].
         check=False skips the "state is full" check, a device sync, for loops that sized the state
         themselves (generate, the CUDA graph); nothing else in the step waits for the device."""
-        cfg, w = self.config, self.weights
-        B = tokens.shape[0]
-        pos = state.seq_lens
-        if check and int(pos.max()) >= state.max_len:
+        if check and int(state.seq_lens.max()) >= state.max_len:
             raise ValueError(f"the state is full (max_len {state.max_len}); make a longer one")
+        return self._decode_embedded(self._embed(tokens).unsqueeze(1), state)
+
+    def _decode_embedded(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        """decode_step after the embedding lookup (x [B, 1, H]): everything in it depends on the
+        tokens only through x, so the CPU graph (cpu_graph.py) records and replays this part."""
+        cfg, w = self.config, self.weights
+        B = x.shape[0]
+        pos = state.seq_lens
         new_lens = pos + 1
         Hq = cfg.num_attention_heads
         cos_t, sin_t = self._rope_tables(state.max_len)
         cos = sin = None
-        x = self._embed(tokens).unsqueeze(1)  # [B, 1, H]
         rope_write = _cpu_rope_cache_write() if x.device.type == "cpu" else None
         direct = self._direct
         direct.begin_step(x)

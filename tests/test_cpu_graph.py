@@ -1,0 +1,179 @@
+"""The CPU graph (lfm_kernels.model.cpu_graph): a decode step's op calls recorded twice, then replayed
+from C++. The replay must give the eager step's bits, state included, and must refuse (staying eager)
+whatever it cannot replay faithfully."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfm_kernels import _backend, _policy
+from lfm_kernels.model import LfmModel, config_from_dict
+from lfm_kernels.model.cpu_graph import CpuDecodeGraph, cpu_graph_available
+from lfm_kernels.model.generate import _grow_state
+from lfm_kernels.model.weights import allocate, fill_random
+
+pytestmark = pytest.mark.skipif(not _backend.cpu_extension_available(), reason="needs the compiled CPU extension")
+
+
+def _model(weights: str):
+    """Every kind of layer (dense FFN, conv, attention, MoE); K a multiple of 256 for the K-quants."""
+    cfg = config_from_dict(dict(
+        model_type="lfm2_moe", vocab_size=300, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+        num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+        num_dense_layers=2, layer_types=["conv", "conv", "full_attention", "conv", "full_attention"],
+    ))
+    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+    quant = None if weights in ("fp32", "bf16") else weights
+    w, _, _ = allocate(cfg, dtype, "cpu", quant=quant)
+    fill_random(w, cfg, seed=3, progress=False, std=0.2)
+    return LfmModel(cfg, w, dtype)
+
+
+_MODELS: dict = {}
+
+
+def _cached(weights: str):
+    if weights not in _MODELS:
+        _MODELS[weights] = _model(weights)
+    return _MODELS[weights]
+
+
+def _prefilled(model, batch: int, max_len: int = 24):
+    ids = torch.randint(3, 300, (batch, 6), generator=torch.Generator().manual_seed(batch))
+    lens = torch.tensor([6, 4][:batch])
+    states = []
+    for _ in range(2):
+        s = model.new_state(batch, max_len)
+        model.prefill(ids, lens, s)
+        states.append(s)
+    return states
+
+
+def _state_tensors(state):
+    return [state.seq_lens, *state.k_cache.values(), *state.v_cache.values(), *state.conv_state.values()]
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "q8_0", "q4_0", "q4_k_m"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_replay_gives_the_eager_bits(weights, batch):
+    model = _cached(weights)
+    eager, graphed = _prefilled(model, batch)
+    step = CpuDecodeGraph(model, graphed)
+    tok = torch.randint(3, 300, (batch,), generator=torch.Generator().manual_seed(7))
+    for n in range(6):
+        want = model.decode_step(tok, eager, check=False)
+        got = step(tok)
+        assert step.reason is None, step.reason
+        assert torch.equal(got, want), f"step {n}: logits differ"
+        for a, b in zip(_state_tensors(graphed), _state_tensors(eager)):
+            assert torch.equal(a, b), f"step {n}: the state differs"
+        tok = want.argmax(-1)  # a new token each step: the replay must not have baked the first one in
+    assert step.replay is not None and len(step.replay) > 50, "the steps after the second were not replayed"
+
+
+def test_rerecords_after_the_state_grows():
+    """generate() grows a state by replacing its caches; a replay holding the old ones would write
+    past them. The graph records again and stays on the eager bits."""
+    model = _cached("q4_0")
+    eager, graphed = _prefilled(model, 1, max_len=10)
+    step = CpuDecodeGraph(model, graphed)
+    tok = torch.tensor([11])
+    for n in range(9):
+        if n == 3:
+            _grow_state(model, eager, 16)
+            _grow_state(model, graphed, 16)
+            assert step.replay is not None
+        want = model.decode_step(tok, eager, check=False)
+        assert torch.equal(step(tok), want), f"step {n}"
+        if n == 3:
+            assert step.replay is None, "the old replay ran on the grown state"
+        tok = want.argmax(-1)
+    assert step.replay is not None and step.reason is None
+
+
+def test_rerecords_when_the_policy_changes():
+    model = _cached("bf16")
+    eager, graphed = _prefilled(model, 2)
+    step = CpuDecodeGraph(model, graphed)
+    tok = torch.tensor([5, 9])
+    try:
+        for n in range(7):
+            if n == 3:
+                assert step.replay is not None
+                _policy.set_policy(kernel_only=True)
+            want = model.decode_step(tok, eager, check=False)
+            assert torch.equal(step(tok), want), f"step {n}"
+            if n == 3:
+                assert step.replay is None
+    finally:
+        _policy.set_policy(None)
+    assert step.replay is not None
+
+
+def test_refuses_a_step_that_reads_a_value():
+    """A step whose Python reads a tensor (here the position) cannot be replayed: refused, eager bits."""
+    model = _model("fp32")
+    eager, graphed = _prefilled(model, 1)
+    inner = model._decode_embedded
+
+    def reads_position(x, state):
+        if int(state.seq_lens[0]) >= 0:
+            return inner(x, state)
+
+    model._decode_embedded = reads_position
+    step = CpuDecodeGraph(model, graphed)
+    tok = torch.tensor([4])
+    for _ in range(4):
+        assert torch.equal(step(tok), inner(model._embed(tok).unsqueeze(1), eager))
+    assert step.replay is None and "non-tensor" in step.reason
+
+
+def test_refuses_a_tensor_made_in_python_each_step():
+    """A tensor the step builds outside the dispatcher (here the position, as a new tensor each step)
+    would be baked in as a constant: the two recordings differ, refused, eager bits."""
+    model = _model("fp32")
+    eager, graphed = _prefilled(model, 1)
+    inner = model._decode_embedded
+    counter = {"n": 0}
+
+    def adds_a_fresh_tensor(x, state):
+        counter["n"] += 1
+        return inner(x + torch.tensor(float(counter["n"] % 2)) * 0, state)
+
+    model._decode_embedded = adds_a_fresh_tensor
+    step = CpuDecodeGraph(model, graphed)
+    tok = torch.tensor([4])
+    for _ in range(6):
+        step(tok)
+    assert step.replay is None and "differs between the two recorded steps" in step.reason
+
+
+def test_generate_is_the_same_with_and_without_the_graph():
+    model = _cached("q4_k_m")
+    ids = torch.randint(3, 300, (2, 5), generator=torch.Generator().manual_seed(0))
+    a = model.generate(ids, 8, temperature=0, repetition_penalty=1.0, eos_token_id=[], cpu_graph=True)
+    b = model.generate(ids, 8, temperature=0, repetition_penalty=1.0, eos_token_id=[], cpu_graph=False)
+    assert torch.equal(a, b)
+
+
+def test_needs_the_cpu():
+    model = _cached("fp32")
+    assert cpu_graph_available(model)
+    with pytest.raises(ValueError, match=r"tokens must have shape \[B=1\]"):
+        CpuDecodeGraph(model, model.new_state(1, 4))(torch.tensor([1, 2]))
+
+
+def test_op_replay_rejects_bad_registers():
+    replay = _backend._C.OpReplay(2)
+    x = torch.randn(3)
+    with pytest.raises(ValueError, match="register 5 out of range"):
+        replay.add("aten::neg", "", [None], [(0, -1, 5)], [1])
+    with pytest.raises(ValueError, match="not a tensor; only tensors come from registers"):
+        replay.add("aten::add", "Tensor", [x, x, None], [(2, -1, 0)], [1])
+    replay.add("aten::neg", "", [None], [(0, -1, 0)], [1])
+    assert torch.equal(replay.run([x], [1])[0], -x)
+    unwritten = _backend._C.OpReplay(3)
+    unwritten.add("aten::neg", "", [None], [(0, -1, 2)], [1])
+    with pytest.raises(RuntimeError, match="read before it is written"):
+        unwritten.run([x], [1])
