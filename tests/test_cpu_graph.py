@@ -152,9 +152,12 @@ def test_refuses_a_tensor_made_in_python_each_step():
 def test_generate_is_the_same_with_and_without_the_graph():
     model = _cached("q4_k_m")
     ids = torch.randint(3, 300, (2, 5), generator=torch.Generator().manual_seed(0))
-    a = model.generate(ids, 8, temperature=0, repetition_penalty=1.0, eos_token_id=[], cpu_graph=True)
-    b = model.generate(ids, 8, temperature=0, repetition_penalty=1.0, eos_token_id=[], cpu_graph=False)
+    ta, tb = {}, {}
+    a = model.generate(ids, 8, temperature=0, repetition_penalty=1.0, eos_token_id=[], cpu_graph=True, timings=ta)
+    b = model.generate(ids, 8, temperature=0, repetition_penalty=1.0, eos_token_id=[], cpu_graph=False, timings=tb)
     assert torch.equal(a, b)
+    assert ta["decode_path"].startswith("cpu graph ("), ta["decode_path"]  # the bench reports it
+    assert tb["decode_path"] == "eager"
 
 
 def test_needs_the_cpu():

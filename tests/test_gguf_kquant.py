@@ -447,6 +447,8 @@ def test_bench_e2e_model_file(moe_q4_k_m, tmp_path, fast_machine):
     assert r["model"] == file and r["weights"] == "q4_k+q6_k" and r["num_layers"] == 4
     assert "q4_k" in r["weight_formats"] and "q6_k" in r["weight_formats"]
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
+    # 3 decode steps: two recorded, then replayed (the row says so, so a table shows how it decoded)
+    assert r["decode_path"].startswith("cpu graph ("), r["decode_path"]
 
 
 def test_bench_e2e_floor_takes_probes_before_and_after(moe_q4_k_m, tmp_path, fast_machine, monkeypatch):

@@ -131,6 +131,7 @@ def run_e2e(
              "bandwidth_steady": abs(bw_after - bw_before) <= 0.15 * max(bw_before, bw_after)}
     say(f"read bandwidth after the run {bw_after / 1e9:.1f} GB/s; the floor takes the mean, {bw / 1e9:.1f} GB/s"
         + ("" if extra["bandwidth_steady"] else " (the machine's bandwidth changed during the run: the share is unreliable)"))
+    extra["decode_path"] = t.get("decode_path", "eager")  # the CPU / CUDA graph, or eager and why
     rows = [_row("lfm_kernels", cfg, prompt_len, new_tokens, threads, model.dtype, t["prefill_s"], t["decode_s"],
                  t["decode_steps"], bw, nbytes, weights=weights, extra=extra)]
     say(_fmt(rows[-1]))

@@ -176,6 +176,15 @@ class CpuDecodeGraph:
         self._result = -1
         self._mismatches = 0
 
+    @property
+    def path(self) -> str:
+        """How the steps run now: replayed, still recording, or eager and why (for the bench)."""
+        if self.replay is not None:
+            return f"cpu graph ({len(self.replay)} calls replayed)"
+        if self.reason is not None:
+            return f"eager (cpu graph refused: {self.reason})"
+        return "eager (cpu graph not recorded yet)"
+
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         model, state = self.model, self.state

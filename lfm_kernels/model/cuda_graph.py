@@ -90,6 +90,8 @@ class DecodeGraph:
         self._rope = model._rope_tables(state.max_len)
         self.graph = graph
 
+    path = "cuda graph"  # how the steps run (for the bench)
+
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self._next_pos is None:
             # one read of the lengths, at the first step, so the per-step check needs no sync

@@ -281,7 +281,9 @@ def generate(
     Bad arguments (an empty prompt or batch, ids outside the vocabulary, a NaN or non-numeric
     temperature/top_p/repetition_penalty, a non-int top_k/max_new_tokens/eos_token_id) raise a
     ValueError or TypeError naming the argument.
-    timings: a dict to receive {"prefill_s", "decode_s", "prompt_tokens", "decode_steps"}.
+    timings: a dict to receive {"prefill_s", "decode_s", "prompt_tokens", "decode_steps", "decode_path"}
+        (decode_path: how the decode steps ran: "cuda graph", "cpu graph (N calls replayed)", "eager", or
+        "eager (cpu graph refused: why)").
     cuda_graph: on CUDA, capture the decode step once as a CUDA graph and replay it (see cuda_graph.py).
     cpu_graph: on the CPU, record the decode step's op calls once and replay them from C++ (see
         cpu_graph.py); the same bits, less interpreter time per token.
@@ -372,7 +374,8 @@ def generate(
             logits = step_fn(tok)
     t2 = time.perf_counter()
     if timings is not None:
-        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prompt_tokens=sum(lengths), decode_steps=n - 1, batch=B)
+        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prompt_tokens=sum(lengths), decode_steps=n - 1, batch=B,
+                       decode_path=getattr(step_fn, "path", "eager"))
     new = out[:, :n].cpu()
     if not is_text:
         return new
