@@ -160,6 +160,23 @@ def test_generate_is_the_same_with_and_without_the_graph():
     assert tb["decode_path"] == "eager"
 
 
+def test_public_stepper_replays_on_the_cpu():
+    from lfm_kernels.model import decode_stepper
+
+    model = _cached("q4_0")
+    eager, graphed = _prefilled(model, 1)
+    step = decode_stepper(model, graphed)
+    assert isinstance(step, CpuDecodeGraph)
+    tok = torch.tensor([8])
+    for _ in range(4):
+        want = model.decode_step(tok, eager, check=False)
+        assert torch.equal(step(tok), want)
+        tok = want.argmax(-1)
+    assert step.path.startswith("cpu graph (")
+    eager_step = decode_stepper(model, graphed, cpu_graph=False)
+    assert not isinstance(eager_step, CpuDecodeGraph)
+
+
 def test_needs_the_cpu():
     model = _cached("fp32")
     assert cpu_graph_available(model)

@@ -5,6 +5,7 @@
     new_ids = model.generate(ids, max_new_tokens=64)           # LongTensor [B, new]
     reply = model.chat([{"role": "user", "content": "Hi"}])    # ParsedReply(text, tool_calls, errors)
     model = default_model(num_layers=6)                        # LFM2.5-8B-A1B shapes, seeded random weights
+    step = decode_stepper(model, state)                        # your own loop: logits = step(tokens), as a graph
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .chat import ParsedReply, ToolCall, apply_chat_template, encode_chat, parse_tool_calls
 from .config import ModelConfig, config_from_dict, lfm25_8b_a1b_config, load_config
+from .cuda_graph import decode_stepper
 from .generate import generate, process_logits, sample_next
 from .model import LfmModel, State
 from .weights import Weights, allocate, fill_random, load_weights, resolve_dtype
@@ -29,6 +31,7 @@ __all__ = [
     "Weights",
     "apply_chat_template",
     "config_from_dict",
+    "decode_stepper",
     "default_model",
     "encode_chat",
     "from_pretrained",
