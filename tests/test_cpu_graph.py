@@ -111,6 +111,28 @@ def test_rerecords_when_the_policy_changes():
     assert step.replay is not None
 
 
+def test_replays_list_arguments_and_ops_without_returns():
+    """An op's outputs inside a list argument (torch.cat of a split weight's parts) and an op that
+    returns nothing: replayed, the same bits."""
+    model = _model("fp32")
+    eager, graphed = _prefilled(model, 1)
+    inner = model._decode_embedded
+
+    def with_lists(x, state):
+        a, b = x * 1.0, x + 0.0
+        torch._foreach_mul_([a, b], 1.0)  # returns nothing, mutates two op outputs
+        return inner(torch.cat([a, b], dim=-1)[..., : x.shape[-1]], state)
+
+    model._decode_embedded = with_lists
+    step = CpuDecodeGraph(model, graphed)
+    tok = torch.tensor([4])
+    for n in range(5):
+        want = with_lists(model._embed(tok).unsqueeze(1), eager)
+        assert torch.equal(step(tok), want), f"step {n}"
+        tok = want.argmax(-1)
+    assert step.replay is not None, step.reason
+
+
 def test_refuses_a_step_that_reads_a_value():
     """A step whose Python reads a tensor (here the position) cannot be replayed: refused, eager bits."""
     model = _model("fp32")

@@ -1,5 +1,5 @@
-"""CPU-graph decoding for the model wrapper: the decode step's op calls are recorded once and replayed
-from C++ per token (csrc/op_replay.cpp), the CPU counterpart of cuda_graph.py.
+"""CPU-graph decoding for the model wrapper: the decode step's op calls are recorded (twice) and then
+replayed from C++ per token (csrc/op_replay.cpp), the CPU counterpart of cuda_graph.py.
 
 A decode step of the full-size model makes about 390 dispatcher calls (the C++ ops and the views
 between them). From Python each costs the interpreter, argument parsing and a boxed dispatch, on
@@ -96,7 +96,7 @@ def _program(calls, inputs, result):
                         from_reg[(i, e)] = regs[id(t)]
                         a[e] = None
                 full[i] = a
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        outs = [] if not rets else list(out) if len(rets) > 1 else [out]
         out_regs = []
         for t in outs:
             if id(t) in regs or any(t is a for a in full if isinstance(a, torch.Tensor)):
@@ -132,6 +132,13 @@ def _compare(p1, p2) -> None:
 
 
 def _build(prog, nregs):
+    try:
+        return _build_replay(prog, nregs)
+    except (ValueError, TypeError, RuntimeError) as e:  # an argument the C++ side cannot take: stay eager
+        raise _Refused(f"the replay could not take the recording: {e}") from e
+
+
+def _build_replay(prog, nregs):
     replay = _backend._C.OpReplay(nregs)
     placeholder = torch.empty(0)
     for func, full, from_reg, out_regs in prog:
@@ -145,8 +152,8 @@ def _build(prog, nregs):
 
 
 def _state_buffers(state: State) -> tuple:
-    """The state's tensors a recording holds as constants, and its length: generate() grows a state
-    by replacing its caches (and the model's RoPE tables with them)."""
+    """The state's tensors a recording holds as constants: generate() grows a state by replacing its
+    caches (and, with its longer max_len, the model's RoPE tables)."""
     return (state.seq_lens, *state.k_cache.values(), *state.v_cache.values(), *state.conv_state.values())
 
 
@@ -225,5 +232,8 @@ class CpuDecodeGraph:
                 self._recorded = [prog]
             return out
         _, nregs, result = prog
-        self.replay, self._result, self._recorded = _build(prog[0], nregs), result, []
+        try:
+            self.replay, self._result, self._recorded = _build(prog[0], nregs), result, []
+        except _Refused as e:
+            self.reason, self._recorded = str(e), []
         return out
