@@ -97,18 +97,22 @@ def test_rerecords_when_the_policy_changes():
     eager, graphed = _prefilled(model, 2)
     step = CpuDecodeGraph(model, graphed)
     tok = torch.tensor([5, 9])
-    try:
-        for n in range(7):
-            if n == 3:
-                assert step.replay is not None
-                _policy.set_policy(kernel_only=True)
-            want = model.decode_step(tok, eager, check=False)
-            assert torch.equal(step(tok), want), f"step {n}"
-            if n == 3:
-                assert step.replay is None
-    finally:
-        _policy.set_policy(None)
+
+    def one(n):
+        want = model.decode_step(tok, eager, check=False)
+        assert torch.equal(step(tok), want), f"step {n}"
+
+    for n in range(3):
+        one(n)
     assert step.replay is not None
+    with _policy.kernel_policy(kernel_only=True):  # the previous policy comes back after the block
+        one(3)
+        assert step.replay is None, "the replay recorded under the old policy ran"
+        for n in range(4, 7):
+            one(n)
+        assert step.replay is not None
+    one(7)  # the policy changed back: recorded again, eager bits meanwhile
+    assert step.replay is None
 
 
 def test_replays_list_arguments_and_ops_without_returns():
