@@ -51,7 +51,7 @@ def _prefilled(model, batch: int, max_len: int = 24):
 
 
 def _state_tensors(state):
-    return [state.seq_lens, *state.k_cache.values(), *state.v_cache.values(), *state.conv_state.values()]
+    return list(state.buffers())
 
 
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "q8_0", "q4_0", "q4_k_m"])

@@ -151,12 +151,6 @@ def _build_replay(prog, nregs):
     return replay
 
 
-def _state_buffers(state: State) -> tuple:
-    """The state's tensors a recording holds as constants: generate() grows a state by replacing its
-    caches (and, with its longer max_len, the model's RoPE tables)."""
-    return (state.seq_lens, *state.k_cache.values(), *state.v_cache.values(), *state.conv_state.values())
-
-
 def cpu_graph_available(model: LfmModel) -> bool:
     """Whether a CPU graph can run for this model: on the CPU, with a compiled extension that has it."""
     return (model.device.type == "cpu" and _backend.cpu_extension_available()
@@ -176,7 +170,7 @@ class CpuDecodeGraph:
         self.model, self.state = model, state
         self.replay = None
         self.reason: str | None = None  # why the graph was refused (the stepper then stays eager)
-        self._recorded: list = []
+        self._first = None  # the first of the two recordings
         self._route = None
         self._buffers: tuple = ()
         self._max_len = -1
@@ -200,14 +194,15 @@ class CpuDecodeGraph:
         x = model._embed(tokens).unsqueeze(1)
         if self.reason is not None:
             return model._decode_embedded(x, state)
-        route, buffers = _policy.route_token(), _state_buffers(state)
+        # generate() grows a state by replacing its caches (and, with its longer max_len, the RoPE tables)
+        route, buffers = _policy.route_token(), state.buffers()
         same = (self._route is not None and _policy.same_route_token(route, self._route)
                 and state.max_len == self._max_len
                 and len(buffers) == len(self._buffers) and all(a is b for a, b in zip(buffers, self._buffers)))
         if self.replay is not None and same:
             return self.replay.run([x], [self._result])[0]
         if not same:  # the policy changed, or the state grew (new caches, longer RoPE tables): record again
-            self.replay, self._recorded = None, []
+            self.replay, self._first = None, None
         self._route, self._buffers, self._max_len = route, buffers, state.max_len
         rec = _Recorder()
         with rec:
@@ -215,25 +210,26 @@ class CpuDecodeGraph:
         try:
             prog = _program(rec.calls, [x], out)
         except _Refused as e:
-            self.reason, self._recorded = str(e), []
+            self.reason, self._first = str(e), None
             return out
-        if not self._recorded:
-            self._recorded = [prog]
+        if self._first is None:
+            self._first = prog
             return out
         try:
-            _compare(self._recorded[0][0], prog[0])
+            _compare(self._first[0], prog[0])
         except _Refused as e:
             # a step that measured the kernel choice (the chooser's first call of a shape) makes extra
             # calls: record again, and give up only if the steps keep differing
             self._mismatches += 1
             if self._mismatches >= _MAX_MISMATCHES:
-                self.reason, self._recorded = str(e), []
+                self.reason, self._first = str(e), None
             else:
-                self._recorded = [prog]
+                self._first = prog
             return out
         _, nregs, result = prog
+        self._first = None
         try:
-            self.replay, self._result, self._recorded = _build(prog[0], nregs), result, []
+            self.replay, self._result = _build(prog[0], nregs), result
         except _Refused as e:
-            self.reason, self._recorded = str(e), []
+            self.reason = str(e)
         return out

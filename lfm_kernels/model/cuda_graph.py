@@ -52,8 +52,7 @@ def _restore(state: State, saved: dict) -> None:
 def _buffer_ids(state: State) -> tuple:
     """What a captured graph reads by address besides the weights: the state's buffers (and its
     length, which sizes the RoPE tables)."""
-    return (state.max_len, *(t.data_ptr() for t in (state.seq_lens, *state.k_cache.values(),
-                                                     *state.v_cache.values(), *state.conv_state.values())))
+    return (state.max_len, *(t.data_ptr() for t in state.buffers()))
 
 
 class DecodeGraph:

@@ -285,7 +285,7 @@ def generate(
         (decode_path: how the decode steps ran: "cuda graph", "cpu graph (N calls replayed)", "eager", or
         "eager (cpu graph refused: why)").
     cuda_graph: on CUDA, capture the decode step once as a CUDA graph and replay it (see cuda_graph.py).
-    cpu_graph: on the CPU, record the decode step's op calls once and replay them from C++ (see
+    cpu_graph: on the CPU, record the decode step's op calls (twice) and replay them from C++ (see
         cpu_graph.py); the same bits, less interpreter time per token.
 
     Returns, for id inputs, the new ids only as a LongTensor [B, new] where new is the longest row's

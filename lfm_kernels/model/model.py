@@ -125,6 +125,11 @@ class State:
     conv_state: dict[int, torch.Tensor]
     seq_lens: torch.Tensor
 
+    def buffers(self) -> tuple:
+        """Every tensor the decode steps read and write in place: seq_lens, the KV caches, the conv states
+        (what a recorded or captured step holds; a grown state has new ones)."""
+        return (self.seq_lens, *self.k_cache.values(), *self.v_cache.values(), *self.conv_state.values())
+
     def nbytes(self) -> int:
         ts = [*self.k_cache.values(), *self.v_cache.values(), *self.conv_state.values()]
         return sum(t.numel() * t.element_size() for t in ts)
