@@ -106,7 +106,11 @@ void set_x8_one_stream_max_rows(int64_t rows);
 // AMX), weights streamed from DRAM, share of the read-bandwidth floor: MoE decode experts 80 -> 99%
 // (1 KiB ahead 96-98%, 4 KiB 95%, 8 KiB 100%), linear 6144 x 2048 at one row 59 -> 88%, 2048 x 7168
 // 66 -> 83%. Earlier trials on a Zen 4 (0.5-2 KiB ahead) found neither a gain nor a loss there.
-constexpr int64_t kStreamAhead = 2048;
+// On a 2-core Zen 3 (AVX2 only), a whole bf16 decode step (CPU graph, 2 threads) with the distance
+// alternated in one process (three runs, 6 rounds each, medians, share of the probe): 2 KiB 79.3-80.6%,
+// 4 and 8 KiB 77-79%, 0 (no useful prefetch) 83.5%, 0.5 KiB 81.7%, 0.75-1.5 KiB 84.7-88.2%: 128 ms a
+// step against 140 at 2 KiB. 1 KiB is the distance measured well on both machines.
+constexpr int64_t kStreamAhead = 1024;
 
 // The x8 decode tiles of Q4_0 / Q8_0 (quant/x8.h) prefetch, with each block they load, the block pf
 // bytes further on, where the caller says its thread reads next. A thread of the x8 GEMVs reads G
