@@ -106,30 +106,32 @@ inline void kx8_to_rows_group(const uint8_t* src, int64_t nsb, uint8_t* dst, int
 // step (group g's stream at w + g * gstride, nsb blocks of kGB bytes); `next` is the byte offset
 // from w to the tile its thread reads after this one (same G and gstride), or 0 where this is the
 // task's last tile (the next one belongs to another thread). At step b the tile prefetches, into
-// L2, the block it reads kKX8AheadSteps steps later in that order: block b + 1 of the same group,
-// or past the group's end the next tile's first.
+// L2, the block it reads D steps later in that order: block b + D of the same group, or past the
+// group's end the next tile's; D steps are about kKX8AheadBytes of reading, at least one step.
 // The block goes in pieces spread over the step's work, not in one burst at its start: 18-26 lines
 // at once stalled the loads behind them, so the core's arithmetic no longer overlapped the stream.
 // Measured on a 2-core Zen 3 (AVX2), weights from DRAM, 2 threads, one row, share of the read
 // probe: burst a tile ahead -> spread a tile ahead -> spread 1-2 steps ahead, Q6_K 128000 x 2048
 // 61 -> 72 -> 78-84%, Q6_K 2048 x 7168 50 -> 57 -> 73-75%; Q4_K 6144 x 2048 66-68 -> 76-79 -> 73-78%.
-// The distance, alternated in one process on the same machine (8 rounds, medians, share of the
-// probe), one step / ~8 KiB (Q4_K: 3 steps, Q6_K: 2) / a whole tile: Q4_K 6144 x 2048 78.5 / 72.7 /
-// 73.5%, Q4_K 2048 x 2048 72.6 / 65.5 / 66.6%, Q6_K 2048 x 7168 83-87 / 77.4 / 71.7%, Q6_K 16384 x
-// 2048 84-86 / 76.0 / 73.0%; a whole Q4_K_M decode step (CPU graph) 85.9% at one step, 82.4%
-// at ~8 KiB. A step is 1-3 KiB of reading and 100-300 ns of arithmetic per group, about one DRAM
-// latency; prefetching further only evicts lines sooner and competes with the demand loads. (On a
-// Xeon or Zen 4 the VNNI tiles use the same distance: not measured there.) No prefetch at all:
-// 19-30%. Addresses are formed as integers: one past a matrix's end is never dereferenced (a
+// The distance, alternated in one process on the same machine (6-8 rounds, medians, share of the
+// probe). One row, 2 threads (G = 2: a step is 2.3 KiB of Q4_K, 3.4 KiB of Q6_K), one step / ~8 KiB
+// / a whole tile: Q4_K 6144 x 2048 78.5 / 72.7 / 73.5%, Q4_K 2048 x 2048 72.6 / 65.5 / 66.6%, Q6_K
+// 2048 x 7168 83-87 / 77.4 / 71.7%, Q6_K 16384 x 2048 84-86 / 76.0 / 73.0%; a whole Q4_K_M decode
+// step (CPU graph) 85.9% at one step, 82.4% at ~8 KiB. Two rows (G = 1, steps of 1.1 / 1.7 KiB):
+// one step 59-66%, 4 KiB 61-69%, 8 KiB 63-73%. One thread, one row: two runs disagreed (one step
+// 66-75% against 8 KiB 68-79% in one, 82-85% against 73-81% in the other). So about 4 KiB: one step
+// where a step is 2-4 KiB (the batch-1 decode), three or two where steps are shorter.
+// (On a Xeon or Zen 4 the VNNI tiles use the same distance: not measured there.) No prefetch at
+// all: 19-30%. Addresses are formed as integers: one past a matrix's end is never dereferenced (a
 // prefetch never faults).
-constexpr int64_t kKX8AheadSteps = 1;
+constexpr int64_t kKX8AheadBytes = 4096;
 struct KX8Ahead {
   uintptr_t w;
-  int64_t gstride, nsb, next, kgb;
-  static constexpr int64_t D = kKX8AheadSteps;
-  // for a tile of groups of kGB-byte blocks
-  KX8Ahead(const uint8_t* w_, int64_t gstride_, int64_t nsb_, int64_t next_, int64_t kGB)
-      : w(reinterpret_cast<uintptr_t>(w_)), gstride(gstride_), nsb(nsb_), next(next_), kgb(kGB) {}
+  int64_t gstride, nsb, next, kgb, D;
+  // for a tile of G groups of kGB-byte blocks
+  KX8Ahead(const uint8_t* w_, int64_t gstride_, int64_t nsb_, int64_t next_, int64_t kGB, int G)
+      : w(reinterpret_cast<uintptr_t>(w_)), gstride(gstride_), nsb(nsb_), next(next_), kgb(kGB),
+        D(std::max<int64_t>(1, kKX8AheadBytes / (G * kGB))) {}
   // the address of the block read D steps after step b of group g, 0 where there is none to prefetch
   __attribute__((always_inline)) inline uintptr_t at(int64_t b, int g) const {
     int64_t bb = b + D;

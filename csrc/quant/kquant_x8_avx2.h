@@ -136,7 +136,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
                             const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
                             int64_t next) {
   constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
-  const KX8Ahead ahead(w, gstride, nsb, next, kGB);
+  const KX8Ahead ahead(w, gstride, nsb, next, kGB, G);
   __m256 acc[G][M];
   for (int g = 0; g < G; ++g)
     #pragma GCC unroll 16

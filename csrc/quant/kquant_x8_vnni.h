@@ -31,7 +31,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
                             const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
                             int64_t next) {
   constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
-  const KX8Ahead ahead(w, gstride, nsb, next, kGB);
+  const KX8Ahead ahead(w, gstride, nsb, next, kGB, G);
   constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;  // Q5_K: 8 qh vectors before the qs
   const __m256i m4 = _mm256_set1_epi8(0x0F), m4hi = _mm256_set1_epi8(static_cast<char>(0xF0)),
                 bit4 = _mm256_set1_epi8(0x10);
