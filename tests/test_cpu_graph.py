@@ -50,10 +50,6 @@ def _prefilled(model, batch: int, max_len: int = 24):
     return states
 
 
-def _state_tensors(state):
-    return list(state.buffers())
-
-
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "q8_0", "q4_0", "q4_k_m"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_replay_gives_the_eager_bits(weights, batch):
@@ -66,7 +62,7 @@ def test_replay_gives_the_eager_bits(weights, batch):
         got = step(tok)
         assert step.reason is None, step.reason
         assert torch.equal(got, want), f"step {n}: logits differ"
-        for a, b in zip(_state_tensors(graphed), _state_tensors(eager)):
+        for a, b in zip(graphed.buffers(), eager.buffers()):
             assert torch.equal(a, b), f"step {n}: the state differs"
         tok = want.argmax(-1)  # a new token each step: the replay must not have baked the first one in
     assert step.replay is not None and len(step.replay) > 50, "the steps after the second were not replayed"

@@ -22,10 +22,6 @@ def _tiny_model():
     return LfmModel(cfg, weights, torch.float32)
 
 
-def _state_tensors(state):
-    return list(state.buffers())
-
-
 def test_snapshot_restore_undoes_a_decode_step():
     """The warm-up step before a capture changes the state; _restore must put back exactly what it
     changed, or the first replayed token would see a conv history one step ahead."""
@@ -36,12 +32,12 @@ def test_snapshot_restore_undoes_a_decode_step():
     for i in state.k_cache:  # the positions a step writes hold values worth restoring
         state.k_cache[i].normal_()
         state.v_cache[i].normal_()
-    before = [t.clone() for t in _state_tensors(state)]
+    before = [t.clone() for t in state.buffers()]
     saved = _snapshot(model, state)
     model.decode_step(torch.randint(3, 97, (3,)), state, check=False)
-    assert not all(torch.equal(a, b) for a, b in zip(before, _state_tensors(state))), "the step changed nothing?"
+    assert not all(torch.equal(a, b) for a, b in zip(before, state.buffers())), "the step changed nothing?"
     _restore(state, saved)
-    for a, b in zip(before, _state_tensors(state)):
+    for a, b in zip(before, state.buffers()):
         assert torch.equal(a, b)
 
 

@@ -132,13 +132,6 @@ def _compare(p1, p2) -> None:
 
 
 def _build(prog, nregs):
-    try:
-        return _build_replay(prog, nregs)
-    except (ValueError, TypeError, RuntimeError) as e:  # an argument the C++ side cannot take: stay eager
-        raise _Refused(f"the replay could not take the recording: {e}") from e
-
-
-def _build_replay(prog, nregs):
     replay = _backend._C.OpReplay(nregs)
     placeholder = torch.empty(0)
     for func, full, from_reg, out_regs in prog:
@@ -147,7 +140,10 @@ def _build_replay(prog, nregs):
         for i, e in from_reg:
             if e >= 0:  # the list keeps its length: a placeholder where the register's tensor goes
                 args[i] = [placeholder if k == e else t for k, t in enumerate(args[i])]
-        replay.add(name, overload, args, [(i, e, r) for (i, e), r in sorted(from_reg.items())], out_regs)
+        try:
+            replay.add(name, overload, args, [(i, e, r) for (i, e), r in sorted(from_reg.items())], out_regs)
+        except (ValueError, TypeError, RuntimeError) as e:  # an argument the C++ side cannot take: stay eager
+            raise _Refused(f"the replay could not take the recording: {e}") from e
     return replay
 
 
