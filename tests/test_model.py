@@ -501,6 +501,32 @@ def test_fast_sampling_distribution_equals_full_vocabulary(top_p):
     assert not torch.equal(logits, logits.clone().zero_())  # caller's logits untouched (never zeros)
 
 
+@pytest.mark.parametrize("V", [128_000, 65_536, 5_000, 128_003])
+@pytest.mark.parametrize("values", ["distinct", "ties", "inf", "nan"])
+def test_blocked_topk_equals_torch_topk(V, values):
+    """The sampler's top-k over blocks of 64 logits (a vocabulary of 5,000 or one that is not a multiple
+    of 64 goes to torch.topk itself): torch.topk's values in its order, ids that hold those values."""
+    from lfm_kernels.model.generate import _topk
+
+    g = torch.Generator().manual_seed(V)
+    scores = torch.randn(2, V, generator=g)
+    if values == "ties":  # bf16-like: thousands of equal logits, ties at the k-th value
+        scores = torch.randint(-4, 4, (2, V), generator=g).float()
+    elif values == "inf":  # masked logits: fewer finite values than k
+        scores = torch.full((2, V), float("-inf"))
+        scores[:, torch.randperm(V, generator=g)[:30]] = torch.randn(30, generator=g)
+        scores[1, 7] = float("inf")
+    elif values == "nan":
+        scores[0, V // 3] = float("nan")
+    vals, ids = _topk(scores, 80)
+    ref_vals, ref_ids = torch.topk(scores, 80, dim=-1)
+    assert torch.equal(vals, ref_vals) or torch.allclose(vals, ref_vals, equal_nan=True, atol=0, rtol=0)
+    assert ids.min() >= 0 and ids.max() < V and all(len(set(r.tolist())) == 80 for r in ids)
+    assert torch.allclose(scores.gather(1, ids), vals, equal_nan=True, atol=0, rtol=0)
+    if values == "distinct":
+        assert torch.equal(ids, ref_ids)
+
+
 def test_prefill_and_decode_parity_on_the_portable_cpu_path(tiny):
     """The same parity with the portable (non-AVX2) C++ kernels the ops dispatch to."""
     from lfm_kernels import _backend

@@ -53,6 +53,32 @@ def _penalise(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> No
     scores.scatter_(1, history, torch.where(vals < 0, vals * penalty, vals / penalty))
 
 
+# A decode step's top-k over 128,000 logits took 0.25 ms in torch.topk (1.2 ms inside generate, its
+# caches cold after the weight streams): 2-3% of a quantized token. _topk reads the row once for the
+# maxima of blocks of this many logits and then ranks only the k best blocks' elements.
+_TOPK_BLOCK = 64
+
+
+def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores, k, dim=-1) for scores [B, V]: the same values in the same (descending)
+    order, the same ids except which of the tokens tied at the k-th value are kept (torch.topk does
+    not promise that either).
+
+    Exact because an element of the top k lies in one of the k blocks with the largest maxima: a block
+    left out has k blocks at least as large, hence k other elements at least as large as anything in
+    it (ties at the k-th value aside, which still fill the k places with that value)."""
+    B, V = scores.shape
+    nb = V // _TOPK_BLOCK
+    if V % _TOPK_BLOCK or nb <= 2 * k or not scores.is_contiguous():  # (vocabularies are multiples of 64)
+        return torch.topk(scores, k, dim=-1)
+    blocks = scores.view(B, nb, _TOPK_BLOCK)
+    best = torch.topk(blocks.amax(-1), k, dim=-1).indices  # [B, k]
+    cand = blocks.gather(1, best[..., None].expand(B, k, _TOPK_BLOCK)).view(B, k * _TOPK_BLOCK)
+    vals, j = torch.topk(cand, k, dim=-1)
+    ids = best.gather(1, torch.div(j, _TOPK_BLOCK, rounding_mode="floor")) * _TOPK_BLOCK + j % _TOPK_BLOCK
+    return vals, ids
+
+
 def candidate_probs(
     logits: torch.Tensor,
     history: torch.Tensor | None,
@@ -72,7 +98,7 @@ def candidate_probs(
         scores = scores.clone()
     if repetition_penalty != 1.0 and history is not None and history.numel():
         _penalise(scores, history, repetition_penalty)
-    vals, ids = torch.topk(scores, top_k, dim=-1)  # descending
+    vals, ids = _topk(scores, top_k) if logits.device.type == "cpu" else torch.topk(scores, top_k, dim=-1)
     vals = vals / temperature
     if top_p < 1.0:
         asc = vals.flip(-1)
