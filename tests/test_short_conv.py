@@ -204,6 +204,24 @@ def test_padded_rows_equal_unpadded(impl, dtype):
         assert torch.equal(state, ref_state)
 
 
+@pytest.mark.parametrize("dim, dtype", [(2048, torch.bfloat16), (1024, torch.float32), (1536, torch.bfloat16)])
+def test_prefill_output_is_not_4k_aliased_with_bcx(dim, dtype):
+    """A prefill's y starts away, modulo 4 KiB, from the streams of bcx it is written beside (stores
+    and loads that share their low 12 address bits stall each other: 1.5x slower at D = 2048 bf16),
+    and it is still an ordinary contiguous tensor with the reference's values."""
+    if _backend._C is None:
+        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
+    bcx, weight, _ = _inputs(1, 16, dim, dtype)
+    y = lfm_kernels.short_conv(bcx, weight)
+    es = bcx.element_size()
+    for t in range(15):
+        for s in range(3):
+            d = (y.data_ptr() + t * dim * es - bcx.data_ptr() - ((t + 1) * 3 * dim + s * dim) * es) % 4096
+            assert min(d, 4096 - d) >= 256, (t, s, d)
+    assert y.is_contiguous() and y.shape == (1, 16, dim)
+    assert_close(y, reference.short_conv(bcx, weight), dtype)
+
+
 def test_float_mask_and_empty_sequence():
     bcx, weight, state = _inputs(2, 4, 16, torch.float32)
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
