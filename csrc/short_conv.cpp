@@ -295,7 +295,7 @@ at::Tensor prefill_output(const at::Tensor& bcx, int64_t batch, int64_t T, int64
     int64_t gap = 4096;  // the smallest distance, modulo 4 KiB, between a row of y and a stream of the next bcx row
     for (int64_t t = 0; t < 16; ++t)
       for (int64_t s = 0; s < 3; ++s) {
-        const uintptr_t ys = y0 + static_cast<uintptr_t>((k * 64 / es + t * D) * es);
+        const uintptr_t ys = y0 + static_cast<uintptr_t>(k * 64 + t * D * es);
         const uintptr_t xs = x + static_cast<uintptr_t>(((t + 1) * bcx.stride(1) + s * D) * es);
         const int64_t d = static_cast<int64_t>((ys - xs) & 4095);
         gap = std::min(gap, std::min(d, 4096 - d));
