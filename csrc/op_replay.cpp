@@ -13,6 +13,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <chrono>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -104,7 +105,10 @@ class OpReplay {
       py::gil_scoped_release no_gil;  // every op here is a C++ kernel
       c10::InferenceMode inference;
       torch::jit::Stack stack;
-      for (const Call& c : calls_) {
+      if (profile_) call_ns_.assign(calls_.size(), 0);
+      auto t0 = std::chrono::steady_clock::now();
+      for (size_t j = 0; j < calls_.size(); ++j) {
+        const Call& c = calls_[j];
         stack.assign(c.args.begin(), c.args.end());
         int64_t copied = -1;  // the list argument already copied out of the template
         for (const Patch& p : c.regs) {
@@ -124,6 +128,11 @@ class OpReplay {
           if (c.outs[k] >= 0) regs[c.outs[k]] = std::move(stack[k]);
         stack.clear();
         for (int64_t r : c.release) regs[r] = c10::IValue();
+        if (profile_) {
+          const auto t1 = std::chrono::steady_clock::now();
+          call_ns_[j] = std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
+          t0 = t1;
+        }
       }
     }
     std::vector<at::Tensor> out;
@@ -136,6 +145,11 @@ class OpReplay {
   }
 
   int64_t size() const { return static_cast<int64_t>(calls_.size()); }
+
+  // Diagnostics for the benchmarks: with profiling on, run() keeps each call's wall time (ns,
+  // the call and the release of the registers it read last) for call_times().
+  void set_profile(bool on) { profile_ = on; }
+  std::vector<int64_t> call_times() const { return call_ns_; }
 
  private:
   struct Patch {
@@ -165,6 +179,8 @@ class OpReplay {
   std::vector<Call> calls_;
   std::vector<int64_t> results_;
   bool ready_ = false;
+  bool profile_ = false;
+  std::vector<int64_t> call_ns_;
 };
 
 }  // namespace
@@ -175,6 +191,8 @@ void register_op_replay(py::module_& m) {
       .def("add", &OpReplay::add, py::arg("name"), py::arg("overload"), py::arg("args"), py::arg("reg_args"),
            py::arg("outs"))
       .def("run", &OpReplay::run, py::arg("inputs"), py::arg("results"))
+      .def("set_profile", &OpReplay::set_profile, py::arg("on"))
+      .def("call_times", &OpReplay::call_times)
       .def("__len__", &OpReplay::size);
 }
 
