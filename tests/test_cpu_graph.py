@@ -182,6 +182,41 @@ def test_generate_is_the_same_with_and_without_the_graph():
     assert tb["decode_path"] == "eager"
 
 
+def test_generate_reuses_its_state_and_graph(monkeypatch):
+    """A second generate call with the same batch size reuses the first one's state and recorded graph
+    (no recording) and gives the tokens of a fresh state; another batch size or a prompt that does not
+    fit gets a new state and records again."""
+    import lfm_kernels.model.cpu_graph as cpu_graph_mod
+
+    recordings = []
+
+    class Counting(cpu_graph_mod._Recorder):
+        def __init__(self):
+            super().__init__()
+            recordings.append(1)
+
+    monkeypatch.setattr(cpu_graph_mod, "_Recorder", Counting)
+    model = _model("q4_0")
+    gen = torch.Generator().manual_seed(1)
+    p1, p2, p3 = (torch.randint(3, 300, (1, n), generator=gen) for n in (5, 9, 70))
+    kw = dict(eos_token_id=[], temperature=0.7, top_k=20, repetition_penalty=1.1)
+    model.generate(p1, 6, seed=1, **kw)
+    assert len(recordings) == 2
+    t = {}
+    again = model.generate(p2, 6, seed=2, timings=t, **kw)
+    assert len(recordings) == 2, "the second call recorded its decode step again"
+    assert t["decode_path"].startswith("cpu graph (")
+    assert torch.equal(again, model.generate(p2, 6, seed=2, cpu_graph=False, **kw))  # a fresh state, eager
+    model.generate(torch.cat([p2, p2]), 4, seed=3, **kw)  # batch 2: a state of its own, kept
+    assert len(recordings) == 4
+    model.generate(p1, 4, seed=3, **kw)  # batch 1 again: the batch-2 state does not serve
+    assert len(recordings) == 6
+    model.generate(p3, 3, seed=4, **kw)  # 70 + 3 positions do not fit the spare's 64
+    assert len(recordings) == 8
+    model.generate(p3, 3, seed=4, **kw)
+    assert len(recordings) == 8
+
+
 def test_public_stepper_replays_on_the_cpu():
     from lfm_kernels.model import decode_stepper
 

@@ -319,7 +319,7 @@ def test_generate_allocates_what_it_uses_not_max_new_tokens(tiny, monkeypatch):
     first = tiny.generate(ids, 1, temperature=0, eos_token_id=[])[0, 0].item()
     out = tiny.generate(ids, 800_000, temperature=0, eos_token_id=[first])
     assert out.tolist() == [[first]]
-    assert sizes[-1] <= 5 + 256, f"state allocated for {sizes[-1]} positions"
+    assert sizes[-1] <= 5 + 256 + 63, f"state allocated for {sizes[-1]} positions"  # rounded up to 64
 
 
 def test_generate_grows_the_state_with_identical_tokens(monkeypatch):

@@ -91,6 +91,11 @@ class DecodeGraph:
 
     path = "cuda graph"  # how the steps run (for the bench)
 
+    def reset(self) -> None:
+        """For a state that was zeroed and prefilled again (generate() reuses its last state): the
+        host's position count starts over; the captured graph stays valid (same buffers)."""
+        self._next_pos = None
+
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self._next_pos is None:
             # one read of the lengths, at the first step, so the per-step check needs no sync

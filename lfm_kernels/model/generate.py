@@ -252,6 +252,46 @@ def eos_ids(model, eos_token_id=None) -> list[int]:
 
 
 _INITIAL_ROOM = 256  # new-token positions allocated up front; the state doubles when they run out
+# A state's length is rounded up to this many positions, so that the next call, a few tokens longer
+# or shorter, can reuse it (and its recorded decode graph).
+_STATE_ALIGN = 64
+_SPARE_MAX_BYTES = 64 << 20  # a larger state (a long generation's KV caches) is freed, not kept
+
+
+def _decode_state(model, batch: int, need: int, cuda_graph: bool, cpu_graph: bool):
+    """A zeroed decode state of at least `need` positions and its stepper: the model's spare from the
+    previous generate call when it fits, else new ones.
+
+    Recording a CPU graph costs two eager steps (about two tokens' time at full size, every call, the
+    chat's every turn), capturing a CUDA graph more: a state kept with its stepper is recorded once.
+    A reused state is zeroed, so it is exactly a new one; the spare is taken under a lock, so
+    concurrent calls on one model never share it (the second makes its own)."""
+    from .cuda_graph import decode_stepper
+
+    key = (batch, bool(cuda_graph), bool(cpu_graph))
+    with model._spare_lock:
+        spare = model._spare_decode
+        fits = spare is not None and spare[0] == key and spare[1].max_len >= need
+        if fits:
+            model._spare_decode = None
+    if fits:
+        _, state, step_fn = spare
+        with torch.inference_mode():  # a grown state's buffers were made in inference mode
+            for t in state.buffers():
+                t.zero_()
+        reset = getattr(step_fn, "reset", None)
+        if reset is not None:
+            reset()
+        return state, step_fn
+    max_len = min(model.config.max_position_embeddings, -(-need // _STATE_ALIGN) * _STATE_ALIGN)
+    state = model.new_state(batch, max_len)
+    return state, decode_stepper(model, state, cuda_graph, cpu_graph)
+
+
+def _keep_spare(model, state, step_fn, cuda_graph: bool, cpu_graph: bool) -> None:
+    if state.nbytes() <= _SPARE_MAX_BYTES:
+        with model._spare_lock:
+            model._spare_decode = ((state.batch, bool(cuda_graph), bool(cpu_graph)), state, step_fn)
 
 
 def _grow_last(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
@@ -304,7 +344,10 @@ def generate(
     max_new_tokens is capped so that prompt + new tokens fit the model's context
     (max_position_embeddings); generation stops there. The decode state is not allocated for
     max_new_tokens up front: it starts with room for 256 new tokens and doubles when that runs out,
-    so memory follows the tokens actually generated.
+    so memory follows the tokens actually generated. The state and its recorded CPU graph (or
+    captured CUDA graph) stay with the model after the call (when at most 64 MiB) and the next call
+    with the same batch size whose prompt + min(max_new_tokens, 256) fits them reuses them, zeroed:
+    the same tokens, without recording the decode step again.
     Bad arguments (an empty prompt or batch, ids outside the vocabulary, a NaN or non-numeric
     temperature/top_p/repetition_penalty, a non-int top_k/max_new_tokens/eos_token_id) raise a
     ValueError or TypeError naming the argument.
@@ -355,8 +398,8 @@ def generate(
     lens = torch.tensor(lengths, dtype=torch.int64, device=dev)
     # Room for new tokens grows on demand (doubling), so a large max_new_tokens costs nothing until
     # the tokens are actually generated.
-    room = min(max_new_tokens, _INITIAL_ROOM)
-    state = model.new_state(B, T + room)
+    state, step_fn = _decode_state(model, B, T + min(max_new_tokens, _INITIAL_ROOM), cuda_graph, cpu_graph)
+    room = state.max_len - T
 
     # token history for the repetition penalty: pads repeat the row's first token (a no-op duplicate)
     hist = torch.empty(B, T + room, dtype=torch.int64)
@@ -368,9 +411,6 @@ def generate(
     out = torch.full((B, room), pad, dtype=torch.int64, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
 
-    from .cuda_graph import decode_stepper
-
-    step_fn = decode_stepper(model, state, cuda_graph, cpu_graph)
     t0 = time.perf_counter()
     logits = model.prefill(ids, lens, state)
     t1 = time.perf_counter()
@@ -400,6 +440,7 @@ def generate(
                 break
             logits = step_fn(tok)
     t2 = time.perf_counter()
+    _keep_spare(model, state, step_fn, cuda_graph, cpu_graph)
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prompt_tokens=sum(lengths), decode_steps=n - 1, batch=B,
                        decode_path=getattr(step_fn, "path", "eager"))

@@ -15,6 +15,7 @@ decode_attention reads, which would need a per-row start offset the op does not 
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,9 @@ class LfmModel:
         self._rope = None  # (cos, sin): one tuple, swapped in one assignment (see _rope_tables)
         self._scale = config.head_dim**-0.5
         self._direct = DirectOps()  # decode_step's op calls (see direct.py)
+        # generate()'s last decode state and stepper, kept for the next call (see generate.py)
+        self._spare_decode = None
+        self._spare_lock = threading.Lock()
 
     # ------------------------------------------------------------------ state and RoPE
     def new_state(self, batch: int, max_len: int) -> State:
