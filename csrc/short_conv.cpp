@@ -20,7 +20,7 @@ constexpr int64_t kChunk = 256;  // channels per task: 3 history rows x 1 KiB st
 struct ShortConvArgs {
   const void* bcx;
   int64_t bcx_sb, bcx_st;  // strides (elements) of bcx's batch and time dims
-  const float* wt;         // weight transposed to [L, wd], fp32, zero-padded to wd = D rounded up to 8
+  const float* wt;         // fp32 taps as L rows of D, row j at wt + j * wd (wd >= D)
   int64_t wd;
   const float* bias;       // [D] fp32 or null
   void* state;             // conv_state or null
@@ -144,8 +144,18 @@ void short_conv_block_vec(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t
   const int64_t cv = cn & ~int64_t(7);
   float hist[L][kChunk];
   const T* st = static_cast<const T*>(a.state);
-  for (int j = 0; j < L; ++j)
-    for (int64_t c = 0; c < cv; ++c) hist[j][c] = st ? to_f32(st[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl]) : 0.f;
+  // A channel-contiguous state (the model wrapper's: [B, L, D] memory seen as [B, D, L]) moves
+  // through whole vectors; transformers' [B, D, L] layout element by element, which at a decode
+  // step (T = 1) cost more than the convolution itself.
+  const bool st_vec = st && a.st_sd == 1;
+  for (int j = 0; j < L; ++j) {
+    if (st_vec) {
+      const T* sj = st + b * a.st_sb + c0 + j * a.st_sl;
+      for (int64_t c = 0; c < cv; c += 8) _mm256_storeu_ps(&hist[j][c], avx2::load8(sj + c));
+    } else {
+      for (int64_t c = 0; c < cv; ++c) hist[j][c] = st ? to_f32(st[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl]) : 0.f;
+    }
+  }
   for (int64_t t0 = 0; t0 < a.T; t0 += kTimeBlock) {
     const int64_t t1 = std::min(a.T, t0 + kTimeBlock);
     int64_t c = 0;
@@ -153,7 +163,11 @@ void short_conv_block_vec(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t
     for (; c + kLanes <= cv; c += kLanes) Column<T, L, 1>::run(a, b, c0 + c, t0, t1, hist, c);
     for (; c < cv; c += 8) ColumnAvx2<T, L, 1>::run(a, b, c0 + c, t0, t1, hist, c);
   }
-  if (st) {
+  if (st_vec) {
+    T* so = static_cast<T*>(a.state) + b * a.st_sb + c0;
+    for (int j = 0; j < L; ++j)
+      for (int64_t c = 0; c < cv; c += 8) avx2::store8(so + j * a.st_sl + c, _mm256_loadu_ps(&hist[j][c]));
+  } else if (st) {
     T* so = static_cast<T*>(a.state);
     for (int64_t c = 0; c < cv; ++c)
       for (int j = 0; j < L; ++j) so[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl] = from_f32<T>(hist[j][c]);
@@ -335,16 +349,24 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
   } else {
     y = at::empty({batch, T, D}, bcx.options().memory_format(at::MemoryFormat::Contiguous));
   }
-  // fp32 weights transposed to [L, D] and padded to a multiple of 8 channels for whole-vector loads.
-  // Built with plain loops: at the decode step (T = 1) tensor ops here would cost more than the conv.
-  const int64_t Dp = (D + 7) & ~int64_t(7);
-  std::vector<float> wt(static_cast<size_t>(L * Dp), 0.f);
-  const at::Tensor w = weight.contiguous();
-  LFMK_DISPATCH_FLOAT(w.scalar_type(), "short_conv weight", [&] {
-    const scalar_t* src = w.const_data_ptr<scalar_t>();
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = 0; j < L; ++j) wt[j * Dp + d] = to_f32(src[d * L + j]);
-  });
+  // The kernels read fp32 taps as [L, D] rows. fp32 taps already in that memory order (a [D, L]
+  // view of an [L, D] tensor, as the model wrapper keeps them) are read in place; any other weight
+  // is converted into such rows here, with plain loops (at the decode step, T = 1, a tensor op
+  // would cost more than the conv, and even these loops cost a third of it).
+  // (Not where the state or out shares the taps' memory: they are written while the taps are read.)
+  const bool taps_in_place = weight.scalar_type() == at::kFloat && weight.stride(0) == 1 && weight.stride(1) >= D &&
+                             !(conv_state.has_value() && share_memory(weight, *conv_state)) &&
+                             !(out.has_value() && share_memory(weight, *out));
+  const int64_t Dp = taps_in_place ? weight.stride(1) : (D + 7) & ~int64_t(7);
+  std::vector<float> wt(taps_in_place ? 0 : static_cast<size_t>(L * Dp), 0.f);
+  if (!taps_in_place) {
+    const at::Tensor w = weight.contiguous();
+    LFMK_DISPATCH_FLOAT(w.scalar_type(), "short_conv weight", [&] {
+      const scalar_t* src = w.const_data_ptr<scalar_t>();
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < L; ++j) wt[j * Dp + d] = to_f32(src[d * L + j]);
+    });
+  }
   std::vector<float> bias_f;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == D, "bias must be [D]");
@@ -364,7 +386,7 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
   a.bcx = bcx.const_data_ptr();
   a.bcx_sb = bcx.stride(0);
   a.bcx_st = bcx.stride(1);
-  a.wt = wt.data();
+  a.wt = taps_in_place ? weight.const_data_ptr<float>() : wt.data();
   a.wd = Dp;
   a.bias = bias_f.empty() ? nullptr : bias_f.data();
   if (conv_state.has_value()) {

@@ -142,6 +142,39 @@ def test_strided_state(impl, dtype):
     assert torch.equal(state, ref_state)
 
 
+@pytest.mark.parametrize("impl", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("seqlen,dim", [(1, 2048), (1, 100), (5, 2056), (1, 24)], ids=lambda v: str(v))
+def test_model_layouts_give_the_same_bits(impl, dtype, seqlen, dim):
+    """The model wrapper's CPU layouts: fp32 taps in [L, D] memory (read in place) and a state in
+    [B, L, D] memory (moved in whole vectors) give the bits of contiguous taps and state."""
+    bcx, weight, state = _inputs(2, seqlen, dim, dtype)
+    bias = torch.randn(dim, dtype=dtype)
+    taps = weight.float().t().contiguous().t()
+    state_t = state.transpose(1, 2).contiguous().transpose(1, 2)
+    assert taps.stride() == (1, dim) and state_t.stride()[1:] == (1, dim)
+    out = _run(impl, bcx, taps, bias, state_t, poison=True)
+    ref_state = state.clone()
+    ref = _run(impl, bcx, weight, bias, ref_state, poison=True)
+    assert torch.equal(out, ref)
+    assert torch.equal(state_t, ref_state)
+
+
+@pytest.mark.parametrize("impl", ["avx512", "avx2", "portable"])
+def test_state_sharing_the_taps_memory(impl):
+    """A state inside the taps' buffer (absurd, but legal) is written while the taps are read: the op
+    then converts the taps first instead of reading them in place, and the result is the reference's."""
+    dim = 64
+    bcx = torch.randn(1, 3, 3 * dim)
+    buf = torch.randn(4, dim)  # rows 0-2: taps [L, D]; rows 1-3: the state, [B, L, D] memory
+    taps, state = buf[:3].t(), buf[1:].view(1, 3, dim).transpose(1, 2)
+    ref_state = state.clone()
+    ref = reference.short_conv(bcx, taps.clone(), None, ref_state)
+    out = _run(impl, bcx, taps, None, state)
+    assert_close(out, ref, torch.float32)
+    assert torch.equal(state, ref_state)  # and through it rows 1-2 of the taps
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_chunked_prefill_equals_one_prefill(impl, dtype):

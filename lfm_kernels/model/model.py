@@ -170,10 +170,32 @@ class LfmModel:
         kw = dict(dtype=self.dtype, device=self.device)
         k = {i: torch.zeros(kv_shape, **kw) for i in cfg.attention_layers}
         v = {i: torch.zeros(kv_shape, **kw) for i in cfg.attention_layers}
-        conv = {i: torch.zeros(batch, cfg.hidden_size, cfg.conv_L_cache, **kw) for i in cfg.conv_layers}
+        conv = {i: self._new_conv_state(batch) for i in cfg.conv_layers}
         self._rope_tables(max_len)
         seq_lens = torch.zeros(batch, dtype=torch.int64, device=self.device)
         return State(batch, max_len, k, v, conv, seq_lens)
+
+    def _new_conv_state(self, batch: int) -> torch.Tensor:
+        """A zero conv state [B, H, L] (transformers' shape). On the CPU its memory is [B, L, H], time
+        major, so that the C++ conv moves it in whole vectors of channels (in [B, H, L] memory every
+        channel's L values are one scalar load and store each: at a decode step, more than the conv)."""
+        cfg = self.config
+        kw = dict(dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            return torch.zeros(batch, cfg.conv_L_cache, cfg.hidden_size, **kw).transpose(1, 2)
+        return torch.zeros(batch, cfg.hidden_size, cfg.conv_L_cache, **kw)
+
+    def _conv_taps(self, lw) -> torch.Tensor:
+        """The conv taps [H, L] as the short conv takes them: on the CPU fp32 in [L, H] memory (the C++
+        conv reads those rows in place instead of converting and transposing the taps every call; the
+        values are the model dtype's, exactly), elsewhere lw.conv itself."""
+        if self.device.type != "cpu":
+            return lw.conv
+        taps = getattr(lw, "_conv_taps", None)
+        if taps is None or taps[0] is not lw.conv:
+            taps = (lw.conv, lw.conv.float().t().contiguous().t())
+            lw._conv_taps = taps
+        return taps[1]
 
     def _rope_tables(self, length: int):
         """cos/sin [length, D] in the model dtype, computed once (grown when a longer state is made)
@@ -284,7 +306,7 @@ class LfmModel:
                 bcx = linear(h, lw.in_proj, lw.in_proj_bias)
                 st = state.conv_state[i]
                 st.zero_()
-                y = short_conv(bcx, lw.conv, lw.conv_bias, st, None)
+                y = short_conv(bcx, self._conv_taps(lw), lw.conv_bias, st, None)
                 if ragged:
                     self._fix_conv_state(st, bcx, lengths, T)
                 out = linear(y, lw.conv_out, lw.conv_out_bias)
@@ -352,7 +374,7 @@ class LfmModel:
                 out = lin(o.reshape(B, 1, -1), lw.out_proj)
             else:
                 bcx = lin(h, lw.in_proj, lw.in_proj_bias)
-                y = direct.short_conv(bcx, lw.conv, lw.conv_bias, state.conv_state[i])
+                y = direct.short_conv(bcx, self._conv_taps(lw), lw.conv_bias, state.conv_state[i])
                 out = lin(y, lw.conv_out, lw.conv_out_bias)
             x, h = add_rms_norm(x, out, lw.ffn_norm, eps)
             # the residual add after the FFN comes with the next layer's first norm (the last: the final norm)
