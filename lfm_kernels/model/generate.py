@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .. import _backend
 from .chat import ParsedReply, encode_chat, parse_tool_calls
 
 
@@ -119,8 +120,16 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids [B] (int64) from logits [B, V]; history [B, n] holds the ids seen so far (prompt
-    and generated) for the repetition penalty."""
+    and generated) for the repetition penalty.
+
+    On the CPU (with the compiled extension) greedy and top-k sampling are one C++ op
+    (csrc/sampling.cpp): the same penalty, temperature, top-p and torch.multinomial draw with the same
+    generator, with one difference: among tokens tied at the k-th score it keeps the lower ids (torch.topk
+    promises no order); greedy picks torch.argmax's token."""
     V = logits.shape[-1]
+    if _sampler_op(logits, history) and (temperature == 0 or (top_k is not None and 0 < top_k < V)):
+        return torch.ops.lfm_kernels_cpu.sample_top_k(logits, history, float(temperature), int(top_k or 1),
+                                                      float(top_p), float(repetition_penalty), generator)
     if temperature != 0 and top_k is not None and 0 < top_k < V:
         ids, probs = candidate_probs(logits, history, temperature, top_k, top_p, repetition_penalty)
         pick = torch.multinomial(probs, 1, generator=generator)
@@ -134,6 +143,12 @@ def sample_next(
         return scores.argmax(dim=-1)
     scores = process_logits(scores, None, temperature, top_k, top_p, 1.0)
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def _sampler_op(logits: torch.Tensor, history: torch.Tensor | None) -> bool:
+    return (logits.device.type == "cpu" and logits.dim() == 2 and _backend.cpu_extension_available()
+            and hasattr(torch.ops.lfm_kernels_cpu, "sample_top_k")
+            and (history is None or (history.dim() == 2 and history.dtype == torch.int64)))
 
 
 def _real(name: str, value) -> float:
