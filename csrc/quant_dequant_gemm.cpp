@@ -331,6 +331,43 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& data_in, c10::string_view form
   return out;
 }
 
+// Rows ids (int64, any shape) of an [N, K] quantized matrix, dequantized -> [*ids.shape, K] in dtype:
+// an embedding lookup in a quantized table. A tensor op (the ids never become Python numbers), so a
+// recorded decode step holds it and the looked-up row costs one dispatch; each row the values of
+// quant_dequantize's. An id outside [0, N) is an IndexError.
+at::Tensor quant_embedding_cpu(const at::Tensor& data_in, const at::Tensor& ids_in, c10::string_view format,
+                               c10::string_view layout, int64_t N, int64_t K, at::ScalarType dtype) {
+  const WFormat f = parse_format(format, "quant_embedding");
+  const bool x8 = parse_layout(layout, "quant_embedding");
+  TORCH_CHECK_VALUE(N > 0 && K > 0 && K % weights_per_block(f) == 0, "quant_embedding: N > 0 and K a positive multiple of ",
+                    weights_per_block(f), " needed, got N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(!x8 || is_kformat(f) || N % 8 == 0, "quant_embedding: layout x8 of ", format,
+                    " needs N a multiple of 8, got ", N);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, "quant_embedding: dtype must be float32 or bfloat16");
+  TORCH_CHECK_VALUE(ids_in.scalar_type() == at::kLong, "quant_embedding: ids must be int64, got ", ids_in.scalar_type());
+  const int64_t rb = row_bytes(f, K);
+  TORCH_CHECK_VALUE(data_in.scalar_type() == at::kByte && data_in.numel() == N * rb, "quant_embedding: data must be uint8 "
+                    "holding ", N * rb, " bytes, got ", data_in.scalar_type(), " with ", data_in.numel());
+  const at::Tensor data = data_in.contiguous(), ids = ids_in.contiguous();
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(K);
+  at::Tensor out = at::empty(shape, data.options().dtype(dtype));
+  const int64_t n = ids.numel();
+  const int64_t* ip = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < N, "quant_embedding: index ", ip[i], " is out of range for a table of ", N,
+                      " rows");
+  const uint8_t* dp = data.const_data_ptr<uint8_t>();
+  std::vector<uint8_t> group(x8 ? 8 * rb : 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype == at::kFloat)
+      dequant_rows(f, x8, dp, N, K, ip[i], ip[i] + 1, mptr<float>(out) + i * K, K, group.data());
+    else
+      dequant_rows(f, x8, dp, N, K, ip[i], ip[i] + 1, mptr<c10::BFloat16>(out) + i * K, K, group.data());
+  }
+  return out;
+}
+
 // out[M, N] = x[M, K] @ dequant(W)^T (+ bias), x bf16: the route for many rows.
 at::Tensor linear_quant_dequant_gemm_cpu(const at::Tensor& x_in, const at::Tensor& qweight, c10::string_view format,
                                          c10::string_view layout, int64_t N, int64_t K,
@@ -437,10 +474,12 @@ void experts_dequant_gemm(const at::Tensor& hidden, const uint8_t* gu, WFormat f
 
 TORCH_LIBRARY_FRAGMENT(lfm_kernels_cpu, m) {
   m.def("quant_dequantize(Tensor data, str format, str layout, int mats, int N, int K, ScalarType dtype) -> Tensor");
+  m.def("quant_embedding(Tensor data, Tensor ids, str format, str layout, int N, int K, ScalarType dtype) -> Tensor");
   m.def("linear_quant_dequant_gemm(Tensor x, Tensor qweight, str format, str layout, int N, int K, Tensor? bias) "
         "-> Tensor");
 }
 TORCH_LIBRARY_IMPL(lfm_kernels_cpu, CPU, m) {
   m.impl("quant_dequantize", &lfmk::quant::quant_dequantize_cpu);
+  m.impl("quant_embedding", &lfmk::quant::quant_embedding_cpu);
   m.impl("linear_quant_dequant_gemm", &lfmk::quant::linear_quant_dequant_gemm_cpu);
 }

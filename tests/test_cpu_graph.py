@@ -17,13 +17,15 @@ pytestmark = pytest.mark.skipif(not _backend.cpu_extension_available(), reason="
 
 
 def _model(weights: str):
-    """Every kind of layer (dense FFN, conv, attention, MoE); K a multiple of 256 for the K-quants."""
+    """Every kind of layer (dense FFN, conv, attention, MoE); K a multiple of 256 for the K-quants.
+    "<quant>-fp16": quantized weights in a float16 model (its embedding lookup is not recordable)."""
     cfg = config_from_dict(dict(
         model_type="lfm2_moe", vocab_size=300, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
         num_dense_layers=2, layer_types=["conv", "conv", "full_attention", "conv", "full_attention"],
     ))
-    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+    dtype = torch.float32 if weights == "fp32" else torch.float16 if weights.endswith("-fp16") else torch.bfloat16
+    weights = weights.removesuffix("-fp16")
     quant = None if weights in ("fp32", "bf16") else weights
     w, _, _ = allocate(cfg, dtype, "cpu", quant=quant)
     fill_random(w, cfg, seed=3, progress=False, std=0.2)
@@ -50,7 +52,7 @@ def _prefilled(model, batch: int, max_len: int = 24):
     return states
 
 
-@pytest.mark.parametrize("weights", ["fp32", "bf16", "q8_0", "q4_0", "q4_k_m"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "q8_0", "q4_0", "q4_k_m", "q4_0-fp16"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_replay_gives_the_eager_bits(weights, batch):
     model = _cached(weights)
@@ -66,6 +68,29 @@ def test_replay_gives_the_eager_bits(weights, batch):
             assert torch.equal(a, b), f"step {n}: the state differs"
         tok = want.argmax(-1)  # a new token each step: the replay must not have baked the first one in
     assert step.replay is not None and len(step.replay) > 50, "the steps after the second were not replayed"
+
+
+@pytest.mark.parametrize("weights,first", [("bf16", "aten::embedding"), ("q4_k_m", "lfm_kernels_cpu::quant_embedding"),
+                                           ("q4_0-fp16", None)])
+def test_the_embedding_lookup_is_recorded(weights, first, monkeypatch):
+    """The recording starts at the token ids (the lookup one recorded op), except for a quantized
+    float16 table, whose lookup reads the id into Python: that step starts at its output."""
+    import lfm_kernels.model.cpu_graph as cpu_graph_mod
+
+    programs = []
+    real = cpu_graph_mod._program
+    monkeypatch.setattr(cpu_graph_mod, "_program", lambda *a: programs.append(real(*a)) or programs[-1])
+    model = _cached(weights)
+    _, graphed = _prefilled(model, 1)
+    step = CpuDecodeGraph(model, graphed)
+    for _ in range(3):
+        step(torch.tensor([5]))
+    assert step.replay is not None
+    names = [func._schema.name for func, *_ in programs[-1][0]]
+    if first is None:
+        assert not any("embedding" in n for n in names), names[:3]
+    else:
+        assert names[0] == first
 
 
 def test_rerecords_after_the_state_grows():

@@ -105,6 +105,27 @@ def test_dequantized_row_lookup(fmt, dtype):
                 t._dequantize_rows(bad)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k"])
+def test_quant_embedding_op(fmt, dtype):
+    """The model's quantized embedding lookup (one C++ op, recordable in a CPU graph): rows of
+    dequantize() for ids of any shape, both layouts (a K-quant with N % 8 rows in its row tail)."""
+    k = 512 if fmt.endswith("_k") else 96
+    qt = quantize(torch.randn(43, k) / k**0.5, fmt) if fmt.endswith("_k") else _random_qt((40, k), fmt)
+    n = qt.shape[0]
+    full = qt.dequantize(torch.float32).to(dtype)
+    op = torch.ops.lfm_kernels_cpu.quant_embedding
+    for t in (qt, qt.to_layout("x8")):
+        for ids in (torch.tensor([n - 1]), torch.tensor([0, n - 1, 7, 8, 21, 21]), torch.tensor([[3, 42 % n], [n - 2, 0]])):
+            got = op(t.data, ids, fmt, t.layout, n, k, dtype)
+            assert got.shape == (*ids.shape, k) and got.dtype == dtype
+            assert torch.equal(got, full[ids])
+        for bad in (torch.tensor([n]), torch.tensor([-1]), torch.tensor([3, n])):
+            with pytest.raises(IndexError, match=f"out of range for a table of {n} rows"):
+                op(t.data, bad, fmt, t.layout, n, k, dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # linear on x8
 
