@@ -36,13 +36,70 @@ float inv_rms(const T* x, int64_t d, float eps) {
   return 1.f / std::sqrt(sum / static_cast<float>(d) + eps);
 }
 
+}  // namespace
+}  // namespace lfmk
+
+LFMK_AVX2_BEGIN
+#include "simd_avx2.h"
+namespace lfmk {
+namespace {
+
+// One row on AVX2: the portable row's operations in its order (lane j of the accumulator is its
+// part[j]; multiply and add kept apart, as the portable code compiles them), so the same bits.
+template <typename T>
+void rms_norm_row_avx2(const T* xr, const T* wr, T* yr, int64_t d, float eps, const T* rr, T* sr) {
+  const int64_t dv = d & ~int64_t(7);
+  if (rr) {
+    for (int64_t i = 0; i < dv; i += 8) avx2::store8(sr + i, _mm256_add_ps(avx2::load8(xr + i), avx2::load8(rr + i)));
+    for (int64_t i = dv; i < d; ++i) sr[i] = from_f32<T>(to_f32(xr[i]) + to_f32(rr[i]));
+    xr = sr;
+  }
+  // (the empty asm keeps each square a rounded product: fused into an FMA it would change the bits)
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < dv; i += 8) {
+    const __m256 v = avx2::load8(xr + i);
+    __m256 sq = _mm256_mul_ps(v, v);
+    asm("" : "+x"(sq));
+    acc = _mm256_add_ps(acc, sq);
+  }
+  alignas(32) float part[8];
+  _mm256_store_ps(part, acc);
+  for (int64_t i = dv, j = 0; i < d; ++i, ++j) {
+    const float v = to_f32(xr[i]);
+    float sq = v * v;
+    asm("" : "+x"(sq));
+    part[j] += sq;
+  }
+  const float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  const float s = 1.f / std::sqrt(sum / static_cast<float>(d) + eps);
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int64_t i = 0; i < dv; i += 8) {
+    const __m256 normed = avx2::round_as<T>(_mm256_mul_ps(avx2::load8(xr + i), sv));
+    avx2::store8(yr + i, _mm256_mul_ps(avx2::load8(wr + i), normed));
+  }
+  for (int64_t i = dv; i < d; ++i) yr[i] = from_f32<T>(to_f32(wr[i]) * to_f32(from_f32<T>(to_f32(xr[i]) * s)));
+}
+
+}  // namespace
+}  // namespace lfmk
+LFMK_AVX2_END
+
+namespace lfmk {
+namespace {
+
 // res != null: x + res first, rounded to T as the eager add rounds it, written to sum and normalised
 // (the residual add before each of the model's norms, one pass instead of two ops).
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t d, int64_t w_rows, float eps,
                    const T* res = nullptr, T* sum = nullptr) {
+  const bool avx2 = cpu_has_avx2();
   auto body = [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
+      if (avx2) {
+        rms_norm_row_avx2<T>(x + r * d, w + (r % w_rows) * d, y + r * d, d, eps, res ? res + r * d : nullptr,
+                             res ? sum + r * d : nullptr);
+        continue;
+      }
       const T* xr = x + r * d;
       if (res) {
         T* sr = sum + r * d;

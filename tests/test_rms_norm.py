@@ -55,6 +55,24 @@ def test_rms_norm_matches_reference(xs, ws, dtype):
     assert ulps(out, eager, dtype).max() <= (4 if dtype == torch.float32 else 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("xs,ws", CASES, ids=[f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}" for x, w in CASES])
+def test_avx2_rows_give_the_portable_bits(xs, ws, dtype):
+    """The AVX2 row (vectors of 8, a scalar tail) keeps the portable row's operations and order."""
+    from conftest import cpu_isa_path
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(xs, generator=g) * 3).to(dtype)
+    r = (torch.randn(xs, generator=g) * 3).to(dtype)
+    w = (1 + 0.5 * torch.randn(ws, generator=g)).to(dtype)
+    runs = {}
+    for isa in ("portable", "avx2"):
+        with cpu_isa_path(isa):
+            runs[isa] = (torch.ops.lfm_kernels_cpu.rms_norm(x, w, EPS), *torch.ops.lfm_kernels_cpu.add_rms_norm(x, r, w, EPS))
+    for a, b in zip(runs["portable"], runs["avx2"]):
+        assert torch.equal(a, b)
+
+
 def test_rms_norm_is_thread_count_independent():
     x = torch.randn(700, 2048).bfloat16()
     w = torch.randn(2048).bfloat16()
