@@ -51,12 +51,23 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& hidden, const
   TORCH_CHECK(gate_weight.dim() == 2 && gate_weight.size(1) == hidden.size(1), "moe_route: gate_weight must be [E, H]");
   const int64_t N = hidden.size(0), H = hidden.size(1), E = gate_weight.size(0);
   TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_route: top_k must be in [1, E]");
-  const at::Tensor X = hidden.to(at::kFloat).contiguous();
+  // hidden and the bias in fp32, converted here with plain loops: at a decode step (one token) the
+  // tensor ops for it were a good part of the call, on caches the weight streams have just evicted
+  const at::Tensor hc = hidden.contiguous();
+  std::vector<float> X(static_cast<size_t>(N * H));
+  LFMK_DISPATCH_FLOAT(hc.scalar_type(), "moe_route hidden", [&] {
+    const scalar_t* src = hc.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < N * H; ++i) X[i] = to_f32(src[i]);
+  });
   const at::Tensor gw = gate_weight.contiguous();
-  at::Tensor bias;
+  std::vector<float> bias;
   if (expert_bias.has_value()) {
     TORCH_CHECK(expert_bias->numel() == E, "moe_route: expert_bias must be [E]");
-    bias = expert_bias->to(at::kFloat).contiguous();
+    const at::Tensor bc = expert_bias->contiguous();
+    LFMK_DISPATCH_FLOAT(bc.scalar_type(), "moe_route expert_bias", [&] {
+      const scalar_t* src = bc.const_data_ptr<scalar_t>();
+      for (int64_t e = 0; e < E; ++e) bias.push_back(to_f32(src[e]));
+    });
   }
   auto fopt = hidden.options().dtype(at::kFloat);
   at::Tensor weights = at::empty({N, top_k}, fopt);
@@ -65,9 +76,9 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& hidden, const
   at::Tensor logits = at::empty({N, E}, fopt);
   float* lg = logits.mutable_data_ptr<float>();
   LFMK_DISPATCH_FLOAT(gw.scalar_type(), "moe_route", [&] {
-    route_logits<scalar_t>(X.const_data_ptr<float>(), cptr<scalar_t>(gw), N, E, H, lg);
+    route_logits<scalar_t>(X.data(), cptr<scalar_t>(gw), N, E, H, lg);
   });
-  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const float* bp = expert_bias.has_value() ? bias.data() : nullptr;
   float* wo = weights.mutable_data_ptr<float>();
   int64_t* io = ids.mutable_data_ptr<int64_t>();
   const float scale = static_cast<float>(routed_scaling_factor);
@@ -75,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& hidden, const
   // dtype, and the biased score to the promoted dtype of (sigmoid, expert_bias). Selection is
   // discrete, so rounding at the same points is what makes bf16 choices agree with transformers.
   const at::ScalarType hdt = hidden.scalar_type();
-  const at::ScalarType cdt = expert_bias.has_value() ? at::promote_types(hdt, expert_bias->scalar_type()) : hdt;
+  const at::ScalarType cdt = expert_bias.has_value() ? c10::promoteTypes(hdt, expert_bias->scalar_type()) : hdt;
   const auto rnd = [](at::ScalarType t, float v) -> float {
     if (t == at::kBFloat16) return static_cast<float>(c10::BFloat16(v));
     if (t == at::kHalf) return static_cast<float>(c10::Half(v));
