@@ -97,6 +97,12 @@ void set_pin_avx2(bool pin);
 int64_t x8_one_stream_max_rows();
 void set_x8_one_stream_max_rows(int64_t rows);
 
+// out (contiguous; float32, bfloat16 or float16, out.numel() values) = src rounded to out's dtype to
+// nearest even, as a dtype-converting copy_ rounds (NaN: the canonical quiet NaN). For op results
+// computed in fp32: a copy_ is a TensorIterator per call, a good part of a decode step's small
+// matrix op on caches the weight streams have evicted. Split over the threads only when large.
+void store_fp32_as(const float* src, at::Tensor& out);
+
 // ---- software prefetch of a weight stream ----
 // The decode GEMVs read each weight row once, front to back. The hardware L2 streamer alone does not
 // keep enough of such a stream in flight on server cores with long memory latency, and it restarts at

@@ -241,7 +241,7 @@ at::Tensor linear_kquant_any(const char* op, bool x8, const at::Tensor& x_in, co
   a.K = K;
   a.x8 = x8;
   with_kquant_kern([&](auto kern) { run_kern_k<decltype(kern)>(f, x, a); });
-  if (xdt != at::kFloat) out.copy_(out_f);
+  if (xdt != at::kFloat) store_fp32_as(out_f.const_data_ptr<float>(), out);
   return out;
 }
 

@@ -389,7 +389,7 @@ at::Tensor linear_quant_cpu(const at::Tensor& x_in, const at::Tensor& qweight, c
   a.N = N;
   a.K = K;
   run_isa(f, x, a);
-  if (xdt != at::kFloat) out.copy_(out_f);
+  if (xdt != at::kFloat) store_fp32_as(out_f.const_data_ptr<float>(), out);
   return out;
 }
 

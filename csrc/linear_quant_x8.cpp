@@ -303,7 +303,7 @@ at::Tensor linear_quant_x8_cpu(const at::Tensor& x_in, const at::Tensor& qweight
     case 1: x8_run_kern<X8Avx2>(f, x, a); break;
     default: x8_run_kern<X8Portable>(f, x, a); break;
   }
-  if (xdt != at::kFloat) out.copy_(out_f);
+  if (xdt != at::kFloat) store_fp32_as(out_f.const_data_ptr<float>(), out);
   return out;
 }
 
