@@ -242,6 +242,24 @@ def test_generate_reuses_its_state_and_graph(monkeypatch):
     assert len(recordings) == 8
 
 
+def test_a_model_with_a_kept_graph_is_freed_when_dropped():
+    """The state and graph generate() keeps with the model must not keep the model alive: dropping the
+    last reference frees it at once (a 17 GB model must not wait for the cycle collector)."""
+    import gc
+    import weakref
+
+    model = _model("q4_0")
+    model.generate(torch.randint(3, 300, (1, 5)), 4, eos_token_id=[])
+    assert model._spare_decode is not None
+    ref = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert ref() is None, "the model outlived its last reference"
+    finally:
+        gc.enable()
+
+
 def test_public_stepper_replays_on_the_cpu():
     from lfm_kernels.model import decode_stepper
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Callable
 
 import torch
@@ -291,6 +292,7 @@ def _decode_state(model, batch: int, need: int, cuda_graph: bool, cpu_graph: boo
             model._spare_decode = None
     if fits:
         _, state, step_fn = spare
+        step_fn.model = model  # the spare held it weakly (see _keep_spare)
         with torch.inference_mode():  # a grown state's buffers were made in inference mode
             for t in state.buffers():
                 t.zero_()
@@ -304,9 +306,14 @@ def _decode_state(model, batch: int, need: int, cuda_graph: bool, cpu_graph: boo
 
 
 def _keep_spare(model, state, step_fn, cuda_graph: bool, cpu_graph: bool) -> None:
-    if state.nbytes() <= _SPARE_MAX_BYTES:
-        with model._spare_lock:
-            model._spare_decode = ((state.batch, bool(cuda_graph), bool(cpu_graph)), state, step_fn)
+    """Keeps a recorded / captured stepper and its state with the model. The stepper refers to the
+    model; kept so, it would make a reference cycle, and a dropped model (17 GB in bf16) would wait for
+    the cycle collector instead of being freed at once: the kept stepper refers to it weakly."""
+    if state.nbytes() > _SPARE_MAX_BYTES or not hasattr(step_fn, "model"):
+        return  # (the eager stepper records nothing: nothing to keep)
+    step_fn.model = weakref.proxy(model)
+    with model._spare_lock:
+        model._spare_decode = ((state.batch, bool(cuda_graph), bool(cpu_graph)), state, step_fn)
 
 
 def _grow_last(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
