@@ -62,3 +62,18 @@ def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
     out = empty(*t.shape, dtype=t.dtype)
     out.copy_(t)
     return out
+
+
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's anonymous memory on transparent huge pages (Linux: AnonHugePages of
+    /proc/self/smaps_rollup), or None where that cannot be read. Where a weight is not on huge pages
+    (the kernel found no free 2 MiB page: memory fragmented) its decode reads pay a page walk per 4 KiB,
+    so the benchmarks report the share of the weights that got them."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -568,3 +568,9 @@ def test_big_weights_on_huge_pages_load_and_share_storage(tmp_path):
     assert moved.is_contiguous() and moved.dtype == src.dtype and torch.equal(moved, src)
     small = torch.randn(10)
     assert _memory.on_huge_pages(small) is small
+    # what the e2e bench reports as the weights' share on huge pages
+    huge = _memory.huge_page_bytes()
+    if sys.platform.startswith("linux"):
+        assert isinstance(huge, int) and huge >= 0
+    else:
+        assert huge is None

@@ -105,6 +105,12 @@ def run_e2e(
         weights = quant or "+".join(f for f in formats if f not in ("float32", "bfloat16", "float16"))
     else:
         weights = dtype_name
+    from .._memory import huge_page_bytes
+
+    huge = huge_page_bytes()
+    if huge is not None and model.device.type == "cpu":
+        # (measured before the probes, whose buffer is on huge pages too)
+        extra["weights_on_huge_pages"] = f"{min(100.0, 100 * huge / model.weight_bytes()):.0f}%"
     cfg = model.config
     nbytes = model.bytes_per_decoded_token(1)
     say(f"weights {model.weight_bytes() / 1e9:.2f} GB; one decoded token reads {nbytes / 1e9:.3f} GB")
