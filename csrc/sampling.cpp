@@ -14,8 +14,9 @@
 // holding an element (its maximum) that ranks above everything in the left-out block.
 //
 // sample_top_k: with temperature 0 the best id (greedy); otherwise the candidates' scores divided by
-// the temperature, top-p masking and softmax over the k candidates, and torch.multinomial with the
-// caller's generator: the ATen ops the Python sampler runs on those k values, in the same order.
+// the temperature, top-p masking (transformers' TopPLogitsWarper) and softmax over the k candidates,
+// then one uniform draw per row from the caller's generator: the Python sampler's distribution, but
+// not torch.multinomial's random stream, so a seed picks other tokens than the Python path does.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -190,30 +191,23 @@ std::tuple<at::Tensor, at::Tensor> penalized_top_k_cpu(const at::Tensor& logits,
 // Row b's draw from its k candidates (scores descending): scores / temperature, the top-p cut,
 // softmax, and the first candidate whose cumulative probability passes u * total.
 int64_t draw(const float* vals, const int64_t* ids, int64_t k, float temperature, double top_p, double u) {
-  std::vector<float> t(static_cast<size_t>(k));
-  for (int64_t i = 0; i < k; ++i) t[i] = vals[i] / temperature;
+  // unnormalised probabilities exp(t_i - t_0), t = scores / temperature (t_0 the largest)
+  const float mx = vals[0] / temperature;
+  std::vector<double> p(static_cast<size_t>(k));
+  double total = 0;
+  for (int64_t i = 0; i < k; ++i) total += p[i] = std::exp(static_cast<double>(vals[i] / temperature) - mx);
+  TORCH_CHECK_VALUE(std::isfinite(total) && total > 0, "sample_top_k: the candidates' probabilities are not finite "
+                    "(NaN or infinite logits)");
   // top-p (transformers' TopPLogitsWarper): in ascending order, drop the candidates whose cumulative
   // probability stays <= 1 - top_p, always keeping the best
   int64_t keep = k;
   if (top_p < 1.0) {
-    const float mx = t[0];
-    double total = 0;
-    for (int64_t i = 0; i < k; ++i) total += std::exp(static_cast<double>(t[i]) - mx);
     double cum = 0;
-    const double cut = 1.0 - top_p;
-    for (int64_t i = k - 1; i > 0; --i) {
-      cum += std::exp(static_cast<double>(t[i]) - mx) / total;
-      if (cum > cut) break;
-      keep = i;
-    }
+    for (int64_t i = k - 1; i > 0 && (cum += p[i] / total) <= 1.0 - top_p; --i) keep = i;
   }
-  const float mx = t[0];
-  std::vector<double> p(static_cast<size_t>(keep));
-  double total = 0;
-  for (int64_t i = 0; i < keep; ++i) total += p[i] = std::exp(static_cast<double>(t[i]) - mx);
-  TORCH_CHECK_VALUE(std::isfinite(total) && total > 0, "sample_top_k: the candidates' probabilities are not finite "
-                    "(NaN or infinite logits)");
-  const double target = u * total;
+  double kept = 0;
+  for (int64_t i = 0; i < keep; ++i) kept += p[i];
+  const double target = u * kept;
   double cum = 0;
   for (int64_t i = 0; i < keep; ++i) {
     cum += p[i];
