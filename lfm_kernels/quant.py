@@ -170,26 +170,21 @@ class QuantizedTensor:
         quants = grp[:, :, 16:].reshape(n, nb, v, 8, 4).permute(0, 3, 1, 2, 4)[pick]  # [n, nb, v, 4]
         return torch.cat([scales, quants.reshape(n, nb, 4 * v)], dim=2).reshape(n, nb * bb)
 
+    def _rows_op(self, dtype: torch.dtype) -> bool:
+        """Whether _dequantize_rows runs as the C++ lookup (a CPU [N, K] weight, float32 / bfloat16 out)."""
+        return (len(self.shape) == 2 and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "quant_embedding"))
+
     def _dequantize_rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows `ids` [n] of a [N, K] weight dequantized -> [n, K] in `dtype` (an embedding lookup), the
-        values of `dequantize()`. In the x8 layout with N a multiple of 8 the C++ op dequantizes the
-        8-row groups holding them and the rows are picked from those: four dispatches instead of the
-        dozen that regrouping the blocks takes, which matters once per decoded token."""
+        """Rows `ids` (int64, any shape) of a [N, K] weight dequantized -> [*ids.shape, K] in `dtype` (an
+        embedding lookup), the values of `dequantize()`; an id outside [0, N) is an IndexError. On the
+        CPU one C++ op in either layout (`quant_embedding`): it never reads an id into Python, so a
+        recorded decode step holds it, and it costs one dispatch per decoded token."""
         n, k = self.shape
-        if (self.layout == "x8" and n % 8 == 0 and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                and _backend.cpu_extension_available() and hasattr(torch.ops.lfm_kernels_cpu, "quant_dequantize")):
-            groups = self.data.view(n // 8, -1)
-            if ids.numel() == 1:  # a decode step of one row: slices, no index tensors
-                i = int(ids)
-                if not 0 <= i < n:
-                    raise IndexError(f"index {i} is out of range for a table of {n} rows")
-                rows = torch.ops.lfm_kernels_cpu.quant_dequantize(groups[i // 8: i // 8 + 1], self.format, "x8", 1, 8, k, dtype)
-                return rows.view(8, k)[i % 8: i % 8 + 1]
-            grp = groups.index_select(0, ids // 8)
-            rows = torch.ops.lfm_kernels_cpu.quant_dequantize(grp, self.format, "x8", 1, 8 * ids.numel(), k, dtype)
-            return rows.view(ids.numel(), 8, k)[torch.arange(ids.numel(), device=ids.device), ids % 8]
-        blocks = self._row_blocks(ids)
-        return QuantizedTensor(blocks, self.format, (blocks.shape[0], k)).dequantize(dtype)
+        if self._rows_op(dtype):
+            return torch.ops.lfm_kernels_cpu.quant_embedding(self.data, ids, self.format, self.layout, n, k, dtype)
+        blocks = self._row_blocks(ids.reshape(-1))
+        return QuantizedTensor(blocks, self.format, (blocks.shape[0], k)).dequantize(dtype).view(*ids.shape, k)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight the blocks stand for, in `dtype` (values exact in float32; bfloat16 is the

@@ -90,16 +90,17 @@ def test_row_lookup_on_x8(fmt):
         assert torch.equal(t._row_blocks(ids), qt.data.index_select(0, ids))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # float16: not the C++ op's
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantized_row_lookup(fmt, dtype):
-    # the embedding lookup: one id (a decode step's slices) and several, in both layouts
+    # the embedding lookup: one id (a decode step's) and several, of any shape, in both layouts
     qt = _random_qt((40, 96), fmt)
     full = qt.dequantize(dtype)
     for t in (qt, qt.to_layout("x8")):
-        for ids in (torch.tensor([0]), torch.tensor([39]), torch.tensor([13]), torch.tensor([0, 39, 7, 8, 21, 21])):
+        for ids in (torch.tensor([0]), torch.tensor([39]), torch.tensor([13]), torch.tensor([0, 39, 7, 8, 21, 21]),
+                    torch.tensor([[3, 39], [8, 0]])):
             got = t._dequantize_rows(ids, dtype)
-            assert got.dtype == dtype and torch.equal(got, full.index_select(0, ids))
+            assert got.dtype == dtype and torch.equal(got, full[ids])
         for bad in (torch.tensor([40]), torch.tensor([-1]), torch.tensor([3, 40])):
             with pytest.raises(IndexError):
                 t._dequantize_rows(bad)

@@ -10,9 +10,8 @@ arguments, so its logits are the eager step's bits.
 What makes a recorded step replayable, and how each rule is enforced:
 - Every call is a C++ kernel of `aten` or `lfm_kernels_cpu` (no Python kernels, no other libraries).
 - Nothing in the step reads a tensor's value into Python. The embedding lookup is recorded too
-  (aten::embedding, or the quantized table's C++ lookup); only a quantized table in float16, whose
-  lookup reads the id into Python, stays outside, the step then recorded from its embedded input on.
-  A call that returns anything but tensors (`item`, say) refuses the graph.
+  (aten::embedding, or the quantized table's C++ lookup `quant_embedding`). A call that returns
+  anything but tensors (`item`, say) refuses the graph.
 - Nothing else changes between steps but tensor contents: the step is recorded twice, and the two
   recordings must make the same calls with the same constant tensors (the very same objects: the
   weights, the state's buffers, the RoPE tables) and the same non-tensor arguments. A tensor created
@@ -188,31 +187,25 @@ class CpuDecodeGraph:
         model, state = self.model, self.state
         if tuple(tokens.shape) != (state.batch,):
             raise ValueError(f"tokens must have shape [B={state.batch}], got {tuple(tokens.shape)}")
-        # The step is recorded from the token ids where the embedding lookup is a C++ op; otherwise
-        # (a quantized table in float16, whose lookup reads the id into Python) from its output.
-        if model._embed_recordable():
-            x = tokens
-            step = lambda t: model._decode_embedded(model._embed(t).unsqueeze(1), state)  # noqa: E731
-        else:
-            x = model._embed(tokens).unsqueeze(1)
-            step = lambda e: model._decode_embedded(e, state)  # noqa: E731
+        # the step from the token ids on: the embedding lookup is a C++ op too
+        step = lambda t: model._decode_embedded(model._embed(t).unsqueeze(1), state)  # noqa: E731
         if self.reason is not None:
-            return step(x)
+            return step(tokens)
         # generate() grows a state by replacing its caches (and, with its longer max_len, the RoPE tables)
         route, buffers = _policy.route_token(), state.buffers()
         same = (self._route is not None and _policy.same_route_token(route, self._route)
                 and state.max_len == self._max_len
                 and len(buffers) == len(self._buffers) and all(a is b for a, b in zip(buffers, self._buffers)))
         if self.replay is not None and same:
-            return self.replay.run([x], [self._result])[0]
+            return self.replay.run([tokens], [self._result])[0]
         if not same:  # the policy changed, or the state grew (new caches, longer RoPE tables): record again
             self.replay, self._first = None, None
         self._route, self._buffers, self._max_len = route, buffers, state.max_len
         rec = _Recorder()
         with rec:
-            out = step(x)
+            out = step(tokens)
         try:
-            prog = _program(rec.calls, [x], out)
+            prog = _program(rec.calls, [tokens], out)
         except _Refused as e:
             self.reason, self._first = str(e), None
             return out

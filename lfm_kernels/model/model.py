@@ -223,23 +223,9 @@ class LfmModel:
         table = self.weights.embed
         if not isinstance(table, QuantizedTensor):
             return F.embedding(ids, table)
-        if self._embed_op():
-            N, K = table.shape
-            return torch.ops.lfm_kernels_cpu.quant_embedding(table.data, ids, table.format, table.layout, N, K, self.dtype)
-        H = table.shape[-1]
-        return table._dequantize_rows(ids.reshape(-1), torch.float32).to(self.dtype).view(*ids.shape, H)
-
-    def _embed_op(self) -> bool:
-        """Whether the quantized table's lookup is the C++ op (one dispatch, no Python number)."""
-        table = self.weights.embed
-        return (isinstance(table, QuantizedTensor) and len(table.shape) == 2 and table.device.type == "cpu"
-                and self.dtype in (torch.float32, torch.bfloat16) and _backend.cpu_extension_available()
-                and hasattr(torch.ops.lfm_kernels_cpu, "quant_embedding"))
-
-    def _embed_recordable(self) -> bool:
-        """Whether a recorded decode step (cpu_graph.py) can start at the token ids: the lookup is a
-        C++ op that never reads an id into Python."""
-        return not isinstance(self.weights.embed, QuantizedTensor) or self._embed_op()
+        if table._rows_op(self.dtype):
+            return table._dequantize_rows(ids, self.dtype)
+        return table._dequantize_rows(ids, torch.float32).to(self.dtype)  # float16: exact in fp32, rounded once
 
     def _ffn(self, lw, h: torch.Tensor, direct: DirectOps | None = None) -> torch.Tensor:
         cfg = self.config
