@@ -124,9 +124,10 @@ def sample_next(
     and generated) for the repetition penalty.
 
     On the CPU (with the compiled extension) greedy and top-k sampling are one C++ op
-    (csrc/sampling.cpp): the same penalty, temperature, top-p and torch.multinomial draw with the same
-    generator, with one difference: among tokens tied at the k-th score it keeps the lower ids (torch.topk
-    promises no order); greedy picks torch.argmax's token."""
+    (csrc/sampling.cpp): the same penalty, temperature, top-p and distribution, drawn with one uniform
+    number per row from `generator` (reproducible per seed, but not torch.multinomial's draws: a seed
+    picks other tokens than on other devices); among tokens tied at the k-th score it keeps the lower
+    ids (torch.topk promises no order); greedy picks torch.argmax's token."""
     V = logits.shape[-1]
     if _sampler_op(logits, history) and (temperature == 0 or (top_k is not None and 0 < top_k < V)):
         return torch.ops.lfm_kernels_cpu.sample_top_k(logits, history, float(temperature), int(top_k or 1),
