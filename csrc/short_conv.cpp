@@ -1,10 +1,11 @@
 // Fused double-gated short convolution: y = C * causal_depthwise_conv(B * x), width L in 2..4.
 //
 // bcx [B, T, 3D] (channel stride 1) is read once and y [B, T, D] written once. Work is split over
-// (batch row, block of kChunk channels). Inside a block the time loop is outermost (the AVX2 path:
-// in blocks of kTimeBlock steps) so each step reads three contiguous channel runs of bcx; the last L values of u = B*x per channel live in a
-// small L1-resident history (rows = time, columns = channels) that starts from conv_state and is
-// written back to it at the end. u is rounded to the input dtype before it enters the conv and the
+// (batch row, block of kChunk channels). The vector paths run a block as columns of channels (a
+// cache line of each stream on AVX2, 16-lane vectors on AVX-512) through time blocks of kTimeBlock
+// steps, with the last L values of u = B*x per channel in registers; between time blocks they live
+// in a small L1-resident history (rows = time, columns = channels) that starts from conv_state and
+// is written back to it at the end. u is rounded to the input dtype before it enters the conv and the
 // state, exactly as transformers stores B*x, so chunked prefill is bit-identical to one prefill.
 #include <algorithm>
 #include <utility>
@@ -136,11 +137,11 @@ struct ColumnAvx2 {
 // there: 8 steps 0.42 ms, 4: 0.52, 16: 0.48, 32-64: 0.48-0.51 (bf16; fp32 0.41 ms at 8).
 constexpr int64_t kTimeBlock = 8;
 
-// The block on vector columns (Column<T, L, NV>::run(a, b, ch, t0, t1, hist, c) for NV vectors of
-// kLanes channels) in time blocks; a rest of 8 channels takes the 8-lane AVX2 column (FMA, so every
-// vector path gives the same bits) and the last < 8 channels the portable block.
-template <typename T, int L, template <typename, int, int> class Column, int kLanes>
-void short_conv_block_vec(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t cn) {
+// One block on the vector path: the history from conv_state, columns(t0, t1, hist, cv) for each
+// time block (channels [0, cv) of the block, cv a multiple of 8), the history back to the state,
+// the last < 8 channels on the portable block.
+template <typename T, int L, typename Columns>
+void short_conv_block_columns(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t cn, const Columns& columns) {
   const int64_t cv = cn & ~int64_t(7);
   float hist[L][kChunk];
   const T* st = static_cast<const T*>(a.state);
@@ -156,13 +157,7 @@ void short_conv_block_vec(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t
       for (int64_t c = 0; c < cv; ++c) hist[j][c] = st ? to_f32(st[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl]) : 0.f;
     }
   }
-  for (int64_t t0 = 0; t0 < a.T; t0 += kTimeBlock) {
-    const int64_t t1 = std::min(a.T, t0 + kTimeBlock);
-    int64_t c = 0;
-    for (; c + 2 * kLanes <= cv; c += 2 * kLanes) Column<T, L, 2>::run(a, b, c0 + c, t0, t1, hist, c);
-    for (; c + kLanes <= cv; c += kLanes) Column<T, L, 1>::run(a, b, c0 + c, t0, t1, hist, c);
-    for (; c < cv; c += 8) ColumnAvx2<T, L, 1>::run(a, b, c0 + c, t0, t1, hist, c);
-  }
+  for (int64_t t0 = 0; t0 < a.T; t0 += kTimeBlock) columns(t0, std::min(a.T, t0 + kTimeBlock), hist, cv);
   if (st_vec) {
     T* so = static_cast<T*>(a.state) + b * a.st_sb + c0;
     for (int j = 0; j < L; ++j)
@@ -175,9 +170,151 @@ void short_conv_block_vec(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t
   if (cv < cn) short_conv_block_portable<T, L>(a, b, c0 + cv, cn - cv);
 }
 
+// The block on vector columns (Column<T, L, NV>::run(a, b, ch, t0, t1, hist, c) for NV vectors of
+// kLanes channels); a rest of 8 channels takes the 8-lane AVX2 column (FMA, so every vector path
+// gives the same bits).
+template <typename T, int L, template <typename, int, int> class Column, int kLanes>
+void short_conv_block_vec(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t cn) {
+  short_conv_block_columns<T, L>(a, b, c0, cn, [&](int64_t t0, int64_t t1, float (*hist)[kChunk], int64_t cv) {
+    int64_t c = 0;
+    for (; c + 2 * kLanes <= cv; c += 2 * kLanes) Column<T, L, 2>::run(a, b, c0 + c, t0, t1, hist, c);
+    for (; c + kLanes <= cv; c += kLanes) Column<T, L, 1>::run(a, b, c0 + c, t0, t1, hist, c);
+    for (; c < cv; c += 8) ColumnAvx2<T, L, 1>::run(a, b, c0 + c, t0, t1, hist, c);
+  });
+}
+
+// 16 channels as two fp32 vectors (lo, hi) in an order of the type's choosing, the same for every
+// stream, so per channel the arithmetic is unchanged. bf16 takes the cheapest widening: one 32-byte
+// load, unpacked against zero within each 128-bit lane, which puts channels 0-3 and 8-11 in lo and
+// 4-7, 12-15 in hi; packus of the rounded halves restores the order on the way out. fp32 arrays
+// (taps, history) load in that order through a lane swap. fp32 / fp16 keep the natural order.
+template <typename T>
+struct Lanes16 {
+  static void load(const T* p, __m256& lo, __m256& hi) {
+    lo = avx2::load8(p);
+    hi = avx2::load8(p + 8);
+  }
+  static void store(T* p, __m256 lo, __m256 hi) {
+    avx2::store8(p, lo);
+    avx2::store8(p + 8, hi);
+  }
+  static void load_f32(const float* p, __m256& lo, __m256& hi) {
+    lo = _mm256_loadu_ps(p);
+    hi = _mm256_loadu_ps(p + 8);
+  }
+  static void store_f32(float* p, __m256 lo, __m256 hi) {
+    _mm256_storeu_ps(p, lo);
+    _mm256_storeu_ps(p + 8, hi);
+  }
+};
+template <>
+struct Lanes16<c10::BFloat16> {
+  static void load(const c10::BFloat16* p, __m256& lo, __m256& hi) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), z = _mm256_setzero_si256();
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+  }
+  static void store(c10::BFloat16* p, __m256 lo, __m256 hi) {
+    const __m256i l = _mm256_srli_epi32(avx2::bf16_round_bits(lo), 16), h = _mm256_srli_epi32(avx2::bf16_round_bits(hi), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(l, h));
+  }
+  static void load_f32(const float* p, __m256& lo, __m256& hi) {
+    const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+    lo = _mm256_permute2f128_ps(a, b, 0x20);
+    hi = _mm256_permute2f128_ps(a, b, 0x31);
+  }
+  static void store_f32(float* p, __m256 lo, __m256 hi) {
+    _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+};
+
+// One cache line of every stream (kLine channels: 32 for 16-bit types, 16 for fp32) over time steps
+// [t0, t1): each line of bcx and y is touched by one column only, start to end. With bf16 D = 2048
+// every stream and row starts a multiple of 4 KiB apart, so a time block's 24 lines of bcx fall in
+// one L1 set (8 ways): a half-line column (16 channels) lost them before its neighbour came back
+// for the other half and read each line twice from L2. The taps come from memory (pw: kLine
+// channels per tap, in the Lanes16 order) to leave the registers to the history.
+template <typename T, int L>
+struct ColumnLineAvx2 {
+  static constexpr int kLine = 64 / static_cast<int>(sizeof(T));
+  static constexpr int G = kLine / 16;  // 16-channel groups per line
+  static void run(const ShortConvArgs& a, int64_t b, int64_t ch, int64_t t0, int64_t t1, float (*hist)[kChunk],
+                  int64_t c, const float* pw, const float* pbias) {
+    __m256 h[G][2][L];
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < L; ++j) Lanes16<T>::load_f32(&hist[j][c + 16 * g], h[g][0][j], h[g][1][j]);
+    const T* row = static_cast<const T*>(a.bcx) + b * a.bcx_sb + t0 * a.bcx_st + ch;
+    T* yrow = static_cast<T*>(a.y) + (b * a.T + t0) * a.D + ch;
+    const int64_t D = a.D, st = a.bcx_st;
+    const bool* mask = a.mask ? a.mask + b * a.T : nullptr;
+    for (int64_t t = t0; t < t1; ++t, row += st, yrow += D) {
+      const bool keep = !mask || mask[t];
+      for (int g = 0; g < G; ++g) {
+        __m256 u[2], cg[2];
+        if (keep) {
+          __m256 bb[2], xx[2];
+          Lanes16<T>::load(row + 16 * g, bb[0], bb[1]);
+          Lanes16<T>::load(row + 2 * D + 16 * g, xx[0], xx[1]);
+          Lanes16<T>::load(row + D + 16 * g, cg[0], cg[1]);
+          for (int k = 0; k < 2; ++k) u[k] = avx2::round_as<T>(_mm256_mul_ps(bb[k], xx[k]));
+        } else {
+          u[0] = u[1] = cg[0] = cg[1] = _mm256_setzero_ps();
+        }
+        __m256 out[2];
+        for (int k = 0; k < 2; ++k) {
+          const int off = 16 * g + 8 * k;
+          __m256 acc = pbias ? _mm256_load_ps(pbias + off) : _mm256_setzero_ps();
+          for (int j = 0; j < L - 1; ++j) {
+            acc = _mm256_fmadd_ps(_mm256_load_ps(pw + j * kLine + off), h[g][k][j + 1], acc);
+            h[g][k][j] = h[g][k][j + 1];
+          }
+          acc = _mm256_fmadd_ps(_mm256_load_ps(pw + (L - 1) * kLine + off), u[k], acc);
+          h[g][k][L - 1] = u[k];
+          out[k] = _mm256_mul_ps(cg[k], acc);
+        }
+        Lanes16<T>::store(yrow + 16 * g, out[0], out[1]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < L; ++j) Lanes16<T>::store_f32(&hist[j][c + 16 * g], h[g][0][j], h[g][1][j]);
+  }
+};
+
+// The AVX2 block: whole-line columns, then 8-channel columns (all FMA in the same order per channel,
+// so the same bits whichever column a channel lands in).
+template <typename T, int L>
+void short_conv_block_avx2(const ShortConvArgs& a, int64_t b, int64_t c0, int64_t cn) {
+  using Col = ColumnLineAvx2<T, L>;
+  constexpr int kLine = Col::kLine;
+  const int64_t cl = cn - cn % kLine;
+  // Taps and bias of each line in the Lanes16 order, kLine channels per tap.
+  alignas(32) float pw[kChunk / kLine][L][kLine];
+  alignas(32) float pbias[kChunk / kLine][kLine];
+  for (int64_t c = 0; c < cl; c += kLine)
+    for (int g = 0; g < Col::G; ++g) {
+      __m256 lo, hi;
+      for (int j = 0; j < L; ++j) {
+        Lanes16<T>::load_f32(a.wt + j * a.wd + c0 + c + 16 * g, lo, hi);
+        _mm256_store_ps(&pw[c / kLine][j][16 * g], lo);
+        _mm256_store_ps(&pw[c / kLine][j][16 * g + 8], hi);
+      }
+      if (a.bias) {
+        Lanes16<T>::load_f32(a.bias + c0 + c + 16 * g, lo, hi);
+        _mm256_store_ps(&pbias[c / kLine][16 * g], lo);
+        _mm256_store_ps(&pbias[c / kLine][16 * g + 8], hi);
+      }
+    }
+  short_conv_block_columns<T, L>(a, b, c0, cn, [&](int64_t t0, int64_t t1, float (*hist)[kChunk], int64_t cv) {
+    int64_t c = 0;
+    for (; c < cl; c += kLine) Col::run(a, b, c0 + c, t0, t1, hist, c, &pw[c / kLine][0][0], a.bias ? pbias[c / kLine] : nullptr);
+    for (; c < cv; c += 8) ColumnAvx2<T, L, 1>::run(a, b, c0 + c, t0, t1, hist, c);
+  });
+}
+
 template <typename T, int L>
 void run_avx2(const ShortConvArgs& a, int64_t batch) {
-  for_each_block(a, batch, [&](int64_t b, int64_t c0, int64_t cn) { short_conv_block_vec<T, L, ColumnAvx2, 8>(a, b, c0, cn); });
+  for_each_block(a, batch, [&](int64_t b, int64_t c0, int64_t cn) { short_conv_block_avx2<T, L>(a, b, c0, cn); });
 }
 
 }  // namespace

@@ -67,7 +67,8 @@ def _case_id(batch, seqlen, dim, dtype):
 CPU_GRID = [
     (b, t, d, dt)
     for dt in DTYPES
-    for d in (64, 100, 2048, 2056)  # 100 and 2056: tails of 4 and 8 channels past the 16-channel columns
+    # 100: 4 channels past 16-bit lines; 124: 8-channel columns and 4 past the lines; 2056: 8 past them
+    for d in (64, 100, 124, 2048, 2056)
     for t in (1, 2, 3, 17, 129)
     for b in (1, 3)
 ]
@@ -253,6 +254,35 @@ def test_prefill_output_is_not_4k_aliased_with_bcx(dim, dtype):
             assert min(d, 4096 - d) >= 256, (t, s, d)
     assert y.is_contiguous() and y.shape == (1, 16, dim)
     assert_close(y, reference.short_conv(bcx, weight), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_avx2_columns_give_the_same_bits(dtype):
+    """The AVX2 path runs whole cache lines of channels (32 16-bit or 16 fp32 ones, in a lane order
+    of their own) and 8-channel columns for the rest, promising the same operations per channel: a
+    channel's y and state are the same bits whichever column it lands in. Rotating the channels by 8
+    moves channels between the two (D = 72: 64 in lines, 8 in a column), over time-block edges, with
+    a mask, a bias and the state."""
+    dim, seqlen = 72, 19
+    bcx, weight, state = _inputs(2, seqlen, dim, dtype, 3, True, True)
+    bias = torch.randn(dim, dtype=dtype)
+    mask = torch.ones(2, seqlen, dtype=torch.bool)
+    mask[1, : seqlen // 3] = False
+
+    def rot(t, dim_index, k):
+        return torch.roll(t, k, dims=dim_index)
+
+    def split_roll(x, k):  # roll the channels of each chunk B, C, x of bcx alike
+        return torch.cat([rot(c, -1, k) for c in x.chunk(3, dim=-1)], dim=-1)
+
+    outs = []
+    for k in (0, 8):
+        st = rot(state, 1, k).clone()
+        with cpu_isa_path("avx2"):
+            y = lfm_kernels.short_conv(split_roll(bcx, k), rot(weight, 0, k), rot(bias, 0, k), st, mask)
+        outs.append((rot(y, -1, -k), rot(st, 1, -k)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
 
 
 def test_float_mask_and_empty_sequence():
