@@ -3,7 +3,8 @@
 (Also the quantized routes on CPUs with AMX: the integer-dot kernels, the AMX-INT8 tiles and the bf16
 GEMM route, per quantized shape class with bf16 tokens; `Chooser.for_quant`. And on every CPU, how
 many 8-row groups the x8 integer tiles stream at once at one row, per format and K on weights
-streamed from memory; `Chooser.for_quant_stream`.)
+streamed from memory, `Chooser.for_quant_stream`; once a model decodes one sequence through the
+CPU graph, timed on its own replayed steps instead, `Chooser.decode_stream_trial`.)
 
 The thresholds in `KernelPolicy` say from how many rows a bf16 call leaves our C++ kernels for
 another path (oneDNN for `linear`; our AVX512-BF16 dot / outer-product tiles, then oneDNN, for the
@@ -86,13 +87,17 @@ KQUANT_ROUTES = ("x8", "gemm")
 # Quantized x8 weights at 1-2 rows (every CPU): the integer tiles reading one 8-row group at a time
 # per thread ("x8_one", up to quant_x8_one_stream_max_rows rows), then several interleaved ("x8").
 QUANT_STREAM_ROUTES = ("x8_one", "x8")
+# "quant_stream_decode": the same choice timed on whole replayed decode steps of a model (a CPU
+# graph, one sequence); where a model's decode has been timed, it decides instead of the isolated
+# `linear` streams (it comes after "quant_stream" here, so its threshold wins in _derive).
 _ROUTES = {"linear": LINEAR_ROUTES, "linear_fp32": LINEAR_FP32_ROUTES, "moe": MOE_ROUTES, "moe_fp32": MOE_FP32_ROUTES,
            "linear_quant": QUANT_ROUTES, "linear_kquant": KQUANT_ROUTES, "moe_quant": QUANT_ROUTES,
-           "moe_kquant": KQUANT_ROUTES, "quant_stream": QUANT_STREAM_ROUTES}
+           "moe_kquant": KQUANT_ROUTES, "quant_stream": QUANT_STREAM_ROUTES,
+           "quant_stream_decode": QUANT_STREAM_ROUTES}
 # How each op's shape-class keys begin (the cache's keys; the shape and thread count follow)
 _CLASS_TAG = {"linear": "linear:bf16", "linear_fp32": "linear:fp32", "moe": "moe:bf16", "moe_fp32": "moe:fp32",
               "linear_quant": "linear:quant", "linear_kquant": "linear:kquant", "moe_quant": "moe:quant",
-              "moe_kquant": "moe:kquant", "quant_stream": "quant:stream"}
+              "moe_kquant": "moe:kquant", "quant_stream": "quant:stream", "quant_stream_decode": "quant:stream-decode"}
 # fp32 weights at 4, 16 and 64 rows only: at 1-2 rows both stream the weight at the same speed
 # (measured equal on a Xeon; timing them would stream a 256 MiB weight, half the budget), and the
 # GEMMs' crossover needs no finer grid, so a model's few fp32 shapes fit the budget of one process.
@@ -108,7 +113,7 @@ _LADDERS = {"linear": LINEAR_LADDER, "linear_fp32": (4, 16, 64), "moe": MOE_LADD
             "moe_quant": (8, 12, 16, 24, 32, 64), "moe_kquant": (8, 12, 16, 24, 32, 64),
             # the x8 tiles' streams, at one row (decode of one sequence; the multi-group tiles also
             # exist at 2 rows, which keep the default unless fixed): a point per format costs ~30 ms
-            "quant_stream": (1,)}
+            "quant_stream": (1,), "quant_stream_decode": (1,)}
 # The C++ experts kernel's thresholds that put every expert on one route.
 _FORCE_MOE = {
     "tiled": (0, 1, 1, 1),
@@ -181,6 +186,27 @@ class _Class:
     source: str = "measured"  # or "cached": every point came from the file
 
 
+class DecodeStreamTrial:
+    """Times replayed decode steps under both x8 stream settings, alternating (0, 1, 1, 0, ...: a
+    drift of the machine's speed weighs on both alike), and hands the medians of STEPS steps each to
+    the chooser. The setting changes no bits (the x8 tiles' results do not depend on how many groups
+    a tile reads), so the steps timed are the caller's own."""
+
+    STEPS = 5
+
+    def __init__(self, chooser: "Chooser", key: str):
+        self._chooser, self.key = chooser, key
+        self.times: dict[int, list[float]] = {0: [], 1: []}
+
+    def setting(self) -> int:
+        return (0, 1, 1, 0)[(len(self.times[0]) + len(self.times[1])) % 4]
+
+    def record(self, setting: int, seconds: float) -> None:
+        self.times[setting].append(float(seconds))
+        if min(len(t) for t in self.times.values()) >= self.STEPS:
+            self._chooser._finish_decode_trial(self)
+
+
 class Chooser:
     """The measured policy of one process (see the module docstring)."""
 
@@ -200,6 +226,7 @@ class Chooser:
         self._lock = threading.RLock()
         self._busy = False
         self._first_point_s: dict[str, float] = {}  # per op: the cheapest first point of a class
+        self._trials: dict[str, DecodeStreamTrial | None] = {}  # per decode class: on, or None once decided
         self._identity = _cpu_identity()
         self._cached = self._load()
 
@@ -263,6 +290,46 @@ class Chooser:
             self._first_sight(seen, f"{_CLASS_TAG['quant_stream']}:{weight.format}:K{seen[2]}:t{threads}", weight=weight)
         return self.policy
 
+    def decode_stream_trial(self, formats) -> "DecodeStreamTrial | None":
+        """For a CPU-graph decode of one sequence whose x8 weights have these formats: the trial that
+        times replayed steps with the x8 tiles reading one stream per thread and several interleaved
+        (quant_x8_one_stream_max_rows 1 or 0), while it is on; None once this class is decided (in
+        this process or in the cache file). A whole step is what the setting is for: timed alone on
+        one shape, the single stream won by up to 30% on a 2-core Zen 3 where whole steps ran 5-10%
+        faster interleaved (every Q4_K matrix and the experts)."""
+        if _backend._C is None or not hasattr(_backend._C, "set_x8_one_stream_max_rows") or not formats:
+            return None
+        key = f"{_CLASS_TAG['quant_stream_decode']}:{'+'.join(sorted(formats))}:t{torch.get_num_threads()}"
+        with self._lock:
+            if key in self._trials:
+                return self._trials[key]
+            cached = self._cached.get(key)
+            if cached:
+                self._classes[key] = _Class("quant_stream_decode", QUANT_STREAM_ROUTES, points=dict(cached),
+                                            source="cached")
+                self._trials[key] = None
+                self._derive()
+                return None
+            self._trials[key] = DecodeStreamTrial(self, key)
+            return self._trials[key]
+
+    def _finish_decode_trial(self, trial: "DecodeStreamTrial") -> None:
+        from ._policy import _sync_x8_streams
+
+        with self._lock:
+            if self._trials.get(trial.key) is not trial:
+                return
+            points = {1: {"x8": statistics.median(trial.times[0]), "x8_one": statistics.median(trial.times[1])}}
+            cls = _Class("quant_stream_decode", QUANT_STREAM_ROUTES, points=points)
+            self._classes[trial.key] = cls
+            self._trials[trial.key] = None
+            self._save(trial.key, cls)
+            before = self.policy
+            self._derive()
+            if self.policy == before:
+                self.policy = before  # the same thresholds: the same object, so no graph records again
+            _sync_x8_streams(self.policy.quant_x8_one_stream_max_rows)
+
     def report(self) -> dict:
         """Thresholds, their source per op, the shape classes measured and the time spent."""
         p = self.policy
@@ -272,7 +339,8 @@ class Chooser:
             "linear_fp32_source": self.sources["linear_fp32"],
             "moe_source": self.sources["moe"],
             "moe_fp32_source": self.sources["moe_fp32"],
-            "quant_source": _combined_source([self.sources[op] for op in (*QUANT_ROUTE_FIELDS, "quant_stream")]),
+            "quant_source": _combined_source([self.sources[op] for op in (*QUANT_ROUTE_FIELDS, "quant_stream",
+                                                                          "quant_stream_decode")]),
             "thresholds": _thresholds(p),
             "classes": {k: {"routes": list(c.routes), "rows": sorted(c.points), "source": c.source}
                         for k, c in self._classes.items()},
@@ -671,7 +739,7 @@ def _best_thresholds(op: str, classes: list[_Class], base) -> dict:
             best = base_t
         return {gemm_f: best[1], **({amx_f: best[0]} if amx_f else {})}
 
-    if op == "quant_stream":
+    if op in ("quant_stream", "quant_stream_decode"):
         base_t = base.quant_x8_one_stream_max_rows
         vals = [base_t] + [v for v in range(max(rows) + 1) if v != base_t]
         cost = {v: sum(rel.get("x8_one" if n <= v else "x8", 2.0) for n, _, rel in points) for v in vals}

@@ -280,6 +280,15 @@ def quant_routes(op: str, x: torch.Tensor, weight, down=None) -> tuple[int, int]
     return gemm, getattr(policy, amx_field) if amx_field else 0
 
 
+def decode_stream_trial(formats, batch: int):
+    """The chooser's x8 stream trial for a CPU-graph decode (lfm_kernels/_chooser.py,
+    DecodeStreamTrial) while one is on for these x8 weight formats; None under a fixed policy, for a
+    batch of more than one sequence (the setting decides at one row) or once decided."""
+    if _fixed is not None or batch != 1 or not formats:
+        return None
+    return _measured().decode_stream_trial(formats)
+
+
 def _sync_x8_streams(rows: int) -> None:
     """Hands the policy's quant_x8_one_stream_max_rows to the extension (a process-wide setting of the
     x8 tiles, like the portable switch) when it differs; every quantized call passes here first."""

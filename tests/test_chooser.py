@@ -671,3 +671,73 @@ def test_real_x8_stream_measurement(measured):
     assert _backend._C.x8_one_stream_max_rows() == ch.policy.quant_x8_one_stream_max_rows in (0, 1)
     assert torch.equal(out, ref)
     assert _chooser._stream_weights == {}  # the streamed weight is dropped after the measurement
+
+
+def _tiny_quant_model(quant):
+    from lfm_kernels.model import LfmModel, config_from_dict
+    from lfm_kernels.model.weights import allocate, fill_random
+
+    cfg = config_from_dict(dict(
+        model_type="lfm2_moe", vocab_size=300, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        num_dense_layers=1, layer_types=["conv", "full_attention", "conv"],
+    ))
+    w, _, _ = allocate(cfg, torch.bfloat16, "cpu", quant=quant)
+    fill_random(w, cfg, seed=5, progress=False, std=0.2)
+    return LfmModel(cfg, w, torch.bfloat16)
+
+
+@pytest.mark.parametrize("faster", ["interleaved", "one_stream"])
+def test_replayed_decode_steps_decide_the_x8_streams(measured, monkeypatch, faster):
+    """quant_x8_one_stream_max_rows from whole decode steps: a CPU-graph decode of one sequence times
+    its replayed steps under both settings (alternating, 5 each), and that choice overrides the one
+    timed on isolated `linear` streams (which said the opposite here), goes into the cache file, and
+    changes no bits. A second process reads it from the file without a trial."""
+    if not _backend.cpu_extension_available():
+        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
+    path, use = measured
+    isolated = 1 if faster == "interleaved" else 0  # the isolated timings pick the other setting
+    monkeypatch.setattr(_chooser, "_candidate_hook", _Timings(
+        {"x8_one": lambda n: (0.5e-4 if isolated else 2e-4), "x8": lambda n: 1e-4}))
+    seen = []
+    record = _chooser.DecodeStreamTrial.record
+
+    def fake_record(self, setting, seconds):  # the step's own time replaced by the injected one
+        seen.append((setting, _backend._C.x8_one_stream_max_rows()))
+        slow = setting == (1 if faster == "interleaved" else 0)
+        record(self, setting, 2e-3 if slow else 1e-3)
+
+    monkeypatch.setattr(_chooser.DecodeStreamTrial, "record", fake_record)
+    model = _tiny_quant_model("q4_k_m")
+    ids = torch.randint(3, 300, (1, 5), generator=torch.Generator().manual_seed(0))
+    with kernel_policy(DEFAULT_POLICY):
+        ref = model.generate(ids, 16, temperature=0, repetition_penalty=1.0, eos_token_id=[], cpu_graph=True)
+    ch = use()
+    out = model.generate(ids, 16, temperature=0, repetition_penalty=1.0, eos_token_id=[], cpu_graph=True)
+    assert torch.equal(out, ref), "the trial's settings change no bits"
+    assert [s for s, _ in seen] == [0, 1, 1, 0, 0, 1, 1, 0, 0, 1], seen  # ABBA, 5 steps each, then no more
+    assert all(s == in_force for s, in_force in seen), "each timed step ran under its own setting"
+    want = 0 if faster == "interleaved" else 1
+    assert ch.policy.quant_x8_one_stream_max_rows == want and _backend._C.x8_one_stream_max_rows() == want
+    key = f"quant:stream-decode:q4_k+q6_k:t{torch.get_num_threads()}"
+    rep = ch.report()
+    assert rep["classes"][key]["source"] == "measured" and rep["quant_source"] == "measured"
+    assert isolated != want and any(k.startswith("quant:stream:") for k in rep["classes"]), rep["classes"]
+    assert key in json.loads(path.read_text())["machines"].popitem()[1]["classes"]
+    # the next process: from the file, no trial; a batch of two never runs one
+    seen.clear()
+    ch = use()
+    model.generate(ids, 16, temperature=0, repetition_penalty=1.0, eos_token_id=[], cpu_graph=True)
+    assert seen == [] and ch.policy.quant_x8_one_stream_max_rows == want
+    assert ch.report()["classes"][key]["source"] == "cached"
+    assert _policy.decode_stream_trial(("q4_k", "q6_k"), 2) is None
+
+
+def test_no_decode_trial_under_a_fixed_policy_or_without_x8_weights(measured, monkeypatch):
+    _, use = measured
+    with kernel_policy(DEFAULT_POLICY):
+        assert _policy.decode_stream_trial(("q4_0",), 1) is None
+    ch = use()
+    assert _policy.decode_stream_trial((), 1) is None
+    trial = _policy.decode_stream_trial(("q4_0",), 1)
+    assert isinstance(trial, _chooser.DecodeStreamTrial) and ch.decode_stream_trial(("q4_0",)) is trial

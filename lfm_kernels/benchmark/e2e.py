@@ -119,9 +119,12 @@ def run_e2e(
 
     # the warm-up runs the timed prompt's shapes once: the first call of a shape class may time the
     # kernel paths (the chooser, up to its budget) and oneDNN builds its GEMMs for each new shape, both
-    # once per process, so a warm-up of fewer tokens left them inside the timed prefill
+    # once per process, so a warm-up of fewer tokens left them inside the timed prefill. Its 16 tokens
+    # also hold a quantized model's decode trial of the x8 stream setting (lfm_kernels/_chooser.py,
+    # DecodeStreamTrial: the two recordings, 10 timed replays, and two recordings again where the
+    # choice changes the policy), which a first run on a machine makes once.
     say("warm-up")
-    model.generate(ids, 3, eos_token_id=[], seed=seed)
+    model.generate(ids, 16, eos_token_id=[], seed=seed)
     # The probe runs before and after the timed run and the floor takes their mean: a VM's bandwidth
     # can change by 1.8x within seconds and stay there (seen on the 2-core Zen 4 and Xeon VMs), and a
     # single probe taken in the other state than the run would make the share meaningless. Both

@@ -27,6 +27,8 @@ A refused graph leaves the stepper eager (`reason` says why); it never returns o
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -153,6 +155,19 @@ def cpu_graph_available(model: LfmModel) -> bool:
             and hasattr(_backend._C, "OpReplay"))
 
 
+def _x8_formats(model: LfmModel) -> tuple[str, ...]:
+    """The formats of the model's quantized weights in the x8 layout (those the stream setting reads)."""
+    from ..quant import QuantizedTensor
+    from .weights import SplitWeight
+
+    out = set()
+    for _, t in model.weights.tensors():
+        for p in (t.parts if isinstance(t, SplitWeight) else (t,)):
+            if isinstance(p, QuantizedTensor) and p.layout == "x8":
+                out.add(p.format)
+    return tuple(sorted(out))
+
+
 class CpuDecodeGraph:
     """model.decode_step(tokens, state, check=False) for this state, replayed from a recording of its
     op calls after the first two steps (see the module's docstring)."""
@@ -172,6 +187,14 @@ class CpuDecodeGraph:
         self._max_len = -1
         self._result = -1
         self._mismatches = 0
+        self._x8_formats: tuple[str, ...] | None = None
+
+    def _stream_trial(self):
+        """The kernel chooser's x8 stream trial while one is on for this model's formats: the replayed
+        steps are what it times (lfm_kernels/_chooser.py, DecodeStreamTrial)."""
+        if self._x8_formats is None:
+            self._x8_formats = _x8_formats(self.model)
+        return _policy.decode_stream_trial(self._x8_formats, self.state.batch)
 
     @property
     def path(self) -> str:
@@ -197,7 +220,15 @@ class CpuDecodeGraph:
                 and state.max_len == self._max_len
                 and len(buffers) == len(self._buffers) and all(a is b for a, b in zip(buffers, self._buffers)))
         if self.replay is not None and same:
-            return self.replay.run([tokens], [self._result])[0]
+            trial = self._stream_trial()
+            if trial is None:
+                return self.replay.run([tokens], [self._result])[0]
+            setting = trial.setting()
+            _backend._C.set_x8_one_stream_max_rows(setting)
+            t0 = time.perf_counter()
+            out = self.replay.run([tokens], [self._result])[0]
+            trial.record(setting, time.perf_counter() - t0)
+            return out
         if not same:  # the policy changed, or the state grew (new caches, longer RoPE tables): record again
             self.replay, self._first = None, None
         self._route, self._buffers, self._max_len = route, buffers, state.max_len
