@@ -103,6 +103,11 @@ void set_x8_one_stream_max_rows(int64_t rows);
 // matrix op on caches the weight streams have evicted. Split over the threads only when large.
 void store_fp32_as(const float* src, at::Tensor& out);
 
+// dst[0 .. t.numel()) = t's values (float32, bfloat16 or float16; any strides) as fp32, in t's
+// logical order: a small operand (a token's activations, a bias) converted with a plain loop where a
+// dtype-converting tensor op would cost more than the op that needs it.
+void load_as_fp32(const at::Tensor& t, float* dst);
+
 // ---- software prefetch of a weight stream ----
 // The decode GEMVs read each weight row once, front to back. The hardware L2 streamer alone does not
 // keep enough of such a stream in flight on server cores with long memory latency, and it restarts at

@@ -1,4 +1,5 @@
-// store_fp32_as (common.h): fp32 results into an output tensor of the input's dtype.
+// store_fp32_as / load_as_fp32 (common.h): fp32 results into an output tensor of the input's dtype,
+// and small operands into fp32.
 #include <algorithm>
 #include <type_traits>
 
@@ -42,6 +43,15 @@ void store_fp32_as(const float* src, at::Tensor& out) {
       range(0, n);
     else
       parallel_for(n, int64_t{1} << 15, range);
+  });
+}
+
+void load_as_fp32(const at::Tensor& t, float* dst) {
+  const at::Tensor c = t.contiguous();
+  const int64_t n = c.numel();
+  LFMK_DISPATCH_FLOAT(c.scalar_type(), "load_as_fp32", [&] {
+    const scalar_t* src = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
   });
 }
 

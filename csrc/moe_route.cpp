@@ -53,21 +53,14 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& hidden, const
   TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_route: top_k must be in [1, E]");
   // hidden and the bias in fp32, converted here with plain loops: at a decode step (one token) the
   // tensor ops for it were a good part of the call, on caches the weight streams have just evicted
-  const at::Tensor hc = hidden.contiguous();
   std::vector<float> X(static_cast<size_t>(N * H));
-  LFMK_DISPATCH_FLOAT(hc.scalar_type(), "moe_route hidden", [&] {
-    const scalar_t* src = hc.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < N * H; ++i) X[i] = to_f32(src[i]);
-  });
+  load_as_fp32(hidden, X.data());
   const at::Tensor gw = gate_weight.contiguous();
   std::vector<float> bias;
   if (expert_bias.has_value()) {
     TORCH_CHECK(expert_bias->numel() == E, "moe_route: expert_bias must be [E]");
-    const at::Tensor bc = expert_bias->contiguous();
-    LFMK_DISPATCH_FLOAT(bc.scalar_type(), "moe_route expert_bias", [&] {
-      const scalar_t* src = bc.const_data_ptr<scalar_t>();
-      for (int64_t e = 0; e < E; ++e) bias.push_back(to_f32(src[e]));
-    });
+    bias.resize(static_cast<size_t>(E));
+    load_as_fp32(*expert_bias, bias.data());
   }
   auto fopt = hidden.options().dtype(at::kFloat);
   at::Tensor weights = at::empty({N, top_k}, fopt);

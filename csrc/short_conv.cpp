@@ -508,11 +508,7 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == D, "bias must be [D]");
     bias_f.assign(static_cast<size_t>(Dp), 0.f);
-    const at::Tensor bc = bias->contiguous();
-    LFMK_DISPATCH_FLOAT(bc.scalar_type(), "short_conv bias", [&] {
-      const scalar_t* src = bc.const_data_ptr<scalar_t>();
-      for (int64_t d = 0; d < D; ++d) bias_f[d] = to_f32(src[d]);
-    });
+    load_as_fp32(*bias, bias_f.data());
   }
   at::Tensor mask_b;
   if (mask.has_value()) {
