@@ -89,6 +89,40 @@ LFMK_AVX2_BEGIN
 namespace lfmk {
 namespace {
 
+// 8 rows of 3 (24 consecutive values in v0, v1, v2) <-> 3 columns of 8: transformers' [B, D, 3] conv
+// state and [D, 3] taps moved 8 channels at a time instead of element by element (at a decode step
+// those loops cost as much as the convolution). Two blends gather each column's values, in a fixed
+// rotation that one lane permutation undoes; join3 is the exact inverse.
+static inline void split3(__m256 v0, __m256 v1, __m256 v2, __m256 col[3]) {
+  col[0] = _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_blend_ps(v0, v1, 0x92), v2, 0x24),
+                                    _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  col[1] = _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_blend_ps(v0, v1, 0x24), v2, 0x49),
+                                    _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6));
+  col[2] = _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_blend_ps(v0, v1, 0x49), v2, 0x92),
+                                    _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+}
+static inline void join3(const __m256 col[3], __m256 v[3]) {
+  const __m256 a = _mm256_permutevar8x32_ps(col[0], _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  const __m256 b = _mm256_permutevar8x32_ps(col[1], _mm256_setr_epi32(5, 0, 3, 6, 1, 4, 7, 2));
+  const __m256 c = _mm256_permutevar8x32_ps(col[2], _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+  v[0] = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x92), c, 0x24);
+  v[1] = _mm256_blend_ps(_mm256_blend_ps(c, a, 0x92), b, 0x24);
+  v[2] = _mm256_blend_ps(_mm256_blend_ps(b, c, 0x92), a, 0x24);
+}
+
+// [D, 3] taps (rows of 3, contiguous) -> 3 fp32 rows of D at wt, wd apart.
+template <typename T>
+void taps_rows3_avx2(const T* src, int64_t D, float* wt, int64_t wd) {
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m256 col[3];
+    split3(avx2::load8(src + 3 * d), avx2::load8(src + 3 * d + 8), avx2::load8(src + 3 * d + 16), col);
+    for (int j = 0; j < 3; ++j) _mm256_storeu_ps(wt + j * wd + d, col[j]);
+  }
+  for (; d < D; ++d)
+    for (int j = 0; j < 3; ++j) wt[j * wd + d] = to_f32(src[3 * d + j]);
+}
+
 // NV vectors (8 * NV channels starting at ch, column c of hist) over time steps [t0, t1), with the
 // last L values of u and the taps held in registers: per step only bcx is loaded and y stored. hist
 // ([L][kChunk] fp32) carries the history from one time block to the next.
@@ -149,12 +183,24 @@ void short_conv_block_columns(const ShortConvArgs& a, int64_t b, int64_t c0, int
   // through whole vectors; transformers' [B, D, L] layout element by element, which at a decode
   // step (T = 1) cost more than the convolution itself.
   const bool st_vec = st && a.st_sd == 1;
-  for (int j = 0; j < L; ++j) {
-    if (st_vec) {
-      const T* sj = st + b * a.st_sb + c0 + j * a.st_sl;
-      for (int64_t c = 0; c < cv; c += 8) _mm256_storeu_ps(&hist[j][c], avx2::load8(sj + c));
-    } else {
-      for (int64_t c = 0; c < cv; ++c) hist[j][c] = st ? to_f32(st[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl]) : 0.f;
+  bool st_rows3 = false;  // transformers' contiguous [B, D, 3]
+  if constexpr (L == 3) {
+    st_rows3 = st && a.st_sd == 3 && a.st_sl == 1;
+    for (int64_t c = 0; st_rows3 && c < cv; c += 8) {
+      const T* p = st + b * a.st_sb + (c0 + c) * 3;
+      __m256 col[3];
+      split3(avx2::load8(p), avx2::load8(p + 8), avx2::load8(p + 16), col);
+      for (int j = 0; j < 3; ++j) _mm256_storeu_ps(&hist[j][c], col[j]);
+    }
+  }
+  if (!st_rows3) {
+    for (int j = 0; j < L; ++j) {
+      if (st_vec) {
+        const T* sj = st + b * a.st_sb + c0 + j * a.st_sl;
+        for (int64_t c = 0; c < cv; c += 8) _mm256_storeu_ps(&hist[j][c], avx2::load8(sj + c));
+      } else {
+        for (int64_t c = 0; c < cv; ++c) hist[j][c] = st ? to_f32(st[b * a.st_sb + (c0 + c) * a.st_sd + j * a.st_sl]) : 0.f;
+      }
     }
   }
   for (int64_t t0 = 0; t0 < a.T; t0 += kTimeBlock) columns(t0, std::min(a.T, t0 + kTimeBlock), hist, cv);
@@ -162,6 +208,18 @@ void short_conv_block_columns(const ShortConvArgs& a, int64_t b, int64_t c0, int
     T* so = static_cast<T*>(a.state) + b * a.st_sb + c0;
     for (int j = 0; j < L; ++j)
       for (int64_t c = 0; c < cv; c += 8) avx2::store8(so + j * a.st_sl + c, _mm256_loadu_ps(&hist[j][c]));
+  } else if (st_rows3) {
+    if constexpr (L == 3) {
+      for (int64_t c = 0; c < cv; c += 8) {
+        T* p = static_cast<T*>(a.state) + b * a.st_sb + (c0 + c) * 3;
+        const __m256 col[3] = {_mm256_loadu_ps(&hist[0][c]), _mm256_loadu_ps(&hist[1][c]), _mm256_loadu_ps(&hist[2][c])};
+        __m256 v[3];
+        join3(col, v);
+        avx2::store8(p, v[0]);
+        avx2::store8(p + 8, v[1]);
+        avx2::store8(p + 16, v[2]);
+      }
+    }
   } else if (st) {
     T* so = static_cast<T*>(a.state);
     for (int64_t c = 0; c < cv; ++c)
@@ -498,10 +556,15 @@ at::Tensor short_conv_cpu(const at::Tensor& bcx_in, const at::Tensor& weight, co
   std::vector<float> wt(taps_in_place ? 0 : static_cast<size_t>(L * Dp), 0.f);
   if (!taps_in_place) {
     const at::Tensor w = weight.contiguous();
+    const bool avx2 = cpu_has_avx2();
     LFMK_DISPATCH_FLOAT(w.scalar_type(), "short_conv weight", [&] {
       const scalar_t* src = w.const_data_ptr<scalar_t>();
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t j = 0; j < L; ++j) wt[j * Dp + d] = to_f32(src[d * L + j]);
+      if (L == 3 && avx2) {
+        taps_rows3_avx2(src, D, wt.data(), Dp);
+      } else {
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < L; ++j) wt[j * Dp + d] = to_f32(src[d * L + j]);
+      }
     });
   }
   std::vector<float> bias_f;
