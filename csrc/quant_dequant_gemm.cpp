@@ -297,35 +297,51 @@ WFormat parse_format(c10::string_view format, const char* op) {
   return f;
 }
 
+// A quantized table as the dequantizing ops take it: `mats` stacked [N, K] matrices in `format`
+// blocks and `layout` (x8: true), read into float32 or bfloat16. The checks are op's ValueErrors.
+struct QuantTable {
+  WFormat f;
+  bool x8;
+  int64_t rb;  // bytes per row
+};
+QuantTable check_table(const char* op, const at::Tensor& data, c10::string_view format, c10::string_view layout,
+                       int64_t mats, int64_t N, int64_t K, at::ScalarType dtype) {
+  const WFormat f = parse_format(format, op);
+  const bool x8 = parse_layout(layout, op);
+  TORCH_CHECK_VALUE(mats >= 0 && N >= 0 && K >= 0 && K % weights_per_block(f) == 0, op,
+                    ": mats, N >= 0 and K a multiple of ", weights_per_block(f), " needed, got ", mats, ", ", N, ", ", K);
+  TORCH_CHECK_VALUE(!x8 || is_kformat(f) || N % 8 == 0, op, ": layout x8 of ", format, " needs N a multiple of 8, got ",
+                    N);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, op, ": dtype must be float32 or bfloat16");
+  const int64_t rb = row_bytes(f, K);
+  TORCH_CHECK_VALUE(data.scalar_type() == at::kByte && data.numel() == mats * N * rb, op, ": data must be uint8 holding ",
+                    mats * N * rb, " bytes, got ", data.scalar_type(), " with ", data.numel());
+  return {f, x8, rb};
+}
+
+// Rows [r0, r1) of the matrix at mp dequantized into out (float32 or bfloat16) from element `offset` on.
+inline void dequant_rows_into(at::Tensor& out, int64_t offset, const QuantTable& t, const uint8_t* mp, int64_t N,
+                              int64_t K, int64_t r0, int64_t r1, uint8_t* group) {
+  if (out.scalar_type() == at::kFloat)
+    dequant_rows(t.f, t.x8, mp, N, K, r0, r1, mptr<float>(out) + offset, K, group);
+  else
+    dequant_rows(t.f, t.x8, mp, N, K, r0, r1, mptr<c10::BFloat16>(out) + offset, K, group);
+}
+
 // data: `mats` stacked [N, K] matrices in `format` blocks and `layout` -> [mats, N, K] in dtype.
 at::Tensor quant_dequantize_cpu(const at::Tensor& data_in, c10::string_view format, c10::string_view layout,
                                 int64_t mats, int64_t N, int64_t K, at::ScalarType dtype) {
-  const WFormat f = parse_format(format, "quant_dequantize");
-  const bool x8 = parse_layout(layout, "quant_dequantize");
-  TORCH_CHECK_VALUE(mats >= 0 && N >= 0 && K >= 0 && K % weights_per_block(f) == 0,
-                    "quant_dequantize: mats, N >= 0 and K a multiple of ", weights_per_block(f), " needed, got ", mats,
-                    ", ", N, ", ", K);
-  TORCH_CHECK_VALUE(!x8 || is_kformat(f) || N % 8 == 0, "quant_dequantize: layout x8 of ", format,
-                    " needs N a multiple of 8, got ", N);
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, "quant_dequantize: dtype must be float32 or bfloat16");
-  const int64_t rb = row_bytes(f, K);
-  TORCH_CHECK_VALUE(data_in.scalar_type() == at::kByte && data_in.numel() == mats * N * rb,
-                    "quant_dequantize: data must be uint8 holding ", mats * N * rb, " bytes, got ",
-                    data_in.scalar_type(), " with ", data_in.numel());
+  const QuantTable t = check_table("quant_dequantize", data_in, format, layout, mats, N, K, dtype);
   const at::Tensor data = data_in.contiguous();
   at::Tensor out = at::empty({mats, N, K}, data.options().dtype(dtype));
   if (out.numel() == 0) return out;
   const uint8_t* dp = data.const_data_ptr<uint8_t>();
   const int64_t groups = (N + 7) / 8;
   parallel_workers(mats * groups, [&](TaskQueue& queue) {
-    std::vector<uint8_t> group(x8 ? 8 * rb : 0);
-    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
-      const int64_t mat = t / groups, r0 = t % groups * 8, r1 = std::min(N, r0 + 8);
-      const uint8_t* mp = dp + mat * N * rb;
-      if (dtype == at::kFloat)
-        dequant_rows(f, x8, mp, N, K, r0, r1, mptr<float>(out) + (mat * N + r0) * K, K, group.data());
-      else
-        dequant_rows(f, x8, mp, N, K, r0, r1, mptr<c10::BFloat16>(out) + (mat * N + r0) * K, K, group.data());
+    std::vector<uint8_t> group(t.x8 ? 8 * t.rb : 0);
+    for (int64_t task = queue.claim(); task >= 0; task = queue.claim()) {
+      const int64_t mat = task / groups, r0 = task % groups * 8, r1 = std::min(N, r0 + 8);
+      dequant_rows_into(out, (mat * N + r0) * K, t, dp + mat * N * t.rb, N, K, r0, r1, group.data());
     }
   });
   return out;
@@ -337,17 +353,9 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& data_in, c10::string_view form
 // quant_dequantize's. An id outside [0, N) is an IndexError.
 at::Tensor quant_embedding_cpu(const at::Tensor& data_in, const at::Tensor& ids_in, c10::string_view format,
                                c10::string_view layout, int64_t N, int64_t K, at::ScalarType dtype) {
-  const WFormat f = parse_format(format, "quant_embedding");
-  const bool x8 = parse_layout(layout, "quant_embedding");
-  TORCH_CHECK_VALUE(N > 0 && K > 0 && K % weights_per_block(f) == 0, "quant_embedding: N > 0 and K a positive multiple of ",
-                    weights_per_block(f), " needed, got N=", N, ", K=", K);
-  TORCH_CHECK_VALUE(!x8 || is_kformat(f) || N % 8 == 0, "quant_embedding: layout x8 of ", format,
-                    " needs N a multiple of 8, got ", N);
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, "quant_embedding: dtype must be float32 or bfloat16");
+  const QuantTable t = check_table("quant_embedding", data_in, format, layout, 1, N, K, dtype);
+  TORCH_CHECK_VALUE(N > 0 && K > 0, "quant_embedding: a table of N > 0 rows of K > 0 values needed, got N=", N, ", K=", K);
   TORCH_CHECK_VALUE(ids_in.scalar_type() == at::kLong, "quant_embedding: ids must be int64, got ", ids_in.scalar_type());
-  const int64_t rb = row_bytes(f, K);
-  TORCH_CHECK_VALUE(data_in.scalar_type() == at::kByte && data_in.numel() == N * rb, "quant_embedding: data must be uint8 "
-                    "holding ", N * rb, " bytes, got ", data_in.scalar_type(), " with ", data_in.numel());
   const at::Tensor data = data_in.contiguous(), ids = ids_in.contiguous();
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(K);
@@ -358,13 +366,8 @@ at::Tensor quant_embedding_cpu(const at::Tensor& data_in, const at::Tensor& ids_
     TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < N, "quant_embedding: index ", ip[i], " is out of range for a table of ", N,
                       " rows");
   const uint8_t* dp = data.const_data_ptr<uint8_t>();
-  std::vector<uint8_t> group(x8 ? 8 * rb : 0);
-  for (int64_t i = 0; i < n; ++i) {
-    if (dtype == at::kFloat)
-      dequant_rows(f, x8, dp, N, K, ip[i], ip[i] + 1, mptr<float>(out) + i * K, K, group.data());
-    else
-      dequant_rows(f, x8, dp, N, K, ip[i], ip[i] + 1, mptr<c10::BFloat16>(out) + i * K, K, group.data());
-  }
+  std::vector<uint8_t> group(t.x8 ? 8 * t.rb : 0);
+  for (int64_t i = 0; i < n; ++i) dequant_rows_into(out, i * K, t, dp, N, K, ip[i], ip[i] + 1, group.data());
   return out;
 }
 
