@@ -5,29 +5,8 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import torch
-
 from ._common import KERNEL_DTYPES, kernel, kernel_device, no_grad_needed
 from ._hooks import load_hooks
-
-
-def _taps(conv, dim: int, width: int):
-    """The conv weight [D, 1, L] as the short conv takes it: on the CPU fp32 in [L, D] memory, kept on
-    the module (the C++ conv reads those rows in place; converting and transposing a bf16 weight
-    every call cost more than the decode step's convolution), made again when the weight is replaced
-    or changed in place (its version counter moves); elsewhere the weight itself."""
-    weight = conv.weight
-    if weight.device.type != "cpu" or torch.compiler.is_compiling():  # a traced graph keeps no module state
-        return weight.view(dim, width)
-    try:
-        key = (weight.data_ptr(), weight._version, weight.dtype)
-    except RuntimeError:  # an inference tensor keeps no version counter: convert every call
-        return weight.view(dim, width)
-    kept = getattr(conv, "_lfm_kernels_taps", None)
-    if kept is None or kept[0] != key or kept[1] is not weight:
-        kept = (key, weight, weight.detach().view(dim, width).float().t().contiguous().t())
-        conv._lfm_kernels_taps = kept
-    return kept[2]
 
 
 def _short_conv_fast(self, hidden_states, cache, attention_mask):
@@ -83,7 +62,7 @@ def _short_conv_fast(self, hidden_states, cache, attention_mask):
         hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
         kernel_mask = None
     bcx = self.in_proj(hidden_states)
-    y = kernel("short_conv")(bcx, _taps(self.conv, dim, width), self.conv.bias, state, kernel_mask)
+    y = kernel("short_conv")(bcx, weight.view(dim, width), self.conv.bias, state, kernel_mask)
     return self.out_proj(y)
 
 
