@@ -16,6 +16,7 @@
 // one weight load each), which is what limited this tile: on a Zen 4 core, weights in L2, it went
 // from 35 to 41-42 GB/s at M = 1 and from 17 to 20 GB/s at M = 4 (Q6_K, bound by its unpacking
 // instead, gained 2% the same way and keeps one group at a time).
+// The AVX512-VNNI variant runs the tile on 512-bit vectors instead (quant/kquant_x8_vnni512.h).
 // Q6_K: the same for its 6-bit q (unpacked as the AVX2 tile does): one vpdpbusd per vector into
 // each 16-element sub-block's int32 sum (<= 16 * 63 * 127), times its sign-extended int8 scale
 // (|S| < 2^29).
@@ -30,6 +31,9 @@ template <KFormat F, int G, int M>
 static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, const int8_t* xq, int64_t ldq,
                             const float* xd, int64_t ldd, const int16_t* xs, int64_t lds, float* res, int64_t ldr,
                             int64_t next) {
+#if defined(LFMK_QVNNI_ZMM)
+  kx8_tile_zmm<F, G, M>(w, gstride, nsb, xq, ldq, xd, ldd, xs, lds, res, ldr, next);
+#else
   constexpr int64_t kGB = kKX8Rows * KTraits<F>::kBytes;
   const KX8Ahead ahead(w, gstride, nsb, next, kGB, G);
   constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;  // Q5_K: 8 qh vectors before the qs
@@ -170,6 +174,7 @@ static inline void kx8_tile(const uint8_t* w, int64_t gstride, int64_t nsb, cons
   for (int g = 0; g < G; ++g)
     #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
+#endif
 }
 
 #include "quant/kpanel_frame.h"

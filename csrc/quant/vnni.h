@@ -85,6 +85,9 @@ template <Format F, int G, int M>
 static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const int8_t* xq, int64_t ldq,
                            const float* xd, int64_t ldd, const int32_t* xs8, int64_t lds, float* res, int64_t ldr,
                            int64_t pf) {
+#if defined(LFMK_QVNNI_ZMM)
+  x8_tile_zmm<F, G, M>(w, gstride, nb, xq, ldq, xd, ldd, xs8, lds, res, ldr, pf);
+#else
   constexpr int64_t kGB = X8<F>::kGroupBlockBytes;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i m4hi = _mm256_set1_epi8(static_cast<char>(0xF0));
@@ -144,6 +147,7 @@ static inline void x8_tile(const uint8_t* w, int64_t gstride, int64_t nb, const 
   }
   for (int g = 0; g < G; ++g)
     for (int m = 0; m < M; ++m) _mm256_storeu_ps(res + m * ldr + g * 8, acc[g][m]);
+#endif
 }
 
 }  // namespace LFMK_QVNNI_NS
