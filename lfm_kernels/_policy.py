@@ -120,13 +120,13 @@ class KernelPolicy:
     # A 2-core Xeon (AVX-512), 2 threads, 32 experts at H 2048, I 1792 with n tokens each (ms; ours /
     # torch per expert): n 2: 56 / 64, n 16: 137 / 182, n 64: 341 / 266.
     moe_fp32_torch_min_rows: int = 1 << 30
-    # Quantized weights (GGUF blocks) on CPUs with usable AMX. Two routes leave our integer-dot
+    # Quantized weights (GGUF blocks) on CPUs with usable AMX or AVX512-BF16. Two routes leave our integer-dot
     # kernels (AVX2 / VNNI) for many rows, both counted in rows of the call (`linear`) or tokens per
     # expert (`moe_experts` / `moe`):
     #   * AMX-INT8 tiles (Q8_0 / Q4_0 in the x8 layout, any x dtype): the same integer dots and the
     #     same bits as the integer kernels, from `*_quant_amx_min_rows` on;
-    #   * bf16 GEMM (bf16 x, any format): the weight dequantized to bf16 panel by panel and multiplied
-    #     by oneDNN on AMX-BF16 tiles (a bf16 model's numerics on the dequantized weights), from
+    #   * bf16 GEMM (bf16 x, any format; AMX or AVX512-BF16): the weight dequantized to bf16 panel by
+    #     panel and multiplied by oneDNN (a bf16 model's numerics on the dequantized weights), from
     #     `*_quant_gemm_min_rows` (Q8_0 / Q4_0) or `*_kquant_gemm_min_rows` (Q4_K / Q5_K / Q6_K) on;
     #     where both apply, this one wins.
     # A 2-core Xeon with AMX, 2 threads (ms; integer kernels / AMX-INT8 / bf16 GEMM route; bf16 weights):
@@ -136,9 +136,12 @@ class KernelPolicy:
     #   experts, 32 of H 2048, I 1792, 4 of 32 per token, N tokens (16 per expert at N = 128):
     #     N 128: Q8_0 47 / 34 / 56, Q4_0 29 / 31 / 50, Q4_K + Q6_K 63 / - / 64 (bf16 36)
     #     N 512: Q8_0 174 / 86 / 83, Q4_0 103 / 78 / 73, Q4_K + Q6_K 228 / - / 94 (bf16 60)
-    # Without AMX neither route is taken (oneDNN's bf16 GEMM would run on AVX512-BF16 at a fraction of
-    # the rate). With AMX the chooser times the routes per shape class (bf16 tokens; `linear` at 16,
-    # 64, 256 rows, one expert at 8-64 tokens) and these defaults stand where it cannot tell them apart.
+    # A 2-core Zen 5 (AVX512-BF16, no AMX), 2 threads, linear 6144 x 2048 (ms; integer kernels / bf16
+    # GEMM route; bf16 weights): Q4_K 16 rows 1.28 / 1.44 (0.80), 64 rows 2.86 / 2.56 (1.95), 128 rows
+    # 5.0 / 4.0 (3.4); Q6_K 128 rows 5.4 / 4.2, 512 rows 19.8 / 13.9; Q4_0 512 rows 15.8 / 13.2.
+    # Without AMX or AVX512-BF16 neither route is taken (oneDNN's bf16 GEMM would run at a fraction of
+    # the rate). Where a route exists the chooser times them per shape class (bf16 tokens; `linear` at
+    # 16, 64, 256 rows, one expert at 8-64 tokens) and these defaults stand where it cannot tell them apart.
     linear_quant_amx_min_rows: int = 16
     linear_quant_gemm_min_rows: int = 256
     linear_kquant_gemm_min_rows: int = 16
@@ -258,9 +261,16 @@ def _amx_usable() -> bool:
     return bool(_backend.cpu_extension_available() and _backend.cpu_has_amx())
 
 
+@torch.compiler.assume_constant_result
+def _quant_gemm_usable() -> bool:
+    # the bf16 GEMM route needs oneDNN on AMX-BF16 or AVX512-BF16 (a constant of the process, as above)
+    return bool(_backend.cpu_extension_available() and _backend.cpu_has_native_bf16_gemm())
+
+
 def quant_routes(op: str, x: torch.Tensor, weight, down=None) -> tuple[int, int]:
     """(bf16 GEMM route from, AMX-INT8 tiles from) in rows ("linear") or tokens per expert ("moe") for
-    the quantized weight (the experts' gate_up, with down) and this x; 0: never (no AMX, `kernel_only`,
+    the quantized weight (the experts' gate_up, with down) and this x; 0: never (neither AMX nor
+    AVX512-BF16 for the GEMM route, no AMX for the tiles, `kernel_only`,
     x not on the CPU, no extension; the GEMM route also needs bf16 x, the AMX tiles Q8_0 / Q4_0). In
     the measured mode the first call of a shape class times the routes (bf16 x only)."""
     from .quant import _K_FORMATS
@@ -270,14 +280,14 @@ def quant_routes(op: str, x: torch.Tensor, weight, down=None) -> tuple[int, int]
         if _fixed is None and op == "linear" and x.dtype == torch.bfloat16 and weight.layout == "x8":
             policy = _measured().for_quant_stream(x, weight)
         _sync_x8_streams(policy.quant_x8_one_stream_max_rows)
-    if policy.kernel_only or x.device.type != "cpu" or not _amx_usable():
+    if policy.kernel_only or x.device.type != "cpu" or not _quant_gemm_usable():
         return 0, 0
     name = f"{'linear' if op == 'linear' else 'moe'}_{'kquant' if weight.format in _K_FORMATS else 'quant'}"
     if _fixed is None and not torch.compiler.is_compiling():
         policy = _measured().for_quant(name, x, weight, down)
     amx_field, gemm_field = QUANT_ROUTE_FIELDS[name]
     gemm = getattr(policy, gemm_field) if x.dtype == torch.bfloat16 else 0
-    return gemm, getattr(policy, amx_field) if amx_field else 0
+    return gemm, getattr(policy, amx_field) if amx_field and _amx_usable() else 0
 
 
 def decode_stream_trial(formats, batch: int):

@@ -429,8 +429,9 @@ def test_bench_forced_quantized_routes_take_effect():
     from lfm_kernels.benchmark import linear as bench_linear, moe as bench_moe
     from lfm_kernels.quant import quantize
 
-    if not policy_mod._amx_usable():
-        pytest.skip("AMX (usable tile state) missing: only the integer-dot route exists here")
+    if not policy_mod._quant_gemm_usable():
+        pytest.skip("neither AMX nor AVX512-BF16 (oneDNN's native bf16): only the integer-dot route exists here")
+    amx = ["amx-int8"] if policy_mod._amx_usable() else []  # the AMX-INT8 tiles need usable AMX
     torch.manual_seed(0)
     e, h, i, k, n = 8, 256, 128, 2, 48
     gu = quantize(torch.randn(e, 2 * i, h) / 16, "q8_0").to_layout("x8")
@@ -438,17 +439,47 @@ def test_bench_forced_quantized_routes_take_effect():
     inputs = {"hidden": torch.randn(n, h).to(torch.bfloat16), "q_gate_up": gu, "q_down": dn,
               "ids": torch.stack([torch.randperm(e)[:k] for _ in range(n)]), "weights": torch.rand(n, k)}
     paths = bench_moe._forced_quant_experts("q8_0")
-    assert sorted(paths) == ["amx-int8", "bf16-gemm", "x8"]
+    assert sorted(paths) == amx + ["bf16-gemm", "x8"]
     ref = paths["x8"](inputs)
-    assert torch.equal(paths["amx-int8"](inputs), ref)
+    if amx:
+        assert torch.equal(paths["amx-int8"](inputs), ref)
     assert not torch.equal(paths["bf16-gemm"](inputs), ref)
     assert sorted(bench_moe._forced_quant_experts("q4_k")) == ["bf16-gemm", "x8"]
     qw = quantize(torch.randn(64, 256) / 16, "q4_0")
     li = {"x": torch.randn(32, 256).to(torch.bfloat16), "qweight": qw.to_layout("x8"), "qweight_rows": qw}
     lpaths = bench_linear._quant_paths("q4_0", 32)
     lref = lpaths["x8"](li)
-    assert torch.equal(lpaths["amx-int8"](li), lref) and torch.equal(lpaths["rows"](li), lref)
+    assert torch.equal(lpaths["rows"](li), lref)
+    if amx:
+        assert torch.equal(lpaths["amx-int8"](li), lref)
     assert not torch.equal(lpaths["bf16-gemm"](li), lref)
+
+
+@pytest.mark.parametrize("amx, bf16", [(True, True), (False, True), (False, False)],
+                         ids=["amx", "avx512bf16-only", "neither"])
+def test_quantized_routes_follow_the_cpu(amx, bf16, monkeypatch):
+    """Which quantized routes a CPU has: the AMX-INT8 tiles only with usable AMX (Q8_0 / Q4_0 in x8),
+    the bf16 GEMM route with AMX or AVX512-BF16, nothing but the integer kernels without either;
+    quant_routes under a fixed policy hands out no AMX threshold where AMX is missing."""
+    if _backend._C is None:
+        pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
+    monkeypatch.setattr(_backend, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(_backend, "cpu_has_native_bf16_gemm", lambda: bf16)
+    for fn in (_policy._amx_usable, _policy._quant_gemm_usable):
+        monkeypatch.setattr(_policy, fn.__name__, getattr(fn, "__wrapped__", fn))
+    expected = {(True, True): ("x8", "amx", "gemm"), (False, True): ("x8", "gemm"), (False, False): ()}[(amx, bf16)]
+    assert _chooser._quant_routes_here("linear_quant", "x8") == expected
+    assert _chooser._quant_routes_here("moe_kquant", "x8") == tuple(r for r in expected if r != "amx")
+    assert _chooser._quant_routes_here("linear_quant", "rows") == tuple(r for r in expected if r != "amx")
+    lin, gu, dn = _quant_weights()
+    x = torch.randn(32, 64).to(torch.bfloat16)
+    with kernel_policy(DEFAULT_POLICY):
+        gemm, amx_rows = _policy.quant_routes("linear", x, lin)
+        assert gemm == (DEFAULT_POLICY.linear_quant_gemm_min_rows if bf16 else 0)
+        assert amx_rows == (DEFAULT_POLICY.linear_quant_amx_min_rows if amx else 0)
+        assert _policy.quant_routes("moe", x.new_zeros(4, 256), gu, dn) == (
+            DEFAULT_POLICY.moe_kquant_gemm_min_rows if bf16 else 0, 0)
+        assert _policy.quant_routes("linear", x.float(), lin) == (0, DEFAULT_POLICY.linear_quant_amx_min_rows if amx else 0)
 
 
 def test_bench_reports_the_path_and_the_runner_up():

@@ -479,8 +479,8 @@ def test_decode_step_direct_calls_follow_the_policy(tiny_256, monkeypatch):
     from lfm_kernels import _policy
     from lfm_kernels._policy import QUANT_ROUTE_FIELDS
 
-    if not _policy._amx_usable():
-        pytest.skip("needs AMX (the bf16 GEMM and AMX-INT8 routes exist only there): this CPU has no usable AMX")
+    if not _policy._quant_gemm_usable():
+        pytest.skip("needs AMX or AVX512-BF16 (the bf16 GEMM route exists only there): this CPU has neither")
     path = tiny_256
     model = from_pretrained(path, dtype=torch.bfloat16, quant="q4_0", progress=False, tokenizer=False)
     tiles = _decode_logits(model)

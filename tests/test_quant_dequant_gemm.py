@@ -241,12 +241,13 @@ def test_policy_gates_the_routes():
     fixed = dict(linear_quant_gemm_min_rows=5, linear_kquant_gemm_min_rows=6, linear_quant_amx_min_rows=7,
                  moe_quant_gemm_min_rows=8, moe_kquant_gemm_min_rows=9, moe_quant_amx_min_rows=10)
     with kernel_policy(**fixed):
-        if _backend.cpu_has_amx():
-            assert _policy.quant_routes("linear", x16, q8) == (5, 7)
+        if _backend.cpu_has_native_bf16_gemm():  # AMX or AVX512-BF16: the bf16 GEMM route
+            amx = _backend.cpu_has_amx()  # the AMX-INT8 tiles: only with usable AMX
+            assert _policy.quant_routes("linear", x16, q8) == (5, 7 if amx else 0)
             assert _policy.quant_routes("linear", x16, qk) == (6, 0)  # no AMX-INT8 tiles for K-quants
-            assert _policy.quant_routes("moe", x16, q8, q8) == (8, 10)
+            assert _policy.quant_routes("moe", x16, q8, q8) == (8, 10 if amx else 0)
             assert _policy.quant_routes("moe", x16, qk, qk) == (9, 0)
-            assert _policy.quant_routes("linear", x32, q8) == (0, 7)  # the GEMM route needs bf16 x
+            assert _policy.quant_routes("linear", x32, q8) == (0, 7 if amx else 0)  # the GEMM route needs bf16 x
         else:
             for op in ("linear", "moe"):
                 for w in (q8, qk):
@@ -256,9 +257,9 @@ def test_policy_gates_the_routes():
         assert _policy.quant_routes("moe", x16, qk, qk) == (0, 0)
 
 
-@pytest.mark.skipif(not (_backend._C is not None and _backend.cpu_has_amx()),
-                    reason="no usable AMX on this CPU: the public ops never take the bf16 GEMM route here")
-def test_public_ops_take_the_gemm_route_on_amx():
+@pytest.mark.skipif(not (_backend._C is not None and _backend.cpu_has_native_bf16_gemm()),
+                    reason="neither AMX nor AVX512-BF16 on this CPU: the public ops never take the bf16 GEMM route here")
+def test_public_ops_take_the_gemm_route():
     qt = _weights((48, 96), "q4_0")
     x = torch.randn(70, 96).bfloat16()
     direct = torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm(x, qt.data, "q4_0", "x8", 48, 96, None)
