@@ -613,11 +613,12 @@ void run(const LinearArgs& a, int64_t avx512_max_rows) {
       return gemv_bf16dp<2>(a);
     }
   }
-  // The FMA twin only at M = 2: at M = 1 it measured 0.72-0.97x the AVX2 GEMV on Zen 4 (fp32 weights;
-  // a 512-bit load is split in two there), at M = 2 1.1-1.2x.
-  if (avx512 && a.M == 2) {
-    return gemv_avx512<TX, TW, 2>(a);
-  }
+  // The FMA twin (fp32 / fp16 weights, or x and weight dtypes that differ). At M = 1 it measured
+  // 0.72-0.97x the AVX2 GEMV on Zen 4 (fp32 weights; a 512-bit load is split in two there) and
+  // 1.1-1.27x on Zen 5 (fp32 weights cycled from DRAM, 2 threads; equal on lm_head); at M = 2 1.1-1.2x
+  // on Zen 4. avx512_max_rows is the policy's measured choice of 512-bit streaming on this core.
+  if (avx512 && a.M == 2) return gemv_avx512<TX, TW, 2>(a);
+  if (avx512 && a.M == 1) return gemv_avx512<TX, TW, 1>(a);
   if (cpu_has_avx2())
     linear_avx2<TX, TW>(a);
   else

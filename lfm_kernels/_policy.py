@@ -10,8 +10,9 @@ enough rows runs faster on those units, so two ops choose per call:
 - `linear` on fp32 weights (any x dtype, computed in fp32): from `linear_fp32_torch_min_rows` rows on, torch's fp32 GEMM
   (F.linear); by default never, the chooser sets it where torch's GEMM is measured faster.
 - `linear` on a CPU with AVX-512 (any weight dtype): calls of up to `linear_avx512_max_rows` rows
-  (at most 2; 0: none) take the AVX-512 GEMV (with AVX512-BF16 for bf16 x on bf16 weights), the
-  others the AVX2 kernels. Both read the weight once; which streams faster depends on the core
+  (at most 2; 0: none) take the AVX-512 GEMV (with AVX512-BF16 for bf16 x on bf16 weights, an FMA
+  GEMV on fp32 / fp16 weights: measured on the bf16 model's weights, the choice of 512-bit streaming
+  serves every weight dtype), the others the AVX2 kernels. Both read the weight once; which streams faster depends on the core
   (on a Zen 4 the AVX2 GEMV wins end to end, hence the default 0; the chooser measures it).
 - `moe_experts` / `moe` on fp32 weights (any token dtype, computed in fp32): experts with at least
   `moe_fp32_torch_min_rows` tokens run on torch's fp32 GEMM (two per expert, our SwiGLU between);

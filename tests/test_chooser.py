@@ -538,9 +538,12 @@ def test_the_linear_op_follows_the_avx512_threshold(monkeypatch):
         assert linear_mod._linear_path(x[:1], w) == "avx2"
     with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=2, kernel_only=True):
         assert linear_mod._linear_path(x[:1], w) == "avx2"
-    with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=2):
+    with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=2):  # fp32 x: the FMA twin, at 1 and 2 rows
         assert linear_mod._linear_path(x[:2].float(), w) == "avx512"
-        assert linear_mod._linear_path(x[:1].float(), w) == "avx2"
+        assert linear_mod._linear_path(x[:1].float(), w) == "avx512"
+    with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=1):
+        assert linear_mod._linear_path(x[:1].float(), w) == "avx512"
+        assert linear_mod._linear_path(x[:2].float(), w) == "avx2"
 
 
 def test_paths_within_noise_keep_the_defaults(measured, monkeypatch):

@@ -257,7 +257,7 @@ def test_single_thread(m):
 
 # The AVX-512 GEMVs: K values around the 32-element steps, the 4x32 unrolled loop and the masked
 # tails; N odd. bf16 x on bf16 weights takes the AVX512-BF16 dot product (M <= 2) where the CPU has
-# it, other dtypes the FMA twin at M = 2 (M = 1 stays on AVX2, faster there).
+# it, other dtypes the FMA twin (both at M <= linear_avx512_max_rows).
 AVX512_SHAPES = [(1, 7, 15), (1, 33, 31), (2, 33, 33), (1, 65, 128), (2, 129, 777), (1, 300, 2048), (2, 17, 2049)]
 
 
@@ -282,7 +282,7 @@ def test_avx512_gemv_parity(shape, x_dtype, w_dtype, with_bias):
         path = linear_mod._linear_path(x, w)
         out = linear(x, w, b)
     dot = x_dtype == w_dtype == torch.bfloat16 and _backend._C.cpu_supports_avx512bf16()
-    assert path == ("avx512-bf16dot" if dot else "avx512" if m == 2 else "avx2")
+    assert path == ("avx512-bf16dot" if dot else "avx512")
     assert_close(out, _ref(x, w, b).to(x_dtype), x_dtype)
     # the AVX2 kernel on the same call agrees within the same bound
     with kernel_policy(DEFAULT_POLICY, linear_avx512_max_rows=0):

@@ -98,11 +98,10 @@ def _paths(w_dtype: torch.dtype, m: int) -> dict:
         return {}
     paths = {_backend.cpu_isa() if _backend.cpu_isa() != "avx512" else "avx2": "cpp_kernel"}
     if m <= linear_mod.AVX512_GEMV_MAX_ROWS and _backend._C.cpu_supports_avx512():
-        # x is bf16 in every case: the AVX512-BF16 GEMV on bf16 weights, the FMA twin at 2 rows otherwise
+        # x is bf16 in every case: the AVX512-BF16 GEMV on bf16 weights, the FMA twin otherwise
         dot = w_dtype == torch.bfloat16 and _backend._C.cpu_supports_avx512bf16()
-        if dot or m == 2:
-            paths["avx512-bf16dot" if dot else "avx512"] = lambda i: torch.ops.lfm_kernels_cpu.linear(
-                i["x"], i["weight"], None, 2)
+        paths["avx512-bf16dot" if dot else "avx512"] = lambda i: torch.ops.lfm_kernels_cpu.linear(
+            i["x"], i["weight"], None, 2)
     if w_dtype == torch.bfloat16 and _backend.cpu_has_native_bf16_gemm():
         paths["onednn"] = "torch_bf16"
     if w_dtype == torch.float32 and m >= 3:  # the fp32 hand-off (from 3 rows, as the chooser times it)

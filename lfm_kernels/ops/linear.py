@@ -59,7 +59,7 @@ def _linear_path(x: torch.Tensor, weight: torch.Tensor) -> str:
         return isa
     if x.shape[0] <= rows and x.dtype == weight.dtype == torch.bfloat16 and _backend._C.cpu_supports_avx512bf16():
         return "avx512-bf16dot"
-    return "avx512" if x.shape[0] <= rows and x.shape[0] == 2 else "avx2"
+    return "avx512" if x.shape[0] <= rows else "avx2"
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
