@@ -314,80 +314,46 @@ def _run_quant_experts(layout, hidden, gate_up_q, down_q, format, num_experts, i
                                        topk_weights).to(hidden.dtype)
 
 
-def _moe_experts_quant_impl(
-    hidden: torch.Tensor,
-    gate_up_q: torch.Tensor,
-    down_q: torch.Tensor,
-    format: str,
-    num_experts: int,
-    intermediate: int,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    dequant_gemm_min_rows: int = 0,
-    amx_min_rows: int = 0,
-) -> torch.Tensor:
-    return _run_quant_experts("rows", hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids,
-                              topk_weights, dequant_gemm_min_rows, amx_min_rows)
-
-
-_moe_experts_quant_op = torch.library.custom_op(
-    "lfm_kernels::moe_experts_quant", _moe_experts_quant_impl, mutates_args=()
-)
-
-
-@_moe_experts_quant_op.register_fake
-def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows=0,
-      amx_min_rows=0):
+def _experts_fake(hidden, *args, **kwargs):
     return hidden.new_empty(hidden.shape).contiguous()
 
 
-def _moe_experts_quant_x8_impl(
-    hidden: torch.Tensor,
-    gate_up_q: torch.Tensor,
-    down_q: torch.Tensor,
-    format: str,
-    num_experts: int,
-    intermediate: int,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    dequant_gemm_min_rows: int = 0,
-    amx_min_rows: int = 0,
-) -> torch.Tensor:
-    """As _moe_experts_quant_impl, on weights in the x8 layout (lfm_kernels/quant.py)."""
-    return _run_quant_experts("x8", hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids,
-                              topk_weights, dequant_gemm_min_rows, amx_min_rows)
+def _register_experts_op(name: str, impl):
+    """lfm_kernels::<name> as a custom op running impl, and the shape of both it and the C++ op
+    lfm_kernels_cpu::<name> (for tracing either directly; skipped for an extension built without it)."""
+    op = torch.library.custom_op(f"lfm_kernels::{name}", impl, mutates_args=())
+    op.register_fake(_experts_fake)
+    if _backend._C is not None and hasattr(torch.ops.lfm_kernels_cpu, name):
+        torch.library.register_fake(f"lfm_kernels_cpu::{name}")(_experts_fake)
+    return op
 
 
-_moe_experts_quant_x8_op = torch.library.custom_op(
-    "lfm_kernels::moe_experts_quant_x8", _moe_experts_quant_x8_impl, mutates_args=()
-)
+def _quant_experts_impl(layout: str):
+    """The body of the Q8_0 / Q4_0 experts' custom op on weights in this layout ("rows": GGUF's, "x8":
+    lfm_kernels/quant.py); its annotations are the op's schema."""
+
+    def impl(
+        hidden: torch.Tensor,
+        gate_up_q: torch.Tensor,
+        down_q: torch.Tensor,
+        format: str,
+        num_experts: int,
+        intermediate: int,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        dequant_gemm_min_rows: int = 0,
+        amx_min_rows: int = 0,
+    ) -> torch.Tensor:
+        return _run_quant_experts(layout, hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids,
+                                  topk_weights, dequant_gemm_min_rows, amx_min_rows)
+
+    return impl
 
 
-@_moe_experts_quant_x8_op.register_fake
-def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows=0,
-      amx_min_rows=0):
-    return hidden.new_empty(hidden.shape).contiguous()
-
-
-def _register_quant_cpp_fake() -> None:
-    """Shape of the C++ op lfm_kernels_cpu::moe_experts_quant, for tracing it directly."""
-    if _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant"):
-        return  # no extension, or one built before this op existed
-
-    @torch.library.register_fake("lfm_kernels_cpu::moe_experts_quant")
-    def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows=0,
-      amx_min_rows=0):
-        return hidden.new_empty(hidden.shape).contiguous()
-
-    if hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_quant_x8"):
-
-        @torch.library.register_fake("lfm_kernels_cpu::moe_experts_quant_x8")
-        def _(hidden, gate_up_q, down_q, format, num_experts, intermediate, topk_ids, topk_weights, dequant_gemm_min_rows=0,
-      amx_min_rows=0):
-            return hidden.new_empty(hidden.shape).contiguous()
-
-
-_register_quant_cpp_fake()
+_moe_experts_quant_impl = _quant_experts_impl("rows")
+_moe_experts_quant_x8_impl = _quant_experts_impl("x8")
+_moe_experts_quant_op = _register_experts_op("moe_experts_quant", _moe_experts_quant_impl)
+_moe_experts_quant_x8_op = _register_experts_op("moe_experts_quant_x8", _moe_experts_quant_x8_impl)
 
 
 # K-quant experts (Q4_K / Q5_K / Q6_K, gate_up and down each in its own format;
@@ -443,80 +409,31 @@ def _run_kquant_experts(layout, hidden, gate_up_q, down_q, gate_up_format, down_
     return _moe_experts_kquant_reference(hidden, gu, dn, topk_ids, topk_weights).to(hidden.dtype)
 
 
-def _moe_experts_kquant_impl(
-    hidden: torch.Tensor,
-    gate_up_q: torch.Tensor,
-    down_q: torch.Tensor,
-    gate_up_format: str,
-    down_format: str,
-    num_experts: int,
-    intermediate: int,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    dequant_gemm_min_rows: int = 0,
-) -> torch.Tensor:
-    return _run_kquant_experts("rows", hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts,
-                               intermediate, topk_ids, topk_weights, dequant_gemm_min_rows)
+def _kquant_experts_impl(layout: str):
+    """The body of the K-quant experts' custom op on weights in this layout (as _quant_experts_impl)."""
+
+    def impl(
+        hidden: torch.Tensor,
+        gate_up_q: torch.Tensor,
+        down_q: torch.Tensor,
+        gate_up_format: str,
+        down_format: str,
+        num_experts: int,
+        intermediate: int,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        dequant_gemm_min_rows: int = 0,
+    ) -> torch.Tensor:
+        return _run_kquant_experts(layout, hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts,
+                                   intermediate, topk_ids, topk_weights, dequant_gemm_min_rows)
+
+    return impl
 
 
-def _moe_experts_kquant_x8_impl(
-    hidden: torch.Tensor,
-    gate_up_q: torch.Tensor,
-    down_q: torch.Tensor,
-    gate_up_format: str,
-    down_format: str,
-    num_experts: int,
-    intermediate: int,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    dequant_gemm_min_rows: int = 0,
-) -> torch.Tensor:
-    """As _moe_experts_kquant_impl, on weights in the x8 layout (lfm_kernels/quant.py)."""
-    return _run_kquant_experts("x8", hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts,
-                               intermediate, topk_ids, topk_weights, dequant_gemm_min_rows)
-
-
-_moe_experts_kquant_x8_op = torch.library.custom_op(
-    "lfm_kernels::moe_experts_kquant_x8", _moe_experts_kquant_x8_impl, mutates_args=()
-)
-
-
-@_moe_experts_kquant_x8_op.register_fake
-def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights,
-      dequant_gemm_min_rows=0):
-    return hidden.new_empty(hidden.shape).contiguous()
-
-
-_moe_experts_kquant_op = torch.library.custom_op(
-    "lfm_kernels::moe_experts_kquant", _moe_experts_kquant_impl, mutates_args=()
-)
-
-
-@_moe_experts_kquant_op.register_fake
-def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights,
-      dequant_gemm_min_rows=0):
-    return hidden.new_empty(hidden.shape).contiguous()
-
-
-def _register_kquant_cpp_fake() -> None:
-    """Shape of the C++ op lfm_kernels_cpu::moe_experts_kquant, for tracing it directly."""
-    if _backend._C is None or not hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_kquant"):
-        return
-
-    @torch.library.register_fake("lfm_kernels_cpu::moe_experts_kquant")
-    def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids, topk_weights,
-      dequant_gemm_min_rows=0):
-        return hidden.new_empty(hidden.shape).contiguous()
-
-    if hasattr(torch.ops.lfm_kernels_cpu, "moe_experts_kquant_x8"):
-
-        @torch.library.register_fake("lfm_kernels_cpu::moe_experts_kquant_x8")
-        def _(hidden, gate_up_q, down_q, gate_up_format, down_format, num_experts, intermediate, topk_ids,
-              topk_weights, dequant_gemm_min_rows=0):
-            return hidden.new_empty(hidden.shape).contiguous()
-
-
-_register_kquant_cpp_fake()
+_moe_experts_kquant_impl = _kquant_experts_impl("rows")
+_moe_experts_kquant_x8_impl = _kquant_experts_impl("x8")
+_moe_experts_kquant_op = _register_experts_op("moe_experts_kquant", _moe_experts_kquant_impl)
+_moe_experts_kquant_x8_op = _register_experts_op("moe_experts_kquant_x8", _moe_experts_kquant_x8_impl)
 
 
 def _check_quant_expert_weights(hidden, gate_up_proj, down_proj) -> int:
