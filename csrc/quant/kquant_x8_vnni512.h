@@ -18,15 +18,14 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "quant/zmm_common.h"
+
 namespace lfmk {
 namespace quant {
 namespace avx512vnni {
 
 static inline __m512i kz_dup(__m256i v) { return _mm512_broadcast_i64x4(v); }
 static inline __m512i kz_ld(const void* p) { return _mm512_loadu_si512(p); }
-static inline __m256i kz_halves(__m512i v) {
-  return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-}
 static inline __m512i kz_shift16(__m512i v, int n) {
   return n >= 0 ? _mm512_sll_epi16(v, _mm_cvtsi32_si128(n)) : _mm512_srl_epi16(v, _mm_cvtsi32_si128(-n));
 }
@@ -49,7 +48,7 @@ static inline void kx8_tile_zmm(const uint8_t* w, int64_t gstride, int64_t nsb, 
   __m512i xpick[8];
   #pragma GCC unroll 16
   for (int p = 0; p < 8; ++p)
-    xpick[p] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * p), _mm512_set1_epi32(2 * p + 1));
+    xpick[p] = zmm_pair_pick(p);
   __m256i pair[2];
   if constexpr (F == KFormat::Q6_K)
     kavx2::kx8_pair6(pair);
@@ -123,7 +122,7 @@ static inline void kx8_tile_zmm(const uint8_t* w, int64_t gstride, int64_t nsb, 
         }
         __m256i Sy[M];
         #pragma GCC unroll 16
-        for (int m = 0; m < M; ++m) Sy[m] = kz_halves(S[m]);
+        for (int m = 0; m < M; ++m) Sy[m] = zmm_fold_halves(S[m]);
         kavx2::kx8_finish6<M>(blk, scv, pair, xs, lds, xd, ldd, b, Sy, acc[g]);
       }
     } else {
@@ -202,7 +201,7 @@ static inline void kx8_tile_zmm(const uint8_t* w, int64_t gstride, int64_t nsb, 
       for (int g = 0; g < G; ++g) {
         __m256i Sy[M];
         #pragma GCC unroll 16
-        for (int m = 0; m < M; ++m) Sy[m] = kz_halves(S[g][m]);
+        for (int m = 0; m < M; ++m) Sy[m] = zmm_fold_halves(S[g][m]);
         kavx2::kx8_finish45<M>(blk[g], sv[g], pair, xs, lds, xd, ldd, b, Sy, acc[g]);
       }
     }

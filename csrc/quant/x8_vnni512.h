@@ -17,13 +17,11 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "quant/zmm_common.h"
+
 namespace lfmk {
 namespace quant {
 namespace avx512vnni {
-
-static inline __m256i x8_zmm_halves(__m512i v) {
-  return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-}
 
 template <Format F, int G, int M>
 static inline void x8_tile_zmm(const uint8_t* w, int64_t gstride, int64_t nb, const int8_t* xq, int64_t ldq,
@@ -34,7 +32,7 @@ static inline void x8_tile_zmm(const uint8_t* w, int64_t gstride, int64_t nb, co
   // pick[p]: lanes 0-7 dword 2p of the block's x, lanes 8-15 dword 2p + 1
   __m512i pick[4];
   for (int p = 0; p < 4; ++p)
-    pick[p] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * p), _mm512_set1_epi32(2 * p + 1));
+    pick[p] = zmm_pair_pick(p);
   const __m512i m4 = _mm512_set1_epi8(0x0F), m4hi = _mm512_set1_epi8(static_cast<char>(0xF0));
   const __m512i ones = _mm512_set1_epi8(1);
   const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -95,7 +93,7 @@ static inline void x8_tile_zmm(const uint8_t* w, int64_t gstride, int64_t nb, co
     for (int g = 0; g < G; ++g) {
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk[g])));
       for (int m = 0; m < M; ++m) {
-        __m256i isum = x8_zmm_halves(s[g][m]);
+        __m256i isum = zmm_fold_halves(s[g][m]);
         if (F == Format::Q4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(xs8[m * lds + b]));
         const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(xd[m * ldd + b]));
         acc[g][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, acc[g][m]);
