@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _memory
-from ._policy import QUANT_ROUTE_FIELDS
+from ._policy import QUANT_ROUTE_FIELDS, _amx_usable, _quant_gemm_usable
 
 # A threshold no row count reaches: the path after it is never taken.
 NEVER = 1 << 30
@@ -180,11 +180,12 @@ def _quant_routes_here(op: str, layout: str) -> tuple:
     """The routes a quantized op class has on this CPU: the integer kernels ("x8", either layout),
     the bf16 GEMM route where oneDNN has native bf16 (AMX-BF16 or AVX512-BF16: on 2 Zen 5 cores it
     beat the K-quant integer GEMM 1.2-1.4x from 64 rows, Q8_0 / Q4_0 at 512), and the AMX-INT8 tiles
-    (Q8_0 / Q4_0 in x8) where AMX is usable; () where only the integer kernels run."""
-    if _backend._C is None or not _backend.cpu_has_native_bf16_gemm():
+    (Q8_0 / Q4_0 in x8) where AMX is usable; () where only the integer kernels run. The one place
+    this rule lives: the policy's thresholds and the bench's forced routes follow it."""
+    if not _quant_gemm_usable():
         return ()
     routes = _ROUTES[op] if layout == "x8" else KQUANT_ROUTES
-    return routes if _backend.cpu_has_amx() else tuple(r for r in routes if r != "amx")
+    return routes if _amx_usable() else tuple(r for r in routes if r != "amx")
 
 
 @dataclasses.dataclass

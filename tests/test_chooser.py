@@ -465,8 +465,6 @@ def test_quantized_routes_follow_the_cpu(amx, bf16, monkeypatch):
         pytest.fail(f"CPU extension not loaded: {_backend._EXT_ERROR}")
     monkeypatch.setattr(_backend, "cpu_has_amx", lambda: amx)
     monkeypatch.setattr(_backend, "cpu_has_native_bf16_gemm", lambda: bf16)
-    for fn in (_policy._amx_usable, _policy._quant_gemm_usable):
-        monkeypatch.setattr(_policy, fn.__name__, getattr(fn, "__wrapped__", fn))
     expected = {(True, True): ("x8", "amx", "gemm"), (False, True): ("x8", "gemm"), (False, False): ()}[(amx, bf16)]
     assert _chooser._quant_routes_here("linear_quant", "x8") == expected
     assert _chooser._quant_routes_here("moe_kquant", "x8") == tuple(r for r in expected if r != "amx")

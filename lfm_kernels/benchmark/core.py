@@ -161,22 +161,22 @@ QUANT_CHECK_TOL = 5e-2
 
 def forced_quant_paths(op: str, fmt: str, call) -> dict:
     """For a quantized `linear` ("linear") or experts ("moe") call in format fmt: the routes other than
-    the integer-dot kernels that exist on this CPU (the AMX-INT8 tiles, with usable AMX and not for
-    K-quants, and the bf16 GEMM route, with AMX or AVX512-BF16), each as a runner-up path: call(inputs) under the policy
+    the integer-dot kernels that exist on this CPU (`_chooser._quant_routes_here`: the AMX-INT8 tiles,
+    not for K-quants, and the bf16 GEMM route), each as a runner-up path: call(inputs) under the policy
     changes that put every call / expert on that route (the policy's own fields,
     `_policy.QUANT_ROUTE_FIELDS`)."""
-    from .. import _backend
-    from .._chooser import NEVER
-    from .._policy import DEFAULT_POLICY, QUANT_ROUTE_FIELDS, _amx_usable, _quant_gemm_usable, kernel_policy
+    from .._chooser import NEVER, _quant_routes_here
+    from .._policy import DEFAULT_POLICY, QUANT_ROUTE_FIELDS, kernel_policy
     from ..quant import _K_FORMATS
 
-    if _backend._C is None or not _quant_gemm_usable():
-        return {}
-    amx_field, gemm_field = QUANT_ROUTE_FIELDS[f"{op}_{'kquant' if fmt in _K_FORMATS else 'quant'}"]
+    name = f"{op}_{'kquant' if fmt in _K_FORMATS else 'quant'}"
+    here = _quant_routes_here(name, "x8")
+    amx_field, gemm_field = QUANT_ROUTE_FIELDS[name]
     routes = {}
-    if amx_field and _amx_usable():
+    if "amx" in here:
         routes["amx-int8"] = {amx_field: 1, gemm_field: NEVER}
-    routes["bf16-gemm"] = {gemm_field: 1}
+    if "gemm" in here:
+        routes["bf16-gemm"] = {gemm_field: 1}
 
     def forced(changes):
         def run(i):
