@@ -17,6 +17,8 @@ which now and then moves a value across a rounding boundary of the next int8 ste
 (measured 1e-7 .. 6e-3)"""
 
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -449,6 +451,45 @@ def test_bench_e2e_model_file(moe_q4_k_m, tmp_path, fast_machine):
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
     # 3 decode steps: two recorded, then replayed (the row says so, so a table shows how it decoded)
     assert r["decode_path"].startswith("cpu graph ("), r["decode_path"]
+
+
+def test_bench_e2e_paired_steps_replay(moe_q4_k_m, tmp_path, fast_machine):
+    # the paired figure: --quick's 4 steps on the replayed CPU graph, ours only, median inside its range
+    _, file = moe_q4_k_m
+    rc, data = _bench(tmp_path, "--model", file, "--prompt-len", "8")
+    assert rc == 0
+    r = data["e2e"][0]
+    assert r["paired_steps"] == 4 and r["paired_path"].startswith("cpu graph ("), r["paired_path"]
+    lo, hi = r["paired_share_range"]
+    assert 0 < lo <= r["decode_vs_paired_floor"] <= hi and r["paired_bandwidth_GBs"] > 0
+
+
+def test_paired_decode_share_is_probe_time_over_step_time(monkeypatch):
+    # fakes with known times: each probe "reads" 1 GB in 40 ms (25 GB/s), each step takes 10 ms; a
+    # token of 0.5 GB then has a floor of 20 ms, twice the step: share 2.0 (sleeps only overshoot, and
+    # both sides by about the same few hundred microseconds)
+    import types
+
+    from lfm_kernels import model as model_pkg
+    from lfm_kernels.benchmark import e2e
+
+    steps_run = []
+
+    def stepper(model, state):
+        def step(tok):
+            time.sleep(0.010)
+            steps_run.append(int(tok.item()))
+        return step
+
+    monkeypatch.setattr(model_pkg, "decode_stepper", stepper)
+    fake = types.SimpleNamespace(new_state=lambda b, n: None, config=types.SimpleNamespace(max_position_embeddings=4096),
+                                 device=torch.device("cpu"))
+    out = e2e._paired_decode(fake, 500_000_000, steps=5, warmup=2, probes=[lambda: time.sleep(0.040)], probe_bytes=10**9)
+    assert len(steps_run) == 7 and out["paired_steps"] == 5 and out["paired_path"] == "eager"
+    assert out["paired_bandwidth_GBs"] == pytest.approx(25.0, rel=0.1)
+    assert out["decode_vs_paired_floor"] == pytest.approx(2.0, rel=0.15)
+    lo, hi = out["paired_share_range"]
+    assert lo <= out["decode_vs_paired_floor"] <= hi
 
 
 def test_bench_e2e_floor_takes_probes_before_and_after(moe_q4_k_m, tmp_path, fast_machine, monkeypatch):

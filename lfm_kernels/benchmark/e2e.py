@@ -7,17 +7,26 @@ quantized blocks).
 floor tokens/s = read bandwidth measured in the same run (the mean of a probe before and one after the
 timed generation) / bytes of weights one decoded token reads
 (all non-expert weights, the top_k of E experts per MoE layer, the tied lm_head; one embedding row).
+
+On the CPU a second, paired figure follows the timed generation: `paired_steps` more decode steps
+(the same stepper generate() uses), each timed right after a read probe of the same buffer, and each
+step's share of the floor taken against the probe just before it; the row keeps their median
+("decode_vs_paired_floor"). A VM's bandwidth can flip between two states within seconds (1.6x apart
+on the 2-core Zen 5 these kernels were last tuned on); the before/after mean then mixes states, while a
+probe a few milliseconds before each step reads in the step's own state.
 transformers runs on our tensors (its parameters are views of ours, built on the meta device): the
 full model is about 17 GB in bf16 and two copies would not fit in 24 GiB.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
 import torch
 
+from .. import _backend
 from .core import measure_read_bandwidth
 
 
@@ -45,6 +54,48 @@ def _row(impl, cfg, prompt_len, new_tokens, threads, dtype, prefill_s, decode_s,
         "floor_tok_s": floor,
         "decode_vs_floor": decode / floor,
     }
+
+
+def _paired_decode(model, nbytes: int, steps: int, warmup: int = 4, probes=None, probe_bytes: int | None = None) -> dict:
+    """Decode steps on a fresh state (batch 1, the stepper generate() uses), each right after a read
+    probe: {"decode_vs_paired_floor": the median over steps of (bytes / probe rate) / step time,
+    "paired_bandwidth_GBs": the probes' median, "paired_share_range": [min, max] of the shares,
+    "paired_steps", "paired_path": how the steps ran}. The probe reads the bytes per token, clamped to
+    [256 MiB, 1 GiB], on huge pages as the weights sit, and takes the faster of the extension's read
+    without and with software prefetch (as measure_read_bandwidth, less torch's slower amax).
+    `probes` (callables, each reading `probe_bytes`) replace the read probe in tests."""
+    from .. import _memory
+    from .. import model as _model
+
+    if probes is None:
+        # at least 256 MiB: a small model's bytes per token would fit the last-level cache
+        probe_bytes = min(max(nbytes, 256 << 20), 1 << 30) // 4 * 4
+        buf = _memory.empty(probe_bytes // 4, dtype=torch.float32).uniform_()
+        probes = [lambda: torch.ops.lfm_kernels_cpu._read_probe(buf),
+                  lambda: torch.ops.lfm_kernels_cpu._read_probe(buf, True)]
+    for probe in probes:
+        probe()
+    state = model.new_state(1, min(model.config.max_position_embeddings, -(-(warmup + steps) // 64) * 64))
+    step = _model.decode_stepper(model, state)
+    tok = torch.zeros(1, dtype=torch.int64, device=model.device)
+    for _ in range(warmup):  # the CPU graph records its first two steps
+        step(tok)
+    shares, rates = [], []
+    for _ in range(steps):
+        best = float("inf")
+        for probe in probes:
+            t0 = time.perf_counter()
+            probe()
+            best = min(best, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        step(tok)
+        dt = time.perf_counter() - t0
+        rate = probe_bytes / best
+        rates.append(rate)
+        shares.append(nbytes / rate / dt)
+    return {"decode_vs_paired_floor": statistics.median(shares), "paired_bandwidth_GBs": statistics.median(rates) / 1e9,
+            "paired_share_range": [min(shares), max(shares)], "paired_steps": steps,
+            "paired_path": getattr(step, "path", "eager")}
 
 
 def _time_transformers(hf, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, int]:
@@ -77,13 +128,15 @@ def run_e2e(
     transformers_new_tokens: int | None = None,
     model=None,
     quant: str | None = None,
+    paired_steps: int = 32,
 ) -> list[dict]:
     """Rows (dicts) for lfm_kernels and, if asked, transformers eager: prefill tokens/s of a
     prompt_len-token prompt, decode tokens/s over new_tokens (batch 1), the floor and the bandwidth.
     `model` reuses an already built LfmModel instead of making the default (a loaded file: the row
     names it, `model.path`, and its weight formats). quant "q8_0" / "q4_0" / "q4_k_m" quantizes the
     default's weights (the same random values) and counts the floor on the quantized bytes;
-    transformers has no kernels for these blocks, so a quantized model gets no transformers row."""
+    transformers has no kernels for these blocks, so a quantized model gets no transformers row.
+    paired_steps: decode steps of the paired measurement (see the module docstring; CPU only, 0 for none)."""
     from ..model import default_model, to_transformers
     from ..model.weights import weight_formats
 
@@ -141,8 +194,15 @@ def run_e2e(
     say(f"read bandwidth after the run {bw_after / 1e9:.1f} GB/s; the floor takes the mean, {bw / 1e9:.1f} GB/s"
         + ("" if extra["bandwidth_steady"] else " (the machine's bandwidth changed during the run: the share is unreliable)"))
     extra["decode_path"] = t.get("decode_path", "eager")  # the CPU / CUDA graph, or eager and why
+    paired = {}
+    if paired_steps > 0 and model.device.type == "cpu" and _backend.cpu_extension_available():
+        paired = _paired_decode(model, nbytes, paired_steps)
+        lo, hi = paired["paired_share_range"]
+        say(f"paired: {paired_steps} decode steps, each after a read probe: median {100 * paired['decode_vs_paired_floor']:.1f}% "
+            f"of its floor (range {100 * lo:.0f}-{100 * hi:.0f}%, probes' median {paired['paired_bandwidth_GBs']:.1f} GB/s)")
     rows = [_row("lfm_kernels", cfg, prompt_len, new_tokens, threads, model.dtype, t["prefill_s"], t["decode_s"],
                  t["decode_steps"], bw, nbytes, weights=weights, extra=extra)]
+    rows[-1].update(paired)  # ours only: the transformers row has no paired steps
     say(_fmt(rows[-1]))
 
     if compare_transformers and not model.weights.is_quantized():
@@ -167,6 +227,8 @@ def _fmt(r: dict) -> str:
         f"{r['decode_tok_s']:6.2f} tok/s = {100 * r['decode_vs_floor']:5.1f}% of floor {r['floor_tok_s']:.2f} tok/s "
         f"({r['bandwidth_GBs']:.1f} GB/s, {r['bytes_per_token'] / 1e9:.3f} GB/token, {r['num_layers']} layers, "
         f"{r['threads']} threads)"
+        + (f"; paired {100 * r['decode_vs_paired_floor']:.1f}% (median of {r['paired_steps']} steps, each against a "
+           f"probe just before it)" if "decode_vs_paired_floor" in r else "")
     )
 
 

@@ -273,6 +273,8 @@ def _e2e_table(rows: list[dict]) -> str:
     def cell(v):
         if isinstance(v, float):
             return f"{v:.4g}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(cell(x) for x in v) + "]"
         return "-" if v is None else str(v)
 
     if len(keys) <= 8:
@@ -308,7 +310,7 @@ def _run_e2e(args, out: dict) -> list[str]:
     else:
         kw = {"threads": args.threads, "progress": progress}
         if args.quick:
-            kw.update(num_layers=2, prompt_len=16, new_tokens=4)
+            kw.update(num_layers=2, prompt_len=16, new_tokens=4, paired_steps=4)
         for k in ("num_layers", "prompt_len", "new_tokens"):
             if getattr(args, k) is not None:
                 kw[k] = getattr(args, k)
