@@ -247,6 +247,25 @@ def test_experts_mixed_dtypes_strided_int32():
     assert_close(out32, reference.moe_experts(h32, gu16, dn16, ids.long(), weights.float()), torch.float32)
 
 
+@pytest.mark.parametrize("n,e", [(1, 32), (1, 30), (5, 30), (40, 32)], ids=lambda v: str(v))
+def test_route_deterministic_across_threads_and_matches_reference(n, e):
+    # at H = 2048 the threads split a decode step's router rows (blocks of 4; E = 30 leaves a short
+    # block): the same bits at any thread count, and the reference's choices
+    hidden, gate_weight, bias = _router_inputs(n, e, 2048, torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _route("avx2", hidden, gate_weight, bias, 4, True, 1.0)
+        torch.set_num_threads(max(2, threads))
+        many = _route("avx2", hidden, gate_weight, bias, 4, True, 1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    ref_w, ref_ids = reference.moe_route(hidden, gate_weight, bias, 4)
+    assert torch.equal(many[1], ref_ids)
+    assert_close(many[0], ref_w, torch.bfloat16, "topk_weights")
+
+
 def test_experts_deterministic_across_threads():
     n, e, k = 40, 8, 4
     hidden = torch.randn(n, SMALL_H)
