@@ -33,9 +33,22 @@ def _eager(qk, v, cos_t, sin_t, kc, vc, pos, hq):
 CASES = [(1, 32, 8, 64, 300), (3, 4, 2, 16, 9), (2, 6, 3, 2, 5)]  # (B, Hq, Hkv, D, S)
 
 
+def _path(impl):
+    """The C++ op's AVX2 path (bf16 / fp16 heads with D % 16 == 0) or the portable loop, forced."""
+    import contextlib
+
+    if impl == "portable":
+        return _backend.force_portable_cpu()
+    if not _backend._C.cpu_supports_avx2():
+        pytest.skip("this CPU has no AVX2")
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("impl", ["avx2", "portable"])
+@pytest.mark.parametrize("k_layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"B{b}-Hq{q}-Hkv{k}-D{d}-S{s}" for b, q, k, d, s in CASES])
-def test_rope_cache_write_is_the_eager_ops(case, dtype):
+def test_rope_cache_write_is_the_eager_ops(case, dtype, k_layout, impl):
     B, Hq, Hkv, D, S = case
     g = torch.Generator().manual_seed(B * 1000 + D)
     qkv = (torch.randn(B, (Hq + 2 * Hkv) * D, generator=g) * 2).to(dtype)
@@ -43,11 +56,14 @@ def test_rope_cache_write_is_the_eager_ops(case, dtype):
     v = qkv[:, (Hq + Hkv) * D:].view(B, Hkv, D)  # a strided view, as the model passes it
     cos, sin = _tables(S, D, dtype)
     kc, vc = torch.randn(B, Hkv, S, D, generator=g).to(dtype), torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    if k_layout == "transposed":  # a cache whose head elements are S apart: the k heads' strided stores
+        kc = kc.transpose(2, 3).contiguous().transpose(2, 3)
     pos = torch.randint(0, S, (B,), generator=g)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     qk_before = qk.clone()
     q_ref = _eager(qk, v, cos, sin, kc_ref, vc_ref, pos, Hq)
-    q = torch.ops.lfm_kernels_cpu.rope_cache_write(qk, v, cos, sin, kc, vc, pos, Hq)
+    with _path(impl):
+        q = torch.ops.lfm_kernels_cpu.rope_cache_write(qk, v, cos, sin, kc, vc, pos, Hq)
     assert q.shape == (B, Hq, D) and q.dtype == dtype and q.is_contiguous()
     assert torch.equal(q, q_ref)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)  # only position pos[b] of each row changed
