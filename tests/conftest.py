@@ -72,6 +72,24 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
+def tiny_moe_config(**over) -> dict:
+    """The smallest LFM2-MoE config.json the loader takes (3 layers, one dense, one attention), a fresh
+    dict each call with `over` applied: the base of the config-parsing and hostile-checkpoint tests."""
+    return dict(
+        model_type="lfm2_moe",
+        vocab_size=37,
+        hidden_size=16,
+        intermediate_size=24,
+        moe_intermediate_size=8,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_dense_layers=1,
+        layer_types=["conv", "full_attention", "conv"],
+    ) | over
+
 
 def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """|a - b| in units of dtype's spacing at |b| (0 where equal)."""

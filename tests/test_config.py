@@ -6,28 +6,13 @@ import time
 
 import pytest
 
-from lfm_kernels.model import config_from_dict
+from conftest import tiny_moe_config
 
-_BASE = dict(
-    model_type="lfm2_moe",
-    vocab_size=37,
-    hidden_size=16,
-    intermediate_size=24,
-    moe_intermediate_size=8,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    num_experts=4,
-    num_experts_per_tok=2,
-    num_dense_layers=1,
-    layer_types=["conv", "full_attention", "conv"],
-)
+from lfm_kernels.model import config_from_dict
 
 
 def _cfg(**over):
-    d = dict(_BASE)
-    d.update(over)
-    return d
+    return tiny_moe_config(**over)
 
 
 @pytest.mark.parametrize(

@@ -15,21 +15,9 @@ from lfm_kernels.model import LfmModel, allocate, config_from_dict, fill_random,
 pytest.importorskip("transformers")  # save_pretrained writes config.json through transformers' config
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-_CFG = dict(
-    model_type="lfm2_moe",
-    vocab_size=37,
-    hidden_size=16,
-    intermediate_size=24,
-    moe_intermediate_size=8,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    num_experts=4,
-    num_experts_per_tok=2,
-    num_dense_layers=1,
-    layer_types=["conv", "full_attention", "conv"],
-    max_position_embeddings=64,
-)
+from conftest import tiny_moe_config  # noqa: E402
+
+_CFG = tiny_moe_config(max_position_embeddings=64)
 
 
 def _model(dtype=torch.float32, seed=0):
