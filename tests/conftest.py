@@ -72,6 +72,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
+def write_word_tokenizer(path, vocab_size: int) -> None:
+    """A word-level tokenizer.json in directory `path`: ids 0..8 LFM2's special tokens, then w0, w1,
+    ..., and [UNK] last (vocab_size ids in all)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                "<|tool_call_start|>", "<|tool_call_end|>", "<|tool_list_start|>", "<|tool_list_end|>"]
+    words = specials + [f"w{i}" for i in range(vocab_size - len(specials) - 1)] + ["[UNK]"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(path / "tokenizer.json"))
+
+
 def tiny_moe_config(**over) -> dict:
     """The smallest LFM2-MoE config.json the loader takes (3 layers, one dense, one attention), a fresh
     dict each call with `over` applied: the base of the config-parsing and hostile-checkpoint tests."""

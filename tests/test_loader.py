@@ -15,7 +15,7 @@ from lfm_kernels.model import LfmModel, allocate, config_from_dict, fill_random,
 pytest.importorskip("transformers")  # save_pretrained writes config.json through transformers' config
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from conftest import tiny_moe_config  # noqa: E402
+from conftest import tiny_moe_config, write_word_tokenizer  # noqa: E402
 
 _CFG = tiny_moe_config(max_position_embeddings=64)
 
@@ -150,25 +150,12 @@ def test_symlinks_inside_the_directory_and_hub_snapshots_load(tmp_path):
 
 
 # ----------------------------------------------------------------------------- tokenizer code
-def _word_tokenizer(path, vocab_size):
-    """A word-level tokenizer.json: ids 0..8 special tokens, then w0, w1, ..."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                "<|tool_call_start|>", "<|tool_call_end|>", "<|tool_list_start|>", "<|tool_list_end|>"]
-    words = specials + [f"w{i}" for i in range(vocab_size - len(specials) - 1)] + ["[UNK]"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    tok.save(str(path / "tokenizer.json"))
-
-
 def test_tokenizer_custom_code_never_runs_and_never_prompts(tmp_path, monkeypatch):
     """A tokenizer_config.json that asks for custom code: the code is not imported, stdin is not read
     (transformers would otherwise ask "run custom code? [y/N]"), and the plain tokenizer.json loads."""
     ckpt = tmp_path / "ckpt"
     save_pretrained(_model(), str(ckpt))
-    _word_tokenizer(ckpt, 37)
+    write_word_tokenizer(ckpt, 37)
     marker = tmp_path / "code-ran"
     (ckpt / "evil_tok.py").write_text(
         f"open({str(marker)!r}, 'w').write('ran')\n"

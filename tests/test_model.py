@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, write_word_tokenizer
 
 from lfm_kernels.model import (
     config_from_dict,
@@ -417,23 +417,10 @@ def test_bf16_no_worse_than_transformers_bf16(tmp_path):
     assert rel_err(ours.forward(ids), truth) <= rel_err(_hf_logits(hf16, ids), truth)
 
 
-def _word_tokenizer(path, vocab_size):
-    """A word-level tokenizer.json whose first ids are LFM2's special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                "<|tool_call_start|>", "<|tool_call_end|>", "<|tool_list_start|>", "<|tool_list_end|>"]
-    words = specials + [f"w{i}" for i in range(vocab_size - len(specials) - 1)] + ["[UNK]"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    tok.save(str(path / "tokenizer.json"))
-
-
 def test_text_prompts_and_chat_with_tokenizer(tiny, tmp_path):
     hf, _ = tiny
     hf.save_pretrained(tmp_path)
-    _word_tokenizer(tmp_path, 97)
+    write_word_tokenizer(tmp_path, 97)
     model = from_pretrained(tmp_path, progress=False)
     assert model.tokenizer is not None
     assert model.tokenizer.encode("<|im_start|> w3 w4", add_special_tokens=False) == [3, 12, 13]
