@@ -100,6 +100,24 @@ def time_cuda_graph(fn: Callable[[], Any], *, replays: int = 60) -> float | None
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
 
 
+def read_probe_buffer(nbytes: int) -> torch.Tensor:
+    """A CPU buffer of about nbytes (float32) for the read probes, on huge pages where the OS grants
+    them, as the model's weights are (lfm_kernels._memory)."""
+    from .. import _memory
+
+    return _memory.empty(nbytes // 4, dtype=torch.float32).uniform_()
+
+
+def extension_read_probes(buf: torch.Tensor) -> list:
+    """Callables that each read every byte of buf once: the extension's read probe without and with
+    the GEMVs' software prefetch (none without the compiled extension)."""
+    from .. import _backend
+
+    if _backend._C is None:
+        return []
+    return [lambda: torch.ops.lfm_kernels_cpu._read_probe(buf), lambda: torch.ops.lfm_kernels_cpu._read_probe(buf, True)]
+
+
 def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second this machine reads from memory, with all threads, over a buffer far larger than
     the last-level cache. On the CPU: the fastest of three reads of the buffer, each the median of
@@ -117,15 +135,8 @@ def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 30, repeats: 
         dst = torch.empty_like(src)
         t = time_cuda(lambda: dst.copy_(src))
         return 2 * nbytes / t
-    from .. import _memory
-
-    buf = _memory.empty(nbytes // 4, dtype=torch.float32).uniform_()
-    probes = [lambda: buf.amax()]
-    from .. import _backend
-
-    if _backend._C is not None:
-        probes.append(lambda: torch.ops.lfm_kernels_cpu._read_probe(buf))
-        probes.append(lambda: torch.ops.lfm_kernels_cpu._read_probe(buf, True))
+    buf = read_probe_buffer(nbytes)
+    probes = [lambda: buf.amax(), *extension_read_probes(buf)]
     samples = [[] for _ in probes]
     for probe in probes:
         probe()  # warm-up

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .. import _backend
-from .core import measure_read_bandwidth
+from .core import extension_read_probes, measure_read_bandwidth, read_probe_buffer
 
 
 def _row(impl, cfg, prompt_len, new_tokens, threads, dtype, prefill_s, decode_s, steps, bw, nbytes, weights="bf16",
@@ -64,18 +64,18 @@ def _paired_decode(model, nbytes: int, steps: int, warmup: int = 4, probes=None,
     [256 MiB, 1 GiB], on huge pages as the weights sit, and takes the faster of the extension's read
     without and with software prefetch (as measure_read_bandwidth, less torch's slower amax).
     `probes` (callables, each reading `probe_bytes`) replace the read probe in tests."""
-    from .. import _memory
     from .. import model as _model
+    from ..model.generate import _STATE_ALIGN
 
     if probes is None:
         # at least 256 MiB: a small model's bytes per token would fit the last-level cache
-        probe_bytes = min(max(nbytes, 256 << 20), 1 << 30) // 4 * 4
-        buf = _memory.empty(probe_bytes // 4, dtype=torch.float32).uniform_()
-        probes = [lambda: torch.ops.lfm_kernels_cpu._read_probe(buf),
-                  lambda: torch.ops.lfm_kernels_cpu._read_probe(buf, True)]
+        buf = read_probe_buffer(min(max(nbytes, 256 << 20), 1 << 30))
+        probe_bytes = buf.nbytes
+        probes = extension_read_probes(buf)
     for probe in probes:
         probe()
-    state = model.new_state(1, min(model.config.max_position_embeddings, -(-(warmup + steps) // 64) * 64))
+    need = -(-(warmup + steps) // _STATE_ALIGN) * _STATE_ALIGN
+    state = model.new_state(1, min(model.config.max_position_embeddings, need))
     step = _model.decode_stepper(model, state)
     tok = torch.zeros(1, dtype=torch.int64, device=model.device)
     for _ in range(warmup):  # the CPU graph records its first two steps
