@@ -10,7 +10,7 @@ import lfm_kernels
 import lfm_kernels.ops.moe as moe_mod
 from lfm_kernels import _backend, reference
 from lfm_kernels._policy import DEFAULT_POLICY, get_policy, kernel_policy
-from conftest import HAS_TRITON, TOL, assert_close, call_triton, cpu_isa_path, dtype_id, rel_err
+from conftest import HAS_TRITON, TOL, assert_close, call_triton, cpu_isa_path, dtype_id, num_threads, rel_err
 
 NS = [1, 2, 7, 64, 513]
 SMALL_H, SMALL_I = 76, 36  # neither a multiple of the 8-lane vectors nor of 16: tails everywhere
@@ -252,14 +252,10 @@ def test_route_deterministic_across_threads_and_matches_reference(n, e):
     # at H = 2048 the threads split a decode step's router rows (blocks of 4; E = 30 leaves a short
     # block): the same bits at any thread count, and the reference's choices
     hidden, gate_weight, bias = _router_inputs(n, e, 2048, torch.bfloat16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         one = _route("avx2", hidden, gate_weight, bias, 4, True, 1.0)
-        torch.set_num_threads(max(2, threads))
+    with num_threads(max(2, torch.get_num_threads())):
         many = _route("avx2", hidden, gate_weight, bias, 4, True, 1.0)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
     ref_w, ref_ids = reference.moe_route(hidden, gate_weight, bias, 4)
     assert torch.equal(many[1], ref_ids)

@@ -4,6 +4,8 @@ the eager ops it replaces in the model (apply_rope, then index writes of k and v
 import pytest
 import torch
 
+from conftest import cpu_isa_path
+
 from lfm_kernels import _backend
 from lfm_kernels.model.model import apply_rope
 
@@ -33,17 +35,6 @@ def _eager(qk, v, cos_t, sin_t, kc, vc, pos, hq):
 CASES = [(1, 32, 8, 64, 300), (3, 4, 2, 16, 9), (2, 6, 3, 2, 5)]  # (B, Hq, Hkv, D, S)
 
 
-def _path(impl):
-    """The C++ op's AVX2 path (bf16 / fp16 heads with D % 16 == 0) or the portable loop, forced."""
-    import contextlib
-
-    if impl == "portable":
-        return _backend.force_portable_cpu()
-    if not _backend._C.cpu_supports_avx2():
-        pytest.skip("this CPU has no AVX2")
-    return contextlib.nullcontext()
-
-
 @pytest.mark.parametrize("impl", ["avx2", "portable"])
 @pytest.mark.parametrize("k_layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -62,7 +53,7 @@ def test_rope_cache_write_is_the_eager_ops(case, dtype, k_layout, impl):
     kc_ref, vc_ref = kc.clone(), vc.clone()
     qk_before = qk.clone()
     q_ref = _eager(qk, v, cos, sin, kc_ref, vc_ref, pos, Hq)
-    with _path(impl):
+    with cpu_isa_path(impl):
         q = torch.ops.lfm_kernels_cpu.rope_cache_write(qk, v, cos, sin, kc, vc, pos, Hq)
     assert q.shape == (B, Hq, D) and q.dtype == dtype and q.is_contiguous()
     assert torch.equal(q, q_ref)
