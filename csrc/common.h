@@ -233,6 +233,23 @@ inline void parallel_dynamic(int64_t n, const F& body) {
   });
 }
 
+// body(t, next) for every t in [0, n), where next is the task the same thread runs after t (-1: none).
+// Each thread claims its next task before it runs the current one, so that a decode GEMV's last tile
+// of a task can prefetch the first tile of the next (which otherwise starts on demand misses, while
+// the stream ramps up again). Measured on 2 Zen 5 cores, Q8_0 / Q4_0 6144 x 2048 at one row, weights
+// from DRAM, share of the read probe in the same round: 256 KiB tasks 83 / 81% -> 90 / 87% with the
+// next task prefetched (probe ~53 GB/s), 68 / 67% -> 75 / 72% (probe ~83 GB/s). A thread holds at most
+// one claimed task it has not started, so the balance is as coarse as one task more.
+template <typename F>
+inline void parallel_dynamic_ahead(int64_t n, const F& body) {
+  parallel_workers(n, [&](TaskQueue& queue) {
+    for (int64_t t = queue.claim(), next = -1; t >= 0; t = next) {
+      next = queue.claim();
+      body(t, next);
+    }
+  });
+}
+
 }  // namespace lfmk
 
 // Dispatch over the three float dtypes the kernels accept, naming the C++ type `scalar_t`.

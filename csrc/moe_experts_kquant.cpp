@@ -49,10 +49,14 @@ template <class Kern, KFormat F>
 void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& experts,
             float* act, bool x8) {
   const int64_t nsb = H / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
-  for_each_work_item(pl, experts, I, x8_item_rows(x8, pl, experts, kKM, kUnits1, kUnits1Streamed), [&](const WorkItem& it) {
+  for_each_work_item(pl, experts, I, x8_item_rows(x8, pl, experts, kKM, kUnits1, kUnits1Streamed),
+                     [&](const WorkItem& it, const WorkItem* next_item) {
     const int64_t j0 = it.r0, j1 = it.r1, q0 = it.q0, me = it.tokens, nu = j1 - j0;
     const uint8_t* G = gu + it.e * 2 * I * row;
     const uint8_t* U = G + I * row;
+    // where the thread's next item starts (its gate rows; its up rows are as far on as these), for the
+    // last tile's prefetch when this item's rows are read once (one pass over the tokens)
+    const uint8_t* next_g = next_item && me <= kKM ? gu + next_item->e * 2 * I * row + next_item->r0 * row : nullptr;
     if constexpr (Kern::kPacked) {
       if (me >= kKPackMinTokens && !x8) {
         const int64_t gs = nsb * Kern::template pack_bytes<F>(), ng = (nu + 7) / 8;
@@ -89,7 +93,8 @@ void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan
       for (int64_t t = 0; t < me; t += kKM) {
         const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
         for (int64_t j = j0; j < j1; j += 8) {
-          const int64_t next = quant::kx8_next(j + 8 < j1, 8 * row);  // the next gate and up groups
+          // the next gate and up groups
+          const int64_t next = j + 8 >= j1 && next_g ? next_g - (G + j * row) : quant::kx8_next(j + 8 < j1, 8 * row);
           if (M == 1)
             quant::kx8_tile_m<Kern, F, 2>(M, G + j * row, I * row, x, q0 + t, r2, 16, next);
           else {
@@ -123,9 +128,11 @@ template <class Kern, KFormat F>
 void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan& pl, const std::vector<int64_t>& experts,
             float* y, bool x8) {
   const int64_t nsb = I / quant::kSuper, row = nsb * quant::KTraits<F>::kBytes;
-  for_each_work_item(pl, experts, H, x8_item_rows(x8, pl, experts, kKM, kRows2, kRows2Streamed), [&](const WorkItem& it) {
+  for_each_work_item(pl, experts, H, x8_item_rows(x8, pl, experts, kKM, kRows2, kRows2Streamed),
+                     [&](const WorkItem& it, const WorkItem* next_item) {
     const int64_t h0 = it.r0, h1 = it.r1, q0 = it.q0, me = it.tokens, nh = h1 - h0;
     const uint8_t* D = dn + it.e * H * row;
+    const uint8_t* next_d = next_item && me <= kKM ? dn + next_item->e * H * row + next_item->r0 * row : nullptr;
     if constexpr (Kern::kPacked) {
       if (me >= kKPackMinTokens && !x8) {
         const int64_t gs = nsb * Kern::template pack_bytes<F>(), ng = (nh + 7) / 8;
@@ -153,7 +160,7 @@ void kphase2(const KActs& a, const uint8_t* dn, int64_t H, int64_t I, const Plan
     if (x8) {
       for (int64_t t = 0; t < me; t += kKM) {
         const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
-        quant::kx8_groups<Kern, F>(M, D, 8 * row, h0 / 8, h1 / 8, a, q0 + t, y + (q0 + t) * H, H);
+        quant::kx8_groups<Kern, F>(M, D, 8 * row, h0 / 8, h1 / 8, a, q0 + t, y + (q0 + t) * H, H, next_d);
       }
       return;
     }

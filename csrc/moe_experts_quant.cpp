@@ -202,10 +202,15 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
   }
   const auto use_amx = [&](int64_t tokens) { return any_amx && tokens >= amx_min_rows; };
 
-  for_each_work_item(pl, active, I, x8_item_rows(true, pl, active, kQM, 2 * kUnits1, kUnits1Streamed), [&](const WorkItem& it) {
+  const auto gate_rows = [&](const WorkItem& it) { return gu + it.e * 2 * I * rowH + it.r0 * rowH; };
+  for_each_work_item(pl, active, I, x8_item_rows(true, pl, active, kQM, 2 * kUnits1, kUnits1Streamed),
+                     [&](const WorkItem& it, const WorkItem* next) {
     const int64_t j0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
-    const uint8_t* Gp = gu + it.e * 2 * I * rowH + j0 * rowH;
-    const uint8_t* Up = gu + it.e * 2 * I * rowH + (I + j0) * rowH;
+    const uint8_t* Gp = gate_rows(it);
+    const uint8_t* Up = Gp + I * rowH;
+    // the last tile of a one-token item prefetches the next item's first (its up rows: the same
+    // distance on); with more tokens the item's rows are read again from the cache
+    const uint8_t* next_gp = next && me <= kQM ? gate_rows(*next) : nullptr;
     if (use_amx(me)) {
       const quant::amx::Acts x{xq + q0 * H, H, dxT.data() + q0, sxT.data() + q0, Ppad};
       std::vector<float> g(me * 8 * ng), u(me * 8 * ng);
@@ -228,7 +233,7 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
       const int32_t* sm = xs8 + (q0 + t) * nbH;
       for (int64_t g0 = 0, Gn = 0; g0 < ng; g0 += Gn) {
         Gn = qx8_groups(M, ng - g0);
-        const int64_t pf = tile_prefetch(g0 + Gn < ng, Gn * gsH);
+        const int64_t pf = g0 + Gn >= ng && next_gp ? next_gp - (Gp + g0 * gsH) : tile_prefetch(g0 + Gn < ng, Gn * gsH);
         qx8<Kern, F>(static_cast<int>(Gn), M, Gp + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, rg, pf);
         qx8<Kern, F>(static_cast<int>(Gn), M, Up + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, ru, pf);
         for (int m = 0; m < M; ++m)
@@ -255,9 +260,12 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
   }
 
   // Phase 2: y[q, h] = down[e, h] . act[q]
-  for_each_work_item(pl, active, H, x8_item_rows(true, pl, active, kQM, kRows2, kRows2Streamed), [&](const WorkItem& it) {
+  const auto down_rows = [&](const WorkItem& it) { return dn + it.e * H * rowI + it.r0 * rowI; };
+  for_each_work_item(pl, active, H, x8_item_rows(true, pl, active, kQM, kRows2, kRows2Streamed),
+                     [&](const WorkItem& it, const WorkItem* next) {
     const int64_t h0 = it.r0, ng = (it.r1 - it.r0) / 8, q0 = it.q0, me = it.tokens;
-    const uint8_t* D = dn + it.e * H * rowI + h0 * rowI;
+    const uint8_t* D = down_rows(it);
+    const uint8_t* next_d = next && me <= kQM ? down_rows(*next) : nullptr;  // as in phase 1
     if (use_amx(me)) {
       const quant::amx::Acts a{aq + q0 * I, I, adT.data() + q0, saT.data() + q0, Ppad};
       AlignedBytes scratch(quant::amx::b_scratch_bytes(nbI));
@@ -276,7 +284,7 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
       for (int64_t g0 = 0, Gn = 0; g0 < ng; g0 += Gn) {
         Gn = qx8_groups(M, ng - g0);
         qx8<Kern, F>(static_cast<int>(Gn), M, D + g0 * gsI, gsI, nbI, am, I, dm, nbI, sm, nbI, res,
-                     tile_prefetch(g0 + Gn < ng, Gn * gsI));
+                     g0 + Gn >= ng && next_d ? next_d - (D + g0 * gsI) : tile_prefetch(g0 + Gn < ng, Gn * gsI));
         for (int m = 0; m < M; ++m)
           for (int c = 0; c < 8 * Gn; ++c) y[(q0 + t + m) * H + h0 + 8 * g0 + c] = res[m * kX8Res + c];
       }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -85,14 +86,16 @@ struct WorkItem {
 // The work-item loop of every pass and phase. Items interleave experts (item i -> row chunk i / na,
 // expert i % na) and are handed out dynamically, so experts with many and with few tokens spread
 // over all threads together: a decode step has just k experts with one token each, and splitting
-// only inside one expert at a time would leave a barrier per expert.
+// only inside one expert at a time would leave a barrier per expert. A body that takes
+// (item, next) is also told the item its thread runs next (null: none), claimed ahead, so that the
+// item's last tile can prefetch the next one's first (common.h, parallel_dynamic_ahead).
 template <typename F>
 void for_each_work_item(const Plan& pl, const std::vector<int64_t>& active, int64_t rows, int64_t per_item,
                         const F& body) {
   const int64_t na = static_cast<int64_t>(active.size());
   if (na == 0) return;
   const int64_t chunks = (rows + per_item - 1) / per_item;
-  parallel_dynamic(chunks * na, [&](int64_t i) {
+  const auto item = [&](int64_t i) {
     WorkItem it;
     it.a = i % na;
     it.e = active[it.a];
@@ -100,8 +103,16 @@ void for_each_work_item(const Plan& pl, const std::vector<int64_t>& active, int6
     it.tokens = pl.offs[it.e + 1] - it.q0;
     it.r0 = (i / na) * per_item;
     it.r1 = std::min(rows, it.r0 + per_item);
-    body(it);
-  });
+    return it;
+  };
+  if constexpr (std::is_invocable_v<const F&, const WorkItem&, const WorkItem*>) {
+    parallel_dynamic_ahead(chunks * na, [&](int64_t i, int64_t next) {
+      const WorkItem n = next >= 0 ? item(next) : WorkItem{};
+      body(item(i), next >= 0 ? &n : nullptr);
+    });
+  } else {
+    parallel_dynamic(chunks * na, [&](int64_t i) { body(item(i)); });
+  }
 }
 
 // The most tokens any active expert of the plan has.
