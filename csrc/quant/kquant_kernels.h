@@ -134,8 +134,10 @@ LFMK_QVNNI_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define LFMK_QVNNI_NS avx512vnni
 #define LFMK_QVNNI_DPBUSD _mm256_dpbusd_epi32
 #define LFMK_QVNNI_ZMM 1  // the x8 tile on 512-bit vectors
+LFMK_ZMM_DIAG_BEGIN
 #include "quant/kquant_x8_vnni512.h"
 #include "quant/kquant_x8_vnni.h"
+LFMK_ZMM_DIAG_END
 #undef LFMK_QVNNI_NS
 #undef LFMK_QVNNI_DPBUSD
 #undef LFMK_QVNNI_ZMM

@@ -12,12 +12,6 @@
 // weight read, 256-bit VNNI tile -> this one: Q4_K 94 -> 119 at one row of x, 42 -> 56 at four;
 // Q6_K 88 -> 100 and 24 -> 46. A one-row decode from DRAM is bound by memory there (unchanged).
 
-// GCC 12's AVX-512 intrinsic headers pass an undefined vector as the unused merge source of the
-// unmasked forms (GCC bug 105593): its -Wmaybe-uninitialized warnings there are false.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
 #include "quant/zmm_common.h"
 
 namespace lfmk {
@@ -71,5 +65,3 @@ struct KZmm {
 }  // namespace avx512vnni
 }  // namespace quant
 }  // namespace lfmk
-
-#pragma GCC diagnostic pop

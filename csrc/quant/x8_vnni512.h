@@ -11,12 +11,6 @@
 // off once per block (sum(w) by one more vpdpbusd of ones against w, shared by the M rows of x):
 // two vpdpbusd per weight vector at M = 1 instead of abs + sign + vpdpbusd.
 
-// GCC 12's AVX-512 intrinsic headers pass an undefined vector as the unused merge source of the
-// unmasked forms (GCC bug 105593): its -Wmaybe-uninitialized warnings there are false.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
 #include "quant/zmm_common.h"
 
 namespace lfmk {
@@ -107,5 +101,3 @@ static inline void x8_tile_zmm(const uint8_t* w, int64_t gstride, int64_t nb, co
 }  // namespace avx512vnni
 }  // namespace quant
 }  // namespace lfmk
-
-#pragma GCC diagnostic pop
