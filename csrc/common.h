@@ -139,9 +139,13 @@ inline void prefetch_ahead(const void* blk, int64_t pf, int bytes) {
 }
 // One prefetch per 64-byte line of [p + kStreamAhead, p + kStreamAhead + bytes).
 inline void prefetch_stream(const void* p, int bytes) { prefetch_ahead(p, kStreamAhead, bytes); }
-// pf for an x8 tile: the next tile, tile_bytes on, when the thread reads it next (more tiles follow in
-// its task), else kStreamAhead.
-inline int64_t tile_prefetch(bool more, int64_t tile_bytes) { return more ? tile_bytes : kStreamAhead; }
+// pf for an x8 tile at `here`: the next tile, tile_bytes on, when the thread reads it next (more tiles
+// follow in its task); else the first tile of the thread's next task at `next` where it knows it
+// (parallel_dynamic_ahead below); else kStreamAhead.
+inline int64_t tile_prefetch(bool more, int64_t tile_bytes, const void* here = nullptr, const void* next = nullptr) {
+  if (more) return tile_bytes;
+  return next ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(next) - reinterpret_cast<uintptr_t>(here)) : kStreamAhead;
+}
 
 // ---- scalar conversions (portable; also used for vector tails) ----
 inline float to_f32(float v) { return v; }

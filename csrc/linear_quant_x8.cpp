@@ -118,22 +118,21 @@ struct X8Args {
 
 // Groups [g0, g1) against activation rows [m0, m0 + M), G groups at a time, straight into out.
 template <class Kern, Format F, int G, int M>
-inline void groups_x_rows(const X8Args& a, int64_t g0, int64_t g1, int64_t m0, int64_t gnext = -1) {
+inline void groups_x_rows(const X8Args& a, int64_t g0, int64_t g1, int64_t m0, const uint8_t* wnext = nullptr) {
   const int64_t nb = a.K / kBlock, gs = nb * X8<F>::kGroupBlockBytes;
   const int8_t* xq = a.xq + m0 * a.K;
   const float* xd = a.xd + m0 * nb;
   const int32_t* xs8 = a.xs8 + m0 * nb;
   float* out = a.out + m0 * a.N;
-  // each tile prefetches the next one's bytes; the last one those of group gnext, where the thread's
-  // next task starts (common.h, parallel_dynamic_ahead), else its own stream's (tile_prefetch)
-  const auto pf = [&](int64_t g, int64_t span) {
-    return g + span >= g1 && gnext >= 0 ? (gnext - g) * gs : tile_prefetch(g + span < g1, span * gs);
-  };
+  // each tile prefetches the next one's bytes; the last one those at wnext, where the thread's next
+  // task starts, else its own stream's (common.h, tile_prefetch)
   int64_t g = g0;
   for (; g + G <= g1; g += G)
-    Kern::template tile<F, G, M>(a.w + g * gs, gs, nb, xq, a.K, xd, nb, xs8, nb, out + 8 * g, a.N, pf(g, G));
+    Kern::template tile<F, G, M>(a.w + g * gs, gs, nb, xq, a.K, xd, nb, xs8, nb, out + 8 * g, a.N,
+                                 tile_prefetch(g + G < g1, G * gs, a.w + g * gs, wnext));
   for (; g < g1; ++g)
-    Kern::template tile<F, 1, M>(a.w + g * gs, gs, nb, xq, a.K, xd, nb, xs8, nb, out + 8 * g, a.N, pf(g, 1));
+    Kern::template tile<F, 1, M>(a.w + g * gs, gs, nb, xq, a.K, xd, nb, xs8, nb, out + 8 * g, a.N,
+                                 tile_prefetch(g + 1 < g1, gs, a.w + g * gs, wnext));
   if (a.bias)
     for (int m = 0; m < M; ++m)
       for (int64_t n = 8 * g0; n < 8 * g1; ++n) out[m * a.N + n] += a.bias[n];
@@ -162,7 +161,7 @@ void x8_gemv_groups(const X8Args& a) {
   const int64_t tasks = (groups + per - 1) / per;
   parallel_dynamic_ahead(tasks, [&](int64_t t, int64_t next) {
     const int64_t g0 = t * per, g1 = std::min(groups, g0 + per);
-    groups_x_rows<Kern, F, G, M>(a, g0, g1, 0, next >= 0 ? next * per : -1);
+    groups_x_rows<Kern, F, G, M>(a, g0, g1, 0, next >= 0 ? a.w + next * per * group_bytes : nullptr);
   });
 }
 

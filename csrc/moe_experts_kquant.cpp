@@ -93,8 +93,7 @@ void kphase1(const KActs& x, const uint8_t* gu, int64_t H, int64_t I, const Plan
       for (int64_t t = 0; t < me; t += kKM) {
         const int M = static_cast<int>(std::min<int64_t>(kKM, me - t));
         for (int64_t j = j0; j < j1; j += 8) {
-          // the next gate and up groups
-          const int64_t next = j + 8 >= j1 && next_g ? next_g - (G + j * row) : quant::kx8_next(j + 8 < j1, 8 * row);
+          const int64_t next = quant::kx8_next(j + 8 < j1, 8 * row, G + j * row, next_g);  // the next gate and up groups
           if (M == 1)
             quant::kx8_tile_m<Kern, F, 2>(M, G + j * row, I * row, x, q0 + t, r2, 16, next);
           else {

@@ -233,7 +233,7 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
       const int32_t* sm = xs8 + (q0 + t) * nbH;
       for (int64_t g0 = 0, Gn = 0; g0 < ng; g0 += Gn) {
         Gn = qx8_groups(M, ng - g0);
-        const int64_t pf = g0 + Gn >= ng && next_gp ? next_gp - (Gp + g0 * gsH) : tile_prefetch(g0 + Gn < ng, Gn * gsH);
+        const int64_t pf = tile_prefetch(g0 + Gn < ng, Gn * gsH, Gp + g0 * gsH, next_gp);
         qx8<Kern, F>(static_cast<int>(Gn), M, Gp + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, rg, pf);
         qx8<Kern, F>(static_cast<int>(Gn), M, Up + g0 * gsH, gsH, nbH, xm, H, dm, nbH, sm, nbH, ru, pf);
         for (int m = 0; m < M; ++m)
@@ -284,7 +284,7 @@ void experts_pass_quant_x8(const int8_t* xq, const float* xd, const int32_t* xs8
       for (int64_t g0 = 0, Gn = 0; g0 < ng; g0 += Gn) {
         Gn = qx8_groups(M, ng - g0);
         qx8<Kern, F>(static_cast<int>(Gn), M, D + g0 * gsI, gsI, nbI, am, I, dm, nbI, sm, nbI, res,
-                     g0 + Gn >= ng && next_d ? next_d - (D + g0 * gsI) : tile_prefetch(g0 + Gn < ng, Gn * gsI));
+                     tile_prefetch(g0 + Gn < ng, Gn * gsI, D + g0 * gsI, next_d));
         for (int m = 0; m < M; ++m)
           for (int c = 0; c < 8 * Gn; ++c) y[(q0 + t + m) * H + h0 + 8 * g0 + c] = res[m * kX8Res + c];
       }

@@ -156,8 +156,13 @@ __attribute__((always_inline)) static inline void kx8_prefetch_piece(uintptr_t a
   for (int64_t o = 0; o < kPiece; o += 64)
     if (p * kPiece + o < kGB) _mm_prefetch(reinterpret_cast<const char*>(a + p * kPiece + o), _MM_HINT_T2);
 }
-// `next` for a tile: the next tile's offset where its thread reads one (more), else 0.
-inline int64_t kx8_next(bool more, int64_t tile_bytes) { return more ? tile_bytes : 0; }
+// `next` for a tile at `here`: the next tile's offset where its thread reads one (more), else the
+// offset of the thread's next task at `nexttask` where it knows it (common.h, parallel_dynamic_ahead),
+// else 0.
+inline int64_t kx8_next(bool more, int64_t tile_bytes, const uint8_t* here = nullptr, const uint8_t* nexttask = nullptr) {
+  if (more) return tile_bytes;
+  return nexttask ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(nexttask) - reinterpret_cast<uintptr_t>(here)) : 0;
+}
 
 namespace kportable {
 

@@ -41,15 +41,14 @@ inline void kx8_tile_m(int M, const uint8_t* w, int64_t gstride, const KActs& x,
 template <class Kern, KFormat F>
 inline void kx8_groups(int M, const uint8_t* w, int64_t group_bytes, int64_t g0, int64_t g1, const KActs& x,
                        int64_t m0, float* out, int64_t ldo, const uint8_t* wnext = nullptr) {
-  const auto next = [&](int64_t g, int64_t span) {
-    return g + span >= g1 && wnext ? wnext - (w + g * group_bytes) : kx8_next(g + span < g1, span * group_bytes);
-  };
   int64_t g = g0;
   if (M == 1 && M > x8_one_stream_max_rows())
     for (; g + 2 <= g1; g += 2)
-      kx8_tile_m<Kern, F, 2>(M, w + g * group_bytes, group_bytes, x, m0, out + 8 * g, ldo, next(g, 2));
+      kx8_tile_m<Kern, F, 2>(M, w + g * group_bytes, group_bytes, x, m0, out + 8 * g, ldo,
+                             kx8_next(g + 2 < g1, 2 * group_bytes, w + g * group_bytes, wnext));
   for (; g < g1; ++g)
-    kx8_tile_m<Kern, F, 1>(M, w + g * group_bytes, group_bytes, x, m0, out + 8 * g, ldo, next(g, 1));
+    kx8_tile_m<Kern, F, 1>(M, w + g * group_bytes, group_bytes, x, m0, out + 8 * g, ldo,
+                           kx8_next(g + 1 < g1, group_bytes, w + g * group_bytes, wnext));
 }
 
 // Rows [0, rows) of an x8 matrix at w (its first row starts a group; rows of a group of fewer than 8
