@@ -5,6 +5,7 @@ greedy continuations, batches of different lengths, sampling, text prompts and c
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -530,10 +531,9 @@ def test_prefill_and_decode_parity_on_the_portable_cpu_path(tiny):
 
 
 def test_big_weights_on_huge_pages_load_and_share_storage(tmp_path):
-    """A weight of >= 4 MiB is a span of a huge-page-aligned buffer (lfm_kernels/_memory.py): loading
-    fills it at the right offset and to_transformers' views point into it (their storage offsets are
-    absolute in that buffer)."""
-    import sys
+    """A weight of >= 2 MiB is a span, starting on a 2 MiB boundary, of a mapping of its own
+    (lfm_kernels/_memory.py): loading fills it and to_transformers' views point into it (their storage
+    offsets are absolute in that mapping)."""
 
     from lfm_kernels import _memory
 
@@ -543,7 +543,7 @@ def test_big_weights_on_huge_pages_load_and_share_storage(tmp_path):
     embed = model.weights.embed
     assert embed.numel() * embed.element_size() >= _memory._MIN_BYTES
     if sys.platform.startswith("linux"):
-        assert embed.data_ptr() % _memory._HUGE == 0 and embed.storage_offset() > 0
+        assert embed.data_ptr() % _memory._HUGE == 0
     assert torch.equal(embed, hf.model.embed_tokens.weight.detach().to(embed.dtype))
     twin = to_transformers(model)
     assert twin.model.embed_tokens.weight.data_ptr() == embed.data_ptr()
@@ -556,8 +556,36 @@ def test_big_weights_on_huge_pages_load_and_share_storage(tmp_path):
     small = torch.randn(10)
     assert _memory.on_huge_pages(small) is small
     # what the e2e bench reports as the weights' share on huge pages
-    huge = _memory.huge_page_bytes()
+    share = _memory.huge_page_share([embed])
     if sys.platform.startswith("linux"):
-        assert isinstance(huge, int) and huge >= 0
+        assert isinstance(share, float) and 0.0 <= share <= 1.0
     else:
-        assert huge is None
+        assert share is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages: Linux only")
+def test_huge_page_allocation_and_share():
+    """`empty` takes a fresh mapping of its own (never recycled heap memory, which stays on small
+    pages), its views keep it alive, and huge_page_share reads each tensor's own mappings: memory
+    advised never to use huge pages counts 0, whatever the rest of the process holds."""
+    import gc
+    import mmap
+
+    from lfm_kernels import _memory
+
+    t = _memory.empty(3 << 20 | 12, dtype=torch.uint8)
+    assert t.data_ptr() % _memory._HUGE == 0 and t.numel() == 3 << 20 | 12
+    view = t[100:200]
+    view.fill_(7)
+    del t
+    gc.collect()
+    assert int(view.sum()) == 700  # the mapping outlives the tensor it was made for
+    small = _memory.empty(1000, dtype=torch.float32)  # under 2 MiB: an ordinary tensor
+    assert small.numel() == 1000 and small.dtype == torch.float32
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    m = mmap.mmap(-1, 8 << 20, flags=flags)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    plain = torch.frombuffer(m, dtype=torch.uint8)
+    plain.fill_(1)
+    assert _memory.huge_page_share([plain]) == 0.0
+    assert _memory.huge_page_share([]) is None

@@ -158,12 +158,11 @@ def run_e2e(
         weights = quant or "+".join(f for f in formats if f not in ("float32", "bfloat16", "float16"))
     else:
         weights = dtype_name
-    from .._memory import huge_page_bytes
+    from .._memory import huge_page_share
 
-    huge = huge_page_bytes()
-    if huge is not None and model.device.type == "cpu":
-        # (measured before the probes, whose buffer is on huge pages too)
-        extra["weights_on_huge_pages"] = f"{min(100.0, 100 * huge / model.weight_bytes()):.0f}%"
+    share = huge_page_share(_weight_storage(model.weights)) if model.device.type == "cpu" else None
+    if share is not None:
+        extra["weights_on_huge_pages"] = f"{100 * share:.0f}%"
     cfg = model.config
     nbytes = model.bytes_per_decoded_token(1)
     say(f"weights {model.weight_bytes() / 1e9:.2f} GB; one decoded token reads {nbytes / 1e9:.3f} GB")
@@ -236,3 +235,12 @@ if __name__ == "__main__":  # python -m lfm_kernels.benchmark.e2e [num_layers]
     import sys
 
     run_e2e(num_layers=int(sys.argv[1]) if len(sys.argv) > 1 else 24)
+
+
+def _weight_storage(weights):
+    """The tensors holding the weights' bytes (a quantized weight: its blocks; a split one: each part's)."""
+    from ..quant import QuantizedTensor
+
+    for _, t in weights.tensors():
+        for part in getattr(t, "parts", (t,)):
+            yield part.data if isinstance(part, QuantizedTensor) else part
