@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _backend, _memory
 from ..ops import linear as linear_mod
 from ..ops.linear import linear
 from .. import quant as _quant
@@ -47,10 +47,11 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     continue
 
                 def make(m=m, n=n, k=k, w_dtype=w_dtype):
-                    w = (torch.randn(n, k) / k**0.5).to(w_dtype)
+                    # on huge pages as the model keeps its weights (lfm_kernels/_memory.py), for every column
+                    w = _memory.on_huge_pages((torch.randn(n, k) / k**0.5).to(w_dtype))
                     inp = {"x": torch.randn(m, k, dtype=torch.bfloat16), "weight": w}
                     # the fp32 baseline's weight copy is made here, outside the timed region
-                    inp["weight_fp32"] = w if w_dtype == torch.float32 else w.float()
+                    inp["weight_fp32"] = w if w_dtype == torch.float32 else _memory.on_huge_pages(w.float())
                     return inp
 
                 wsize = torch.finfo(w_dtype).bits // 8
@@ -190,8 +191,11 @@ def _quantized_cases(shapes, rows) -> list[Case]:
                     else:
                         qweight = quantize(torch.randn(n, k) / k**0.5, fmt)
                     x = torch.randn(m, k, dtype=torch.bfloat16)
-                    return {"x": x, "qweight": qweight.to_layout("x8"), "qweight_rows": qweight,
-                            "weight_bf16": qweight.dequantize(torch.bfloat16)}
+                    x8 = qweight.to_layout("x8")
+                    x8 = QuantizedTensor(_memory.on_huge_pages(x8.data), x8.format, x8.shape, x8.layout)
+                    rows = QuantizedTensor(_memory.on_huge_pages(qweight.data), qweight.format, qweight.shape)
+                    return {"x": x, "qweight": x8, "qweight_rows": rows,
+                            "weight_bf16": _memory.on_huge_pages(qweight.dequantize(torch.bfloat16))}
 
                 out.append(
                     Case(

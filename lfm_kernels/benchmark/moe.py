@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, reference
+from .. import _backend, _memory, reference
 from ..ops import moe as moe_ops
 from ..ops.moe import moe_experts
 from ..quant import QuantizedTensor
@@ -26,8 +26,9 @@ def _expert_weights(dtype: torch.dtype, device: str):
     key = (dtype, device)
     if key not in _weights:
         _weights.clear()  # keep one dtype's 0.7-1.4 GB at a time
-        gate_up = torch.empty(EXPERTS, 2 * INTER, HIDDEN, dtype=dtype, device=device)
-        down = torch.empty(EXPERTS, HIDDEN, INTER, dtype=dtype, device=device)
+        # on huge pages where the model keeps its weights (lfm_kernels/_memory.py), for every column
+        gate_up = _memory.empty(EXPERTS, 2 * INTER, HIDDEN, dtype=dtype, device=device)
+        down = _memory.empty(EXPERTS, HIDDEN, INTER, dtype=dtype, device=device)
         for e in range(EXPERTS):  # one expert at a time: no fp32 temporary of the whole tensor
             gate_up[e].copy_(torch.randn(2 * INTER, HIDDEN, device=device) * 0.02)
             down[e].copy_(torch.randn(HIDDEN, INTER, device=device) * 0.02)
@@ -214,8 +215,8 @@ def _quantized_expert_weights(fmt: str):
 
         _qweights.clear()
         fg, fd = fmt.split("/") if "/" in fmt else (fmt, fmt)
-        gate_up = torch.empty(EXPERTS, 2 * INTER, HIDDEN, dtype=torch.bfloat16)
-        down = torch.empty(EXPERTS, HIDDEN, INTER, dtype=torch.bfloat16)
+        gate_up = _memory.empty(EXPERTS, 2 * INTER, HIDDEN, dtype=torch.bfloat16)
+        down = _memory.empty(EXPERTS, HIDDEN, INTER, dtype=torch.bfloat16)
         gu_blocks, dn_blocks = [], []
         for e in range(EXPERTS):
             g = quantize(torch.randn(2 * INTER, HIDDEN) * 0.02, fg)
@@ -226,8 +227,14 @@ def _quantized_expert_weights(fmt: str):
             dn_blocks.append(d.data)
         q_gate_up = QuantizedTensor(torch.stack(gu_blocks), fg, (EXPERTS, 2 * INTER, HIDDEN))
         q_down = QuantizedTensor(torch.stack(dn_blocks), fd, (EXPERTS, HIDDEN, INTER))
-        _qweights[fmt] = (q_gate_up.to_layout("x8"), q_down.to_layout("x8"), gate_up, down)
+        _qweights[fmt] = (_x8_on_huge_pages(q_gate_up), _x8_on_huge_pages(q_down), gate_up, down)
     return _qweights[fmt]
+
+
+def _x8_on_huge_pages(qt: QuantizedTensor) -> QuantizedTensor:
+    """qt in the x8 layout, its blocks on huge pages as the model keeps them (lfm_kernels/_memory.py)."""
+    x8 = qt.to_layout("x8")
+    return QuantizedTensor(_memory.on_huge_pages(x8.data), x8.format, x8.shape, x8.layout)
 
 
 def _quant_backend() -> str:
