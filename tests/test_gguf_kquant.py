@@ -507,6 +507,20 @@ def test_bench_e2e_floor_takes_probes_before_and_after(moe_q4_k_m, tmp_path, fas
     assert r["decode_vs_floor"] == pytest.approx(r["decode_tok_s"] / r["floor_tok_s"])
 
 
+def test_bench_e2e_warns_when_big_weights_miss_huge_pages(moe_q4_k_m, tmp_path, fast_machine, monkeypatch, capsys):
+    """The share is read per weight (stubbed here: the kernel decides where huge pages go); under 80% of
+    the weights of 2 MiB and up the bench says why the decode will be slow, at 100% it says nothing."""
+    from lfm_kernels import _memory
+
+    _, file = moe_q4_k_m
+    for share, warned in ((0.3, True), (1.0, False)):
+        monkeypatch.setattr(_memory, "huge_page_share", lambda tensors, s=share: s)
+        rc, data = _bench(tmp_path, "--model", file, "--prompt-len", "4", "--new-tokens", "2")
+        assert rc == 0 and data["e2e"][0]["weights_on_huge_pages"] == f"{100 * share:.0f}%"
+        err = capsys.readouterr()
+        assert ("of the weights of 2 MiB and up are on huge pages" in err.out + err.err) is warned
+
+
 def test_bench_e2e_quant_q4_k_m_quick(tmp_path, fast_machine, monkeypatch):
     # the --quick default has a 128k vocabulary at hidden 2048: its Q6_K embedding alone takes minutes
     # in numpy, so every tensor is quantized from its first 64 rows, repeated (the layout and the bytes

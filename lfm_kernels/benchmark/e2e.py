@@ -158,11 +158,18 @@ def run_e2e(
         weights = quant or "+".join(f for f in formats if f not in ("float32", "bfloat16", "float16"))
     else:
         weights = dtype_name
-    from .._memory import huge_page_share
+    from .. import _memory
 
-    share = huge_page_share(_weight_storage(model.weights)) if model.device.type == "cpu" else None
+    storage = list(_weight_storage(model.weights)) if model.device.type == "cpu" else []
+    share = _memory.huge_page_share(storage)
     if share is not None:
         extra["weights_on_huge_pages"] = f"{100 * share:.0f}%"
+        # weights under 2 MiB never get a huge page; of the others, ~10% is tails on small pages
+        big = _memory.huge_page_share([t for t in storage if t.numel() * t.element_size() >= _memory._MIN_BYTES])
+        if big is not None and big < 0.8:
+            say(f"only {100 * big:.0f}% of the weights of 2 MiB and up are on huge pages (transparent huge "
+                "pages off, see /sys/kernel/mm/transparent_hugepage/enabled, or memory too fragmented for "
+                "free 2 MiB pages): the decode reads the rest with a page walk every 4 KiB and runs slower")
     cfg = model.config
     nbytes = model.bytes_per_decoded_token(1)
     say(f"weights {model.weight_bytes() / 1e9:.2f} GB; one decoded token reads {nbytes / 1e9:.3f} GB")
