@@ -66,19 +66,24 @@ def empty(*shape: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
 def _fresh_mapping(nbytes: int) -> torch.Tensor | None:
     """A uint8 tensor over a new private anonymous mapping of nbytes (untouched, so the huge-page advice
     can still take), which lives as long as any view of it; None where mmap cannot make one."""
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    try:
-        mapping = mmap.mmap(-1, nbytes, flags=flags) if flags else None
-    except (OSError, ValueError, TypeError):
+    if not hasattr(mmap, "MAP_PRIVATE") or not hasattr(mmap, "MAP_ANONYMOUS"):
         return None
-    if mapping is None:
+    try:
+        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError):
         return None
     # the tensor holds the buffer (and so the mapping) until its storage is freed
     return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
-def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """A copy of t allocated by `empty` (t itself when it is small, not on the CPU or not contiguous)."""
+def on_huge_pages(t):
+    """A copy of t allocated by `empty` (t itself when it is small, not on the CPU or not contiguous).
+    A QuantizedTensor comes back as one whose blocks were so copied, in the same format and layout."""
+    from .quant import QuantizedTensor
+
+    if isinstance(t, QuantizedTensor):
+        data = on_huge_pages(t.data)
+        return t if data is t.data else QuantizedTensor(data, t.format, t.shape, t.layout)
     if t.device.type != "cpu" or not t.is_contiguous() or t.numel() * t.element_size() < _MIN_BYTES:
         return t
     out = empty(*t.shape, dtype=t.dtype)

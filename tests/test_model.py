@@ -582,6 +582,13 @@ def test_huge_page_allocation_and_share():
     assert int(view.sum()) == 700  # the mapping outlives the tensor it was made for
     small = _memory.empty(1000, dtype=torch.float32)  # under 2 MiB: an ordinary tensor
     assert small.numel() == 1000 and small.dtype == torch.float32
+    # a quantized weight: its blocks move, its format, shape and layout stay
+    from lfm_kernels import quantize
+
+    q = quantize(torch.randn(2048, 2048) * 0.02, "q4_0").to_layout("x8")
+    moved = _memory.on_huge_pages(q)
+    assert (moved.format, moved.shape, moved.layout) == (q.format, q.shape, q.layout)
+    assert moved.data.data_ptr() % _memory._HUGE == 0 and torch.equal(moved.data, q.data)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     m = mmap.mmap(-1, 8 << 20, flags=flags)
     m.madvise(mmap.MADV_NOHUGEPAGE)

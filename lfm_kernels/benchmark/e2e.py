@@ -238,12 +238,6 @@ def _fmt(r: dict) -> str:
     )
 
 
-if __name__ == "__main__":  # python -m lfm_kernels.benchmark.e2e [num_layers]
-    import sys
-
-    run_e2e(num_layers=int(sys.argv[1]) if len(sys.argv) > 1 else 24)
-
-
 def _weight_storage(weights):
     """The tensors holding the weights' bytes (a quantized weight: its blocks; a split one: each part's)."""
     from ..quant import QuantizedTensor
@@ -251,3 +245,9 @@ def _weight_storage(weights):
     for _, t in weights.tensors():
         for part in getattr(t, "parts", (t,)):
             yield part.data if isinstance(part, QuantizedTensor) else part
+
+
+if __name__ == "__main__":  # python -m lfm_kernels.benchmark.e2e [num_layers]
+    import sys
+
+    run_e2e(num_layers=int(sys.argv[1]) if len(sys.argv) > 1 else 24)

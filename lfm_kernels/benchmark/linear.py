@@ -191,10 +191,9 @@ def _quantized_cases(shapes, rows) -> list[Case]:
                     else:
                         qweight = quantize(torch.randn(n, k) / k**0.5, fmt)
                     x = torch.randn(m, k, dtype=torch.bfloat16)
-                    x8 = qweight.to_layout("x8")
-                    x8 = QuantizedTensor(_memory.on_huge_pages(x8.data), x8.format, x8.shape, x8.layout)
-                    rows = QuantizedTensor(_memory.on_huge_pages(qweight.data), qweight.format, qweight.shape)
-                    return {"x": x, "qweight": x8, "qweight_rows": rows,
+                    # every column's weight on huge pages as the model keeps them (lfm_kernels/_memory.py)
+                    return {"x": x, "qweight": _memory.on_huge_pages(qweight.to_layout("x8")),
+                            "qweight_rows": _memory.on_huge_pages(qweight),
                             "weight_bf16": _memory.on_huge_pages(qweight.dequantize(torch.bfloat16))}
 
                 out.append(

@@ -227,14 +227,10 @@ def _quantized_expert_weights(fmt: str):
             dn_blocks.append(d.data)
         q_gate_up = QuantizedTensor(torch.stack(gu_blocks), fg, (EXPERTS, 2 * INTER, HIDDEN))
         q_down = QuantizedTensor(torch.stack(dn_blocks), fd, (EXPERTS, HIDDEN, INTER))
-        _qweights[fmt] = (_x8_on_huge_pages(q_gate_up), _x8_on_huge_pages(q_down), gate_up, down)
+        # the quantized blocks on huge pages as the model keeps them (lfm_kernels/_memory.py)
+        _qweights[fmt] = (_memory.on_huge_pages(q_gate_up.to_layout("x8")),
+                          _memory.on_huge_pages(q_down.to_layout("x8")), gate_up, down)
     return _qweights[fmt]
-
-
-def _x8_on_huge_pages(qt: QuantizedTensor) -> QuantizedTensor:
-    """qt in the x8 layout, its blocks on huge pages as the model keeps them (lfm_kernels/_memory.py)."""
-    x8 = qt.to_layout("x8")
-    return QuantizedTensor(_memory.on_huge_pages(x8.data), x8.format, x8.shape, x8.layout)
 
 
 def _quant_backend() -> str:

@@ -452,7 +452,7 @@ def _kernel_layout_on_huge_pages(qt):
     out = _kernel_layout(qt)
     if out is qt or not isinstance(out, QuantizedTensor):
         return out
-    return QuantizedTensor(_memory.on_huge_pages(out.data), out.format, out.shape, out.layout)
+    return _memory.on_huge_pages(out)
 
 
 # Formats the fused `moe` op takes (K-quants: gate_up and down each any of the three); other
