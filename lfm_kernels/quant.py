@@ -259,16 +259,20 @@ def _relayout_reference(data: torch.Tensor, fmt: str, rows: int, k: int, layout:
 
 
 def _kernel_layout(qt):
-    """The layout the CPU kernels run fastest on: `qt` in "x8" where that applies (a QuantizedTensor on
-    the CPU: a K-quant, or q8_0 / q4_0 with N a multiple of 8), else `qt` itself (any other weight too)."""
-    if (
+    """The layout the CPU kernels run fastest on: `qt` in "x8" where that applies (`_wants_x8`), else
+    `qt` itself (any other weight too)."""
+    return qt.to_layout("x8") if _wants_x8(qt) else qt
+
+
+def _wants_x8(qt) -> bool:
+    """Whether the CPU kernels run `qt` faster in "x8": a QuantizedTensor on the CPU in "rows", a K-quant,
+    or q8_0 / q4_0 with N a multiple of 8."""
+    return (
         isinstance(qt, QuantizedTensor)
         and qt.layout == "rows"
         and (qt.format in _K_FORMATS or (qt.format in _X8_FORMATS and qt.shape[-2] % 8 == 0))
         and qt.device.type == "cpu"
-    ):
-        return qt.to_layout("x8")
-    return qt
+    )
 
 
 # K-quant x8 (module docstring): per format, the block's fields as (byte offset, length, piece bytes)

@@ -563,6 +563,24 @@ def test_big_weights_on_huge_pages_load_and_share_storage(tmp_path):
         assert share is None
 
 
+@pytest.mark.parametrize("fmt,shape", [("q4_0", (3, 4096, 512)), ("q8_0", (136, 64)), ("q4_k", (2, 1032, 256)),
+                                       ("q6_k", (4100, 256)), ("q4_0", (12, 64))],
+                         ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v)))
+def test_kernel_layout_on_huge_pages_is_the_whole_relayout(fmt, shape):
+    """The load's relayout runs about 1 MiB of rows at a time into the huge-page copy: the same bytes as
+    relayouting the whole weight (several chunks, a partial last chunk, stacked experts, a K-quant whose
+    N is not a multiple of 8, a weight that is not relayouted at all)."""
+    from lfm_kernels import quantize
+    from lfm_kernels.model.model import _kernel_layout_on_huge_pages
+    from lfm_kernels.quant import _kernel_layout
+
+    qt = quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(5)), fmt)
+    got, want = _kernel_layout_on_huge_pages(qt), _kernel_layout(qt)
+    assert (got.format, got.shape, got.layout) == (want.format, want.shape, want.layout)
+    assert torch.equal(got.data, want.data)
+    assert got.layout == ("rows" if shape[-2] % 8 and fmt in ("q4_0", "q8_0") else "x8")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages: Linux only")
 def test_huge_page_allocation_and_share():
     """`empty` takes a fresh mapping of its own (never recycled heap memory, which stays on small

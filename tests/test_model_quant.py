@@ -330,7 +330,7 @@ def test_loading_q4_0_never_allocates_the_bf16_size(tmp_path):
     flt = _peak_growth(str(tmp_path), "none")
     assert flt["growth"] > 0.95 * bf16_bytes, flt
     # q4_0: the quantized model (about 30% of bf16) plus one checkpoint tensor (at most 25 MB here) and
-    # the quantizer's small temporaries (measured: the model + 15 MB)
+    # the quantizer's small temporaries (measured: the model + 9 to 22 MB over 30 loads)
     assert q4["weights"] < 0.35 * bf16_bytes
     assert q4["growth"] < q4["weights"] + 64e6, (q4, bf16_bytes)
     assert q4["growth"] < 0.5 * bf16_bytes, (q4, bf16_bytes)

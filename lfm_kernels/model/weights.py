@@ -572,7 +572,7 @@ def _read_into(fh, base: int, info: dict, dest: torch.Tensor, name: str) -> None
     if end - start != nbytes:
         raise ValueError(f"tensor {name!r}: {end - start} bytes in the file, {nbytes} expected (corrupt file?)")
     direct = dest.dtype == src_dtype and dest.is_contiguous() and dest.device.type == "cpu"
-    buf = dest if direct else torch.empty(dest.shape, dtype=src_dtype)
+    buf = dest if direct else _memory.scratch(*dest.shape, dtype=src_dtype)
     fh.seek(base + start)
     view = buf.view(-1).view(torch.uint8).numpy()
     got = 0
@@ -649,14 +649,14 @@ def load_weights(path: str, cfg: ModelConfig, dtype=None, device="cpu", progress
             with open(file, "rb", buffering=0) as fh:
                 for name, slot in items:
                     if slot.fmt is not None:
-                        tmp = torch.empty(slot.shape, dtype=_ST_DTYPES[header[name]["dtype"]])
+                        tmp = _memory.scratch(*slot.shape, dtype=_ST_DTYPES[header[name]["dtype"]])
                         _read_into(fh, base, header[name], tmp, name)
                         _quantize_into(slot.dest, tmp, slot.fmt)
                         del tmp
                     elif slot.dest.device.type == "cpu":
                         _read_into(fh, base, header[name], slot.dest, name)
                     else:
-                        tmp = torch.empty(slot.dest.shape, dtype=_ST_DTYPES[header[name]["dtype"]])
+                        tmp = _memory.scratch(*slot.dest.shape, dtype=_ST_DTYPES[header[name]["dtype"]])
                         _read_into(fh, base, header[name], tmp, name)
                         slot.dest.copy_(tmp)
                     bar.update(slot.dest.numel() * slot.dest.element_size())
