@@ -112,23 +112,28 @@ void load_as_fp32(const at::Tensor& t, float* dst);
 // The decode GEMVs read each weight row once, front to back. The hardware L2 streamer alone does not
 // keep enough of such a stream in flight on server cores with long memory latency, and it restarts at
 // every 4 KiB page boundary (one row of 2048 bf16 is a page). So the loops that stream rows also ask
-// for the bytes kStreamAhead past what they load, into L2 (prefetcht2; a prefetch never faults, so
-// running past the end of the weight is harmless). Measured on a 2-core Xeon (Sapphire Rapids class,
-// AMX), weights streamed from DRAM, share of the read-bandwidth floor: MoE decode experts 80 -> 99%
-// (1 KiB ahead 96-98%, 4 KiB 95%, 8 KiB 100%), linear 6144 x 2048 at one row 59 -> 88%, 2048 x 7168
-// 66 -> 83%. Earlier trials on a Zen 4 (0.5-2 KiB ahead) found neither a gain nor a loss there.
-// On a 2-core Zen 3 (AVX2 only), a whole bf16 decode step (CPU graph, 2 threads) with the distance
-// alternated in one process (three runs, 6 rounds each, medians, share of the probe): 2 KiB 79.3-80.6%,
-// 4 and 8 KiB 77-79%, 0 (no useful prefetch) 83.5%, 0.5 KiB 81.7%, 0.75-1.5 KiB 84.7-88.2%: 128 ms a
-// step against 140 at 2 KiB. 1 KiB is the distance measured well on both machines.
-constexpr int64_t kStreamAhead = 1024;
+// for the bytes stream_ahead() past what they load, into L2 (prefetcht2; a prefetch never faults, so
+// running past the end of the weight is harmless). How far ahead pays depends on the memory system,
+// so it is a run-time setting with a default per CPU vendor (module.cpp), share of the read-bandwidth
+// floor, weights streamed from DRAM, 2 threads:
+//   2-core Zen 3 (AVX2 only), a whole bf16 decode step (CPU graph), the distance alternated in one
+//   process: 0.5 KiB 81.7%, 0.75-1.5 KiB 84.7-88.2%, 2 KiB 79.3-80.6%, 4 and 8 KiB 77-79%, none 83.5%.
+//   Zen 4: 0.5-2 KiB neither a gain nor a loss. -> 1 KiB on AMD (and any other vendor).
+//   2-core Xeon (Emerald Rapids class, 300 MiB L3), cold bf16 GEMVs at one row: 6144 x 2048 none
+//   59%, 1 KiB 71%, 2 KiB 78%, 4 KiB 97%, 8 KiB 96%, 16 KiB 93%; 2048 x 7168 57 / 66 / 80 / 94 / 94 /
+//   92%. An earlier Sapphire Rapids Xeon: MoE decode experts 1 KiB 96-98%, 4 KiB 95%, 8 KiB 100%.
+//   -> 4 KiB on Intel.
+int64_t stream_ahead();
+// Bytes ahead of the weight streams' loads that they prefetch (0: none; a multiple of 64 up to 64 KiB,
+// else std::invalid_argument). Only the pace changes, never a result.
+void set_stream_ahead(int64_t bytes);
 
 // The x8 decode tiles of Q4_0 / Q8_0 (quant/x8.h) prefetch, with each block they load, the block pf
 // bytes further on, where the caller says its thread reads next. A thread of the x8 GEMVs reads G
 // groups of 8 rows per tile, each group a contiguous run of gstride bytes, then the next G groups of
 // its task (or work item): pf = G * gstride is a whole tile ahead, at the pace the tile consumes,
 // whatever K and G. A task's last tile would prefetch the next task, which another thread usually
-// claims: it prefetches its own stream kStreamAhead ahead instead (tile_prefetch). A longer fixed
+// claims: it prefetches its own stream stream_ahead() ahead instead (tile_prefetch). A longer fixed
 // distance would land, at some K, inside a group the tile is already reading. (The K-quant x8 tiles,
 // whose blocks are 4-8x larger and slower to compute, follow their own read order:
 // quant/kquant_x8.h, KX8Ahead.) The address past the weight's end is formed as an integer, not as a
@@ -137,14 +142,14 @@ inline void prefetch_ahead(const void* blk, int64_t pf, int bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(blk) + static_cast<uintptr_t>(pf);
   for (int o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(a + o), _MM_HINT_T2);
 }
-// One prefetch per 64-byte line of [p + kStreamAhead, p + kStreamAhead + bytes).
-inline void prefetch_stream(const void* p, int bytes) { prefetch_ahead(p, kStreamAhead, bytes); }
+// One prefetch per 64-byte line of [p + stream_ahead(), p + stream_ahead() + bytes).
+inline void prefetch_stream(const void* p, int bytes) { prefetch_ahead(p, stream_ahead(), bytes); }
 // pf for an x8 tile at `here`: the next tile, tile_bytes on, when the thread reads it next (more tiles
 // follow in its task); else the first tile of the thread's next task at `next` where it knows it
-// (parallel_dynamic_ahead below); else kStreamAhead.
+// (parallel_dynamic_ahead below); else stream_ahead().
 inline int64_t tile_prefetch(bool more, int64_t tile_bytes, const void* here = nullptr, const void* next = nullptr) {
   if (more) return tile_bytes;
-  return next ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(next) - reinterpret_cast<uintptr_t>(here)) : kStreamAhead;
+  return next ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(next) - reinterpret_cast<uintptr_t>(here)) : stream_ahead();
 }
 
 // ---- scalar conversions (portable; also used for vector tails) ----

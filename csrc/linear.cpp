@@ -218,7 +218,7 @@ inline void gemv_rows(const TW* w, int64_t K, const float* xf, float* res /* [R]
 }
 
 // One weight row read as a single sequential stream, 16*U elements per step into U independent
-// accumulators per x row, with the stream prefetched kStreamAhead bytes ahead (common.h).
+// accumulators per x row, with the stream prefetched stream_ahead() bytes ahead (common.h).
 template <typename TW, int M, int U>
 inline void gemv_row_wide(const TW* w, int64_t K, const float* xf, float* res) {
   static_assert(U * M + 4 <= 16, "U*M accumulators + 2 weight + 2 x vectors must fit the 16 registers");

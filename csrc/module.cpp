@@ -97,6 +97,25 @@ void set_x8_one_stream_max_rows(int64_t rows) {
   g_x8_one_stream_max_rows.store(rows);
 }
 
+// common.h, stream_ahead: 4 KiB on Intel CPUs, 1 KiB on any other (measured there).
+static bool cpu_is_intel() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  return ebx == 0x756e6547u && edx == 0x49656e69u && ecx == 0x6c65746eu;  // "Genu" "ineI" "ntel"
+#else
+  return false;
+#endif
+}
+static const int64_t kDefaultStreamAhead = cpu_is_intel() ? 4096 : 1024;
+static std::atomic<int64_t> g_stream_ahead{kDefaultStreamAhead};
+int64_t stream_ahead() { return g_stream_ahead.load(std::memory_order_relaxed); }
+void set_stream_ahead(int64_t bytes) {
+  if (bytes < 0 || bytes > 65536 || bytes % 64 != 0)
+    throw std::invalid_argument("stream_ahead must be a multiple of 64 in [0, 65536], got " + std::to_string(bytes));
+  g_stream_ahead.store(bytes);
+}
+
 void register_op_replay(py::module_& m);  // op_replay.cpp
 
 }  // namespace lfmk
@@ -118,6 +137,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "activation rows up to which the x8 integer tiles stream one 8-row group at a time (0: never); set by the kernel policy");
   m.def("x8_one_stream_max_rows", &lfmk::x8_one_stream_max_rows);
   m.def("set_pin_avx2", &lfmk::set_pin_avx2, "keep the AVX-512 decode GEMVs off (the AVX512-BF16 MoE tiles keep their own switch); for tests");
+  m.def("stream_ahead", &lfmk::stream_ahead, "bytes ahead of their loads that the weight streams prefetch");
+  m.def("set_stream_ahead", &lfmk::set_stream_ahead,
+        "set the weight streams' prefetch distance in bytes (0: none; a multiple of 64, at most 65536)");
+  m.def("default_stream_ahead", [] { return lfmk::kDefaultStreamAhead; }, "this CPU's default stream_ahead");
   m.def("num_threads", [] { return at::get_num_threads(); });
   lfmk::register_op_replay(m);
 }

@@ -87,7 +87,7 @@ void experts_pass(const float* X, const W* gu, const W* dn, int64_t H, int64_t I
     const W* U = G + I * H;
     if (me <= kM) {
       // Decode: a chunk of the item's gate rows, then the same up rows, row by row: two sequential
-      // streams, each row prefetching into the next (row_avx2, kStreamAhead). In the tile order below
+      // streams, each row prefetching into the next (row_avx2, stream_ahead()). In the tile order below
       // (gate j, j + 1, up j, j + 1, gate j + 2, ...) every jump between the two matrices started
       // cold, two DRAM latencies per 8 KB of bf16 rows. The same per-row dots, so the same bits.
       // Zen 3 (AVX2), 2 threads, full-size bf16 decode step, both orders alternated in one process:

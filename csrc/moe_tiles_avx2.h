@@ -73,7 +73,7 @@ void gemv_avx2(const W* const* w, const float* x, int64_t K, float* out) {
 
 // One weight row against M tokens, U independent accumulator sets along K: the path for rows
 // streamed from memory. Reading one row at a time keeps the access a single sequential stream
-// (prefetched kStreamAhead bytes ahead, common.h); several rows in parallel (4 KB apart) measured at
+// (prefetched stream_ahead() bytes ahead, common.h); several rows in parallel (4 KB apart) measured at
 // about half the bandwidth on a Zen 4.
 template <typename W, int M, int U>
 void row_avx2(const W* w, const float* const* x, int64_t K, float* out) {

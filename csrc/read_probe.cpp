@@ -53,7 +53,7 @@ namespace lfmk {
 namespace {
 
 // XOR of every 8-byte word of buf (so the reads cannot be optimised away); the caller times it.
-// prefetch: also ask for the bytes kStreamAhead ahead, as the decode GEMVs do (common.h); on cores
+// prefetch: also ask for the bytes stream_ahead() ahead, as the decode GEMVs do (common.h); on cores
 // whose hardware prefetcher alone does not keep the stream full (server Xeons) only this read reaches
 // what the memory delivers, so the floors take the faster of both.
 int64_t read_probe(const at::Tensor& buf, bool prefetch) {

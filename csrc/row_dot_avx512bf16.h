@@ -1,7 +1,7 @@
 // One weight row streamed against M <= 2 bf16 inputs with vdpbf16ps (AVX512-BF16): the decode GEMV of
 // `linear` (bf16 x, bf16 weights) and of the MoE experts' dot-product path. U independent
 // accumulators per input cover the instruction's latency; the row is read as one sequential stream,
-// prefetched kStreamAhead bytes ahead (common.h).
+// prefetched stream_ahead() bytes ahead (common.h).
 // Products of two bf16 values are exact in fp32, so this is the fp32 dot product in another order.
 // Include between LFMK_AVX512BF16_BEGIN / _END; anonymous namespace, as the tiles headers.
 #pragma once

@@ -162,7 +162,7 @@ def _cpu_identity() -> dict:
         pass
     from . import __version__
 
-    return {
+    identity = {
         "cpu": brand or platform.processor() or platform.machine(),
         "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
         "torch": torch.__version__,
@@ -170,6 +170,11 @@ def _cpu_identity() -> dict:
         # timings cached before the paths were timed in turns (_interleaved_medians) are measured again
         "timing": "interleaved",
     }
+    # the weight streams' prefetch distance (csrc/common.h) moves the decode GEMVs' times: timings
+    # cached under another distance are measured again
+    if _backend._C is not None and hasattr(_backend._C, "default_stream_ahead"):
+        identity["stream_ahead"] = int(_backend._C.default_stream_ahead())
+    return identity
 
 
 def _machine_key(identity: dict) -> str:

@@ -52,6 +52,7 @@ def _info(args) -> int:
         "cpu_isa": "CPU kernel path",
         "cpu_supports_avx2_fma": "CPU has AVX2+FMA",
         "cpu": "CPU",
+        "weight_stream_prefetch_bytes": "weight-stream prefetch (B)",
         "threads": "torch threads",
         "torch": "torch",
         "triton": "triton",
