@@ -170,8 +170,9 @@ def _cpu_identity() -> dict:
         # timings cached before the paths were timed in turns (_interleaved_medians) are measured again
         "timing": "interleaved",
     }
-    # the weight streams' prefetch distance (csrc/common.h) moves the decode GEMVs' times: timings
-    # cached under another distance are measured again
+    # the weight streams' prefetch distance (csrc/common.h) moves the decode GEMVs' times: when this
+    # CPU's default distance changes, its cached timings are measured again (a distance set at run
+    # time for an experiment is not part of the key)
     if _backend._C is not None and hasattr(_backend._C, "default_stream_ahead"):
         identity["stream_ahead"] = int(_backend._C.default_stream_ahead())
     return identity

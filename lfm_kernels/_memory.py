@@ -50,7 +50,7 @@ def _madvise():
 def empty(*shape: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
     """torch.empty(*shape, dtype=dtype, device=device), on huge pages where the OS grants them (CPU
     tensors of 2 MiB or more). Call before the first write: pages already touched stay small."""
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = _nbytes(shape, dtype)
     if torch.device(device).type != "cpu" or nbytes < _MIN_BYTES or _madvise() is None:
         return torch.empty(*shape, dtype=dtype, device=device)
     buf = _fresh_mapping(nbytes + _HUGE)
@@ -69,11 +69,15 @@ def scratch(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     is freed. From the C heap, a freed buffer under glibc's dynamic mmap threshold (up to 32 MiB) stays
     in the process whenever anything allocated later sits above it: loading a 94 MB quantized model
     kept 40 MB of such freed buffers resident in one run of eight, the same file, nothing else changed."""
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = _nbytes(shape, dtype)
     buf = _fresh_mapping(nbytes) if nbytes >= _MIN_BYTES else None
     if buf is None:
         return torch.empty(*shape, dtype=dtype)
     return buf.view(dtype).view(*shape)
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
 
 
 def _fresh_mapping(nbytes: int) -> torch.Tensor | None:
