@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _policy
+from . import _backend, _memory, _policy
 from .ops._checks import FLOAT_DTYPES, check_tensor
 
 BLOCK = 32
@@ -262,6 +262,29 @@ def _kernel_layout(qt):
     """The layout the CPU kernels run fastest on: `qt` in "x8" where that applies (`_wants_x8`), else
     `qt` itself (any other weight too)."""
     return qt.to_layout("x8") if _wants_x8(qt) else qt
+
+
+def _kernel_layout_on_huge_pages(qt):
+    """_kernel_layout(qt), its blocks written straight onto huge pages (lfm_kernels/_memory.py), for
+    weights the decode kernels stream: the model wrapper's loader and `patch(model, quant=...)`.
+
+    The relayout runs on about 1 MiB of rows at a time: x8 is 8-row groups in row order, so a chunk's
+    output is a contiguous span of the whole's. Relayouting the whole tensor and copying it onto huge
+    pages passed a tensor-sized temporary through the C heap per weight, and glibc kept up to 50 MB of
+    those freed temporaries resident after a load (in one run of eight, same file)."""
+    if not _wants_x8(qt):
+        return qt
+    n, k = int(qt.shape[-2]), int(qt.shape[-1])
+    if n % 8:  # a K-quant's last group is partial: whole, as before
+        return _memory.on_huge_pages(qt.to_layout("x8"))
+    src = qt.data.reshape(-1, qt.data.shape[-1])
+    dest = _memory.empty(*qt.data.shape, dtype=torch.uint8)
+    flat = dest.view(-1, dest.shape[-1])
+    step = max(8, (1 << 20) // src.shape[1] // 8 * 8)
+    for r0 in range(0, src.shape[0], step):
+        r1 = min(src.shape[0], r0 + step)
+        flat[r0:r1].copy_(QuantizedTensor(src[r0:r1], qt.format, (r1 - r0, k)).to_layout("x8").data)
+    return QuantizedTensor(dest, qt.format, qt.shape, "x8")
 
 
 def _wants_x8(qt) -> bool:

@@ -571,8 +571,7 @@ def test_kernel_layout_on_huge_pages_is_the_whole_relayout(fmt, shape):
     relayouting the whole weight (several chunks, a partial last chunk, stacked experts, a K-quant whose
     N is not a multiple of 8, a weight that is not relayouted at all)."""
     from lfm_kernels import quantize
-    from lfm_kernels.model.model import _kernel_layout_on_huge_pages
-    from lfm_kernels.quant import _kernel_layout
+    from lfm_kernels.quant import _kernel_layout, _kernel_layout_on_huge_pages
 
     qt = quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(5)), fmt)
     got, want = _kernel_layout_on_huge_pages(qt), _kernel_layout(qt)

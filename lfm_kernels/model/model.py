@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _memory, linear, moe, short_conv
-from ..quant import _K_FORMATS, QuantizedTensor, _wants_x8
+from ..quant import _K_FORMATS, QuantizedTensor, _kernel_layout_on_huge_pages
 from .config import ModelConfig
 from .direct import DirectOps
 from .weights import SplitWeight, Weights, _expert, _nbytes
@@ -444,28 +444,6 @@ def _use_kernel_layouts(w: Weights) -> None:
                 # Q4_K_M's qkv (q, k in Q4_K, v in Q6_K) in some layers: left in the rows layout, its
                 # two calls ran 5-8 GB/s in decode on a Zen 4 where the x8 parts beside it run ~20
                 setattr(layer, name, SplitWeight(_kernel_layout_on_huge_pages(p) for p in value.parts))
-
-
-def _kernel_layout_on_huge_pages(qt):
-    """_kernel_layout(qt), its blocks written straight onto huge pages (lfm_kernels/_memory.py).
-
-    The relayout runs on about 1 MiB of rows at a time: x8 is 8-row groups in row order, so a chunk's
-    output is a contiguous span of the whole's. Relayouting the whole tensor and copying it onto huge
-    pages passed a tensor-sized temporary through the C heap per weight, and glibc kept up to 50 MB of
-    those freed temporaries resident after a load (in one run of eight, same file)."""
-    if not _wants_x8(qt):
-        return qt
-    n, k = int(qt.shape[-2]), int(qt.shape[-1])
-    if n % 8:  # a K-quant's last group is partial: whole, as before
-        return _memory.on_huge_pages(qt.to_layout("x8"))
-    src = qt.data.reshape(-1, qt.data.shape[-1])
-    dest = _memory.empty(*qt.data.shape, dtype=torch.uint8)
-    flat = dest.view(-1, dest.shape[-1])
-    step = max(8, (1 << 20) // src.shape[1] // 8 * 8)
-    for r0 in range(0, src.shape[0], step):
-        r1 = min(src.shape[0], r0 + step)
-        flat[r0:r1].copy_(QuantizedTensor(src[r0:r1], qt.format, (r1 - r0, k)).to_layout("x8").data)
-    return QuantizedTensor(dest, qt.format, qt.shape, "x8")
 
 
 # Formats the fused `moe` op takes (K-quants: gate_up and down each any of the three); other

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...quant import BLOCK, QuantizedTensor, _kernel_layout, quantize
+from ...quant import BLOCK, QuantizedTensor, _kernel_layout_on_huge_pages, quantize
 from . import _ledger
 from ._common import kernel
 
@@ -184,7 +184,7 @@ def _experts_fit(module) -> bool:
 
 
 def _quantize_linear(module: nn.Linear, fmt: str, mode: str, keep_weight: bool) -> None:
-    qt = _kernel_layout(quantize(module.weight.detach(), fmt))
+    qt = _kernel_layout_on_huge_pages(quantize(module.weight.detach(), fmt))
     module.__class__ = QuantizedLinear
     if not keep_weight:
         del module.weight  # the module held the only reference: the float storage is released here
@@ -196,8 +196,8 @@ def _quantize_linear(module: nn.Linear, fmt: str, mode: str, keep_weight: bool) 
 
 
 def _quantize_experts(module: nn.Module, mode: str) -> None:
-    gu = _kernel_layout(quantize(module.gate_up_proj.detach(), mode))
-    dn = _kernel_layout(quantize(module.down_proj.detach(), mode))
+    gu = _kernel_layout_on_huge_pages(quantize(module.gate_up_proj.detach(), mode))
+    dn = _kernel_layout_on_huge_pages(quantize(module.down_proj.detach(), mode))
     if gu.layout != dn.layout:  # the fused experts op takes one layout for both
         gu, dn = gu.to_layout("rows"), dn.to_layout("rows")
     e, two_i, h = module.gate_up_proj.shape
