@@ -69,6 +69,18 @@
 #define LFMK_AMX_END _Pragma("GCC pop_options")
 #endif
 
+// AMX-BF16 kernels, with the AVX-512 (BF16) helpers that feed them. Only where cpu_has_amx() and
+// cpu_has_avx512bf16().
+#if defined(__clang__)
+#define LFMK_AMX_BF16_BEGIN \
+  _Pragma("clang attribute push (__attribute__((target(\"amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c\"))), apply_to = function)")
+#define LFMK_AMX_BF16_END _Pragma("clang attribute pop")
+#else
+#define LFMK_AMX_BF16_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c\")")
+#define LFMK_AMX_BF16_END _Pragma("GCC pop_options")
+#endif
+
 namespace lfmk {
 
 // True when the AVX2+FMA+F16C kernels may run: the CPU has them, the OS saves YMM state, and the

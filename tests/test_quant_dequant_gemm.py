@@ -225,6 +225,49 @@ def test_moe_route_per_expert_threshold(fmt):
     assert not torch.equal(route[many], integer[many])  # the two routes differ: the check above means something
 
 
+def _amx_bf16_usable() -> bool:
+    return bool(_backend._C.cpu_supports_amx() and _backend._C.cpu_supports_avx512bf16())
+
+
+@pytest.mark.skipif(HAS_EXT and not _amx_bf16_usable(),
+                    reason="this CPU (or its OS) offers no AMX-BF16 tiles: the route's AMX implementation cannot run here")
+@pytest.mark.parametrize("fmts", [("q4_k", "q6_k"), ("q5_k", "q4_k"), ("q6_k", "q5_k")], ids=lambda f: "+".join(f))
+def test_moe_route_amx_bf16_tiles(fmts):
+    """On AMX, K-quant experts in x8 take the route on AMX-BF16 tiles: the weights dequantized exactly and
+    rounded to bf16, every sum in fp32, gate and up kept in fp32, act = bf16(silu(gate) * up). Against
+    that computed here in fp32, only the order of the fp32 sums differs (and, through it, an act value
+    may round to the neighbouring bf16 now and then): 2^-8 of each output (its own bf16 rounding) plus
+    2^-10 of the largest. Expert loads of 0, 1, 16, 17 and 33 tokens cover the 16-token tiles' edges."""
+    e, h, i = 5, 512, 256
+    gu = _weights((e, 2 * i, h), fmts[0], "x8", 3)
+    dn = _weights((e, h, i), fmts[1], "x8", 4)
+    loads = [17, 0, 33, 16, 1]
+    ids = torch.tensor([x for x, n in enumerate(loads) for _ in range(n)]).view(-1, 1)
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))]
+    n = ids.shape[0]
+    hidden = torch.randn(n, h, generator=torch.Generator().manual_seed(1)).bfloat16()
+    w = torch.rand(n, 1, generator=torch.Generator().manual_seed(2))
+    got = _experts_op(fmts[0], "x8")(hidden, gu.data, dn.data, *fmts, e, i, ids, w, 1).float()
+    wg, wd = gu.dequantize().bfloat16().float(), dn.dequantize().bfloat16().float()
+    x = hidden.float()
+    ref = torch.empty(n, h)
+    for t in range(n):
+        x_e = int(ids[t, 0])
+        gate, up = wg[x_e, :i] @ x[t], wg[x_e, i:] @ x[t]
+        act = (F.silu(gate) * up).bfloat16().float()
+        ref[t] = w[t, 0] * (wd[x_e] @ act)
+    tol = 2.0 ** -8 * ref.abs() + 2.0 ** -10 * ref.abs().max()
+    bad = (got - ref).abs() > tol
+    assert not bad.any(), f"{int(bad.sum())} outputs off, max error {float((got - ref).abs().max())}"
+    # the oneDNN implementation of the route rounds gate and up to bf16: the tiles' results are closer to fp32
+    exact = torch.empty(n, h)
+    for t in range(n):
+        x_e = int(ids[t, 0])
+        act = F.silu(wg[x_e, :i] @ x[t]) * (wg[x_e, i:] @ x[t])
+        exact[t] = w[t, 0] * (wd[x_e] @ act)
+    assert (got - exact).abs().max() <= 2.0 ** -7 * exact.abs().max()
+
+
 def test_moe_route_bad_threshold():
     _, _, _, _, _, args = _experts_args("q4_0", "rows")
     with pytest.raises(ValueError, match="dequant_gemm_min_rows"):

@@ -1,0 +1,232 @@
+// K-quant weights in the x8 layout (quant/kquant_x8.h) multiplied on AMX-BF16 tiles: the MoE experts'
+// many-token route of quant_dequant_gemm.cpp on CPUs with AMX. Include only between
+// LFMK_AMX_BF16_BEGIN and LFMK_AMX_BF16_END, after common.h; run only where cpu_has_amx() and
+// cpu_has_avx512bf16().
+//
+// The route's other implementation dequantizes a panel of rows to bf16 in row order and hands it to
+// oneDNN, which reorders it again into its own tile layout on every call: on a 2-core Xeon the two
+// passes over the dequantized weights cost twice the GEMM itself. Here the weights are dequantized
+// once, straight from x8 into the B operand of TDPBF16PS, and the tokens are the A operand as they
+// lie (bf16 rows), so nothing else is reordered:
+//   B tile (16 pair-rows x 64 bytes): row P holds, for the 16 weight rows n of two x8 groups, the bf16
+//   pair (w[n][2P], w[n][2P + 1]) of a 32-wide k step. An x8 vector holds 4 consecutive k of 8 rows
+//   (row r in dword r), so one vector of each group, dequantized, is two B rows: one dword permute
+//   (vpermt2d) per row sorts the 16 rows' pairs.
+//   A tile: 16 token rows x 32 bf16 of the same k step; C: 16 tokens x 16 weight rows, fp32.
+// Values: every weight is gguf's exact dequantized value (quant/dequant.h: w = s * q - m in one fused
+// step), rounded to bf16 (nearest even); the tiles sum bf16 products in fp32 over all of K (AMX-BF16
+// treats denormal inputs and results as zero). So the results are a bf16 model's on the dequantized
+// weights, with fp32 gate / up (the oneDNN implementation rounds those to bf16 first).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "quant/kquant.h"
+
+namespace lfmk {
+namespace quant {
+namespace amxbf16 {
+
+constexpr int kRows = 16;          // tokens per A tile, weight rows per B tile
+constexpr int kStepBytes = 1024;   // one B tile: 16 pair-rows x 64 bytes (32 k of 16 weight rows)
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-2: A, B0, B1 of even k steps, 3-5: of odd ones; 6, 7: C0, C1. All 16 rows x 64 bytes.
+static inline void configure() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = kRows;
+    c.colsb[t] = 64;
+  }
+  // ldtilecfg reads the configuration from memory, which the compiler does not model (quant/amx.h)
+  asm volatile("" : : "r"(&c) : "memory");
+  _tile_loadconfig(&c);
+}
+
+// One x8 group-block's s and m (quant/dequant.h) per weight row, transposed: s[g * 16 + row0 + r] for
+// the block's groups of 16 weights g (Q4_K / Q5_K: one (s, m) per sub-block of 32, stored for both
+// its groups; Q6_K: m = 32 s, so that s * q - m = s * (q - 32) for the unsigned six bits q, rounded
+// once as gguf's product). The 8 rows' fields are vectors of the x8 layout (row r in dword r), so
+// each (s, m) of the 8 rows is a few 8-lane operations: kq_scale_min's bit fields, vectorized.
+template <KFormat F>
+static inline void group_scales(const uint8_t* blk, int row0, float* s, float* m) {
+  const auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + off)); };
+  const auto half8 = [&](int off) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + off))); };
+  if constexpr (F == KFormat::Q6_K) {
+    const __m256 d = half8(1664);
+    for (int p = 0; p < 4; ++p) {
+      const __m256i v = ld(1536 + 32 * p);  // int8 scales 4p .. 4p + 3
+      for (int i = 0; i < 4; ++i) {
+        const int g = 4 * p + i;
+        const __m256 sg = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * i), 24)));
+        _mm256_storeu_ps(s + g * kRows + row0, sg);
+        _mm256_storeu_ps(m + g * kRows + row0, _mm256_mul_ps(_mm256_set1_ps(32.0f), sg));
+      }
+    }
+  } else {
+    const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f),
+                  m2 = _mm256_set1_epi32(0x03030303), byte = _mm256_set1_epi32(0xFF);
+    const __m256i u0 = ld(32), u1 = ld(64), u2 = ld(96);  // scale bytes 0-3, 4-7, 8-11
+    const __m256i sc[2] = {
+        _mm256_and_si256(u0, m6),
+        _mm256_or_si256(_mm256_and_si256(u2, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4))};
+    const __m256i mn[2] = {
+        _mm256_and_si256(u1, m6),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4))};
+    const __m256 d = half8(0), dmin = half8(16);
+    for (int j = 0; j < 8; ++j) {
+      const __m256 sj = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(sc[j / 4], 8 * (j % 4)), byte)));
+      const __m256 mj = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(mn[j / 4], 8 * (j % 4)), byte)));
+      _mm256_storeu_ps(s + 2 * j * kRows + row0, sj);
+      _mm256_storeu_ps(s + (2 * j + 1) * kRows + row0, sj);
+      _mm256_storeu_ps(m + 2 * j * kRows + row0, mj);
+      _mm256_storeu_ps(m + (2 * j + 1) * kRows + row0, mj);
+    }
+  }
+}
+
+// Unsigned codes of x8 vector t (0..7) of k step st of a group-block: 8 rows x 4 k, row r in dword r.
+template <KFormat F>
+static inline __m256i step_codes(const uint8_t* blk, int st, int t) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + off)); };
+  if constexpr (F == KFormat::Q6_K) {
+    // step st = 4h + k: elements 128h + 32k + 4t + i (quant/kquant_x8_vnni.h's Q6_K unpacking)
+    const int h = st / 4, k = st % 4;
+    const __m256i l = ld(32 * (16 * h + 8 * (k & 1) + t));
+    const __m256i qh = ld(1024 + 32 * (8 * h + t));
+    const __m256i lo = k < 2 ? _mm256_and_si256(l, m4) : _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
+    const __m256i m30 = _mm256_set1_epi8(0x30);
+    __m256i hi;
+    switch (k) {
+      case 0: hi = _mm256_slli_epi16(qh, 4); break;
+      case 1: hi = _mm256_slli_epi16(qh, 2); break;
+      case 2: hi = qh; break;
+      default: hi = _mm256_srli_epi16(qh, 2); break;
+    }
+    return _mm256_or_si256(lo, _mm256_and_si256(hi, m30));
+  } else {
+    // step st = sub-block j: qs vector 8 (j / 2) + t, low nibbles for even j, high for odd
+    constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;
+    const __m256i v = ld(kQs + 32 * (8 * (st / 2) + t));
+    __m256i q = st % 2 ? _mm256_and_si256(_mm256_srli_epi16(v, 4), m4) : _mm256_and_si256(v, m4);
+    if constexpr (F == KFormat::Q5_K) {
+      // the fifth bit: bit j of qh byte 4t + i (qh vector t) -> bit 4
+      const __m256i qh = ld(128 + 32 * t);
+      const __m256i b = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(st)), _mm256_set1_epi8(1));
+      q = _mm256_or_si256(q, _mm256_slli_epi16(b, 4));
+    }
+    return q;
+  }
+}
+
+// 32 codes (one x8 vector, 8 rows x 4 k) -> s * q - m as 32 bf16, dword 2r + p = row r's pair p.
+// s4 / m4: the block group's scales for rows 0-3 and 4-7 of the group, each lane's row's.
+static inline __m512i dequant_vector(__m256i q, __m512 s_lo, __m512 m_lo, __m512 s_hi, __m512 m_hi) {
+  const __m512 lo = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q))), s_lo, m_lo);
+  const __m512 hi = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1))), s_hi, m_hi);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// 16 weight rows (x8 groups ga, gb: their first super-block; group-blocks 8 * block bytes apart) over
+// nsb super-blocks -> B tiles at dst, k step after k step (nsb * 8 * kStepBytes bytes, 64-aligned).
+template <KFormat F>
+static inline void dequant_b(const uint8_t* ga, const uint8_t* gb, int64_t nsb, uint8_t* dst) {
+  constexpr int64_t kGB = 8 * KTraits<F>::kBytes;
+  constexpr int kGroups = 16;  // groups of 16 weights per super-block
+  alignas(64) float s[kGroups * kRows], m[kGroups * kRows];
+  // lane l of a 4-row piece belongs to row 4 * piece + l / 4
+  __m512i pick[4];
+  for (int p = 0; p < 4; ++p) {
+    alignas(64) int32_t idx[16];
+    for (int l = 0; l < 16; ++l) idx[l] = 4 * p + l / 4;
+    pick[p] = _mm512_load_si512(idx);
+  }
+  // B row 2t + p: pair p of rows 0..7 (group a, dwords 2r + p) then of rows 0..7 (group b)
+  alignas(64) int32_t e0[16], e1[16];
+  for (int n = 0; n < 16; ++n) {
+    e0[n] = n < 8 ? 2 * n : 16 + 2 * (n - 8);
+    e1[n] = e0[n] + 1;
+  }
+  const __m512i even = _mm512_load_si512(e0), odd = _mm512_load_si512(e1);
+  // the weights come from DRAM, a few KiB per group at a time: without a prefetch this far ahead the
+  // dequantization waited on every load (measured 4 GB/s of weights on a 2-core Xeon)
+  constexpr int64_t kAhead = 3;
+  for (int64_t b = 0; b < nsb; ++b) {
+    const uint8_t* ba = ga + b * kGB;
+    const uint8_t* bb = gb + b * kGB;
+    if (b + kAhead < nsb)
+      for (int64_t l = 0; l < kGB; l += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(ba + kAhead * kGB + l), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(bb + kAhead * kGB + l), _MM_HINT_T1);
+      }
+    group_scales<F>(ba, 0, s, m);
+    group_scales<F>(bb, 8, s, m);
+    #pragma GCC unroll 8
+    for (int st = 0; st < 8; ++st) {
+      uint8_t* out = dst + (b * 8 + st) * kStepBytes;
+      // Q6_K: the step's two groups of 16 (vectors t < 4: the first); Q4_K / Q5_K: one sub-block
+      __m512 sv[2][4], mv[2][4];
+      for (int h = 0; h < 2; ++h) {
+        const int g = 2 * st + h;
+        const __m512 s16 = _mm512_load_ps(s + g * kRows), m16 = _mm512_load_ps(m + g * kRows);
+        for (int p = 0; p < 4; ++p) {
+          sv[h][p] = _mm512_permutexvar_ps(pick[p], s16);
+          mv[h][p] = _mm512_permutexvar_ps(pick[p], m16);
+        }
+      }
+      #pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const int h = t / 4;
+        const __m512i a = dequant_vector(step_codes<F>(ba, st, t), sv[h][0], mv[h][0], sv[h][1], mv[h][1]);
+        const __m512i c = dequant_vector(step_codes<F>(bb, st, t), sv[h][2], mv[h][2], sv[h][3], mv[h][3]);
+        _mm512_store_si512(out + 64 * (2 * t), _mm512_permutex2var_epi32(a, even, c));
+        _mm512_store_si512(out + 64 * (2 * t + 1), _mm512_permutex2var_epi32(a, odd, c));
+      }
+    }
+  }
+}
+
+// c0 = A . B0, c1 = A . B1 over steps k steps: A = 16 bf16 rows lda elements apart (k step s at
+// a + 32 s), B0 / B1 = dequant_b's tiles. c0 / c1: 16 x 16 fp32, row m = token m. configure() first.
+static inline void tiles2(const c10::BFloat16* a, int64_t lda, int64_t steps, const uint8_t* b0, const uint8_t* b1,
+                          float* c0, float* c1) {
+  const int64_t stride = lda * 2;
+  _tile_zero(6);
+  _tile_zero(7);
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {
+    _tile_loadd(0, a + 32 * s, stride);
+    _tile_loadd(1, b0 + s * kStepBytes, 64);
+    _tile_loadd(2, b1 + s * kStepBytes, 64);
+    _tile_dpbf16ps(6, 0, 1);
+    _tile_dpbf16ps(7, 0, 2);
+    _tile_loadd(3, a + 32 * (s + 1), stride);
+    _tile_loadd(4, b0 + (s + 1) * kStepBytes, 64);
+    _tile_loadd(5, b1 + (s + 1) * kStepBytes, 64);
+    _tile_dpbf16ps(6, 3, 4);
+    _tile_dpbf16ps(7, 3, 5);
+  }
+  if (s < steps) {
+    _tile_loadd(0, a + 32 * s, stride);
+    _tile_loadd(1, b0 + s * kStepBytes, 64);
+    _tile_loadd(2, b1 + s * kStepBytes, 64);
+    _tile_dpbf16ps(6, 0, 1);
+    _tile_dpbf16ps(7, 0, 2);
+  }
+  _tile_stored(6, c0, 64);
+  _tile_stored(7, c1, 64);
+}
+
+}  // namespace amxbf16
+}  // namespace quant
+}  // namespace lfmk
