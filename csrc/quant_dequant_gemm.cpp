@@ -211,7 +211,7 @@ namespace lfmk {
 namespace quant {
 namespace {
 
-// The experts of experts_dequant_gemm on AMX-BF16 tiles (quant/amx_bf16.h), K-quant weights in x8.
+// The experts of experts_dequant_gemm on AMX-BF16 tiles (quant/amx_bf16.h), weights in x8.
 struct AmxExperts {
   const std::vector<int64_t>& experts;
   const moe::Plan& pl;
@@ -224,13 +224,14 @@ struct AmxExperts {
 
 // act[q, j0:j0 + 16] = bf16(silu(gate . x_q) * (up . x_q)) for the pairs q of each expert, per strip
 // of 16 intermediate units (its gate and up rows dequantized once, then every 16 tokens against them).
-template <KFormat F>
+template <WFormat F>
 void amx_phase1(const AmxExperts& a, const uint8_t* gu) {
   constexpr int kR = amxbf16::kRows;
-  const int64_t nsb = a.H / kSuper, gs = 8 * nsb * KTraits<F>::kBytes, strips = a.I / kR;
+  const int64_t nb = a.H / weights_per_block(F), gs = nb * amxbf16::kGroupBlock<F>, strips = a.I / kR;
+  const int64_t steps = nb * amxbf16::kBlockSteps<F>;
   const int64_t ne = static_cast<int64_t>(a.experts.size());
   parallel_workers(ne * strips, [&](TaskQueue& queue) {
-    AlignedBytes bg(nsb * 8 * amxbf16::kStepBytes), bu(nsb * 8 * amxbf16::kStepBytes);
+    AlignedBytes bg(steps * amxbf16::kStepBytes), bu(steps * amxbf16::kStepBytes);
     alignas(64) float cg[kR * kR], cu[kR * kR];
     amxbf16::configure();
     for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
@@ -239,10 +240,10 @@ void amx_phase1(const AmxExperts& a, const uint8_t* gu) {
       const uint8_t* G = gu + e * (2 * a.I / 8) * gs;  // gate rows [0, I), up rows [I, 2I), 8 per group
       const uint8_t* ga = G + j0 / 8 * gs;
       const uint8_t* ua = G + (a.I + j0) / 8 * gs;
-      amxbf16::dequant_b<F>(ga, ga + gs, nsb, bg.p);
-      amxbf16::dequant_b<F>(ua, ua + gs, nsb, bu.p);
+      amxbf16::dequant_b<F>(ga, ga + gs, nb, bg.p);
+      amxbf16::dequant_b<F>(ua, ua + gs, nb, bu.p);
       for (int64_t m0 = 0; m0 < me; m0 += kR) {
-        amxbf16::tiles2(a.xs + (a.first[i] + m0) * a.H, a.H, 8 * nsb, bg.p, bu.p, cg, cu);
+        amxbf16::tiles2(a.xs + (a.first[i] + m0) * a.H, a.H, steps, bg.p, bu.p, cg, cu);
         const int64_t rows = std::min<int64_t>(kR, me - m0);
         for (int64_t m = 0; m < rows; ++m) {
           const float* g = cg + m * kR;
@@ -260,23 +261,24 @@ void amx_phase1(const AmxExperts& a, const uint8_t* gu) {
 }
 
 // y[q, h0:h0 + 32] = down[h0:h0 + 32] . act[q] for the pairs q of each expert, per strip of 32 rows.
-template <KFormat F>
+template <WFormat F>
 void amx_phase2(const AmxExperts& a, const uint8_t* dn) {
   constexpr int kR = amxbf16::kRows;
-  const int64_t nsb = a.I / kSuper, gs = 8 * nsb * KTraits<F>::kBytes, strips = a.H / (2 * kR);
+  const int64_t nb = a.I / weights_per_block(F), gs = nb * amxbf16::kGroupBlock<F>, strips = a.H / (2 * kR);
+  const int64_t steps = nb * amxbf16::kBlockSteps<F>;
   const int64_t ne = static_cast<int64_t>(a.experts.size());
   parallel_workers(ne * strips, [&](TaskQueue& queue) {
-    AlignedBytes b0(nsb * 8 * amxbf16::kStepBytes), b1(nsb * 8 * amxbf16::kStepBytes);
+    AlignedBytes b0(steps * amxbf16::kStepBytes), b1(steps * amxbf16::kStepBytes);
     alignas(64) float c0[kR * kR], c1[kR * kR];
     amxbf16::configure();
     for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
       const int64_t e = a.experts[t / strips], h0 = t % strips * 2 * kR;
       const int64_t q0 = a.pl.offs[e], me = a.pl.offs[e + 1] - q0;
       const uint8_t* D = dn + e * (a.H / 8) * gs + h0 / 8 * gs;
-      amxbf16::dequant_b<F>(D, D + gs, nsb, b0.p);
-      amxbf16::dequant_b<F>(D + 2 * gs, D + 3 * gs, nsb, b1.p);
+      amxbf16::dequant_b<F>(D, D + gs, nb, b0.p);
+      amxbf16::dequant_b<F>(D + 2 * gs, D + 3 * gs, nb, b1.p);
       for (int64_t m0 = 0; m0 < me; m0 += kR) {
-        amxbf16::tiles2(a.act + (q0 + m0) * a.I, a.I, 8 * nsb, b0.p, b1.p, c0, c1);
+        amxbf16::tiles2(a.act + (q0 + m0) * a.I, a.I, steps, b0.p, b1.p, c0, c1);
         const int64_t rows = std::min<int64_t>(kR, me - m0);
         for (int64_t m = 0; m < rows; ++m) {
           float* out = a.y + (q0 + m0 + m) * a.H + h0;
@@ -289,16 +291,20 @@ void amx_phase2(const AmxExperts& a, const uint8_t* dn) {
   });
 }
 
-void amx_experts(const AmxExperts& a, const uint8_t* gu, KFormat fgu, const uint8_t* dn, KFormat fdn) {
+void amx_experts(const AmxExperts& a, const uint8_t* gu, WFormat fgu, const uint8_t* dn, WFormat fdn) {
   switch (fgu) {
-    case KFormat::Q4_K: amx_phase1<KFormat::Q4_K>(a, gu); break;
-    case KFormat::Q5_K: amx_phase1<KFormat::Q5_K>(a, gu); break;
-    case KFormat::Q6_K: amx_phase1<KFormat::Q6_K>(a, gu); break;
+    case WFormat::Q8_0: amx_phase1<WFormat::Q8_0>(a, gu); break;
+    case WFormat::Q4_0: amx_phase1<WFormat::Q4_0>(a, gu); break;
+    case WFormat::Q4_K: amx_phase1<WFormat::Q4_K>(a, gu); break;
+    case WFormat::Q5_K: amx_phase1<WFormat::Q5_K>(a, gu); break;
+    case WFormat::Q6_K: amx_phase1<WFormat::Q6_K>(a, gu); break;
   }
   switch (fdn) {
-    case KFormat::Q4_K: amx_phase2<KFormat::Q4_K>(a, dn); break;
-    case KFormat::Q5_K: amx_phase2<KFormat::Q5_K>(a, dn); break;
-    case KFormat::Q6_K: amx_phase2<KFormat::Q6_K>(a, dn); break;
+    case WFormat::Q8_0: amx_phase2<WFormat::Q8_0>(a, dn); break;
+    case WFormat::Q4_0: amx_phase2<WFormat::Q4_0>(a, dn); break;
+    case WFormat::Q4_K: amx_phase2<WFormat::Q4_K>(a, dn); break;
+    case WFormat::Q5_K: amx_phase2<WFormat::Q5_K>(a, dn); break;
+    case WFormat::Q6_K: amx_phase2<WFormat::Q6_K>(a, dn); break;
   }
 }
 
@@ -538,12 +544,11 @@ void experts_dequant_gemm(const at::Tensor& hidden, const uint8_t* gu, WFormat f
   at::Tensor rows = at::empty({static_cast<int64_t>(tok.size())}, opt.dtype(at::kLong));
   std::memcpy(rows.mutable_data_ptr<int64_t>(), tok.data(), tok.size() * sizeof(int64_t));
   const int64_t pairs = pl.offs.back();
-  if (x8 && is_kformat(fgu) && is_kformat(fdn) && cpu_has_amx() && cpu_has_avx512bf16()) {
+  if (x8 && cpu_has_amx() && cpu_has_avx512bf16()) {
     // the tiles read tokens 16 at a time: 16 rows of zeros past the last, in both A operands
     const at::Tensor xs = at::cat({hidden.index_select(0, rows), at::zeros({amxbf16::kRows, H}, opt)});
     at::Tensor act = at::zeros({pairs + amxbf16::kRows, I}, opt);
-    amx_experts({experts, pl, cptr<c10::BFloat16>(xs), first, mptr<c10::BFloat16>(act), y, H, I}, gu, to_kformat(fgu),
-                dn, to_kformat(fdn));
+    amx_experts({experts, pl, cptr<c10::BFloat16>(xs), first, mptr<c10::BFloat16>(act), y, H, I}, gu, fgu, dn, fdn);
     return;
   }
   const at::Tensor xs = hidden.index_select(0, rows);

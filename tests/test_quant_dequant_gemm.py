@@ -231,9 +231,10 @@ def _amx_bf16_usable() -> bool:
 
 @pytest.mark.skipif(HAS_EXT and not _amx_bf16_usable(),
                     reason="this CPU (or its OS) offers no AMX-BF16 tiles: the route's AMX implementation cannot run here")
-@pytest.mark.parametrize("fmts", [("q4_k", "q6_k"), ("q5_k", "q4_k"), ("q6_k", "q5_k")], ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("fmts", [("q4_k", "q6_k"), ("q5_k", "q4_k"), ("q6_k", "q5_k"), ("q8_0", "q8_0"),
+                                  ("q4_0", "q4_0")], ids=lambda f: "+".join(f))
 def test_moe_route_amx_bf16_tiles(fmts):
-    """On AMX, K-quant experts in x8 take the route on AMX-BF16 tiles: the weights dequantized exactly and
+    """On AMX, experts in x8 take the route on AMX-BF16 tiles: the weights dequantized exactly and
     rounded to bf16, every sum in fp32, gate and up kept in fp32, act = bf16(silu(gate) * up). Against
     that computed here in fp32, only the order of the fp32 sums differs (and, through it, an act value
     may round to the neighbouring bf16 now and then): 2^-8 of each output (its own bf16 rounding) plus
@@ -247,7 +248,9 @@ def test_moe_route_amx_bf16_tiles(fmts):
     n = ids.shape[0]
     hidden = torch.randn(n, h, generator=torch.Generator().manual_seed(1)).bfloat16()
     w = torch.rand(n, 1, generator=torch.Generator().manual_seed(2))
-    got = _experts_op(fmts[0], "x8")(hidden, gu.data, dn.data, *fmts, e, i, ids, w, 1).float()
+    kq = fmts[0] in K_FORMATS
+    formats, thresholds = (fmts, (1,)) if kq else (fmts[:1], (1, 0))  # Q8_0 / Q4_0: not the AMX-INT8 route
+    got = _experts_op(fmts[0], "x8")(hidden, gu.data, dn.data, *formats, e, i, ids, w, *thresholds).float()
     wg, wd = gu.dequantize().bfloat16().float(), dn.dequantize().bfloat16().float()
     x = hidden.float()
     ref = torch.empty(n, h)

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "quant/dequant.h"
 #include "quant/kquant.h"
 
 namespace lfmk {
@@ -51,16 +52,27 @@ static inline void configure() {
   _tile_loadconfig(&c);
 }
 
+static inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline __m256 halves8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 // One x8 group-block's s and m (quant/dequant.h) per weight row, transposed: s[g * 16 + row0 + r] for
 // the block's groups of 16 weights g (Q4_K / Q5_K: one (s, m) per sub-block of 32, stored for both
 // its groups; Q6_K: m = 32 s, so that s * q - m = s * (q - 32) for the unsigned six bits q, rounded
 // once as gguf's product). The 8 rows' fields are vectors of the x8 layout (row r in dword r), so
 // each (s, m) of the 8 rows is a few 8-lane operations: kq_scale_min's bit fields, vectorized.
-template <KFormat F>
+template <WFormat F>
 static inline void group_scales(const uint8_t* blk, int row0, float* s, float* m) {
-  const auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + off)); };
-  const auto half8 = [&](int off) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + off))); };
-  if constexpr (F == KFormat::Q6_K) {
+  const auto ld = [blk](int off) { return load32(blk + off); };
+  const auto half8 = [blk](int off) { return halves8(blk + off); };
+  if constexpr (F == WFormat::Q8_0 || F == WFormat::Q4_0) {
+    // one 32-block: s = d for both groups of 16; Q4_0's unsigned nibbles q: s * q - 8 s = d * (q - 8)
+    const __m256 d = half8(0);
+    const __m256 off = _mm256_mul_ps(_mm256_set1_ps(F == WFormat::Q4_0 ? 8.0f : 0.0f), d);
+    for (int g = 0; g < 2; ++g) {
+      _mm256_storeu_ps(s + g * kRows + row0, d);
+      _mm256_storeu_ps(m + g * kRows + row0, off);
+    }
+  } else if constexpr (F == WFormat::Q6_K) {
     const __m256 d = half8(1664);
     for (int p = 0; p < 4; ++p) {
       const __m256i v = ld(1536 + 32 * p);  // int8 scales 4p .. 4p + 3
@@ -95,11 +107,17 @@ static inline void group_scales(const uint8_t* blk, int row0, float* s, float* m
 }
 
 // Unsigned codes of x8 vector t (0..7) of k step st of a group-block: 8 rows x 4 k, row r in dword r.
-template <KFormat F>
+template <WFormat F>
 static inline __m256i step_codes(const uint8_t* blk, int st, int t) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + off)); };
-  if constexpr (F == KFormat::Q6_K) {
+  const auto ld = [blk](int off) { return load32(blk + off); };
+  if constexpr (F == WFormat::Q8_0) {
+    return ld(16 + 32 * t);  // int8 elements 4t + i (quant/x8.h)
+  } else if constexpr (F == WFormat::Q4_0) {
+    // vector t % 4: low nibbles are elements 4t + i, high nibbles elements 16 + 4 (t - 4) + i
+    const __m256i v = ld(16 + 32 * (t % 4));
+    return t < 4 ? _mm256_and_si256(v, m4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  } else if constexpr (F == WFormat::Q6_K) {
     // step st = 4h + k: elements 128h + 32k + 4t + i (quant/kquant_x8_vnni.h's Q6_K unpacking)
     const int h = st / 4, k = st % 4;
     const __m256i l = ld(32 * (16 * h + 8 * (k & 1) + t));
@@ -116,10 +134,10 @@ static inline __m256i step_codes(const uint8_t* blk, int st, int t) {
     return _mm256_or_si256(lo, _mm256_and_si256(hi, m30));
   } else {
     // step st = sub-block j: qs vector 8 (j / 2) + t, low nibbles for even j, high for odd
-    constexpr int kQs = F == KFormat::Q4_K ? 128 : 384;
+    constexpr int kQs = F == WFormat::Q4_K ? 128 : 384;
     const __m256i v = ld(kQs + 32 * (8 * (st / 2) + t));
     __m256i q = st % 2 ? _mm256_and_si256(_mm256_srli_epi16(v, 4), m4) : _mm256_and_si256(v, m4);
-    if constexpr (F == KFormat::Q5_K) {
+    if constexpr (F == WFormat::Q5_K) {
       // the fifth bit: bit j of qh byte 4t + i (qh vector t) -> bit 4
       const __m256i qh = ld(128 + 32 * t);
       const __m256i b = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(st)), _mm256_set1_epi8(1));
@@ -129,20 +147,35 @@ static inline __m256i step_codes(const uint8_t* blk, int st, int t) {
   }
 }
 
-// 32 codes (one x8 vector, 8 rows x 4 k) -> s * q - m as 32 bf16, dword 2r + p = row r's pair p.
+// 32 codes (one x8 vector, 8 rows x 4 k; int8 where kSigned, else unsigned) -> s * q - m as 32 bf16, dword 2r + p = row r's pair p.
 // s4 / m4: the block group's scales for rows 0-3 and 4-7 of the group, each lane's row's.
+template <bool kSigned>
+static inline __m512i widen_codes(__m128i v) {
+  if constexpr (kSigned) return _mm512_cvtepi8_epi32(v);
+  else return _mm512_cvtepu8_epi32(v);
+}
+template <bool kSigned>
 static inline __m512i dequant_vector(__m256i q, __m512 s_lo, __m512 m_lo, __m512 s_hi, __m512 m_hi) {
-  const __m512 lo = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q))), s_lo, m_lo);
-  const __m512 hi = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1))), s_hi, m_hi);
+  const __m512 lo = _mm512_fmsub_ps(_mm512_cvtepi32_ps(widen_codes<kSigned>(_mm256_castsi256_si128(q))), s_lo, m_lo);
+  const __m512 hi = _mm512_fmsub_ps(_mm512_cvtepi32_ps(widen_codes<kSigned>(_mm256_extracti128_si256(q, 1))), s_hi, m_hi);
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
-// 16 weight rows (x8 groups ga, gb: their first super-block; group-blocks 8 * block bytes apart) over
-// nsb super-blocks -> B tiles at dst, k step after k step (nsb * 8 * kStepBytes bytes, 64-aligned).
-template <KFormat F>
+// k steps (32 k) per block of format F, and bytes per x8 group-block (8 rows x one block).
+template <WFormat F>
+constexpr int kBlockSteps = F == WFormat::Q8_0 || F == WFormat::Q4_0 ? 1 : 8;
+template <WFormat F>
+constexpr int64_t kGroupBlock = F == WFormat::Q8_0 ? 8 * 34 : F == WFormat::Q4_0 ? 8 * 18
+                                : F == WFormat::Q4_K ? 8 * 144 : F == WFormat::Q5_K ? 8 * 176 : 8 * 210;
+
+// 16 weight rows (x8 groups ga, gb: their first block; group-blocks kGroupBlock<F> bytes apart) over
+// nb blocks -> B tiles at dst, k step after k step (nb * kBlockSteps<F> * kStepBytes bytes, 64-aligned).
+template <WFormat F>
 static inline void dequant_b(const uint8_t* ga, const uint8_t* gb, int64_t nsb, uint8_t* dst) {
-  constexpr int64_t kGB = 8 * KTraits<F>::kBytes;
-  constexpr int kGroups = 16;  // groups of 16 weights per super-block
+  constexpr int64_t kGB = kGroupBlock<F>;
+  constexpr int kSteps = kBlockSteps<F>;
+  constexpr bool kSigned = F == WFormat::Q8_0;
+  constexpr int kGroups = 16;  // groups of 16 weights per block, at most (a K-quant super-block)
   alignas(64) float s[kGroups * kRows], m[kGroups * kRows];
   // lane l of a 4-row piece belongs to row 4 * piece + l / 4
   __m512i pick[4];
@@ -160,7 +193,7 @@ static inline void dequant_b(const uint8_t* ga, const uint8_t* gb, int64_t nsb, 
   const __m512i even = _mm512_load_si512(e0), odd = _mm512_load_si512(e1);
   // the weights come from DRAM, a few KiB per group at a time: without a prefetch this far ahead the
   // dequantization waited on every load (measured 4 GB/s of weights on a 2-core Xeon)
-  constexpr int64_t kAhead = 3;
+  constexpr int64_t kAhead = kSteps == 1 ? 16 : 3;  // blocks: 4.6 / 2.2 KiB (Q8_0 / Q4_0), 3.4-5 KiB (K-quants)
   for (int64_t b = 0; b < nsb; ++b) {
     const uint8_t* ba = ga + b * kGB;
     const uint8_t* bb = gb + b * kGB;
@@ -172,8 +205,8 @@ static inline void dequant_b(const uint8_t* ga, const uint8_t* gb, int64_t nsb, 
     group_scales<F>(ba, 0, s, m);
     group_scales<F>(bb, 8, s, m);
     #pragma GCC unroll 8
-    for (int st = 0; st < 8; ++st) {
-      uint8_t* out = dst + (b * 8 + st) * kStepBytes;
+    for (int st = 0; st < kSteps; ++st) {
+      uint8_t* out = dst + (b * kSteps + st) * kStepBytes;
       // Q6_K: the step's two groups of 16 (vectors t < 4: the first); Q4_K / Q5_K: one sub-block
       __m512 sv[2][4], mv[2][4];
       for (int h = 0; h < 2; ++h) {
@@ -187,8 +220,8 @@ static inline void dequant_b(const uint8_t* ga, const uint8_t* gb, int64_t nsb, 
       #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
         const int h = t / 4;
-        const __m512i a = dequant_vector(step_codes<F>(ba, st, t), sv[h][0], mv[h][0], sv[h][1], mv[h][1]);
-        const __m512i c = dequant_vector(step_codes<F>(bb, st, t), sv[h][2], mv[h][2], sv[h][3], mv[h][3]);
+        const __m512i a = dequant_vector<kSigned>(step_codes<F>(ba, st, t), sv[h][0], mv[h][0], sv[h][1], mv[h][1]);
+        const __m512i c = dequant_vector<kSigned>(step_codes<F>(bb, st, t), sv[h][2], mv[h][2], sv[h][3], mv[h][3]);
         _mm512_store_si512(out + 64 * (2 * t), _mm512_permutex2var_epi32(a, even, c));
         _mm512_store_si512(out + 64 * (2 * t + 1), _mm512_permutex2var_epi32(a, odd, c));
       }
