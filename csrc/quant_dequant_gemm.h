@@ -16,6 +16,8 @@ namespace quant {
 // tokens per pl), in the numerics of a bf16 model's experts on the dequantized weights: the weights
 // dequantized exactly and rounded to bf16, panel by panel (never a whole expert in memory), the
 // GEMMs oneDNN's (fp32 accumulation, bf16 results), SwiGLU on the bf16 gate and up rounded to bf16.
+// On AMX, x8 weights run on AMX-BF16 tiles of our own instead (quant/amx_bf16.h): the same weight
+// values, gate and up kept in fp32 until SwiGLU, y in fp32.
 // hidden: bf16 [N, H] contiguous (rows indexed by pl.tok). gu / dn: the first expert's [2I, H] /
 // [H, I] matrix in formats fgu / fdn, layout x8 or rows. y: fp32, H per pair, in pl's sorted order.
 void experts_dequant_gemm(const at::Tensor& hidden, const uint8_t* gu, WFormat fgu, const uint8_t* dn, WFormat fdn,

@@ -137,6 +137,9 @@ class KernelPolicy:
     #   experts, 32 of H 2048, I 1792, 4 of 32 per token, N tokens (16 per expert at N = 128):
     #     N 128: Q8_0 47 / 34 / 56, Q4_0 29 / 31 / 50, Q4_K + Q6_K 63 / - / 64 (bf16 36)
     #     N 512: Q8_0 174 / 86 / 83, Q4_0 103 / 78 / 73, Q4_K + Q6_K 228 / - / 94 (bf16 60)
+    #   since then the experts' bf16 GEMM route on AMX runs on AMX-BF16 tiles of our own
+    #   (csrc/quant/amx_bf16.h); a 2-core Emerald Rapids Xeon (a noisier, slower VM; one run each):
+    #     N 512: Q4_0 220 / 161 / 120, Q4_K + Q6_K 191 / - / 71; N 128: Q4_K + Q6_K 45 / - / 38
     # A 2-core Zen 5 (AVX512-BF16, no AMX), 2 threads, linear 6144 x 2048 (ms; integer kernels / bf16
     # GEMM route; bf16 weights): Q4_K 16 rows 1.28 / 1.44 (0.80), 64 rows 2.86 / 2.56 (1.95), 128 rows
     # 5.0 / 4.0 (3.4); Q6_K 128 rows 5.4 / 4.2, 512 rows 19.8 / 13.9; Q4_0 512 rows 15.8 / 13.2.

@@ -325,7 +325,7 @@ def test_model_runs_x8_and_matches_rows(fmt, tiny_path, monkeypatch):
     import dataclasses
 
     from lfm_kernels.model import LfmModel, from_pretrained
-    from lfm_kernels.model import model as model_mod
+    from lfm_kernels import quant as quant_mod
 
     base = from_pretrained(tiny_path, dtype=torch.float32, quant=fmt, progress=False, tokenizer=False)
     w = base.weights
@@ -339,7 +339,7 @@ def test_model_runs_x8_and_matches_rows(fmt, tiny_path, monkeypatch):
     layers = [dataclasses.replace(lw, **{f.name: to_rows(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
               for lw in w.layers]
     emb = to_rows(w.embed)
-    monkeypatch.setattr(model_mod, "_wants_x8", lambda v: False)
+    monkeypatch.setattr(quant_mod, "_wants_x8", lambda v: False)
     rows_model = LfmModel(base.config, type(w)(emb, w.final_norm, emb, layers), torch.float32)
     assert rows_model.weights.embed.layout == "rows"
     assert base.bytes_per_decoded_token() == rows_model.bytes_per_decoded_token()
