@@ -14,9 +14,11 @@
 // two tile sets alternate so that block b + 1 multiplies while block b is scaled.
 #pragma once
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+
+#include "quant/amx_config.h"
 
 namespace lfmk {
 namespace quant {
@@ -24,17 +26,9 @@ namespace amx {
 
 constexpr int kRows = 16;  // activation rows per tile call (M <= kRows)
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles 0-2: A, B, C of even blocks; 3-5: of odd blocks.
 static inline void configure(int M, int G) {
-  TileConfig c;
+  AmxTileConfig c;
   for (int t : {0, 3}) {
     c.rows[t] = static_cast<uint8_t>(M);
     c.colsb[t] = 32;                          // A: M rows x 32 int8

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "quant/amx_config.h"
 #include "quant/dequant.h"
 #include "quant/kquant.h"
 
@@ -32,17 +33,9 @@ namespace amxbf16 {
 constexpr int kRows = 16;          // tokens per A tile, weight rows per B tile
 constexpr int kStepBytes = 1024;   // one B tile: 16 pair-rows x 64 bytes (32 k of 16 weight rows)
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles 0-2: A, B0, B1 of even k steps, 3-5: of odd ones; 6, 7: C0, C1. All 16 rows x 64 bytes.
 static inline void configure() {
-  TileConfig c;
+  AmxTileConfig c;
   for (int t = 0; t < 8; ++t) {
     c.rows[t] = kRows;
     c.colsb[t] = 64;
