@@ -222,73 +222,77 @@ struct AmxExperts {
   int64_t H, I;
 };
 
-// act[q, j0:j0 + 16] = bf16(silu(gate . x_q) * (up . x_q)) for the pairs q of each expert, per strip
-// of 16 intermediate units (its gate and up rows dequantized once, then every 16 tokens against them).
-template <WFormat F>
-void amx_phase1(const AmxExperts& a, const uint8_t* gu) {
+// One phase's tasks, each a strip of weight rows against its expert's tokens: per task,
+// load(t, b0, b1) dequantizes the strip's two 16-row B operands into b0 / b1 and returns its tokens'
+// A rows; every 16 tokens' results then go row by row to emit(strip, m, c0 row, c1 row).
+struct Strip {
+  const c10::BFloat16* a;  // the first token's bf16 row, lda elements between rows
+  int64_t lda, tokens;
+  int64_t q0, col;         // the first token's pair and the strip's first output column
+};
+template <class Load, class Emit>
+void amx_strips(int64_t tasks, int64_t steps, const Load& load, const Emit& emit) {
   constexpr int kR = amxbf16::kRows;
-  const int64_t nb = a.H / weights_per_block(F), gs = nb * amxbf16::kGroupBlock<F>, strips = a.I / kR;
-  const int64_t steps = nb * amxbf16::kBlockSteps<F>;
-  const int64_t ne = static_cast<int64_t>(a.experts.size());
-  parallel_workers(ne * strips, [&](TaskQueue& queue) {
-    AlignedBytes bg(steps * amxbf16::kStepBytes), bu(steps * amxbf16::kStepBytes);
-    alignas(64) float cg[kR * kR], cu[kR * kR];
+  parallel_workers(tasks, [&](TaskQueue& queue) {
+    AlignedBytes b0(steps * amxbf16::kStepBytes), b1(steps * amxbf16::kStepBytes);
+    alignas(64) float c0[kR * kR], c1[kR * kR];
     amxbf16::configure();
     for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
-      const int64_t i = t / strips, j0 = t % strips * kR, e = a.experts[i];
-      const int64_t q0 = a.pl.offs[e], me = a.pl.offs[e + 1] - q0;
-      const uint8_t* G = gu + e * (2 * a.I / 8) * gs;  // gate rows [0, I), up rows [I, 2I), 8 per group
-      const uint8_t* ga = G + j0 / 8 * gs;
-      const uint8_t* ua = G + (a.I + j0) / 8 * gs;
-      amxbf16::dequant_b<F>(ga, ga + gs, nb, bg.p);
-      amxbf16::dequant_b<F>(ua, ua + gs, nb, bu.p);
-      for (int64_t m0 = 0; m0 < me; m0 += kR) {
-        amxbf16::tiles2(a.xs + (a.first[i] + m0) * a.H, a.H, steps, bg.p, bu.p, cg, cu);
-        const int64_t rows = std::min<int64_t>(kR, me - m0);
-        for (int64_t m = 0; m < rows; ++m) {
-          const float* g = cg + m * kR;
-          const float* u = cu + m * kR;
-          const __m256 lo = _mm256_mul_ps(avx2::silu8(_mm256_load_ps(g)), _mm256_load_ps(u));
-          const __m256 hi = _mm256_mul_ps(avx2::silu8(_mm256_load_ps(g + 8)), _mm256_load_ps(u + 8));
-          const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.act + (q0 + m0 + m) * a.I + j0),
-                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-        }
+      const Strip st = load(t, b0.p, b1.p);
+      for (int64_t m0 = 0; m0 < st.tokens; m0 += kR) {
+        amxbf16::tiles2(st.a + m0 * st.lda, st.lda, steps, b0.p, b1.p, c0, c1);
+        const int64_t rows = std::min<int64_t>(kR, st.tokens - m0);
+        for (int64_t m = 0; m < rows; ++m) emit(st, m0 + m, c0 + m * kR, c1 + m * kR);
       }
     }
     _tile_release();
   });
 }
 
+// act[q, j0:j0 + 16] = bf16(silu(gate . x_q) * (up . x_q)) for the pairs q of each expert, per strip
+// of 16 intermediate units (its gate and up rows dequantized once, then every 16 tokens against them).
+template <WFormat F>
+void amx_phase1(const AmxExperts& a, const uint8_t* gu) {
+  constexpr int kR = amxbf16::kRows;
+  const int64_t nb = a.H / weights_per_block(F), gs = 8 * row_bytes(F, a.H), strips = a.I / kR;
+  const auto load = [&](int64_t t, uint8_t* bg, uint8_t* bu) {
+    const int64_t i = t / strips, j0 = t % strips * kR, e = a.experts[i];
+    const uint8_t* G = gu + e * (2 * a.I / 8) * gs;  // gate rows [0, I), up rows [I, 2I), 8 per group
+    const uint8_t* ga = G + j0 / 8 * gs;
+    const uint8_t* ua = G + (a.I + j0) / 8 * gs;
+    amxbf16::dequant_b<F>(ga, ga + gs, nb, bg);
+    amxbf16::dequant_b<F>(ua, ua + gs, nb, bu);
+    return Strip{a.xs + a.first[i] * a.H, a.H, a.pl.offs[e + 1] - a.pl.offs[e], a.pl.offs[e], j0};
+  };
+  const auto emit = [&](const Strip& st, int64_t m, const float* g, const float* u) {
+    const __m256 lo = _mm256_mul_ps(avx2::silu8(_mm256_load_ps(g)), _mm256_load_ps(u));
+    const __m256 hi = _mm256_mul_ps(avx2::silu8(_mm256_load_ps(g + 8)), _mm256_load_ps(u + 8));
+    const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.act + (st.q0 + m) * a.I + st.col),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  };
+  amx_strips(static_cast<int64_t>(a.experts.size()) * strips, a.H / amxbf16::kStepK, load, emit);
+}
+
 // y[q, h0:h0 + 32] = down[h0:h0 + 32] . act[q] for the pairs q of each expert, per strip of 32 rows.
 template <WFormat F>
 void amx_phase2(const AmxExperts& a, const uint8_t* dn) {
   constexpr int kR = amxbf16::kRows;
-  const int64_t nb = a.I / weights_per_block(F), gs = nb * amxbf16::kGroupBlock<F>, strips = a.H / (2 * kR);
-  const int64_t steps = nb * amxbf16::kBlockSteps<F>;
-  const int64_t ne = static_cast<int64_t>(a.experts.size());
-  parallel_workers(ne * strips, [&](TaskQueue& queue) {
-    AlignedBytes b0(steps * amxbf16::kStepBytes), b1(steps * amxbf16::kStepBytes);
-    alignas(64) float c0[kR * kR], c1[kR * kR];
-    amxbf16::configure();
-    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
-      const int64_t e = a.experts[t / strips], h0 = t % strips * 2 * kR;
-      const int64_t q0 = a.pl.offs[e], me = a.pl.offs[e + 1] - q0;
-      const uint8_t* D = dn + e * (a.H / 8) * gs + h0 / 8 * gs;
-      amxbf16::dequant_b<F>(D, D + gs, nb, b0.p);
-      amxbf16::dequant_b<F>(D + 2 * gs, D + 3 * gs, nb, b1.p);
-      for (int64_t m0 = 0; m0 < me; m0 += kR) {
-        amxbf16::tiles2(a.act + (q0 + m0) * a.I, a.I, steps, b0.p, b1.p, c0, c1);
-        const int64_t rows = std::min<int64_t>(kR, me - m0);
-        for (int64_t m = 0; m < rows; ++m) {
-          float* out = a.y + (q0 + m0 + m) * a.H + h0;
-          _mm512_storeu_ps(out, _mm512_load_ps(c0 + m * kR));
-          _mm512_storeu_ps(out + kR, _mm512_load_ps(c1 + m * kR));
-        }
-      }
-    }
-    _tile_release();
-  });
+  const int64_t nb = a.I / weights_per_block(F), gs = 8 * row_bytes(F, a.I), strips = a.H / (2 * kR);
+  const auto load = [&](int64_t t, uint8_t* b0, uint8_t* b1) {
+    const int64_t e = a.experts[t / strips], h0 = t % strips * 2 * kR;
+    const uint8_t* D = dn + e * (a.H / 8) * gs + h0 / 8 * gs;
+    amxbf16::dequant_b<F>(D, D + gs, nb, b0);
+    amxbf16::dequant_b<F>(D + 2 * gs, D + 3 * gs, nb, b1);
+    const int64_t q0 = a.pl.offs[e];
+    return Strip{a.act + q0 * a.I, a.I, a.pl.offs[e + 1] - q0, q0, h0};
+  };
+  const auto emit = [&](const Strip& st, int64_t m, const float* c0, const float* c1) {
+    float* out = a.y + (st.q0 + m) * a.H + st.col;
+    _mm512_storeu_ps(out, _mm512_load_ps(c0));
+    _mm512_storeu_ps(out + kR, _mm512_load_ps(c1));
+  };
+  amx_strips(static_cast<int64_t>(a.experts.size()) * strips, a.I / amxbf16::kStepK, load, emit);
 }
 
 void amx_experts(const AmxExperts& a, const uint8_t* gu, WFormat fgu, const uint8_t* dn, WFormat fdn) {

@@ -1,6 +1,7 @@
-// K-quant weights in the x8 layout (quant/kquant_x8.h) multiplied on AMX-BF16 tiles: the MoE experts'
-// many-token route of quant_dequant_gemm.cpp on CPUs with AMX. Include only between
-// LFMK_AMX_BF16_BEGIN and LFMK_AMX_BF16_END, after common.h; run only where cpu_has_amx() and
+// Quantized weights in the x8 layout (Q8_0 / Q4_0: quant/x8.h; K-quants: quant/kquant_x8.h) multiplied
+// on AMX-BF16 tiles: the MoE experts' many-token route of quant_dequant_gemm.cpp on CPUs with AMX.
+// Include only between LFMK_AMX_BF16_BEGIN and LFMK_AMX_BF16_END, after common.h and simd_avx2.h
+// (the AVX2 K-quant helpers it reuses need them); run only where cpu_has_amx() and
 // cpu_has_avx512bf16().
 //
 // The route's other implementation dequantizes a panel of rows to bf16 in row order and hands it to
@@ -25,13 +26,16 @@
 #include "quant/amx_config.h"
 #include "quant/dequant.h"
 #include "quant/kquant.h"
+#include "quant/kquant_avx2.h"
+#include "quant/kquant_x8_avx2.h"
 
 namespace lfmk {
 namespace quant {
 namespace amxbf16 {
 
 constexpr int kRows = 16;          // tokens per A tile, weight rows per B tile
-constexpr int kStepBytes = 1024;   // one B tile: 16 pair-rows x 64 bytes (32 k of 16 weight rows)
+constexpr int kStepK = 32;         // k per tile multiply (16 bf16 pairs)
+constexpr int kStepBytes = 1024;   // one B tile: 16 pair-rows x 64 bytes (kStepK k of 16 weight rows)
 
 // Tiles 0-2: A, B0, B1 of even k steps, 3-5: of odd ones; 6, 7: C0, C1. All 16 rows x 64 bytes.
 static inline void configure() {
@@ -45,18 +49,15 @@ static inline void configure() {
   _tile_loadconfig(&c);
 }
 
-static inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-static inline __m256 halves8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-
 // One x8 group-block's s and m (quant/dequant.h) per weight row, transposed: s[g * 16 + row0 + r] for
 // the block's groups of 16 weights g (Q4_K / Q5_K: one (s, m) per sub-block of 32, stored for both
 // its groups; Q6_K: m = 32 s, so that s * q - m = s * (q - 32) for the unsigned six bits q, rounded
 // once as gguf's product). The 8 rows' fields are vectors of the x8 layout (row r in dword r), so
-// each (s, m) of the 8 rows is a few 8-lane operations: kq_scale_min's bit fields, vectorized.
+// each (s, m) of the 8 rows is a few 8-lane operations (Q4_K / Q5_K: the AVX2 x8 tile's scale decode).
 template <WFormat F>
 static inline void group_scales(const uint8_t* blk, int row0, float* s, float* m) {
-  const auto ld = [blk](int off) { return load32(blk + off); };
-  const auto half8 = [blk](int off) { return halves8(blk + off); };
+  const auto ld = [blk](int off) { return kavx2::ld(blk + off); };
+  const auto half8 = [blk](int off) { return kavx2::half8(blk + off); };
   if constexpr (F == WFormat::Q8_0 || F == WFormat::Q4_0) {
     // one 32-block: s = d for both groups of 16; Q4_0's unsigned nibbles q: s * q - 8 s = d * (q - 8)
     const __m256 d = half8(0);
@@ -77,16 +78,9 @@ static inline void group_scales(const uint8_t* blk, int row0, float* s, float* m
       }
     }
   } else {
-    const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f),
-                  m2 = _mm256_set1_epi32(0x03030303), byte = _mm256_set1_epi32(0xFF);
-    const __m256i u0 = ld(32), u1 = ld(64), u2 = ld(96);  // scale bytes 0-3, 4-7, 8-11
-    const __m256i sc[2] = {
-        _mm256_and_si256(u0, m6),
-        _mm256_or_si256(_mm256_and_si256(u2, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4))};
-    const __m256i mn[2] = {
-        _mm256_and_si256(u1, m6),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
-                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4))};
+    const __m256i byte = _mm256_set1_epi32(0xFF);
+    const kavx2::KX8Scales45 v = kavx2::kx8_scales45(blk);
+    const __m256i sc[2] = {v.sc_lo, v.sc_hi}, mn[2] = {v.mn_lo, v.mn_hi};
     const __m256 d = half8(0), dmin = half8(16);
     for (int j = 0; j < 8; ++j) {
       const __m256 sj = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(sc[j / 4], 8 * (j % 4)), byte)));
@@ -103,7 +97,7 @@ static inline void group_scales(const uint8_t* blk, int row0, float* s, float* m
 template <WFormat F>
 static inline __m256i step_codes(const uint8_t* blk, int st, int t) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const auto ld = [blk](int off) { return load32(blk + off); };
+  const auto ld = [blk](int off) { return kavx2::ld(blk + off); };
   if constexpr (F == WFormat::Q8_0) {
     return ld(16 + 32 * t);  // int8 elements 4t + i (quant/x8.h)
   } else if constexpr (F == WFormat::Q4_0) {
@@ -111,20 +105,11 @@ static inline __m256i step_codes(const uint8_t* blk, int st, int t) {
     const __m256i v = ld(16 + 32 * (t % 4));
     return t < 4 ? _mm256_and_si256(v, m4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
   } else if constexpr (F == WFormat::Q6_K) {
-    // step st = 4h + k: elements 128h + 32k + 4t + i (quant/kquant_x8_vnni.h's Q6_K unpacking)
-    const int h = st / 4, k = st % 4;
-    const __m256i l = ld(32 * (16 * h + 8 * (k & 1) + t));
-    const __m256i qh = ld(1024 + 32 * (8 * h + t));
-    const __m256i lo = k < 2 ? _mm256_and_si256(l, m4) : _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
-    const __m256i m30 = _mm256_set1_epi8(0x30);
-    __m256i hi;
-    switch (k) {
-      case 0: hi = _mm256_slli_epi16(qh, 4); break;
-      case 1: hi = _mm256_slli_epi16(qh, 2); break;
-      case 2: hi = qh; break;
-      default: hi = _mm256_srli_epi16(qh, 2); break;
-    }
-    return _mm256_or_si256(lo, _mm256_and_si256(hi, m30));
+    // step st = 4h + k: elements 128h + 32k + 4t + i, the AVX2 x8 tile's q[k] (the other three,
+    // unused, are dropped by the compiler)
+    __m256i q[4];
+    kavx2::kx8_q6(blk, st / 4, t, q);
+    return q[st % 4];
   } else {
     // step st = sub-block j: qs vector 8 (j / 2) + t, low nibbles for even j, high for odd
     constexpr int kQs = F == WFormat::Q4_K ? 128 : 384;
@@ -140,8 +125,9 @@ static inline __m256i step_codes(const uint8_t* blk, int st, int t) {
   }
 }
 
-// 32 codes (one x8 vector, 8 rows x 4 k; int8 where kSigned, else unsigned) -> s * q - m as 32 bf16, dword 2r + p = row r's pair p.
-// s4 / m4: the block group's scales for rows 0-3 and 4-7 of the group, each lane's row's.
+// 32 codes (one x8 vector, 8 rows x 4 k; int8 where kSigned, else unsigned) -> s * q - m as 32 bf16,
+// dword 2r + p = row r's pair p. s_lo / m_lo, s_hi / m_hi: the scales and offsets of rows 0-3 and 4-7,
+// each lane its own row's.
 template <bool kSigned>
 static inline __m512i widen_codes(__m128i v) {
   if constexpr (kSigned) return _mm512_cvtepi8_epi32(v);
@@ -154,19 +140,13 @@ static inline __m512i dequant_vector(__m256i q, __m512 s_lo, __m512 m_lo, __m512
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
-// k steps (32 k) per block of format F, and bytes per x8 group-block (8 rows x one block).
+// 16 weight rows (x8 groups ga, gb: their first block; group-blocks 8 blocks' bytes apart) over nb
+// blocks -> B tiles at dst, k step after k step (nb * weights_per_block(F) / kStepK * kStepBytes
+// bytes, 64-aligned).
 template <WFormat F>
-constexpr int kBlockSteps = F == WFormat::Q8_0 || F == WFormat::Q4_0 ? 1 : 8;
-template <WFormat F>
-constexpr int64_t kGroupBlock = F == WFormat::Q8_0 ? 8 * 34 : F == WFormat::Q4_0 ? 8 * 18
-                                : F == WFormat::Q4_K ? 8 * 144 : F == WFormat::Q5_K ? 8 * 176 : 8 * 210;
-
-// 16 weight rows (x8 groups ga, gb: their first block; group-blocks kGroupBlock<F> bytes apart) over
-// nb blocks -> B tiles at dst, k step after k step (nb * kBlockSteps<F> * kStepBytes bytes, 64-aligned).
-template <WFormat F>
-static inline void dequant_b(const uint8_t* ga, const uint8_t* gb, int64_t nsb, uint8_t* dst) {
-  constexpr int64_t kGB = kGroupBlock<F>;
-  constexpr int kSteps = kBlockSteps<F>;
+static inline void dequant_b(const uint8_t* ga, const uint8_t* gb, int64_t nb, uint8_t* dst) {
+  constexpr int64_t kGB = 8 * wblock_bytes(F);
+  constexpr int kSteps = weights_per_block(F) / kStepK;
   constexpr bool kSigned = F == WFormat::Q8_0;
   constexpr int kGroups = 16;  // groups of 16 weights per block, at most (a K-quant super-block)
   alignas(64) float s[kGroups * kRows], m[kGroups * kRows];
@@ -187,10 +167,10 @@ static inline void dequant_b(const uint8_t* ga, const uint8_t* gb, int64_t nsb, 
   // the weights come from DRAM, a few KiB per group at a time: without a prefetch this far ahead the
   // dequantization waited on every load (measured 4 GB/s of weights on a 2-core Xeon)
   constexpr int64_t kAhead = kSteps == 1 ? 16 : 3;  // blocks: 4.6 / 2.2 KiB (Q8_0 / Q4_0), 3.4-5 KiB (K-quants)
-  for (int64_t b = 0; b < nsb; ++b) {
+  for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* ba = ga + b * kGB;
     const uint8_t* bb = gb + b * kGB;
-    if (b + kAhead < nsb)
+    if (b + kAhead < nb)
       for (int64_t l = 0; l < kGB; l += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(ba + kAhead * kGB + l), _MM_HINT_T1);
         _mm_prefetch(reinterpret_cast<const char*>(bb + kAhead * kGB + l), _MM_HINT_T1);
@@ -223,7 +203,7 @@ static inline void dequant_b(const uint8_t* ga, const uint8_t* gb, int64_t nsb, 
 }
 
 // c0 = A . B0, c1 = A . B1 over steps k steps: A = 16 bf16 rows lda elements apart (k step s at
-// a + 32 s), B0 / B1 = dequant_b's tiles. c0 / c1: 16 x 16 fp32, row m = token m. configure() first.
+// a + kStepK s), B0 / B1 = dequant_b's tiles. c0 / c1: 16 x 16 fp32, row m = token m. configure() first.
 static inline void tiles2(const c10::BFloat16* a, int64_t lda, int64_t steps, const uint8_t* b0, const uint8_t* b1,
                           float* c0, float* c1) {
   const int64_t stride = lda * 2;
@@ -231,19 +211,19 @@ static inline void tiles2(const c10::BFloat16* a, int64_t lda, int64_t steps, co
   _tile_zero(7);
   int64_t s = 0;
   for (; s + 2 <= steps; s += 2) {
-    _tile_loadd(0, a + 32 * s, stride);
+    _tile_loadd(0, a + kStepK * s, stride);
     _tile_loadd(1, b0 + s * kStepBytes, 64);
     _tile_loadd(2, b1 + s * kStepBytes, 64);
     _tile_dpbf16ps(6, 0, 1);
     _tile_dpbf16ps(7, 0, 2);
-    _tile_loadd(3, a + 32 * (s + 1), stride);
+    _tile_loadd(3, a + kStepK * (s + 1), stride);
     _tile_loadd(4, b0 + (s + 1) * kStepBytes, 64);
     _tile_loadd(5, b1 + (s + 1) * kStepBytes, 64);
     _tile_dpbf16ps(6, 3, 4);
     _tile_dpbf16ps(7, 3, 5);
   }
   if (s < steps) {
-    _tile_loadd(0, a + 32 * s, stride);
+    _tile_loadd(0, a + kStepK * s, stride);
     _tile_loadd(1, b0 + s * kStepBytes, 64);
     _tile_loadd(2, b1 + s * kStepBytes, 64);
     _tile_dpbf16ps(6, 0, 1);

@@ -41,23 +41,23 @@ inline bool parse_wformat(c10::string_view s, WFormat* f) {
   return true;
 }
 
-inline bool is_kformat(WFormat f) { return f == WFormat::Q4_K || f == WFormat::Q5_K || f == WFormat::Q6_K; }
-inline int weights_per_block(WFormat f) { return is_kformat(f) ? kSuper : kBlock; }
+constexpr bool is_kformat(WFormat f) { return f == WFormat::Q4_K || f == WFormat::Q5_K || f == WFormat::Q6_K; }
+constexpr int weights_per_block(WFormat f) { return is_kformat(f) ? kSuper : kBlock; }
 inline WFormat to_wformat(Format f) { return f == Format::Q8_0 ? WFormat::Q8_0 : WFormat::Q4_0; }
 inline WFormat to_wformat(KFormat f) {
   return f == KFormat::Q4_K ? WFormat::Q4_K : f == KFormat::Q5_K ? WFormat::Q5_K : WFormat::Q6_K;
 }
-inline KFormat to_kformat(WFormat f) {
+constexpr KFormat to_kformat(WFormat f) {
   return f == WFormat::Q4_K ? KFormat::Q4_K : f == WFormat::Q5_K ? KFormat::Q5_K : KFormat::Q6_K;
 }
-inline int64_t wblock_bytes(WFormat f) {
+constexpr int64_t wblock_bytes(WFormat f) {
   switch (f) {
     case WFormat::Q8_0: return block_bytes(Format::Q8_0);
     case WFormat::Q4_0: return block_bytes(Format::Q4_0);
     default: return kblock_bytes(to_kformat(f));
   }
 }
-inline int64_t row_bytes(WFormat f, int64_t K) { return K / weights_per_block(f) * wblock_bytes(f); }
+constexpr int64_t row_bytes(WFormat f, int64_t K) { return K / weights_per_block(f) * wblock_bytes(f); }
 
 // Block b's s and m per group of 16 (dequant.h's table above).
 template <WFormat F>

@@ -71,7 +71,7 @@ inline bool parse_kformat(const std::string& s, KFormat* f) {
   return true;
 }
 
-inline int64_t kblock_bytes(KFormat f) {
+constexpr int64_t kblock_bytes(KFormat f) {
   return f == KFormat::Q4_K ? 144 : f == KFormat::Q5_K ? 176 : 210;
 }
 

@@ -46,7 +46,7 @@ struct Traits<Format::Q4_0> {
   static constexpr int kBytes = 18;
 };
 
-inline int64_t block_bytes(Format f) { return f == Format::Q8_0 ? Traits<Format::Q8_0>::kBytes : Traits<Format::Q4_0>::kBytes; }
+constexpr int64_t block_bytes(Format f) { return f == Format::Q8_0 ? Traits<Format::Q8_0>::kBytes : Traits<Format::Q4_0>::kBytes; }
 
 // The path the quantized kernels take now, chosen (and pinned by the tests, or forced portable) in
 // linear_quant.cpp, so every op on quantized weights follows one choice: 0 portable, 1 AVX2,
