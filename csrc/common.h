@@ -139,6 +139,12 @@ int64_t stream_ahead();
 // Bytes ahead of the weight streams' loads that they prefetch (0: none; a multiple of 64 up to 64 KiB,
 // else std::invalid_argument). Only the pace changes, never a result.
 void set_stream_ahead(int64_t bytes);
+// Bytes of reading ahead that the K-quant x8 tiles prefetch in their own read order (quant/kquant_x8.h,
+// KX8Ahead; at least one super-block step whatever the value): a per-vendor default like stream_ahead's
+// (8 KiB on Intel, 4 KiB elsewhere), a multiple of 64 up to 64 KiB, else std::invalid_argument. Only
+// the pace changes, never a result.
+int64_t kquant_ahead();
+void set_kquant_ahead(int64_t bytes);
 
 // The x8 decode tiles of Q4_0 / Q8_0 (quant/x8.h) prefetch, with each block they load, the block pf
 // bytes further on, where the caller says its thread reads next. A thread of the x8 GEMVs reads G

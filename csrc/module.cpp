@@ -115,6 +115,15 @@ void set_stream_ahead(int64_t bytes) {
     throw std::invalid_argument("stream_ahead must be a multiple of 64 in [0, 65536], got " + std::to_string(bytes));
   g_stream_ahead.store(bytes);
 }
+// common.h, kquant_ahead: 8 KiB on Intel CPUs, 4 KiB on any other (measured in quant/kquant_x8.h).
+static const int64_t kDefaultKQuantAhead = cpu_is_intel() ? 8192 : 4096;
+static std::atomic<int64_t> g_kquant_ahead{kDefaultKQuantAhead};
+int64_t kquant_ahead() { return g_kquant_ahead.load(std::memory_order_relaxed); }
+void set_kquant_ahead(int64_t bytes) {
+  if (bytes < 0 || bytes > 65536 || bytes % 64 != 0)
+    throw std::invalid_argument("kquant_ahead must be a multiple of 64 in [0, 65536], got " + std::to_string(bytes));
+  g_kquant_ahead.store(bytes);
+}
 
 void register_op_replay(py::module_& m);  // op_replay.cpp
 
@@ -141,6 +150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_stream_ahead", &lfmk::set_stream_ahead,
         "set the weight streams' prefetch distance in bytes (0: none; a multiple of 64, at most 65536)");
   m.def("default_stream_ahead", [] { return lfmk::kDefaultStreamAhead; }, "this CPU's default stream_ahead");
+  m.def("kquant_ahead", &lfmk::kquant_ahead, "bytes of reading ahead that the K-quant x8 tiles prefetch (at least one super-block step)");
+  m.def("set_kquant_ahead", &lfmk::set_kquant_ahead,
+        "set the K-quant x8 tiles' prefetch distance in bytes (a multiple of 64, at most 65536; any value prefetches at least one step)");
+  m.def("default_kquant_ahead", [] { return lfmk::kDefaultKQuantAhead; }, "this CPU's default kquant_ahead");
   m.def("num_threads", [] { return at::get_num_threads(); });
   lfmk::register_op_replay(m);
 }

@@ -132,6 +132,7 @@ def backend_info() -> dict:
         "cpu_native_bf16_gemm": cpu_has_native_bf16_gemm(),
         # bytes ahead that the bf16 / fp32 weight streams prefetch (csrc/common.h): 4 KiB on Intel, 1 KiB elsewhere
         "weight_stream_prefetch_bytes": int(_C.stream_ahead()) if _C is not None and hasattr(_C, "stream_ahead") else None,
+        "kquant_prefetch_bytes": int(_C.kquant_ahead()) if _C is not None and hasattr(_C, "kquant_ahead") else None,
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -178,6 +178,9 @@ def _cpu_identity() -> dict:
     # time for an experiment is not part of the key)
     if _backend._C is not None and hasattr(_backend._C, "default_stream_ahead"):
         identity["stream_ahead"] = int(_backend._C.default_stream_ahead())
+    # ... and the K-quant tiles' own distance (the same rule)
+    if _backend._C is not None and hasattr(_backend._C, "default_kquant_ahead"):
+        identity["kquant_ahead"] = int(_backend._C.default_kquant_ahead())
     return identity
 
 

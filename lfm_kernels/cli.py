@@ -53,6 +53,7 @@ def _info(args) -> int:
         "cpu_supports_avx2_fma": "CPU has AVX2+FMA",
         "cpu": "CPU",
         "weight_stream_prefetch_bytes": "weight-stream prefetch (B)",
+        "kquant_prefetch_bytes": "K-quant tile prefetch (B)",
         "threads": "torch threads",
         "torch": "torch",
         "triton": "triton",

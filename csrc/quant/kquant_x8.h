@@ -32,6 +32,7 @@
 // the packed prefill panels'), whatever G, M, the tile's position, the thread or the path.
 #pragma once
 
+#include "common.h"
 #include "quant/kquant.h"
 #include "quant/kquant_portable.h"
 
@@ -107,7 +108,8 @@ inline void kx8_to_rows_group(const uint8_t* src, int64_t nsb, uint8_t* dst, int
 // from w to the tile its thread reads after this one (same G and gstride), or 0 where this is the
 // task's last tile (the next one belongs to another thread). At step b the tile prefetches, into
 // L2, the block it reads D steps later in that order: block b + D of the same group, or past the
-// group's end the next tile's; D steps are about kKX8AheadBytes of reading, at least one step.
+// group's end the next tile's; D steps are about kquant_ahead() bytes of reading (common.h, a
+// per-vendor default), at least one step.
 // The block goes in pieces spread over the step's work, not in one burst at its start: 18-26 lines
 // at once stalled the loads behind them, so the core's arithmetic no longer overlapped the stream.
 // Measured on a 2-core Zen 3 (AVX2), weights from DRAM, 2 threads, one row, share of the read
@@ -121,17 +123,21 @@ inline void kx8_to_rows_group(const uint8_t* src, int64_t nsb, uint8_t* dst, int
 // one step 59-66%, 4 KiB 61-69%, 8 KiB 63-73%. One thread, one row: two runs disagreed (one step
 // 66-75% against 8 KiB 68-79% in one, 82-85% against 73-81% in the other). So about 4 KiB: one step
 // where a step is 2-4 KiB (the batch-1 decode), three or two where steps are shorter.
-// (On a Xeon or Zen 4 the VNNI tiles use the same distance: not measured there.) No prefetch at
-// all: 19-30%. Addresses are formed as integers: one past a matrix's end is never dereferenced (a
-// prefetch never faults).
-constexpr int64_t kKX8AheadBytes = 4096;
+// On Intel the distance pays to be longer: a 2-core Emerald Rapids Xeon (VNNI 512-bit tiles, 300 MiB
+// L3), weights from DRAM, 2 threads, distances alternated in one process: a whole Q4_K_M decode step
+// (CPU graph, medians of 12 rounds) 58.1 ms at 4 KiB, 51.3-51.8 at 6, 8 and 12 KiB, 50.3 at 16 KiB;
+// one row, GB/s of weight read, 4 / 8 / 16 KiB: Q6_K 128000 x 2048 20.5 / 23.4 / 23.2, Q4_K 6144 x
+// 2048 18.0 / 19.2 / 17.9, the MoE decode experts (Q4_K gate_up, Q4_K / Q6_K down) 20.8 / 21.9 / 22.1.
+// So kquant_ahead() is 8 KiB on Intel, 4 KiB on AMD and any other (the Zen 3 figures above; a Zen 4
+// was not measured). No prefetch at all: 19-30%. Addresses are formed as integers: one past a
+// matrix's end is never dereferenced (a prefetch never faults).
 struct KX8Ahead {
   uintptr_t w;
   int64_t gstride, nsb, next, kgb, D;
   // for a tile of G groups of kGB-byte blocks
   KX8Ahead(const uint8_t* w_, int64_t gstride_, int64_t nsb_, int64_t next_, int64_t kGB, int G)
       : w(reinterpret_cast<uintptr_t>(w_)), gstride(gstride_), nsb(nsb_), next(next_), kgb(kGB),
-        D(std::max<int64_t>(1, kKX8AheadBytes / (G * kGB))) {}
+        D(std::max<int64_t>(1, kquant_ahead() / (G * kGB))) {}
   // the address of the block read D steps after step b of group g, 0 where there is none to prefetch
   __attribute__((always_inline)) inline uintptr_t at(int64_t b, int g) const {
     int64_t bb = b + D;
