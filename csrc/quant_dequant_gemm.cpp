@@ -295,6 +295,39 @@ void amx_phase2(const AmxExperts& a, const uint8_t* dn) {
   amx_strips(static_cast<int64_t>(a.experts.size()) * strips, a.I / amxbf16::kStepK, load, emit);
 }
 
+// out[m, n0:n0 + 32] = bf16(x_m . w_n) per strip of 32 weight rows (four x8 groups, dequantized once
+// into the two B operands), every 16 rows of x against it; x: M rows, then 16 rows of zeros for the
+// tiles' last reads. The sums are fp32 over all of K, rounded to bf16 once (as a bf16 GEMM).
+template <WFormat F>
+void amx_linear(const c10::BFloat16* x, int64_t M, const uint8_t* w, int64_t N, int64_t K, c10::BFloat16* out) {
+  constexpr int kR = amxbf16::kRows;
+  const int64_t nb = K / weights_per_block(F), gs = 8 * row_bytes(F, K);
+  const auto load = [&](int64_t t, uint8_t* b0, uint8_t* b1) {
+    const uint8_t* W = w + t * 4 * gs;
+    amxbf16::dequant_b<F>(W, W + gs, nb, b0);
+    amxbf16::dequant_b<F>(W + 2 * gs, W + 3 * gs, nb, b1);
+    return Strip{x, K, M, 0, t * 2 * kR};
+  };
+  const auto emit = [&](const Strip& st, int64_t m, const float* c0, const float* c1) {
+    c10::BFloat16* o = out + m * N + st.col;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_load_ps(c0))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + kR),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_load_ps(c1))));
+  };
+  amx_strips(N / (2 * kR), K / amxbf16::kStepK, load, emit);
+}
+
+void amx_linear_any(WFormat f, const c10::BFloat16* x, int64_t M, const uint8_t* w, int64_t N, int64_t K,
+                    c10::BFloat16* out) {
+  switch (f) {
+    case WFormat::Q8_0: return amx_linear<WFormat::Q8_0>(x, M, w, N, K, out);
+    case WFormat::Q4_0: return amx_linear<WFormat::Q4_0>(x, M, w, N, K, out);
+    case WFormat::Q4_K: return amx_linear<WFormat::Q4_K>(x, M, w, N, K, out);
+    case WFormat::Q5_K: return amx_linear<WFormat::Q5_K>(x, M, w, N, K, out);
+    case WFormat::Q6_K: return amx_linear<WFormat::Q6_K>(x, M, w, N, K, out);
+  }
+}
+
 void amx_experts(const AmxExperts& a, const uint8_t* gu, WFormat fgu, const uint8_t* dn, WFormat fdn) {
   switch (fgu) {
     case WFormat::Q8_0: amx_phase1<WFormat::Q8_0>(a, gu); break;
@@ -510,6 +543,14 @@ at::Tensor linear_quant_dequant_gemm_cpu(const at::Tensor& x_in, const at::Tenso
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
+  if (x8 && N % (2 * amxbf16::kRows) == 0 && cpu_has_amx() && cpu_has_avx512bf16()) {
+    // AMX-BF16 tiles of our own: each strip of weight rows dequantized once, straight into the tiles'
+    // B layout (oneDNN would reorder every dequantized panel into its own layout again)
+    const at::Tensor xp = at::cat({x, at::zeros({amxbf16::kRows, K}, x.options())});
+    amx_linear_any(f, cptr<c10::BFloat16>(xp), M, wp, N, K, mptr<c10::BFloat16>(out));
+    if (bias.has_value()) out.add_(bias->to(at::kBFloat16));
+    return out;
+  }
   const int64_t P = panel_rows(N, K), panels = (N + P - 1) / P;
   parallel_workers(panels, [&](TaskQueue& queue) {
     at::Tensor panel = at::empty({P, K}, x.options());

@@ -271,6 +271,30 @@ def test_moe_route_amx_bf16_tiles(fmts):
     assert (got - exact).abs().max() <= 2.0 ** -7 * exact.abs().max()
 
 
+@pytest.mark.skipif(HAS_EXT and not _amx_bf16_usable(),
+                    reason="this CPU (or its OS) offers no AMX-BF16 tiles: the route's AMX implementation cannot run here")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 33, 130], ids=lambda m: f"M{m}")
+def test_linear_route_amx_bf16_tiles(fmt, m):
+    """On AMX, `linear`'s route on x8 weights with N a multiple of 32 runs on AMX-BF16 tiles: strips of
+    32 rows dequantized exactly and rounded to bf16, fp32 sums over all of K, the output rounded to bf16
+    once. Against those sums computed here in fp32, only their order differs: 2^-8 of each output (its
+    own bf16 rounding) plus 2^-12 of the largest. M around the 16-row tiles' edges; a bias is added to
+    the bf16 output (one more rounding, as F.linear on bf16)."""
+    n, k = (96, 512) if fmt in K_FORMATS else (64, 96)
+    qt = _weights((n, k), fmt, "x8", 7)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    op = torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm
+    got = op(x, qt.data, fmt, "x8", n, k, None)
+    ref = x.float() @ qt.dequantize().bfloat16().float().t()
+    tol = 2.0 ** -8 * ref.abs() + 2.0 ** -12 * ref.abs().max()
+    bad = (got.float() - ref).abs() > tol
+    assert not bad.any(), f"{int(bad.sum())} outputs off, max error {float((got.float() - ref).abs().max())}"
+    assert torch.equal(op(x, qt.data, fmt, "x8", n, k, bias), got + bias)
+
+
 def test_moe_route_bad_threshold():
     _, _, _, _, _, args = _experts_args("q4_0", "rows")
     with pytest.raises(ValueError, match="dequant_gemm_min_rows"):
