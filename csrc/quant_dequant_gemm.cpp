@@ -222,33 +222,6 @@ struct AmxExperts {
   int64_t H, I;
 };
 
-// One phase's tasks, each a strip of weight rows against its expert's tokens: per task,
-// load(t, b0, b1) dequantizes the strip's two 16-row B operands into b0 / b1 and returns its tokens'
-// A rows; every 16 tokens' results then go row by row to emit(strip, m, c0 row, c1 row).
-struct Strip {
-  const c10::BFloat16* a;  // the first token's bf16 row, lda elements between rows
-  int64_t lda, tokens;
-  int64_t q0, col;         // the first token's pair and the strip's first output column
-};
-template <class Load, class Emit>
-void amx_strips(int64_t tasks, int64_t steps, const Load& load, const Emit& emit) {
-  constexpr int kR = amxbf16::kRows;
-  parallel_workers(tasks, [&](TaskQueue& queue) {
-    AlignedBytes b0(steps * amxbf16::kStepBytes), b1(steps * amxbf16::kStepBytes);
-    alignas(64) float c0[kR * kR], c1[kR * kR];
-    amxbf16::configure();
-    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
-      const Strip st = load(t, b0.p, b1.p);
-      for (int64_t m0 = 0; m0 < st.tokens; m0 += kR) {
-        amxbf16::tiles2(st.a + m0 * st.lda, st.lda, steps, b0.p, b1.p, c0, c1);
-        const int64_t rows = std::min<int64_t>(kR, st.tokens - m0);
-        for (int64_t m = 0; m < rows; ++m) emit(st, m0 + m, c0 + m * kR, c1 + m * kR);
-      }
-    }
-    _tile_release();
-  });
-}
-
 // act[q, j0:j0 + 16] = bf16(silu(gate . x_q) * (up . x_q)) for the pairs q of each expert, per strip
 // of 16 intermediate units (its gate and up rows dequantized once, then every 16 tokens against them).
 template <WFormat F>
@@ -262,16 +235,16 @@ void amx_phase1(const AmxExperts& a, const uint8_t* gu) {
     const uint8_t* ua = G + (a.I + j0) / 8 * gs;
     amxbf16::dequant_b<F>(ga, ga + gs, nb, bg);
     amxbf16::dequant_b<F>(ua, ua + gs, nb, bu);
-    return Strip{a.xs + a.first[i] * a.H, a.H, a.pl.offs[e + 1] - a.pl.offs[e], a.pl.offs[e], j0};
+    return amxbf16::Strip{a.xs + a.first[i] * a.H, a.H, a.pl.offs[e + 1] - a.pl.offs[e], a.pl.offs[e], j0};
   };
-  const auto emit = [&](const Strip& st, int64_t m, const float* g, const float* u) {
+  const auto emit = [&](const amxbf16::Strip& st, int64_t m, const float* g, const float* u) {
     const __m256 lo = _mm256_mul_ps(avx2::silu8(_mm256_load_ps(g)), _mm256_load_ps(u));
     const __m256 hi = _mm256_mul_ps(avx2::silu8(_mm256_load_ps(g + 8)), _mm256_load_ps(u + 8));
     const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.act + (st.q0 + m) * a.I + st.col),
                         reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
   };
-  amx_strips(static_cast<int64_t>(a.experts.size()) * strips, a.H / amxbf16::kStepK, load, emit);
+  amxbf16::amx_strips(static_cast<int64_t>(a.experts.size()) * strips, a.H / amxbf16::kStepK, load, emit);
 }
 
 // y[q, h0:h0 + 32] = down[h0:h0 + 32] . act[q] for the pairs q of each expert, per strip of 32 rows.
@@ -285,46 +258,40 @@ void amx_phase2(const AmxExperts& a, const uint8_t* dn) {
     amxbf16::dequant_b<F>(D, D + gs, nb, b0);
     amxbf16::dequant_b<F>(D + 2 * gs, D + 3 * gs, nb, b1);
     const int64_t q0 = a.pl.offs[e];
-    return Strip{a.act + q0 * a.I, a.I, a.pl.offs[e + 1] - q0, q0, h0};
+    return amxbf16::Strip{a.act + q0 * a.I, a.I, a.pl.offs[e + 1] - q0, q0, h0};
   };
-  const auto emit = [&](const Strip& st, int64_t m, const float* c0, const float* c1) {
+  const auto emit = [&](const amxbf16::Strip& st, int64_t m, const float* c0, const float* c1) {
     float* out = a.y + (st.q0 + m) * a.H + st.col;
     _mm512_storeu_ps(out, _mm512_load_ps(c0));
     _mm512_storeu_ps(out + kR, _mm512_load_ps(c1));
   };
-  amx_strips(static_cast<int64_t>(a.experts.size()) * strips, a.I / amxbf16::kStepK, load, emit);
+  amxbf16::amx_strips(static_cast<int64_t>(a.experts.size()) * strips, a.I / amxbf16::kStepK, load, emit);
 }
 
 // out[m, n0:n0 + 32] = bf16(x_m . w_n) per strip of 32 weight rows (four x8 groups, dequantized once
 // into the two B operands), every 16 rows of x against it; x: M rows, then 16 rows of zeros for the
 // tiles' last reads. The sums are fp32 over all of K, rounded to bf16 once (as a bf16 GEMM).
+// out = bf16(x . w^T) on the tiles (amxbf16::amx_linear), each strip of 32 weight rows (four x8
+// groups) dequantized once into the two B operands.
 template <WFormat F>
-void amx_linear(const c10::BFloat16* x, int64_t M, const uint8_t* w, int64_t N, int64_t K, c10::BFloat16* out) {
-  constexpr int kR = amxbf16::kRows;
+void amx_linear(const c10::BFloat16* x, int64_t M, const uint8_t* w, int64_t N, int64_t K, const float* bias,
+                c10::BFloat16* out) {
   const int64_t nb = K / weights_per_block(F), gs = 8 * row_bytes(F, K);
-  const auto load = [&](int64_t t, uint8_t* b0, uint8_t* b1) {
+  amxbf16::amx_linear(x, M, N, K, bias, out, [&](int64_t t, uint8_t* b0, uint8_t* b1) {
     const uint8_t* W = w + t * 4 * gs;
     amxbf16::dequant_b<F>(W, W + gs, nb, b0);
     amxbf16::dequant_b<F>(W + 2 * gs, W + 3 * gs, nb, b1);
-    return Strip{x, K, M, 0, t * 2 * kR};
-  };
-  const auto emit = [&](const Strip& st, int64_t m, const float* c0, const float* c1) {
-    c10::BFloat16* o = out + m * N + st.col;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_load_ps(c0))));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + kR),
-                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_load_ps(c1))));
-  };
-  amx_strips(N / (2 * kR), K / amxbf16::kStepK, load, emit);
+  });
 }
 
 void amx_linear_any(WFormat f, const c10::BFloat16* x, int64_t M, const uint8_t* w, int64_t N, int64_t K,
-                    c10::BFloat16* out) {
+                    const float* bias, c10::BFloat16* out) {
   switch (f) {
-    case WFormat::Q8_0: return amx_linear<WFormat::Q8_0>(x, M, w, N, K, out);
-    case WFormat::Q4_0: return amx_linear<WFormat::Q4_0>(x, M, w, N, K, out);
-    case WFormat::Q4_K: return amx_linear<WFormat::Q4_K>(x, M, w, N, K, out);
-    case WFormat::Q5_K: return amx_linear<WFormat::Q5_K>(x, M, w, N, K, out);
-    case WFormat::Q6_K: return amx_linear<WFormat::Q6_K>(x, M, w, N, K, out);
+    case WFormat::Q8_0: return amx_linear<WFormat::Q8_0>(x, M, w, N, K, bias, out);
+    case WFormat::Q4_0: return amx_linear<WFormat::Q4_0>(x, M, w, N, K, bias, out);
+    case WFormat::Q4_K: return amx_linear<WFormat::Q4_K>(x, M, w, N, K, bias, out);
+    case WFormat::Q5_K: return amx_linear<WFormat::Q5_K>(x, M, w, N, K, bias, out);
+    case WFormat::Q6_K: return amx_linear<WFormat::Q6_K>(x, M, w, N, K, bias, out);
   }
 }
 
@@ -547,8 +514,10 @@ at::Tensor linear_quant_dequant_gemm_cpu(const at::Tensor& x_in, const at::Tenso
     // AMX-BF16 tiles of our own: each strip of weight rows dequantized once, straight into the tiles'
     // B layout (oneDNN would reorder every dequantized panel into its own layout again)
     const at::Tensor xp = at::cat({x, at::zeros({amxbf16::kRows, K}, x.options())});
-    amx_linear_any(f, cptr<c10::BFloat16>(xp), M, wp, N, K, mptr<c10::BFloat16>(out));
-    if (bias.has_value()) out.add_(bias->to(at::kBFloat16));
+    // the bias joins the fp32 sums before their one rounding
+    const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    amx_linear_any(f, cptr<c10::BFloat16>(xp), M, wp, N, K, b.defined() ? cptr<float>(b) : nullptr,
+                   mptr<c10::BFloat16>(out));
     return out;
   }
   const int64_t P = panel_rows(N, K), panels = (N + P - 1) / P;

@@ -279,8 +279,8 @@ def test_linear_route_amx_bf16_tiles(fmt, m):
     """On AMX, `linear`'s route on x8 weights with N a multiple of 32 runs on AMX-BF16 tiles: strips of
     32 rows dequantized exactly and rounded to bf16, fp32 sums over all of K, the output rounded to bf16
     once. Against those sums computed here in fp32, only their order differs: 2^-8 of each output (its
-    own bf16 rounding) plus 2^-12 of the largest. M around the 16-row tiles' edges; a bias is added to
-    the bf16 output (one more rounding, as F.linear on bf16)."""
+    own bf16 rounding) plus 2^-12 of the largest. M around the 16-row tiles' edges; a bias joins the
+    fp32 sums before their one rounding."""
     n, k = (96, 512) if fmt in K_FORMATS else (64, 96)
     qt = _weights((n, k), fmt, "x8", 7)
     g = torch.Generator().manual_seed(m)
@@ -289,10 +289,11 @@ def test_linear_route_amx_bf16_tiles(fmt, m):
     op = torch.ops.lfm_kernels_cpu.linear_quant_dequant_gemm
     got = op(x, qt.data, fmt, "x8", n, k, None)
     ref = x.float() @ qt.dequantize().bfloat16().float().t()
-    tol = 2.0 ** -8 * ref.abs() + 2.0 ** -12 * ref.abs().max()
-    bad = (got.float() - ref).abs() > tol
-    assert not bad.any(), f"{int(bad.sum())} outputs off, max error {float((got.float() - ref).abs().max())}"
-    assert torch.equal(op(x, qt.data, fmt, "x8", n, k, bias), got + bias)
+    got_b = op(x, qt.data, fmt, "x8", n, k, bias)
+    for out, want in ((got, ref), (got_b, ref + bias.float())):
+        tol = 2.0 ** -8 * want.abs() + 2.0 ** -12 * want.abs().max()
+        bad = (out.float() - want).abs() > tol
+        assert not bad.any(), f"{int(bad.sum())} outputs off, max error {float((out.float() - want).abs().max())}"
 
 
 def test_moe_route_bad_threshold():

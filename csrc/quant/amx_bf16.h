@@ -1,5 +1,6 @@
 // Quantized weights in the x8 layout (Q8_0 / Q4_0: quant/x8.h; K-quants: quant/kquant_x8.h) multiplied
-// on AMX-BF16 tiles: the MoE experts' many-token route of quant_dequant_gemm.cpp on CPUs with AMX.
+// on AMX-BF16 tiles: the many-row route of quant_dequant_gemm.cpp (MoE experts and `linear`) on CPUs
+// with AMX.
 // Include only between LFMK_AMX_BF16_BEGIN and LFMK_AMX_BF16_END, after common.h and simd_avx2.h
 // (the AVX2 K-quant helpers it reuses need them); run only where cpu_has_amx() and
 // cpu_has_avx512bf16().
@@ -231,6 +232,92 @@ static inline void tiles2(const c10::BFloat16* a, int64_t lda, int64_t steps, co
   }
   _tile_stored(6, c0, 64);
   _tile_stored(7, c1, 64);
+}
+
+// The same for 32 rows of A (rows 16 .. 31 at a + 16 lda): c0 / c1 rows 0-15, c2 / c3 rows 16-31. Four
+// multiplies per four tile loads instead of two per three: the loads, not the multiplies, bound
+// tiles2 (a 16 x 16 x 32 multiply takes 16 cycles, three 1 KiB tile loads about as long). No double
+// buffering (the 8 tiles are A0, A1, B0, B1 and four C), and each C element still sums the k steps in
+// order, so the results are tiles2's bits.
+static inline void tiles4(const c10::BFloat16* a, int64_t lda, int64_t steps, const uint8_t* b0, const uint8_t* b1,
+                          float* c0, float* c1, float* c2, float* c3) {
+  const int64_t stride = lda * 2;
+  const c10::BFloat16* a1 = a + kRows * lda;
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(0, a + kStepK * s, stride);
+    _tile_loadd(2, b0 + s * kStepBytes, 64);
+    _tile_loadd(3, b1 + s * kStepBytes, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(5, 0, 3);
+    _tile_loadd(1, a1 + kStepK * s, stride);
+    _tile_dpbf16ps(6, 1, 2);
+    _tile_dpbf16ps(7, 1, 3);
+  }
+  _tile_stored(4, c0, 64);
+  _tile_stored(5, c1, 64);
+  _tile_stored(6, c2, 64);
+  _tile_stored(7, c3, 64);
+}
+
+// One phase's tasks, each a strip of weight rows against its expert's tokens: per task,
+// load(t, b0, b1) dequantizes the strip's two 16-row B operands into b0 / b1 and returns its tokens'
+// A rows; every 16 tokens' results then go row by row to emit(strip, m, c0 row, c1 row).
+struct Strip {
+  const c10::BFloat16* a;  // the first token's bf16 row, lda elements between rows
+  int64_t lda, tokens;
+  int64_t q0, col;         // the first token's pair and the strip's first output column
+};
+template <class Load, class Emit>
+void amx_strips(int64_t tasks, int64_t steps, const Load& load, const Emit& emit) {
+  constexpr int kR = kRows;
+  parallel_workers(tasks, [&](TaskQueue& queue) {
+    AlignedBytes b0(steps * kStepBytes), b1(steps * kStepBytes);
+    alignas(64) float c0[kR * kR], c1[kR * kR], c2[kR * kR], c3[kR * kR];
+    configure();
+    for (int64_t t = queue.claim(); t >= 0; t = queue.claim()) {
+      const Strip st = load(t, b0.p, b1.p);
+      int64_t m0 = 0;
+      for (; m0 + 2 * kR <= st.tokens; m0 += 2 * kR) {
+        tiles4(st.a + m0 * st.lda, st.lda, steps, b0.p, b1.p, c0, c1, c2, c3);
+        for (int64_t m = 0; m < kR; ++m) emit(st, m0 + m, c0 + m * kR, c1 + m * kR);
+        for (int64_t m = 0; m < kR; ++m) emit(st, m0 + kR + m, c2 + m * kR, c3 + m * kR);
+      }
+      for (; m0 < st.tokens; m0 += kR) {
+        tiles2(st.a + m0 * st.lda, st.lda, steps, b0.p, b1.p, c0, c1);
+        const int64_t rows = std::min<int64_t>(kR, st.tokens - m0);
+        for (int64_t m = 0; m < rows; ++m) emit(st, m0 + m, c0 + m * kR, c1 + m * kR);
+      }
+    }
+    _tile_release();
+  });
+}
+
+// out[m, n] = bf16(x_m . w_n) for M rows of x (then 16 rows of zeros for the tiles' last reads) and N
+// weight rows (a multiple of 32), plus bias[n] where bias is not null: per strip t of 32 weight rows,
+// pack(t, b0, b1) writes its two B operands, then every 16 rows of x go against them. fp32 sums over
+// all of K (and the bias), rounded to bf16 once (a bf16 GEMM's numerics).
+template <class Pack>
+void amx_linear(const c10::BFloat16* x, int64_t M, int64_t N, int64_t K, const float* bias, c10::BFloat16* out,
+                const Pack& pack) {
+  const auto load = [&](int64_t t, uint8_t* b0, uint8_t* b1) {
+    pack(t, b0, b1);
+    return Strip{x, K, M, 0, t * 2 * kRows};
+  };
+  const auto emit = [&](const Strip& st, int64_t m, const float* c0, const float* c1) {
+    c10::BFloat16* o = out + m * N + st.col;
+    __m512 v0 = _mm512_load_ps(c0), v1 = _mm512_load_ps(c1);
+    if (bias) {
+      v0 = _mm512_add_ps(v0, _mm512_loadu_ps(bias + st.col));
+      v1 = _mm512_add_ps(v1, _mm512_loadu_ps(bias + st.col + kRows));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v0)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + kRows), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v1)));
+  };
+  amx_strips(N / (2 * kRows), K / kStepK, load, emit);
 }
 
 }  // namespace amxbf16
