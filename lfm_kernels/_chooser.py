@@ -170,9 +170,9 @@ def _cpu_identity() -> dict:
         # timings cached before the paths were timed in turns (_interleaved_medians) are measured again
         "timing": "interleaved",
         # bumped when a path's implementation changes enough to move its timings (2: the K-quant experts'
-        # bf16 GEMM route on AMX-BF16 tiles of our own; 3: `linear`'s too), so that timings of the old
-        # one are not reused
-        "paths": 3,
+        # bf16 GEMM route on AMX-BF16 tiles of our own; 3: `linear`'s too; 4: those tiles 32 rows at a
+        # time), so that timings of the old one are not reused
+        "paths": 4,
     }
     # the weight streams' prefetch distance (csrc/common.h) moves the decode GEMVs' times: when this
     # CPU's default distance changes, its cached timings are measured again (a distance set at run
