@@ -126,8 +126,6 @@ _FORCE_MOE = {
 _FORCE_MOE_FP32 = {"tiled": (0, 0, 0, 0, 0), "torch": (0, 0, 0, 0, 1)}
 _REPEATS = 3
 _LINEAR_SLICE_ELEMS = 8 << 20
-# Quantized experts timed per call (the model's top-k; `_quant_candidates`)
-_QUANT_EXPERTS_PER_CALL = 4
 # A point starts only if its predicted cost times this fits: the warm-up run, timer and sleep
 # overshoot cost more than the medians the prediction is made of.
 _MARGIN = 1.5
@@ -175,8 +173,6 @@ def _cpu_identity() -> dict:
         # bf16 GEMM route on AMX-BF16 tiles of our own; 3: `linear`'s too; 4: those tiles 32 rows at a
         # time), so that timings of the old one are not reused
         "paths": 4,
-        # the quantized experts' timings: several experts per call since this (one before)
-        "quant_experts_per_call": _QUANT_EXPERTS_PER_CALL,
     }
     # the weight streams' prefetch distance (csrc/common.h) moves the decode GEMVs' times: when this
     # CPU's default distance changes, its cached timings are measured again (a distance set at run
@@ -842,8 +838,8 @@ def _combined_source(sources: list[str]) -> str:
 
 
 def _quant_candidates(cls: _Class, n: int, tensors: dict, g: torch.Generator) -> dict:
-    """The quantized routes at n rows (`linear`: a slice of at most 8 Mi weights; experts: four experts
-    with n tokens each, a different four each run), each forced through the ops' thresholds."""
+    """The quantized routes at n rows (`linear`: a slice of at most 8 Mi weights; experts: one expert
+    with n tokens, a different one each run), each forced through the ops' thresholds."""
     ops = torch.ops.lfm_kernels_cpu
     if cls.op.startswith("linear"):
         w = tensors["weight"]
@@ -867,16 +863,8 @@ def _quant_candidates(cls: _Class, n: int, tensors: dict, g: torch.Generator) ->
     gu, dn = tensors["weight"], tensors["down"]
     n_exp, h, inter = gu.shape[0], gu.shape[2], gu.shape[1] // 2
     hidden = torch.randn(n, h, generator=g).to(torch.bfloat16)
-    # _QUANT_EXPERTS_PER_CALL experts with n tokens each per call: a call's fixed costs (the tokens'
-    # quantization, the routes' setup and thread hand-offs) are shared by a layer's experts in a model,
-    # and charged to one expert they made the bf16 route look slower than it runs (on a Xeon the Q4_0
-    # threshold settled at 24 tokens where 16 prefilled faster); a different group of experts each run,
-    # as a layer reads them
-    per_call = min(n_exp, _QUANT_EXPERTS_PER_CALL)
-    weights = torch.ones(n, per_call)
-    groups = max(1, min(n_exp, 8 * per_call) // per_call)
-    ids = [torch.tensor([(i * per_call + j) % n_exp for j in range(per_call)]).expand(n, per_call).contiguous()
-           for i in range(groups)]
+    weights = torch.ones(n, 1)
+    ids = [torch.full((n, 1), e, dtype=torch.int64) for e in range(min(n_exp, 8))]
     turn = itertools.count()
     kq = cls.op == "moe_kquant"
     name = ("moe_experts_kquant" if kq else "moe_experts_quant") + ("_x8" if gu.layout == "x8" else "")
