@@ -2,6 +2,7 @@
 // portable path. The ops themselves register into the `lfm_kernels_cpu` torch.library namespace
 // from their own translation units.
 #include <atomic>
+#include <string>
 
 #if defined(__linux__) && defined(__x86_64__)
 #include <cpuid.h>
@@ -108,11 +109,15 @@ static bool cpu_is_intel() {
 #endif
 }
 static const int64_t kDefaultStreamAhead = cpu_is_intel() ? 4096 : 1024;
+// A prefetch distance as set_stream_ahead / set_kquant_ahead take it, else std::invalid_argument.
+static void check_prefetch_distance(const char* name, int64_t bytes) {
+  if (bytes < 0 || bytes > 65536 || bytes % 64 != 0)
+    throw std::invalid_argument(std::string(name) + " must be a multiple of 64 in [0, 65536], got " + std::to_string(bytes));
+}
 static std::atomic<int64_t> g_stream_ahead{kDefaultStreamAhead};
 int64_t stream_ahead() { return g_stream_ahead.load(std::memory_order_relaxed); }
 void set_stream_ahead(int64_t bytes) {
-  if (bytes < 0 || bytes > 65536 || bytes % 64 != 0)
-    throw std::invalid_argument("stream_ahead must be a multiple of 64 in [0, 65536], got " + std::to_string(bytes));
+  check_prefetch_distance("stream_ahead", bytes);
   g_stream_ahead.store(bytes);
 }
 // common.h, kquant_ahead: 8 KiB on Intel CPUs, 4 KiB on any other (measured in quant/kquant_x8.h).
@@ -120,8 +125,7 @@ static const int64_t kDefaultKQuantAhead = cpu_is_intel() ? 8192 : 4096;
 static std::atomic<int64_t> g_kquant_ahead{kDefaultKQuantAhead};
 int64_t kquant_ahead() { return g_kquant_ahead.load(std::memory_order_relaxed); }
 void set_kquant_ahead(int64_t bytes) {
-  if (bytes < 0 || bytes > 65536 || bytes % 64 != 0)
-    throw std::invalid_argument("kquant_ahead must be a multiple of 64 in [0, 65536], got " + std::to_string(bytes));
+  check_prefetch_distance("kquant_ahead", bytes);
   g_kquant_ahead.store(bytes);
 }
 

@@ -268,9 +268,6 @@ void amx_phase2(const AmxExperts& a, const uint8_t* dn) {
   amxbf16::amx_strips(static_cast<int64_t>(a.experts.size()) * strips, a.I / amxbf16::kStepK, load, emit);
 }
 
-// out[m, n0:n0 + 32] = bf16(x_m . w_n) per strip of 32 weight rows (four x8 groups, dequantized once
-// into the two B operands), every 16 rows of x against it; x: M rows, then 16 rows of zeros for the
-// tiles' last reads. The sums are fp32 over all of K, rounded to bf16 once (as a bf16 GEMM).
 // out = bf16(x . w^T) on the tiles (amxbf16::amx_linear), each strip of 32 weight rows (four x8
 // groups) dequantized once into the two B operands.
 template <WFormat F>

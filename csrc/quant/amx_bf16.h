@@ -265,7 +265,8 @@ static inline void tiles4(const c10::BFloat16* a, int64_t lda, int64_t steps, co
 
 // One phase's tasks, each a strip of weight rows against its expert's tokens: per task,
 // load(t, b0, b1) dequantizes the strip's two 16-row B operands into b0 / b1 and returns its tokens'
-// A rows; every 16 tokens' results then go row by row to emit(strip, m, c0 row, c1 row).
+// A rows; every 32 tokens (tiles4, then 16 at a time: tiles2) the results go row by row to
+// emit(strip, m, c0 row, c1 row).
 struct Strip {
   const c10::BFloat16* a;  // the first token's bf16 row, lda elements between rows
   int64_t lda, tokens;
@@ -298,7 +299,7 @@ void amx_strips(int64_t tasks, int64_t steps, const Load& load, const Emit& emit
 
 // out[m, n] = bf16(x_m . w_n) for M rows of x (then 16 rows of zeros for the tiles' last reads) and N
 // weight rows (a multiple of 32), plus bias[n] where bias is not null: per strip t of 32 weight rows,
-// pack(t, b0, b1) writes its two B operands, then every 16 rows of x go against them. fp32 sums over
+// pack(t, b0, b1) writes its two B operands, then the rows of x go against them (amx_strips). fp32 sums over
 // all of K (and the bias), rounded to bf16 once (a bf16 GEMM's numerics).
 template <class Pack>
 void amx_linear(const c10::BFloat16* x, int64_t M, int64_t N, int64_t K, const float* bias, c10::BFloat16* out,
